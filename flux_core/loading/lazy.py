@@ -1,0 +1,65 @@
+"""Lazy tensors: a shape and dtype now, the data only when asked for.
+
+Checkpoints are read through `LazyTensor`s so that layout converters (renames, q/k/v concatenation, half
+swaps) and config inference run on shapes alone, and the loader can materialise one tensor at a time:
+the weights never exist twice in memory.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+
+
+@dataclass(frozen=True)
+class LazyTensor:
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    read: Callable[[], torch.Tensor]
+    source: str = ""  # "file:key", for error messages
+
+    def load(self) -> torch.Tensor:
+        return self.read()
+
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+    def nbytes(self) -> int:
+        return self.numel() * _itemsize(self.dtype)
+
+    def apply(self, fn: Callable[[torch.Tensor], torch.Tensor], shape: Sequence[int] | None = None) -> "LazyTensor":
+        """A lazy tensor computed by `fn` from this one (same shape unless `shape` says otherwise)."""
+        return LazyTensor(tuple(shape) if shape is not None else self.shape, self.dtype, lambda: fn(self.read()), self.source)
+
+
+def lazy_from_tensor(tensor: torch.Tensor, source: str = "") -> LazyTensor:
+    return LazyTensor(tuple(tensor.shape), tensor.dtype, lambda: tensor, source)
+
+
+def lazy_cat(parts: Sequence[LazyTensor], dim: int = 0) -> LazyTensor:
+    """Concatenation of lazy tensors (e.g. diffusers' separate q, k, v into BFL's fused qkv)."""
+    shape = list(parts[0].shape)
+    shape[dim] = sum(p.shape[dim] for p in parts)
+    dtype = parts[0].dtype
+    return LazyTensor(tuple(shape), dtype, lambda: torch.cat([p.read().to(dtype) for p in parts], dim=dim),
+                      "+".join(p.source for p in parts))
+
+
+def lazy_zeros(shape: Sequence[int], dtype: torch.dtype) -> LazyTensor:
+    return LazyTensor(tuple(shape), dtype, lambda: torch.zeros(tuple(shape), dtype=dtype), "zeros")
+
+
+def swap_halves(t: LazyTensor) -> LazyTensor:
+    """(a, b) -> (b, a) along dim 0: diffusers stores the final AdaLN as (scale, shift), BFL as (shift, scale)."""
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        a, b = x.chunk(2, dim=0)
+        return torch.cat([b, a], dim=0)
+    return t.apply(fn)
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()

@@ -1,0 +1,178 @@
+"""`load_model`: recognise a FLUX component by its key signature and load it without a second copy.
+
+Every kind of model (DiT, VAE, CLIP-L, T5) is a `ModelKind`: a `select` that finds that kind's keys in a state
+dict (any wrapper prefix, any published layout) and returns them under our canonical names, and a `build` that
+makes the module on the meta device from the canonical shapes. Loading then reads, casts and assigns one
+tensor at a time (`load_state_dict(assign=True)`), so peak memory is the model plus one tensor.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from .files import CheckpointError, checkpoint_files, open_state_dict
+from .lazy import LazyTensor
+
+PathLike = str | os.PathLike
+StateDict = dict[str, LazyTensor]
+
+
+@dataclass(frozen=True)
+class ModelKind:
+    name: str            # "dit", "vae", "clip", "t5"
+    title: str           # what a person calls it, for messages
+    # Finds this kind's keys in a state dict; returns (layout, canonical state dict) or None.
+    select: Callable[[Mapping[str, LazyTensor]], tuple[str, StateDict] | None]
+    # Builds the module (called under the meta device) from the canonical state dict and config overrides.
+    build: Callable[[StateDict, dict], nn.Module]
+    # Runs after the weights are assigned: re-create non-persistent buffers, tie weights.
+    finalize: Callable[[nn.Module], None] | None = None
+
+
+def _kinds() -> list[ModelKind]:
+    from .dit_kind import DIT_KIND
+    return [DIT_KIND]
+
+
+@dataclass(frozen=True)
+class Detected:
+    kind: ModelKind
+    layout: str
+    state_dict: StateDict
+
+
+def detect(state_dict: Mapping[str, LazyTensor]) -> list[Detected]:
+    """Every kind of FLUX component found in a state dict (a ComfyUI all-in-one checkpoint holds several)."""
+    found = []
+    for kind in _kinds():
+        hit = kind.select(state_dict)
+        if hit is not None:
+            found.append(Detected(kind, hit[0], hit[1]))
+    return found
+
+
+def describe_source(source: PathLike | Sequence[PathLike]) -> str:
+    if isinstance(source, (list, tuple)):
+        return f"{Path(source[0])} (+{len(source) - 1} more)" if len(source) > 1 else str(Path(source[0]))
+    return str(Path(source))
+
+
+def read_config_json(source: PathLike | Sequence[PathLike]) -> dict:
+    """`config.json` beside the weights (diffusers folders), or {}."""
+    first = Path(source[0] if isinstance(source, (list, tuple)) else source)
+    folder = first if first.is_dir() else first.parent
+    path = folder / "config.json"
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e}).") from None
+
+
+def load_model(source: PathLike | Sequence[PathLike], config: Mapping | None = None,
+               torch_dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu",
+               kind: str | None = None) -> nn.Module:
+    """Load one FLUX component from a file, a list of shard files or a folder.
+
+    The kind (DiT / VAE / CLIP-L / T5) and layout are detected from key names and shapes; `kind` states what
+    the caller expects and turns a wrong file into a clear error. `config` overrides what the shapes and a
+    diffusers `config.json` say. Floating-point weights are cast to `torch_dtype` (fp8-stored files included).
+    """
+    found = _detect_source(source)
+    where = describe_source(source)
+    if kind is not None:
+        match = [d for d in found if d.kind.name == kind]
+        if not match:
+            wanted = next((k.title for k in _kinds() if k.name == kind), kind)
+            raise CheckpointError(f"{where}: expected a {wanted}, but {_looks_like(found)}.")
+        chosen = match[0]
+    elif len(found) == 1:
+        chosen = found[0]
+    else:
+        raise CheckpointError(f"{where}: holds several components ({', '.join(d.kind.name for d in found)}); "
+                              f"pass kind= one of them, or use load_models() to load them all.")
+    overrides = {**read_config_json(source), **dict(config or {})}
+    return _build_and_load(chosen, overrides, torch_dtype, device, where)
+
+
+def load_models(source: PathLike | Sequence[PathLike], torch_dtype: torch.dtype = torch.bfloat16,
+                device: str | torch.device = "cpu") -> dict[str, nn.Module]:
+    """Every component a file holds, by kind name (for all-in-one checkpoints)."""
+    where = describe_source(source)
+    overrides = read_config_json(source)
+    return {d.kind.name: _build_and_load(d, overrides, torch_dtype, device, where) for d in _detect_source(source)}
+
+
+def _detect_source(source) -> list[Detected]:
+    files = checkpoint_files(source)
+    if isinstance(source, (str, os.PathLike)) and Path(source).is_dir() and (Path(source) / "model_index.json").is_file():
+        raise CheckpointError(
+            f"{source}: is a diffusers pipeline folder; give one component folder (transformer/, vae/, "
+            f"text_encoder/, text_encoder_2/) to load_model, or the whole folder to FluxImagePipeline.from_pretrained.")
+    found = detect(open_state_dict(files))
+    if not found:
+        sd_keys = list(open_state_dict(files))[:5]
+        raise CheckpointError(f"{describe_source(source)}: not a FLUX component (DiT, VAE, CLIP-L or T5); "
+                              f"its first keys are {sd_keys}. Check that you picked the right file.")
+    return found
+
+
+def _looks_like(found: list[Detected]) -> str:
+    if not found:
+        return "it is not a FLUX component at all"
+    return "it looks like a " + " + ".join(d.kind.title for d in found)
+
+
+def _build_and_load(d: Detected, overrides: dict, torch_dtype: torch.dtype, device, where: str) -> nn.Module:
+    try:
+        with torch.device("meta"):
+            module = d.kind.build(d.state_dict, overrides)
+    except (KeyError, ValueError) as e:
+        raise CheckpointError(f"{where}: cannot build a {d.kind.title} from its {d.layout}-layout keys: {e}") from None
+    assign_weights(module, d.state_dict, torch_dtype, device, f"{where} ({d.kind.title}, {d.layout} layout)")
+    if d.kind.finalize is not None:
+        d.kind.finalize(module)
+    leftover = [n for n, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta]
+    if leftover:
+        raise CheckpointError(f"{where}: no weights for {leftover[:5]} of the {d.kind.title}.")
+    module.eval().requires_grad_(False)
+    module.fluxcore_layout = d.layout
+    return module
+
+
+def cast_weight(t: torch.Tensor, torch_dtype: torch.dtype, device) -> torch.Tensor:
+    """Floating-point tensors (fp8 storage included) go to `torch_dtype`; integer buffers keep their dtype."""
+    return t.to(device=device, dtype=torch_dtype if t.is_floating_point() else t.dtype)
+
+
+def assign_weights(module: nn.Module, sd: Mapping[str, LazyTensor], torch_dtype: torch.dtype, device,
+                   where: str) -> None:
+    """Read each expected tensor once, cast it, and assign it into `module` (built on the meta device)."""
+    expected = module.state_dict(keep_vars=True)
+    missing = [k for k in expected if k not in sd]
+    unexpected = [k for k in sd if k not in expected]
+    if missing:
+        raise CheckpointError(f"{where}: {len(missing)} weight(s) missing, e.g. {missing[:5]}. The file is "
+                              f"incomplete (a missing shard?) or a different model variant.")
+    if unexpected:
+        raise CheckpointError(f"{where}: {len(unexpected)} unexpected weight(s), e.g. {unexpected[:5]}. "
+                              f"This is a different model variant than the one detected.")
+    for name, target in expected.items():
+        if tuple(sd[name].shape) != tuple(target.shape):
+            raise CheckpointError(f"{where}: '{name}' has shape {tuple(sd[name].shape)} but the model "
+                                  f"needs {tuple(target.shape)}.")
+    loaded: dict[str, torch.Tensor] = {}
+    by_source: dict[int, torch.Tensor] = {}  # tied weights (one LazyTensor, several names) load once
+    for name in expected:
+        lazy = sd[name]
+        if id(lazy) not in by_source:
+            by_source[id(lazy)] = cast_weight(lazy.load(), torch_dtype, device)
+        loaded[name] = by_source[id(lazy)]
+    module.load_state_dict(loaded, strict=True, assign=True)

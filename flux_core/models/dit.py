@@ -1,0 +1,158 @@
+"""The FLUX diffusion transformer (DiT) with the Black Forest Labs parameter names.
+
+`flux1-dev.safetensors`, Krea-dev, Kontext-dev, ComfyUI checkpoints and kohya LoRAs all speak these names.
+Adapters contribute through `DiTExtras`, so the forward stays one readable function.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping
+
+import torch
+from torch import nn
+
+from ..math import embed_positions, timestep_embedding
+from .layers import DoubleStreamBlock, LastLayer, MLPEmbedder, SingleStreamBlock
+
+FLUX_AXES_DIM = (16, 56, 56)  # RoPE axes of the released models: head_dim 128 = 16 + 56 + 56
+
+
+@dataclass(frozen=True)
+class FluxParams:
+    in_channels: int = 64          # 16 latent channels x 2x2 patch; FLEX.2 196, Fill 384
+    out_channels: int = 64
+    vec_in_dim: int = 768          # CLIP-L pooled
+    context_in_dim: int = 4096     # T5-XXL
+    hidden_size: int = 3072
+    mlp_ratio: float = 4.0
+    num_heads: int = 24
+    depth: int = 19                # double-stream blocks
+    depth_single_blocks: int = 38
+    axes_dim: tuple[int, ...] = FLUX_AXES_DIM
+    theta: int = 10000
+    qkv_bias: bool = True
+    guidance_embed: bool = True    # dev/Krea/Kontext; schnell and Step1X have none
+
+    def __post_init__(self):
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"FluxParams: hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}.")
+        head_dim = self.hidden_size // self.num_heads
+        if sum(self.axes_dim) != head_dim:
+            raise ValueError(f"FluxParams: axes_dim {tuple(self.axes_dim)} must sum to the head dim {head_dim}.")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @classmethod
+    def from_state_dict_shapes(cls, shapes: Mapping[str, tuple[int, ...]], overrides: Mapping | None = None) -> "FluxParams":
+        """Read the config off a BFL-named state dict's shapes. RoPE axes cannot be read from shapes: they take
+        the FLUX value for head dim 128 and must be given (`overrides["axes_dim"]`) for any other head dim."""
+        overrides = dict(overrides or {})
+        hidden, in_channels = shapes["img_in.weight"]
+        depth = _count_blocks(shapes, "double_blocks.")
+        depth_single = _count_blocks(shapes, "single_blocks.")
+        norm_key = ("double_blocks.0.img_attn.norm.query_norm.scale" if depth
+                    else "single_blocks.0.norm.query_norm.scale")
+        head_dim = shapes[norm_key][0]
+        if depth:
+            mlp_hidden = shapes["double_blocks.0.img_mlp.0.weight"][0]
+        else:
+            mlp_hidden = shapes["single_blocks.0.linear1.weight"][0] - 3 * hidden
+        if "axes_dim" not in overrides:
+            if head_dim != sum(FLUX_AXES_DIM):
+                raise ValueError(
+                    f"DiT head dim is {head_dim}, not FLUX's 128, so the RoPE axes cannot be inferred: pass "
+                    f"config={{'axes_dim': (a, b, c)}} with a + b + c = {head_dim} (diffusers: axes_dims_rope).")
+            overrides["axes_dim"] = FLUX_AXES_DIM
+        inferred = dict(
+            in_channels=in_channels, out_channels=shapes["final_layer.linear.weight"][0],
+            vec_in_dim=shapes["vector_in.in_layer.weight"][1], context_in_dim=shapes["txt_in.weight"][1],
+            hidden_size=hidden, mlp_ratio=mlp_hidden / hidden, num_heads=hidden // head_dim,
+            depth=depth, depth_single_blocks=depth_single,
+            qkv_bias=("double_blocks.0.img_attn.qkv.bias" in shapes) if depth else True,
+            guidance_embed="guidance_in.in_layer.weight" in shapes,
+        )
+        inferred.update(overrides)
+        inferred["axes_dim"] = tuple(inferred["axes_dim"])
+        return cls(**inferred)
+
+
+def _count_blocks(shapes: Mapping, prefix: str) -> int:
+    ids = {int(k[len(prefix):].split(".", 1)[0]) for k in shapes if k.startswith(prefix)}
+    return max(ids) + 1 if ids else 0
+
+
+@dataclass
+class DiTExtras:
+    """What adapters add to one DiT forward (see DESIGN.md, "Adapters").
+
+    ref_tokens / ref_ids: extra image tokens with their own position ids (Kontext references); they attend
+        with the image and are dropped from the output.
+    extra_channels: packed channels concatenated to the image tokens before `img_in` (FLEX.2, Fill).
+    """
+    ref_tokens: torch.Tensor | None = None
+    ref_ids: torch.Tensor | None = None
+    extra_channels: torch.Tensor | None = None
+
+
+class FluxDiT(nn.Module):
+    def __init__(self, params: FluxParams = FluxParams()):
+        super().__init__()
+        self.params = params
+        self.in_channels = params.in_channels
+        self.out_channels = params.out_channels
+        self.hidden_size = params.hidden_size
+        self.num_heads = params.num_heads
+        self.img_in = nn.Linear(params.in_channels, params.hidden_size, bias=True)
+        self.time_in = MLPEmbedder(256, params.hidden_size)
+        self.vector_in = MLPEmbedder(params.vec_in_dim, params.hidden_size)
+        self.guidance_in = MLPEmbedder(256, params.hidden_size) if params.guidance_embed else nn.Identity()
+        self.txt_in = nn.Linear(params.context_in_dim, params.hidden_size)
+        self.double_blocks = nn.ModuleList(
+            DoubleStreamBlock(params.hidden_size, params.num_heads, params.mlp_ratio, params.qkv_bias)
+            for _ in range(params.depth))
+        self.single_blocks = nn.ModuleList(
+            SingleStreamBlock(params.hidden_size, params.num_heads, params.mlp_ratio)
+            for _ in range(params.depth_single_blocks))
+        self.final_layer = LastLayer(params.hidden_size, params.out_channels)
+
+    def forward(self, img: torch.Tensor, img_ids: torch.Tensor, txt: torch.Tensor, txt_ids: torch.Tensor,
+                timesteps: torch.Tensor, y: torch.Tensor, guidance: torch.Tensor | None = None,
+                extras: DiTExtras | None = None) -> torch.Tensor:
+        """img (B, L, in_ch) packed latent tokens; txt (B, Lt, context_in_dim); timesteps: sigma in [0, 1],
+        (B,); y: pooled CLIP (B, vec_in_dim); guidance (B,) embedded guidance. Returns (B, L, out_ch)."""
+        extras = extras or DiTExtras()
+        n_img = img.shape[1]
+        if extras.extra_channels is not None:
+            img = torch.cat((img, extras.extra_channels.to(img)), dim=-1)
+        if extras.ref_tokens is not None:
+            ref = extras.ref_tokens.to(img)
+            if ref.shape[-1] < img.shape[-1]:  # references carry no extra channels: pad them with zeros
+                ref = torch.cat((ref, ref.new_zeros(*ref.shape[:-1], img.shape[-1] - ref.shape[-1])), dim=-1)
+            img = torch.cat((img, ref), dim=1)
+            img_ids = torch.cat((img_ids, extras.ref_ids.to(img_ids)), dim=1)
+
+        img = self.img_in(img)
+        vec = self.time_embedding(timesteps, guidance, y, dtype=img.dtype)
+        txt = self.txt_in(txt)
+        pe = embed_positions(torch.cat((txt_ids, img_ids), dim=1), list(self.params.axes_dim), self.params.theta)
+
+        for block in self.double_blocks:
+            img, txt = block(img=img, txt=txt, vec=vec, pe=pe)
+        x = torch.cat((txt, img), dim=1)
+        for block in self.single_blocks:
+            x = block(x, vec=vec, pe=pe)
+        img = x[:, txt.shape[1]:]
+
+        img = self.final_layer(img, vec)
+        return img[:, :n_img]
+
+    def time_embedding(self, timesteps: torch.Tensor, guidance: torch.Tensor | None, y: torch.Tensor,
+                       dtype: torch.dtype) -> torch.Tensor:
+        vec = self.time_in(timestep_embedding(timesteps, 256).to(dtype))
+        if self.params.guidance_embed:
+            if guidance is None:
+                raise ValueError("This DiT has a guidance embedder (FLUX.1-dev family): pass `guidance`.")
+            vec = vec + self.guidance_in(timestep_embedding(guidance, 256).to(dtype))
+        return vec + self.vector_in(y.to(dtype))
