@@ -1,0 +1,28 @@
+"""Conversions between PIL images and the tensors the models take."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from PIL import Image
+
+
+def pil_to_tensor(image: Image.Image, name: str = "image") -> torch.Tensor:
+    """PIL image -> (1, 3, H, W) float32 in [-1, 1]."""
+    if not isinstance(image, Image.Image):
+        raise TypeError(f"{name} must be a PIL.Image.Image, got {type(image).__name__}. "
+                        f"Open files with PIL.Image.open(path).convert('RGB').")
+    array = np.asarray(image.convert("RGB"), dtype=np.float32)
+    return torch.from_numpy(array).permute(2, 0, 1)[None] / 127.5 - 1.0
+
+
+def tensor_to_pil(images: torch.Tensor) -> list[Image.Image]:
+    """(B, 3, H, W) in [-1, 1] -> list of PIL images (rounded to uint8)."""
+    array = ((images.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
+    return [Image.fromarray(a.permute(1, 2, 0).cpu().numpy()) for a in array]
+
+
+def resize_to_multiple(image: Image.Image, multiple: int = 16) -> Image.Image:
+    """Shrink to the nearest multiples of `multiple` below the current size (as diffusers does for references)."""
+    w, h = image.size
+    new_w, new_h = max(multiple, w // multiple * multiple), max(multiple, h // multiple * multiple)
+    return image if (new_w, new_h) == (w, h) else image.resize((new_w, new_h), Image.LANCZOS)

@@ -1,0 +1,119 @@
+"""Sampling as plain functions: check sizes, make noise, predict velocity (with CFG), denoise, references.
+
+The pipeline and the ComfyUI nodes both call these: one code path, two front doors. Latents here are the
+VAE's scaled latents, (B, 16, H/8, W/8), kept in float32 through the loop; the DiT computes in its own dtype.
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+import torch
+
+from .math import image_ids, pack_latents, text_ids, unpack_latents
+from .models.dit import DiTExtras, FluxDiT
+from .scheduler import euler_step, next_sigmas
+
+LATENT_CHANNELS = 16
+SIZE_MULTIPLE = 16  # 8x VAE downscale, then 2x2 packing
+
+
+@dataclass
+class PromptEmbeds:
+    """One side (positive or negative) of the text conditioning."""
+    prompt_emb: torch.Tensor   # (B, L, 4096) T5 tokens
+    pooled: torch.Tensor       # (B, 768) CLIP pooled
+
+    def repeat_to(self, batch: int) -> "PromptEmbeds":
+        if self.prompt_emb.shape[0] == batch:
+            return self
+        if batch % self.prompt_emb.shape[0]:
+            raise ValueError(f"cannot spread {self.prompt_emb.shape[0]} prompt(s) over a batch of {batch}.")
+        n = batch // self.prompt_emb.shape[0]
+        return PromptEmbeds(self.prompt_emb.repeat_interleave(n, 0), self.pooled.repeat_interleave(n, 0))
+
+
+def check_size(height: int, width: int) -> None:
+    """Height and width must be positive multiples of 16; the message proposes the nearest valid values."""
+    for name, value in (("height", height), ("width", width)):
+        if value <= 0 or value % SIZE_MULTIPLE:
+            lower = max(SIZE_MULTIPLE, value // SIZE_MULTIPLE * SIZE_MULTIPLE)
+            raise ValueError(f"{name}={value} is not a positive multiple of {SIZE_MULTIPLE} (FLUX packs 2x2 patches of "
+                             f"the 8x-downscaled latent); use {lower} or {lower + SIZE_MULTIPLE}.")
+
+
+def resolve_seed(seed: int | None) -> int:
+    return random.randint(0, 2**31 - 1) if seed is None else int(seed)
+
+
+def make_noise(batch: int, height: int, width: int, seed: int, rand_device: str | torch.device = "cpu",
+               device: str | torch.device = "cpu") -> torch.Tensor:
+    """Gaussian noise (B, 16, H/8, W/8) drawn in float32 on `rand_device`, so a seed gives the same image on
+    any compute device (DiffSynth-Studio's convention)."""
+    generator = torch.Generator(rand_device).manual_seed(seed)
+    noise = torch.randn((batch, LATENT_CHANNELS, height // 8, width // 8), generator=generator,
+                        device=rand_device, dtype=torch.float32)
+    return noise.to(device)
+
+
+def predict_velocity(dit: FluxDiT, latents: torch.Tensor, sigma: float, prompt: PromptEmbeds,
+                     guidance: float | None, extras: DiTExtras | None = None) -> torch.Tensor:
+    """The DiT's velocity for unpacked latents (B, C, h, w) at noise level `sigma`."""
+    b, _, h, w = latents.shape
+    dtype, device = dit.img_in.weight.dtype, latents.device
+    if dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+        dtype = torch.bfloat16  # fp8-stored weights compute in bf16
+    prompt = prompt.repeat_to(b)
+    out = dit(
+        img=pack_latents(latents).to(dtype),
+        img_ids=image_ids(b, h, w, device=device),
+        txt=prompt.prompt_emb.to(device, dtype),
+        txt_ids=text_ids(b, prompt.prompt_emb.shape[1], device=device),
+        timesteps=torch.full((b,), sigma, device=device, dtype=torch.float32),
+        y=prompt.pooled.to(device, dtype),
+        guidance=torch.full((b,), guidance, device=device, dtype=torch.float32) if guidance is not None else None,
+        extras=extras,
+    )
+    return unpack_latents(out.float(), h, w)
+
+
+def guided_velocity(dit: FluxDiT, latents: torch.Tensor, sigma: float, positive: PromptEmbeds,
+                    negative: PromptEmbeds | None, cfg_scale: float, guidance: float | None,
+                    extras: DiTExtras | None = None) -> torch.Tensor:
+    """True classifier-free guidance when cfg_scale != 1: nega + cfg * (posi - nega), two DiT passes."""
+    posi = predict_velocity(dit, latents, sigma, positive, guidance, extras)
+    if cfg_scale == 1.0 or negative is None:
+        return posi
+    nega = predict_velocity(dit, latents, sigma, negative, guidance, extras)
+    return nega + cfg_scale * (posi - nega)
+
+
+def denoise(latents: torch.Tensor, sigmas: torch.Tensor, velocity: Callable[[torch.Tensor, float], torch.Tensor],
+            progress_bar_cmd: Callable[[Iterable], Iterable] | None = None,
+            callback: Callable[[int, int, torch.Tensor], None] | None = None) -> torch.Tensor:
+    """Euler integration over `sigmas` (then to 0). `callback(step, total, latents)` runs after each step: the
+    nodes use it for progress, previews and interrupts (raising stops the loop)."""
+    latents = latents.float()
+    nexts = next_sigmas(sigmas)
+    steps = range(len(sigmas))
+    for i in (progress_bar_cmd(steps) if progress_bar_cmd else steps):
+        v = velocity(latents, float(sigmas[i]))
+        latents = euler_step(latents, v, float(sigmas[i]), float(nexts[i]))
+        if callback is not None:
+            callback(i, len(sigmas), latents)
+    return latents
+
+
+def reference_extras(latents: list[torch.Tensor], batch: int) -> DiTExtras:
+    """Kontext references: each (1 or B, 16, h, w) latent packed at its own resolution with ids [1, row, col];
+    all references are appended after the image tokens and dropped from the output by the DiT."""
+    tokens, ids = [], []
+    for lat in latents:
+        lat = lat.expand(batch, -1, -1, -1) if lat.shape[0] == 1 else lat
+        _, _, h, w = lat.shape
+        if h % 2 or w % 2:
+            raise ValueError(f"reference latent {h}x{w} must have even sides (image sides multiples of 16).")
+        tokens.append(pack_latents(lat))
+        ids.append(image_ids(batch, h, w, index=1, device=lat.device))
+    return DiTExtras(ref_tokens=torch.cat(tokens, dim=1), ref_ids=torch.cat(ids, dim=1))

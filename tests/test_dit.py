@@ -1,0 +1,152 @@
+"""The DiT against diffusers' FluxTransformer2DModel on the same tiny weights, from every checkpoint layout."""
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from flux_core.loading.files import CheckpointError
+from flux_core.loading.loader import load_model
+from flux_core.math import image_ids, text_ids
+from flux_core.models.dit import DiTExtras, FluxDiT, FluxParams
+from tests.tiny_dit import (bfl_state_dict, make_diffusers_dit, write_bfl_dit, write_diffsynth_dit,
+                            write_diffusers_dit)
+
+B, H, W, LT = 2, 6, 10, 7  # non-square latent (packed 3x5 tokens), batch 2
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return make_diffusers_dit(seed=1)
+
+
+@pytest.fixture(scope="module")
+def inputs():
+    g = torch.Generator().manual_seed(0)
+    return dict(img=torch.randn(B, (H // 2) * (W // 2), 64, generator=g), img_ids=image_ids(B, H, W),
+                txt=torch.randn(B, LT, 32, generator=g), txt_ids=text_ids(B, LT),
+                timesteps=torch.tensor([0.9, 0.25]), y=torch.randn(B, 32, generator=g), guidance=torch.tensor([3.5, 1.0]))
+
+
+def diffusers_forward(model, x):
+    with torch.no_grad():
+        return model(hidden_states=x["img"], encoder_hidden_states=x["txt"], pooled_projections=x["y"],
+                     timestep=x["timesteps"], img_ids=x["img_ids"][0], txt_ids=x["txt_ids"][0],
+                     guidance=x["guidance"]).sample
+
+
+def write_layout(layout, ref, tmp_path):
+    if layout == "diffusers_folder":
+        return write_diffusers_dit(ref, tmp_path / "transformer")
+    if layout == "diffusers_sharded":
+        return write_diffusers_dit(ref, tmp_path / "transformer", max_shard_size="200KB")
+    if layout == "bfl":
+        return write_bfl_dit(ref, tmp_path / "flux1-tiny.safetensors")
+    if layout == "comfyui_prefixed":
+        return write_bfl_dit(ref, tmp_path / "flux1-tiny.safetensors", prefix="model.diffusion_model.")
+    if layout == "diffsynth":
+        return write_diffsynth_dit(ref, tmp_path / "dit.safetensors")
+    raise AssertionError(layout)
+
+
+@pytest.mark.parametrize("layout", ["bfl", "comfyui_prefixed", "diffusers_folder", "diffusers_sharded", "diffsynth"])
+def test_parity_with_diffusers_in_every_layout(layout, reference, inputs, tmp_path):
+    source = write_layout(layout, reference, tmp_path)
+    # RoPE axes of a non-FLUX head dim come from config.json in a diffusers folder; single files state them.
+    config = None if layout.startswith("diffusers") else {"axes_dim": (4, 6, 6)}
+    ours = load_model(source, config=config, torch_dtype=torch.float32, kind="dit")
+    assert isinstance(ours, FluxDiT)
+    with torch.no_grad():
+        out = ours(**inputs)
+    expected = diffusers_forward(reference, inputs)
+    assert out.shape == expected.shape
+    assert (out - expected).abs().max().item() <= 1e-4
+
+
+def test_params_are_inferred_from_shapes(reference, tmp_path):
+    ours = load_model(write_layout("bfl", reference, tmp_path), config={"axes_dim": (4, 6, 6)}, torch_dtype=torch.float32)
+    assert ours.params == FluxParams(in_channels=64, out_channels=64, vec_in_dim=32, context_in_dim=32, hidden_size=32,
+                                     mlp_ratio=4.0, num_heads=2, depth=2, depth_single_blocks=2, axes_dim=(4, 6, 6),
+                                     guidance_embed=True)
+
+
+def test_schnell_style_dit_without_guidance_embedder(inputs, tmp_path):
+    ref = make_diffusers_dit(seed=2, guidance_embeds=False)
+    ours = load_model(write_diffusers_dit(ref, tmp_path / "t"), torch_dtype=torch.float32)
+    assert not ours.params.guidance_embed
+    x = dict(inputs, guidance=None)
+    with torch.no_grad():
+        out = ours(**x)
+        expected = ref(hidden_states=x["img"], encoder_hidden_states=x["txt"], pooled_projections=x["y"],
+                       timestep=x["timesteps"], img_ids=x["img_ids"][0], txt_ids=x["txt_ids"][0]).sample
+    assert (out - expected).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("stored", [torch.float8_e4m3fn, torch.float8_e5m2, torch.bfloat16])
+def test_low_precision_files_are_cast_on_load(stored, reference, tmp_path):
+    path = write_bfl_dit(reference, tmp_path / "low.safetensors", dtype=stored)
+    ours = load_model(path, config={"axes_dim": (4, 6, 6)}, torch_dtype=torch.float32)
+    expected = bfl_state_dict(reference)["double_blocks.0.img_attn.qkv.weight"].to(stored).float()
+    assert ours.double_blocks[0].img_attn.qkv.weight.dtype == torch.float32
+    assert torch.equal(ours.double_blocks[0].img_attn.qkv.weight, expected)
+
+
+def test_kontext_reference_tokens_are_dropped_from_output(reference, inputs, tmp_path):
+    ours = load_model(write_layout("bfl", reference, tmp_path), config={"axes_dim": (4, 6, 6)}, torch_dtype=torch.float32)
+    ref_tokens = torch.randn(B, 6, 64)
+    ref_ids = image_ids(B, 4, 6, index=1)  # a 4x6 latent: 2x3 tokens
+    with torch.no_grad():
+        plain = ours(**inputs)
+        with_ref = ours(**inputs, extras=DiTExtras(ref_tokens=ref_tokens, ref_ids=ref_ids))
+    assert with_ref.shape == plain.shape
+    assert not torch.allclose(with_ref, plain)  # the reference is attended to
+    # Equivalent to diffusers with the reference appended to the sequence, output cut back.
+    x = dict(inputs, img=torch.cat([inputs["img"], ref_tokens], 1), img_ids=torch.cat([inputs["img_ids"], ref_ids], 1))
+    expected = diffusers_forward(reference, x)[:, : inputs["img"].shape[1]]
+    assert (with_ref - expected).abs().max().item() <= 1e-4
+
+
+def test_head_dim_other_than_128_needs_axes(reference, tmp_path):
+    path = write_layout("bfl", reference, tmp_path)
+    with pytest.raises(CheckpointError, match="axes_dim"):
+        load_model(path, torch_dtype=torch.float32)
+
+
+def test_missing_shard_is_named(reference, tmp_path):
+    folder = write_layout("diffusers_sharded", reference, tmp_path)
+    index = json.loads((folder / "diffusion_pytorch_model.safetensors.index.json").read_text())
+    victim = sorted(set(index["weight_map"].values()))[-1]
+    (folder / victim).unlink()
+    with pytest.raises(CheckpointError, match=victim):
+        load_model(folder)
+
+
+def test_truncated_file_is_refused(reference, tmp_path):
+    path = write_layout("bfl", reference, tmp_path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="truncated"):
+        load_model(path)
+
+
+def test_non_safetensors_file_is_refused(tmp_path):
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(b"PK\x03\x04 this is a zip archive, not safetensors" * 10)
+    with pytest.raises(CheckpointError, match="not a safetensors file"):
+        load_model(path)
+
+
+def test_unknown_state_dict_is_not_a_flux_component(tmp_path):
+    path = tmp_path / "other.safetensors"
+    save_file({"conv.weight": torch.zeros(3, 3), "fc.bias": torch.zeros(3)}, str(path))
+    with pytest.raises(CheckpointError, match="not a FLUX component"):
+        load_model(path)
+
+
+def test_incomplete_dit_names_missing_keys(reference, tmp_path):
+    sd = bfl_state_dict(reference)
+    del sd["single_blocks.1.linear2.weight"]
+    path = tmp_path / "cut.safetensors"
+    save_file(sd, str(path))
+    with pytest.raises(CheckpointError, match="single_blocks.1.linear2.weight"):
+        load_model(path, config={"axes_dim": (4, 6, 6)})

@@ -1,0 +1,132 @@
+"""Tiny FLUX DiTs for tests: a diffusers `FluxTransformer2DModel` with random weights, and writers for each
+published checkpoint layout of the same weights.
+
+    ref = make_diffusers_dit()                       # the reference (diffusers) model
+    folder = write_diffusers_dit(ref, tmp / "transformer")
+    bfl = write_bfl_dit(ref, tmp / "flux.safetensors", prefix="model.diffusion_model.")
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+from diffusers import FluxTransformer2DModel
+from safetensors.torch import save_file
+
+# head_dim 16 = 4 + 6 + 6 rope axes; text dim and pooled dim match tests/tiny_text.py encoders.
+TINY_DIT = dict(patch_size=1, in_channels=64, num_layers=2, num_single_layers=2, attention_head_dim=16,
+                num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=True,
+                axes_dims_rope=(4, 6, 6))
+
+
+def make_diffusers_dit(seed: int = 0, **overrides) -> FluxTransformer2DModel:
+    torch.manual_seed(seed)
+    model = FluxTransformer2DModel(**{**TINY_DIT, **overrides}).eval()
+    with torch.no_grad():
+        for p in model.parameters():  # default init zeroes gates/out layers: randomise so every path matters
+            p.normal_(0.0, 0.15)
+    return model
+
+
+def write_diffusers_dit(model: FluxTransformer2DModel, folder: Path, max_shard_size: str | None = None) -> Path:
+    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(folder, **kwargs)
+    return Path(folder)
+
+
+def bfl_state_dict(model: FluxTransformer2DModel) -> dict[str, torch.Tensor]:
+    """The BFL-named weights of a diffusers model, written out independently of flux_core's converter."""
+    sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    out = {}
+    simple = {
+        "x_embedder": "img_in", "context_embedder": "txt_in", "proj_out": "final_layer.linear",
+        "time_text_embed.timestep_embedder.linear_1": "time_in.in_layer",
+        "time_text_embed.timestep_embedder.linear_2": "time_in.out_layer",
+        "time_text_embed.guidance_embedder.linear_1": "guidance_in.in_layer",
+        "time_text_embed.guidance_embedder.linear_2": "guidance_in.out_layer",
+        "time_text_embed.text_embedder.linear_1": "vector_in.in_layer",
+        "time_text_embed.text_embedder.linear_2": "vector_in.out_layer",
+    }
+    for src, dst in simple.items():
+        for s in ("weight", "bias"):
+            if f"{src}.{s}" in sd:
+                out[f"{dst}.{s}"] = sd[f"{src}.{s}"]
+    for s in ("weight", "bias"):
+        scale, shift = sd[f"norm_out.linear.{s}"].chunk(2)
+        out[f"final_layer.adaLN_modulation.1.{s}"] = torch.cat([shift, scale])
+    n_double = model.config.num_layers
+    for i in range(n_double):
+        p, q = f"transformer_blocks.{i}.", f"double_blocks.{i}."
+        for s in ("weight", "bias"):
+            out[q + f"img_mod.lin.{s}"] = sd[p + f"norm1.linear.{s}"]
+            out[q + f"txt_mod.lin.{s}"] = sd[p + f"norm1_context.linear.{s}"]
+            out[q + f"img_attn.qkv.{s}"] = torch.cat([sd[p + f"attn.to_{x}.{s}"] for x in "qkv"])
+            out[q + f"txt_attn.qkv.{s}"] = torch.cat([sd[p + f"attn.add_{x}_proj.{s}"] for x in "qkv"])
+            out[q + f"img_attn.proj.{s}"] = sd[p + f"attn.to_out.0.{s}"]
+            out[q + f"txt_attn.proj.{s}"] = sd[p + f"attn.to_add_out.{s}"]
+            out[q + f"img_mlp.0.{s}"] = sd[p + f"ff.net.0.proj.{s}"]
+            out[q + f"img_mlp.2.{s}"] = sd[p + f"ff.net.2.{s}"]
+            out[q + f"txt_mlp.0.{s}"] = sd[p + f"ff_context.net.0.proj.{s}"]
+            out[q + f"txt_mlp.2.{s}"] = sd[p + f"ff_context.net.2.{s}"]
+        out[q + "img_attn.norm.query_norm.scale"] = sd[p + "attn.norm_q.weight"]
+        out[q + "img_attn.norm.key_norm.scale"] = sd[p + "attn.norm_k.weight"]
+        out[q + "txt_attn.norm.query_norm.scale"] = sd[p + "attn.norm_added_q.weight"]
+        out[q + "txt_attn.norm.key_norm.scale"] = sd[p + "attn.norm_added_k.weight"]
+    for i in range(model.config.num_single_layers):
+        p, q = f"single_transformer_blocks.{i}.", f"single_blocks.{i}."
+        for s in ("weight", "bias"):
+            out[q + f"linear1.{s}"] = torch.cat([sd[p + f"attn.to_{x}.{s}"] for x in "qkv"] + [sd[p + f"proj_mlp.{s}"]])
+            out[q + f"linear2.{s}"] = sd[p + f"proj_out.{s}"]
+            out[q + f"modulation.lin.{s}"] = sd[p + f"norm.linear.{s}"]
+        out[q + "norm.query_norm.scale"] = sd[p + "attn.norm_q.weight"]
+        out[q + "norm.key_norm.scale"] = sd[p + "attn.norm_k.weight"]
+    return out
+
+
+def write_bfl_dit(model: FluxTransformer2DModel, path: Path, prefix: str = "", dtype: torch.dtype | None = None) -> Path:
+    sd = bfl_state_dict(model)
+    save_file({prefix + k: (v.to(dtype) if dtype else v).contiguous() for k, v in sd.items()}, str(path))
+    return Path(path)
+
+
+# BFL -> DiffSynth-Studio internal names (reference/diffsynth_flux.md 2.1.8), written from the reference table.
+_TO_DIFFSYNTH = [
+    (r"^img_in\.", "x_embedder."), (r"^txt_in\.", "context_embedder."),
+    (r"^time_in\.in_layer\.", "time_embedder.timestep_embedder.0."),
+    (r"^time_in\.out_layer\.", "time_embedder.timestep_embedder.2."),
+    (r"^guidance_in\.in_layer\.", "guidance_embedder.timestep_embedder.0."),
+    (r"^guidance_in\.out_layer\.", "guidance_embedder.timestep_embedder.2."),
+    (r"^vector_in\.in_layer\.", "pooled_text_embedder.0."), (r"^vector_in\.out_layer\.", "pooled_text_embedder.2."),
+    (r"^final_layer\.adaLN_modulation\.1\.", "final_norm_out.linear."), (r"^final_layer\.linear\.", "final_proj_out."),
+    (r"^double_blocks\.(\d+)\.img_mod\.lin\.", r"blocks.\1.norm1_a.linear."),
+    (r"^double_blocks\.(\d+)\.txt_mod\.lin\.", r"blocks.\1.norm1_b.linear."),
+    (r"^double_blocks\.(\d+)\.img_attn\.qkv\.", r"blocks.\1.attn.a_to_qkv."),
+    (r"^double_blocks\.(\d+)\.txt_attn\.qkv\.", r"blocks.\1.attn.b_to_qkv."),
+    (r"^double_blocks\.(\d+)\.img_attn\.norm\.query_norm\.scale", r"blocks.\1.attn.norm_q_a.weight"),
+    (r"^double_blocks\.(\d+)\.img_attn\.norm\.key_norm\.scale", r"blocks.\1.attn.norm_k_a.weight"),
+    (r"^double_blocks\.(\d+)\.txt_attn\.norm\.query_norm\.scale", r"blocks.\1.attn.norm_q_b.weight"),
+    (r"^double_blocks\.(\d+)\.txt_attn\.norm\.key_norm\.scale", r"blocks.\1.attn.norm_k_b.weight"),
+    (r"^double_blocks\.(\d+)\.img_attn\.proj\.", r"blocks.\1.attn.a_to_out."),
+    (r"^double_blocks\.(\d+)\.txt_attn\.proj\.", r"blocks.\1.attn.b_to_out."),
+    (r"^double_blocks\.(\d+)\.img_mlp\.", r"blocks.\1.ff_a."), (r"^double_blocks\.(\d+)\.txt_mlp\.", r"blocks.\1.ff_b."),
+    (r"^single_blocks\.(\d+)\.modulation\.lin\.", r"single_blocks.\1.norm.linear."),
+    (r"^single_blocks\.(\d+)\.linear1\.", r"single_blocks.\1.to_qkv_mlp."),
+    (r"^single_blocks\.(\d+)\.linear2\.", r"single_blocks.\1.proj_out."),
+    (r"^single_blocks\.(\d+)\.norm\.query_norm\.scale", r"single_blocks.\1.norm_q_a.weight"),
+    (r"^single_blocks\.(\d+)\.norm\.key_norm\.scale", r"single_blocks.\1.norm_k_a.weight"),
+]
+
+
+def write_diffsynth_dit(model: FluxTransformer2DModel, path: Path) -> Path:
+    out = {}
+    for k, v in bfl_state_dict(model).items():
+        for pattern, repl in _TO_DIFFSYNTH:
+            k2, n = re.subn(pattern, repl, k)
+            if n:
+                out[k2] = v.contiguous()
+                break
+        else:
+            raise AssertionError(f"no DiffSynth name for {k}")
+    save_file(out, str(path))
+    return Path(path)
