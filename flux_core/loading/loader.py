@@ -37,7 +37,8 @@ class ModelKind:
 
 def _kinds() -> list[ModelKind]:
     from .dit_kind import DIT_KIND
-    return [DIT_KIND]
+    from .vae_kind import VAE_KIND
+    return [DIT_KIND, VAE_KIND]
 
 
 @dataclass(frozen=True)
