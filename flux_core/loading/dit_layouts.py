@@ -8,10 +8,9 @@ Layouts:
 """
 from __future__ import annotations
 
-import re
 from typing import Mapping
 
-from .files import CheckpointError
+from .files import CheckpointError, rename_keys
 from .lazy import LazyTensor, lazy_cat, swap_halves
 
 DIT_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "transformer.", "pipe.dit.", "dit.")
@@ -33,21 +32,8 @@ def dit_to_bfl(sd: Mapping[str, LazyTensor], layout: str) -> dict[str, LazyTenso
     if layout == "diffusers":
         return _diffusers_to_bfl(sd)
     if layout == "diffsynth":
-        return _rename(sd, DIFFSYNTH_RULES)
+        return rename_keys(sd, DIFFSYNTH_RULES)
     raise ValueError(f"unknown DiT layout {layout!r}")
-
-
-def _rename(sd: Mapping[str, LazyTensor], rules: list[tuple[str, str]]) -> dict[str, LazyTensor]:
-    """Rename every key by the first matching (regex, replacement) rule; keys no rule matches are kept."""
-    out: dict[str, LazyTensor] = {}
-    for key, value in sd.items():
-        for pattern, repl in rules:
-            new, n = re.subn(pattern, repl, key)
-            if n:
-                key = new
-                break
-        out[key] = value
-    return out
 
 
 # DiffSynth internal name -> BFL name (reference/diffsynth_flux.md 2.1.8). Final AdaLN is already (shift, scale).
@@ -134,7 +120,7 @@ def _diffusers_to_bfl(sd: Mapping[str, LazyTensor]) -> dict[str, LazyTensor]:
     if "norm_out.linear.weight" in rest:
         for suffix in ("weight", "bias"):
             out[f"final_layer.adaLN_modulation.1.{suffix}"] = swap_halves(rest.pop(f"norm_out.linear.{suffix}"))
-    out.update(_rename(rest, DIFFUSERS_RULES))
+    out.update(rename_keys(rest, DIFFUSERS_RULES))
     return out
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import struct
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
@@ -202,3 +203,15 @@ def strip_prefix(sd: Mapping[str, LazyTensor], prefixes: Iterable[str]) -> dict[
         if any(k.startswith(prefix) for k in sd):
             return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
     return dict(sd)
+
+
+def rename_keys(sd: Mapping[str, LazyTensor], rules: Sequence[tuple[str, str]]) -> dict[str, LazyTensor]:
+    """Rename every key by the first matching (regex, replacement) rule; keys no rule matches are kept."""
+    out: dict[str, LazyTensor] = {}
+    for key, value in sd.items():
+        for pattern, repl in rules:
+            key, n = re.subn(pattern, repl, key)
+            if n:
+                break
+        out[key] = value
+    return out

@@ -15,7 +15,7 @@ import re
 from typing import Mapping
 
 from ..models.vae import AutoEncoderParams, FluxVAE
-from .files import strip_prefix
+from .files import rename_keys, strip_prefix
 from .lazy import LazyTensor
 from .loader import ModelKind, StateDict
 
@@ -78,23 +78,11 @@ DIFFUSERS_RULES: list[tuple[str, str]] = [
 def _diffusers_to_bfl(sd: Mapping[str, LazyTensor]) -> dict[str, LazyTensor]:
     n_up = len({k.split(".")[2] for k in sd if k.startswith("decoder.up_blocks.")})
     out: dict[str, LazyTensor] = {}
-    for key, value in _rename(sd, DIFFUSERS_RULES).items():
+    for key, value in rename_keys(sd, DIFFUSERS_RULES).items():
         key = key.replace(".conv_shortcut.", ".nin_shortcut.")
         m = re.match(r"^decoder\.up\.(\d+)\.(.*)$", key)
         if m:  # diffusers up_blocks.0 runs first = BFL's lowest resolution, up.{n-1}
             key = f"decoder.up.{n_up - 1 - int(m.group(1))}.{m.group(2)}"
-        out[key] = value
-    return out
-
-
-def _rename(sd: Mapping[str, LazyTensor], rules: list[tuple[str, str]]) -> dict[str, LazyTensor]:
-    """Rename every key by the first matching (regex, replacement) rule; keys no rule matches are kept."""
-    out: dict[str, LazyTensor] = {}
-    for key, value in sd.items():
-        for pattern, repl in rules:
-            key, n = re.subn(pattern, repl, key)
-            if n:
-                break
         out[key] = value
     return out
 
