@@ -37,8 +37,9 @@ class ModelKind:
 
 def _kinds() -> list[ModelKind]:
     from .dit_kind import DIT_KIND
+    from .text_kinds import CLIP_KIND, T5_KIND
     from .vae_kind import VAE_KIND
-    return [DIT_KIND, VAE_KIND]
+    return [DIT_KIND, VAE_KIND, CLIP_KIND, T5_KIND]
 
 
 @dataclass(frozen=True)
