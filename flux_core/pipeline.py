@@ -1,0 +1,245 @@
+"""`FluxImagePipeline`: DiffSynth-Studio's FLUX pipeline API over FluxCore's models and sampling functions.
+
+A script written for DiffSynth-Studio changes only its import line:
+
+    pipe = FluxImagePipeline.from_pretrained(torch_dtype=torch.bfloat16, device="cuda", model_configs=[
+        ModelConfig(model_id="black-forest-labs/FLUX.1-dev", origin_file_pattern="flux1-dev.safetensors"),
+        ModelConfig(model_id="black-forest-labs/FLUX.1-dev", origin_file_pattern="text_encoder/model.safetensors"),
+        ModelConfig(model_id="black-forest-labs/FLUX.1-dev", origin_file_pattern="text_encoder_2/"),
+        ModelConfig(model_id="black-forest-labs/FLUX.1-dev", origin_file_pattern="ae.safetensors"),
+    ])
+    image = pipe(prompt="a cat", seed=0)
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from .image import pil_to_tensor, resize_to_multiple, tensor_to_pil
+from .loading.files import CheckpointError
+from .loading.loader import load_model, load_models
+from .model_config import ModelConfig
+from .models.dit import DiTExtras
+from .models.text_encoders import encode_prompt, load_clip_tokenizer, load_t5_tokenizer
+from .sampling import (PromptEmbeds, check_size, denoise, guided_velocity, make_noise, reference_extras,
+                       resolve_seed)
+from .scheduler import add_noise, explicit_sigmas, flux_sigmas
+from .math import unpack_latents
+
+FLUX_DEV = "black-forest-labs/FLUX.1-dev"
+# Component folders of a diffusers FLUX pipeline folder, by the kind of model they hold.
+DIFFUSERS_COMPONENTS = {"dit": "transformer", "vae": "vae", "clip": "text_encoder", "t5": "text_encoder_2"}
+_SLOTS = {"dit": "dit", "vae": "vae", "clip": "text_encoder_1", "t5": "text_encoder_2"}
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+class FluxImagePipeline:
+    def __init__(self, device: str | torch.device | None = None, torch_dtype: torch.dtype = torch.bfloat16):
+        self.device = torch.device(device or default_device())
+        self.torch_dtype = torch_dtype
+        self.dit = None
+        self.vae = None
+        self.text_encoder_1 = None   # CLIP-L
+        self.text_encoder_2 = None   # T5-XXL encoder
+        self.tokenizer_1 = None
+        self.tokenizer_2 = None
+        self.last_seed: int | None = None
+
+    # ---------------------------------------------------------------- construction
+    @classmethod
+    def from_pretrained(cls, torch_dtype: torch.dtype = torch.bfloat16, device: str | torch.device | None = None,
+                        model_configs: Sequence[ModelConfig] = (), tokenizer_1_config: ModelConfig | None = None,
+                        tokenizer_2_config: ModelConfig | None = None) -> "FluxImagePipeline":
+        """Load every model the configs name; each file's kind (DiT, VAE, CLIP-L, T5) is detected from its keys.
+        A config may also name a whole diffusers FLUX folder. Tokenizers come from the configs given, else from
+        `tokenizer/` and `tokenizer_2/` beside the loaded models, else from FLUX.1-dev through ModelScope."""
+        pipe = cls(device=device, torch_dtype=torch_dtype)
+        roots: list[Path] = []
+        for config in model_configs:
+            paths = config.resolve()
+            for kind, module in _load_config_models(paths, torch_dtype, pipe.device).items():
+                setattr(pipe, _SLOTS[kind], module)
+            roots.extend(_search_roots(paths))
+        base = model_configs[0].local_model_path if model_configs else "./models"
+        pipe.tokenizer_1 = load_clip_tokenizer(_tokenizer_path(tokenizer_1_config, roots, "tokenizer", base))
+        pipe.tokenizer_2 = load_t5_tokenizer(_tokenizer_path(tokenizer_2_config, roots, "tokenizer_2", base))
+        return pipe
+
+    # ---------------------------------------------------------------- stages
+    def encode_prompt(self, prompt: str | list[str], t5_sequence_length: int = 512) -> PromptEmbeds:
+        missing = [n for n in ("text_encoder_1", "text_encoder_2", "tokenizer_1", "tokenizer_2") if getattr(self, n) is None]
+        if missing:
+            raise RuntimeError(f"cannot encode a prompt: the pipeline has no {', '.join(missing)}. Add the CLIP-L "
+                               f"and T5 files to model_configs (text_encoder/, text_encoder_2/) and their tokenizers.")
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        prompt_emb, pooled = encode_prompt(prompts, self.text_encoder_1, self.text_encoder_2, self.tokenizer_1,
+                                           self.tokenizer_2, t5_sequence_length=t5_sequence_length, device=self.device)
+        return PromptEmbeds(prompt_emb, pooled)
+
+    def encode_image(self, image: torch.Tensor, tiled: bool = False, tile_size: int = 128,
+                     tile_stride: int = 64) -> torch.Tensor:
+        """(B, 3, H, W) in [-1, 1] -> scaled latent (B, 16, H/8, W/8) float32."""
+        self._require("vae", "encode an image")
+        vae_dtype = next(self.vae.parameters()).dtype
+        latent = self.vae.encode(image.to(self.device, vae_dtype), tiled=tiled, tile_size=tile_size,
+                                 tile_stride=tile_stride)
+        return latent.float()
+
+    def decode_latents(self, latents: torch.Tensor, tiled: bool = False, tile_size: int = 128,
+                       tile_stride: int = 64) -> torch.Tensor:
+        """Scaled latent -> image (B, 3, H, W) in [-1, 1] float32."""
+        self._require("vae", "decode latents")
+        vae_dtype = next(self.vae.parameters()).dtype
+        return self.vae.decode(latents.to(self.device, vae_dtype), tiled=tiled, tile_size=tile_size,
+                               tile_stride=tile_stride).float()
+
+    def _require(self, slot: str, what: str) -> None:
+        if getattr(self, slot) is None:
+            raise RuntimeError(f"cannot {what}: the pipeline has no {slot}; add its file to model_configs.")
+
+    # ---------------------------------------------------------------- generation
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str] = "",
+        negative_prompt: str | list[str] = "",
+        cfg_scale: float = 1.0,
+        embedded_guidance: float = 3.5,
+        t5_sequence_length: int = 512,
+        input_image: Image.Image | None = None,
+        denoising_strength: float = 1.0,
+        height: int = 1024,
+        width: int = 1024,
+        seed: int | None = None,
+        rand_device: str = "cpu",
+        sigma_shift: float | None = None,
+        num_inference_steps: int = 30,
+        kontext_images: Image.Image | list[Image.Image] | None = None,
+        tiled: bool = False,
+        tile_size: int = 128,
+        tile_stride: int = 64,
+        progress_bar_cmd: Callable[[Iterable], Iterable] | None = tqdm,
+        latents: torch.Tensor | None = None,
+        sigmas: Sequence[float] | torch.Tensor | None = None,
+        output_type: str = "pil",
+        callback: Callable[[int, int, torch.Tensor], None] | None = None,
+    ):
+        """Generate image(s). Parameters and defaults are DiffSynth-Studio's; in addition:
+        latents: the initial noise, (B, 16, H/8, W/8) or packed (B, H*W/256, 64), instead of drawing it from seed;
+        sigmas: an explicit decreasing schedule in (0, 1] instead of num_inference_steps/sigma_shift/strength;
+        output_type: "pil" (one image, or a list for several prompts), "np" ((B, H, W, 3) float in [0, 1]),
+            "pt" ((B, 3, H, W) in [0, 1]) or "latent" (the final scaled latent);
+        callback(step, total, latents): called after each step.
+        `tiled` tiles the VAE (tile sizes in latent pixels), not the DiT."""
+        check_size(height, width)
+        self._require("dit", "generate")
+        if denoising_strength < 1.0 and input_image is None:
+            raise ValueError("denoising_strength < 1 needs an input_image to start from; pass input_image=... "
+                             "or leave denoising_strength at 1.0.")
+        if output_type not in ("pil", "np", "pt", "latent"):
+            raise ValueError(f"output_type={output_type!r}: use 'pil', 'np', 'pt' or 'latent'.")
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        batch = len(prompts)
+        negatives = [negative_prompt] * batch if isinstance(negative_prompt, str) else list(negative_prompt)
+        if len(negatives) != batch:
+            raise ValueError(f"negative_prompt has {len(negatives)} entries for {batch} prompts.")
+
+        schedule = (explicit_sigmas(sigmas) if sigmas is not None
+                    else flux_sigmas(num_inference_steps, denoising_strength, sigma_shift))
+        self.last_seed = resolve_seed(seed)
+        noise = self._initial_noise(latents, batch, height, width, rand_device)
+
+        positive = self.encode_prompt(prompts, t5_sequence_length)
+        negative = self.encode_prompt(negatives, t5_sequence_length) if cfg_scale != 1.0 else None
+        vae_tiling = dict(tiled=tiled, tile_size=tile_size, tile_stride=tile_stride)
+
+        if input_image is not None:
+            image = input_image.resize((width, height), Image.LANCZOS) if isinstance(input_image, Image.Image) \
+                and input_image.size != (width, height) else input_image
+            x0 = self.encode_image(pil_to_tensor(image, "input_image"), **vae_tiling)
+            start = add_noise(x0.expand(batch, -1, -1, -1), noise, float(schedule[0]))
+        else:
+            start = noise
+
+        extras = None
+        if kontext_images is not None:
+            extras = self.kontext_extras(kontext_images, batch, **vae_tiling)
+
+        guidance = embedded_guidance if self.dit.params.guidance_embed else None
+
+        def velocity(x: torch.Tensor, sigma: float) -> torch.Tensor:
+            return guided_velocity(self.dit, x, sigma, positive, negative, cfg_scale, guidance, extras)
+
+        final = denoise(start, schedule, velocity, progress_bar_cmd, callback)
+        if output_type == "latent":
+            return final
+        images = self.decode_latents(final, **vae_tiling)
+        if output_type == "pt":
+            return (images / 2 + 0.5).clamp(0, 1)
+        if output_type == "np":
+            return (images / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy().astype(np.float32)
+        pil = tensor_to_pil(images)
+        return pil[0] if batch == 1 else pil
+
+    def kontext_extras(self, kontext_images, batch: int, **vae_tiling) -> DiTExtras:
+        """Kontext reference images -> extra tokens. Each keeps its own resolution (shrunk to multiples of 16)."""
+        images = kontext_images if isinstance(kontext_images, (list, tuple)) else [kontext_images]
+        latents = []
+        for i, image in enumerate(images):
+            if not isinstance(image, Image.Image):
+                raise TypeError(f"kontext_images[{i}] is a {type(image).__name__}; pass PIL images "
+                                f"(one, or a list). Load files with PIL.Image.open(path).convert('RGB').")
+            latents.append(self.encode_image(pil_to_tensor(resize_to_multiple(image), f"kontext_images[{i}]"),
+                                             **vae_tiling))
+        return reference_extras(latents, batch)
+
+    def _initial_noise(self, latents, batch: int, height: int, width: int, rand_device: str) -> torch.Tensor:
+        h, w = height // 8, width // 8
+        if latents is None:
+            return make_noise(batch, height, width, self.last_seed, rand_device, self.device)
+        latents = torch.as_tensor(latents).float().to(self.device)
+        if latents.dim() == 3:  # packed tokens, as diffusers' FluxPipeline takes them
+            latents = unpack_latents(latents, h, w)
+        if tuple(latents.shape[1:]) != (16, h, w) or latents.shape[0] not in (1, batch):
+            raise ValueError(f"latents= has shape {tuple(latents.shape)}; for {height}x{width} it must be "
+                             f"({batch}, 16, {h}, {w}) or packed ({batch}, {h * w // 4}, 64).")
+        return latents.expand(batch, -1, -1, -1)
+
+
+def _load_config_models(paths: str | list[str], torch_dtype, device) -> dict:
+    """Every component the resolved path(s) hold; a diffusers FLUX folder is expanded into its components."""
+    single = paths if isinstance(paths, str) else (paths[0] if len(paths) == 1 else None)
+    if single is not None and Path(single).is_dir() and (Path(single) / "model_index.json").is_file():
+        root, out = Path(single), {}
+        for kind, folder in DIFFUSERS_COMPONENTS.items():
+            if (root / folder).is_dir():
+                out[kind] = load_model(root / folder, torch_dtype=torch_dtype, device=device, kind=kind)
+        if not out:
+            raise CheckpointError(f"{root}: diffusers folder without transformer/, vae/ or text encoder folders.")
+        return out
+    return load_models(paths, torch_dtype=torch_dtype, device=device)
+
+
+def _search_roots(paths: str | list[str]) -> list[Path]:
+    """Folders where tokenizer/ and tokenizer_2/ may sit: the path, its parent and grandparent."""
+    first = Path(paths if isinstance(paths, str) else paths[0]).resolve()
+    return [first, *list(first.parents)[:2]]
+
+
+def _tokenizer_path(config: ModelConfig | None, roots: list[Path], folder: str, local_model_path: str) -> str:
+    if config is not None:
+        resolved = config.resolve()
+        return resolved if isinstance(resolved, str) else str(Path(resolved[0]).parent)
+    for root in roots:
+        if (root / folder).is_dir():
+            return str(root / folder)
+    resolved = ModelConfig(model_id=FLUX_DEV, origin_file_pattern=f"{folder}/", local_model_path=local_model_path).resolve()
+    return resolved if isinstance(resolved, str) else str(Path(resolved[0]).parent)

@@ -1,0 +1,164 @@
+"""FluxImagePipeline end to end against diffusers' FluxPipeline / FluxKontextPipeline on the same tiny weights."""
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from flux_core.math import pack_latents
+from flux_core.model_config import ModelConfig
+from flux_core.pipeline import FluxImagePipeline
+from flux_core.scheduler import flux_sigmas
+from tests.tiny_pipeline import FOLDER_NAME, kontext_pipeline, make_diffusers_pipeline
+
+H, W = 48, 64
+SIGMAS = [1.0, 0.75, 0.5, 0.25]
+PROMPTS = ["a cat sitting on a red chair", "a dog running on the beach"]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("pipe")
+    ref = make_diffusers_pipeline(tmp)
+    ours = FluxImagePipeline.from_pretrained(torch_dtype=torch.float32, device="cpu",
+                                             model_configs=[ModelConfig(path=str(tmp / FOLDER_NAME))])
+    return ref, ours, tmp
+
+
+def noise(batch=2, seed=0):
+    return torch.randn(batch, 16, H // 8, W // 8, generator=torch.Generator().manual_seed(seed))
+
+
+def test_text_to_image_matches_diffusers(tiny):
+    ref, ours, _ = tiny
+    x = noise()
+    expected = ref(prompt=PROMPTS, height=H, width=W, sigmas=SIGMAS, num_inference_steps=len(SIGMAS),
+                   latents=pack_latents(x), guidance_scale=3.5, max_sequence_length=16, output_type="np").images
+    got = ours(prompt=PROMPTS, height=H, width=W, sigmas=SIGMAS, latents=x, embedded_guidance=3.5,
+               t5_sequence_length=16, output_type="np", progress_bar_cmd=None)
+    assert got.shape == expected.shape == (2, H, W, 3)
+    assert np.abs(got - expected).max() <= 1e-3
+    assert np.abs(expected[0] - expected[1]).max() > 1e-2  # prompts matter: the comparison can fail
+
+
+def test_true_cfg_with_negative_prompt_matches_diffusers(tiny):
+    ref, ours, _ = tiny
+    x = noise(1, seed=3)
+    expected = ref(prompt=PROMPTS[0], negative_prompt="blurry", true_cfg_scale=4.0, height=H, width=W,
+                   sigmas=SIGMAS, num_inference_steps=len(SIGMAS), latents=pack_latents(x), guidance_scale=3.5,
+                   max_sequence_length=16, output_type="np").images
+    got = ours(prompt=PROMPTS[0], negative_prompt="blurry", cfg_scale=4.0, height=H, width=W, sigmas=SIGMAS,
+               latents=x, t5_sequence_length=16, output_type="np", progress_bar_cmd=None)
+    plain = ours(prompt=PROMPTS[0], height=H, width=W, sigmas=SIGMAS, latents=x, t5_sequence_length=16,
+                 output_type="np", progress_bar_cmd=None)
+    assert np.abs(got - expected).max() <= 1e-3
+    assert np.abs(got - plain).max() > 1e-2
+
+
+def test_kontext_matches_diffusers(tiny):
+    ref, ours, _ = tiny
+    rng = np.random.default_rng(0)
+    reference = Image.fromarray(rng.integers(0, 255, (32, 48, 3), dtype=np.uint8))  # its own resolution
+    x = noise(1, seed=5)
+    expected = kontext_pipeline(ref)(image=reference, prompt=PROMPTS[0], height=H, width=W, sigmas=SIGMAS,
+                                     num_inference_steps=len(SIGMAS), latents=pack_latents(x), guidance_scale=2.5,
+                                     max_sequence_length=16, output_type="np", _auto_resize=False,
+                                     max_area=H * W).images
+    got = ours(prompt=PROMPTS[0], kontext_images=reference, height=H, width=W, sigmas=SIGMAS, latents=x,
+               embedded_guidance=2.5, t5_sequence_length=16, output_type="np", progress_bar_cmd=None)
+    plain = ours(prompt=PROMPTS[0], height=H, width=W, sigmas=SIGMAS, latents=x, embedded_guidance=2.5,
+                 t5_sequence_length=16, output_type="np", progress_bar_cmd=None)
+    assert np.abs(got - expected).max() <= 1e-3
+    assert np.abs(got - plain).max() > 1e-2  # the reference changes the result
+
+
+def test_seed_api_returns_pil_and_is_reproducible(tiny):
+    _, ours, _ = tiny
+    a = ours(prompt="a cat", height=H, width=W, seed=7, num_inference_steps=3, t5_sequence_length=16,
+             progress_bar_cmd=None)
+    b = ours(prompt="a cat", height=H, width=W, seed=7, num_inference_steps=3, t5_sequence_length=16,
+             progress_bar_cmd=None)
+    c = ours(prompt="a cat", height=H, width=W, seed=8, num_inference_steps=3, t5_sequence_length=16,
+             progress_bar_cmd=None)
+    assert isinstance(a, Image.Image) and a.size == (W, H)
+    assert np.array_equal(np.asarray(a), np.asarray(b))
+    assert not np.array_equal(np.asarray(a), np.asarray(c))
+    ours(prompt="a cat", height=H, width=W, seed=None, num_inference_steps=1, t5_sequence_length=16,
+         progress_bar_cmd=None)
+    assert isinstance(ours.last_seed, int)
+
+
+def test_batch_of_prompts_returns_a_list_and_first_equals_single(tiny):
+    _, ours, _ = tiny
+    kw = dict(height=H, width=W, seed=1, num_inference_steps=2, t5_sequence_length=16, progress_bar_cmd=None,
+              output_type="np")
+    both = ours(prompt=PROMPTS, **kw)
+    # The same noise tensor for the first image: a single prompt draws batch 1 from the same generator.
+    single = ours(prompt=PROMPTS[0], **kw)
+    assert both.shape[0] == 2
+    assert np.abs(both[0] - single[0]).max() <= 1e-5
+    images = ours(prompt=PROMPTS, height=H, width=W, seed=1, num_inference_steps=1, t5_sequence_length=16,
+                  progress_bar_cmd=None)
+    assert isinstance(images, list) and len(images) == 2
+
+
+def test_image_to_image_noises_the_input_to_the_first_sigma(tiny):
+    _, ours, _ = tiny
+    start = Image.fromarray(np.full((H, W, 3), 128, dtype=np.uint8))
+    kw = dict(prompt="a cat", input_image=start, height=H, width=W, seed=0, num_inference_steps=4,
+              t5_sequence_length=16, progress_bar_cmd=None, output_type="latent")
+    x0 = ours.encode_image(torch.zeros(1, 3, H, W))
+    weak = ours(denoising_strength=0.2, **kw)
+    strong = ours(denoising_strength=0.9, **kw)
+    # Less denoising keeps the result nearer the input's latent.
+    assert (weak - x0).abs().mean() < (strong - x0).abs().mean()
+    sig = flux_sigmas(4, 0.2)
+    assert 0.2 < float(sig[0]) < 0.5  # shifted start of the schedule (shift 3)
+
+
+def test_progress_bar_and_callback_see_every_step(tiny):
+    _, ours, _ = tiny
+    seen, wrapped = [], []
+
+    def bar(it):
+        wrapped.append(True)
+        return it
+
+    ours(prompt="a cat", height=H, width=W, seed=0, num_inference_steps=3, t5_sequence_length=16,
+         progress_bar_cmd=bar, callback=lambda i, n, x: seen.append((i, n, tuple(x.shape))))
+    assert wrapped == [True]
+    assert seen == [(0, 3, (1, 16, 6, 8)), (1, 3, (1, 16, 6, 8)), (2, 3, (1, 16, 6, 8))]
+
+
+def test_scheduler_matches_diffsynth_formula():
+    s = flux_sigmas(30)
+    assert s.shape == (30,)
+    assert abs(float(s[0]) - 1.0) < 1e-6
+    sigma_min = 0.003 / 1.002
+    assert abs(float(s[-1]) - 3 * sigma_min / (1 + 2 * sigma_min)) < 1e-6  # shifted sigma_min ~ 0.00893
+    assert abs(float(s[-1]) - 0.00893) < 1e-4
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(height=50), r"height=50 .* use 48 or 64"),
+    (dict(width=100), r"width=100 .* use 96 or 112"),
+    (dict(denoising_strength=0.5), "needs an input_image"),
+    (dict(kontext_images="photo.png"), r"kontext_images\[0\] is a str"),
+    (dict(input_image=np.zeros((48, 64, 3))), "input_image must be a PIL.Image"),
+    (dict(latents=torch.zeros(1, 4, 6, 8)), r"latents= has shape"),
+    (dict(sigmas=[0.5, 0.9]), "strictly decreasing"),
+    (dict(output_type="jpeg"), "output_type"),
+])
+def test_bad_input_is_refused_with_a_clear_message(tiny, kwargs, match):
+    _, ours, _ = tiny
+    call = dict(prompt="a cat", height=H, width=W, num_inference_steps=1, t5_sequence_length=16, progress_bar_cmd=None)
+    call.update(kwargs)
+    with pytest.raises((ValueError, TypeError), match=match):
+        ours(**call)
+
+
+def test_missing_tokenizer_is_named(tiny, tmp_path):
+    _, _, tmp = tiny
+    with pytest.raises(FileNotFoundError, match="tokenizer"):
+        FluxImagePipeline.from_pretrained(torch_dtype=torch.float32, device="cpu",
+                                          model_configs=[ModelConfig(path=str(tmp / FOLDER_NAME / "transformer"))],
+                                          tokenizer_1_config=ModelConfig(path=str(tmp_path)))
