@@ -44,6 +44,13 @@ class AutoEncoderParams:
     def downscale(self) -> int:
         return 2 ** (len(self.ch_mult) - 1)
 
+    def raw_to_scaled(self, raw: torch.Tensor) -> torch.Tensor:
+        """Raw VAE latent (ComfyUI LATENT `samples`) -> the scaled latent the DiT works in."""
+        return (raw - self.shift_factor) * self.scale_factor
+
+    def scaled_to_raw(self, latent: torch.Tensor) -> torch.Tensor:
+        return latent / self.scale_factor + self.shift_factor
+
 
 def _norm(params: AutoEncoderParams, channels: int) -> nn.GroupNorm:
     return nn.GroupNorm(params.norm_groups, channels, eps=1e-6, affine=True)
@@ -248,11 +255,11 @@ class FluxVAE(nn.Module):
 
     def to_comfy_latent(self, latent: torch.Tensor) -> torch.Tensor:
         """Scaled (DiT) latent -> raw VAE latent, the space ComfyUI's LATENT `samples` hold."""
-        return latent / self.params.scale_factor + self.params.shift_factor
+        return self.params.scaled_to_raw(latent)
 
     def from_comfy_latent(self, samples: torch.Tensor) -> torch.Tensor:
         """Raw VAE latent (ComfyUI LATENT `samples`) -> scaled latent for the DiT."""
-        return (samples - self.params.shift_factor) * self.params.scale_factor
+        return self.params.raw_to_scaled(samples)
 
     # -- input checks ----------------------------------------------------------------------------------------
     def _check_image(self, image: torch.Tensor) -> torch.Tensor:
