@@ -151,8 +151,7 @@ class FluxDiT(nn.Module):
     def time_embedding(self, timesteps: torch.Tensor, guidance: torch.Tensor | None, y: torch.Tensor,
                        dtype: torch.dtype) -> torch.Tensor:
         vec = self.time_in(timestep_embedding(timesteps, 256).to(dtype))
-        if self.params.guidance_embed:
-            if guidance is None:
-                raise ValueError("This DiT has a guidance embedder (FLUX.1-dev family): pass `guidance`.")
+        # guidance=None leaves the embedder out, as ComfyUI's FluxDisableGuidance does for dev-family models.
+        if self.params.guidance_embed and guidance is not None:
             vec = vec + self.guidance_in(timestep_embedding(guidance, 256).to(dtype))
         return vec + self.vector_in(y.to(dtype))
