@@ -93,7 +93,8 @@ def denoise(latents: torch.Tensor, sigmas: torch.Tensor, velocity: Callable[[tor
             progress_bar_cmd: Callable[[Iterable], Iterable] | None = None,
             callback: Callable[[int, int, torch.Tensor], None] | None = None) -> torch.Tensor:
     """Euler integration over `sigmas` (then to 0). `callback(step, total, latents)` runs after each step: the
-    nodes use it for progress, previews and interrupts (raising stops the loop)."""
+    nodes use it for progress, previews and interrupts (raising stops the loop); a tensor it returns replaces
+    the latents (inpainting puts the kept region back this way)."""
     latents = latents.float()
     nexts = next_sigmas(sigmas)
     steps = range(len(sigmas))
@@ -101,7 +102,8 @@ def denoise(latents: torch.Tensor, sigmas: torch.Tensor, velocity: Callable[[tor
         v = velocity(latents, float(sigmas[i]))
         latents = euler_step(latents, v, float(sigmas[i]), float(nexts[i]))
         if callback is not None:
-            callback(i, len(sigmas), latents)
+            replaced = callback(i, len(sigmas), latents)
+            latents = latents if replaced is None else replaced
     return latents
 
 
