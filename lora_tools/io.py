@@ -1,0 +1,74 @@
+"""Reading and writing LoRA tensor files (safetensors; `.pt`/`.bin` read with `weights_only=True`).
+
+lora_tools stays free of flux_core, so it carries these few lines itself; flux_core passes state dicts it
+read with its own lazy reader.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Mapping
+
+import torch
+
+from .model import LoraError
+
+PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
+
+
+def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, safetensors metadata) of a LoRA file."""
+    path = Path(path)
+    if not path.is_file():
+        raise LoraError(f"{path}: no such LoRA file.")
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - anything here means "not a plain tensor file"
+            raise LoraError(f"{path}: cannot be read as a PyTorch weights file ({type(e).__name__}: {e}); "
+                            f"prefer the .safetensors release of this LoRA.") from None
+        if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+            obj = obj["state_dict"]
+        if not isinstance(obj, dict):
+            raise LoraError(f"{path}: holds a {type(obj).__name__}, not a dict of tensors.")
+        return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}, {}
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            metadata = dict(f.metadata() or {})
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise LoraError(f"{path}: not a readable safetensors file ({e}); check that the download is complete.") from None
+    return tensors, metadata
+
+
+def write_state_dict(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike,
+                     metadata: Mapping[str, str] | None = None) -> Path:
+    """Write a safetensors file atomically: a temp file beside the target, then a rename, so an interrupted
+    write never leaves a half-written LoRA under the real name."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        save_file(_unshared(tensors), str(tmp), metadata={str(k): str(v) for k, v in (metadata or {}).items()})
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def _unshared(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """safetensors refuses tensors that share memory; split q/k/v parts share one down matrix or are views of
+    one up matrix, so those are copied."""
+    out, seen = {}, set()
+    for key, t in tensors.items():
+        t = t.detach().to("cpu").contiguous()
+        if t.data_ptr() in seen or t.untyped_storage().nbytes() != t.numel() * t.element_size():
+            t = t.clone()
+        seen.add(t.data_ptr())
+        out[key] = t
+    return out
