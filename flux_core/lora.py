@@ -1,0 +1,289 @@
+"""LoRAs on the FluxCore DiT: any file format, several stacked with their own strengths, fused or hooked.
+
+    report = load_lora(dit, "style.safetensors", alpha=0.8)     # kohya, diffusers/PEFT, XLabs, DiffSynth, ...
+    load_lora(dit, ["a.safetensors", "b.safetensors"], alpha=[0.7, -0.3])
+    clear_lora(dit)                                              # original weights back, bit for bit
+
+Files are read into lora_tools' canonical form (one (down, up, alpha) per BFL layer, each layer with its own
+alpha), checked against the DiT's layer shapes, then applied in one of two ways:
+
+- fused: W = W_original + sum_i strength_i * up_i @ down_i * alpha_i / rank_i, computed in float32 from the
+  original and cast once, so the result does not depend on load order or accumulate rounding. The original
+  of every touched layer is kept on the CPU (as ComfyUI keeps its weight backups) and `clear_lora` copies it
+  back: unfusing restores the original bits. Cost: CPU memory for one copy of the touched layers.
+- hook: a forward hook on each target nn.Linear adds sum_i (x @ down_i^T) @ (strength_i * scale_i * up_i)^T
+  in the input's (compute) dtype. The weights are never touched, so this is the mode for weights stored in
+  float8 (fusing would round most of the delta away: the "LoRA is weak on fp8" complaint), for weights that
+  live elsewhere (meta device), and for offloaded models.
+
+`hotload=None` picks hook mode when any target layer's weight is stored in a float8 dtype or on the meta
+device, or when the model is marked offloaded: a VRAM manager that streams weights sets
+`dit.fluxcore_offloaded = True` (or the attribute on individual nn.Linear modules). Otherwise it fuses.
+`hotload=True` / `False` force the mode.
+
+Reporting (never a silent no-op): a file matching no layer raises LoraFormatError naming what the file looks
+like; a layer of another size raises LoraShapeError naming the key and both shapes; keys that matched nothing
+(and text-encoder keys, which FluxCore does not apply) are reported with Python `warnings`
+(`LoraKeyWarning`, a UserWarning: printed once per message, filterable, catchable by hosts) and listed in
+the returned `LoraReport`.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import torch
+from torch import nn
+
+from lora_tools import LoraError, LoraFile, LoraKeyWarning, LoraShapeError, describe_foreign, parse_lora
+
+from .loading.files import checkpoint_files, open_state_dict, safetensors_metadata
+
+FLOAT8_DTYPES = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz")
+                      if hasattr(torch, n))
+OFFLOADED_ATTR = "fluxcore_offloaded"   # set True on the DiT (or a Linear) by the VRAM manager
+_STATE_ATTR = "_fluxcore_lora"
+_MAX_LISTED = 30
+
+LoraSource = str | os.PathLike | Mapping[str, torch.Tensor] | LoraFile
+
+
+@dataclass
+class LoraSourceReport:
+    source: str
+    format: str
+    strength: float
+    mode: str                                   # "fused" or "hook"
+    matched: dict[str, tuple[str, ...]]         # DiT layer -> the file keys applied to it
+    unmatched: dict[str, str]                   # file key -> why it was not applied
+    skipped_keys: list[str]                     # text-encoder keys (not applied to the DiT)
+    notes: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        extra = f", {len(self.unmatched)} keys unmatched" if self.unmatched else ""
+        extra += f", {len(self.skipped_keys)} text-encoder keys skipped" if self.skipped_keys else ""
+        return (f"{self.source}: {self.format} LoRA, strength {self.strength:g}, {self.mode}, "
+                f"{len(self.matched)} layers{extra}")
+
+
+@dataclass
+class LoraReport:
+    mode: str
+    loras: list[LoraSourceReport]
+
+    @property
+    def layers(self) -> list[str]:
+        return sorted({name for r in self.loras for name in r.matched})
+
+    @property
+    def unmatched_keys(self) -> list[str]:
+        return [k for r in self.loras for k in r.unmatched]
+
+    def __str__(self) -> str:
+        return "\n".join(r.summary() for r in self.loras)
+
+
+@dataclass
+class _Factor:
+    down: torch.Tensor      # (rank, in), as read
+    up: torch.Tensor        # (out, rank), as read
+    weight: float           # strength * alpha / rank
+
+
+@dataclass
+class _Fused:
+    original: torch.Tensor  # CPU copy of the weight before any LoRA
+    factors: list[_Factor] = field(default_factory=list)
+
+
+class _LoraHook:
+    """Forward hook of one nn.Linear: adds each LoRA's low-rank path to the layer's output."""
+
+    def __init__(self):
+        self.factors: list[_Factor] = []
+        self.handle = None
+        self._cache: dict[tuple, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+
+    def add(self, factor: _Factor) -> None:
+        self.factors.append(factor)
+        self._cache.clear()
+
+    def __call__(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        x = args[0]
+        key = (x.device, x.dtype)
+        mats = self._cache.get(key)
+        if mats is None:  # the LoRA in compute precision on the compute device, made once per place
+            mats = [(f.down.to(x.device, x.dtype), (f.up.float() * f.weight).to(x.device, x.dtype))
+                    for f in self.factors]
+            self._cache[key] = mats
+        for down, up in mats:
+            output = output + nn.functional.linear(nn.functional.linear(x, down), up).to(output.dtype)
+        return output
+
+
+@dataclass
+class _State:
+    fused: dict[str, _Fused] = field(default_factory=dict)
+    hooks: dict[str, _LoraHook] = field(default_factory=dict)
+    loaded: list[LoraSourceReport] = field(default_factory=list)
+
+
+def load_lora(dit: nn.Module, source: LoraSource | Sequence[LoraSource], alpha: float | Sequence[float] = 1.0,
+              hotload: bool | None = None) -> LoraReport:
+    """Apply one LoRA or several (a list) to `dit`, each with its strength (`alpha`: one value for all, or
+    one per source). Sources: a file path, a folder holding one LoRA file, a state dict, or a parsed
+    `lora_tools.LoraFile`. Every source is read and checked before any weight changes.
+    LoRAs loaded by successive calls stack; `clear_lora` removes them all."""
+    sources = list(source) if isinstance(source, (list, tuple)) else [source]
+    if not sources:
+        raise LoraError("load_lora: no LoRA source given.")
+    strengths = [float(a) for a in alpha] if isinstance(alpha, (list, tuple)) else [float(alpha)] * len(sources)
+    if len(strengths) != len(sources):
+        raise LoraError(f"load_lora: {len(sources)} LoRA sources but {len(strengths)} strengths in alpha.")
+    linears = {name: m for name, m in dit.named_modules() if isinstance(m, nn.Linear)}
+    shapes = {name: (m.out_features, m.in_features) for name, m in linears.items()}
+    loras = [_read(s, shapes) for s in sources]
+
+    hook_reason = _hook_reason(dit, [linears[n] for lora in loras for n in lora.layers])
+    use_hooks = bool(hook_reason) if hotload is None else bool(hotload)
+    if not use_hooks:
+        _check_fusable([linears[n] for lora in loras for n in lora.layers])
+    mode = "hook" if use_hooks else "fused"
+
+    state = getattr(dit, _STATE_ATTR, None)
+    if state is None:
+        state = _State()
+        setattr(dit, _STATE_ATTR, state)
+    reports = []
+    for lora, strength in zip(loras, strengths):
+        for name, layer in lora.layers.items():
+            factor = _Factor(layer.down, layer.up, strength * layer.scale)
+            (_add_hook if use_hooks else _fuse)(state, name, linears[name], factor)
+        report = LoraSourceReport(lora.source, lora.format, strength, mode, lora.matched(), dict(lora.unmatched),
+                                  list(lora.skipped_keys), list(lora.notes))
+        state.loaded.append(report)
+        reports.append(report)
+        _warn_unmatched(lora)
+    return LoraReport(mode, reports)
+
+
+def clear_lora(dit: nn.Module) -> None:
+    """Remove every LoRA: hooks detached, fused layers given back their original weights (bit-exact while
+    the layer's storage dtype and device are unchanged since the LoRA was fused)."""
+    state: _State | None = getattr(dit, _STATE_ATTR, None)
+    if state is None:
+        return
+    for hook in state.hooks.values():
+        hook.handle.remove()
+    with torch.no_grad():
+        for name, entry in state.fused.items():
+            weight = dit.get_submodule(name).weight
+            weight.copy_(entry.original.to(weight.device))
+    delattr(dit, _STATE_ATTR)
+
+
+def loaded_loras(dit: nn.Module) -> list[LoraSourceReport]:
+    """What `load_lora` has applied to `dit` since the last `clear_lora`, in order."""
+    state: _State | None = getattr(dit, _STATE_ATTR, None)
+    return list(state.loaded) if state else []
+
+
+# ---------------------------------------------------------------------------------------------------------
+
+def _read(source: LoraSource, shapes: dict[str, tuple[int, int]]) -> LoraFile:
+    if isinstance(source, LoraFile):
+        return _fit(source, shapes)
+    if isinstance(source, Mapping):
+        return parse_lora(dict(source), None, shapes, source="(state dict)")
+    files = checkpoint_files(source)
+    tensors = {k: v.load() for k, v in open_state_dict(files).items()}
+    metadata: dict[str, str] = {}
+    for f in files:
+        if f.suffix.lower() == ".safetensors":
+            metadata.update(safetensors_metadata(f))
+    return parse_lora(tensors, metadata, shapes, source=str(Path(source)))
+
+
+def _fit(lora: LoraFile, shapes: dict[str, tuple[int, int]]) -> LoraFile:
+    """A LoraFile parsed without this model's shapes: keep the layers it has, check their sizes."""
+    layers, unmatched = {}, dict(lora.unmatched)
+    for name, layer in lora.layers.items():
+        if name not in shapes:
+            unmatched.update({k: f"this model has no layer {name}" for k in layer.source_keys})
+        elif layer.shape != tuple(shapes[name]):
+            raise LoraShapeError(f"{lora.source or 'LoRA'}: {', '.join(layer.source_keys)}: LoRA delta has shape "
+                                 f"{layer.shape} but the model's {name} weight is {tuple(shapes[name])}; this LoRA "
+                                 f"was made for a different model.")
+        else:
+            layers[name] = layer
+    if not layers:
+        raise LoraError(f"{lora.source or 'LoRA'}: none of its {len(lora.layers)} layers exists in this model.")
+    return LoraFile(layers, lora.format, unmatched, lora.skipped_keys, lora.metadata, lora.notes, lora.source)
+
+
+def _hook_reason(dit: nn.Module, modules: list[nn.Module]) -> str:
+    if getattr(dit, OFFLOADED_ATTR, False):
+        return "the model is offloaded"
+    for m in modules:
+        if getattr(m, OFFLOADED_ATTR, False):
+            return "a layer is offloaded"
+        if m.weight.dtype in FLOAT8_DTYPES:
+            return f"weights are stored in {m.weight.dtype}"
+        if m.weight.is_meta:
+            return "weights are on the meta device"
+    return ""
+
+
+def _check_fusable(modules: list[nn.Module]) -> None:
+    for m in modules:
+        if m.weight.is_meta:
+            raise LoraError("load_lora(hotload=False): the DiT's weights are on the meta device (not loaded "
+                            "or offloaded), so a LoRA cannot be fused into them; use hotload=True or None.")
+    if any(m.weight.dtype in FLOAT8_DTYPES for m in modules):
+        warnings.warn("load_lora(hotload=False) fuses into float8-stored weights, which rounds most of a LoRA's "
+                      "delta away; hotload=None (hook mode) keeps the LoRA in compute precision.",
+                      UserWarning, stacklevel=3)
+
+
+def _fuse(state: _State, name: str, module: nn.Linear, factor: _Factor) -> None:
+    entry = state.fused.get(name)
+    if entry is None:
+        entry = _Fused(module.weight.detach().to("cpu", copy=True))
+        state.fused[name] = entry
+    entry.factors.append(factor)
+    weight = module.weight
+    with torch.no_grad():
+        total = entry.original.to(weight.device, torch.float32, copy=True)
+        for f in entry.factors:
+            up = f.up.to(weight.device, torch.float32)
+            down = f.down.to(weight.device, torch.float32)
+            total += (up @ down) * f.weight
+        weight.copy_(total.to(weight.dtype))
+
+
+def _add_hook(state: _State, name: str, module: nn.Linear, factor: _Factor) -> None:
+    hook = state.hooks.get(name)
+    if hook is None:
+        hook = _LoraHook()
+        hook.handle = module.register_forward_hook(hook)
+        state.hooks[name] = hook
+    hook.add(factor)
+
+
+def _warn_unmatched(lora: LoraFile) -> None:
+    where = lora.source or "LoRA"
+    if lora.unmatched:
+        listed = [f"{k} ({why})" for k, why in list(lora.unmatched.items())[:_MAX_LISTED]]
+        more = len(lora.unmatched) - len(listed)
+        looks = describe_foreign(lora.unmatched)
+        hint = f" The unmatched keys look like {looks}." if "not a FLUX" in looks else ""
+        warnings.warn(f"{where}: {len(lora.unmatched)} keys matched no layer of this DiT and were NOT applied "
+                      f"({len(lora.layers)} layers were): " + "; ".join(listed)
+                      + (f"; ... and {more} more (all in the LoraReport)" if more > 0 else "") + "." + hint,
+                      LoraKeyWarning, stacklevel=3)
+    if lora.skipped_keys:
+        warnings.warn(f"{where}: {len(lora.skipped_keys)} text-encoder keys (e.g. {lora.skipped_keys[0]}) were "
+                      f"skipped: FluxCore applies LoRAs to the DiT only.", LoraKeyWarning, stacklevel=3)
