@@ -143,9 +143,8 @@ def load_lora(dit: nn.Module, source: LoraSource | Sequence[LoraSource], alpha: 
     strengths = [float(a) for a in alpha] if isinstance(alpha, (list, tuple)) else [float(alpha)] * len(sources)
     if len(strengths) != len(sources):
         raise LoraError(f"load_lora: {len(sources)} LoRA sources but {len(strengths)} strengths in alpha.")
-    linears = {name: m for name, m in dit.named_modules() if isinstance(m, nn.Linear)}
-    shapes = {name: (m.out_features, m.in_features) for name, m in linears.items()}
-    loras = [_read(s, shapes) for s in sources]
+    linears = _linears(dit)
+    loras = [read_lora_for(dit, s) for s in sources]
 
     hook_reason = _hook_reason(dit, [linears[n] for lora in loras for n in lora.layers])
     use_hooks = bool(hook_reason) if hotload is None else bool(hotload)
@@ -192,6 +191,17 @@ def loaded_loras(dit: nn.Module) -> list[LoraSourceReport]:
 
 
 # ---------------------------------------------------------------------------------------------------------
+
+def read_lora_for(dit: nn.Module, source: LoraSource) -> LoraFile:
+    """Read and check one LoRA against `dit`'s layers without applying it (a LoRA matching nothing, or made for
+    another model size, is refused here); `load_lora` accepts the result as a source."""
+    shapes = {name: (m.out_features, m.in_features) for name, m in _linears(dit).items()}
+    return _read(source, shapes)
+
+
+def _linears(dit: nn.Module) -> dict[str, nn.Linear]:
+    return {name: m for name, m in dit.named_modules() if isinstance(m, nn.Linear)}
+
 
 def _read(source: LoraSource, shapes: dict[str, tuple[int, int]]) -> LoraFile:
     if isinstance(source, LoraFile):

@@ -21,6 +21,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from .image import pil_to_tensor, resize_to_multiple, tensor_to_pil
+from .lora import LoraReport, clear_lora, load_lora
 from .loading.files import CheckpointError
 from .loading.loader import load_model, load_models
 from .model_config import ModelConfig
@@ -100,6 +101,23 @@ class FluxImagePipeline:
         vae_dtype = next(self.vae.parameters()).dtype
         return self.vae.decode(latents.to(self.device, vae_dtype), tiled=tiled, tile_size=tile_size,
                                tile_stride=tile_stride).float()
+
+    def load_lora(self, module, lora_config, alpha: float = 1.0, hotload: bool | None = None,
+                  state_dict: dict | None = None) -> LoraReport:
+        """DiffSynth-Studio's `pipe.load_lora(pipe.dit, path_or_ModelConfig, alpha)`: any LoRA format, stacked
+        with earlier ones; fused into the weights, or hooked (hotload=True, automatic for FP8/offloaded models)."""
+        if state_dict is not None:
+            source = state_dict
+        elif isinstance(lora_config, ModelConfig):
+            source = lora_config.resolve()
+        else:
+            source = lora_config
+        return load_lora(module, source, alpha=alpha, hotload=hotload)
+
+    def clear_lora(self) -> None:
+        """Remove every LoRA from the DiT (fused weights are restored bit for bit)."""
+        if self.dit is not None:
+            clear_lora(self.dit)
 
     def _require(self, slot: str, what: str) -> None:
         if getattr(self, slot) is None:

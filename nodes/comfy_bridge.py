@@ -1,0 +1,176 @@
+"""Everything FluxCore takes from ComfyUI, in one place, with plain fallbacks when ComfyUI is absent.
+
+Inside ComfyUI: model folders through `folder_paths`, devices and memory through `comfy.model_management`
+(our models are wrapped in `ModelPatcher`s, so "Unload models" and ComfyUI's memory manager move them like
+native ones, and `--cpu` is honoured), progress and previews through `comfy.utils.ProgressBar`, Cancel
+through `throw_exception_if_processing_interrupted`. Standalone (tests, scripts): model folders under
+$FLUXCORE_MODELS_DIR (default ./models), CUDA if available, no progress UI, and an interrupt flag tests set.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+try:  # ComfyUI present?
+    import comfy.model_management as _mm
+    import comfy.model_patcher as _patcher
+    import comfy.utils as _utils
+    import folder_paths as _folder_paths
+    IN_COMFYUI = True
+except ImportError:
+    _mm = _patcher = _utils = _folder_paths = None
+    IN_COMFYUI = False
+
+MODEL_EXTENSIONS = (".safetensors", ".sft", ".bin", ".pt", ".pth", ".ckpt")
+
+
+class Interrupted(Exception):
+    """Raised standalone when `request_interrupt()` was called (ComfyUI raises its own exception)."""
+
+
+_interrupt_requested = False
+
+
+# ---------------------------------------------------------------- model folders
+def models_dir() -> Path:
+    return Path(os.environ.get("FLUXCORE_MODELS_DIR", "models"))
+
+
+def list_models(folder: str) -> list[str]:
+    """File names (relative paths) in a ComfyUI model folder such as "diffusion_models" or "loras"."""
+    if IN_COMFYUI:
+        return _folder_paths.get_filename_list(folder)
+    root = models_dir() / folder
+    if not root.is_dir():
+        return []
+    return sorted(str(p.relative_to(root)).replace(os.sep, "/") for p in root.rglob("*")
+                  if p.suffix.lower() in MODEL_EXTENSIONS or (p.is_dir() and (p / "config.json").is_file()))
+
+
+def model_path(folder: str, name: str) -> str:
+    if IN_COMFYUI:
+        return _folder_paths.get_full_path_or_raise(folder, name)
+    path = models_dir() / folder / name
+    if not path.exists():
+        raise FileNotFoundError(f"{name} not found in {models_dir() / folder}")
+    return str(path)
+
+
+def folder_paths_for(folder: str) -> list[Path]:
+    if IN_COMFYUI:
+        return [Path(p) for p in _folder_paths.get_folder_paths(folder)]
+    return [models_dir() / folder]
+
+
+def list_diffusers_folders() -> list[str]:
+    """Sub-folders of the "diffusers" model folders that hold a diffusers pipeline (model_index.json)."""
+    return sorted({p.name for root in folder_paths_for("diffusers") if root.is_dir()
+                   for p in root.iterdir() if (p / "model_index.json").is_file()})
+
+
+def diffusers_folder_path(name: str) -> str:
+    for root in folder_paths_for("diffusers"):
+        if (root / name / "model_index.json").is_file():
+            return str(root / name)
+    raise FileNotFoundError(f"{name} is not a diffusers folder (with model_index.json) in "
+                            f"{', '.join(str(r) for r in folder_paths_for('diffusers'))}")
+
+
+def output_directory() -> Path:
+    if IN_COMFYUI:
+        return Path(_folder_paths.get_output_directory())
+    return Path(os.environ.get("FLUXCORE_OUTPUT_DIR", "output"))
+
+
+def comfy_tokenizer_dirs() -> tuple[Path | None, Path | None]:
+    """ComfyUI ships FLUX's tokenizers (CLIP-L vocab and T5 tokenizer.json) inside its source tree."""
+    if not IN_COMFYUI:
+        return None, None
+    import comfy
+    root = Path(comfy.__file__).parent
+    clip, t5 = root / "sd1_tokenizer", root / "text_encoders" / "t5_tokenizer"
+    return (clip if clip.is_dir() else None), (t5 if t5.is_dir() else None)
+
+
+# ---------------------------------------------------------------- devices and memory
+def compute_device() -> torch.device:
+    if IN_COMFYUI:
+        return _mm.get_torch_device()
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def offload_device() -> torch.device:
+    if IN_COMFYUI:
+        return _mm.unet_offload_device()
+    return torch.device("cpu")
+
+
+class ManagedModel:
+    """A flux_core module that ComfyUI's memory manager can load and unload like its own models."""
+
+    def __init__(self, module: nn.Module):
+        self.module = module
+        self.patcher = (_patcher.ModelPatcher(module, load_device=compute_device(), offload_device=offload_device())
+                        if IN_COMFYUI else None)
+
+
+def ready(*models: ManagedModel) -> None:
+    """Put the modules on the compute device (ComfyUI may first unload other models to make room)."""
+    if IN_COMFYUI:
+        _mm.load_models_gpu([m.patcher for m in models], force_full_load=True)
+    else:
+        for m in models:
+            m.module.to(compute_device())
+
+
+def soft_empty_cache() -> None:
+    if IN_COMFYUI:
+        _mm.soft_empty_cache()
+    elif torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+# ---------------------------------------------------------------- progress and interrupt
+def check_interrupt() -> None:
+    """Stop promptly when the user pressed Cancel (standalone: when `request_interrupt()` was called)."""
+    global _interrupt_requested
+    if IN_COMFYUI:
+        _mm.throw_exception_if_processing_interrupted()
+    elif _interrupt_requested:
+        _interrupt_requested = False
+        raise Interrupted("processing interrupted")
+
+
+def request_interrupt() -> None:
+    global _interrupt_requested
+    _interrupt_requested = True
+
+
+class Progress:
+    """ComfyUI's progress bar (with an optional preview image per step); records updates when standalone."""
+
+    def __init__(self, total: int):
+        self.total = total
+        self.updates: list[tuple[int, object]] = []
+        self.bar = _utils.ProgressBar(total) if IN_COMFYUI else None
+
+    def update(self, value: int, preview=None) -> None:
+        self.updates.append((value, preview))
+        if self.bar is not None:
+            self.bar.update_absolute(value, self.total, preview)
+
+
+def latent_previewer():
+    """f(scaled FLUX latent (B, 16, h, w)) -> a preview for Progress.update, following the user's ComfyUI preview
+    setting (TAESD or latent-to-RGB); None standalone or when previews are off."""
+    if not IN_COMFYUI:
+        return None
+    import comfy.latent_formats
+    import latent_preview
+    previewer = latent_preview.get_previewer(compute_device(), comfy.latent_formats.Flux())
+    if previewer is None:
+        return None
+    return lambda latents: previewer.decode_latent_to_preview_image("JPEG", latents)

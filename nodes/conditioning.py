@@ -1,0 +1,103 @@
+"""Prompt encoding to native FLUX CONDITIONING, and Kontext reference images.
+
+CONDITIONING is ComfyUI's own list of [T5 tokens (1, L, 4096), {"pooled_output": (1, 768), "guidance": g,
+"reference_latents": [raw latents]}] entries, so native nodes (CLIPTextEncodeFlux, FluxGuidance,
+ReferenceLatent, ConditioningZeroOut, ...) and ours mix freely.
+"""
+from __future__ import annotations
+
+import torch
+
+from flux_core.image import pil_to_tensor, resize_to_multiple, tensor_to_pil
+from flux_core.models.text_encoders import encode_prompt
+from flux_core.sampling import PromptEmbeds
+
+from . import comfy_bridge as bridge
+from .handles import TEXT_ENCODERS_TYPE, VAE_TYPE
+from .loaders import NodeInputError
+
+DEFAULT_GUIDANCE = 3.5
+
+
+def image_to_model(image: torch.Tensor) -> torch.Tensor:
+    """ComfyUI IMAGE (B, H, W, 3) in [0, 1] -> (B, 3, H, W) in [-1, 1]."""
+    return image[..., :3].permute(0, 3, 1, 2) * 2 - 1
+
+
+def model_to_image(x: torch.Tensor) -> torch.Tensor:
+    return (x.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu()
+
+
+def read_conditioning(node: str, input_name: str, conditioning) -> tuple[PromptEmbeds, float | None, list]:
+    """(embeds, guidance, raw reference latents) of a native CONDITIONING; only its first entry is used."""
+    if not conditioning:
+        raise NodeInputError(f"{node}, input '{input_name}': empty conditioning.")
+    tokens, extra = conditioning[0][0], conditioning[0][1]
+    pooled = extra.get("pooled_output")
+    if pooled is None:
+        raise NodeInputError(f"{node}, input '{input_name}': the conditioning has no pooled_output; FLUX needs "
+                             f"CLIP-L's pooled output (use FluxCore Text Encode or CLIPTextEncodeFlux).")
+    guidance = extra["guidance"] if "guidance" in extra else DEFAULT_GUIDANCE
+    return PromptEmbeds(tokens, pooled), guidance, list(extra.get("reference_latents") or [])
+
+
+class FluxCoreTextEncode:
+    CATEGORY = "FluxCore/conditioning"
+    RETURN_TYPES = ("CONDITIONING",)
+    FUNCTION = "encode"
+    DESCRIPTION = "Encodes a prompt with CLIP-L and T5 into native FLUX conditioning (works with FluxGuidance etc.)."
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "text_encoders": (TEXT_ENCODERS_TYPE, {"tooltip": "From Load FLUX Text Encoders (FluxCore)."}),
+            "text": ("STRING", {"multiline": True, "dynamicPrompts": True, "tooltip": "The prompt."}),
+            "guidance": ("FLOAT", {"default": DEFAULT_GUIDANCE, "min": 0.0, "max": 100.0, "step": 0.1,
+                                   "tooltip": "Embedded (distilled) guidance of FLUX.1-dev; 2.5 is usual for Kontext."}),
+            "t5_sequence_length": ("INT", {"default": 512, "min": 16, "max": 512, "step": 16,
+                                           "tooltip": "T5 tokens the prompt is padded/truncated to (FLUX.1-dev: 512)."}),
+        }}
+
+    def encode(self, text_encoders, text, guidance=DEFAULT_GUIDANCE, t5_sequence_length=512):
+        bridge.ready(text_encoders.clip, text_encoders.t5)
+        with torch.no_grad():
+            prompt_emb, pooled = encode_prompt([text], text_encoders.clip.module, text_encoders.t5.module,
+                                               text_encoders.clip_tokenizer, text_encoders.t5_tokenizer,
+                                               t5_sequence_length=t5_sequence_length, device=bridge.compute_device())
+        return ([[prompt_emb.cpu(), {"pooled_output": pooled.cpu(), "guidance": guidance}]],)
+
+
+class FluxCoreKontextReference:
+    CATEGORY = "FluxCore/conditioning"
+    RETURN_TYPES = ("CONDITIONING",)
+    FUNCTION = "append"
+    DESCRIPTION = ("Adds a Kontext reference image to the conditioning (chain for several). Same data as native "
+                   "ReferenceLatent, so either works with either sampler.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "conditioning": ("CONDITIONING", {"tooltip": "The conditioning to add the reference to."}),
+            "vae": (VAE_TYPE, {"tooltip": "The FLUX VAE that encodes the reference."}),
+            "image": ("IMAGE", {"tooltip": "Reference image; keeps its own size, shrunk to multiples of 16."}),
+        }}
+
+    def append(self, conditioning, vae, image):
+        bridge.ready(vae.model)
+        module = vae.model.module
+        latents = []
+        with torch.no_grad():
+            for pil in tensor_to_pil(image_to_model(image)):
+                x = pil_to_tensor(resize_to_multiple(pil)).to(module.device, module.dtype)
+                latents.append(module.encode_raw(x).float().cpu())
+        out = []
+        for tokens, extra in conditioning:
+            extra = dict(extra)
+            extra["reference_latents"] = list(extra.get("reference_latents") or []) + latents
+            out.append([tokens, extra])
+        return (out,)
+
+
+NODE_CLASS_MAPPINGS = {"FluxCoreTextEncode": FluxCoreTextEncode, "FluxCoreKontextReference": FluxCoreKontextReference}
+NODE_DISPLAY_NAME_MAPPINGS = {"FluxCoreTextEncode": "FLUX Text Encode (FluxCore)",
+                              "FluxCoreKontextReference": "FLUX Kontext Reference (FluxCore)"}

@@ -1,0 +1,47 @@
+"""The values FluxCore's own node types carry between nodes.
+
+Handles are frozen: a node that changes a model (a LoRA, a cache, memory options) returns a new handle with
+one more patch, and the cached upstream handle stays as it was, so re-running a graph never stacks a LoRA
+twice. The sampler applies a handle's patches to the shared module right before sampling.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+from .comfy_bridge import ManagedModel
+
+DIT_TYPE = "FLUXCORE_DIT"
+TEXT_ENCODERS_TYPE = "FLUXCORE_TEXT_ENCODERS"
+VAE_TYPE = "FLUXCORE_VAE"
+
+
+@dataclass(frozen=True)
+class LoraPatch:
+    path: str
+    strength: float
+    lora: object = field(default=None, compare=False)  # the parsed lora_tools.LoraFile, read once by the node
+
+
+@dataclass(frozen=True)
+class DiTHandle:
+    model: ManagedModel = field(compare=False)
+    name: str
+    loras: tuple[LoraPatch, ...] = ()
+
+    def with_lora(self, path: str, strength: float, lora=None) -> "DiTHandle":
+        return replace(self, loras=self.loras + (LoraPatch(path, strength, lora),))
+
+
+@dataclass(frozen=True)
+class TextEncodersHandle:
+    clip: ManagedModel = field(compare=False)
+    t5: ManagedModel = field(compare=False)
+    clip_tokenizer: object = field(compare=False)
+    t5_tokenizer: object = field(compare=False)
+    name: str = ""
+
+
+@dataclass(frozen=True)
+class VAEHandle:
+    model: ManagedModel = field(compare=False)
+    name: str = ""

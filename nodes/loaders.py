@@ -1,0 +1,196 @@
+"""Loader nodes: the DiT, the text encoders (+ tokenizers), the VAE, or all of them from a diffusers folder."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from flux_core.loading.loader import load_model
+from flux_core.model_config import ModelConfig
+from flux_core.models.text_encoders import load_clip_tokenizer, load_t5_tokenizer
+
+from . import comfy_bridge as bridge
+from .handles import DIT_TYPE, TEXT_ENCODERS_TYPE, VAE_TYPE, DiTHandle, TextEncodersHandle, VAEHandle
+
+FLUX_DEV = "black-forest-labs/FLUX.1-dev"
+
+
+class NodeInputError(ValueError):
+    """A node input that cannot be used; the message names the node, the input and the fix."""
+
+
+def node_error(node: str, input_name: str, error: Exception) -> NodeInputError:
+    return NodeInputError(f"{node}, input '{input_name}': {error}")
+
+
+def default_dtype() -> torch.dtype:
+    """bf16 on an accelerator (FLUX's native precision); float32 on the CPU, where bf16 matmuls are slow."""
+    return torch.float32 if bridge.compute_device().type == "cpu" else torch.bfloat16
+
+
+def load_kind(node: str, input_name: str, source, kind: str, dtype: torch.dtype | None = None):
+    """load_model for a node: errors name the node and input; nothing is kept from a failed load."""
+    try:
+        return load_model(source, torch_dtype=dtype or default_dtype(), device=bridge.offload_device(), kind=kind)
+    except (ValueError, FileNotFoundError) as e:
+        raise node_error(node, input_name, e) from None
+
+
+def modelscope_source(node: str, spec: str, folder: str) -> str | list[str]:
+    """"model_id:origin_file_pattern" -> local path(s), downloading into the ComfyUI model folder if needed."""
+    model_id, _, pattern = spec.strip().partition(":")
+    if not model_id or not pattern:
+        raise NodeInputError(f"{node}, input 'modelscope_id': write it as 'model_id:file pattern', e.g. "
+                             f"'{FLUX_DEV}:flux1-dev.safetensors' (got {spec!r}).")
+    base = bridge.folder_paths_for(folder)[0]
+    try:
+        return ModelConfig(model_id=model_id, origin_file_pattern=pattern, local_model_path=str(base)).resolve()
+    except FileNotFoundError as e:
+        raise node_error(node, "modelscope_id", e) from None
+
+
+def find_tokenizers(node: str) -> tuple[object, object]:
+    """FLUX's tokenizers: `tokenizer/` and `tokenizer_2/` in a text_encoders folder, else the copies bundled with
+    ComfyUI, else FLUX.1-dev's from ModelScope (downloaded once into the text_encoders folder)."""
+    folders = bridge.folder_paths_for("text_encoders")
+    clip_dir = next((f / "tokenizer" for f in folders if (f / "tokenizer").is_dir()), None)
+    t5_dir = next((f / "tokenizer_2" for f in folders if (f / "tokenizer_2").is_dir()), None)
+    bundled_clip, bundled_t5 = bridge.comfy_tokenizer_dirs()
+    clip_dir, t5_dir = clip_dir or bundled_clip, t5_dir or bundled_t5
+    try:
+        if clip_dir is None or t5_dir is None:
+            base = str(folders[0])
+            get = lambda sub: Path(ModelConfig(model_id=FLUX_DEV, origin_file_pattern=f"{sub}/",  # noqa: E731
+                                               local_model_path=base).resolve()[0]).parent
+            clip_dir, t5_dir = clip_dir or get("tokenizer"), t5_dir or get("tokenizer_2")
+        return load_clip_tokenizer(clip_dir), load_t5_tokenizer(t5_dir)
+    except FileNotFoundError as e:
+        raise NodeInputError(f"{node}: FLUX tokenizers not found ({e}). Put FLUX.1-dev's tokenizer/ and "
+                             f"tokenizer_2/ folders into {folders[0]}.") from None
+
+
+class FluxCoreDiTLoader:
+    CATEGORY = "FluxCore/loaders"
+    RETURN_TYPES = (DIT_TYPE,)
+    RETURN_NAMES = ("model",)
+    FUNCTION = "load"
+    DESCRIPTION = "Loads a FLUX.1 DiT (dev, Krea-dev, Kontext-dev, ...) in any published layout."
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "dit_name": (bridge.list_models("diffusion_models") or ["(none found)"],
+                             {"tooltip": "FLUX DiT file from models/diffusion_models (or unet): BFL, ComfyUI, "
+                                         "diffusers or DiffSynth layout; fp8 files are cast on load."}),
+                "weight_dtype": (["default"], {"tooltip": "default: bf16 on GPU, float32 on CPU."}),
+            },
+            "optional": {
+                "modelscope_id": ("STRING", {"default": "", "tooltip": "Instead of dit_name: 'model_id:file', e.g. "
+                                             f"'{FLUX_DEV}:flux1-dev.safetensors', downloaded through ModelScope."}),
+            },
+        }
+
+    def load(self, dit_name, weight_dtype="default", modelscope_id=""):
+        node = "FluxCoreDiTLoader"
+        if modelscope_id.strip():
+            source, label = modelscope_source(node, modelscope_id, "diffusion_models"), modelscope_id.strip()
+        else:
+            source, label = _model_file(node, "dit_name", "diffusion_models", dit_name), dit_name
+        module = load_kind(node, "modelscope_id" if modelscope_id.strip() else "dit_name", source, "dit")
+        return (DiTHandle(bridge.ManagedModel(module), label),)
+
+
+class FluxCoreTextEncoderLoader:
+    CATEGORY = "FluxCore/loaders"
+    RETURN_TYPES = (TEXT_ENCODERS_TYPE,)
+    RETURN_NAMES = ("text_encoders",)
+    FUNCTION = "load"
+    DESCRIPTION = "Loads CLIP-L and T5-XXL (fp16, fp8 or scaled fp8 files) with FLUX's tokenizers."
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        files = bridge.list_models("text_encoders") or ["(none found)"]
+        return {"required": {
+            "clip_name": (files, {"tooltip": "CLIP-L file from models/text_encoders (or clip), e.g. clip_l.safetensors."}),
+            "t5_name": (files, {"tooltip": "T5-XXL encoder file from models/text_encoders, e.g. t5xxl_fp16.safetensors."}),
+        }}
+
+    def load(self, clip_name, t5_name):
+        node = "FluxCoreTextEncoderLoader"
+        clip = load_kind(node, "clip_name", _model_file(node, "clip_name", "text_encoders", clip_name), "clip")
+        t5 = load_kind(node, "t5_name", _model_file(node, "t5_name", "text_encoders", t5_name), "t5")
+        clip_tok, t5_tok = find_tokenizers(node)
+        return (TextEncodersHandle(bridge.ManagedModel(clip), bridge.ManagedModel(t5), clip_tok, t5_tok,
+                                   f"{clip_name} + {t5_name}"),)
+
+
+class FluxCoreVAELoader:
+    CATEGORY = "FluxCore/loaders"
+    RETURN_TYPES = (VAE_TYPE,)
+    RETURN_NAMES = ("vae",)
+    FUNCTION = "load"
+    DESCRIPTION = "Loads FLUX's 16-channel VAE (ae.safetensors or a diffusers vae/ folder)."
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"vae_name": (bridge.list_models("vae") or ["(none found)"],
+                                          {"tooltip": "FLUX VAE from models/vae, e.g. ae.safetensors."})}}
+
+    def load(self, vae_name):
+        node = "FluxCoreVAELoader"
+        module = load_kind(node, "vae_name", _model_file(node, "vae_name", "vae", vae_name), "vae")
+        return (VAEHandle(bridge.ManagedModel(module), vae_name),)
+
+
+class FluxCoreDiffusersLoader:
+    CATEGORY = "FluxCore/loaders"
+    RETURN_TYPES = (DIT_TYPE, TEXT_ENCODERS_TYPE, VAE_TYPE)
+    RETURN_NAMES = ("model", "text_encoders", "vae")
+    FUNCTION = "load"
+    DESCRIPTION = "Loads every FLUX component of a diffusers folder (transformer/, text_encoder(_2)/, vae/, tokenizers)."
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"folder": (bridge.list_diffusers_folders() or ["(none found)"],
+                                        {"tooltip": "A diffusers FLUX folder (with model_index.json) in models/diffusers."})}}
+
+    def load(self, folder):
+        node = "FluxCoreDiffusersLoader"
+        try:
+            root = Path(bridge.diffusers_folder_path(folder))
+        except FileNotFoundError as e:
+            raise node_error(node, "folder", e) from None
+        parts = {}
+        for kind, sub in (("dit", "transformer"), ("clip", "text_encoder"), ("t5", "text_encoder_2"), ("vae", "vae")):
+            if not (root / sub).is_dir():
+                raise NodeInputError(f"{node}, input 'folder': {root} has no {sub}/ folder; it is not a full FLUX "
+                                     f"diffusers folder.")
+            parts[kind] = bridge.ManagedModel(load_kind(node, "folder", root / sub, kind))
+        try:
+            clip_tok, t5_tok = load_clip_tokenizer(root / "tokenizer"), load_t5_tokenizer(root / "tokenizer_2")
+        except FileNotFoundError as e:
+            raise node_error(node, "folder", e) from None
+        return (DiTHandle(parts["dit"], folder), TextEncodersHandle(parts["clip"], parts["t5"], clip_tok, t5_tok, folder),
+                VAEHandle(parts["vae"], folder))
+
+
+def _model_file(node: str, input_name: str, folder: str, name: str) -> str:
+    try:
+        return bridge.model_path(folder, name)
+    except FileNotFoundError as e:
+        raise node_error(node, input_name, e) from None
+
+
+NODE_CLASS_MAPPINGS = {
+    "FluxCoreDiTLoader": FluxCoreDiTLoader,
+    "FluxCoreTextEncoderLoader": FluxCoreTextEncoderLoader,
+    "FluxCoreVAELoader": FluxCoreVAELoader,
+    "FluxCoreDiffusersLoader": FluxCoreDiffusersLoader,
+}
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "FluxCoreDiTLoader": "Load FLUX DiT (FluxCore)",
+    "FluxCoreTextEncoderLoader": "Load FLUX Text Encoders (FluxCore)",
+    "FluxCoreVAELoader": "Load FLUX VAE (FluxCore)",
+    "FluxCoreDiffusersLoader": "Load FLUX Diffusers Folder (FluxCore)",
+}

@@ -1,0 +1,145 @@
+"""The FluxCore sampler node: flux_core's sampling functions on native LATENT and CONDITIONING.
+
+LATENT `samples` are raw VAE latents (as native VAEEncode/VAEDecode use them); they are scaled into the DiT's
+space here and back at the end. `noise_mask` (SetLatentNoiseMask) is honoured: outside the mask the original
+latent, noised to the current level, is put back after every step, so it comes out unchanged.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from flux_core.lora import clear_lora, load_lora
+from flux_core.models.vae import AutoEncoderParams
+from flux_core.sampling import denoise as run_denoise, guided_velocity, make_noise, reference_extras
+from flux_core.scheduler import add_noise, flux_sigmas, next_sigmas
+
+from . import comfy_bridge as bridge
+from .conditioning import read_conditioning
+from .handles import DIT_TYPE, DiTHandle
+from .loaders import NodeInputError
+
+FLUX_LATENT = AutoEncoderParams()  # FLUX's latent scale/shift (ComfyUI's latent_formats.Flux)
+
+
+def prepare_dit(handle: DiTHandle):
+    """The handle's module on the compute device with exactly the handle's LoRAs applied."""
+    bridge.ready(handle.model)
+    dit = handle.model.module
+    if getattr(dit, "fluxcore_applied_loras", ()) != handle.loras:
+        clear_lora(dit)
+        for patch in handle.loras:
+            load_lora(dit, patch.lora if patch.lora is not None else patch.path, alpha=patch.strength)
+        dit.fluxcore_applied_loras = handle.loras
+    return dit
+
+
+def latent_mask(noise_mask: torch.Tensor, batch: int, h: int, w: int) -> torch.Tensor:
+    """A SetLatentNoiseMask mask ((H, W), (B, H, W) or (B, 1, H, W), any resolution) as (B, 1, h, w) in [0, 1]."""
+    m = noise_mask.float()
+    m = m.reshape(-1, 1, m.shape[-2], m.shape[-1])
+    m = F.interpolate(m, size=(h, w), mode="bilinear", align_corners=False).clamp(0, 1)
+    if m.shape[0] != batch:
+        m = m.repeat((batch + m.shape[0] - 1) // m.shape[0], 1, 1, 1)[:batch]
+    return m
+
+
+class FluxCoreSampler:
+    CATEGORY = "FluxCore/sampling"
+    RETURN_TYPES = ("LATENT",)
+    FUNCTION = "sample"
+    DESCRIPTION = "Samples a FLUX latent (text-to-image, image-to-image with denoise < 1, inpainting with a noise mask)."
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": (DIT_TYPE, {"tooltip": "From Load FLUX DiT (FluxCore), optionally through LoRA/TeaCache nodes."}),
+            "positive": ("CONDITIONING", {"tooltip": "FluxCore Text Encode or native CLIPTextEncodeFlux/FluxGuidance."}),
+            "negative": ("CONDITIONING", {"tooltip": "Used only when cfg > 1 (true classifier-free guidance)."}),
+            "latent_image": ("LATENT", {"tooltip": "Empty latent, or a VAE-encoded image (denoise < 1); "
+                                                   "a noise_mask limits the change to the masked area."}),
+            "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "control_after_generate": True,
+                             "tooltip": "Noise seed (noise drawn on the CPU: the same image on any GPU)."}),
+            "steps": ("INT", {"default": 30, "min": 1, "max": 200, "tooltip": "Denoising steps."}),
+            "cfg": ("FLOAT", {"default": 1.0, "min": 1.0, "max": 30.0, "step": 0.1,
+                              "tooltip": "True CFG scale; above 1 runs the negative prompt too (twice the time)."}),
+            "embedded_guidance": ("FLOAT", {"default": -1.0, "min": -1.0, "max": 100.0, "step": 0.1,
+                                            "tooltip": "FLUX.1-dev's distilled guidance; -1 takes it from the "
+                                                       "conditioning (FluxGuidance / text encode), 3.5 if unset."}),
+            "sigma_shift": ("FLOAT", {"default": 3.0, "min": 0.1, "max": 20.0, "step": 0.1,
+                                      "tooltip": "Schedule shift (DiffSynth-Studio's FLUX default 3)."}),
+            "denoise": ("FLOAT", {"default": 1.0, "min": 0.01, "max": 1.0, "step": 0.01,
+                                  "tooltip": "1 starts from pure noise; less keeps more of the input latent."}),
+        }}
+
+    def sample(self, model, positive, negative, latent_image, seed, steps, cfg=1.0, embedded_guidance=-1.0,
+               sigma_shift=3.0, denoise=1.0):
+        node = "FluxCoreSampler"
+        samples = latent_image["samples"]
+        if samples.ndim != 4 or samples.shape[1] != 16:
+            raise NodeInputError(f"{node}, input 'latent_image': a FLUX latent has 16 channels, got shape "
+                                 f"{tuple(samples.shape)}; use a FLUX VAE / an SD3-style empty latent.")
+        b, _, h, w = samples.shape
+        if h % 2 or w % 2:
+            raise NodeInputError(f"{node}, input 'latent_image': image size {w * 8}x{h * 8} is not a multiple of 16 "
+                                 f"(FLUX packs 2x2 latent patches); use {w // 2 * 16}x{h // 2 * 16}.")
+        positive_embeds, cond_guidance, references = read_conditioning(node, "positive", positive)
+        negative_embeds = read_conditioning(node, "negative", negative)[0] if cfg != 1.0 else None
+        guidance = embedded_guidance if embedded_guidance >= 0 else cond_guidance
+
+        dit = prepare_dit(model)
+        device = bridge.compute_device()
+        sigmas = flux_sigmas(steps, denoise, sigma_shift)
+        x0 = FLUX_LATENT.raw_to_scaled(samples.float()).to(device)
+        noise = make_noise(b, h * 8, w * 8, seed, "cpu", device)
+        start = noise if denoise >= 1.0 else add_noise(x0, noise, float(sigmas[0]))
+        mask = latent_mask(latent_image["noise_mask"], b, h, w).to(device) if "noise_mask" in latent_image else None
+        if mask is not None:
+            start = mask * start + (1 - mask) * add_noise(x0, noise, float(sigmas[0]))
+        extras = (reference_extras([FLUX_LATENT.raw_to_scaled(r.float()).to(device) for r in references], b)
+                  if references else None)
+
+        def velocity(x: torch.Tensor, sigma: float) -> torch.Tensor:
+            return guided_velocity(dit, x, sigma, positive_embeds, negative_embeds, cfg, guidance, extras)
+
+        progress, previewer, nexts = bridge.Progress(steps), bridge.latent_previewer(), next_sigmas(sigmas)
+
+        def after_step(i: int, total: int, x: torch.Tensor):
+            if mask is not None:
+                x = mask * x + (1 - mask) * add_noise(x0, noise, float(nexts[i]))
+            progress.update(i + 1, previewer(x) if previewer else None)
+            bridge.check_interrupt()
+            return x
+
+        with torch.no_grad():
+            final = run_denoise(start, sigmas, velocity, None, after_step)
+        out = dict(latent_image)
+        out["samples"] = FLUX_LATENT.scaled_to_raw(final).cpu()
+        return (out,)
+
+
+class FluxCoreEmptyLatent:
+    CATEGORY = "FluxCore/latent"
+    RETURN_TYPES = ("LATENT",)
+    FUNCTION = "generate"
+    DESCRIPTION = "An empty 16-channel FLUX latent (same as native EmptySD3LatentImage)."
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "width": ("INT", {"default": 1024, "min": 16, "max": 16384, "step": 16, "tooltip": "Multiple of 16."}),
+            "height": ("INT", {"default": 1024, "min": 16, "max": 16384, "step": 16, "tooltip": "Multiple of 16."}),
+            "batch_size": ("INT", {"default": 1, "min": 1, "max": 64, "tooltip": "Images per run."}),
+        }}
+
+    def generate(self, width, height, batch_size=1):
+        for name, value in (("width", width), ("height", height)):
+            if value % 16:
+                raise NodeInputError(f"FluxCoreEmptyLatent, input '{name}': {value} is not a multiple of 16; use "
+                                     f"{value // 16 * 16} or {value // 16 * 16 + 16}.")
+        return ({"samples": torch.zeros(batch_size, 16, height // 8, width // 8)},)
+
+
+NODE_CLASS_MAPPINGS = {"FluxCoreSampler": FluxCoreSampler, "FluxCoreEmptyLatent": FluxCoreEmptyLatent}
+NODE_DISPLAY_NAME_MAPPINGS = {"FluxCoreSampler": "FLUX Sampler (FluxCore)",
+                              "FluxCoreEmptyLatent": "Empty FLUX Latent (FluxCore)"}

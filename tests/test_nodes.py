@@ -1,0 +1,197 @@
+"""Every node standalone on tiny models: same numbers as the Python pipeline, native data formats, errors."""
+import importlib.util
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from flux_core.model_config import ModelConfig
+from flux_core.pipeline import FluxImagePipeline
+from nodes import comfy_bridge
+from nodes.conditioning import FluxCoreKontextReference, FluxCoreTextEncode
+from nodes.loaders import (FluxCoreDiffusersLoader, FluxCoreDiTLoader, FluxCoreTextEncoderLoader, FluxCoreVAELoader,
+                           NodeInputError)
+from nodes.sampler import FluxCoreEmptyLatent, FluxCoreSampler
+from nodes.vae_nodes import FluxCoreVAEDecode, FluxCoreVAEEncode
+from tests.tiny_comfy import NAMES, make_models_dir
+
+ROOT = Path(__file__).resolve().parents[1]
+H, W = 48, 64
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("comfy")
+    models_dir, _ = make_models_dir(tmp)
+    mp = pytest.MonkeyPatch()
+    mp.setenv("FLUXCORE_MODELS_DIR", str(models_dir))
+    dit, = FluxCoreDiTLoader().load(NAMES["dit"])
+    te, = FluxCoreTextEncoderLoader().load(NAMES["clip"], NAMES["t5"])
+    vae, = FluxCoreVAELoader().load(NAMES["vae"])
+    pipe = FluxImagePipeline.from_pretrained(torch_dtype=torch.float32, device="cpu",
+                                             model_configs=[ModelConfig(path=str(models_dir / "diffusers" / NAMES["diffusers"]))])
+    yield dict(dir=models_dir, dit=dit, te=te, vae=vae, pipe=pipe)
+    mp.undo()
+
+
+def encode(models, text, guidance=3.5):
+    return FluxCoreTextEncode().encode(models["te"], text, guidance, t5_sequence_length=16)[0]
+
+
+def test_root_init_imports_outside_comfyui_and_registers_every_node():
+    spec = importlib.util.spec_from_file_location("fluxcore_pack", ROOT / "__init__.py",
+                                                  submodule_search_locations=[str(ROOT)])
+    pack = importlib.util.module_from_spec(spec)
+    sys.modules["fluxcore_pack"] = pack
+    spec.loader.exec_module(pack)
+    assert pack.WEB_DIRECTORY == "./js"
+    for node_id, cls in pack.NODE_CLASS_MAPPINGS.items():
+        assert node_id.startswith("FluxCore") and node_id in pack.NODE_DISPLAY_NAME_MAPPINGS
+        assert cls.CATEGORY.startswith("FluxCore/")
+        for group in cls.INPUT_TYPES().values():
+            for name, spec_ in group.items():
+                assert spec_[1].get("tooltip"), f"{node_id}.{name} has no tooltip"
+
+
+def test_text_to_image_through_nodes_equals_the_pipeline(models):
+    latent, = FluxCoreEmptyLatent().generate(W, H, 1)
+    positive, negative = encode(models, "a cat"), encode(models, "")
+    out, = FluxCoreSampler().sample(models["dit"], positive, negative, latent, seed=5, steps=3, cfg=1.0)
+    image, = FluxCoreVAEDecode().decode(out, models["vae"])
+    assert image.shape == (1, H, W, 3) and 0 <= image.min() and image.max() <= 1
+    expected = models["pipe"](prompt="a cat", height=H, width=W, seed=5, num_inference_steps=3, t5_sequence_length=16,
+                              output_type="np", progress_bar_cmd=None)
+    assert np.abs(image.numpy() - expected).max() <= 1e-4
+
+
+def test_true_cfg_and_guidance_from_native_conditioning(models):
+    latent, = FluxCoreEmptyLatent().generate(W, H, 1)
+    positive, negative = encode(models, "a cat"), encode(models, "blurry")
+    # What native FluxGuidance does: a copy of every entry with "guidance" replaced.
+    positive_25 = [[t, {**d, "guidance": 2.5}] for t, d in positive]
+    out, = FluxCoreSampler().sample(models["dit"], positive_25, negative, latent, seed=1, steps=2, cfg=3.0)
+    image, = FluxCoreVAEDecode().decode(out, models["vae"])
+    expected = models["pipe"](prompt="a cat", negative_prompt="blurry", cfg_scale=3.0, embedded_guidance=2.5,
+                              height=H, width=W, seed=1, num_inference_steps=2, t5_sequence_length=16,
+                              output_type="np", progress_bar_cmd=None)
+    assert np.abs(image.numpy() - expected).max() <= 1e-4
+
+
+def test_kontext_reference_node_equals_the_pipeline(models):
+    rng = np.random.default_rng(1)
+    ref = Image.fromarray(rng.integers(0, 255, (32, 48, 3), dtype=np.uint8))
+    ref_image = torch.from_numpy(np.asarray(ref, dtype=np.float32) / 255)[None]
+    positive, = FluxCoreKontextReference().append(encode(models, "make it red", 2.5), models["vae"], ref_image)
+    assert positive[0][1]["reference_latents"][0].shape == (1, 16, 4, 6)
+    latent, = FluxCoreEmptyLatent().generate(W, H, 1)
+    out, = FluxCoreSampler().sample(models["dit"], positive, positive, latent, seed=2, steps=2)
+    image, = FluxCoreVAEDecode().decode(out, models["vae"])
+    expected = models["pipe"](prompt="make it red", kontext_images=ref, embedded_guidance=2.5, height=H, width=W,
+                              seed=2, num_inference_steps=2, t5_sequence_length=16, output_type="np",
+                              progress_bar_cmd=None)
+    assert np.abs(image.numpy() - expected).max() <= 1e-4
+
+
+def test_image_to_image_and_noise_mask_keep_the_unmasked_latent(models):
+    pixels = torch.rand(1, H, W, 3)
+    encoded, = FluxCoreVAEEncode().encode(pixels, models["vae"])
+    assert encoded["samples"].shape == (1, 16, H // 8, W // 8)
+    mask = torch.zeros(1, 1, H, W)
+    mask[..., :, W // 2:] = 1.0  # regenerate the right half only (SetLatentNoiseMask's format)
+    masked = dict(encoded, noise_mask=mask)
+    out, = FluxCoreSampler().sample(models["dit"], encode(models, "a cat"), encode(models, ""), masked, seed=0,
+                                    steps=3, denoise=0.8)
+    left, right = slice(0, W // 16), slice(W // 16 + 1, None)
+    assert torch.allclose(out["samples"][..., left], encoded["samples"][..., left], atol=1e-5)
+    assert not torch.allclose(out["samples"][..., right], encoded["samples"][..., right], atol=1e-2)
+    assert "noise_mask" in out  # extra keys are kept for downstream nodes
+
+
+def test_progress_is_reported_and_cancel_stops_within_a_step(models):
+    latent, = FluxCoreEmptyLatent().generate(W, H, 1)
+    calls = []
+    original = comfy_bridge.Progress.update
+    comfy_bridge.Progress.update = lambda self, v, preview=None: calls.append(v) or original(self, v, preview)
+    try:
+        FluxCoreSampler().sample(models["dit"], encode(models, "x"), encode(models, ""), latent, seed=0, steps=3)
+        assert calls == [1, 2, 3]
+        calls.clear()
+        comfy_bridge.request_interrupt()
+        with pytest.raises(comfy_bridge.Interrupted):
+            FluxCoreSampler().sample(models["dit"], encode(models, "x"), encode(models, ""), latent, seed=0, steps=3)
+        assert calls == [1]
+    finally:
+        comfy_bridge.Progress.update = original
+
+
+def test_diffusers_folder_loader_gives_all_three(models):
+    dit, te, vae = FluxCoreDiffusersLoader().load(NAMES["diffusers"])
+    assert dit.model.module.params == models["dit"].model.module.params
+    assert te.t5_tokenizer is not None and vae.model.module.params.z_channels == 16
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda m: FluxCoreDiTLoader().load(NAMES["wrong_dit"]), r"FluxCoreDiTLoader, input 'dit_name': .*expected a FLUX DiT.*VAE"),
+    (lambda m: FluxCoreTextEncoderLoader().load(NAMES["t5"], NAMES["t5"]), r"input 'clip_name': .*CLIP-L.*T5"),
+    (lambda m: FluxCoreDiTLoader().load("missing.safetensors"), r"input 'dit_name'.*not found"),
+    (lambda m: FluxCoreDiTLoader().load(NAMES["dit"], modelscope_id="no-colon"), r"input 'modelscope_id'"),
+    (lambda m: FluxCoreEmptyLatent().generate(50, 64), r"FluxCoreEmptyLatent, input 'width': 50 .* 48 or 64"),
+    (lambda m: FluxCoreSampler().sample(m["dit"], encode(m, "x"), encode(m, ""), {"samples": torch.zeros(1, 16, 5, 8)},
+                                        0, 1), r"FluxCoreSampler, input 'latent_image': .* multiple of 16"),
+    (lambda m: FluxCoreSampler().sample(m["dit"], encode(m, "x"), encode(m, ""), {"samples": torch.zeros(1, 4, 6, 8)},
+                                        0, 1), r"16 channels"),
+    (lambda m: FluxCoreVAEEncode().encode(torch.zeros(1, 40, 64, 3), m["vae"]), r"input 'pixels': 64x40"),
+])
+def test_bad_input_names_node_and_input(models, call, match):
+    with pytest.raises(NodeInputError, match=match):
+        call(models)
+
+
+def write_tiny_lora(models, name="style.safetensors", seed=0):
+    from tests.tiny_lora import random_pairs, write_kohya
+    dit = models["dit"].model.module
+    shapes = {n: (m.out_features, m.in_features) for n, m in dit.named_modules() if isinstance(m, torch.nn.Linear)
+              and n.startswith(("double_blocks", "single_blocks"))}
+    (models["dir"] / "loras").mkdir(exist_ok=True)
+    return write_kohya(models["dir"] / "loras" / name, random_pairs(shapes, seed=seed, rank=2, alpha=1.0, std=0.3))
+
+
+def test_lora_nodes_stack_equal_the_pipeline_and_never_stack_twice(models):
+    from nodes.lora_nodes import FluxCoreLoraLoader
+    a, b = write_tiny_lora(models, "a.safetensors", 0), write_tiny_lora(models, "b.safetensors", 1)
+    with_loras, = FluxCoreLoraLoader().apply(models["dit"], "a.safetensors", 0.8)
+    with_loras, = FluxCoreLoraLoader().apply(with_loras, "b.safetensors", -0.5)
+    assert models["dit"].loras == ()  # the upstream handle is unchanged
+    latent, = FluxCoreEmptyLatent().generate(W, H, 1)
+    run = lambda handle: FluxCoreVAEDecode().decode(FluxCoreSampler().sample(  # noqa: E731
+        handle, encode(models, "a cat"), encode(models, ""), latent, seed=4, steps=2)[0], models["vae"])[0]
+    first, again, plain = run(with_loras), run(with_loras), run(models["dit"])
+    assert torch.equal(first, again)  # re-running does not apply the LoRAs a second time
+    pipe = models["pipe"]
+    kw = dict(prompt="a cat", height=H, width=W, seed=4, num_inference_steps=2, t5_sequence_length=16,
+              output_type="np", progress_bar_cmd=None)
+    expected_plain = pipe(**kw)
+    pipe.load_lora(pipe.dit, str(a), alpha=0.8)
+    pipe.load_lora(pipe.dit, str(b), alpha=-0.5)
+    try:
+        expected = pipe(**kw)
+    finally:
+        pipe.clear_lora()
+    assert np.abs(first.numpy() - expected).max() <= 1e-4
+    assert np.abs(plain.numpy() - expected_plain).max() <= 1e-4  # the LoRAs were taken off again
+    assert np.abs(expected - expected_plain).max() > 1e-2
+
+
+def test_lora_node_refuses_a_file_that_is_no_flux_lora(models):
+    from safetensors.torch import save_file
+
+    from nodes.lora_nodes import FluxCoreLoraLoader
+    (models["dir"] / "loras").mkdir(exist_ok=True)
+    save_file({"lora_unet_input_blocks_1_1_proj_in.lora_down.weight": torch.zeros(2, 8),
+               "lora_unet_input_blocks_1_1_proj_in.lora_up.weight": torch.zeros(8, 2)},
+              str(models["dir"] / "loras" / "sdxl.safetensors"))
+    with pytest.raises(NodeInputError, match=r"FluxCoreLoraLoader, input 'lora_name': .*SDXL"):
+        FluxCoreLoraLoader().apply(models["dit"], "sdxl.safetensors", 1.0)
