@@ -1,0 +1,218 @@
+"""Writes the example workflows in this folder, in the UI (graph) format that ComfyUI saves and loads.
+
+    python example_workflows/build_workflows.py      # from the repository root; then make_thumbnails.py
+
+Sockets and outputs come from the node classes themselves (FluxCore's, and the test stand-ins for the few
+ComfyUI core nodes used), so a renamed input shows up here; widget values are written in widget order, each
+seed followed by its control_after_generate value, exactly as the ComfyUI frontend saves them.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(ROOT))
+
+from nodes import NODE_CLASS_MAPPINGS  # noqa: E402
+from tests.native_standins import standins  # noqa: E402
+from tests.workflow_harness import is_widget, widget_slots  # noqa: E402
+
+MODEL_URLS = {  # shown by ComfyUI's "missing models" dialog (node property "models")
+    "flux1-dev.safetensors": "https://huggingface.co/black-forest-labs/FLUX.1-dev/resolve/main/flux1-dev.safetensors",
+    "flux1-kontext-dev.safetensors":
+        "https://huggingface.co/black-forest-labs/FLUX.1-Kontext-dev/resolve/main/flux1-kontext-dev.safetensors",
+    "clip_l.safetensors": "https://huggingface.co/comfyanonymous/flux_text_encoders/resolve/main/clip_l.safetensors",
+    "t5xxl_fp16.safetensors":
+        "https://huggingface.co/comfyanonymous/flux_text_encoders/resolve/main/t5xxl_fp16.safetensors",
+    "ae.safetensors": "https://huggingface.co/black-forest-labs/FLUX.1-dev/resolve/main/ae.safetensors",
+}
+
+
+def models_note(dit: str) -> str:
+    return (f"## Model files\n\nPut these into ComfyUI's model folders:\n\n"
+            f"- `models/diffusion_models/{dit}`\n"
+            f"- `models/text_encoders/clip_l.safetensors` and `t5xxl_fp16.safetensors` (fp8 and scaled-fp8 T5 "
+            f"files work too)\n"
+            f"- `models/vae/ae.safetensors`\n\n"
+            f"Instead of a file, the DiT loader's `modelscope_id` can name a ModelScope model to download "
+            f"(e.g. `black-forest-labs/FLUX.1-dev:flux1-dev.safetensors`).\n\n"
+            f"FluxCore nodes take and give native IMAGE, MASK, LATENT and CONDITIONING, so core nodes such as "
+            f"FluxGuidance, SetLatentNoiseMask or ReferenceLatent plug in between them.")
+
+
+class Graph:
+    """A workflow being built: nodes with their sockets, links between them."""
+
+    def __init__(self, classes: dict[str, type]):
+        self.classes = classes
+        self.nodes: list[dict] = []
+        self.links: list[list] = []
+
+    def node(self, type_: str, pos, values=(), size=None, title=None, models=(), **connect) -> int:
+        nid = len(self.nodes) + 1
+        if type_ in ("Note", "MarkdownNote"):
+            inputs, outputs, props = [], [], {}
+        elif type_ == "Reroute":
+            inputs, outputs, props = [{"name": "", "type": "*", "link": None}], [{"name": "", "type": "*", "links": []}], {}
+        else:
+            cls = self.classes[type_]
+            spec = cls.INPUT_TYPES()
+            inputs = [dict({"name": name, "type": s[0], "link": None}, **({"shape": 7} if group == "optional" else {}))
+                      for group in ("required", "optional") for name, s in (spec.get(group) or {}).items()
+                      if not is_widget(tuple(s))]
+            names = getattr(cls, "RETURN_NAMES", None) or cls.RETURN_TYPES
+            outputs = [{"name": n, "type": t, "links": [], "slot_index": i}
+                       for i, (n, t) in enumerate(zip(names, cls.RETURN_TYPES))]
+            # An upload combo (LoadImage) also saves its upload button's value ("image") after all widgets.
+            expected = sum(1 + extra for _, extra in widget_slots(spec)) + sum(
+                1 for group in spec.values() for s in group.values()
+                if len(s) > 1 and isinstance(s[1], dict) and s[1].get("image_upload"))
+            if len(values) != expected:
+                raise ValueError(f"{type_}: {len(values)} widget values given, its widgets take {expected}")
+            props = {"Node name for S&R": type_}
+            if models:
+                props["models"] = [{"name": name, "url": MODEL_URLS[name], "directory": folder} for name, folder in models]
+        rows = max(len(inputs), len(outputs))
+        size = size or [320, 46 + 22 * rows + 26 * len(values)]
+        node = {"id": nid, "type": type_, "pos": list(pos), "size": list(size), "flags": {}, "order": 0, "mode": 0,
+                "inputs": inputs, "outputs": outputs, "properties": props}
+        if title:
+            node["title"] = title
+        if type_ != "Reroute":
+            node["widgets_values"] = list(values)
+        self.nodes.append(node)
+        for name, (src, slot) in connect.items():
+            self.connect(src, slot, nid, name)
+        return nid
+
+    def connect(self, src: int, slot: int, dst: int, input_name: str) -> None:
+        source, target = self.nodes[src - 1], self.nodes[dst - 1]
+        index = next(i for i, s in enumerate(target["inputs"]) if s["name"] == input_name or
+                     (target["type"] == "Reroute" and input_name == "input"))
+        link_id = len(self.links) + 1
+        kind = source["outputs"][slot]["type"]
+        if target["type"] == "Reroute":
+            target["outputs"][0]["type"] = kind
+        self.links.append([link_id, src, slot, dst, index, kind])
+        target["inputs"][index]["link"] = link_id
+        source["outputs"][slot]["links"].append(link_id)
+
+    def workflow(self) -> dict:
+        # "order": the position of each node in an execution order (inputs first), as the frontend saves it.
+        done: list[int] = []
+        deps = {n["id"]: {l[1] for l in self.links if l[3] == n["id"]} for n in self.nodes}
+        while len(done) < len(self.nodes):
+            ready = [nid for nid in sorted(deps) if nid not in done and deps[nid] <= set(done)]
+            done.extend(ready)
+        for n in self.nodes:
+            n["order"] = done.index(n["id"])
+        return {"last_node_id": len(self.nodes), "last_link_id": len(self.links), "nodes": self.nodes,
+                "links": self.links, "groups": [], "config": {}, "extra": {"ds": {"scale": 0.8, "offset": [480, 60]}},
+                "version": 0.4}
+
+
+LOADER_MODELS = [("clip_l.safetensors", "text_encoders"), ("t5xxl_fp16.safetensors", "text_encoders")]
+
+
+def loaders(g: Graph, dit: str) -> tuple[int, int, int]:
+    model = g.node("FluxCoreDiTLoader", (0, 0), [dit, "default", ""], models=[(dit, "diffusion_models")])
+    text_encoders = g.node("FluxCoreTextEncoderLoader", (0, 170), ["clip_l.safetensors", "t5xxl_fp16.safetensors"],
+                           models=LOADER_MODELS)
+    vae = g.node("FluxCoreVAELoader", (0, 320), ["ae.safetensors"], models=[("ae.safetensors", "vae")])
+    g.node("MarkdownNote", (-460, 0), [models_note(dit)], size=[420, 400], title="Model files")
+    return model, text_encoders, vae
+
+
+def prompts(g: Graph, text_encoders: int, text: str, guidance: float) -> tuple[int, int]:
+    positive = g.node("FluxCoreTextEncode", (380, 0), [text, guidance, 512], size=[400, 220], title="Prompt",
+                      text_encoders=(text_encoders, 0))
+    negative = g.node("FluxCoreTextEncode", (380, 260), ["", guidance, 512], size=[400, 180],
+                      title="Negative prompt (used when cfg > 1)", text_encoders=(text_encoders, 0))
+    return positive, negative
+
+
+def finish(g: Graph, model, positive, negative, latent, vae, seed, control, denoise, prefix, x=820):
+    sampler = g.node("FluxCoreSampler", (x, 0), [seed, control, 28, 1.0, -1.0, 3.0, denoise], model=(model, 0),
+                     positive=(positive, 0), negative=(negative, 0), latent_image=(latent, 0))
+    image = g.node("FluxCoreVAEDecode", (x, 330), [False, 128, 64], samples=(sampler, 0), vae=vae)
+    g.node("SaveImage", (x + 380, 0), [prefix], size=[520, 560], images=(image, 0))
+
+
+def text_to_image(g: Graph) -> None:
+    model, te, vae = loaders(g, "flux1-dev.safetensors")
+    positive, negative = prompts(g, te, "A red fox sitting in fresh snow at sunrise, soft golden light, "
+                                        "shallow depth of field, detailed fur", 3.5)
+    latent = g.node("FluxCoreEmptyLatent", (380, 480), [1024, 1024, 1])
+    finish(g, model, positive, negative, latent, (vae, 0), 156680208700286, "randomize", 1.0,
+           "FluxCore/text_to_image")
+
+
+def image_to_image(g: Graph) -> None:
+    model, te, vae = loaders(g, "flux1-dev.safetensors")
+    positive, negative = prompts(g, te, "A watercolor painting, soft washes of colour, visible paper texture", 3.5)
+    image = g.node("LoadImage", (-460, 460), ["example.png", "image"], size=[340, 330])
+    scaled = g.node("ImageScale", (-80, 480), ["lanczos", 1024, 1024, "center"], title="Scale to 1024x1024",
+                    image=(image, 0))
+    latent = g.node("FluxCoreVAEEncode", (380, 480), [False, 128, 64], pixels=(scaled, 0), vae=(vae, 0))
+    finish(g, model, positive, negative, latent, (vae, 0), 42, "fixed", 0.75, "FluxCore/image_to_image")
+
+
+def kontext_edit(g: Graph) -> None:
+    model, te, vae = loaders(g, "flux1-kontext-dev.safetensors")
+    positive, negative = prompts(g, te, "Change the sky to a starry night, keep everything else the same", 2.5)
+    image = g.node("LoadImage", (-460, 460), ["example.png", "image"], size=[340, 330], title="Image to edit")
+    reference = g.node("FluxCoreKontextReference", (380, 700), [], conditioning=(positive, 0), vae=(vae, 0),
+                       image=(image, 0))
+    latent = g.node("FluxCoreEmptyLatent", (380, 480), [1024, 1024, 1])
+    finish(g, model, reference, negative, latent, (vae, 0), 7, "fixed", 1.0, "FluxCore/kontext_edit")
+
+
+def mixed_native(g: Graph) -> None:
+    """Kontext inpainting: FluxCore models, sampler and VAE with core nodes for guidance, reference and mask."""
+    model, te, vae_loader = loaders(g, "flux1-kontext-dev.safetensors")
+    vae = g.node("Reroute", (300, 400), size=[75, 26], input=(vae_loader, 0))
+    positive, negative = prompts(g, te, "A bouquet of sunflowers in a blue vase", 3.5)
+    image = g.node("LoadImage", (-460, 460), ["example.png", "image"], size=[340, 330],
+                   title="Image (paint the area to change in the MaskEditor)")
+    g.node("Note", (-460, 820), ["Right-click the image and choose 'Open in MaskEditor', paint over the area to "
+                                 "regenerate and save. Only the painted area changes (SetLatentNoiseMask); the whole "
+                                 "image is also given to Kontext as a reference (ReferenceLatent)."],
+           size=[340, 140], title="How to use")
+    scaled = g.node("ImageScale", (-80, 480), ["lanczos", 1024, 1024, "disabled"], image=(image, 0))
+    g.node("PreviewImage", (-80, 700), [], size=[300, 300], title="Scaled input", images=(scaled, 0))
+    encoded = g.node("FluxCoreVAEEncode", (380, 480), [False, 128, 64], pixels=(scaled, 0), vae=(vae, 0))
+    masked = g.node("SetLatentNoiseMask", (380, 700), [], samples=(encoded, 0), mask=(image, 1))
+    guided = g.node("FluxGuidance", (820, 560), [2.5], conditioning=(positive, 0))
+    reference = g.node("ReferenceLatent", (820, 680), [], conditioning=(guided, 0), latent=(encoded, 0))
+    zero = g.node("ConditioningZeroOut", (820, 780), [], conditioning=(negative, 0))
+    finish(g, model, reference, zero, masked, (vae, 0), 1234, "fixed", 1.0, "FluxCore/mixed_native", x=1180)
+
+
+WORKFLOWS = {
+    "fluxcore_text_to_image": text_to_image,
+    "fluxcore_image_to_image": image_to_image,
+    "fluxcore_kontext_edit": kontext_edit,
+    "fluxcore_mixed_native": mixed_native,
+}
+
+
+def build(name: str) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        g = Graph({**NODE_CLASS_MAPPINGS, **standins(tmp, tmp)})
+        WORKFLOWS[name](g)
+        return g.workflow()
+
+
+def main() -> None:
+    for name in WORKFLOWS:
+        path = HERE / f"{name}.json"
+        path.write_text(json.dumps(build(name), indent=2) + "\n", encoding="utf-8")
+        print("wrote", path.relative_to(ROOT))
+
+
+if __name__ == "__main__":
+    main()
