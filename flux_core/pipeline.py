@@ -28,14 +28,17 @@ from .model_config import ModelConfig
 from .models.dit import DiTExtras
 from .models.text_encoders import encode_prompt, load_clip_tokenizer, load_t5_tokenizer
 from .sampling import (PromptEmbeds, check_size, denoise, guided_velocity, make_noise, reference_extras,
-                       resolve_seed)
+                       resolve_seed, tea_cache_extras)
 from .scheduler import add_noise, explicit_sigmas, flux_sigmas
 from .math import unpack_latents
+from .teacache import TeaCacheStats
+from .vram import GiB, ComputeDevice, VRAMManager, compute_place, store_model
 
 FLUX_DEV = "black-forest-labs/FLUX.1-dev"
 # Component folders of a diffusers FLUX pipeline folder, by the kind of model they hold.
 DIFFUSERS_COMPONENTS = {"dit": "transformer", "vae": "vae", "clip": "text_encoder", "t5": "text_encoder_2"}
 _SLOTS = {"dit": "dit", "vae": "vae", "clip": "text_encoder_1", "t5": "text_encoder_2"}
+TEXT_ENCODERS = ("text_encoder_1", "text_encoder_2")
 
 
 def default_device() -> str:
@@ -53,6 +56,9 @@ class FluxImagePipeline:
         self.tokenizer_1 = None
         self.tokenizer_2 = None
         self.last_seed: int | None = None
+        self.vram: VRAMManager | None = None   # set when a model has an offload place or VRAM management is on
+        # TeaCache of the last call: {"positive": TeaCacheStats, "negative": ... (under true CFG)}; None if off.
+        self.last_tea_cache_stats: dict[str, TeaCacheStats] | None = None
 
     # ---------------------------------------------------------------- construction
     @classmethod
@@ -61,18 +67,69 @@ class FluxImagePipeline:
                         tokenizer_2_config: ModelConfig | None = None) -> "FluxImagePipeline":
         """Load every model the configs name; each file's kind (DiT, VAE, CLIP-L, T5) is detected from its keys.
         A config may also name a whole diffusers FLUX folder. Tokenizers come from the configs given, else from
-        `tokenizer/` and `tokenizer_2/` beside the loaded models, else from FLUX.1-dev through ModelScope."""
+        `tokenizer/` and `tokenizer_2/` beside the loaded models, else from FLUX.1-dev through ModelScope.
+
+        A config's `offload_device` / `offload_dtype` is where that model's weights are stored: it is loaded
+        there (offload_dtype applies to the weight matrices, e.g. torch.float8_e4m3fn; biases and norms keep
+        torch_dtype) and computes on `device` in `torch_dtype`, moved in only for the stages that need it."""
         pipe = cls(device=device, torch_dtype=torch_dtype)
         roots: list[Path] = []
         for config in model_configs:
             paths = config.resolve()
-            for kind, module in _load_config_models(paths, torch_dtype, pipe.device).items():
+            offloaded = config.offload_device is not None or config.offload_dtype is not None
+            place = pipe.device if config.offload_device is None else torch.device(config.offload_device)
+            for kind, module in _load_config_models(paths, torch_dtype, place, config.offload_dtype).items():
                 setattr(pipe, _SLOTS[kind], module)
+                if offloaded:
+                    pipe.vram = pipe.vram or VRAMManager(ComputeDevice(pipe.device))
+                    pipe.vram.add(_SLOTS[kind], module, torch_dtype)
             roots.extend(_search_roots(paths))
         base = model_configs[0].local_model_path if model_configs else "./models"
         pipe.tokenizer_1 = load_clip_tokenizer(_tokenizer_path(tokenizer_1_config, roots, "tokenizer", base))
         pipe.tokenizer_2 = load_t5_tokenizer(_tokenizer_path(tokenizer_2_config, roots, "tokenizer_2", base))
         return pipe
+
+    # ---------------------------------------------------------------- memory
+    def enable_vram_management(self, num_persistent_param_in_dit: int | None = None, vram_limit: float | None = None,
+                               vram_buffer: float = 0.5, *, device: ComputeDevice | None = None) -> VRAMManager:
+        """Low-VRAM running (DiffSynth-Studio v1 names and meaning). Every model's weights rest off the compute
+        device (models loaded onto it move to the CPU, keeping their dtype; an fp8 storage dtype stays), and each
+        stage moves in only its models: the text encoders to encode, the DiT to denoise, the VAE to encode or
+        decode. Within a stage, layers stay resident on the device in module order while the budget lasts; the
+        rest stream in for each call.
+
+        vram_limit: GB (GiB) for weights on the device, default the device's total; the budget is
+            `vram_limit - vram_buffer`. 0 is the minimum-memory mode: every layer streams. Unlike DiffSynth (which
+            compares the process's used memory, activations included), the budget counts weight bytes exactly,
+            so leave room for activations (FLUX.1 at 1024x1024: a few GB).
+        num_persistent_param_in_dit: instead of a budget, keep this many DiT parameters resident (module
+            order) and stream the rest; the other models are then fully resident in their stage.
+        device: the compute device as a `flux_core.vram.ComputeDevice` (tests pass a SimulatedDevice);
+            default the pipeline's device."""
+        device = device or ComputeDevice(self.device)
+        if num_persistent_param_in_dit is not None:
+            budget = None
+        else:
+            limit = device.total_memory() / GiB if vram_limit is None else float(vram_limit)
+            budget = int(max(0.0, limit - vram_buffer) * GiB)
+        if self.vram is not None:
+            self.vram.remove_all()
+        self.vram = VRAMManager(device, budget)
+        for slot in ("text_encoder_1", "text_encoder_2", "dit", "vae"):
+            model = getattr(self, slot)
+            if model is None:
+                continue
+            if any(device.holds(t) for t in model.parameters()):
+                store_model(model, "cpu")
+            self.vram.add(slot, model, self.torch_dtype,
+                          persistent_params=num_persistent_param_in_dit if slot == "dit" else None)
+        return self.vram
+
+    def load_models_to_device(self, names: Sequence[str]) -> None:
+        """Start a stage: managed models not named move out, the named ones move in (as the budget allows).
+        Models without VRAM management stay where they are."""
+        if self.vram is not None:
+            self.vram.load_models_to_device(names)
 
     # ---------------------------------------------------------------- stages
     def encode_prompt(self, prompt: str | list[str], t5_sequence_length: int = 512) -> PromptEmbeds:
@@ -81,6 +138,7 @@ class FluxImagePipeline:
             raise RuntimeError(f"cannot encode a prompt: the pipeline has no {', '.join(missing)}. Add the CLIP-L "
                                f"and T5 files to model_configs (text_encoder/, text_encoder_2/) and their tokenizers.")
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        self.load_models_to_device(TEXT_ENCODERS)
         prompt_emb, pooled = encode_prompt(prompts, self.text_encoder_1, self.text_encoder_2, self.tokenizer_1,
                                            self.tokenizer_2, t5_sequence_length=t5_sequence_length, device=self.device)
         return PromptEmbeds(prompt_emb, pooled)
@@ -89,7 +147,8 @@ class FluxImagePipeline:
                      tile_stride: int = 64) -> torch.Tensor:
         """(B, 3, H, W) in [-1, 1] -> scaled latent (B, 16, H/8, W/8) float32."""
         self._require("vae", "encode an image")
-        vae_dtype = next(self.vae.parameters()).dtype
+        self.load_models_to_device(["vae"])
+        vae_dtype = compute_place(self.vae)[1]
         latent = self.vae.encode(image.to(self.device, vae_dtype), tiled=tiled, tile_size=tile_size,
                                  tile_stride=tile_stride)
         return latent.float()
@@ -98,7 +157,8 @@ class FluxImagePipeline:
                        tile_stride: int = 64) -> torch.Tensor:
         """Scaled latent -> image (B, 3, H, W) in [-1, 1] float32."""
         self._require("vae", "decode latents")
-        vae_dtype = next(self.vae.parameters()).dtype
+        self.load_models_to_device(["vae"])
+        vae_dtype = compute_place(self.vae)[1]
         return self.vae.decode(latents.to(self.device, vae_dtype), tiled=tiled, tile_size=tile_size,
                                tile_stride=tile_stride).float()
 
@@ -149,6 +209,7 @@ class FluxImagePipeline:
         sigmas: Sequence[float] | torch.Tensor | None = None,
         output_type: str = "pil",
         callback: Callable[[int, int, torch.Tensor], None] | None = None,
+        tea_cache_l1_thresh: float | None = None,
     ):
         """Generate image(s). Parameters and defaults are DiffSynth-Studio's; in addition:
         latents: the initial noise, (B, 16, H/8, W/8) or packed (B, H*W/256, 64), instead of drawing it from seed;
@@ -156,6 +217,10 @@ class FluxImagePipeline:
         output_type: "pil" (one image, or a list for several prompts), "np" ((B, H, W, 3) float in [0, 1]),
             "pt" ((B, 3, H, W) in [0, 1]) or "latent" (the final scaled latent);
         callback(step, total, latents): called after each step.
+        tea_cache_l1_thresh: TeaCache (flux_core.teacache): skip the DiT's blocks on steps whose input barely
+            changed. None: off; 0: on but never skips (same result); 0.25 / 0.4 / 0.6 / 0.8 skip more and more.
+            The positive and negative (true CFG) passes keep separate caches; what was skipped is reported in
+            `pipe.last_tea_cache_stats` ({"positive": TeaCacheStats, "negative": ...}).
         `tiled` tiles the VAE (tile sizes in latent pixels), not the DiT."""
         check_size(height, width)
         self._require("dit", "generate")
@@ -192,14 +257,20 @@ class FluxImagePipeline:
             extras = self.kontext_extras(kontext_images, batch, **vae_tiling)
 
         guidance = embedded_guidance if self.dit.params.guidance_embed else None
+        extras, negative_extras, tea_stats = tea_cache_extras(extras, len(schedule), tea_cache_l1_thresh,
+                                                              cfg=negative is not None)
+        self.last_tea_cache_stats = tea_stats or None
 
         def velocity(x: torch.Tensor, sigma: float) -> torch.Tensor:
-            return guided_velocity(self.dit, x, sigma, positive, negative, cfg_scale, guidance, extras)
+            return guided_velocity(self.dit, x, sigma, positive, negative, cfg_scale, guidance, extras, negative_extras)
 
+        self.load_models_to_device(["dit"])
         final = denoise(start, schedule, velocity, progress_bar_cmd, callback)
         if output_type == "latent":
+            self.load_models_to_device([])
             return final
         images = self.decode_latents(final, **vae_tiling)
+        self.load_models_to_device([])
         if output_type == "pt":
             return (images / 2 + 0.5).clamp(0, 1)
         if output_type == "np":
@@ -232,18 +303,20 @@ class FluxImagePipeline:
         return latents.expand(batch, -1, -1, -1)
 
 
-def _load_config_models(paths: str | list[str], torch_dtype, device) -> dict:
-    """Every component the resolved path(s) hold; a diffusers FLUX folder is expanded into its components."""
+def _load_config_models(paths: str | list[str], torch_dtype, device, weight_dtype=None) -> dict:
+    """Every component the resolved path(s) hold; a diffusers FLUX folder is expanded into its components.
+    `weight_dtype`: storage dtype of the weight matrices (FP8 storage), see `load_model`."""
     single = paths if isinstance(paths, str) else (paths[0] if len(paths) == 1 else None)
     if single is not None and Path(single).is_dir() and (Path(single) / "model_index.json").is_file():
         root, out = Path(single), {}
         for kind, folder in DIFFUSERS_COMPONENTS.items():
             if (root / folder).is_dir():
-                out[kind] = load_model(root / folder, torch_dtype=torch_dtype, device=device, kind=kind)
+                out[kind] = load_model(root / folder, torch_dtype=torch_dtype, device=device, kind=kind,
+                                       weight_dtype=weight_dtype)
         if not out:
             raise CheckpointError(f"{root}: diffusers folder without transformer/, vae/ or text encoder folders.")
         return out
-    return load_models(paths, torch_dtype=torch_dtype, device=device)
+    return load_models(paths, torch_dtype=torch_dtype, device=device, weight_dtype=weight_dtype)
 
 
 def _search_roots(paths: str | list[str]) -> list[Path]:

@@ -6,7 +6,7 @@ VAE's scaled latents, (B, 16, H/8, W/8), kept in float32 through the loop; the D
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Iterable
 
 import torch
@@ -14,6 +14,8 @@ import torch
 from .math import image_ids, pack_latents, text_ids, unpack_latents
 from .models.dit import DiTExtras, FluxDiT
 from .scheduler import euler_step, next_sigmas
+from .teacache import TeaCache, TeaCacheStats
+from .vram import compute_place
 
 LATENT_CHANNELS = 16
 SIZE_MULTIPLE = 16  # 8x VAE downscale, then 2x2 packing
@@ -61,9 +63,7 @@ def predict_velocity(dit: FluxDiT, latents: torch.Tensor, sigma: float, prompt: 
                      guidance: float | None, extras: DiTExtras | None = None) -> torch.Tensor:
     """The DiT's velocity for unpacked latents (B, C, h, w) at noise level `sigma`."""
     b, _, h, w = latents.shape
-    dtype, device = dit.img_in.weight.dtype, latents.device
-    if dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
-        dtype = torch.bfloat16  # fp8-stored weights compute in bf16
+    dtype, device = compute_place(dit)[1], latents.device  # fp8-stored weights compute in bf16
     prompt = prompt.repeat_to(b)
     out = dit(
         img=pack_latents(latents).to(dtype),
@@ -80,13 +80,30 @@ def predict_velocity(dit: FluxDiT, latents: torch.Tensor, sigma: float, prompt: 
 
 def guided_velocity(dit: FluxDiT, latents: torch.Tensor, sigma: float, positive: PromptEmbeds,
                     negative: PromptEmbeds | None, cfg_scale: float, guidance: float | None,
-                    extras: DiTExtras | None = None) -> torch.Tensor:
-    """True classifier-free guidance when cfg_scale != 1: nega + cfg * (posi - nega), two DiT passes."""
+                    extras: DiTExtras | None = None, negative_extras: DiTExtras | None = None) -> torch.Tensor:
+    """True classifier-free guidance when cfg_scale != 1: nega + cfg * (posi - nega), two DiT passes.
+    `negative_extras` (default: `extras`) lets the negative pass carry its own state, e.g. its own TeaCache."""
     posi = predict_velocity(dit, latents, sigma, positive, guidance, extras)
     if cfg_scale == 1.0 or negative is None:
         return posi
-    nega = predict_velocity(dit, latents, sigma, negative, guidance, extras)
+    nega = predict_velocity(dit, latents, sigma, negative, guidance,
+                            extras if negative_extras is None else negative_extras)
     return nega + cfg_scale * (posi - nega)
+
+
+def tea_cache_extras(extras: DiTExtras | None, num_steps: int, rel_l1_thresh: float | None, cfg: bool
+                     ) -> tuple[DiTExtras | None, DiTExtras | None, dict[str, TeaCacheStats]]:
+    """(positive extras, negative extras, stats by branch) for a run with TeaCache at `rel_l1_thresh`: each
+    branch gets its own TeaCache (the negative one only under true CFG), and the stats fill in as the run goes.
+    None means no TeaCache (the extras are returned as they are, the stats empty); 0 attaches caches that
+    never skip (the output is the uncached one exactly)."""
+    if rel_l1_thresh is None:
+        return extras, extras, {}
+    base = extras or DiTExtras()
+    posi = TeaCache(num_steps, rel_l1_thresh, "positive")
+    nega = TeaCache(num_steps, rel_l1_thresh, "negative") if cfg else None
+    stats = {c.stats.branch: c.stats for c in (posi, nega) if c is not None}
+    return replace(base, tea_cache=posi), (replace(base, tea_cache=nega) if nega else None), stats
 
 
 def denoise(latents: torch.Tensor, sigmas: torch.Tensor, velocity: Callable[[torch.Tensor, float], torch.Tensor],

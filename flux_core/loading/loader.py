@@ -16,6 +16,7 @@ from typing import Callable, Mapping, Sequence
 import torch
 from torch import nn
 
+from ..vram import storage_dtype
 from .files import CheckpointError, checkpoint_files, open_state_dict
 from .lazy import LazyTensor
 
@@ -80,12 +81,14 @@ def read_config_json(source: PathLike | Sequence[PathLike]) -> dict:
 
 def load_model(source: PathLike | Sequence[PathLike], config: Mapping | None = None,
                torch_dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu",
-               kind: str | None = None) -> nn.Module:
+               kind: str | None = None, weight_dtype: torch.dtype | None = None) -> nn.Module:
     """Load one FLUX component from a file, a list of shard files or a folder.
 
     The kind (DiT / VAE / CLIP-L / T5) and layout are detected from key names and shapes; `kind` states what
     the caller expects and turns a wrong file into a clear error. `config` overrides what the shapes and a
-    diffusers `config.json` say. Floating-point weights are cast to `torch_dtype` (fp8-stored files included).
+    diffusers `config.json` say. Floating-point weights are cast to `torch_dtype` (fp8-stored files included);
+    with `weight_dtype` (FP8 storage: torch.float8_e4m3fn), weight matrices are stored in it instead, while
+    biases and norm scales keep `torch_dtype` (see flux_core.vram: such a model computes through a VRAMManager).
     """
     found = _detect_source(source)
     where = describe_source(source)
@@ -101,15 +104,16 @@ def load_model(source: PathLike | Sequence[PathLike], config: Mapping | None = N
         raise CheckpointError(f"{where}: holds several components ({', '.join(d.kind.name for d in found)}); "
                               f"pass kind= one of them, or use load_models() to load them all.")
     overrides = {**read_config_json(source), **dict(config or {})}
-    return _build_and_load(chosen, overrides, torch_dtype, device, where)
+    return _build_and_load(chosen, overrides, torch_dtype, device, where, weight_dtype)
 
 
 def load_models(source: PathLike | Sequence[PathLike], torch_dtype: torch.dtype = torch.bfloat16,
-                device: str | torch.device = "cpu") -> dict[str, nn.Module]:
+                device: str | torch.device = "cpu", weight_dtype: torch.dtype | None = None) -> dict[str, nn.Module]:
     """Every component a file holds, by kind name (for all-in-one checkpoints)."""
     where = describe_source(source)
     overrides = read_config_json(source)
-    return {d.kind.name: _build_and_load(d, overrides, torch_dtype, device, where) for d in _detect_source(source)}
+    return {d.kind.name: _build_and_load(d, overrides, torch_dtype, device, where, weight_dtype)
+            for d in _detect_source(source)}
 
 
 def _detect_source(source) -> list[Detected]:
@@ -132,13 +136,15 @@ def _looks_like(found: list[Detected]) -> str:
     return "it looks like a " + " + ".join(d.kind.title for d in found)
 
 
-def _build_and_load(d: Detected, overrides: dict, torch_dtype: torch.dtype, device, where: str) -> nn.Module:
+def _build_and_load(d: Detected, overrides: dict, torch_dtype: torch.dtype, device, where: str,
+                    weight_dtype: torch.dtype | None = None) -> nn.Module:
     try:
         with torch.device("meta"):
             module = d.kind.build(d.state_dict, overrides)
     except (KeyError, ValueError) as e:
         raise CheckpointError(f"{where}: cannot build a {d.kind.title} from its {d.layout}-layout keys: {e}") from None
-    assign_weights(module, d.state_dict, torch_dtype, device, f"{where} ({d.kind.title}, {d.layout} layout)")
+    assign_weights(module, d.state_dict, torch_dtype, device, f"{where} ({d.kind.title}, {d.layout} layout)",
+                   weight_dtype)
     if d.kind.finalize is not None:
         d.kind.finalize(module)
     leftover = [n for n, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta]
@@ -149,13 +155,15 @@ def _build_and_load(d: Detected, overrides: dict, torch_dtype: torch.dtype, devi
     return module
 
 
-def cast_weight(t: torch.Tensor, torch_dtype: torch.dtype, device) -> torch.Tensor:
-    """Floating-point tensors (fp8 storage included) go to `torch_dtype`; integer buffers keep their dtype."""
-    return t.to(device=device, dtype=torch_dtype if t.is_floating_point() else t.dtype)
+def cast_weight(t: torch.Tensor, torch_dtype: torch.dtype, device, weight_dtype: torch.dtype | None = None
+                ) -> torch.Tensor:
+    """Floating-point tensors (fp8 storage included) go to `torch_dtype`, weight matrices to `weight_dtype` when
+    given; integer buffers keep their dtype."""
+    return t.to(device=device, dtype=storage_dtype(t, weight_dtype, torch_dtype))
 
 
 def assign_weights(module: nn.Module, sd: Mapping[str, LazyTensor], torch_dtype: torch.dtype, device,
-                   where: str) -> None:
+                   where: str, weight_dtype: torch.dtype | None = None) -> None:
     """Read each expected tensor once, cast it, and assign it into `module` (built on the meta device)."""
     expected = module.state_dict(keep_vars=True)
     missing = [k for k in expected if k not in sd]
@@ -175,6 +183,6 @@ def assign_weights(module: nn.Module, sd: Mapping[str, LazyTensor], torch_dtype:
     for name in expected:
         lazy = sd[name]
         if id(lazy) not in by_source:
-            by_source[id(lazy)] = cast_weight(lazy.load(), torch_dtype, device)
+            by_source[id(lazy)] = cast_weight(lazy.load(), torch_dtype, device, weight_dtype)
         loaded[name] = by_source[id(lazy)]
     module.load_state_dict(loaded, strict=True, assign=True)

@@ -5,13 +5,16 @@ Adapters contribute through `DiTExtras`, so the forward stays one readable funct
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Mapping
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ..math import embed_positions, timestep_embedding
+from ..teacache import TeaCache
 from .layers import DoubleStreamBlock, LastLayer, MLPEmbedder, SingleStreamBlock
 
 FLUX_AXES_DIM = (16, 56, 56)  # RoPE axes of the released models: head_dim 128 = 16 + 56 + 56
@@ -90,13 +93,21 @@ class DiTExtras:
     ref_tokens / ref_ids: extra image tokens with their own position ids (Kontext references); they attend
         with the image and are dropped from the output.
     extra_channels: packed channels concatenated to the image tokens before `img_in` (FLEX.2, Fill).
+    tea_cache: a cache that skips all blocks on steps where their input barely changed (flux_core.teacache);
+        one per CFG branch.
     """
     ref_tokens: torch.Tensor | None = None
     ref_ids: torch.Tensor | None = None
     extra_channels: torch.Tensor | None = None
+    tea_cache: TeaCache | None = None
 
 
 class FluxDiT(nn.Module):
+    # Training (flux_core.train): recompute each block's activations in the backward pass instead of keeping
+    # them; with `gradient_checkpointing_offload` the blocks' saved inputs wait in CPU memory.
+    gradient_checkpointing = False
+    gradient_checkpointing_offload = False
+
     def __init__(self, params: FluxParams = FluxParams()):
         super().__init__()
         self.params = params
@@ -138,15 +149,38 @@ class FluxDiT(nn.Module):
         txt = self.txt_in(txt)
         pe = embed_positions(torch.cat((txt_ids, img_ids), dim=1), list(self.params.axes_dim), self.params.theta)
 
-        for block in self.double_blocks:
-            img, txt = block(img=img, txt=txt, vec=vec, pe=pe)
-        x = torch.cat((txt, img), dim=1)
-        for block in self.single_blocks:
-            x = block(x, vec=vec, pe=pe)
-        img = x[:, txt.shape[1]:]
+        cache = extras.tea_cache
+        if cache is not None and cache.skip(self.tea_cache_probe(img, vec)):
+            img = cache.reuse(img)
+        else:
+            img_before = img
+            for block in self.double_blocks:
+                img, txt = self.run_block(block, img=img, txt=txt, vec=vec, pe=pe)
+            x = torch.cat((txt, img), dim=1)
+            for block in self.single_blocks:
+                x = self.run_block(block, x, vec=vec, pe=pe)
+            img = x[:, txt.shape[1]:]
+            if cache is not None:
+                cache.store(img_before, img)
 
         img = self.final_layer(img, vec)
         return img[:, :n_img]
+
+    def tea_cache_probe(self, img: torch.Tensor, vec: torch.Tensor) -> torch.Tensor:
+        """TeaCache's probe: the first block's modulated image input (the image tokens after `img_in`)."""
+        if len(self.double_blocks):
+            first = self.double_blocks[0]
+            return first.img_mod(vec)[0].modulate(first.img_norm1(img))
+        first = self.single_blocks[0]
+        return first.modulation(vec)[0].modulate(first.pre_norm(img))
+
+    def run_block(self, block: nn.Module, *args, **kwargs):
+        if not (self.gradient_checkpointing and torch.is_grad_enabled()):
+            return block(*args, **kwargs)
+        offload = torch.autograd.graph.save_on_cpu(pin_memory=torch.cuda.is_available()) \
+            if self.gradient_checkpointing_offload else contextlib.nullcontext()
+        with offload:
+            return checkpoint(block, *args, use_reentrant=False, **kwargs)
 
     def time_embedding(self, timesteps: torch.Tensor, guidance: torch.Tensor | None, y: torch.Tensor,
                        dtype: torch.dtype) -> torch.Tensor:

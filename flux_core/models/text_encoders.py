@@ -17,6 +17,8 @@ from typing import Mapping, Sequence
 import torch
 from torch import nn
 
+from ..vram import compute_place
+
 logger = logging.getLogger(__name__)
 
 CLIP_MAX_LENGTH = 77  # CLIP-L's learned positions; FLUX always pads the CLIP prompt to exactly this length
@@ -199,11 +201,11 @@ def load_tokenizers(clip_path: str | os.PathLike, t5_path: str | os.PathLike):
 # ------------------------------------------------------------------------------------------ prompt encoding
 
 def _device_of(module: nn.Module) -> torch.device:
-    return next(module.parameters()).device
+    return compute_place(module)[0]  # where it computes (a VRAMManager may store it elsewhere)
 
 
 def _dtype_of(module: nn.Module) -> torch.dtype:
-    return next(p for p in module.parameters() if p.is_floating_point()).dtype
+    return compute_place(module)[1]
 
 
 def _tokenize(tokenizer, prompts: list[str], max_length: int, name: str) -> torch.Tensor:

@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..vram import compute_place
+
 DOWNSCALE = 8  # pixels per latent pixel: 3 stride-2 downsamples for the 4 levels of FLUX's VAE
 
 
@@ -214,11 +216,12 @@ class FluxVAE(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.decoder.conv_in.weight.dtype
+        """The dtype it computes in (not the storage dtype when a VRAMManager places it)."""
+        return compute_place(self)[1]
 
     @property
     def device(self) -> torch.device:
-        return self.decoder.conv_in.weight.device
+        return compute_place(self)[0]
 
     # -- raw latent space (ComfyUI LATENT) -------------------------------------------------------------------
     def encode_raw(self, image: torch.Tensor, tiled: bool = False, tile_size: int = 128,

@@ -1,0 +1,356 @@
+"""Low-VRAM running: weights stored in one place, computed in another, within a byte budget.
+
+Every model has a storage place (where its weights rest: a device and, for the weight matrices, a dtype such
+as float8_e4m3fn) and a compute place (the compute device and the pipeline's dtype). `VRAMManager` bridges
+the two for any `nn.Module`:
+
+    vram = VRAMManager(ComputeDevice("cuda"), budget=8 * GiB)
+    vram.add("dit", dit, compute_dtype=torch.bfloat16)            # dit stored on the CPU, maybe in fp8
+    vram.load_models_to_device(["dit"])                           # the stage: other models move out
+    dit(...)                                                      # computes on cuda in bf16
+
+Units: every module that owns parameters or buffers directly (nn.Linear, RMSNorm, Conv2d, Embedding, ...)
+is one unit, except that a module which reads its children's weights itself (T5's feed-forward checks
+`wo.weight.dtype`) is one unit with its whole subtree (`WHOLE_UNITS`). When a stage starts, its models' units are made resident on the compute device, in module
+order, while their stored bytes fit in the budget (first fit); the others are streamed: copied to the
+compute device for each call and dropped after it. Resident units keep their storage dtype (fp8 stays fp8
+on the device); each call casts to the compute dtype, so a call needs at most one unit's weights in the
+compute dtype on top of what is resident. At rest (outside a call) a module's tensors are always its
+stored ones, so `state_dict()`, LoRA shape checks and `weight.dtype` see the storage.
+
+The budget counts weight bytes only. `resident_bytes` is exact: the bytes of the tensors the manager keeps
+on the compute device (stored there, made resident, or in flight for a call); it never exceeds the budget
+plus the largest unit in the compute dtype (units do not nest in the FLUX DiT). Activations come on top.
+`budget=0` is the minimum-memory mode (everything streamed); `budget=None` keeps every unit of the stage
+resident, which is plain model-level offload.
+
+Devices are parameters: `ComputeDevice("cuda")` is the real thing; `SimulatedDevice()` is a compute device
+simulated in host memory whose every tensor is a fresh copy tracked by its storage's lifetime, so the policy
+and the byte count are tested on a CPU against what is actually alive.
+"""
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass, field
+from typing import Iterable, Sequence
+
+import torch
+from torch import nn
+
+GiB = 1024 ** 3
+FLOAT8_DTYPES = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz")
+                      if hasattr(torch, n))
+# Modules placed as one unit with their subtree, by class name: their forward reads a child's weight directly.
+WHOLE_UNITS = ("T5DenseGatedActDense", "T5DenseActDense")
+OFFLOADED_ATTR = "fluxcore_offloaded"     # read by flux_core.lora: hook mode for offloaded layers
+COMPUTE_ATTR = "fluxcore_compute"         # (device, dtype) where a managed model computes
+
+
+def is_matrix(t: torch.Tensor) -> bool:
+    """The tensors a low-precision storage dtype applies to: floating weights of 2+ dims (Linear, Conv,
+    Embedding). Biases and norm scales stay in the compute dtype: they are tiny and precision-sensitive."""
+    return t.is_floating_point() and t.dim() >= 2
+
+
+def storage_dtype(t: torch.Tensor, weight_dtype: torch.dtype | None, torch_dtype: torch.dtype) -> torch.dtype:
+    """The dtype a tensor is stored in: `weight_dtype` for weight matrices when given, else `torch_dtype` for
+    floating tensors; integer buffers keep theirs."""
+    if not t.is_floating_point():
+        return t.dtype
+    return weight_dtype if weight_dtype is not None and is_matrix(t) else torch_dtype
+
+
+def compute_place(module: nn.Module) -> tuple[torch.device, torch.dtype]:
+    """(device, dtype) a model computes in: the manager's compute place if it is managed, else where its first
+    floating parameter is (a float8-stored unmanaged model reports bfloat16)."""
+    place = getattr(module, COMPUTE_ATTR, None)
+    if place is not None:
+        return place
+    p = next((p for p in module.parameters() if p.is_floating_point()), None)
+    if p is None:
+        return torch.device("cpu"), torch.float32
+    return p.device, (torch.bfloat16 if p.dtype in FLOAT8_DTYPES else p.dtype)
+
+
+@torch.no_grad()
+def store_model(model: nn.Module, device: str | torch.device | None = None, weight_dtype: torch.dtype | None = None,
+                pin_memory: bool = False) -> nn.Module:
+    """Move a model's storage in place, one tensor at a time: to `device`, weight matrices to `weight_dtype`
+    (e.g. torch.float8_e4m3fn; lossy, there is no way back but reloading). Parameters keep their identity.
+    `pin_memory`: page-lock CPU storage so that streaming it to a CUDA device is faster and asynchronous.
+    Do this before `VRAMManager.add`."""
+    for t in [*model.parameters(), *model.buffers()]:
+        dtype = weight_dtype if weight_dtype is not None and is_matrix(t) else t.dtype
+        data = t.data.to(device=device if device is not None else t.device, dtype=dtype)
+        if pin_memory and data.device.type == "cpu" and torch.cuda.is_available() and not data.is_pinned():
+            data = data.pin_memory()
+        t.data = data
+    return model
+
+
+# ------------------------------------------------------------------------------------------------- devices
+class ComputeDevice:
+    """The compute device as the manager sees it: `put` brings a tensor there (no copy if it already is),
+    `holds` tells whether a tensor lives there."""
+
+    def __init__(self, device: str | torch.device = "cuda"):
+        d = torch.device(device)
+        if d.type == "cuda" and d.index is None and torch.cuda.is_available():
+            d = torch.device("cuda", torch.cuda.current_device())
+        self.torch_device = d
+
+    def put(self, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        # From page-locked memory the copy runs asynchronously on the current stream (ordered before its use).
+        return t.to(self.torch_device, dtype=dtype, non_blocking=self.torch_device.type == "cuda" and t.is_pinned())
+
+    def holds(self, t: torch.Tensor) -> bool:
+        return t.device == self.torch_device
+
+    def total_memory(self) -> int:
+        if self.torch_device.type == "cuda":
+            return torch.cuda.get_device_properties(self.torch_device).total_memory
+        import psutil
+        return psutil.virtual_memory().total
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({str(self.torch_device)!r})"
+
+
+class SimulatedDevice(ComputeDevice):
+    """A compute device simulated in host memory (for tests and CPU benchmarks). `put` always makes a fresh
+    copy and tracks its storage; `live_bytes` / `peak_bytes` follow the storages' actual lifetimes (a
+    finalizer runs when a storage is freed), so they check the manager's own count independently."""
+
+    def __init__(self, total_memory: int = 16 * GiB):
+        super().__init__("cpu")
+        self._total = total_memory
+        self._live: dict[int, int] = {}   # id(storage) -> nbytes, for storages alive
+        self.live_bytes = 0
+        self.peak_bytes = 0
+
+    def put(self, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        if self.holds(t) and t.dtype == dtype:
+            return t
+        copy = t.to(dtype=dtype, copy=True)
+        storage = copy.untyped_storage()
+        key, size = id(storage), storage.nbytes()
+        self._live[key] = size
+        self.live_bytes += size
+        self.peak_bytes = max(self.peak_bytes, self.live_bytes)
+        weakref.finalize(storage, self._freed, key)
+        return copy
+
+    def _freed(self, key: int) -> None:
+        self.live_bytes -= self._live.pop(key)
+
+    def holds(self, t: torch.Tensor) -> bool:
+        return id(t.untyped_storage()) in self._live
+
+    def total_memory(self) -> int:
+        return self._total
+
+    def reset_peak(self) -> None:
+        self.peak_bytes = self.live_bytes
+
+
+# ------------------------------------------------------------------------------------------------- manager
+def _units(model: nn.Module, prefix: str = "", seen: set | None = None):
+    """(name, module, tensors) for each module whose forward needs tensors placed, in module order: its own
+    parameters and buffers (its whole subtree's for WHOLE_UNITS). A module reached twice is listed once; a
+    tensor may appear in several units (tied weights in two modules)."""
+    seen = set() if seen is None else seen
+    if id(model) in seen:
+        return
+    seen.add(id(model))
+    whole = type(model).__name__ in WHOLE_UNITS
+    named = ([*model.named_parameters(), *model.named_buffers()] if whole else
+             [*model.named_parameters(recurse=False), *model.named_buffers(recurse=False)])
+    tensors = [t for _, t in named if t is not None]
+    if tensors:
+        yield prefix, model, tensors
+    if whole:
+        seen.update(id(m) for m in model.modules())
+        return
+    for name, child in model.named_children():
+        yield from _units(child, f"{prefix}.{name}" if prefix else name, seen)
+
+
+@dataclass(eq=False)
+class _Unit:
+    """One module whose tensors the manager places for each of its calls."""
+    name: str
+    module: nn.Module
+    model: "PlacedModel"
+    uses: list[torch.Tensor]                   # the Parameter / buffer objects its forward reads
+    owns: list[torch.Tensor]                   # those it places for a stage (a tensor is owned by one unit)
+    in_flight: int = 0                         # bytes of this call's compute copies
+    hooks: list = field(default_factory=list)
+
+    @property
+    def resident(self) -> bool:
+        return bool(self.owns) and id(self.owns[0]) in self.model.resident
+
+    def numel(self) -> int:
+        return sum(t.numel() for t in self.owns)
+
+
+@dataclass(eq=False)
+class PlacedModel:
+    name: str
+    model: nn.Module
+    compute_dtype: torch.dtype
+    persistent_params: int | None = None       # resident by parameter count instead of the budget
+    units: list[_Unit] = field(default_factory=list)
+    stored: dict[int, torch.Tensor] = field(default_factory=dict)     # id(tensor) -> its stored data
+    resident: dict[int, torch.Tensor] = field(default_factory=dict)   # id(tensor) -> copy on the compute device
+
+    @property
+    def streamed(self) -> list[str]:
+        """Names of the units streamed per call (stored off the compute device and not resident now)."""
+        return [u.name for u in self.units if u.owns and not u.resident and u.module.__dict__.get(OFFLOADED_ATTR)]
+
+
+class VRAMManager:
+    """Places the weights of several models on one compute device within `budget` bytes (None: no limit).
+
+    `add` a model (already at its storage place: see `store_model`), then call `load_models_to_device(names)`
+    before each stage: models not named are moved out (their resident copies dropped), the named ones are
+    made resident unit by unit while the budget allows; the rest stream. `resident_bytes` is the exact count
+    of weight bytes on the compute device, `peak_bytes` its high-water mark."""
+
+    def __init__(self, device: ComputeDevice | str | torch.device, budget: int | None = None):
+        self.device = device if isinstance(device, ComputeDevice) else ComputeDevice(device)
+        self.budget = None if budget is None else max(0, int(budget))
+        self.models: dict[str, PlacedModel] = {}
+        self.resident_bytes = 0
+        self.peak_bytes = 0
+
+    # -- models ----------------------------------------------------------------------------------------
+    def add(self, name: str, model: nn.Module, compute_dtype: torch.dtype,
+            persistent_params: int | None = None) -> PlacedModel:
+        """Manage `model` (nothing moves yet). `persistent_params`: keep that many parameters resident, in
+        module order, regardless of the budget (DiffSynth's `num_persistent_param_in_dit`)."""
+        if name in self.models:
+            self.remove(name)
+        managed = PlacedModel(name, model, compute_dtype, persistent_params)
+        for unit_name, module, tensors in _units(model):
+            owns = [t for t in tensors if id(t) not in managed.stored]
+            managed.stored.update((id(t), t.data) for t in owns)
+            unit = _Unit(unit_name, module, managed, tensors, owns)
+            unit.hooks = [module.register_forward_pre_hook(lambda m, a, u=unit: self._enter(u)),
+                          module.register_forward_hook(lambda m, a, o, u=unit: self._exit(u), always_call=True)]
+            if any(not self.device.holds(t) for t in tensors):
+                for m in module.modules():
+                    setattr(m, OFFLOADED_ATTR, True)
+                setattr(model, OFFLOADED_ATTR, True)
+            managed.units.append(unit)
+        self._count(self._bytes(managed.stored.values(), held=True))
+        setattr(model, COMPUTE_ATTR, (self.device.torch_device, compute_dtype))
+        self.models[name] = managed
+        return managed
+
+    def remove(self, name: str) -> nn.Module:
+        """Stop managing a model: hooks removed, resident copies dropped, the model left at its storage place."""
+        managed = self.models.pop(name)
+        self._offload(managed)
+        for unit in managed.units:
+            for h in unit.hooks:
+                h.remove()
+            for m in unit.module.modules():
+                m.__dict__.pop(OFFLOADED_ATTR, None)
+        self._count(-self._bytes(managed.stored.values(), held=True))
+        managed.model.__dict__.pop(COMPUTE_ATTR, None)
+        managed.model.__dict__.pop(OFFLOADED_ATTR, None)
+        return managed.model
+
+    def remove_all(self) -> None:
+        for name in list(self.models):
+            self.remove(name)
+
+    # -- stages ----------------------------------------------------------------------------------------
+    def load_models_to_device(self, names: Iterable[str]) -> None:
+        """Start a stage: every managed model not in `names` moves out, then the named ones move in (in the
+        order given) as far as the budget allows. Names of unmanaged models are ignored."""
+        names = [n for n in names if n in self.models]
+        freed = False
+        for name, managed in self.models.items():
+            if name not in names and managed.resident:
+                self._offload(managed)
+                freed = True
+        if freed and self.device.torch_device.type == "cuda":
+            torch.cuda.empty_cache()
+        for name in names:
+            self._onload(self.models[name])
+
+    def _onload(self, managed: PlacedModel) -> None:
+        params_left = managed.persistent_params
+        for unit in managed.units:
+            homes = [managed.stored[id(t)] for t in unit.owns]
+            cost = self._bytes(homes, held=False)
+            if unit.resident or not cost:
+                continue
+            if params_left is not None:
+                fits = unit.numel() <= params_left
+                params_left -= unit.numel() if fits else 0
+            else:
+                fits = self.budget is None or self.resident_bytes + cost <= self.budget
+            if fits:
+                managed.resident.update((id(t), self.device.put(h, h.dtype)) for t, h in zip(unit.owns, homes))
+                self._count(cost)
+
+    def _offload(self, managed: PlacedModel) -> None:
+        self._count(-self._bytes(managed.resident.values(), held=True))
+        managed.resident.clear()
+
+    # -- calls -----------------------------------------------------------------------------------------
+    def _enter(self, unit: _Unit) -> None:
+        """Before a unit's forward: point its tensors at compute copies (compute device, compute dtype)."""
+        managed, new = unit.model, 0
+        for t in unit.uses:
+            home = managed.resident.get(id(t))
+            home = managed.stored[id(t)] if home is None else home
+            view = self.device.put(home, managed.compute_dtype if home.is_floating_point() else home.dtype)
+            if view is not home:  # a copy made for this call
+                new += view.untyped_storage().nbytes()
+            t.data = view
+        unit.in_flight = new
+        self._count(new)
+
+    def _exit(self, unit: _Unit) -> None:
+        """After a unit's forward (also on error): its tensors rest at the storage place again."""
+        for t in unit.uses:
+            t.data = unit.model.stored[id(t)]
+        self._count(-unit.in_flight)
+        unit.in_flight = 0
+
+    # -- counting --------------------------------------------------------------------------------------
+    def _bytes(self, tensors: Iterable[torch.Tensor], held: bool) -> int:
+        """Bytes of the tensors that are (held=True) or are not (held=False) on the compute device."""
+        return sum(t.untyped_storage().nbytes() for t in tensors if self.device.holds(t) == held)
+
+    def _count(self, delta: int) -> None:
+        self.resident_bytes += delta
+        self.peak_bytes = max(self.peak_bytes, self.resident_bytes)
+
+    def reset_peak(self) -> None:
+        self.peak_bytes = self.resident_bytes
+
+    def largest_unit_bytes(self, names: Sequence[str] | None = None) -> int:
+        """The largest unit of the named models (all by default), in its compute dtype: what one call adds."""
+        out = 0
+        for name, managed in self.models.items():
+            if names is None or name in names:
+                for u in managed.units:
+                    out = max(out, sum(t.numel() * (managed.compute_dtype.itemsize if t.is_floating_point()
+                                                    else t.element_size()) for t in u.uses))
+        return out
+
+    def summary(self) -> str:
+        budget = "none" if self.budget is None else f"{self.budget / GiB:.2f} GiB"
+        lines = [f"VRAMManager on {self.device}: budget {budget}, resident {self.resident_bytes / GiB:.3f} GiB "
+                 f"(peak {self.peak_bytes / GiB:.3f} GiB)"]
+        for name, m in self.models.items():
+            resident = sum(1 for u in m.units if u.resident)
+            lines.append(f"  {name}: {len(m.units)} units, {resident} resident, {len(m.streamed)} streamed, "
+                         f"compute {m.compute_dtype}")
+        return "\n".join(lines)
