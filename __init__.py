@@ -9,8 +9,10 @@ _here = os.path.dirname(os.path.abspath(__file__))
 if _here not in sys.path:  # make flux_core and lora_tools importable when the pack is not pip-installed
     sys.path.insert(0, _here)
 
-# Relative: ComfyUI has a top-level module called `nodes` of its own.
-from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS  # noqa: E402
+if __package__:  # as ComfyUI loads it: relative, since ComfyUI has a top-level module called `nodes` of its own
+    from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
+else:  # imported as a plain module (pytest imports the checkout's __init__.py this way)
+    from nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
 
 WEB_DIRECTORY = "./js"
 __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "WEB_DIRECTORY"]
