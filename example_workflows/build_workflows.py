@@ -47,12 +47,16 @@ def models_note(dit: str) -> str:
 class Graph:
     """A workflow being built: nodes with their sockets, links between them."""
 
+    TITLE_H, GAP = 30, 40  # the title bar is drawn above a node's pos; space between stacked nodes
+
     def __init__(self, classes: dict[str, type]):
         self.classes = classes
         self.nodes: list[dict] = []
         self.links: list[list] = []
+        self.bottom: dict[int, float] = {}  # column x -> first free y below what is stacked there
 
-    def node(self, type_: str, pos, values=(), size=None, title=None, models=(), **connect) -> int:
+    def node(self, type_: str, x: int, values=(), size=None, title=None, models=(), **connect) -> int:
+        """Adds a node at the bottom of column `x`; `connect` names each input's source as (node id, slot)."""
         nid = len(self.nodes) + 1
         if type_ in ("Note", "MarkdownNote"):
             inputs, outputs, props = [], [], {}
@@ -77,8 +81,10 @@ class Graph:
             if models:
                 props["models"] = [{"name": name, "url": MODEL_URLS[name], "directory": folder} for name, folder in models]
         rows = max(len(inputs), len(outputs))
-        size = size or [320, 46 + 22 * rows + 26 * len(values)]
-        node = {"id": nid, "type": type_, "pos": list(pos), "size": list(size), "flags": {}, "order": 0, "mode": 0,
+        size = size or [320, 14 + 20 * rows + 24 * len(values)]  # what the frontend computes, ~
+        y = self.bottom.get(x, 0)
+        self.bottom[x] = y + size[1] + self.TITLE_H + self.GAP
+        node = {"id": nid, "type": type_, "pos": [x, y], "size": list(size), "flags": {}, "order": 0, "mode": 0,
                 "inputs": inputs, "outputs": outputs, "properties": props}
         if title:
             node["title"] = title
@@ -116,37 +122,44 @@ class Graph:
 
 
 LOADER_MODELS = [("clip_l.safetensors", "text_encoders"), ("t5xxl_fp16.safetensors", "text_encoders")]
+# Columns, left to right: notes and input images, loaders (and image scaling), prompts and latents, conditioning
+# steps (Kontext), sampler and decode, output.
+NOTES, LOADERS, PROMPTS, CONDITIONING = -440, 0, 440, 900
 
 
 def loaders(g: Graph, dit: str) -> tuple[int, int, int]:
-    model = g.node("FluxCoreDiTLoader", (0, 0), [dit, "default", ""], models=[(dit, "diffusion_models")])
-    text_encoders = g.node("FluxCoreTextEncoderLoader", (0, 170), ["clip_l.safetensors", "t5xxl_fp16.safetensors"],
+    g.node("MarkdownNote", NOTES, [models_note(dit)], size=[400, 330], title="Model files")
+    model = g.node("FluxCoreDiTLoader", LOADERS, [dit, "default", ""], models=[(dit, "diffusion_models")])
+    text_encoders = g.node("FluxCoreTextEncoderLoader", LOADERS, ["clip_l.safetensors", "t5xxl_fp16.safetensors"],
                            models=LOADER_MODELS)
-    vae = g.node("FluxCoreVAELoader", (0, 320), ["ae.safetensors"], models=[("ae.safetensors", "vae")])
-    g.node("MarkdownNote", (-460, 0), [models_note(dit)], size=[420, 400], title="Model files")
+    vae = g.node("FluxCoreVAELoader", LOADERS, ["ae.safetensors"], models=[("ae.safetensors", "vae")])
     return model, text_encoders, vae
 
 
 def prompts(g: Graph, text_encoders: int, text: str, guidance: float) -> tuple[int, int]:
-    positive = g.node("FluxCoreTextEncode", (380, 0), [text, guidance, 512], size=[400, 220], title="Prompt",
+    positive = g.node("FluxCoreTextEncode", PROMPTS, [text, guidance, 512], size=[400, 200], title="Prompt",
                       text_encoders=(text_encoders, 0))
-    negative = g.node("FluxCoreTextEncode", (380, 260), ["", guidance, 512], size=[400, 180],
+    negative = g.node("FluxCoreTextEncode", PROMPTS, ["", guidance, 512], size=[400, 160],
                       title="Negative prompt (used when cfg > 1)", text_encoders=(text_encoders, 0))
     return positive, negative
 
 
-def finish(g: Graph, model, positive, negative, latent, vae, seed, control, denoise, prefix, x=820):
-    sampler = g.node("FluxCoreSampler", (x, 0), [seed, control, 28, 1.0, -1.0, 3.0, denoise], model=(model, 0),
+def load_image(g: Graph, title: str | None = None) -> int:
+    return g.node("LoadImage", NOTES, ["example.png", "image"], size=[400, 360], title=title)
+
+
+def finish(g: Graph, model, positive, negative, latent, vae, seed, control, denoise, prefix, x=CONDITIONING):
+    sampler = g.node("FluxCoreSampler", x, [seed, control, 28, 1.0, -1.0, 3.0, denoise], model=(model, 0),
                      positive=(positive, 0), negative=(negative, 0), latent_image=(latent, 0))
-    image = g.node("FluxCoreVAEDecode", (x, 330), [False, 128, 64], samples=(sampler, 0), vae=vae)
-    g.node("SaveImage", (x + 380, 0), [prefix], size=[520, 560], images=(image, 0))
+    image = g.node("FluxCoreVAEDecode", x, [False, 128, 64], samples=(sampler, 0), vae=vae)
+    g.node("SaveImage", x + 380, [prefix], size=[520, 560], images=(image, 0))
 
 
 def text_to_image(g: Graph) -> None:
     model, te, vae = loaders(g, "flux1-dev.safetensors")
     positive, negative = prompts(g, te, "A red fox sitting in fresh snow at sunrise, soft golden light, "
                                         "shallow depth of field, detailed fur", 3.5)
-    latent = g.node("FluxCoreEmptyLatent", (380, 480), [1024, 1024, 1])
+    latent = g.node("FluxCoreEmptyLatent", PROMPTS, [1024, 1024, 1])
     finish(g, model, positive, negative, latent, (vae, 0), 156680208700286, "randomize", 1.0,
            "FluxCore/text_to_image")
 
@@ -154,42 +167,44 @@ def text_to_image(g: Graph) -> None:
 def image_to_image(g: Graph) -> None:
     model, te, vae = loaders(g, "flux1-dev.safetensors")
     positive, negative = prompts(g, te, "A watercolor painting, soft washes of colour, visible paper texture", 3.5)
-    image = g.node("LoadImage", (-460, 460), ["example.png", "image"], size=[340, 330])
-    scaled = g.node("ImageScale", (-80, 480), ["lanczos", 1024, 1024, "center"], title="Scale to 1024x1024",
+    image = load_image(g)
+    scaled = g.node("ImageScale", LOADERS, ["lanczos", 1024, 1024, "center"], title="Scale to 1024x1024",
                     image=(image, 0))
-    latent = g.node("FluxCoreVAEEncode", (380, 480), [False, 128, 64], pixels=(scaled, 0), vae=(vae, 0))
+    latent = g.node("FluxCoreVAEEncode", PROMPTS, [False, 128, 64], pixels=(scaled, 0), vae=(vae, 0))
     finish(g, model, positive, negative, latent, (vae, 0), 42, "fixed", 0.75, "FluxCore/image_to_image")
 
 
 def kontext_edit(g: Graph) -> None:
     model, te, vae = loaders(g, "flux1-kontext-dev.safetensors")
     positive, negative = prompts(g, te, "Change the sky to a starry night, keep everything else the same", 2.5)
-    image = g.node("LoadImage", (-460, 460), ["example.png", "image"], size=[340, 330], title="Image to edit")
-    reference = g.node("FluxCoreKontextReference", (380, 700), [], conditioning=(positive, 0), vae=(vae, 0),
+    image = load_image(g, "Image to edit")
+    latent = g.node("FluxCoreEmptyLatent", PROMPTS, [1024, 1024, 1])
+    reference = g.node("FluxCoreKontextReference", CONDITIONING, [], conditioning=(positive, 0), vae=(vae, 0),
                        image=(image, 0))
-    latent = g.node("FluxCoreEmptyLatent", (380, 480), [1024, 1024, 1])
-    finish(g, model, reference, negative, latent, (vae, 0), 7, "fixed", 1.0, "FluxCore/kontext_edit")
+    finish(g, model, reference, negative, latent, (vae, 0), 7, "fixed", 1.0, "FluxCore/kontext_edit",
+           x=CONDITIONING + 380)
 
 
 def mixed_native(g: Graph) -> None:
     """Kontext inpainting: FluxCore models, sampler and VAE with core nodes for guidance, reference and mask."""
     model, te, vae_loader = loaders(g, "flux1-kontext-dev.safetensors")
-    vae = g.node("Reroute", (300, 400), size=[75, 26], input=(vae_loader, 0))
+    g.bottom[LOADERS + 340] = g.nodes[vae_loader - 1]["pos"][1] + 20  # beside the VAE loader
+    vae = g.node("Reroute", LOADERS + 340, size=[75, 26], input=(vae_loader, 0))
     positive, negative = prompts(g, te, "A bouquet of sunflowers in a blue vase", 3.5)
-    image = g.node("LoadImage", (-460, 460), ["example.png", "image"], size=[340, 330],
-                   title="Image (paint the area to change in the MaskEditor)")
-    g.node("Note", (-460, 820), ["Right-click the image and choose 'Open in MaskEditor', paint over the area to "
-                                 "regenerate and save. Only the painted area changes (SetLatentNoiseMask); the whole "
-                                 "image is also given to Kontext as a reference (ReferenceLatent)."],
-           size=[340, 140], title="How to use")
-    scaled = g.node("ImageScale", (-80, 480), ["lanczos", 1024, 1024, "disabled"], image=(image, 0))
-    g.node("PreviewImage", (-80, 700), [], size=[300, 300], title="Scaled input", images=(scaled, 0))
-    encoded = g.node("FluxCoreVAEEncode", (380, 480), [False, 128, 64], pixels=(scaled, 0), vae=(vae, 0))
-    masked = g.node("SetLatentNoiseMask", (380, 700), [], samples=(encoded, 0), mask=(image, 1))
-    guided = g.node("FluxGuidance", (820, 560), [2.5], conditioning=(positive, 0))
-    reference = g.node("ReferenceLatent", (820, 680), [], conditioning=(guided, 0), latent=(encoded, 0))
-    zero = g.node("ConditioningZeroOut", (820, 780), [], conditioning=(negative, 0))
-    finish(g, model, reference, zero, masked, (vae, 0), 1234, "fixed", 1.0, "FluxCore/mixed_native", x=1180)
+    image = load_image(g, "Image (paint the area to change in the MaskEditor)")
+    g.node("Note", NOTES, ["Right-click the image and choose 'Open in MaskEditor', paint over the area to "
+                           "regenerate and save. Only the painted area changes (SetLatentNoiseMask); the whole "
+                           "image is also given to Kontext as a reference (ReferenceLatent)."],
+           size=[400, 120], title="How to use")
+    scaled = g.node("ImageScale", LOADERS, ["lanczos", 1024, 1024, "disabled"], image=(image, 0))
+    g.node("PreviewImage", LOADERS, [], size=[320, 320], title="Scaled input", images=(scaled, 0))
+    encoded = g.node("FluxCoreVAEEncode", PROMPTS, [False, 128, 64], pixels=(scaled, 0), vae=(vae, 0))
+    masked = g.node("SetLatentNoiseMask", PROMPTS, [], samples=(encoded, 0), mask=(image, 1))
+    guided = g.node("FluxGuidance", CONDITIONING, [2.5], conditioning=(positive, 0))
+    reference = g.node("ReferenceLatent", CONDITIONING, [], conditioning=(guided, 0), latent=(encoded, 0))
+    zero = g.node("ConditioningZeroOut", CONDITIONING, [], conditioning=(negative, 0))
+    finish(g, model, reference, zero, masked, (vae, 0), 1234, "fixed", 1.0, "FluxCore/mixed_native",
+           x=CONDITIONING + 380)
 
 
 WORKFLOWS = {
