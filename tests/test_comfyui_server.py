@@ -1,7 +1,7 @@
 """FluxCore inside a real ComfyUI server: the pack imports, every node is listed, our JS and example workflows
 are served, and each example workflow runs through POST /prompt on tiny models.
 
-    COMFYUI_DIR=/path/to/ComfyUI python -m pytest -m comfyui tests/test_comfyui_server.py
+    COMFYUI_DIR=/path/to/ComfyUI python -m pytest -n 0 -m comfyui tests/test_comfyui_server.py
 
 The interpreter running pytest starts the server (`sys.executable main.py --cpu ...`), so it needs ComfyUI's
 requirements as well as this repository's test extras. The pack is linked into $COMFYUI_DIR/custom_nodes as
@@ -70,6 +70,8 @@ def log_tail(path: Path, lines: int = 60) -> str:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
+    if os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") != "1":
+        pytest.skip("run this file without xdist (-n 0): one ComfyUI server and one custom_nodes/FluxCore link")
     comfy = Path(COMFYUI_DIR).resolve()
     if not (comfy / "main.py").is_file():
         pytest.skip(f"COMFYUI_DIR={COMFYUI_DIR} has no main.py: not a ComfyUI checkout")
