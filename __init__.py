@@ -7,7 +7,7 @@ import sys
 
 _here = os.path.dirname(os.path.abspath(__file__))
 if _here not in sys.path:  # make flux_core and lora_tools importable when the pack is not pip-installed
-    sys.path.insert(0, _here)
+    sys.path.append(_here)  # appended: the pack's folder names never shadow ComfyUI's own modules
 
 if __package__:  # as ComfyUI loads it: relative, since ComfyUI has a top-level module called `nodes` of its own
     from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS

@@ -90,7 +90,7 @@ def comfy_tokenizer_dirs() -> tuple[Path | None, Path | None]:
     if not IN_COMFYUI:
         return None, None
     import comfy
-    root = Path(comfy.__file__).parent
+    root = Path(list(comfy.__path__)[0])  # a namespace package in ComfyUI: no __file__
     clip, t5 = root / "sd1_tokenizer", root / "text_encoders" / "t5_tokenizer"
     return (clip if clip.is_dir() else None), (t5 if t5.is_dir() else None)
 
@@ -108,13 +108,23 @@ def offload_device() -> torch.device:
     return torch.device("cpu")
 
 
+class _PatcherModel(nn.Module):
+    """What a ModelPatcher holds: ComfyUI writes bookkeeping attributes (`device`, ...) on the module it
+    manages, which our models expose as read-only properties, so it gets this container instead."""
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.inner = module
+        self.device = offload_device()
+
+
 class ManagedModel:
     """A flux_core module that ComfyUI's memory manager can load and unload like its own models."""
 
     def __init__(self, module: nn.Module):
         self.module = module
-        self.patcher = (_patcher.ModelPatcher(module, load_device=compute_device(), offload_device=offload_device())
-                        if IN_COMFYUI else None)
+        self.patcher = (_patcher.ModelPatcher(_PatcherModel(module), load_device=compute_device(),
+                                              offload_device=offload_device()) if IN_COMFYUI else None)
 
 
 def ready(*models: ManagedModel) -> None:
