@@ -27,6 +27,8 @@ class DiTHandle:
     model: ManagedModel = field(compare=False)
     name: str
     loras: tuple[LoraPatch, ...] = ()
+    vram: object = None                        # nodes.vram_nodes.VRAMOptions (FP8 storage, offload), or None
+    tea_cache_l1_thresh: float | None = None   # TeaCache threshold from FluxCoreTeaCache, None: off
 
     def with_lora(self, path: str, strength: float, lora=None) -> "DiTHandle":
         return replace(self, loras=self.loras + (LoraPatch(path, strength, lora),))

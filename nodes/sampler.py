@@ -6,26 +6,28 @@ latent, noised to the current level, is put back after every step, so it comes o
 """
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.nn.functional as F
 
 from flux_core.lora import clear_lora, load_lora
 from flux_core.models.vae import AutoEncoderParams
-from flux_core.sampling import denoise as run_denoise, guided_velocity, make_noise, reference_extras
+from flux_core.sampling import denoise as run_denoise, guided_velocity, make_noise, reference_extras, tea_cache_extras
 from flux_core.scheduler import add_noise, flux_sigmas, next_sigmas
 
 from . import comfy_bridge as bridge
 from .conditioning import read_conditioning
 from .handles import DIT_TYPE, DiTHandle
 from .loaders import NodeInputError
+from .vram_nodes import place_dit
 
 FLUX_LATENT = AutoEncoderParams()  # FLUX's latent scale/shift (ComfyUI's latent_formats.Flux)
 
 
 def prepare_dit(handle: DiTHandle):
     """The handle's module on the compute device with exactly the handle's LoRAs applied."""
-    bridge.ready(handle.model)
-    dit = handle.model.module
+    dit = place_dit(handle)  # the whole model on the device, or as the VRAM options node says
     if getattr(dit, "fluxcore_applied_loras", ()) != handle.loras:
         clear_lora(dit)
         for patch in handle.loras:
@@ -99,8 +101,12 @@ class FluxCoreSampler:
         extras = (reference_extras([FLUX_LATENT.raw_to_scaled(r.float()).to(device) for r in references], b)
                   if references else None)
 
+        extras, negative_extras, tea_stats = tea_cache_extras(extras, len(sigmas), model.tea_cache_l1_thresh,
+                                                              cfg=negative_embeds is not None)
+
         def velocity(x: torch.Tensor, sigma: float) -> torch.Tensor:
-            return guided_velocity(dit, x, sigma, positive_embeds, negative_embeds, cfg, guidance, extras)
+            return guided_velocity(dit, x, sigma, positive_embeds, negative_embeds, cfg, guidance, extras,
+                                   negative_extras)
 
         progress, previewer, nexts = bridge.Progress(steps), bridge.latent_previewer(), next_sigmas(sigmas)
 
@@ -113,6 +119,8 @@ class FluxCoreSampler:
 
         with torch.no_grad():
             final = run_denoise(start, sigmas, velocity, None, after_step)
+        for stats in tea_stats.values():
+            logging.getLogger("FluxCore").info("%s: %s", node, stats)
         out = dict(latent_image)
         out["samples"] = FLUX_LATENT.scaled_to_raw(final).cpu()
         return (out,)

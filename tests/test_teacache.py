@@ -133,3 +133,27 @@ def test_pipeline_skips_steps_and_stays_close(pipe):
         results[threshold] = (stats.skipped, ((out - plain).abs().mean() / plain.abs().mean()).item())
     assert 0 < results[0.4][0] <= results[2.0][0] <= 10
     assert results[0.4][1] < 0.2
+
+
+def test_teacache_node_patches_the_handle_for_the_sampler(tmp_path, monkeypatch, caplog):
+    import logging
+
+    from nodes.loaders import FluxCoreDiTLoader, FluxCoreTextEncoderLoader
+    from nodes.vram_nodes import FluxCoreTeaCache
+    from tests.test_vram import sample_with
+    from tests.tiny_comfy import NAMES, make_models_dir
+    models_dir, _ = make_models_dir(tmp_path)
+    monkeypatch.setenv("FLUXCORE_MODELS_DIR", str(models_dir))
+    dit, = FluxCoreDiTLoader().load(NAMES["dit"])
+    te, = FluxCoreTextEncoderLoader().load(NAMES["clip"], NAMES["t5"])
+    plain = sample_with(dit, te, steps=8, cfg=2.0)
+    off, = FluxCoreTeaCache().apply(dit, rel_l1_thresh=0.0)
+    assert off.tea_cache_l1_thresh is None and torch.equal(sample_with(off, te, steps=8, cfg=2.0), plain)
+    cached, = FluxCoreTeaCache().apply(dit, rel_l1_thresh=2.0)
+    assert cached.tea_cache_l1_thresh == 2.0 and dit.tea_cache_l1_thresh is None
+    with caplog.at_level(logging.INFO, logger="FluxCore"):
+        got = sample_with(cached, te, steps=8, cfg=2.0)
+    reports = [r.getMessage() for r in caplog.records if "TeaCache" in r.getMessage()]
+    assert len(reports) == 2 and "positive" in reports[0] and "negative" in reports[1]
+    assert all("skipped" in r and " 0 skipped" not in r for r in reports)
+    assert not torch.equal(got, plain) and ((got - plain).norm() / plain.norm()).item() < 0.5

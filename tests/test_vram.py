@@ -282,3 +282,62 @@ def test_enable_vram_management_moves_stages_in_and_out_exactly(folder):
     # One layer at a time; CLIP's embeddings module also holds its position-id buffer (616 bytes) on the
     # device while its child embedding layer runs (the only nesting in these models).
     assert vram.peak_bytes <= vram.largest_unit_bytes() + 77 * 8
+
+
+# ------------------------------------------------------------------------------------------------ nodes
+@pytest.fixture(scope="module")
+def comfy_models(tmp_path_factory):
+    from tests.tiny_comfy import make_models_dir
+    models_dir, _ = make_models_dir(tmp_path_factory.mktemp("vram_nodes"))
+    mp = pytest.MonkeyPatch()
+    mp.setenv("FLUXCORE_MODELS_DIR", str(models_dir))
+    yield models_dir
+    mp.undo()
+
+
+def sample_with(handle, te, steps=3, cfg=1.0):
+    from nodes.conditioning import FluxCoreTextEncode
+    from nodes.sampler import FluxCoreEmptyLatent, FluxCoreSampler
+    latent, = FluxCoreEmptyLatent().generate(64, 48, 1)
+    positive, = FluxCoreTextEncode().encode(te, "a cat", 3.5, t5_sequence_length=16)
+    negative, = FluxCoreTextEncode().encode(te, "blurry", 3.5, t5_sequence_length=16)
+    return FluxCoreSampler().sample(handle, positive, negative, latent, seed=3, steps=steps, cfg=cfg)[0]["samples"]
+
+
+def test_vram_options_node_streams_the_dit_and_can_be_removed(comfy_models, monkeypatch):
+    from nodes import vram_nodes
+    from nodes.loaders import FluxCoreDiTLoader, FluxCoreTextEncoderLoader
+    from nodes.vram_nodes import FluxCoreVRAMOptions
+    from tests.tiny_comfy import NAMES
+    dit, = FluxCoreDiTLoader().load(NAMES["dit"])
+    te, = FluxCoreTextEncoderLoader().load(NAMES["clip"], NAMES["t5"])
+    plain = sample_with(dit, te)
+    device = SimulatedDevice()
+    monkeypatch.setattr(vram_nodes, "make_compute_device", lambda: device)
+    streamed, = FluxCoreVRAMOptions().apply(dit, weight_dtype="default", offload=True, vram_limit=0.0)
+    assert streamed.model is dit.model and dit.vram is None  # a new handle on the same module; upstream unchanged
+    got = sample_with(streamed, te)
+    assert (got - plain).abs().max() <= 1e-5
+    manager = dit.model.module.fluxcore_vram_state[1]
+    assert 0 < manager.peak_bytes <= manager.largest_unit_bytes() and manager.resident_bytes == 0
+    again = sample_with(dit, te)  # the handle without options: the plain model again, exactly
+    assert torch.equal(again, plain) and not hasattr(dit.model.module, "fluxcore_vram_state")
+    gc.collect()
+    assert device.live_bytes == 0
+
+
+def test_vram_options_node_fp8_with_cfg(comfy_models):
+    from nodes.loaders import FluxCoreDiTLoader, FluxCoreTextEncoderLoader, NodeInputError
+    from nodes.vram_nodes import FluxCoreVRAMOptions
+    from tests.tiny_comfy import NAMES
+    dit, = FluxCoreDiTLoader().load(NAMES["dit"])
+    te, = FluxCoreTextEncoderLoader().load(NAMES["clip"], NAMES["t5"])
+    plain = sample_with(dit, te, cfg=2.0)
+    fp8, = FluxCoreVRAMOptions().apply(dit, weight_dtype="float8_e4m3fn", offload=True, vram_limit=8.0)
+    got = sample_with(fp8, te, cfg=2.0)
+    module = dit.model.module
+    assert module.double_blocks[0].img_attn.qkv.weight.dtype == E4M3
+    assert ((got - plain).norm() / plain.norm()).item() < 0.2
+    assert not torch.equal(got, plain)
+    with pytest.raises(NodeInputError, match="weight_dtype"):
+        FluxCoreVRAMOptions().apply(dit, weight_dtype="int4")
