@@ -1,10 +1,12 @@
 """One DiT forward: FluxCore's FluxDiT against diffusers' FluxTransformer2DModel, same weights.
 
     python bench/dit_step.py [--device cuda] [--runs 5] [--dtypes float32 bfloat16] [--profile]
+                             [--heads 6] [--blocks 4 8] [--tokens 1024 256] [--threads N]
 
 A mid-size random FLUX (768 wide = 6 heads x 128 head dim, RoPE axes (16, 56, 56), 4 double + 8 single
 blocks, T5 width 4096, CLIP width 768, guidance embedder; 1024 image + 256 text tokens) is built with
-diffusers, saved as a diffusers `transformer/` folder, and loaded into our DiT through the real loader
+diffusers (on a GPU, `--heads 24 --blocks 2 4 --tokens 4096 512` gives FLUX's real width and a 1024x1024
+image, where the kernels rather than the Python overhead set the time), saved as a diffusers `transformer/` folder, and loaded into our DiT through the real loader
 (`load_model`: diffusers layout -> BFL names, fused q/k/v). Outputs are checked to match before anything is
 timed. Prints time and peak memory per forward, and the ratios ours / diffusers (target: <= 1.0).
 
@@ -33,6 +35,7 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -41,9 +44,26 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 WORK = ROOT / "bench" / "_work" / "dit_step"
-CONFIG = dict(in_channels=64, num_layers=4, num_single_layers=8, attention_head_dim=128, num_attention_heads=6,
-              joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True, axes_dims_rope=(16, 56, 56))
-IMG_TOKENS, TXT_TOKENS = 1024, 256  # a 512x512 image (64x64 latent -> 32x32 patches), 256 T5 tokens
+
+
+@dataclass(frozen=True)
+class Size:
+    heads: int = 6              # x 128 head dim = width
+    double: int = 4
+    single: int = 8
+    img_tokens: int = 1024      # a 512x512 image: 64x64 latent -> 32x32 patches (must be a square number)
+    txt_tokens: int = 256
+
+    def diffusers_config(self) -> dict:
+        return dict(in_channels=64, num_layers=self.double, num_single_layers=self.single, attention_head_dim=128,
+                    num_attention_heads=self.heads, joint_attention_dim=4096, pooled_projection_dim=768,
+                    guidance_embeds=True, axes_dims_rope=(16, 56, 56))
+
+    def argv(self) -> list[str]:
+        return ["--heads", str(self.heads), "--blocks", str(self.double), str(self.single),
+                "--tokens", str(self.img_tokens), str(self.txt_tokens)]
+
+
 # sigma 0.5 and guidance 4.0 are exact in bf16 after diffusers' `* 1000` in the model dtype, so the two
 # models see the same time embedding input in bf16 too.
 SIGMA, GUIDANCE = 0.5, 4.0
@@ -51,12 +71,12 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 # ----------------------------------------------------------------------------------------------- setup
-def make_checkpoint(folder: Path) -> int:
+def make_checkpoint(folder: Path, size: Size) -> int:
     """A random diffusers FLUX transformer saved as a diffusers folder; returns its parameter count."""
     from diffusers import FluxTransformer2DModel
 
     torch.manual_seed(0)
-    model = FluxTransformer2DModel(**CONFIG)
+    model = FluxTransformer2DModel(**size.diffusers_config())
     model.save_pretrained(folder, safe_serialization=True)
     return sum(p.numel() for p in model.parameters())
 
@@ -69,16 +89,17 @@ def load(impl: str, folder: Path, dtype: torch.dtype, device: str):
     return FluxTransformer2DModel.from_pretrained(folder, torch_dtype=dtype).to(device).eval().requires_grad_(False)
 
 
-def make_inputs(dtype: torch.dtype, device: str) -> dict:
+def make_inputs(size: Size, dtype: torch.dtype, device: str) -> dict:
     g = torch.Generator().manual_seed(1)
-    side = int(IMG_TOKENS ** 0.5)
+    side = int(size.img_tokens ** 0.5)
+    config = size.diffusers_config()
     img_ids = torch.zeros(side, side, 3)
     img_ids[..., 1] = torch.arange(side)[:, None]
     img_ids[..., 2] = torch.arange(side)[None, :]
     t = lambda *shape: torch.randn(*shape, generator=g).to(device, dtype)  # noqa: E731
-    return dict(img=t(1, IMG_TOKENS, CONFIG["in_channels"]), txt=t(1, TXT_TOKENS, CONFIG["joint_attention_dim"]),
-                y=t(1, CONFIG["pooled_projection_dim"]), img_ids=img_ids.reshape(-1, 3).to(device),
-                txt_ids=torch.zeros(TXT_TOKENS, 3, device=device),
+    return dict(img=t(1, side * side, config["in_channels"]), txt=t(1, size.txt_tokens, config["joint_attention_dim"]),
+                y=t(1, config["pooled_projection_dim"]), img_ids=img_ids.reshape(-1, 3).to(device),
+                txt_ids=torch.zeros(size.txt_tokens, 3, device=device),
                 sigma=torch.full((1,), SIGMA, device=device), guidance=torch.full((1,), GUIDANCE, device=device))
 
 
@@ -104,9 +125,9 @@ def _status_kb(field: str) -> int:
     raise RuntimeError(f"/proc/self/status has no {field}")
 
 
-def measure_peak(impl: str, folder: Path, dtype: torch.dtype, device: str) -> int:
+def measure_peak(impl: str, folder: Path, size: Size, dtype: torch.dtype, device: str) -> int:
     """Peak bytes one forward needs beyond what was allocated before it. In the subprocess (CPU) or in-process (CUDA)."""
-    x = make_inputs(dtype, device)
+    x = make_inputs(size, dtype, device)
     model = load(impl, folder, dtype, device)
     with torch.no_grad():
         if device.startswith("cuda"):
@@ -127,10 +148,10 @@ def measure_peak(impl: str, folder: Path, dtype: torch.dtype, device: str) -> in
         return (_status_kb("VmHWM") - before) * 1024
 
 
-def peak_in_subprocess(impl: str, folder: Path, dtype_name: str) -> int:
+def peak_in_subprocess(impl: str, folder: Path, size: Size, dtype_name: str) -> int:
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
     cmd = [sys.executable, __file__, "--_worker", impl, "--_dtype", dtype_name, "--_folder", str(folder),
-           "--threads", str(torch.get_num_threads())]
+           "--threads", str(torch.get_num_threads()), *size.argv()]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     if out.returncode:
         raise RuntimeError(f"memory worker for {impl}/{dtype_name} failed:\n{out.stderr[-3000:]}")
@@ -184,7 +205,7 @@ def profile(models: dict, x: dict, device: str, rows: int = 18) -> None:
     from torch.profiler import ProfilerActivity, profile as tprofile
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
-    key = "self_cuda_time_total" if device.startswith("cuda") else "self_cpu_time_total"
+    key = "self_device_time_total" if device.startswith("cuda") else "self_cpu_time_total"
     for impl, m in models.items():
         with torch.no_grad(), tprofile(activities=acts) as prof:
             forward(impl, m, x)
@@ -200,30 +221,36 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     ap.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
+    ap.add_argument("--heads", type=int, default=Size.heads, help="width = heads x 128")
+    ap.add_argument("--blocks", type=int, nargs=2, default=(Size.double, Size.single), metavar=("DOUBLE", "SINGLE"))
+    ap.add_argument("--tokens", type=int, nargs=2, default=(Size.img_tokens, Size.txt_tokens), metavar=("IMAGE", "TEXT"))
     ap.add_argument("--profile", action="store_true", help="print the top ops of one forward of each model")
     ap.add_argument("--keep", action="store_true", help=f"keep the checkpoint in {WORK}")
     ap.add_argument("--_worker"), ap.add_argument("--_dtype"), ap.add_argument("--_folder")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    size = Size(args.heads, *args.blocks, *args.tokens)
+    if int(size.img_tokens ** 0.5) ** 2 != size.img_tokens:
+        ap.error(f"--tokens: the image token count {size.img_tokens} must be a square number (e.g. 1024, 4096)")
 
     if args._worker:  # memory subprocess (CPU)
-        print(json.dumps(measure_peak(args._worker, Path(args._folder), DTYPES[args._dtype], "cpu")))
+        print(json.dumps(measure_peak(args._worker, Path(args._folder), size, DTYPES[args._dtype], "cpu")))
         return
 
     dev = args.device
     folder = WORK / "transformer"
     shutil.rmtree(WORK, ignore_errors=True)
     try:
-        n_params = make_checkpoint(folder)
-        print(f"DiT: {n_params / 1e6:.0f}M params, hidden 768 (6 x 128), 4 double + 8 single blocks; "
-              f"{IMG_TOKENS} image + {TXT_TOKENS} text tokens; device {dev}, {torch.get_num_threads()} threads, "
-              f"torch {torch.__version__}")
+        n_params = make_checkpoint(folder, size)
+        print(f"DiT: {n_params / 1e6:.0f}M params, hidden {size.heads * 128} ({size.heads} x 128), {size.double} double "
+              f"+ {size.single} single blocks; {size.img_tokens} image + {size.txt_tokens} text tokens; device {dev}, "
+              f"{torch.get_num_threads()} threads, torch {torch.__version__}")
         rows, ref = [], None
         for dtype_name in args.dtypes:
             dtype = DTYPES[dtype_name]
             models = {impl: load(impl, folder, dtype, dev) for impl in ("ours", "diffusers")}
-            x = make_inputs(dtype, dev)
+            x = make_inputs(size, dtype, dev)
             check, ref_out = check_outputs(models, x, ref, dtype_name)
             if dtype_name == "float32":
                 ref = ref_out
@@ -234,10 +261,10 @@ def main() -> None:
             if dev.startswith("cuda"):
                 del models
                 torch.cuda.empty_cache()
-                mem = {impl: measure_peak(impl, folder, dtype, dev) for impl in ("ours", "diffusers")}
+                mem = {impl: measure_peak(impl, folder, size, dtype, dev) for impl in ("ours", "diffusers")}
             else:
                 del models
-                mem = {impl: peak_in_subprocess(impl, folder, dtype_name) for impl in ("ours", "diffusers")}
+                mem = {impl: peak_in_subprocess(impl, folder, size, dtype_name) for impl in ("ours", "diffusers")}
             rows.append((dtype_name, times, mem))
         print_table(rows, args.runs, dev)
     finally:
