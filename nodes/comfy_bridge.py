@@ -136,6 +136,13 @@ def ready(*models: ManagedModel) -> None:
             m.module.to(compute_device())
 
 
+def free_memory(nbytes: int) -> None:
+    """Make ComfyUI unload its own models until `nbytes` are free on the compute device (for weights that
+    flux_core.vram places itself, which ComfyUI does not count). Standalone: nothing to do."""
+    if IN_COMFYUI:
+        _mm.free_memory(nbytes, compute_device())
+
+
 def soft_empty_cache() -> None:
     if IN_COMFYUI:
         _mm.soft_empty_cache()

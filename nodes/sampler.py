@@ -20,7 +20,7 @@ from . import comfy_bridge as bridge
 from .conditioning import read_conditioning
 from .handles import DIT_TYPE, DiTHandle
 from .loaders import NodeInputError
-from .vram_nodes import place_dit
+from .vram_nodes import place_dit, release_dit
 
 FLUX_LATENT = AutoEncoderParams()  # FLUX's latent scale/shift (ComfyUI's latent_formats.Flux)
 
@@ -119,6 +119,7 @@ class FluxCoreSampler:
 
         with torch.no_grad():
             final = run_denoise(start, sigmas, velocity, None, after_step)
+        release_dit(model)
         for stats in tea_stats.values():
             logging.getLogger("FluxCore").info("%s: %s", node, stats)
         out = dict(latent_image)

@@ -1,12 +1,14 @@
 """Memory and speed options for the FLUX DiT: FP8 storage / layer offload, and TeaCache.
 
 Both nodes only record options on a new model handle (the upstream handle is left as it is); the sampler
-applies them: `place_dit` before sampling (instead of moving the whole model to the device), and the
-handle's `tea_cache_l1_thresh` through `flux_core.sampling.tea_cache_extras`.
+applies them: `place_dit` before sampling (instead of moving the whole model to the device), the handle's
+`tea_cache_l1_thresh` through `flux_core.sampling.tea_cache_extras`, and `release_dit` after sampling.
 
 FP8 storage converts the loaded model's weights in place (there is no copy to go back to): a model once
-stored in FP8 stays so until its loader runs again, even for handles without this node. Offloaded layers
-are managed by flux_core.vram, not by ComfyUI's model manager: ComfyUI does not count their bytes.
+stored in FP8 stays so until its loader runs again, even for handles without this node. Placed layers are
+managed by flux_core.vram, not by ComfyUI's model manager, which does not count their bytes: before moving
+them in, ComfyUI is asked to free that much VRAM (its own models are unloaded as needed), and after sampling
+the resident copies of an offloaded DiT are dropped again.
 """
 from __future__ import annotations
 
@@ -51,7 +53,7 @@ def place_dit(handle):
                     "again (its loader re-runs when its inputs change).", stored_fp8)
         options = replace(options, weight_dtype=str(stored_fp8).removeprefix("torch."))
     if state is not None and state[0] == options:
-        state[1].load_models_to_device(["dit"])
+        _onload(state[1])
         return dit
     if state is not None:
         state[1].remove_all()
@@ -70,9 +72,24 @@ def place_dit(handle):
     store_model(dit, storage, weight_dtype, pin_memory=options.offload and device.torch_device.type == "cuda")
     manager = VRAMManager(device, budget=int(options.vram_limit * GiB) if options.offload else None)
     manager.add("dit", dit, compute_dtype)
-    manager.load_models_to_device(["dit"])
     setattr(dit, _STATE_ATTR, (options, manager))
+    _onload(manager)
     return dit
+
+
+def _onload(manager: VRAMManager) -> None:
+    weights = sum(t.untyped_storage().nbytes() for t in manager.models["dit"].stored.values())
+    needed = weights if manager.budget is None else min(weights, manager.budget)
+    bridge.free_memory(needed + manager.largest_unit_bytes() + GiB)  # + one layer in flight + activations
+    manager.load_models_to_device(["dit"])
+
+
+def release_dit(handle) -> None:
+    """After sampling: drop the resident copies of an offloaded DiT, so the VAE and other models get the VRAM
+    (weights stored on the device itself stay). Nothing to do for a DiT without VRAM options."""
+    state = getattr(handle.model.module, _STATE_ATTR, None)
+    if state is not None:
+        state[1].load_models_to_device([])
 
 
 class FluxCoreVRAMOptions:
