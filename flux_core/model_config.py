@@ -67,12 +67,14 @@ class ModelConfig:
     # moved to the compute device when VRAM management is on). Resolution does not use them.
     offload_device: str | None = None
     offload_dtype: torch.dtype | None = None
+    _skip_set_by_env: bool = field(default=False, init=False, repr=False, compare=False)  # for the error message
 
     def __post_init__(self):
         if isinstance(self.local_model_path, _NotGiven):
             self.local_model_path = os.environ.get(ENV_MODEL_BASE_PATH) or DEFAULT_LOCAL_MODEL_PATH
         if isinstance(self.skip_download, _NotGiven):
             self.skip_download = _env_flag(ENV_SKIP_DOWNLOAD, default=False)
+            self._skip_set_by_env = self.skip_download
 
     def resolve(self) -> str | list[str]:
         """The path (or sorted list of paths) of this model's weights, downloading them if they are missing.
@@ -103,8 +105,8 @@ class ModelConfig:
     def _not_found_message(self, folder: str, missing: list[str]) -> str:
         shown = ", ".join(repr(p) for p in missing)
         if self.skip_download:
-            why = (f"skip_download is set{' (by ' + ENV_SKIP_DOWNLOAD + ')' if _env_set(ENV_SKIP_DOWNLOAD) else ''}, "
-                   f"so nothing was downloaded")
+            by = f" (by {ENV_SKIP_DOWNLOAD})" if self._skip_set_by_env else ""
+            why = f"skip_download is set{by}, so nothing was downloaded"
         else:
             why = f"the ModelScope repository '{self.model_id}' has no file matching it"
         return (f"ModelConfig(model_id='{self.model_id}'): no file matches origin_file_pattern {shown} in "
@@ -176,10 +178,6 @@ def _non_empty_dir(path: str) -> bool:
         return False
     with os.scandir(path) as entries:
         return any(True for _ in entries)
-
-
-def _env_set(name: str) -> bool:
-    return bool(os.environ.get(name))
 
 
 def _env_flag(name: str, default: bool) -> bool:

@@ -208,6 +208,8 @@ def test_env_vars_apply_only_when_not_given(tmp_path, monkeypatch):
     assert c.local_model_path == str(tmp_path / "env_models") and c.skip_download is True
     c = ModelConfig(model_id=MODEL, local_model_path="./models", skip_download=False)
     assert c.local_model_path == "./models" and c.skip_download is False
+    with pytest.raises(ModelFileError, match=f"skip_download is set \\(by {model_config.ENV_SKIP_DOWNLOAD}\\)"):
+        ModelConfig(model_id=MODEL, origin_file_pattern="ae.safetensors", local_model_path=str(tmp_path)).resolve()
     monkeypatch.setenv(model_config.ENV_SKIP_DOWNLOAD, "maybe")
     with pytest.raises(ValueError, match=model_config.ENV_SKIP_DOWNLOAD):
         ModelConfig(model_id=MODEL)
