@@ -64,8 +64,8 @@ def build_models(params: FluxParams, device: torch.device, diffusers_ok: bool):
     if diffusers_ok:
         from diffusers import FluxTransformer2DModel
         with torch.device("meta"):
-            ref = FluxTransformer2DModel(**diffusers_config(params))
-        ref = ref.to_empty(device=device).to(torch.bfloat16).eval().requires_grad_(False)
+            ref = FluxTransformer2DModel(**diffusers_config(params)).to(torch.bfloat16)  # no float32 copy, ever
+        ref = ref.to_empty(device=device).eval().requires_grad_(False)
         for name, t in ref.named_parameters():
             if t.dim() >= 2:
                 t.normal_(0.0, 0.02, generator=gen)
@@ -76,9 +76,9 @@ def build_models(params: FluxParams, device: torch.device, diffusers_ok: bool):
     else:  # no diffusers: our model alone, random weights in our own layout
         ref, bfl = None, None
     with torch.device("meta"):
-        ours = FluxDiT(params)
+        ours = FluxDiT(params).to(torch.bfloat16)
     if bfl is None:
-        ours = ours.to_empty(device=device).to(torch.bfloat16)
+        ours = ours.to_empty(device=device)
         for name, t in ours.named_parameters():
             t.normal_(0.0, 0.02, generator=gen) if t.dim() >= 2 else t.fill_(1.0 if "norm" in name else 0.0)
     else:
