@@ -1,0 +1,23 @@
+"""Training: LoRA or full fine-tuning of the FLUX DiT with DiffSynth-Studio's command line.
+
+    accelerate launch -m flux_core.train --dataset_base_path data/example_image_dataset \\
+        --dataset_metadata_path data/example_image_dataset/metadata.csv --max_pixels 1048576 \\
+        --dataset_repeat 50 --model_id_with_origin_paths "black-forest-labs/FLUX.1-dev:flux1-dev.safetensors,\\
+    black-forest-labs/FLUX.1-dev:text_encoder/model.safetensors,black-forest-labs/FLUX.1-dev:text_encoder_2/,\\
+    black-forest-labs/FLUX.1-dev:ae.safetensors" --learning_rate 1e-4 --num_epochs 5 \\
+        --output_path ./models/train/FLUX.1-dev_lora --lora_base_model dit --lora_rank 32 \\
+        --use_gradient_checkpointing --align_to_opensource_format
+
+args.py (arguments), dataset.py (metadata, images, sizes), loss.py (the flow-matching objective),
+trainable.py (peft LoRA / full DiT, saving), checkpoint.py (atomic resumable states), trainer.py (the loop),
+validate.py (validate_lora / validate_full), fp8.py (FP8 storage of frozen models).
+"""
+from .args import TrainError, build_parser, parse_args
+
+
+def train(args):
+    from .trainer import train as _train
+    return _train(args)
+
+
+__all__ = ["TrainError", "build_parser", "parse_args", "train"]

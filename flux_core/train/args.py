@@ -1,0 +1,239 @@
+"""Command-line arguments of `python -m flux_core.train`: DiffSynth-Studio's names, defaults and meanings
+(`examples/flux/model_training/train.py`), plus FluxCore's additions (resume, validation images, seed, ...).
+
+Every argument is checked here or in `check_args` before a model is loaded, so a typo costs seconds, not a
+model load. Checks that need the data (rows, images) are in dataset.py; checks that need the DiT (target
+modules) in lora.py; all of them run before the first training step.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+import torch
+
+# The FLUX LoRA targets of every DiffSynth-Studio FLUX script, in our (Black Forest Labs) module names.
+FLUX_LORA_TARGETS = ("img_attn.qkv,txt_attn.qkv,img_attn.proj,txt_attn.proj,img_mlp.0,img_mlp.2,txt_mlp.0,"
+                     "txt_mlp.2,img_mod.lin,txt_mod.lin,linear1,linear2,modulation.lin")
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+LORA_FORMATS = ("kohya", "diffusers", "diffsynth")
+FP8_COMPONENTS = {"dit": "dit", "text_encoder_1": "text_encoder_1", "clip": "text_encoder_1",
+                  "text_encoder_2": "text_encoder_2", "t5": "text_encoder_2", "vae": "vae"}
+EXTRA_INPUTS = ("kontext_images",)
+
+
+class TrainError(ValueError):
+    """Bad training input (argument, dataset row, image, target module). The message names it and the fix."""
+
+
+def build_parser(prog: str = "python -m flux_core.train") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=prog, description="Train a LoRA on the FLUX DiT, or fine-tune the whole DiT (DiffSynth-Studio's "
+        "train.py arguments). Also: `validate_lora` / `validate_full` sub-commands render a checkpoint.")
+
+    d = p.add_argument_group("dataset")
+    d.add_argument("--dataset_base_path", required=True,
+                   help="folder the metadata's file paths are relative to (and where image + .txt pairs are "
+                        "looked for when there is no metadata file)")
+    d.add_argument("--dataset_metadata_path", default=None,
+                   help="metadata .csv/.json/.jsonl with an `image` and a `prompt` column. Default: "
+                        "metadata.csv/json/jsonl in the base folder if there is one, else every image of the "
+                        "folder with its same-name .txt caption")
+    d.add_argument("--max_pixels", type=int, default=1024 * 1024,
+                   help="dynamic resolution (height/width not given): images larger than this many pixels are "
+                        "scaled down to it, then each side is floored to a multiple of 16")
+    d.add_argument("--height", type=int, default=None, help="fixed training height (multiple of 16; with --width)")
+    d.add_argument("--width", type=int, default=None, help="fixed training width (multiple of 16; with --height)")
+    d.add_argument("--data_file_keys", default="image",
+                   help="comma list of metadata columns holding image paths (e.g. image,kontext_images)")
+    d.add_argument("--dataset_repeat", type=int, default=1, help="each epoch goes over the data this many times")
+    d.add_argument("--dataset_num_workers", type=int, default=0, help="DataLoader worker processes")
+
+    m = p.add_argument_group("models")
+    m.add_argument("--model_paths", default=None,
+                   help='JSON list of local model files/folders; an entry may be a list (shards): '
+                        '\'["flux1-dev.safetensors", "ae.safetensors", ["t5-1.safetensors", "t5-2.safetensors"]]\'')
+    m.add_argument("--model_id_with_origin_paths", default=None,
+                   help="comma list of model_id:origin_file_pattern fetched through ModelScope into "
+                        "./models (or $DIFFSYNTH_MODEL_BASE_PATH), e.g. "
+                        "black-forest-labs/FLUX.1-dev:flux1-dev.safetensors. An existing local path is taken as a path")
+    m.add_argument("--tokenizer_1_path", default=None, help="CLIP tokenizer folder (default: FLUX.1-dev tokenizer/)")
+    m.add_argument("--tokenizer_2_path", default=None, help="T5 tokenizer folder (default: FLUX.1-dev tokenizer_2/)")
+    m.add_argument("--extra_inputs", default=None,
+                   help="comma list of extra model inputs read from the metadata: kontext_images")
+    m.add_argument("--fp8_models", default=None,
+                   help="comma list of frozen models stored in float8_e4m3fn and computed in the training dtype: "
+                        "dit (LoRA training only), text_encoder_1 (clip), text_encoder_2 (t5), vae, or an entry of "
+                        "--model_paths / --model_id_with_origin_paths")
+
+    t = p.add_argument_group("training")
+    t.add_argument("--learning_rate", type=float, default=1e-4)
+    t.add_argument("--weight_decay", type=float, default=0.01, help="AdamW weight decay")
+    t.add_argument("--num_epochs", type=int, default=1)
+    t.add_argument("--output_path", default="./models", help="folder for the checkpoints, logs and validation images")
+    t.add_argument("--remove_prefix_in_ckpt", default="pipe.dit.",
+                   help="full fine-tuning: prefix removed from the saved parameter names, which are "
+                        "`pipe.dit.<BFL name>`; the default leaves the plain BFL names that load_model, ComfyUI "
+                        "and flux1-dev.safetensors use. (LoRA files always use their format's own names)")
+    t.add_argument("--save_steps", type=int, default=None,
+                   help="save every N optimizer steps (default: at the end of every epoch)")
+    t.add_argument("--find_unused_parameters", action="store_true",
+                   help="DDP: allow trainable parameters that get no gradient in a step")
+    t.add_argument("--trainable_models", default=None, help="models trained in full: dit")
+    t.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    t.add_argument("--task", default="sft", choices=["sft", "sft:train"], help="only supervised fine-tuning (sft)")
+
+    lo = p.add_argument_group("LoRA")
+    lo.add_argument("--lora_base_model", default=None, help="model the LoRA is added to: dit")
+    lo.add_argument("--lora_target_modules", default=FLUX_LORA_TARGETS,
+                    help="comma list of Linear layers (matched as name suffixes) in our BFL names "
+                         "(img_attn.qkv, linear1, modulation.lin, ...) or DiffSynth's (a_to_qkv, to_qkv_mlp, "
+                         "norm.linear, ...). Empty: every Linear of >= 512 features in the blocks")
+    lo.add_argument("--lora_rank", type=int, default=32)
+    lo.add_argument("--lora_checkpoint", default=None,
+                    help="LoRA file (any format FluxCore reads) to start from; its rank must be --lora_rank")
+    lo.add_argument("--align_to_opensource_format", action="store_true",
+                    help="accepted for DiffSynth compatibility: FluxCore always writes the open kohya format "
+                         "(see --lora_format)")
+    lo.add_argument("--lora_format", default="kohya", choices=LORA_FORMATS,
+                    help="file format of the saved LoRAs: kohya (ComfyUI, diffusers, kohya, Forge, DiffSynth load "
+                         "it), diffusers (PEFT keys) or diffsynth")
+
+    g = p.add_argument_group("memory")
+    g.add_argument("--use_gradient_checkpointing", action="store_true",
+                   help="recompute each DiT block's activations in the backward pass")
+    g.add_argument("--use_gradient_checkpointing_offload", action="store_true",
+                   help="gradient checkpointing with the saved block inputs kept in CPU memory")
+
+    x = p.add_argument_group("FluxCore additions")
+    x.add_argument("--resume", nargs="?", const="latest", default=None,
+                   help="continue an interrupted run from the latest checkpoint in --output_path (or from the "
+                        "checkpoint folder given): model, optimizer, LR schedule, step and data order")
+    x.add_argument("--keep_checkpoints", type=int, default=1,
+                   help="resumable training states kept in <output_path>/checkpoints (older ones are deleted)")
+    x.add_argument("--max_steps", type=int, default=None, help="stop after this many optimizer steps")
+    x.add_argument("--seed", type=int, default=0, help="seed of the LoRA init, data order, timesteps and noise")
+    x.add_argument("--torch_dtype", default="bfloat16", choices=list(DTYPES),
+                   help="dtype of the models (LoRA weights and their optimizer state are kept in float32)")
+    x.add_argument("--t5_sequence_length", type=int, default=512, help="T5 tokens per caption")
+    x.add_argument("--embedded_guidance", type=float, default=1.0,
+                   help="guidance value fed to the DiT's guidance embedder while training (DiffSynth: 1)")
+    x.add_argument("--validation_prompts", nargs="+", default=None,
+                   help="prompts rendered into <output_path>/validation every --validation_steps steps")
+    x.add_argument("--validation_steps", type=int, default=None,
+                   help="render the validation prompts every N optimizer steps (default: at each save)")
+    x.add_argument("--validation_height", type=int, default=None, help="default: --height, else from --max_pixels")
+    x.add_argument("--validation_width", type=int, default=None, help="default: --width, else from --max_pixels")
+    x.add_argument("--validation_num_inference_steps", type=int, default=30)
+    x.add_argument("--validation_embedded_guidance", type=float, default=3.5)
+    x.add_argument("--validation_seed", type=int, default=0)
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    args = build_parser().parse_args(argv)
+    check_args(args)
+    return args
+
+
+def comma_list(value: str | None) -> list[str]:
+    return [v.strip() for v in (value or "").split(",") if v.strip()]
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Argument errors that need no data and no model, each naming the argument."""
+    if not args.model_paths and not args.model_id_with_origin_paths:
+        raise TrainError("no models: give --model_paths (local files) and/or --model_id_with_origin_paths "
+                         "(ModelScope model_id:pattern).")
+    model_path_entries(args.model_paths)  # JSON checked here
+    for name in ("height", "width", "validation_height", "validation_width"):
+        value = getattr(args, name)
+        if value is not None and (value <= 0 or value % 16):
+            lower = max(16, value // 16 * 16)
+            raise TrainError(f"--{name} {value} is not a positive multiple of 16 (FLUX packs 2x2 patches of the "
+                             f"8x-downscaled latent); use {lower} or {lower + 16}.")
+    if (args.height is None) != (args.width is None):
+        raise TrainError("give both --height and --width for a fixed training size, or neither for dynamic "
+                         "resolution (limited by --max_pixels).")
+    if args.max_pixels < 256:
+        raise TrainError(f"--max_pixels {args.max_pixels}: must be at least 256 (one 16x16 patch).")
+    for name in ("dataset_repeat", "num_epochs", "gradient_accumulation_steps", "lora_rank", "keep_checkpoints",
+                 "t5_sequence_length", "validation_num_inference_steps"):
+        if getattr(args, name) < 1:
+            raise TrainError(f"--{name} must be at least 1, got {getattr(args, name)}.")
+    for name in ("save_steps", "max_steps", "validation_steps"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise TrainError(f"--{name} must be at least 1, got {getattr(args, name)}.")
+    if args.dataset_num_workers < 0:
+        raise TrainError(f"--dataset_num_workers must be 0 or more, got {args.dataset_num_workers}.")
+
+    trainable = comma_list(args.trainable_models)
+    lora_base = (args.lora_base_model or "").strip() or None
+    bad = [m for m in trainable if m != "dit"]
+    if bad:
+        raise TrainError(f"--trainable_models {','.join(bad)}: FluxCore trains the DiT only; use "
+                         f"--trainable_models dit (full fine-tuning) or --lora_base_model dit (LoRA).")
+    if lora_base not in (None, "dit"):
+        raise TrainError(f"--lora_base_model {lora_base}: FluxCore adds LoRAs to the DiT only; use "
+                         f"--lora_base_model dit.")
+    if lora_base and trainable:
+        raise TrainError("--trainable_models dit and --lora_base_model dit together: choose full fine-tuning "
+                         "or a LoRA.")
+    if not lora_base and not trainable:
+        raise TrainError("nothing to train: give --lora_base_model dit (LoRA) or --trainable_models dit "
+                         "(full fine-tuning).")
+    if args.lora_checkpoint and not lora_base:
+        raise TrainError("--lora_checkpoint needs --lora_base_model dit.")
+    if args.lora_checkpoint and not os.path.isfile(args.lora_checkpoint):
+        raise TrainError(f"--lora_checkpoint {args.lora_checkpoint}: no such file.")
+
+    extras = comma_list(args.extra_inputs)
+    unknown = [e for e in extras if e not in EXTRA_INPUTS]
+    if unknown:
+        raise TrainError(f"--extra_inputs {','.join(unknown)}: not supported; FluxCore's trainer reads "
+                         f"{', '.join(EXTRA_INPUTS)}.")
+    for entry in comma_list(args.fp8_models):
+        if FP8_COMPONENTS.get(entry) == "dit" and trainable:
+            raise TrainError("--fp8_models dit: the DiT is being fully fine-tuned; FP8 storage is for frozen "
+                             "models (use it with LoRA training).")
+    if args.validation_steps and not args.validation_prompts:
+        raise TrainError("--validation_steps needs --validation_prompts.")
+    if args.resume not in (None, "latest") and not os.path.isdir(args.resume):
+        raise TrainError(f"--resume {args.resume}: no such checkpoint folder.")
+
+
+def is_lora(args: argparse.Namespace) -> bool:
+    return bool((args.lora_base_model or "").strip())
+
+
+def data_file_keys(args: argparse.Namespace) -> list[str]:
+    """Columns loaded as images; the extra inputs that are images are added (DiffSynth needs both lists)."""
+    keys = comma_list(args.data_file_keys) or ["image"]
+    if "image" not in keys:
+        keys.insert(0, "image")
+    for extra in comma_list(args.extra_inputs):
+        if extra not in keys:
+            keys.append(extra)
+    return keys
+
+
+def model_path_entries(model_paths: str | None) -> list:
+    """--model_paths JSON -> list of paths (str) or shard lists (list[str])."""
+    if not model_paths:
+        return []
+    try:
+        entries = json.loads(model_paths)
+    except json.JSONDecodeError as e:
+        raise TrainError(f"--model_paths is not valid JSON ({e}); write a JSON list of paths, e.g. "
+                         f'\'["flux1-dev.safetensors", "ae.safetensors"]\'.') from None
+    if isinstance(entries, str):
+        entries = [entries]
+    if not isinstance(entries, list) or not all(
+            isinstance(e, str) or (isinstance(e, list) and e and all(isinstance(s, str) for s in e)) for e in entries):
+        raise TrainError("--model_paths must be a JSON list whose entries are paths or lists of paths (shards).")
+    return entries
+
+
+def torch_dtype(args: argparse.Namespace) -> torch.dtype:
+    return DTYPES[args.torch_dtype]

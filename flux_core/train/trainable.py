@@ -1,0 +1,155 @@
+"""What is trained: a LoRA added to the DiT with `peft`, or the whole DiT; and how each is saved and loaded.
+
+LoRA targets are Linear layers named by suffix, as peft matches them: `img_attn.qkv` hits
+`double_blocks.N.img_attn.qkv`, `linear1` hits `single_blocks.N.linear1`. Our names are the Black Forest Labs
+ones; DiffSynth-Studio's names for the same layers are accepted as aliases (`a_to_qkv` is `img_attn.qkv`,
+`to_qkv_mlp` is `linear1`, `norm.linear` is `modulation.lin`, ...). The LoRA has alpha = rank (scale 1), as
+DiffSynth's, peft's default init (A Kaiming-uniform, B zero), and float32 weights: the base model computes in
+the training dtype, the LoRA in float32, and AdamW's state stays float32 too.
+
+Saved LoRAs go through lora_tools' writers: kohya by default (`lora_unet_double_blocks_0_img_attn_qkv
+.lora_down.weight` + `.alpha`), which ComfyUI, diffusers, kohya, Forge, DiffSynth and `flux_core.lora.load_lora`
+all load. Full fine-tunes are saved as a DiT state dict with the BFL names, which `load_model` loads.
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import nn
+
+from .args import TrainError
+
+DIFFSYNTH_ALIASES = {
+    "a_to_qkv": "img_attn.qkv", "b_to_qkv": "txt_attn.qkv", "a_to_out": "img_attn.proj", "b_to_out": "txt_attn.proj",
+    "ff_a.0": "img_mlp.0", "ff_a.2": "img_mlp.2", "ff_b.0": "txt_mlp.0", "ff_b.2": "txt_mlp.2",
+    "norm1_a.linear": "img_mod.lin", "norm1_b.linear": "txt_mod.lin", "norm.linear": "modulation.lin",
+    "to_qkv_mlp": "linear1", "proj_out": "linear2",
+}
+ADAPTER = "default"
+AUTO_MIN_FEATURES = 512
+
+
+# ------------------------------------------------------------------------------------------------ targets
+def canonical_target(name: str) -> str:
+    """Our BFL suffix for a target given in either naming (`attn.a_to_qkv` and `a_to_qkv` both work)."""
+    short = name[len("attn."):] if name.startswith("attn.") and name[len("attn."):] in DIFFSYNTH_ALIASES else name
+    return DIFFSYNTH_ALIASES.get(short, name)
+
+
+def resolve_targets(spec: str, dit: nn.Module) -> list[str]:
+    """Full names of the DiT's Linear layers that --lora_target_modules names. Every entry must match at
+    least one layer. An empty spec selects, as DiffSynth does, every Linear with at least 512 input and
+    output features inside a ModuleList of more than one block."""
+    linears = {n: m for n, m in dit.named_modules() if isinstance(m, nn.Linear)}
+    entries = [e.strip() for e in spec.split(",") if e.strip()]
+    if not entries:
+        chosen = []
+        for list_name, module_list in dit.named_children():
+            if isinstance(module_list, nn.ModuleList) and len(module_list) > 1:
+                chosen += [n for n, m in linears.items() if n.startswith(list_name + ".")
+                           and min(m.in_features, m.out_features) >= AUTO_MIN_FEATURES]
+        if not chosen:
+            raise TrainError(f"--lora_target_modules is empty, so layers are chosen automatically (Linear layers "
+                             f"with >= {AUTO_MIN_FEATURES} features in the blocks), but this DiT has none; name "
+                             f"the targets, e.g. --lora_target_modules img_attn.qkv,linear1.")
+        return chosen
+    chosen: list[str] = []
+    for entry in entries:
+        target = canonical_target(entry)
+        hits = [n for n in linears if n == target or n.endswith("." + target)]
+        if not hits:
+            suffixes = sorted({n.split(".", 2)[2] if n.startswith(("double_blocks.", "single_blocks.")) else n
+                               for n in linears})
+            shown = f"'{entry}' (= '{target}')" if target != entry else f"'{entry}'"
+            raise TrainError(f"--lora_target_modules: {shown} matches no Linear layer of the DiT. Layer names "
+                             f"(BFL): {', '.join(suffixes)}; DiffSynth names are accepted too: "
+                             f"{', '.join(DIFFSYNTH_ALIASES)}.")
+        chosen += [h for h in hits if h not in chosen]
+    return chosen
+
+
+# ------------------------------------------------------------------------------------------------ LoRA
+def add_lora(dit: nn.Module, layer_names: list[str], rank: int) -> None:
+    """Inject a peft LoRA (alpha = rank) into the named Linear layers; only the LoRA weights train."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    config = LoraConfig(r=rank, lora_alpha=rank, target_modules=list(layer_names), lora_dropout=0.0,
+                        init_lora_weights=True)
+    inject_adapter_in_model(config, dit, adapter_name=ADAPTER)
+    for module in lora_modules(dit).values():
+        for part in (module.lora_A[ADAPTER], module.lora_B[ADAPTER]):
+            part.to(torch.float32)
+    for name, p in dit.named_parameters():
+        p.requires_grad_(".lora_A." in name or ".lora_B." in name)
+
+
+def lora_modules(dit: nn.Module) -> dict[str, nn.Module]:
+    """{BFL layer name: peft LoRA layer} of a DiT with an injected LoRA."""
+    from peft.tuners.lora import LoraLayer
+
+    return {name: m for name, m in dit.named_modules() if isinstance(m, LoraLayer) and ADAPTER in m.lora_A}
+
+
+def export_lora(dit: nn.Module, source: str = "flux_core.train"):
+    """The DiT's trained LoRA as lora_tools' canonical `LoraFile` (float32, each layer's alpha)."""
+    from lora_tools import LoraFile, LoraLayer
+
+    layers = {}
+    for name, m in lora_modules(dit).items():
+        down = m.lora_A[ADAPTER].weight.detach().float().cpu().clone()
+        up = m.lora_B[ADAPTER].weight.detach().float().cpu().clone()
+        layers[name] = LoraLayer(down=down, up=up, alpha=float(m.scaling[ADAPTER]) * down.shape[0],
+                                 source_keys=(name,))
+    return LoraFile(layers=layers, format="fluxcore", source=source)
+
+
+def load_lora_weights(dit: nn.Module, path: str, rank: int) -> list[str]:
+    """Start the injected LoRA from a file (--lora_checkpoint), in any format lora_tools reads. Its alpha/rank
+    scale is folded into B (our scale is 1). Returns the layers set; layers the file has but the run does not
+    train are reported with a warning."""
+    from lora_tools import read_lora
+
+    modules = lora_modules(dit)
+    shapes = {n: tuple(m.get_base_layer().weight.shape) for n, m in modules.items()}
+    lora = read_lora(path, target_shapes=shapes)
+    loaded, extra = [], []
+    with torch.no_grad():
+        for name, layer in lora.layers.items():
+            if name not in modules:
+                extra.append(name)
+                continue
+            if layer.rank != rank:
+                raise TrainError(f"--lora_checkpoint {path}: layer {name} has rank {layer.rank}, but --lora_rank "
+                                 f"is {rank}; set --lora_rank {layer.rank}.")
+            m = modules[name]
+            m.lora_A[ADAPTER].weight.copy_(layer.down.float())
+            m.lora_B[ADAPTER].weight.copy_(layer.up.float() * (layer.scale / float(m.scaling[ADAPTER])))
+            loaded.append(name)
+    if not loaded:
+        raise TrainError(f"--lora_checkpoint {path}: none of its {len(lora.layers)} layers is among the trained "
+                         f"target modules; check --lora_target_modules.")
+    if extra:
+        warnings.warn(f"--lora_checkpoint {path}: {len(extra)} layer(s) are not trained in this run and were left "
+                      f"out, e.g. {extra[:3]}.", stacklevel=2)
+    return loaded
+
+
+# ------------------------------------------------------------------------------------------------ full DiT
+def make_fully_trainable(dit: nn.Module) -> None:
+    dit.requires_grad_(True)
+
+
+def full_state_dict(dit: nn.Module, remove_prefix: str) -> dict[str, torch.Tensor]:
+    """The DiT's weights named `pipe.dit.<BFL name>` minus --remove_prefix_in_ckpt (default: plain BFL names)."""
+    out = {}
+    for name, tensor in dit.state_dict().items():
+        key = "pipe.dit." + name
+        if remove_prefix and key.startswith(remove_prefix):
+            key = key[len(remove_prefix):]
+        out[key] = tensor.detach().cpu()
+    return out
+
+
+def trainable_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]

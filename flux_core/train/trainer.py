@@ -1,0 +1,491 @@
+"""The training loop: load the pipeline, make the DiT (or a LoRA on it) trainable, and step through the data
+with `accelerate` doing the distributed part.
+
+Data order. Each epoch is a permutation of the (repeated) dataset drawn from (seed, epoch). With P processes
+and G accumulation steps an optimizer step consumes P x G consecutive places of that order: process r takes
+places r, r + P, r + 2P, ... Each sample's timestep and noise come from (seed, epoch, place). So a run
+resumed from a checkpoint continues the same order with the same draws, and `--num_processes 2` computes
+exactly what one process with `--gradient_accumulation_steps 2` computes. An epoch's places are cut to a
+multiple of P (the few left over wait for the next epoch's order); an epoch always ends on an optimizer step
+(a shorter last accumulation window), so epoch-end checkpoints are exact too.
+
+Progress: one JSON object per line on stdout (main process) and in <output_path>/train_log.jsonl:
+    {"event": "start", "total_steps", "start_step", "steps_per_epoch", "num_processes", "samples", ...}
+    {"event": "step", "step", "total_steps", "epoch", "loss", "lr", "images_per_s", "eta_s"}
+    {"event": "checkpoint", "step", "path", "state"}       weights file + resumable state folder
+    {"event": "validation", "step", "images": [...]}
+    {"event": "stopped", "step", "path", "state"}          after SIGINT/SIGTERM or an <output_path>/STOP file
+    {"event": "done", "step", "path"}                       the last weights file
+    {"event": "error", "message"}
+Stopping: SIGINT, SIGTERM (SIGBREAK on Windows) or a file named STOP in the output folder makes every process
+finish its current optimizer step, save a checkpoint and exit 0; `--resume` continues from it. A second
+SIGINT interrupts at once.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..image import pil_to_tensor
+from ..loading.files import save_safetensors
+from ..model_config import ModelConfig
+from ..sampling import PromptEmbeds
+from . import checkpoint as ckpt
+from .args import (FP8_COMPONENTS, TrainError, comma_list, data_file_keys, is_lora, model_path_entries,
+                   torch_dtype)
+from .dataset import ImageDataset, first_sample
+from .loss import flow_matching_loss, sample_generator, training_schedule
+
+STOP_FILE = "STOP"
+LOG_FILE = "train_log.jsonl"
+# DiffSynth-Studio steps torch's ConstantLR with its defaults: the first 5 optimizer steps at lr / 3.
+LR_START_FACTOR, LR_START_STEPS = 1.0 / 3.0, 5
+
+
+# ------------------------------------------------------------------------------------------------ plan
+@dataclass(frozen=True)
+class Plan:
+    samples: int            # dataset length (rows x repeat)
+    processes: int
+    accumulation: int
+    per_process: int        # samples each process sees per epoch
+    steps_per_epoch: int
+    epochs: int
+    max_steps: int | None
+
+    @property
+    def total_steps(self) -> int:
+        total = self.steps_per_epoch * self.epochs
+        return min(total, self.max_steps) if self.max_steps else total
+
+    def window(self, k: int) -> tuple[int, int]:
+        """(first place, length) of the accumulation window holding a process's k-th sample of an epoch."""
+        start = k // self.accumulation * self.accumulation
+        return start, min(self.accumulation, self.per_process - start)
+
+
+def make_plan(samples: int, processes: int, accumulation: int, epochs: int, max_steps: int | None) -> Plan:
+    per_process = samples // processes
+    if per_process == 0:
+        raise TrainError(f"the dataset has {samples} sample(s) for {processes} processes; each process needs at "
+                         f"least one: raise --dataset_repeat or use fewer processes.")
+    return Plan(samples, processes, accumulation, per_process, math.ceil(per_process / accumulation), epochs,
+                max_steps)
+
+
+def epoch_order(seed: int, epoch: int, samples: int) -> list[int]:
+    generator = torch.Generator().manual_seed((seed * 7919 + epoch) % (2**63 - 1))
+    return torch.randperm(samples, generator=generator).tolist()
+
+
+# ------------------------------------------------------------------------------------------------ models
+def model_configs(args: argparse.Namespace) -> list[tuple[str, ModelConfig]]:
+    """(what the user wrote, ModelConfig) for every model of --model_paths and --model_id_with_origin_paths."""
+    out = [(json.dumps(entry), ModelConfig(path=entry)) for entry in model_path_entries(args.model_paths)]
+    for item in comma_list(args.model_id_with_origin_paths):
+        if os.path.exists(item):
+            out.append((item, ModelConfig(path=item)))
+            continue
+        if ":" not in item:
+            raise TrainError(f"--model_id_with_origin_paths entry '{item}': expected model_id:origin_file_pattern "
+                             f"(e.g. black-forest-labs/FLUX.1-dev:flux1-dev.safetensors) or an existing path.")
+        model_id, pattern = item.split(":", 1)
+        out.append((item, ModelConfig(model_id=model_id, origin_file_pattern=pattern)))
+    return out
+
+
+def load_pipeline(args: argparse.Namespace, device: torch.device, skip_kinds: tuple[str, ...] = ()):
+    """The FluxImagePipeline the run trains on (every model frozen, in inference mode)."""
+    from ..pipeline import FluxImagePipeline
+
+    configs = model_configs(args)
+    if skip_kinds:
+        configs = [(spec, c) for spec, c in configs if not set(config_slots(c)) <= set(skip_kinds)]
+    tok1 = ModelConfig(path=args.tokenizer_1_path) if args.tokenizer_1_path else None
+    tok2 = ModelConfig(path=args.tokenizer_2_path) if args.tokenizer_2_path else None
+    pipe = FluxImagePipeline.from_pretrained(torch_dtype=torch_dtype(args), device=device,
+                                             model_configs=[c for _, c in configs], tokenizer_1_config=tok1,
+                                             tokenizer_2_config=tok2)
+    missing = [slot for slot in ("dit", "vae", "text_encoder_1", "text_encoder_2")
+               if slot not in skip_kinds and getattr(pipe, slot) is None]
+    if missing:
+        raise TrainError(f"the models given hold no {', '.join(missing)}; training needs the DiT, the VAE and both "
+                         f"text encoders (CLIP-L, T5): add them to --model_paths / --model_id_with_origin_paths.")
+    for slot in ("dit", "vae", "text_encoder_1", "text_encoder_2"):
+        module = getattr(pipe, slot)
+        if module is not None:
+            module.eval().requires_grad_(False)
+    return pipe, configs
+
+
+def config_slots(config: ModelConfig) -> list[str]:
+    """Pipeline slots (dit, vae, text_encoder_1, text_encoder_2) a model config holds, from its keys only."""
+    from ..loading.files import checkpoint_files, open_state_dict
+    from ..loading.loader import detect
+    from ..pipeline import _SLOTS, DIFFUSERS_COMPONENTS
+
+    paths = config.resolve()
+    single = paths if isinstance(paths, str) else (paths[0] if len(paths) == 1 else None)
+    if single is not None and (Path(single) / "model_index.json").is_file():
+        return [_SLOTS[k] for k, folder in DIFFUSERS_COMPONENTS.items() if (Path(single) / folder).is_dir()]
+    return [_SLOTS[d.kind.name] for d in detect(open_state_dict(checkpoint_files(paths)))]
+
+
+def fp8_slots(args: argparse.Namespace, configs: list[tuple[str, ModelConfig]]) -> list[str]:
+    slots: list[str] = []
+    for entry in comma_list(args.fp8_models):
+        if entry in FP8_COMPONENTS:
+            found = [FP8_COMPONENTS[entry]]
+        else:
+            matches = [c for spec, c in configs if entry in (spec, json.dumps(entry))]
+            if not matches:
+                raise TrainError(f"--fp8_models {entry}: neither a model name ({', '.join(FP8_COMPONENTS)}) nor "
+                                 f"an entry of --model_paths / --model_id_with_origin_paths.")
+            found = config_slots(matches[0])
+        slots += [s for s in found if s not in slots]
+    return slots
+
+
+# ------------------------------------------------------------------------------------------------ logging
+class Log:
+    def __init__(self, output_path: Path, enabled: bool):
+        self.enabled = enabled
+        self.path = output_path / LOG_FILE
+
+    def __call__(self, event: str, **fields) -> None:
+        if not self.enabled:
+            return
+        line = json.dumps({"event": event, **fields}, ensure_ascii=False)
+        print(line, flush=True)
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(line + "\n")
+
+
+class StopFlag:
+    """Set by SIGINT/SIGTERM/SIGBREAK; a second SIGINT raises KeyboardInterrupt at once."""
+
+    def __init__(self):
+        self.requested = False
+        self.previous = {}
+
+    def install(self) -> None:
+        for name in ("SIGINT", "SIGTERM", "SIGBREAK"):
+            sig = getattr(signal, name, None)
+            if sig is not None:
+                try:
+                    self.previous[sig] = signal.signal(sig, self._handle)
+                except (ValueError, OSError):  # not the main thread: the caller handles stopping
+                    pass
+
+    def uninstall(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        self.previous = {}
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+        print(f"flux_core.train: signal {signum}: stopping after this step and saving a checkpoint "
+              f"(press Ctrl-C again to abort without saving).", file=sys.stderr, flush=True)
+
+
+# ------------------------------------------------------------------------------------------------ trainer
+class Trainer:
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+        self.output = Path(args.output_path)
+        self.dtype = torch_dtype(args)
+        self.lora = is_lora(args)
+        self.stop = StopFlag()
+
+    # -------------------------------------------------------------------- setup
+    def prepare_data(self) -> ImageDataset:
+        a = self.args
+        dataset = ImageDataset(a.dataset_base_path, a.dataset_metadata_path, data_file_keys(a), a.height, a.width,
+                               a.max_pixels, a.dataset_repeat, required_keys=comma_list(a.extra_inputs))
+        self.data_summary = dataset.check()
+        return dataset
+
+    def setup(self) -> None:
+        from accelerate import Accelerator
+        from accelerate.utils import DistributedDataParallelKwargs
+
+        a = self.args
+        self.dataset = self.prepare_data()  # every row read before any model is loaded
+        # Several processes on a machine without GPUs (`accelerate launch --multi_gpu --num_processes 2` on a
+        # CPU): accelerate only sets up gloo data parallelism when told it runs on the CPU.
+        cpu_only = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+        self.accelerator = acc = Accelerator(
+            cpu=cpu_only, kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=a.find_unused_parameters)])
+        self.plan = make_plan(len(self.dataset), acc.num_processes, a.gradient_accumulation_steps, a.num_epochs,
+                              a.max_steps)
+        if acc.is_main_process:
+            self.output.mkdir(parents=True, exist_ok=True)
+            (self.output / STOP_FILE).unlink(missing_ok=True)
+            if not a.resume:  # a new run starts a new log; a resumed one continues it
+                (self.output / LOG_FILE).unlink(missing_ok=True)
+        acc.wait_for_everyone()
+        self.log = Log(self.output, acc.is_main_process)
+
+        self.pipe, configs = load_pipeline(a, acc.device)
+        dit = self.pipe.dit
+        torch.manual_seed(a.seed)
+        if self.lora:
+            from .trainable import add_lora, load_lora_weights, resolve_targets
+            self.targets = resolve_targets(a.lora_target_modules, dit)
+            add_lora(dit, self.targets, a.lora_rank)
+            if a.lora_checkpoint:
+                load_lora_weights(dit, a.lora_checkpoint, a.lora_rank)
+        else:
+            from .trainable import make_fully_trainable
+            self.targets = []
+            make_fully_trainable(dit)
+        slots = fp8_slots(a, configs)
+        if slots:
+            from .fp8 import store_in_fp8
+            for slot in slots:
+                store_in_fp8(getattr(self.pipe, slot))
+        dit.gradient_checkpointing = a.use_gradient_checkpointing or a.use_gradient_checkpointing_offload
+        dit.gradient_checkpointing_offload = a.use_gradient_checkpointing_offload
+        dit.train()
+
+        self.params = [(n, p) for n, p in dit.named_parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW([p for _, p in self.params], lr=a.learning_rate, weight_decay=a.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.ConstantLR(optimizer, factor=LR_START_FACTOR,
+                                                             total_iters=LR_START_STEPS)
+        self.step, self.epoch, self.position = 0, 0, 0
+        self.resumed_from, self.last_saved, self.last_path = None, None, None
+        if a.resume:
+            self.restore(optimizer)
+        self.model, self.optimizer = acc.prepare(dit, optimizer)
+        self.schedule = training_schedule()
+        self.guidance = a.embedded_guidance if dit.params.guidance_embed else None
+
+    def settings(self) -> dict:
+        """What a resumed run must share with the run that saved the state, for the result to be the same."""
+        a = self.args
+        return {"mode": "lora" if self.lora else "full", "lora_rank": a.lora_rank if self.lora else None,
+                "targets": self.targets, "seed": a.seed, "samples": self.plan.samples,
+                "num_processes": self.plan.processes, "gradient_accumulation_steps": self.plan.accumulation,
+                "learning_rate": a.learning_rate, "weight_decay": a.weight_decay, "torch_dtype": a.torch_dtype}
+
+    def restore(self, optimizer: torch.optim.Optimizer) -> None:
+        folder = ckpt.find_state(self.output, self.args.resume)
+        if folder is None:
+            if self.accelerator.is_main_process:
+                print(f"flux_core.train: --resume: no checkpoint in {ckpt.checkpoints_dir(self.output)} yet; "
+                      f"starting from the beginning.", file=sys.stderr, flush=True)
+            return
+        trainable, optimizer_state, scheduler_state, state = ckpt.load_state(folder)
+        saved, now = state.get("settings", {}), self.settings()
+        for key, value in now.items():
+            if key in saved and saved[key] != value:
+                raise TrainError(f"--resume {folder}: the checkpoint was trained with {key}={saved[key]!r}, this run "
+                                 f"has {value!r}. Resume with the same settings (only --num_epochs, --max_steps, "
+                                 f"saving and validation options may change).")
+        names = {n for n, _ in self.params}
+        if set(trainable) != names:
+            raise TrainError(f"--resume {folder}: its trained parameters differ from this run's "
+                             f"({len(trainable)} vs {len(names)}); resume with the same model and targets.")
+        with torch.no_grad():
+            for name, p in self.params:
+                p.copy_(trainable[name].to(p.device, p.dtype))
+        optimizer.load_state_dict(optimizer_state)
+        self.scheduler.load_state_dict(scheduler_state)
+        self.step, self.epoch, self.position = state["step"], state["epoch"], state["position"]
+        self.resumed_from = str(folder)
+        self.last_saved, self.last_path = self.step, self.output / state["weights"]
+
+    # -------------------------------------------------------------------- loop
+    def run(self) -> dict:
+        self.stop.install()
+        try:
+            self.setup()
+            return self._run()
+        finally:
+            self.stop.uninstall()
+
+    def _run(self) -> dict:
+        a, acc, plan = self.args, self.accelerator, self.plan
+        if acc.is_main_process:
+            (self.output / "training_args.json").write_text(json.dumps(vars(a), indent=1, ensure_ascii=False),
+                                                           encoding="utf-8")
+        self.log("start", total_steps=plan.total_steps, start_step=self.step, steps_per_epoch=plan.steps_per_epoch,
+                 epochs=plan.epochs, num_processes=plan.processes, samples=plan.samples,
+                 dataset_rows=self.data_summary["rows"], mode="lora" if self.lora else "full",
+                 trainable_parameters=sum(p.numel() for _, p in self.params), lora_layers=len(self.targets),
+                 resumed_from=self.resumed_from, output_path=str(self.output))
+        return self._loop()
+
+    def _loop(self) -> dict:
+        a, acc, plan = self.args, self.accelerator, self.plan
+        step_times: list[float] = []
+        if self._any(self.stop.requested):  # stopped while the models were loading: nothing new to save
+            self.log("stopped", step=self.step, path=_str(self.last_path), state=None)
+            return {"step": self.step, "path": self.last_path, "stopped": True}
+        if self.step >= plan.total_steps:
+            return self._finish()
+        while self.epoch < plan.epochs:
+            order = epoch_order(a.seed, self.epoch, plan.samples)
+            mine = [order[k * plan.processes + acc.process_index] for k in range(plan.per_process)]
+            start = self.position
+            loader = torch.utils.data.DataLoader(torch.utils.data.Subset(self.dataset, mine[start:]), batch_size=1,
+                                                 shuffle=False, collate_fn=first_sample,
+                                                 num_workers=a.dataset_num_workers)
+            losses: list[torch.Tensor] = []
+            t0 = time.perf_counter()
+            for k, sample in enumerate(loader, start=start):
+                window_start, window_len = plan.window(k)
+                boundary = k - window_start + 1 == window_len
+                place = k * plan.processes + acc.process_index
+                with (acc.no_sync(self.model) if not boundary else contextlib.nullcontext()):
+                    loss = self._loss(sample, sample_generator(a.seed, self.epoch, place))
+                    acc.backward(loss / window_len)
+                losses.append(loss.detach().float())
+                if not boundary:
+                    continue
+                lr = self.optimizer.param_groups[0]["lr"]
+                self.optimizer.step()
+                self.scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                self.step, self.position = self.step + 1, k + 1
+                stop, mean_loss = self._gather(losses)
+                losses = []
+                dt = time.perf_counter() - t0
+                step_times = (step_times + [dt])[-20:]
+                self.log("step", step=self.step, total_steps=plan.total_steps, epoch=self.epoch, loss=mean_loss, lr=lr,
+                         images_per_s=plan.processes * window_len / dt,
+                         eta_s=sum(step_times) / len(step_times) * (plan.total_steps - self.step))
+                epoch_done = self.position == plan.per_process
+                if epoch_done:  # the saved state points at the start of the next epoch
+                    self.epoch, self.position = self.epoch + 1, 0
+                if a.save_steps and self.step % a.save_steps == 0:
+                    self.save(f"step-{self.step}", validate=not stop)
+                elif epoch_done and a.save_steps is None:
+                    self.save(f"epoch-{self.epoch - 1}", validate=not stop)
+                if stop:
+                    return self._stopped()
+                if a.validation_steps and self.step % a.validation_steps == 0:
+                    self.validate()
+                if self.step >= plan.total_steps:
+                    return self._finish()
+                t0 = time.perf_counter()
+        return self._finish()
+
+    def _loss(self, sample: dict, generator: torch.Generator) -> torch.Tensor:
+        pipe = self.pipe
+        with torch.no_grad():
+            x0 = pipe.encode_image(pil_to_tensor(sample["image"], "image"))
+            emb = pipe.encode_prompt(sample["prompt"], self.args.t5_sequence_length)
+            prompt = PromptEmbeds(emb.prompt_emb.to(self.dtype), emb.pooled.to(self.dtype))
+            extras = pipe.kontext_extras(sample["kontext_images"], 1) if "kontext_images" in sample else None
+        loss, _ = flow_matching_loss(self.model, x0, prompt, self.schedule, generator, self.guidance, self.dtype,
+                                     extras)
+        return loss
+
+    def _any(self, flag: bool) -> bool:
+        acc = self.accelerator
+        if acc.num_processes == 1:
+            return flag
+        return bool(acc.reduce(torch.tensor([float(flag)], device=acc.device), "sum")[0] > 0)
+
+    def _gather(self, losses: list[torch.Tensor]) -> tuple[bool, float]:
+        """(stop requested on any process, mean loss over the window on all processes): one collective."""
+        acc = self.accelerator
+        stop = self.stop.requested or (self.output / STOP_FILE).exists()
+        t = torch.stack([torch.stack(losses).sum(), torch.tensor(float(len(losses))), torch.tensor(float(stop))])
+        t = acc.reduce(t.to(acc.device), "sum") if acc.num_processes > 1 else t
+        return bool(t[2] > 0), float(t[0] / t[1])
+
+    # -------------------------------------------------------------------- outputs
+    def save(self, label: str, validate: bool = True) -> Path:
+        """The weights file `<label>.safetensors` and a resumable state, from the main process."""
+        acc = self.accelerator
+        acc.wait_for_everyone()
+        path = self.output / f"{label}.safetensors"
+        if acc.is_main_process:
+            dit = self.pipe.dit
+            if self.lora:
+                from lora_tools import save_lora
+                from .trainable import export_lora
+                save_lora(export_lora(dit), path, fmt=self.args.lora_format, dtype=self.dtype)
+            else:
+                from .trainable import full_state_dict
+                config = {"axes_dim": list(dit.params.axes_dim)}  # the one setting shapes cannot tell
+                save_safetensors(full_state_dict(dit, self.args.remove_prefix_in_ckpt), path,
+                                 metadata={"format": "pt", "fluxcore_dit_config": json.dumps(config)})
+            state = {"step": self.step, "epoch": self.epoch, "position": self.position, "weights": path.name,
+                     "settings": self.settings()}
+            folder = ckpt.save_state(self.output, {n: p for n, p in self.params}, self.optimizer.state_dict(),
+                                     self.scheduler.state_dict(), state, self.args.keep_checkpoints)
+            self.log("checkpoint", step=self.step, path=str(path), state=str(folder))
+        acc.wait_for_everyone()
+        self.last_saved, self.last_path = self.step, path
+        if validate and self.args.validation_prompts and not self.args.validation_steps:
+            self.validate()
+        return path
+
+    def validate(self) -> list[str]:
+        """Render the validation prompts with the current weights into <output_path>/validation."""
+        from ..__main__ import save_image
+
+        a, acc = self.args, self.accelerator
+        acc.wait_for_everyone()
+        paths = []
+        if acc.is_main_process:
+            height, width = validation_size(a)
+            self.pipe.dit.eval()
+            for i, prompt in enumerate(a.validation_prompts):
+                image = self.pipe(prompt=prompt, height=height, width=width, seed=a.validation_seed,
+                                  num_inference_steps=a.validation_num_inference_steps,
+                                  embedded_guidance=a.validation_embedded_guidance,
+                                  t5_sequence_length=a.t5_sequence_length, progress_bar_cmd=None)
+                path = save_image(image, self.output / "validation" / f"step-{self.step}-{i}.png")
+                paths.append(str(path))
+            self.pipe.dit.train()
+            self.log("validation", step=self.step, images=paths, prompts=a.validation_prompts)
+        acc.wait_for_everyone()
+        return paths
+
+    def _stopped(self) -> dict:
+        if self.last_saved != self.step:
+            self.save(f"step-{self.step}", validate=False)
+        if self.accelerator.is_main_process:
+            (self.output / STOP_FILE).unlink(missing_ok=True)
+        self.log("stopped", step=self.step, path=_str(self.last_path),
+                 state=str(ckpt.checkpoints_dir(self.output) / f"step-{self.step}"))
+        return {"step": self.step, "path": self.last_path, "stopped": True}
+
+    def _finish(self) -> dict:
+        if self.last_saved != self.step:
+            self.save(f"step-{self.step}")
+        self.log("done", step=self.step, path=_str(self.last_path))
+        return {"step": self.step, "path": self.last_path, "stopped": False}
+
+
+def _str(path: Path | None) -> str | None:
+    return None if path is None else str(path)
+
+
+def validation_size(args: argparse.Namespace) -> tuple[int, int]:
+    """(height, width): --validation_height/width, else the fixed training size, else the largest square
+    (multiple of 16) within --max_pixels."""
+    side = max(16, int(math.sqrt(args.max_pixels)) // 16 * 16)
+    height = args.validation_height or args.height or side
+    width = args.validation_width or args.width or side
+    return height, width
+
+
+def train(args: argparse.Namespace) -> dict:
+    return Trainer(args).run()
