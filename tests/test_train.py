@@ -1,0 +1,267 @@
+"""flux_core.train pieces on their own: the objective, LoRA targets, dataset reading and its errors, argument
+checks, atomic checkpoints, the data plan, gradient checkpointing. (End to end runs: test_train_e2e.py.)"""
+import json
+import math
+
+import pytest
+import torch
+from PIL import Image
+
+from flux_core.loading.loader import load_model
+from flux_core.math import image_ids, pack_latents, text_ids
+from flux_core.sampling import PromptEmbeds
+from flux_core.scheduler import SIGMA_MIN
+from flux_core.train import checkpoint as ckpt
+from flux_core.train.__main__ import main
+from flux_core.train.args import FLUX_LORA_TARGETS, TrainError, parse_args
+from flux_core.train.dataset import ImageDataset, crop_and_resize, target_size
+from flux_core.train.loss import flow_matching_loss, sample_generator, training_schedule
+from flux_core.train.trainable import DIFFSYNTH_ALIASES, resolve_targets
+from flux_core.train.trainer import epoch_order, make_plan
+from tests.tiny_dit import make_diffusers_dit, write_diffusers_dit
+
+DIFFSYNTH_TARGETS = ("a_to_qkv,b_to_qkv,ff_a.0,ff_a.2,ff_b.0,ff_b.2,a_to_out,b_to_out,proj_out,norm.linear,"
+                     "norm1_a.linear,norm1_b.linear,to_qkv_mlp")
+
+
+@pytest.fixture(scope="module")
+def dit(tmp_path_factory):
+    folder = write_diffusers_dit(make_diffusers_dit(seed=1), tmp_path_factory.mktemp("dit") / "transformer")
+    return load_model(folder, torch_dtype=torch.float32, kind="dit")
+
+
+def base_argv(data, *extra):
+    return ["--dataset_base_path", str(data), "--model_paths", '["unused"]', "--lora_base_model", "dit", *extra]
+
+
+# ------------------------------------------------------------------------------------------------ objective
+def test_training_schedule_is_the_shifted_1000_point_grid_with_a_bell_weight_of_mean_1():
+    s = training_schedule()
+    assert s.sigmas.shape == s.weights.shape == (1000,)
+    shifted_min = 3 * SIGMA_MIN / (1 + 2 * SIGMA_MIN)
+    assert s.sigmas[0].item() == pytest.approx(1.0) and s.sigmas[-1].item() == pytest.approx(shifted_min, rel=1e-5)
+    # uniform in the unshifted sigma, then shifted by 3: sigma' = 3 s / (1 + 2 s)
+    raw = torch.linspace(1.0, SIGMA_MIN, 1000, dtype=torch.float64)
+    assert torch.allclose(s.sigmas.double(), 3 * raw / (1 + 2 * raw), atol=1e-6)
+    assert s.weights.mean().item() == pytest.approx(1.0, abs=1e-5)
+    t = s.sigmas.double() * 1000
+    y = torch.exp(-2 * ((t - 500) / 1000) ** 2)
+    assert torch.allclose(s.weights.double(), (y - y.min()) * 1000 / (y - y.min()).sum(), atol=1e-5)
+    peak = int(s.weights.argmax())
+    assert abs(s.sigmas[peak].item() - 0.5) < 0.01          # bell centred at sigma 0.5
+    assert s.weights[0].item() < 0.05 * s.weights.max().item()  # near zero at the ends
+
+
+def test_loss_is_weighted_mse_of_velocity_against_noise_minus_x0():
+    class Echo(torch.nn.Module):  # predicts its (packed) input: the loss is then computable by hand
+        def forward(self, img, **kw):
+            return img
+    x0 = torch.randn(1, 16, 4, 6)
+    prompt = PromptEmbeds(torch.zeros(1, 3, 8), torch.zeros(1, 8))
+    schedule = training_schedule()
+    loss, sigma = flow_matching_loss(Echo(), x0, prompt, schedule, sample_generator(0, 0, 5), 1.0, torch.float32)
+    g = sample_generator(0, 0, 5)
+    index = int(torch.randint(0, 1000, (1,), generator=g))
+    noise = torch.randn(x0.shape, generator=g)
+    assert sigma == pytest.approx(schedule.sigmas[index].item())
+    x_t = (1 - sigma) * x0 + sigma * noise
+    expected = ((x_t - (noise - x0)) ** 2).mean() * schedule.weights[index]
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_sample_generators_depend_only_on_seed_epoch_and_place():
+    draw = lambda *k: torch.randn(4, generator=sample_generator(*k))  # noqa: E731
+    assert torch.equal(draw(3, 1, 7), draw(3, 1, 7))
+    assert not torch.equal(draw(3, 1, 7), draw(3, 1, 8))
+    assert not torch.equal(draw(3, 1, 7), draw(3, 2, 7))
+    assert not torch.equal(draw(3, 1, 7), draw(4, 1, 7))
+
+
+# ------------------------------------------------------------------------------------------------ targets
+def test_bfl_and_diffsynth_target_names_select_the_same_layers(dit):
+    bfl = resolve_targets(FLUX_LORA_TARGETS, dit)
+    assert len(bfl) == 10 * dit.params.depth + 3 * dit.params.depth_single_blocks
+    assert sorted(resolve_targets(DIFFSYNTH_TARGETS, dit)) == sorted(bfl)
+    assert "final_layer.linear" not in bfl and "single_blocks.0.linear2" in bfl
+    assert resolve_targets("proj_out", dit) == [f"single_blocks.{i}.linear2" for i in range(2)]
+    assert resolve_targets("attn.a_to_qkv", dit) == ["double_blocks.0.img_attn.qkv", "double_blocks.1.img_attn.qkv"]
+    assert set(DIFFSYNTH_ALIASES) == set(DIFFSYNTH_TARGETS.split(","))
+
+
+@pytest.mark.parametrize("spec, named", [("img_attn.qkv,to_q", "'to_q'"), ("a_to_qkv,bogus", "'bogus'"),
+                                         ("", "automatically")])
+def test_targets_that_match_nothing_are_an_error_naming_them(dit, spec, named):
+    with pytest.raises(TrainError, match=named):
+        resolve_targets(spec, dit)
+
+
+# ------------------------------------------------------------------------------------------------ dataset
+def test_dynamic_and_fixed_sizes():
+    assert target_size(1000, 700, None, 1024 * 1024) == (992, 688)        # under the limit: floor to 16
+    w, h = target_size(4000, 3000, None, 1024 * 1024)                      # scaled down to ~1M pixels
+    assert w % 16 == 0 and h % 16 == 0 and w * h <= 1024 * 1024 and w * h > 0.9 * 1024 * 1024
+    assert (w, h) == (int(4000 / math.sqrt(12e6 / 2**20)) // 16 * 16, int(3000 / math.sqrt(12e6 / 2**20)) // 16 * 16)
+    assert target_size(4000, 3000, (512, 256), 1024 * 1024) == (512, 256)
+    image = Image.new("RGB", (100, 50))
+    image.paste((255, 0, 0), (0, 0, 25, 50))   # red left quarter is cropped away at 48x48
+    out = crop_and_resize(image, 48, 48)
+    assert out.size == (48, 48) and out.getpixel((0, 24))[0] < 128
+
+
+def write_csv(folder, rows, header="image,prompt"):
+    (folder / "metadata.csv").write_text("\n".join([header, *rows]) + "\n", encoding="utf-8")
+    return folder / "metadata.csv"
+
+
+def test_metadata_formats_and_folder_captions(tmp_path):
+    Image.new("RGB", (40, 24), (9, 9, 9)).save(tmp_path / "a b.png")
+    Image.new("RGB", (40, 24)).save(tmp_path / "c.jpg")
+    (tmp_path / "a b.txt").write_text("first caption\n", encoding="utf-8")
+    (tmp_path / "c.txt").write_text("second", encoding="utf-8")
+    folder = ImageDataset(tmp_path)
+    assert folder.check()["rows"] == 2 and folder[0]["prompt"] == "first caption" and folder[0]["image"].size == (32, 16)
+    (tmp_path / "m.json").write_text(json.dumps([{"image": "a b.png", "prompt": "x"}]), encoding="utf-8")
+    (tmp_path / "m.jsonl").write_text('{"image": "c.jpg", "prompt": "y"}\n\n{"image": "a b.png", "prompt": "z"}\n',
+                                      encoding="utf-8")
+    assert [r["prompt"] for r in ImageDataset(tmp_path, tmp_path / "m.jsonl", repeat=2)] == ["y", "z", "y", "z"]
+    assert ImageDataset(tmp_path, tmp_path / "m.json", height=64, width=32)[0]["image"].size == (32, 64)
+
+
+@pytest.mark.parametrize("case, message", [
+    ("empty", "dataset is empty"),
+    ("missing_image", r"metadata.csv row 2 .*gone\.png does not exist"),
+    ("unreadable", r"metadata.csv row 1 .*broken\.png cannot be read"),
+    ("gif", r"row 1 .*not a supported image type"),
+    ("no_prompt_column", r"row 1 .*no 'prompt'"),
+    ("tiny_image", r"row 1 .*too small"),
+    ("no_caption_file", r"lonely\.png: no caption file lonely\.txt"),
+    ("missing_kontext", r"row 1 .*no 'kontext_images'"),
+])
+def test_bad_datasets_fail_before_training_naming_the_row(tmp_path, case, message):
+    Image.new("RGB", (32, 32)).save(tmp_path / "ok.png")
+    kwargs = {}
+    if case == "empty":
+        write_csv(tmp_path, [])
+    elif case == "missing_image":
+        write_csv(tmp_path, ["ok.png,fine", "gone.png,missing"])
+    elif case == "unreadable":
+        (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really a png")
+        write_csv(tmp_path, ["broken.png,damaged"])
+    elif case == "gif":
+        Image.new("RGB", (32, 32)).save(tmp_path / "x.gif")
+        write_csv(tmp_path, ["x.gif,a gif"])
+    elif case == "no_prompt_column":
+        write_csv(tmp_path, ["ok.png"], header="image")
+    elif case == "tiny_image":
+        Image.new("RGB", (8, 40)).save(tmp_path / "thin.png")
+        write_csv(tmp_path, ["thin.png,thin"])
+    elif case == "no_caption_file":
+        (tmp_path / "ok.txt").write_text("ok")
+        Image.new("RGB", (32, 32)).save(tmp_path / "lonely.png")
+    elif case == "missing_kontext":
+        write_csv(tmp_path, ["ok.png,a prompt"])
+        kwargs = dict(file_keys=["image", "kontext_images"], required_keys=["kontext_images"])
+    with pytest.raises(TrainError, match=message):
+        ImageDataset(tmp_path, **kwargs).check()
+
+
+def test_cli_reports_a_bad_dataset_before_loading_models(tmp_path, capsys):
+    write_csv(tmp_path, ["gone.png,missing"])
+    assert main(base_argv(tmp_path, "--output_path", str(tmp_path / "out"))) == 2
+    out, err = capsys.readouterr()
+    assert json.loads(out.splitlines()[-1]) == {"event": "error", "message": json.loads(out.splitlines()[-1])["message"]}
+    assert "row 1" in err and "gone.png" in err
+
+
+# ------------------------------------------------------------------------------------------------ arguments
+@pytest.mark.parametrize("extra, message", [
+    (["--height", "520", "--width", "512"], r"--height 520 is not a positive multiple of 16 .*use 512 or 528"),
+    (["--height", "512"], "both --height and --width"),
+    (["--trainable_models", "dit"], "choose full fine-tuning or a LoRA"),
+    (["--lora_base_model", "text_encoder"], "adds LoRAs to the DiT only"),
+    (["--extra_inputs", "controlnet_image"], "controlnet_image: not supported"),
+    (["--validation_steps", "5"], "needs --validation_prompts"),
+    (["--gradient_accumulation_steps", "0"], "at least 1"),
+])
+def test_argument_errors_name_the_argument(tmp_path, extra, message):
+    with pytest.raises(TrainError, match=message):
+        parse_args(base_argv(tmp_path, *extra))
+
+
+def test_model_paths_must_be_json(tmp_path):
+    with pytest.raises(TrainError, match="--model_paths is not valid JSON"):
+        parse_args(["--dataset_base_path", str(tmp_path), "--model_paths", "[a.safetensors]",
+                    "--lora_base_model", "dit"])
+    with pytest.raises(TrainError, match="nothing to train"):
+        parse_args(["--dataset_base_path", str(tmp_path), "--model_paths", '["a"]'])
+
+
+# ------------------------------------------------------------------------------------------------ checkpoints
+def save(tmp_path, step, keep=1):
+    return ckpt.save_state(tmp_path, {"w": torch.full((2,), float(step))}, {"state": {}, "param_groups": []},
+                           {"last_epoch": step}, {"step": step, "epoch": 0, "position": step}, keep=keep)
+
+
+def test_checkpoints_are_atomic_and_latest_always_loads(tmp_path, monkeypatch):
+    save(tmp_path, 2)
+    save(tmp_path, 4, keep=2)
+    root = ckpt.checkpoints_dir(tmp_path)
+    assert (root / "latest").read_text().strip() == "step-4"
+    assert sorted(p.name for p in root.iterdir() if p.is_dir()) == ["step-2", "step-4"]
+
+    real_save = torch.save
+
+    def crash_on_scheduler(obj, path, *a, **k):  # a kill in the middle of writing step 6
+        if str(path).endswith("lr_scheduler.pt"):
+            raise KeyboardInterrupt("killed")
+        return real_save(obj, path, *a, **k)
+    monkeypatch.setattr(torch, "save", crash_on_scheduler)
+    with pytest.raises(KeyboardInterrupt):
+        save(tmp_path, 6, keep=2)
+    monkeypatch.setattr(torch, "save", real_save)
+    latest = ckpt.find_state(tmp_path, "latest")
+    assert latest.name == "step-4"
+    trainable, _, scheduler, state = ckpt.load_state(latest)
+    assert state["step"] == 4 and torch.equal(trainable["w"], torch.full((2,), 4.0)) and scheduler["last_epoch"] == 4
+
+    (root / "latest").unlink()  # even without the pointer, the newest complete state is found
+    assert ckpt.find_state(tmp_path, "latest").name == "step-4"
+    save(tmp_path, 8)           # the next save cleans the half-written temp folder and prunes to `keep`
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step-8"]
+    assert ckpt.find_state(tmp_path / "nowhere", "latest") is None
+
+
+# ------------------------------------------------------------------------------------------------ plan
+def test_plan_windows_and_data_order():
+    plan = make_plan(samples=10, processes=2, accumulation=2, epochs=3, max_steps=None)
+    assert (plan.per_process, plan.steps_per_epoch, plan.total_steps) == (5, 3, 9)
+    assert [plan.window(k) for k in range(5)] == [(0, 2), (0, 2), (2, 2), (2, 2), (4, 1)]
+    assert make_plan(10, 1, 1, 3, max_steps=7).total_steps == 7
+    assert sorted(epoch_order(0, 1, 10)) == list(range(10))
+    assert epoch_order(0, 1, 10) == epoch_order(0, 1, 10) != epoch_order(0, 2, 10)
+    with pytest.raises(TrainError, match="at least one"):
+        make_plan(1, 2, 1, 1, None)
+
+
+# ------------------------------------------------------------------------------------------------ DiT
+@pytest.mark.parametrize("offload", [False, True])
+def test_gradient_checkpointing_gives_the_same_gradients(dit, offload):
+    torch.manual_seed(0)
+    b, h, w = 1, 4, 4
+    inputs = dict(img=torch.randn(b, h * w // 4, 64), img_ids=image_ids(b, h, w), txt=torch.randn(b, 5, 32),
+                  txt_ids=text_ids(b, 5), timesteps=torch.tensor([0.4]), y=torch.randn(b, 32),
+                  guidance=torch.tensor([1.0]))
+
+    def grads(checkpointing):
+        dit.gradient_checkpointing, dit.gradient_checkpointing_offload = checkpointing, offload
+        dit.zero_grad(set_to_none=True)
+        dit.requires_grad_(True)
+        dit(**inputs).square().mean().backward()
+        out = {n: p.grad.clone() for n, p in dit.named_parameters()}
+        dit.requires_grad_(False)
+        dit.gradient_checkpointing = dit.gradient_checkpointing_offload = False
+        return out
+    plain, checkpointed = grads(False), grads(True)
+    for name, g in plain.items():
+        assert torch.allclose(g, checkpointed[name], atol=1e-6), name
+    assert pack_latents(torch.zeros(1, 16, h, w)).shape == inputs["img"].shape
