@@ -77,7 +77,7 @@ def load_once(method: str, path: Path) -> dict:
     from flux_core.loading.loader import load_model
     from flux_core.models.dit import FluxDiT, FluxParams
 
-    baseline = _status_kb("VmRSS")
+    baseline, baseline_file = _status_kb("VmRSS"), _status_kb("RssFile")
     t0 = time.perf_counter()
     if method == "ours":
         model = load_model(path, torch_dtype=torch.bfloat16)
@@ -95,7 +95,7 @@ def load_once(method: str, path: Path) -> dict:
     check = sum(float(_touch(t)) for t in model.state_dict().values())
     seconds = time.perf_counter() - t0
     return dict(seconds=seconds, peak=(_status_kb("VmHWM") - baseline) * 1024,
-                after=(_status_kb("VmRSS") - baseline) * 1024, after_file=_status_kb("RssFile") * 1024, check=check)
+                after=(_status_kb("VmRSS") - baseline) * 1024, after_file=(_status_kb("RssFile") - baseline_file) * 1024, check=check)
 
 
 def _touch(t: torch.Tensor) -> torch.Tensor:
