@@ -1,0 +1,238 @@
+"""One LoRA training step: FluxCore's trainer path against diffusers + peft, same base weights, same step.
+
+    python bench/train_step.py [--device cuda] [--runs 3] [--dtype float32|bfloat16] [--gradient-checkpointing]
+
+A mid-size random FLUX DiT (768 wide = 6 heads x 128, RoPE axes (16, 56, 56), 4 double + 8 single blocks,
+T5 width 4096, CLIP width 768, guidance embedder) is built with diffusers and saved as a diffusers
+`transformer/` folder. Ours is loaded from it with `load_model` and gets its LoRA exactly as `flux_core.train`
+adds it (`resolve_targets` + `add_lora`: rank 32, alpha 32, the 13 FLUX target layers of DiffSynth's scripts,
+LoRA weights in float32). diffusers' FluxTransformer2DModel gets a peft LoRA (`add_adapter`, rank 32, alpha 32,
+default init) on the same layers under diffusers' names (q, k and v are separate Linears there, so its LoRA
+has 3 A matrices where ours has one on the fused qkv; the layers and the rank are the same), also in float32.
+
+One step = forward at sigma 0.6 on fixed inputs (256 image + 128 text tokens), MSE against a fixed
+target, backward, AdamW step on the LoRA weights, zero_grad. Before timing, the first step's losses are
+checked to agree (B starts at zero, so both LoRAs start as no-ops on the same base: the same function).
+
+Time: median over --runs steps after one warm-up step each, the two models stepping alternately in this
+process, so drift in machine speed hits both alike; the ratio of process CPU time is printed too (it is
+what a busy shared machine distorts least).
+Peak RSS: each model in a fresh subprocess (glibc MALLOC_MMAP_THRESHOLD_=65536, so freed tensors go back
+to the system); "peak" is the kernel's VmHWM over the whole worker (model load + LoRA + steps), "step" is
+the high-water mark of one training step beyond the RSS before it (`/proc/self/clear_refs` 5 resets VmHWM).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+WORK = ROOT / "bench" / "_work" / "train_step"
+CONFIG = dict(in_channels=64, num_layers=4, num_single_layers=8, attention_head_dim=128, num_attention_heads=6,
+              joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True, axes_dims_rope=(16, 56, 56))
+IMG_SIDE, TXT_TOKENS = 16, 128     # a 256x256 image: 32x32 latent -> 16x16 = 256 tokens
+SIGMA, GUIDANCE, RANK, LR = 0.6, 1.0, 32, 1e-4
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+# Our 13 FLUX targets under diffusers' module names (double blocks, then single blocks).
+DIFFUSERS_DOUBLE = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj",
+                    "attn.to_out.0", "attn.to_add_out", "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj",
+                    "ff_context.net.2", "norm1.linear", "norm1_context.linear")
+DIFFUSERS_SINGLE = ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp", "proj_out", "norm.linear")
+
+
+def make_checkpoint(folder: Path) -> int:
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(0)
+    model = FluxTransformer2DModel(**CONFIG)
+    with torch.no_grad():
+        for p in model.parameters():  # diffusers zero-inits gates and output layers: make every path matter
+            p.normal_(0.0, 0.02)
+    model.save_pretrained(folder, safe_serialization=True)
+    return sum(p.numel() for p in model.parameters())
+
+
+def build(impl: str, folder: Path, dtype: torch.dtype, device: str, checkpointing: bool):
+    """(model, LoRA parameters) ready to train."""
+    torch.manual_seed(1)
+    if impl == "ours":
+        from flux_core.loading.loader import load_model
+        from flux_core.train.args import FLUX_LORA_TARGETS
+        from flux_core.train.trainable import add_lora, resolve_targets
+        model = load_model(folder, torch_dtype=dtype, device=device, kind="dit")
+        add_lora(model, resolve_targets(FLUX_LORA_TARGETS, model), RANK)
+        model.gradient_checkpointing = checkpointing
+    else:
+        from diffusers import FluxTransformer2DModel
+        from peft import LoraConfig
+        model = FluxTransformer2DModel.from_pretrained(folder, torch_dtype=dtype).to(device)
+        model.requires_grad_(False)
+        names = [n for n, _ in model.named_modules()
+                 if any(n.startswith("transformer_blocks.") and n.endswith("." + s) for s in DIFFUSERS_DOUBLE)
+                 or any(n.startswith("single_transformer_blocks.") and n.endswith("." + s) for s in DIFFUSERS_SINGLE)]
+        model.add_adapter(LoraConfig(r=RANK, lora_alpha=RANK, target_modules=names, init_lora_weights=True))
+        for n, p in model.named_parameters():
+            if "lora_" in n:
+                p.data = p.data.float()
+        if checkpointing:
+            model.enable_gradient_checkpointing()
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    return model, params, torch.optim.AdamW(params, lr=LR, weight_decay=0.01)
+
+
+def make_inputs(dtype: torch.dtype, device: str) -> dict:
+    g = torch.Generator().manual_seed(1)
+    ids = torch.zeros(IMG_SIDE, IMG_SIDE, 3)
+    ids[..., 1] = torch.arange(IMG_SIDE)[:, None]
+    ids[..., 2] = torch.arange(IMG_SIDE)[None, :]
+    t = lambda *shape: torch.randn(*shape, generator=g).to(device, dtype)  # noqa: E731
+    n = IMG_SIDE * IMG_SIDE
+    return dict(img=t(1, n, CONFIG["in_channels"]), txt=t(1, TXT_TOKENS, CONFIG["joint_attention_dim"]),
+                y=t(1, CONFIG["pooled_projection_dim"]), img_ids=ids.reshape(-1, 3).to(device),
+                txt_ids=torch.zeros(TXT_TOKENS, 3, device=device), target=t(1, n, CONFIG["in_channels"]).float(),
+                sigma=torch.full((1,), SIGMA, device=device), guidance=torch.full((1,), GUIDANCE, device=device))
+
+
+def forward(impl: str, model, x: dict) -> torch.Tensor:
+    if impl == "ours":
+        return model(img=x["img"], img_ids=x["img_ids"][None], txt=x["txt"], txt_ids=x["txt_ids"][None],
+                     timesteps=x["sigma"], y=x["y"], guidance=x["guidance"])
+    return model(hidden_states=x["img"], encoder_hidden_states=x["txt"], pooled_projections=x["y"],
+                 timestep=x["sigma"], img_ids=x["img_ids"], txt_ids=x["txt_ids"], guidance=x["guidance"],
+                 return_dict=False)[0]
+
+
+def train_step(impl: str, model, optimizer, x: dict) -> float:
+    loss = torch.nn.functional.mse_loss(forward(impl, model, x).float(), x["target"])
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.item()
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+# ---------------------------------------------------------------------------------------------- memory
+def _status_kb(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def worker(impl: str, folder: Path, dtype: torch.dtype, device: str, checkpointing: bool) -> dict:
+    x = make_inputs(dtype, device)
+    model, _, optimizer = build(impl, folder, dtype, device, checkpointing)
+    train_step(impl, model, optimizer, x)  # warm-up; AdamW state allocated
+    if device.startswith("cuda"):
+        sync(device)
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        train_step(impl, model, optimizer, x)
+        sync(device)
+        return {"step": torch.cuda.max_memory_allocated() - before, "peak": torch.cuda.max_memory_allocated()}
+    Path("/proc/self/clear_refs").write_text("5")
+    before = _status_kb("VmRSS")
+    train_step(impl, model, optimizer, x)
+    step = (_status_kb("VmHWM") - before) * 1024
+    return {"step": step, "peak": None}
+
+
+def memory_in_subprocess(impl: str, folder: Path, args) -> dict:
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+    cmd = [sys.executable, __file__, "--_worker", impl, "--_folder", str(folder), "--dtype", args.dtype,
+           "--device", args.device, "--threads", str(args.threads)]
+    if args.gradient_checkpointing:
+        cmd.append("--gradient-checkpointing")
+    # VmHWM of the whole worker: `time -v` is not everywhere, so the worker reports it on exit.
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+    if out.returncode:
+        raise RuntimeError(f"memory worker for {impl} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+# ---------------------------------------------------------------------------------------------- main
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default="float32", choices=list(DTYPES))
+    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--threads", type=int, default=1,
+                   help="CPU threads for both (default 1: on a small shared machine more threads mostly spin)")
+    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--_worker", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--_folder", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    dtype = DTYPES[args.dtype]
+
+    if args._worker:
+        result = worker(args._worker, Path(args._folder), dtype, args.device, args.gradient_checkpointing)
+        if result["peak"] is None:
+            result["peak"] = _status_kb("VmHWM") * 1024
+        print(json.dumps(result))
+        return
+
+    folder = WORK / "transformer"
+    shutil.rmtree(WORK, ignore_errors=True)
+    n_params = make_checkpoint(folder)
+    x = make_inputs(dtype, args.device)
+    models = {impl: build(impl, folder, dtype, args.device, args.gradient_checkpointing) for impl in ("ours", "diffusers")}
+    lora_params = {impl: sum(q.numel() for q in m[1]) for impl, m in models.items()}
+
+    # The same function before any update: base outputs and first losses agree.
+    with torch.no_grad():
+        outs = {impl: forward(impl, m[0], x).float() for impl, m in models.items()}
+    rel = ((outs["ours"] - outs["diffusers"]).norm() / outs["diffusers"].norm()).item()
+    if rel > (1e-4 if dtype == torch.float32 else 3e-2):
+        raise SystemExit(f"outputs differ before training (relative L2 {rel:.2e}); not timing.")
+    first = {impl: train_step(impl, m[0], m[2], x) for impl, m in models.items()}  # also the warm-up
+
+    wall = {impl: [] for impl in models}
+    cpu = {impl: [] for impl in models}
+    for _ in range(args.runs):
+        for impl, (model, _, optimizer) in models.items():
+            sync(args.device)
+            t0, c0 = time.perf_counter(), time.process_time()
+            train_step(impl, model, optimizer, x)
+            sync(args.device)
+            wall[impl].append(time.perf_counter() - t0)
+            cpu[impl].append(time.process_time() - c0)
+    del models, outs
+    memory = {impl: memory_in_subprocess(impl, folder, args) for impl in ("ours", "diffusers")}
+
+    mb = lambda b: b / 2**20  # noqa: E731
+    print(f"LoRA training step, mid-size FLUX DiT ({n_params / 1e6:.0f}M parameters, 4 double + 8 single blocks, "
+          f"hidden 768), {IMG_SIDE * IMG_SIDE} image + {TXT_TOKENS} text tokens, rank {RANK}, {args.dtype}, "
+          f"device {args.device}, {args.threads} thread(s), gradient checkpointing "
+          f"{'on' if args.gradient_checkpointing else 'off'}, median of {args.runs} steps")
+    print(f"check: base outputs relative L2 {rel:.1e}; first-step loss ours {first['ours']:.6f} "
+          f"diffusers {first['diffusers']:.6f}; LoRA parameters ours {lora_params['ours'] / 1e6:.2f}M "
+          f"diffusers {lora_params['diffusers'] / 1e6:.2f}M")
+    print(f"{'':10} {'s/step':>8} {'CPU s/step':>11} {'peak RSS MB':>12} {'step RSS MB':>12}")
+    for impl in ("ours", "diffusers"):
+        print(f"{impl:10} {statistics.median(wall[impl]):8.3f} {statistics.median(cpu[impl]):11.3f} "
+              f"{mb(memory[impl]['peak']):12.0f} {mb(memory[impl]['step']):12.0f}")
+    ratio = lambda d: statistics.median(d["ours"]) / statistics.median(d["diffusers"])  # noqa: E731
+    print(f"ratio ours/diffusers: time {ratio(wall):.3f}, CPU time {ratio(cpu):.3f}, "
+          f"peak RSS {memory['ours']['peak'] / memory['diffusers']['peak']:.3f}, "
+          f"step RSS {memory['ours']['step'] / max(memory['diffusers']['step'], 1):.3f} (target <= 1.0)")
+
+
+if __name__ == "__main__":
+    main()
