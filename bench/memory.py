@@ -14,8 +14,9 @@ process's resident memory high-water mark during the forwards (Linux VmHWM, rese
 re-runs itself with MALLOC_MMAP_THRESHOLD_=65536 so freed tensors leave RSS): the stored weights (host
 RAM), plus the simulated device's copies, plus activations and the runtime (and the reference model).
 Timings: each configuration's forward alternates with an unmanaged reference forward (a second copy of the
-same weights), --runs times after a warm-up; "vs ref" is the ratio of the fastest of each (the fastest,
-because other work on a shared machine only adds time; alternating cancels drift), computed in float32 (bf16 matmuls are slow and erratic on CPUs without bf16 units); on a CPU streaming costs a
+same weights), --runs times after a warm-up; "CPU s" is the process's CPU time per forward (one thread by
+default, --threads; unlike wall time it hardly moves when other work shares the machine), "vs ref" the ratio of the smallest
+CPU times of each (alternating cancels drift), "wall s" the fastest wall time; computed in float32 (bf16 matmuls are slow and erratic on CPUs without bf16 units); on a CPU streaming costs a
 memory copy (and an fp8 upcast) per layer per call, a lower bound of the PCIe transfer on a GPU machine.
 """
 from __future__ import annotations
@@ -79,27 +80,32 @@ def rss_peak() -> int:
 
 
 @torch.no_grad()
-def timed(dit, reference, inputs, runs: int) -> tuple[float, float, int, torch.Tensor]:
-    """(fastest seconds of dit, fastest of reference, RSS peak of one dit forward, dit's output)."""
+def timed(dit, reference, inputs, runs: int) -> tuple[float, float, float, int, torch.Tensor]:
+    """(least CPU seconds of dit, of reference, fastest wall seconds of dit, RSS peak of one forward, output)."""
     gc.collect()
     has_rss = rss_reset()
     out = dit(**inputs)  # warm-up, and the RSS peak of a forward
     rss = rss_peak() if has_rss else 0
     reference(**inputs)
-    times, ref_times = [], []
+    times, ref_times, walls = [], [], []
     for _ in range(runs):
         for model, into in ((reference, ref_times), (dit, times)):
-            t0 = time.perf_counter()
+            t0, w0 = time.process_time(), time.perf_counter()
             model(**inputs)
-            into.append(time.perf_counter() - t0)
-    return min(times), min(ref_times), rss, out
+            into.append(time.process_time() - t0)
+            if model is dit:
+                walls.append(time.perf_counter() - w0)
+    return min(times), min(ref_times), min(walls), rss, out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--tokens", type=int, default=256, help="image tokens (a square number); text tokens = 1/4")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads; 1 (default) keeps CPU times honest on a shared machine (no spin-waiting)")
     args = ap.parse_args()
+    torch.set_num_threads(args.threads)
     if "MALLOC_MMAP_THRESHOLD_" not in os.environ:  # freed tensors go back to the system: RSS peaks mean something
         os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"})
     compute = torch.float32
@@ -120,8 +126,8 @@ def main() -> None:
     reference = make_dit(torch.float32)
     full = make_dit(torch.float32)
     fp8 = store_model(make_dit(torch.float32), weight_dtype=torch.float8_e4m3fn)
-    base_time, _, base_rss, expected = timed(full, reference, inputs, args.runs)
-    rows = [("fp32, unmanaged", "-", None, None, base_time, base_time / _, base_rss, 0.0)]
+    base_time, ref_time, base_wall, base_rss, expected = timed(full, reference, inputs, args.runs)
+    rows = [("fp32, unmanaged", "-", None, None, base_time, base_time / ref_time, base_wall, base_rss, 0.0)]
     total = nbytes(full)
     for label, model, fraction in [("fp32, resident (no limit)", full, None), ("fp32, budget 50%", full, 0.5),
                                    ("fp32, budget 25%", full, 0.25), ("fp32, budget 0 (stream all)", full, 0.0),
@@ -134,12 +140,12 @@ def main() -> None:
         vram.load_models_to_device(["dit"])
         vram.reset_peak()
         device.reset_peak()
-        seconds, ref_seconds, rss, out = timed(model, reference, inputs, args.runs)
+        seconds, ref_seconds, wall, rss, out = timed(model, reference, inputs, args.runs)
         assert vram.peak_bytes == device.peak_bytes, "manager count differs from the simulated device"
         diff = ((out.float() - expected.float()).norm() / expected.float().norm()).item()
         budget_text = "none" if budget is None else f"{budget / MiB:.0f} MiB"
-        rows.append((label, budget_text, vram.resident_bytes, vram.peak_bytes, seconds, seconds / ref_seconds, rss,
-                     diff))
+        rows.append((label, budget_text, vram.resident_bytes, vram.peak_bytes, seconds, seconds / ref_seconds, wall,
+                     rss, diff))
         vram.remove("dit")
         del device, vram
         gc.collect()
@@ -147,12 +153,12 @@ def main() -> None:
     print(f"Offload on a simulated device (compute float32; fp8 = e4m3fn matrices, fp32 biases/norms, upcast per "
           f"call; budgets are fractions of the fp32 model's {total / MiB:.0f} MiB):")
     print(f"{'configuration':<30} {'budget':>9} {'resident':>10} {'device peak':>12} {'RSS peak':>10} "
-          f"{'s/forward':>10} {'vs ref':>7} {'rel. diff':>9}")
-    for label, budget_text, resident, peak, seconds, ratio, rss, diff in rows:
+          f"{'CPU s':>7} {'vs ref':>7} {'wall s':>7} {'rel. diff':>9}")
+    for label, budget_text, resident, peak, seconds, ratio, wall, rss, diff in rows:
         res = "-" if resident is None else f"{resident / MiB:.1f} MiB"
         pk = "-" if peak is None else f"{peak / MiB:.1f} MiB"
-        print(f"{label:<30} {budget_text:>9} {res:>10} {pk:>12} {rss / MiB:>6.0f} MiB {seconds:>10.3f} "
-              f"{ratio:>6.2f}x {diff:>9.2e}")
+        print(f"{label:<30} {budget_text:>9} {res:>10} {pk:>12} {rss / MiB:>6.0f} MiB {seconds:>7.2f} "
+              f"{ratio:>6.2f}x {wall:>7.2f} {diff:>9.2e}")
     probe = VRAMManager(SimulatedDevice())
     probe.add("dit", full, compute)
     largest = probe.largest_unit_bytes()

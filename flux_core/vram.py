@@ -11,16 +11,17 @@ the two for any `nn.Module`:
 
 Units: every module that owns parameters or buffers directly (nn.Linear, RMSNorm, Conv2d, Embedding, ...)
 is one unit, except that a module which reads its children's weights itself (T5's feed-forward checks
-`wo.weight.dtype`) is one unit with its whole subtree (`WHOLE_UNITS`). When a stage starts, its models' units are made resident on the compute device, in module
-order, while their stored bytes fit in the budget (first fit); the others are streamed: copied to the
-compute device for each call and dropped after it. Resident units keep their storage dtype (fp8 stays fp8
+`wo.weight.dtype`) is one unit with its whole subtree (`WHOLE_UNITS`). When a stage starts, its models'
+units are made resident on the compute device, in module order, while their stored bytes fit in the budget
+(first fit); the others are streamed: copied to the compute device for each call and dropped after it. Resident units keep their storage dtype (fp8 stays fp8
 on the device); each call casts to the compute dtype, so a call needs at most one unit's weights in the
 compute dtype on top of what is resident. At rest (outside a call) a module's tensors are always its
 stored ones, so `state_dict()`, LoRA shape checks and `weight.dtype` see the storage.
 
 The budget counts weight bytes only. `resident_bytes` is exact: the bytes of the tensors the manager keeps
 on the compute device (stored there, made resident, or in flight for a call); it never exceeds the budget
-plus the largest unit in the compute dtype (units do not nest in the FLUX DiT). Activations come on top.
+plus the largest unit in the compute dtype (units do not nest in the FLUX DiT; in CLIP the embeddings
+module keeps its 616-byte position ids on the device while its child runs). Activations come on top.
 `budget=0` is the minimum-memory mode (everything streamed); `budget=None` keeps every unit of the stage
 resident, which is plain model-level offload.
 
