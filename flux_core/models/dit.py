@@ -153,13 +153,15 @@ class FluxDiT(nn.Module):
         if cache is not None and cache.skip(self.tea_cache_probe(img, vec)):
             img = cache.reuse(img)
         else:
-            img_before = img
+            img_before = img if cache is not None else None  # kept alive only when a cache needs it
             for block in self.double_blocks:
                 img, txt = self.run_block(block, img=img, txt=txt, vec=vec, pe=pe)
+            n_txt = txt.shape[1]
             x = torch.cat((txt, img), dim=1)
+            del txt, img  # x holds both streams now; free them before the single blocks
             for block in self.single_blocks:
                 x = self.run_block(block, x, vec=vec, pe=pe)
-            img = x[:, txt.shape[1]:]
+            img = x[:, n_txt:]
             if cache is not None:
                 cache.store(img_before, img)
 

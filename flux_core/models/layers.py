@@ -27,10 +27,8 @@ class RMSNorm(nn.Module):
         self.scale = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x_dtype = x.dtype
-        x = x.float()
-        rrms = torch.rsqrt(torch.mean(x**2, dim=-1, keepdim=True) + 1e-6)
-        return (x * rrms).to(dtype=x_dtype) * self.scale.to(x_dtype)
+        # fused kernel: normalises in float32 internally without float32 copies of x
+        return nn.functional.rms_norm(x, (x.shape[-1],), eps=1e-6) * self.scale.to(x.dtype)
 
 
 class QKNorm(nn.Module):
@@ -113,16 +111,18 @@ class DoubleStreamBlock(nn.Module):
                 mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         img_mod1, img_mod2 = self.img_mod(vec)
         txt_mod1, txt_mod2 = self.txt_mod(vec)
-        img_q, img_k, img_v = self.img_attn.qkv_heads(img_mod1.modulate(self.img_norm1(img)))
-        txt_q, txt_k, txt_v = self.txt_attn.qkv_heads(txt_mod1.modulate(self.txt_norm1(txt)))
-
-        attn = attention(torch.cat((txt_q, img_q), dim=2), torch.cat((txt_k, img_k), dim=2),
-                         torch.cat((txt_v, img_v), dim=2), pe=pe, mask=mask)
-        txt_attn, img_attn = attn[:, : txt.shape[1]], attn[:, txt.shape[1]:]
-
-        img = img + img_mod1.gate * self.img_attn.proj(img_attn)
+        # Only the joint q, k, v outlive this statement: the per-stream ones (and the qkv outputs their views
+        # keep alive) are freed before attention runs.
+        q, k, v = (torch.cat(pair, dim=2) for pair in zip(
+            self.txt_attn.qkv_heads(txt_mod1.modulate(self.txt_norm1(txt))),
+            self.img_attn.qkv_heads(img_mod1.modulate(self.img_norm1(img)))))
+        attn = attention(q, k, v, pe=pe, mask=mask)
+        del q, k, v
+        n_txt = txt.shape[1]
+        img = img + img_mod1.gate * self.img_attn.proj(attn[:, n_txt:])
+        txt = txt + txt_mod1.gate * self.txt_attn.proj(attn[:, :n_txt])
+        del attn
         img = img + img_mod2.gate * self.img_mlp(img_mod2.modulate(self.img_norm2(img)))
-        txt = txt + txt_mod1.gate * self.txt_attn.proj(txt_attn)
         txt = txt + txt_mod2.gate * self.txt_mlp(txt_mod2.modulate(self.txt_norm2(txt)))
         return img, txt
 
@@ -145,12 +145,15 @@ class SingleStreamBlock(nn.Module):
     def forward(self, x: torch.Tensor, vec: torch.Tensor, pe: torch.Tensor,
                 mask: torch.Tensor | None = None) -> torch.Tensor:
         mod, _ = self.modulation(vec)
-        qkv, mlp = torch.split(self.linear1(mod.modulate(self.pre_norm(x))),
-                               [3 * self.hidden_size, self.mlp_hidden_dim], dim=-1)
-        q, k, v = rearrange(qkv, "B L (K H D) -> K B H L D", K=3, H=self.num_heads)
+        lin = self.linear1(mod.modulate(self.pre_norm(x)))
+        q, k, v = rearrange(lin[..., :3 * self.hidden_size], "B L (K H D) -> K B H L D", K=3, H=self.num_heads)
         q, k = self.norm(q, k, v)
+        v = v.contiguous()
+        mlp = self.mlp_act(lin[..., 3 * self.hidden_size:])
+        del lin  # the fused projection is the largest activation: free it before attention
         attn = attention(q, k, v, pe=pe, mask=mask)
-        return x + mod.gate * self.linear2(torch.cat((attn, self.mlp_act(mlp)), 2))
+        del q, k, v
+        return x + mod.gate * self.linear2(torch.cat((attn, mlp), 2))
 
 
 class LastLayer(nn.Module):
