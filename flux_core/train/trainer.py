@@ -232,7 +232,6 @@ class Trainer:
                               a.max_steps)
         if acc.is_main_process:
             self.output.mkdir(parents=True, exist_ok=True)
-            (self.output / STOP_FILE).unlink(missing_ok=True)
             if not a.resume:  # a new run starts a new log; a resumed one continues it
                 (self.output / LOG_FILE).unlink(missing_ok=True)
         acc.wait_for_everyone()
@@ -331,7 +330,9 @@ class Trainer:
     def _loop(self) -> dict:
         a, acc, plan = self.args, self.accelerator, self.plan
         step_times: list[float] = []
-        if self._any(self.stop.requested):  # stopped while the models were loading: nothing new to save
+        if self._any(self._stop_requested()):  # stopped while the models were loading: nothing new to save
+            if self.accelerator.is_main_process:
+                (self.output / STOP_FILE).unlink(missing_ok=True)
             self.log("stopped", step=self.step, path=_str(self.last_path), state=None)
             return {"step": self.step, "path": self.last_path, "stopped": True}
         if self.step >= plan.total_steps:
@@ -394,6 +395,9 @@ class Trainer:
                                      extras)
         return loss
 
+    def _stop_requested(self) -> bool:
+        return self.stop.requested or (self.output / STOP_FILE).exists()
+
     def _any(self, flag: bool) -> bool:
         acc = self.accelerator
         if acc.num_processes == 1:
@@ -403,7 +407,7 @@ class Trainer:
     def _gather(self, losses: list[torch.Tensor]) -> tuple[bool, float]:
         """(stop requested on any process, mean loss over the window on all processes): one collective."""
         acc = self.accelerator
-        stop = self.stop.requested or (self.output / STOP_FILE).exists()
+        stop = self._stop_requested()
         t = torch.stack([torch.stack(losses).sum(), torch.tensor(float(len(losses))), torch.tensor(float(stop))])
         t = acc.reduce(t.to(acc.device), "sum") if acc.num_processes > 1 else t
         return bool(t[2] > 0), float(t[0] / t[1])
