@@ -180,6 +180,20 @@ class Progress:
             self.bar.update_absolute(value, self.total, preview)
 
 
+sent_events: list[tuple[str, dict]] = []   # standalone: what send_ui_event would have sent (tests read it)
+
+
+def send_ui_event(event: str, data: dict) -> None:
+    """Push a message to the browser, where a front-end extension listens for `event` (PromptServer.send_sync);
+    standalone, the message is recorded in `sent_events` (the last 1000)."""
+    if IN_COMFYUI:
+        from server import PromptServer
+        PromptServer.instance.send_sync(event, data)
+        return
+    sent_events.append((event, data))
+    del sent_events[:-1000]
+
+
 def latent_previewer():
     """f(scaled FLUX latent (B, 16, h, w)) -> a preview for Progress.update, following the user's ComfyUI preview
     setting (TAESD or latent-to-RGB); None standalone or when previews are off."""
