@@ -17,7 +17,7 @@ from flux_core.train.args import FLUX_LORA_TARGETS, TrainError, parse_args
 from flux_core.train.dataset import ImageDataset, crop_and_resize, target_size
 from flux_core.train.loss import flow_matching_loss, sample_generator, training_schedule
 from flux_core.train.trainable import DIFFSYNTH_ALIASES, resolve_targets
-from flux_core.train.trainer import epoch_order, make_plan
+from flux_core.train.trainer import epoch_order, make_plan, model_configs
 from tests.tiny_dit import make_diffusers_dit, write_diffusers_dit
 
 DIFFSYNTH_TARGETS = ("a_to_qkv,b_to_qkv,ff_a.0,ff_a.2,ff_b.0,ff_b.2,a_to_out,b_to_out,proj_out,norm.linear,"
@@ -265,3 +265,21 @@ def test_gradient_checkpointing_gives_the_same_gradients(dit, offload):
     for name, g in plain.items():
         assert torch.allclose(g, checkpointed[name], atol=1e-6), name
     assert pack_latents(torch.zeros(1, 16, h, w)).shape == inputs["img"].shape
+
+
+def test_model_arguments_become_model_configs(tmp_path):
+    local = tmp_path / "ae.safetensors"
+    local.write_bytes(b"")
+    args = parse_args(["--dataset_base_path", str(tmp_path), "--lora_base_model", "dit",
+                       "--model_paths", json.dumps(["dit.safetensors", ["t5-1.safetensors", "t5-2.safetensors"]]),
+                       "--model_id_with_origin_paths",
+                       f"black-forest-labs/FLUX.1-dev:text_encoder_2/,{local},black-forest-labs/FLUX.1-dev:ae.safetensors"])
+    configs = [c for _, c in model_configs(args)]
+    assert [c.path for c in configs[:2]] == ["dit.safetensors", ["t5-1.safetensors", "t5-2.safetensors"]]
+    assert (configs[2].model_id, configs[2].origin_file_pattern) == ("black-forest-labs/FLUX.1-dev", "text_encoder_2/")
+    assert configs[3].path == str(local)
+    assert (configs[4].model_id, configs[4].origin_file_pattern) == ("black-forest-labs/FLUX.1-dev", "ae.safetensors")
+    bad = parse_args(["--dataset_base_path", str(tmp_path), "--lora_base_model", "dit",
+                      "--model_id_with_origin_paths", "no-colon-here"])
+    with pytest.raises(TrainError, match="model_id:origin_file_pattern"):
+        model_configs(bad)

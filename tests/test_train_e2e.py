@@ -139,6 +139,23 @@ def test_progress_log_checkpoints_and_validation_images(lora_run):
     assert json.loads((output / "training_args.json").read_text(encoding="utf-8"))["lora_rank"] == 8
 
 
+def test_lora_checkpoint_starts_from_a_saved_lora(setup, lora_run, tmp_path):
+    from lora_tools import read_lora
+    from flux_core.train.args import TrainError
+    from flux_core.train.trainable import export_lora
+
+    saved = read_lora(lora_run[1]["path"])
+    trainer = Trainer(parse_args(train_argv(setup, tmp_path / "out", "--lora_rank", "8", "--lora_checkpoint",
+                                            str(lora_run[1]["path"]))))
+    trainer.setup()
+    start = export_lora(trainer.pipe.dit)
+    assert start.layers.keys() == saved.layers.keys()
+    for name, layer in saved.layers.items():
+        assert torch.allclose(start.layers[name].delta(), layer.delta(), atol=1e-6), name
+    with pytest.raises(TrainError, match="has rank 8, but --lora_rank is 4"):
+        Trainer(parse_args(train_argv(setup, tmp_path / "out2", "--lora_checkpoint", str(lora_run[1]["path"])))).setup()
+
+
 # ------------------------------------------------------------------------------------------------ file formats
 def diffusers_forward(transformer, x):
     with torch.no_grad():

@@ -82,7 +82,9 @@ def build_parser(prog: str = "python -m flux_core.train") -> argparse.ArgumentPa
                    help="DDP: allow trainable parameters that get no gradient in a step")
     t.add_argument("--trainable_models", default=None, help="models trained in full: dit")
     t.add_argument("--gradient_accumulation_steps", type=int, default=1)
-    t.add_argument("--task", default="sft", choices=["sft", "sft:train"], help="only supervised fine-tuning (sft)")
+    t.add_argument("--task", default="sft", choices=["sft"],
+                   help="sft (supervised fine-tuning, the only task; DiffSynth's split data_process/train and "
+                        "distillation tasks are not implemented)")
 
     lo = p.add_argument_group("LoRA")
     lo.add_argument("--lora_base_model", default=None, help="model the LoRA is added to: dit")

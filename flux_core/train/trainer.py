@@ -166,9 +166,12 @@ class Log:
         if not self.enabled:
             return
         line = json.dumps({"event": event, **fields}, ensure_ascii=False)
-        print(line, flush=True)
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(line + "\n")
+        try:
+            print(line, flush=True)
+        except (BrokenPipeError, OSError):  # the reader went away (a closed UI): keep training, the file has it
+            pass
 
 
 class StopFlag:
