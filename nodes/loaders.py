@@ -28,10 +28,15 @@ def default_dtype() -> torch.dtype:
     return torch.float32 if bridge.compute_device().type == "cpu" else torch.bfloat16
 
 
-def load_kind(node: str, input_name: str, source, kind: str, dtype: torch.dtype | None = None):
+# The DiT loader's weight_dtype choices (ComfyUI UNETLoader's names): FP8 storage, computed in default_dtype().
+LOADER_WEIGHT_DTYPES = {"default": None, "fp8_e4m3fn": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
+
+
+def load_kind(node: str, input_name: str, source, kind: str, weight_dtype: torch.dtype | None = None):
     """load_model for a node: errors name the node and input; nothing is kept from a failed load."""
     try:
-        return load_model(source, torch_dtype=dtype or default_dtype(), device=bridge.offload_device(), kind=kind)
+        return load_model(source, torch_dtype=default_dtype(), device=bridge.offload_device(), kind=kind,
+                          weight_dtype=weight_dtype)
     except (ValueError, FileNotFoundError) as e:
         raise node_error(node, input_name, e) from None
 
@@ -83,7 +88,9 @@ class FluxCoreDiTLoader:
                 "dit_name": (bridge.list_models("diffusion_models") or ["(none found)"],
                              {"tooltip": "FLUX DiT file from models/diffusion_models (or unet): BFL, ComfyUI, "
                                          "diffusers or DiffSynth layout; fp8 files are cast on load."}),
-                "weight_dtype": (["default"], {"tooltip": "default: bf16 on GPU, float32 on CPU."}),
+                "weight_dtype": (list(LOADER_WEIGHT_DTYPES), {
+                    "tooltip": "default: bf16 on GPU, float32 on CPU. fp8_*: weight matrices stored in FP8 (half the "
+                               "memory), computed in bf16; LoRAs keep full strength (applied unfused)."}),
             },
             "optional": {
                 "modelscope_id": ("STRING", {"default": "", "tooltip": "Instead of dit_name: 'model_id:file', e.g. "
@@ -97,7 +104,11 @@ class FluxCoreDiTLoader:
             source, label = modelscope_source(node, modelscope_id, "diffusion_models"), modelscope_id.strip()
         else:
             source, label = _model_file(node, "dit_name", "diffusion_models", dit_name), dit_name
-        module = load_kind(node, "modelscope_id" if modelscope_id.strip() else "dit_name", source, "dit")
+        if weight_dtype not in LOADER_WEIGHT_DTYPES:
+            raise NodeInputError(f"{node}, input 'weight_dtype': {weight_dtype!r}; use one of {list(LOADER_WEIGHT_DTYPES)}.")
+        module = load_kind(node, "modelscope_id" if modelscope_id.strip() else "dit_name", source, "dit",
+                           LOADER_WEIGHT_DTYPES[weight_dtype])
+        module.fluxcore_fp8_on_load = LOADER_WEIGHT_DTYPES[weight_dtype] is not None
         return (DiTHandle(bridge.ManagedModel(module), label),)
 
 

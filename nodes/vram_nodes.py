@@ -49,8 +49,9 @@ def place_dit(handle):
     state = getattr(dit, _STATE_ATTR, None)
     stored_fp8 = next((p.dtype for p in dit.parameters() if p.dtype in FLOAT8_DTYPES), None)
     if options.weight_dtype == "default" and stored_fp8 is not None:
-        log.warning("FluxCore: this DiT was converted to %s by a VRAM options node; it stays so until it is loaded "
-                    "again (its loader re-runs when its inputs change).", stored_fp8)
+        if not getattr(dit, "fluxcore_fp8_on_load", False):
+            log.warning("FluxCore: this DiT was converted to %s by a VRAM options node; it stays so until it is loaded "
+                        "again (its loader re-runs when its inputs change).", stored_fp8)
         options = replace(options, weight_dtype=str(stored_fp8).removeprefix("torch."))
     if state is not None and state[0] == options:
         _onload(state[1])

@@ -197,3 +197,15 @@ def test_lora_node_refuses_a_file_that_is_no_flux_lora(models):
               str(models["dir"] / "loras" / "sdxl.safetensors"))
     with pytest.raises(NodeInputError, match=r"FluxCoreLoraLoader, input 'lora_name': .*SDXL"):
         FluxCoreLoraLoader().apply(models["dit"], "sdxl.safetensors", 1.0)
+
+
+def test_fp8_weight_dtype_in_the_dit_loader_samples_close_to_full_precision(models):
+    fp8, = FluxCoreDiTLoader().load(NAMES["dit"], weight_dtype="fp8_e4m3fn")
+    assert fp8.model.module.double_blocks[0].img_attn.qkv.weight.dtype == torch.float8_e4m3fn
+    latent, = FluxCoreEmptyLatent().generate(W, H, 1)
+    run = lambda handle: FluxCoreSampler().sample(handle, encode(models, "a cat"), encode(models, ""), latent,  # noqa: E731
+                                                  seed=4, steps=2)[0]["samples"]
+    full, low = run(models["dit"]), run(fp8)
+    assert torch.isfinite(low).all()
+    rel = (low - full).norm() / full.norm()
+    assert 0 < rel < 0.2  # fp8 rounding of the weights, nothing more
