@@ -15,6 +15,7 @@ would have, and N processes draw what one process with N-step accumulation would
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -48,6 +49,20 @@ def sample_generator(seed: int, epoch: int, position: int) -> torch.Generator:
     """The generator of one sample: its timestep and noise depend on (seed, epoch, place in the epoch) only."""
     key = (seed * 1_000_003 + epoch) * 1_000_000_007 + position
     return torch.Generator().manual_seed(key % (2**63 - 1))
+
+
+@contextlib.contextmanager
+def training_attention():
+    """Attention kernels for training: not cuDNN's fused attention, whose backward pass failed for FluxCore's
+    (B, H, L, D) q/k/v on torch 2.11 + CUDA 13 on an H200 ("mha_graph.execute(...).is_good()", or an illegal
+    memory access), while flash / memory-efficient attention work. Wrap the forward and the backward (gradient
+    checkpointing recomputes the forward inside it). No effect without CUDA."""
+    if not torch.cuda.is_available():
+        yield
+        return
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
+        yield
 
 
 def dit_velocity(model: nn.Module, latents: torch.Tensor, sigma: torch.Tensor, prompt: PromptEmbeds,

@@ -44,7 +44,7 @@ from . import checkpoint as ckpt
 from .args import (FP8_COMPONENTS, TrainError, comma_list, data_file_keys, is_lora, model_path_entries,
                    torch_dtype)
 from .dataset import ImageDataset, first_sample
-from .loss import flow_matching_loss, sample_generator, training_schedule
+from .loss import flow_matching_loss, sample_generator, training_attention, training_schedule
 
 STOP_FILE = "STOP"
 LOG_FILE = "train_log.jsonl"
@@ -353,7 +353,7 @@ class Trainer:
                 window_start, window_len = plan.window(k)
                 boundary = k - window_start + 1 == window_len
                 place = k * plan.processes + acc.process_index
-                with (acc.no_sync(self.model) if not boundary else contextlib.nullcontext()):
+                with (acc.no_sync(self.model) if not boundary else contextlib.nullcontext()), training_attention():
                     loss = self._loss(sample, sample_generator(a.seed, self.epoch, place))
                     acc.backward(loss / window_len)
                 losses.append(loss.detach().float())
@@ -411,7 +411,7 @@ class Trainer:
         """(stop requested on any process, mean loss over the window on all processes): one collective."""
         acc = self.accelerator
         stop = self._stop_requested()
-        t = torch.stack([torch.stack(losses).sum(), torch.tensor(float(len(losses))), torch.tensor(float(stop))])
+        t = torch.tensor([float(torch.stack(losses).sum()), float(len(losses)), float(stop)])
         t = acc.reduce(t.to(acc.device), "sum") if acc.num_processes > 1 else t
         return bool(t[2] > 0), float(t[0] / t[1])
 
