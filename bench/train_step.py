@@ -1,6 +1,7 @@
 """One LoRA training step: FluxCore's trainer path against diffusers + peft, same base weights, same step.
 
     python bench/train_step.py [--device cuda] [--runs 3] [--dtype float32|bfloat16] [--gradient-checkpointing]
+                               [--img-side 16] [--txt-tokens 128]
 
 A mid-size random FLUX DiT (768 wide = 6 heads x 128, RoPE axes (16, 56, 56), 4 double + 8 single blocks,
 T5 width 4096, CLIP width 768, guidance embedder) is built with diffusers and saved as a diffusers
@@ -10,7 +11,8 @@ LoRA weights in float32). diffusers' FluxTransformer2DModel gets a peft LoRA (`a
 default init) on the same layers under diffusers' names (q, k and v are separate Linears there, so its LoRA
 has 3 A matrices where ours has one on the fused qkv; the layers and the rank are the same), also in float32.
 
-One step = forward at sigma 0.6 on fixed inputs (256 image + 128 text tokens), MSE against a fixed
+One step = forward at sigma 0.6 on fixed inputs (default 256 image + 128 text tokens; on a GPU use e.g.
+--img-side 64 --txt-tokens 512, a 1024x1024 image with 512 T5 tokens), MSE against a fixed
 target, backward, AdamW step on the LoRA weights, zero_grad. Before timing, the first step's losses are
 checked to agree (B starts at zero, so both LoRAs start as no-ops on the same base: the same function).
 
@@ -24,6 +26,7 @@ the high-water mark of one training step beyond the RSS before it (`/proc/self/c
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -94,11 +97,12 @@ def build(impl: str, folder: Path, dtype: torch.dtype, device: str, checkpointin
 
 def make_inputs(dtype: torch.dtype, device: str) -> dict:
     g = torch.Generator().manual_seed(1)
-    ids = torch.zeros(IMG_SIDE, IMG_SIDE, 3)
-    ids[..., 1] = torch.arange(IMG_SIDE)[:, None]
-    ids[..., 2] = torch.arange(IMG_SIDE)[None, :]
+    side = IMG_SIDE
+    ids = torch.zeros(side, side, 3)
+    ids[..., 1] = torch.arange(side)[:, None]
+    ids[..., 2] = torch.arange(side)[None, :]
     t = lambda *shape: torch.randn(*shape, generator=g).to(device, dtype)  # noqa: E731
-    n = IMG_SIDE * IMG_SIDE
+    n = side * side
     return dict(img=t(1, n, CONFIG["in_channels"]), txt=t(1, TXT_TOKENS, CONFIG["joint_attention_dim"]),
                 y=t(1, CONFIG["pooled_projection_dim"]), img_ids=ids.reshape(-1, 3).to(device),
                 txt_ids=torch.zeros(TXT_TOKENS, 3, device=device), target=t(1, n, CONFIG["in_channels"]).float(),
@@ -115,8 +119,10 @@ def forward(impl: str, model, x: dict) -> torch.Tensor:
 
 
 def train_step(impl: str, model, optimizer, x: dict) -> float:
-    loss = torch.nn.functional.mse_loss(forward(impl, model, x).float(), x["target"])
-    loss.backward()
+    from flux_core.train.loss import training_attention
+    with training_attention() if impl == "ours" else contextlib.nullcontext():  # as flux_core.train runs it
+        loss = torch.nn.functional.mse_loss(forward(impl, model, x).float(), x["target"])
+        loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return loss.item()
@@ -156,7 +162,8 @@ def worker(impl: str, folder: Path, dtype: torch.dtype, device: str, checkpointi
 def memory_in_subprocess(impl: str, folder: Path, args) -> dict:
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
     cmd = [sys.executable, __file__, "--_worker", impl, "--_folder", str(folder), "--dtype", args.dtype,
-           "--device", args.device, "--threads", str(args.threads)]
+           "--device", args.device, "--threads", str(args.threads), "--img-side", str(args.img_side),
+           "--txt-tokens", str(args.txt_tokens)]
     if args.gradient_checkpointing:
         cmd.append("--gradient-checkpointing")
     # VmHWM of the whole worker: `time -v` is not everywhere, so the worker reports it on exit.
@@ -168,6 +175,7 @@ def memory_in_subprocess(impl: str, folder: Path, args) -> dict:
 
 # ---------------------------------------------------------------------------------------------- main
 def main() -> None:
+    global IMG_SIDE, TXT_TOKENS
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="float32", choices=list(DTYPES))
@@ -175,9 +183,12 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1,
                    help="CPU threads for both (default 1: on a small shared machine more threads mostly spin)")
     p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--img-side", type=int, default=16, help="image tokens per side (16: a 256x256 image)")
+    p.add_argument("--txt-tokens", type=int, default=128)
     p.add_argument("--_worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--_folder", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
+    IMG_SIDE, TXT_TOKENS = args.img_side, args.txt_tokens
     torch.set_num_threads(args.threads)
     dtype = DTYPES[args.dtype]
 
@@ -224,14 +235,15 @@ def main() -> None:
     print(f"check: base outputs relative L2 {rel:.1e}; first-step loss ours {first['ours']:.6f} "
           f"diffusers {first['diffusers']:.6f}; LoRA parameters ours {lora_params['ours'] / 1e6:.2f}M "
           f"diffusers {lora_params['diffusers'] / 1e6:.2f}M")
-    print(f"{'':10} {'s/step':>8} {'CPU s/step':>11} {'peak RSS MB':>12} {'step RSS MB':>12}")
+    where = "GPU memory" if args.device.startswith("cuda") else "RSS"
+    print(f"{'':10} {'s/step':>8} {'CPU s/step':>11} {'peak ' + where + ' MB':>16} {'step ' + where + ' MB':>16}")
     for impl in ("ours", "diffusers"):
-        print(f"{impl:10} {statistics.median(wall[impl]):8.3f} {statistics.median(cpu[impl]):11.3f} "
-              f"{mb(memory[impl]['peak']):12.0f} {mb(memory[impl]['step']):12.0f}")
+        print(f"{impl:10} {statistics.median(wall[impl]):8.4f} {statistics.median(cpu[impl]):11.4f} "
+              f"{mb(memory[impl]['peak']):16.0f} {mb(memory[impl]['step']):16.0f}")
     ratio = lambda d: statistics.median(d["ours"]) / statistics.median(d["diffusers"])  # noqa: E731
     print(f"ratio ours/diffusers: time {ratio(wall):.3f}, CPU time {ratio(cpu):.3f}, "
-          f"peak RSS {memory['ours']['peak'] / memory['diffusers']['peak']:.3f}, "
-          f"step RSS {memory['ours']['step'] / max(memory['diffusers']['step'], 1):.3f} (target <= 1.0)")
+          f"peak {where} {memory['ours']['peak'] / memory['diffusers']['peak']:.3f}, "
+          f"step {where} {memory['ours']['step'] / max(memory['diffusers']['step'], 1):.3f} (target <= 1.0)")
 
 
 if __name__ == "__main__":
