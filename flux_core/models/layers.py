@@ -148,9 +148,12 @@ class SingleStreamBlock(nn.Module):
         lin = self.linear1(mod.modulate(self.pre_norm(x)))
         q, k, v = rearrange(lin[..., :3 * self.hidden_size], "B L (K H D) -> K B H L D", K=3, H=self.num_heads)
         q, k = self.norm(q, k, v)
-        v = v.contiguous()
+        if not torch.is_grad_enabled():
+            # v is a view of the fused projection (the largest activation): a copy lets it be freed before
+            # attention. Under autograd the GELU keeps it alive for backward anyway, so the copy would only add.
+            v = v.contiguous()
         mlp = self.mlp_act(lin[..., 3 * self.hidden_size:])
-        del lin  # the fused projection is the largest activation: free it before attention
+        del lin
         attn = attention(q, k, v, pe=pe, mask=mask)
         del q, k, v
         return x + mod.gate * self.linear2(torch.cat((attn, mlp), 2))
