@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from _measure import status_kb, sync  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -112,18 +113,8 @@ def forward(impl: str, model, x: dict) -> torch.Tensor:
                  return_dict=False)[0]
 
 
-def sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
 
 # ---------------------------------------------------------------------------------------------- memory
-def _status_kb(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"/proc/self/status has no {field}")
-
 
 def measure_peak(impl: str, folder: Path, size: Size, dtype: torch.dtype, device: str) -> int:
     """Peak bytes one forward needs beyond what was allocated before it. In the subprocess (CPU) or in-process (CUDA)."""
@@ -143,9 +134,9 @@ def measure_peak(impl: str, folder: Path, size: Size, dtype: torch.dtype, device
             return peak
         forward(impl, model, x)  # warm-up: one-time kernel/primitive caches are not the forward's memory
         Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
-        before = _status_kb("VmRSS")
+        before = status_kb("VmRSS")
         forward(impl, model, x)
-        return (_status_kb("VmHWM") - before) * 1024
+        return (status_kb("VmHWM") - before) * 1024
 
 
 def peak_in_subprocess(impl: str, folder: Path, size: Size, dtype_name: str) -> int:

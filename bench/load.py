@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 import torch
+from _measure import status_kb  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -64,12 +65,6 @@ def drop_cached_pages(path: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------- the subprocess side
-def _status_kb(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"/proc/self/status has no {field}")
-
 
 def load_once(method: str, path: Path) -> dict:
     import safetensors.torch  # noqa: F401 - imported before the baseline by every method alike
@@ -77,7 +72,7 @@ def load_once(method: str, path: Path) -> dict:
     from flux_core.loading.loader import load_model
     from flux_core.models.dit import FluxDiT, FluxParams
 
-    baseline, baseline_file = _status_kb("VmRSS"), _status_kb("RssFile")
+    baseline, baseline_file = status_kb("VmRSS"), status_kb("RssFile")
     t0 = time.perf_counter()
     if method == "ours":
         model = load_model(path, torch_dtype=torch.bfloat16)
@@ -94,8 +89,8 @@ def load_once(method: str, path: Path) -> dict:
             model.load_state_dict(load_file(path), assign=True)
     check = sum(float(_touch(t)) for t in model.state_dict().values())
     seconds = time.perf_counter() - t0
-    return dict(seconds=seconds, peak=(_status_kb("VmHWM") - baseline) * 1024,
-                after=(_status_kb("VmRSS") - baseline) * 1024, after_file=(_status_kb("RssFile") - baseline_file) * 1024, check=check)
+    return dict(seconds=seconds, peak=(status_kb("VmHWM") - baseline) * 1024,
+                after=(status_kb("VmRSS") - baseline) * 1024, after_file=(status_kb("RssFile") - baseline_file) * 1024, check=check)
 
 
 def _touch(t: torch.Tensor) -> torch.Tensor:

@@ -37,6 +37,7 @@ import time
 from pathlib import Path
 
 import torch
+from _measure import status_kb, sync  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -128,18 +129,8 @@ def train_step(impl: str, model, optimizer, x: dict) -> float:
     return loss.item()
 
 
-def sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
 
 # ---------------------------------------------------------------------------------------------- memory
-def _status_kb(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"/proc/self/status has no {field}")
-
 
 def worker(impl: str, folder: Path, dtype: torch.dtype, device: str, checkpointing: bool) -> dict:
     x = make_inputs(dtype, device)
@@ -153,9 +144,9 @@ def worker(impl: str, folder: Path, dtype: torch.dtype, device: str, checkpointi
         sync(device)
         return {"step": torch.cuda.max_memory_allocated() - before, "peak": torch.cuda.max_memory_allocated()}
     Path("/proc/self/clear_refs").write_text("5")
-    before = _status_kb("VmRSS")
+    before = status_kb("VmRSS")
     train_step(impl, model, optimizer, x)
-    step = (_status_kb("VmHWM") - before) * 1024
+    step = (status_kb("VmHWM") - before) * 1024
     return {"step": step, "peak": None}
 
 
@@ -195,7 +186,7 @@ def main() -> None:
     if args._worker:
         result = worker(args._worker, Path(args._folder), dtype, args.device, args.gradient_checkpointing)
         if result["peak"] is None:
-            result["peak"] = _status_kb("VmHWM") * 1024
+            result["peak"] = status_kb("VmHWM") * 1024
         print(json.dumps(result))
         return
 
