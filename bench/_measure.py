@@ -18,3 +18,14 @@ def status_kb(field: str) -> int:
         if line.startswith(field + ":"):
             return int(line.split()[1])
     raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def dit_forward(impl: str, model, x: dict) -> torch.Tensor:
+    """One forward of FluxCore's DiT ("ours") or diffusers' FluxTransformer2DModel on the same inputs (ids without
+    a batch dimension, as diffusers takes them)."""
+    if impl == "ours":
+        return model(img=x["img"], img_ids=x["img_ids"][None], txt=x["txt"], txt_ids=x["txt_ids"][None],
+                     timesteps=x["sigma"], y=x["y"], guidance=x["guidance"])
+    return model(hidden_states=x["img"], encoder_hidden_states=x["txt"], pooled_projections=x["y"],
+                 timestep=x["sigma"], img_ids=x["img_ids"], txt_ids=x["txt_ids"], guidance=x["guidance"],
+                 return_dict=False)[0]

@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from _measure import status_kb, sync  # noqa: E402
+from _measure import dit_forward, status_kb, sync  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -104,15 +104,6 @@ def make_inputs(size: Size, dtype: torch.dtype, device: str) -> dict:
                 sigma=torch.full((1,), SIGMA, device=device), guidance=torch.full((1,), GUIDANCE, device=device))
 
 
-def forward(impl: str, model, x: dict) -> torch.Tensor:
-    if impl == "ours":
-        return model(img=x["img"], img_ids=x["img_ids"][None], txt=x["txt"], txt_ids=x["txt_ids"][None],
-                     timesteps=x["sigma"], y=x["y"], guidance=x["guidance"])
-    return model(hidden_states=x["img"], encoder_hidden_states=x["txt"], pooled_projections=x["y"],
-                 timestep=x["sigma"], img_ids=x["img_ids"], txt_ids=x["txt_ids"], guidance=x["guidance"],
-                 return_dict=False)[0]
-
-
 
 # ---------------------------------------------------------------------------------------------- memory
 
@@ -122,20 +113,20 @@ def measure_peak(impl: str, folder: Path, size: Size, dtype: torch.dtype, device
     model = load(impl, folder, dtype, device)
     with torch.no_grad():
         if device.startswith("cuda"):
-            forward(impl, model, x)  # warm-up
+            dit_forward(impl, model, x)  # warm-up
             sync(device)
             torch.cuda.reset_peak_memory_stats()
             before = torch.cuda.memory_allocated()
-            forward(impl, model, x)
+            dit_forward(impl, model, x)
             sync(device)
             peak = torch.cuda.max_memory_allocated() - before
             del model
             torch.cuda.empty_cache()
             return peak
-        forward(impl, model, x)  # warm-up: one-time kernel/primitive caches are not the forward's memory
+        dit_forward(impl, model, x)  # warm-up: one-time kernel/primitive caches are not the forward's memory
         Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
         before = status_kb("VmRSS")
-        forward(impl, model, x)
+        dit_forward(impl, model, x)
         return (status_kb("VmHWM") - before) * 1024
 
 
@@ -157,7 +148,7 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def check_outputs(models: dict, x: dict, ref: torch.Tensor | None, dtype_name: str) -> tuple[dict, torch.Tensor]:
     with torch.no_grad():
-        out = {impl: forward(impl, m, x).float().cpu() for impl, m in models.items()}
+        out = {impl: dit_forward(impl, m, x).float().cpu() for impl, m in models.items()}
     diff = rel_err(out["ours"], out["diffusers"])
     report = {"ours vs diffusers": diff}
     if ref is not None:  # bf16: each against the fp32 diffusers output
@@ -177,12 +168,12 @@ def time_forwards(models: dict, x: dict, runs: int, device: str) -> dict:
     cpu = {impl: [] for impl in models}
     with torch.no_grad():
         for impl, m in models.items():  # warm-up
-            forward(impl, m, x)
+            dit_forward(impl, m, x)
         sync(device)
         for _ in range(runs):
             for impl, m in models.items():
                 t0, c0 = time.perf_counter(), time.process_time()
-                forward(impl, m, x)
+                dit_forward(impl, m, x)
                 sync(device)
                 wall[impl].append(time.perf_counter() - t0)
                 cpu[impl].append(time.process_time() - c0)
@@ -199,7 +190,7 @@ def profile(models: dict, x: dict, device: str, rows: int = 18) -> None:
     key = "self_device_time_total" if device.startswith("cuda") else "self_cpu_time_total"
     for impl, m in models.items():
         with torch.no_grad(), tprofile(activities=acts) as prof:
-            forward(impl, m, x)
+            dit_forward(impl, m, x)
             sync(device)
         print(f"\n--- profile: {impl} ---")
         print(prof.key_averages().table(sort_by=key, row_limit=rows))

@@ -37,7 +37,7 @@ import time
 from pathlib import Path
 
 import torch
-from _measure import status_kb, sync  # noqa: E402
+from _measure import dit_forward, status_kb, sync  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -110,19 +110,10 @@ def make_inputs(dtype: torch.dtype, device: str) -> dict:
                 sigma=torch.full((1,), SIGMA, device=device), guidance=torch.full((1,), GUIDANCE, device=device))
 
 
-def forward(impl: str, model, x: dict) -> torch.Tensor:
-    if impl == "ours":
-        return model(img=x["img"], img_ids=x["img_ids"][None], txt=x["txt"], txt_ids=x["txt_ids"][None],
-                     timesteps=x["sigma"], y=x["y"], guidance=x["guidance"])
-    return model(hidden_states=x["img"], encoder_hidden_states=x["txt"], pooled_projections=x["y"],
-                 timestep=x["sigma"], img_ids=x["img_ids"], txt_ids=x["txt_ids"], guidance=x["guidance"],
-                 return_dict=False)[0]
-
-
 def train_step(impl: str, model, optimizer, x: dict) -> float:
     from flux_core.train.loss import training_attention
     with training_attention() if impl == "ours" else contextlib.nullcontext():  # as flux_core.train runs it
-        loss = torch.nn.functional.mse_loss(forward(impl, model, x).float(), x["target"])
+        loss = torch.nn.functional.mse_loss(dit_forward(impl, model, x).float(), x["target"])
         loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -199,7 +190,7 @@ def main() -> None:
 
     # The same function before any update: base outputs and first losses agree.
     with torch.no_grad():
-        outs = {impl: forward(impl, m[0], x).float() for impl, m in models.items()}
+        outs = {impl: dit_forward(impl, m[0], x).float() for impl, m in models.items()}
     rel = ((outs["ours"] - outs["diffusers"]).norm() / outs["diffusers"].norm()).item()
     if rel > (1e-4 if dtype == torch.float32 else 3e-2):
         raise SystemExit(f"outputs differ before training (relative L2 {rel:.2e}); not timing.")

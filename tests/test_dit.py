@@ -9,7 +9,7 @@ from flux_core.loading.files import CheckpointError
 from flux_core.loading.loader import load_model
 from flux_core.math import image_ids, text_ids
 from flux_core.models.dit import DiTExtras, FluxDiT, FluxParams
-from tests.tiny_dit import (bfl_state_dict, make_diffusers_dit, write_bfl_dit, write_diffsynth_dit,
+from tests.tiny_dit import (bfl_state_dict, diffusers_forward, make_diffusers_dit, write_bfl_dit, write_diffsynth_dit,
                             write_diffusers_dit)
 
 B, H, W, LT = 2, 6, 10, 7  # non-square latent (packed 3x5 tokens), batch 2
@@ -26,13 +26,6 @@ def inputs():
     return dict(img=torch.randn(B, (H // 2) * (W // 2), 64, generator=g), img_ids=image_ids(B, H, W),
                 txt=torch.randn(B, LT, 32, generator=g), txt_ids=text_ids(B, LT),
                 timesteps=torch.tensor([0.9, 0.25]), y=torch.randn(B, 32, generator=g), guidance=torch.tensor([3.5, 1.0]))
-
-
-def diffusers_forward(model, x):
-    with torch.no_grad():
-        return model(hidden_states=x["img"], encoder_hidden_states=x["txt"], pooled_projections=x["y"],
-                     timestep=x["timesteps"], img_ids=x["img_ids"][0], txt_ids=x["txt_ids"][0],
-                     guidance=x["guidance"]).sample
 
 
 def write_layout(layout, ref, tmp_path):

@@ -14,7 +14,7 @@ from flux_core.math import image_ids, text_ids
 from lora_tools import (LoraFormatError, LoraKeyWarning, LoraShapeError, parse_lora, read_lora, read_state_dict,
                         save_lora)
 from lora_tools.__main__ import main as lora_cli
-from tests.tiny_dit import make_diffusers_dit, write_bfl_dit
+from tests.tiny_dit import diffusers_forward, make_diffusers_dit, write_bfl_dit
 from tests.tiny_lora import (bfl_shapes, bfl_to_diffsynth, diffusers_shapes, expected_from_bfl,
                              expected_from_diffusers, expected_from_xlabs, random_pairs, write_kohya,
                              write_onetrainer, write_peft, write_xlabs)
@@ -66,13 +66,6 @@ def shapes(reference):
 def ours_forward(dit, x):
     with torch.no_grad():
         return dit(**x)
-
-
-def diffusers_forward(model, x):
-    with torch.no_grad():
-        return model(hidden_states=x["img"], encoder_hidden_states=x["txt"], pooled_projections=x["y"],
-                     timestep=x["timesteps"], img_ids=x["img_ids"][0], txt_ids=x["txt_ids"][0],
-                     guidance=x["guidance"]).sample
 
 
 def diffusers_with_lora(reference, path, x):

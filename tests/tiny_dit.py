@@ -29,6 +29,14 @@ def make_diffusers_dit(seed: int = 0, **overrides) -> FluxTransformer2DModel:
     return model
 
 
+def diffusers_forward(model: FluxTransformer2DModel, x: dict) -> torch.Tensor:
+    """The reference forward on FluxCore-style inputs (ids with a batch dimension; diffusers takes them without)."""
+    with torch.no_grad():
+        return model(hidden_states=x["img"], encoder_hidden_states=x["txt"], pooled_projections=x["y"],
+                     timestep=x["timesteps"], img_ids=x["img_ids"][0], txt_ids=x["txt_ids"][0],
+                     guidance=x["guidance"]).sample
+
+
 def write_diffusers_dit(model: FluxTransformer2DModel, folder: Path, max_shard_size: str | None = None) -> Path:
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(folder, **kwargs)
