@@ -143,13 +143,6 @@ def free_memory(nbytes: int) -> None:
         _mm.free_memory(nbytes, compute_device())
 
 
-def soft_empty_cache() -> None:
-    if IN_COMFYUI:
-        _mm.soft_empty_cache()
-    elif torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
 # ---------------------------------------------------------------- progress and interrupt
 def check_interrupt() -> None:
     """Stop promptly when the user pressed Cancel (standalone: when `request_interrupt()` was called)."""
