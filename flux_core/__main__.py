@@ -27,7 +27,9 @@ DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch
 
 def model_configs_for(args) -> tuple[list[ModelConfig], ModelConfig | None, ModelConfig | None]:
     """(model configs, tokenizer_1 config, tokenizer_2 config) from the command-line options."""
-    base = dict(local_model_path=args.local_model_path, skip_download=args.skip_download)
+    # Only what was given: otherwise ModelConfig's own defaults apply (DIFFSYNTH_MODEL_BASE_PATH, DIFFSYNTH_SKIP_DOWNLOAD).
+    base = {k: v for k, v in dict(local_model_path=args.local_model_path,
+                                  skip_download=True if args.skip_download else None).items() if v is not None}
     tok1 = ModelConfig(path=args.tokenizer) if args.tokenizer else None
     tok2 = ModelConfig(path=args.tokenizer_2) if args.tokenizer_2 else None
     if args.model_dir:
@@ -79,6 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--rand-device", default="cpu")
     g.add_argument("--sigma-shift", type=float, default=None)
     g.add_argument("--num-inference-steps", "--steps", type=int, default=30)
+    g.add_argument("--sigmas", type=_float_list, default=None,
+                   help="explicit schedule, comma-separated decreasing values in (0, 1], e.g. 1,0.75,0.5,0.25")
     g.add_argument("--kontext-image", action="append", default=None, help="Kontext reference (repeatable)")
     g.add_argument("--tiled", action="store_true", help="tiled VAE encode/decode")
     g.add_argument("--tile-size", type=int, default=128)
@@ -88,13 +92,23 @@ def build_parser() -> argparse.ArgumentParser:
     src = g.add_argument_group("models")
     src.add_argument("--model-id", default=FLUX_DEV, help="ModelScope id: FLUX.1-dev, FLUX.1-Krea-dev, FLUX.1-Kontext-dev")
     src.add_argument("--model-dir", help="local folder (diffusers FLUX folder or a copy of the ModelScope repo)")
-    src.add_argument("--local-model-path", default="./models", help="where ModelScope downloads go")
-    src.add_argument("--skip-download", action="store_true", help="never download; local files only")
+    src.add_argument("--local-model-path", default=None,
+                     help="where models are looked for and ModelScope downloads go (default ./models, or "
+                          "$DIFFSYNTH_MODEL_BASE_PATH)")
+    src.add_argument("--skip-download", action="store_true",
+                     help="never download; local files only (also $DIFFSYNTH_SKIP_DOWNLOAD=true)")
     for name in ("dit", "vae", "clip", "t5"):
         src.add_argument(f"--{name}", help=f"{name} weights file or folder")
     src.add_argument("--tokenizer", help="CLIP tokenizer folder")
     src.add_argument("--tokenizer-2", help="T5 tokenizer folder")
     return parser
+
+
+def _float_list(text: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of numbers") from None
 
 
 def generate(args) -> tuple[Path, int]:
@@ -103,27 +117,36 @@ def generate(args) -> tuple[Path, int]:
 
     from .pipeline import FluxImagePipeline
 
+    # Everything that can be checked cheaply is checked before the models load (minutes for real FLUX).
+    output = Path(args.output)
+    if output.suffix.lower() not in Image.registered_extensions():
+        raise ValueError(f"--output {output}: unknown image extension {output.suffix!r}; use .png, .jpg or .webp.")
+    open_rgb = lambda p: Image.open(p).convert("RGB")  # noqa: E731
+    input_image = open_rgb(args.input_image) if args.input_image else None
+    kontext_images = [open_rgb(p) for p in args.kontext_image] if args.kontext_image else None
+
     configs, tok1, tok2 = model_configs_for(args)
     pipe = FluxImagePipeline.from_pretrained(torch_dtype=DTYPES[args.dtype], device=args.device,
                                              model_configs=configs, tokenizer_1_config=tok1, tokenizer_2_config=tok2)
-    open_rgb = lambda p: Image.open(p).convert("RGB")  # noqa: E731
     image = pipe(
         prompt=args.prompt, negative_prompt=args.negative_prompt, cfg_scale=args.cfg_scale,
         embedded_guidance=args.embedded_guidance, t5_sequence_length=args.t5_sequence_length,
-        input_image=open_rgb(args.input_image) if args.input_image else None,
+        input_image=input_image,
         denoising_strength=args.denoising_strength, height=args.height, width=args.width, seed=args.seed,
         rand_device=args.rand_device, sigma_shift=args.sigma_shift, num_inference_steps=args.num_inference_steps,
-        kontext_images=[open_rgb(p) for p in args.kontext_image] if args.kontext_image else None,
+        kontext_images=kontext_images, sigmas=args.sigmas,
         tiled=args.tiled, tile_size=args.tile_size, tile_stride=args.tile_stride,
     )
-    return save_image(image, Path(args.output)), pipe.last_seed
+    return save_image(image, output), pipe.last_seed
 
 
 def save_image(image, path: Path) -> Path:
     """Write atomically: a temp file in the same folder, then rename."""
+    from PIL import Image
+
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    image.save(tmp, format=(path.suffix[1:] or "png").upper().replace("JPG", "JPEG"))
+    image.save(tmp, format=Image.registered_extensions()[path.suffix.lower()])
     os.replace(tmp, path)
     return path
 
@@ -133,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "generate":
         try:
             out, seed = generate(args)
-        except (ValueError, TypeError, FileNotFoundError, RuntimeError) as e:  # user errors: the message says the fix
+        except (ValueError, TypeError, OSError, RuntimeError) as e:  # user errors: the message says the fix
             print(f"error: {e}", file=sys.stderr)
             return 2
         print(f"saved {out} (seed {seed})")

@@ -214,7 +214,7 @@ class FluxImagePipeline:
         """Generate image(s). Parameters and defaults are DiffSynth-Studio's; in addition:
         latents: the initial noise, (B, 16, H/8, W/8) or packed (B, H*W/256, 64), instead of drawing it from seed;
         sigmas: an explicit decreasing schedule in (0, 1] instead of num_inference_steps/sigma_shift/strength;
-        output_type: "pil" (one image, or a list for several prompts), "np" ((B, H, W, 3) float in [0, 1]),
+        output_type: "pil" (one image for a prompt string, a list for a list of prompts), "np" ((B, H, W, 3) float in [0, 1]),
             "pt" ((B, 3, H, W) in [0, 1]) or "latent" (the final scaled latent);
         callback(step, total, latents): called after each step.
         tea_cache_l1_thresh: TeaCache (flux_core.teacache): skip the DiT's blocks on steps whose input barely
@@ -230,6 +230,8 @@ class FluxImagePipeline:
         if output_type not in ("pil", "np", "pt", "latent"):
             raise ValueError(f"output_type={output_type!r}: use 'pil', 'np', 'pt' or 'latent'.")
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if not prompts:
+            raise ValueError("prompt=[]: give a prompt, or a list of at least one.")
         batch = len(prompts)
         negatives = [negative_prompt] * batch if isinstance(negative_prompt, str) else list(negative_prompt)
         if len(negatives) != batch:
@@ -276,7 +278,7 @@ class FluxImagePipeline:
         if output_type == "np":
             return (images / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy().astype(np.float32)
         pil = tensor_to_pil(images)
-        return pil[0] if batch == 1 else pil
+        return pil[0] if isinstance(prompt, str) else pil
 
     def kontext_extras(self, kontext_images, batch: int, **vae_tiling) -> DiTExtras:
         """Kontext reference images -> extra tokens. Each keeps its own resolution (shrunk to multiples of 16)."""

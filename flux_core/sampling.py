@@ -10,6 +10,7 @@ from dataclasses import dataclass, replace
 from typing import Callable, Iterable
 
 import torch
+import torch.nn.functional as F
 
 from .math import image_ids, pack_latents, text_ids, unpack_latents
 from .models.dit import DiTExtras, FluxDiT
@@ -39,6 +40,8 @@ class PromptEmbeds:
 def check_size(height: int, width: int) -> None:
     """Height and width must be positive multiples of 16; the message proposes the nearest valid values."""
     for name, value in (("height", height), ("width", width)):
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise TypeError(f"{name}={value!r} must be an int (pixels, a multiple of {SIZE_MULTIPLE}).")
         if value <= 0 or value % SIZE_MULTIPLE:
             lower = max(SIZE_MULTIPLE, value // SIZE_MULTIPLE * SIZE_MULTIPLE)
             raise ValueError(f"{name}={value} is not a positive multiple of {SIZE_MULTIPLE} (FLUX packs 2x2 patches of "
@@ -128,11 +131,15 @@ def reference_extras(latents: list[torch.Tensor], batch: int) -> DiTExtras:
     """Kontext references: each (1 or B, 16, h, w) latent packed at its own resolution with ids [1, row, col];
     all references are appended after the image tokens and dropped from the output by the DiT."""
     tokens, ids = [], []
-    for lat in latents:
-        lat = lat.expand(batch, -1, -1, -1) if lat.shape[0] == 1 else lat
+    for i, lat in enumerate(latents):
+        if batch % lat.shape[0]:
+            raise ValueError(f"reference {i} has a batch of {lat.shape[0]} images, which does not divide the batch "
+                             f"of {batch}; give one reference image, or one per image.")
+        lat = lat.repeat_interleave(batch // lat.shape[0], dim=0)
+        # Odd sides (an image side a multiple of 8 but not 16, e.g. from ComfyUI's VAEEncode) are padded to whole
+        # 2x2 patches, wrapping around as ComfyUI's own FLUX code does.
+        lat = F.pad(lat, (0, lat.shape[-1] % 2, 0, lat.shape[-2] % 2), mode="circular")
         _, _, h, w = lat.shape
-        if h % 2 or w % 2:
-            raise ValueError(f"reference latent {h}x{w} must have even sides (image sides multiples of 16).")
         tokens.append(pack_latents(lat))
         ids.append(image_ids(batch, h, w, index=1, device=lat.device))
     return DiTExtras(ref_tokens=torch.cat(tokens, dim=1), ref_ids=torch.cat(ids, dim=1))

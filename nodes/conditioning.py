@@ -6,6 +6,8 @@ ReferenceLatent, ConditioningZeroOut, ...) and ours mix freely.
 """
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from flux_core.image import pil_to_tensor, resize_to_multiple, tensor_to_pil
@@ -32,6 +34,9 @@ def read_conditioning(node: str, input_name: str, conditioning) -> tuple[PromptE
     """(embeds, guidance, raw reference latents) of a native CONDITIONING; only its first entry is used."""
     if not conditioning:
         raise NodeInputError(f"{node}, input '{input_name}': empty conditioning.")
+    if len(conditioning) > 1:  # e.g. from ConditioningCombine / area conditioning, which FLUX sampling has no use for
+        logging.getLogger("FluxCore").warning("%s, input '%s': %d conditioning entries; only the first is used.",
+                                              node, input_name, len(conditioning))
     tokens, extra = conditioning[0][0], conditioning[0][1]
     pooled = extra.get("pooled_output")
     if pooled is None:

@@ -46,6 +46,23 @@ def latent_mask(noise_mask: torch.Tensor, batch: int, h: int, w: int) -> torch.T
     return m
 
 
+def check_conditioning(node: str, dit, batch: int, **sides) -> None:
+    """Conditioning that cannot drive this DiT (another model's, or a batch that does not fit) is refused by name."""
+    params = dit.params
+    for name, embeds in sides.items():
+        if embeds is None:
+            continue
+        tokens, pooled = embeds.prompt_emb, embeds.pooled
+        if tokens.shape[-1] != params.context_in_dim or pooled.shape[-1] != params.vec_in_dim:
+            raise NodeInputError(
+                f"{node}, input '{name}': tokens of width {tokens.shape[-1]} and pooled output of width "
+                f"{pooled.shape[-1]} are not this FLUX model's ({params.context_in_dim} and {params.vec_in_dim}); "
+                f"encode the prompt with FluxCore Text Encode or CLIPTextEncodeFlux and FLUX's text encoders.")
+        if batch % tokens.shape[0]:
+            raise NodeInputError(f"{node}, input '{name}': {tokens.shape[0]} prompts cannot be spread over a latent "
+                                 f"batch of {batch}; use one prompt, or as many as the batch.")
+
+
 class FluxCoreSampler:
     CATEGORY = "FluxCore/sampling"
     RETURN_TYPES = ("LATENT",)
@@ -89,6 +106,7 @@ class FluxCoreSampler:
         negative_embeds = read_conditioning(node, "negative", negative)[0] if cfg != 1.0 else None
         guidance = embedded_guidance if embedded_guidance >= 0 else cond_guidance
 
+        check_conditioning(node, model.model.module, b, positive=positive_embeds, negative=negative_embeds)
         dit = prepare_dit(model)
         device = bridge.compute_device()
         sigmas = flux_sigmas(steps, denoise, sigma_shift)
@@ -98,8 +116,11 @@ class FluxCoreSampler:
         mask = latent_mask(latent_image["noise_mask"], b, h, w).to(device) if "noise_mask" in latent_image else None
         if mask is not None:
             start = mask * start + (1 - mask) * add_noise(x0, noise, float(sigmas[0]))
-        extras = (reference_extras([FLUX_LATENT.raw_to_scaled(r.float()).to(device) for r in references], b)
-                  if references else None)
+        try:
+            extras = (reference_extras([FLUX_LATENT.raw_to_scaled(r.float()).to(device) for r in references], b)
+                      if references else None)
+        except ValueError as e:
+            raise NodeInputError(f"{node}, input 'positive' (reference_latents): {e}") from None
 
         extras, negative_extras, tea_stats = tea_cache_extras(extras, len(sigmas), model.tea_cache_l1_thresh,
                                                               cfg=negative_embeds is not None)

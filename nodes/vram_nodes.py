@@ -69,8 +69,9 @@ def place_dit(handle):
     weight_dtype = WEIGHT_DTYPES[options.weight_dtype]
     device = make_compute_device()
     compute_dtype = next(p.dtype for p in dit.parameters() if p.dim() == 1 and p.is_floating_point())
-    storage = bridge.offload_device() if options.offload else device.torch_device
-    store_model(dit, storage, weight_dtype, pin_memory=options.offload and device.torch_device.type == "cuda")
+    # Weights rest on ComfyUI's offload device even without layer offload: ComfyUI's memory manager cannot see
+    # what flux_core.vram places, so the DiT is on the GPU only while it samples (all of it when not offloading).
+    store_model(dit, bridge.offload_device(), weight_dtype, pin_memory=device.torch_device.type == "cuda")
     manager = VRAMManager(device, budget=int(options.vram_limit * GiB) if options.offload else None)
     manager.add("dit", dit, compute_dtype)
     setattr(dit, _STATE_ATTR, (options, manager))
@@ -86,8 +87,8 @@ def _onload(manager: VRAMManager) -> None:
 
 
 def release_dit(handle) -> None:
-    """After sampling: drop the resident copies of an offloaded DiT, so the VAE and other models get the VRAM
-    (weights stored on the device itself stay). Nothing to do for a DiT without VRAM options."""
+    """After sampling: drop the placed DiT's copies on the device, so the VAE and ComfyUI's own models get the
+    VRAM. Nothing to do for a DiT without VRAM options (ComfyUI's model manager handles that one)."""
     state = getattr(handle.model.module, _STATE_ATTR, None)
     if state is not None:
         state[1].load_models_to_device([])

@@ -55,3 +55,16 @@ def test_skip_download_without_local_files_names_the_model(tmp_path):
          "--local-model-path", str(tmp_path), "--device", "cpu"], capture_output=True, text=True, timeout=120)
     assert result.returncode != 0
     assert "black-forest-labs/FLUX.1-dev" in result.stderr and "flux1-dev.safetensors" in result.stderr
+
+
+def test_bad_output_extension_fails_before_any_model_loads(tmp_path, capsys):
+    # No models exist at all: the error must come from the output check, not from loading.
+    rc = main(["generate", "--prompt", "a cat", "--output", str(tmp_path / "cat.tiff2"), "--skip-download",
+               "--local-model-path", str(tmp_path)])
+    assert rc == 2
+    assert "--output" in capsys.readouterr().err
+
+
+def test_sigmas_option_is_parsed():
+    args = build_parser().parse_args(["generate", "--prompt", "x", "--sigmas", "1,0.75,0.5"])
+    assert args.sigmas == [1.0, 0.75, 0.5]

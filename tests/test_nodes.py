@@ -209,3 +209,28 @@ def test_fp8_weight_dtype_in_the_dit_loader_samples_close_to_full_precision(mode
     assert torch.isfinite(low).all()
     rel = (low - full).norm() / full.norm()
     assert 0 < rel < 0.2  # fp8 rounding of the weights, nothing more
+
+
+def test_native_reference_latents_with_odd_sides_are_padded(models):
+    # Native VAEEncode crops to multiples of 8 only: a 40x56 image gives a 5x7 latent.
+    cond = encode(models, "make it red", 2.5)
+    cond = [[t, {**d, "reference_latents": [torch.randn(1, 16, 5, 7)]}] for t, d in cond]
+    latent, = FluxCoreEmptyLatent().generate(W, H, 2)
+    out, = FluxCoreSampler().sample(models["dit"], cond, cond, latent, seed=0, steps=1)
+    assert out["samples"].shape == (2, 16, H // 8, W // 8) and torch.isfinite(out["samples"]).all()
+    bad = [[t, {**d, "reference_latents": [torch.randn(2, 16, 4, 6)]}] for t, d in cond]
+    latent3, = FluxCoreEmptyLatent().generate(W, H, 3)
+    with pytest.raises(NodeInputError, match=r"input 'positive' \(reference_latents\): reference 0 has a batch of 2"):
+        FluxCoreSampler().sample(models["dit"], bad, bad, latent3, seed=0, steps=1)
+
+
+def test_conditioning_of_another_model_is_refused_by_name(models):
+    sdxl = [[torch.zeros(1, 77, 2048), {"pooled_output": torch.zeros(1, 1280)}]]
+    latent, = FluxCoreEmptyLatent().generate(W, H, 1)
+    with pytest.raises(NodeInputError, match=r"FluxCoreSampler, input 'positive': tokens of width 2048"):
+        FluxCoreSampler().sample(models["dit"], sdxl, sdxl, latent, seed=0, steps=1)
+    two = [[torch.cat([t, t]), {**d, "pooled_output": torch.cat([d["pooled_output"]] * 2)}]
+           for t, d in encode(models, "x")]
+    latent3, = FluxCoreEmptyLatent().generate(W, H, 3)
+    with pytest.raises(NodeInputError, match=r"input 'positive': 2 prompts cannot be spread over a latent batch of 3"):
+        FluxCoreSampler().sample(models["dit"], two, two, latent3, seed=0, steps=1)

@@ -99,6 +99,9 @@ def test_batch_of_prompts_returns_a_list_and_first_equals_single(tiny):
     images = ours(prompt=PROMPTS, height=H, width=W, seed=1, num_inference_steps=1, t5_sequence_length=16,
                   progress_bar_cmd=None)
     assert isinstance(images, list) and len(images) == 2
+    one = ours(prompt=PROMPTS[:1], height=H, width=W, seed=1, num_inference_steps=1, t5_sequence_length=16,
+               progress_bar_cmd=None)
+    assert isinstance(one, list) and len(one) == 1  # a list of prompts gives a list, whatever its length
 
 
 def test_image_to_image_noises_the_input_to_the_first_sigma(tiny):
@@ -147,6 +150,8 @@ def test_scheduler_matches_diffsynth_formula():
     (dict(latents=torch.zeros(1, 4, 6, 8)), r"latents= has shape"),
     (dict(sigmas=[0.5, 0.9]), "strictly decreasing"),
     (dict(output_type="jpeg"), "output_type"),
+    (dict(height=48.0), r"height=48.0 must be an int"),
+    (dict(prompt=[]), r"prompt=\[\]"),
 ])
 def test_bad_input_is_refused_with_a_clear_message(tiny, kwargs, match):
     _, ours, _ = tiny

@@ -232,6 +232,9 @@ def encode_prompt(prompts: str | list[str], clip: nn.Module, t5: nn.Module, clip
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     clip_ids = _tokenize(clip_tokenizer, prompts, CLIP_MAX_LENGTH, "CLIP")
     pooled = clip(clip_ids.to(_device_of(clip)), output_hidden_states=False).pooler_output.to(_dtype_of(clip))
+    if t5_sequence_length < 1:
+        raise ValueError(f"t5_sequence_length={t5_sequence_length}: use a positive number of T5 tokens "
+                         f"(512 for FLUX.1-dev).")
     t5_ids = _tokenize(t5_tokenizer, prompts, t5_sequence_length, "T5")
     prompt_emb = t5(t5_ids.to(_device_of(t5)), output_hidden_states=False).last_hidden_state.to(_dtype_of(t5))
     if device is not None:
