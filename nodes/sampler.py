@@ -125,16 +125,20 @@ class FluxCoreSampler:
         extras, negative_extras, tea_stats = tea_cache_extras(extras, len(sigmas), model.tea_cache_l1_thresh,
                                                               cfg=negative_embeds is not None)
 
+        last = {}
+
         def velocity(x: torch.Tensor, sigma: float) -> torch.Tensor:
-            return guided_velocity(dit, x, sigma, positive_embeds, negative_embeds, cfg, guidance, extras,
-                                   negative_extras)
+            last["v"] = guided_velocity(dit, x, sigma, positive_embeds, negative_embeds, cfg, guidance, extras,
+                                        negative_extras)
+            return last["v"]
 
         progress, previewer, nexts = bridge.Progress(steps), bridge.latent_previewer(), next_sigmas(sigmas)
 
         def after_step(i: int, total: int, x: torch.Tensor):
             if mask is not None:
                 x = mask * x + (1 - mask) * add_noise(x0, noise, float(nexts[i]))
-            progress.update(i + 1, previewer(x) if previewer else None)
+            # The preview shows the predicted clean image, x0 = x - sigma * v (as ComfyUI's samplers do).
+            progress.update(i + 1, previewer(x - float(nexts[i]) * last["v"]) if previewer else None)
             bridge.check_interrupt()
             return x
 

@@ -234,3 +234,23 @@ def test_conditioning_of_another_model_is_refused_by_name(models):
     latent3, = FluxCoreEmptyLatent().generate(W, H, 3)
     with pytest.raises(NodeInputError, match=r"input 'positive': 2 prompts cannot be spread over a latent batch of 3"):
         FluxCoreSampler().sample(models["dit"], two, two, latent3, seed=0, steps=1)
+
+
+def test_previews_show_the_predicted_clean_latent(models, monkeypatch):
+    from nodes.sampler import FLUX_LATENT
+    seen = []
+    monkeypatch.setattr(comfy_bridge, "latent_previewer", lambda: (lambda x: seen.append(x.clone()) or "preview"))
+    latent, = FluxCoreEmptyLatent().generate(W, H, 1)
+    out, = FluxCoreSampler().sample(models["dit"], encode(models, "a cat"), encode(models, ""), latent, seed=0, steps=3)
+    assert len(seen) == 3
+    assert torch.allclose(seen[-1], FLUX_LATENT.raw_to_scaled(out["samples"]), atol=1e-5)  # sigma 0: the result
+    # The first preview is the x0 estimate from the starting noise: noise - sigma_0 * v_0, not the noisy latent.
+    from flux_core.sampling import make_noise, predict_velocity
+    from flux_core.scheduler import flux_sigmas
+    from nodes.conditioning import read_conditioning
+    noise = make_noise(1, H, W, seed=0)
+    sigma0 = float(flux_sigmas(3)[0])
+    embeds, guidance, _ = read_conditioning("test", "positive", encode(models, "a cat"))
+    with torch.no_grad():
+        v0 = predict_velocity(models["dit"].model.module, noise, sigma0, embeds, guidance)
+    assert torch.allclose(seen[0], noise - sigma0 * v0, atol=1e-4)
