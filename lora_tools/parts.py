@@ -23,22 +23,10 @@ from .names import Target
 
 
 @dataclass
-class Piece:
-    """One LoRA module of a file, placed on (part of) a canonical layer."""
-    target: Target
-    down: torch.Tensor
-    up: torch.Tensor
-    alpha: float
-    keys: tuple[str, ...]
-    scheme: str
-
-    @property
-    def rank(self) -> int:
-        return int(self.down.shape[0])
-
-    @property
-    def scale(self) -> float:
-        return self.alpha / self.rank
+class Piece(LoraLayer):
+    """One LoRA module of a file (a LoraLayer), placed on (part of) a canonical layer by `target`."""
+    target: Target | None = None
+    scheme: str = ""            # the naming scheme its keys were read in
 
     def parts(self, n_parts: int) -> range:
         t = self.target
@@ -58,14 +46,14 @@ def check_piece(piece: Piece, name: str, shape: tuple[int, int], sizes: list[int
     if got != (rows, shape[1]):
         what = name if piece.target.whole else f"rows {sum(sizes[:parts.start])}:{sum(sizes[:parts.stop])} of {name}"
         raise LoraShapeError(
-            f"{', '.join(piece.keys)}: LoRA delta has shape {got} (out, in) but the model's {what} needs "
+            f"{', '.join(piece.source_keys)}: LoRA delta has shape {got} (out, in) but the model's {what} needs "
             f"{(rows, shape[1])} (layer weight {tuple(shape)}). This LoRA was made for a different model "
             f"(another FLUX size or another architecture); use a LoRA trained for this model.")
 
 
 def assemble(name: str, pieces: list[Piece], sizes: list[int]) -> LoraLayer:
     """One LoraLayer for a canonical layer from the pieces that cover it (pieces must not overlap)."""
-    keys = tuple(k for p in pieces for k in p.keys)
+    keys = tuple(k for p in pieces for k in p.source_keys)
     if len(pieces) == 1 and pieces[0].target.whole:
         p = pieces[0]
         up = swap_halves(p.up) if p.target.swap_halves else p.up

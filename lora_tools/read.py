@@ -113,7 +113,7 @@ def parse_lora(state_dict: Mapping[str, torch.Tensor], metadata: Mapping[str, st
             raise LoraShapeError(f"{where}: '{roles['down']}' {tuple(down.shape)} and '{roles['up']}' "
                                  f"{tuple(up.shape)} disagree on the rank; the file is damaged.")
         alpha = _alpha(scheme, name, state_dict.get(roles.get("alpha", "")), down.shape[0], peft_config)
-        pieces.append(Piece(target, down, up, alpha, keys, scheme))
+        pieces.append(Piece(down, up, alpha, keys, target=target, scheme=scheme))
 
     if not pieces:
         raise LoraFormatError(f"{where}: no key matches a layer of the FLUX.1 DiT: the file looks like "
@@ -132,7 +132,7 @@ def parse_lora(state_dict: Mapping[str, torch.Tensor], metadata: Mapping[str, st
     hints = _size_hints(pieces)
     for name, group in sorted(by_layer.items()):
         if target_shapes is not None and name not in target_shapes:
-            unmatched.update({k: f"this model has no layer {name}" for p in group for k in p.keys})
+            unmatched.update({k: f"this model has no layer {name}" for p in group for k in p.source_keys})
             continue
         shape = tuple(target_shapes[name]) if target_shapes is not None else _infer_shape(name, group, hints, notes)
         sizes = part_sizes(name, shape)
@@ -194,7 +194,7 @@ def _drop_overlaps(group: list[Piece], n_parts: int, unmatched: dict[str, str]) 
     for p in group:
         parts = set(p.parts(n_parts))
         if parts & taken:
-            unmatched.update({k: f"{p.target.name} is already given by other keys of this file" for k in p.keys})
+            unmatched.update({k: f"{p.target.name} is already given by other keys of this file" for k in p.source_keys})
             continue
         taken |= parts
         kept.append(p)
