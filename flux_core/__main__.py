@@ -14,9 +14,8 @@ from pathlib import Path
 
 import torch
 
-from .model_config import ModelConfig
+from .model_config import FLUX_DEV, ModelConfig
 
-FLUX_DEV = "black-forest-labs/FLUX.1-dev"
 DIT_FILES = {
     "black-forest-labs/FLUX.1-dev": "flux1-dev.safetensors",
     "black-forest-labs/FLUX.1-Krea-dev": "flux1-krea-dev.safetensors",

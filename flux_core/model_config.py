@@ -39,6 +39,7 @@ DEFAULT_LOCAL_MODEL_PATH = "./models"
 
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off", "")
+FLUX_DEV = "black-forest-labs/FLUX.1-dev"  # the default model id (tokenizers, text encoders, VAE)
 
 
 class ModelFileError(FileNotFoundError):

@@ -24,7 +24,7 @@ from .image import pil_to_tensor, resize_to_multiple, tensor_to_pil
 from .lora import LoraReport, clear_lora, load_lora
 from .loading.files import CheckpointError
 from .loading.loader import load_model, load_models
-from .model_config import ModelConfig
+from .model_config import FLUX_DEV, ModelConfig
 from .models.dit import DiTExtras
 from .models.text_encoders import encode_prompt, load_clip_tokenizer, load_t5_tokenizer
 from .sampling import (PromptEmbeds, check_size, denoise, guided_velocity, make_noise, reference_extras,
@@ -34,7 +34,6 @@ from .math import unpack_latents
 from .teacache import TeaCacheStats
 from .vram import GiB, ComputeDevice, VRAMManager, compute_place, store_model
 
-FLUX_DEV = "black-forest-labs/FLUX.1-dev"
 # Component folders of a diffusers FLUX pipeline folder, by the kind of model they hold.
 DIFFUSERS_COMPONENTS = {"dit": "transformer", "vae": "vae", "clip": "text_encoder", "t5": "text_encoder_2"}
 _SLOTS = {"dit": "dit", "vae": "vae", "clip": "text_encoder_1", "t5": "text_encoder_2"}
@@ -85,8 +84,8 @@ class FluxImagePipeline:
                     pipe.vram.add(_SLOTS[kind], module, torch_dtype)
             roots.extend(_search_roots(paths))
         base = model_configs[0].local_model_path if model_configs else "./models"
-        pipe.tokenizer_1 = load_clip_tokenizer(_tokenizer_path(tokenizer_1_config, roots, "tokenizer", base))
-        pipe.tokenizer_2 = load_t5_tokenizer(_tokenizer_path(tokenizer_2_config, roots, "tokenizer_2", base))
+        pipe.tokenizer_1 = load_clip_tokenizer(tokenizer_folder(tokenizer_1_config, roots, "tokenizer", base))
+        pipe.tokenizer_2 = load_t5_tokenizer(tokenizer_folder(tokenizer_2_config, roots, "tokenizer_2", base))
         return pipe
 
     # ---------------------------------------------------------------- memory
@@ -327,7 +326,9 @@ def _search_roots(paths: str | list[str]) -> list[Path]:
     return [first, *list(first.parents)[:2]]
 
 
-def _tokenizer_path(config: ModelConfig | None, roots: list[Path], folder: str, local_model_path: str) -> str:
+def tokenizer_folder(config: ModelConfig | None, roots: list[Path], folder: str, local_model_path: str) -> str:
+    """A tokenizer folder: the config's, else `<root>/<folder>` for the first root that has it, else FLUX.1-dev's
+    `<folder>/` resolved through ModelScope under `local_model_path` (downloaded once)."""
     if config is not None:
         resolved = config.resolve()
         return resolved if isinstance(resolved, str) else str(Path(resolved[0]).parent)

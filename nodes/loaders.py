@@ -6,13 +6,13 @@ from pathlib import Path
 import torch
 
 from flux_core.loading.loader import load_model
-from flux_core.model_config import ModelConfig
+from flux_core.model_config import FLUX_DEV, ModelConfig
 from flux_core.models.text_encoders import load_clip_tokenizer, load_t5_tokenizer
+from flux_core.pipeline import DIFFUSERS_COMPONENTS, tokenizer_folder
 
 from . import comfy_bridge as bridge
 from .handles import DIT_TYPE, TEXT_ENCODERS_TYPE, VAE_TYPE, DiTHandle, TextEncodersHandle, VAEHandle
 
-FLUX_DEV = "black-forest-labs/FLUX.1-dev"
 
 
 class NodeInputError(ValueError):
@@ -58,17 +58,14 @@ def find_tokenizers(node: str) -> tuple[object, object]:
     """FLUX's tokenizers: `tokenizer/` and `tokenizer_2/` in a text_encoders folder, else the copies bundled with
     ComfyUI, else FLUX.1-dev's from ModelScope (downloaded once into the text_encoders folder)."""
     folders = bridge.folder_paths_for("text_encoders")
-    clip_dir = next((f / "tokenizer" for f in folders if (f / "tokenizer").is_dir()), None)
-    t5_dir = next((f / "tokenizer_2" for f in folders if (f / "tokenizer_2").is_dir()), None)
-    bundled_clip, bundled_t5 = bridge.comfy_tokenizer_dirs()
-    clip_dir, t5_dir = clip_dir or bundled_clip, t5_dir or bundled_t5
+    bundled = dict(zip(("tokenizer", "tokenizer_2"), bridge.comfy_tokenizer_dirs()))
+
+    def folder(sub: str) -> str:
+        local = next((f / sub for f in folders if (f / sub).is_dir()), None) or bundled[sub]
+        return str(local) if local else tokenizer_folder(None, [], sub, str(folders[0]))
+
     try:
-        if clip_dir is None or t5_dir is None:
-            base = str(folders[0])
-            get = lambda sub: Path(ModelConfig(model_id=FLUX_DEV, origin_file_pattern=f"{sub}/",  # noqa: E731
-                                               local_model_path=base).resolve()[0]).parent
-            clip_dir, t5_dir = clip_dir or get("tokenizer"), t5_dir or get("tokenizer_2")
-        return load_clip_tokenizer(clip_dir), load_t5_tokenizer(t5_dir)
+        return load_clip_tokenizer(folder("tokenizer")), load_t5_tokenizer(folder("tokenizer_2"))
     except FileNotFoundError as e:
         raise NodeInputError(f"{node}: FLUX tokenizers not found ({e}). Put FLUX.1-dev's tokenizer/ and "
                              f"tokenizer_2/ folders into {folders[0]}.") from None
@@ -173,7 +170,7 @@ class FluxCoreDiffusersLoader:
         except FileNotFoundError as e:
             raise node_error(node, "folder", e) from None
         parts = {}
-        for kind, sub in (("dit", "transformer"), ("clip", "text_encoder"), ("t5", "text_encoder_2"), ("vae", "vae")):
+        for kind, sub in DIFFUSERS_COMPONENTS.items():
             if not (root / sub).is_dir():
                 raise NodeInputError(f"{node}, input 'folder': {root} has no {sub}/ folder; it is not a full FLUX "
                                      f"diffusers folder.")

@@ -254,3 +254,26 @@ def test_previews_show_the_predicted_clean_latent(models, monkeypatch):
     with torch.no_grad():
         v0 = predict_velocity(models["dit"].model.module, noise, sigma0, embeds, guidance)
     assert torch.allclose(seen[0], noise - sigma0 * v0, atol=1e-4)
+
+
+def test_tokenizers_are_fetched_from_modelscope_when_no_folder_has_them(models, tmp_path, monkeypatch):
+    import shutil
+
+    from flux_core import model_config
+    from nodes.loaders import find_tokenizers
+    bare = tmp_path / "bare"
+    (bare / "text_encoders").mkdir(parents=True)
+    monkeypatch.setenv("FLUXCORE_MODELS_DIR", str(bare))
+    calls = []
+
+    def fake_download(model_id, local_dir, allow_file_pattern):  # what ModelScope would put there
+        calls.append((model_id, allow_file_pattern))
+        for sub in ("tokenizer", "tokenizer_2"):
+            if any(p.startswith(sub + "/") for p in ([allow_file_pattern] if isinstance(allow_file_pattern, str)
+                                                    else allow_file_pattern)):
+                shutil.copytree(models["dir"] / "text_encoders" / sub, f"{local_dir}/{sub}")
+
+    monkeypatch.setattr(model_config, "download_from_modelscope", fake_download)
+    clip_tok, t5_tok = find_tokenizers("FluxCoreTextEncoderLoader")
+    assert clip_tok("a cat").input_ids and t5_tok("a cat").input_ids
+    assert [c[0] for c in calls] == ["black-forest-labs/FLUX.1-dev"] * 2
