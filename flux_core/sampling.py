@@ -111,7 +111,7 @@ def tea_cache_extras(extras: DiTExtras | None, num_steps: int, rel_l1_thresh: fl
 
 def denoise(latents: torch.Tensor, sigmas: torch.Tensor, velocity: Callable[[torch.Tensor, float], torch.Tensor],
             progress_bar_cmd: Callable[[Iterable], Iterable] | None = None,
-            callback: Callable[[int, int, torch.Tensor], None] | None = None) -> torch.Tensor:
+            callback: Callable[[int, int, torch.Tensor], torch.Tensor | None] | None = None) -> torch.Tensor:
     """Euler integration over `sigmas` (then to 0). `callback(step, total, latents)` runs after each step: the
     nodes use it for progress, previews and interrupts (raising stops the loop); a tensor it returns replaces
     the latents (inpainting puts the kept region back this way)."""
