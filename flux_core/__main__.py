@@ -8,12 +8,11 @@ name single files.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
-import torch
-
+from .dtypes import DTYPES
+from .image import save_image
 from .model_config import FLUX_DEV, ModelConfig
 
 DIT_FILES = {
@@ -21,7 +20,6 @@ DIT_FILES = {
     "black-forest-labs/FLUX.1-Krea-dev": "flux1-krea-dev.safetensors",
     "black-forest-labs/FLUX.1-Kontext-dev": "flux1-kontext-dev.safetensors",
 }
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 def model_configs_for(args) -> tuple[list[ModelConfig], ModelConfig | None, ModelConfig | None]:
@@ -137,17 +135,6 @@ def generate(args) -> tuple[Path, int]:
         tiled=args.tiled, tile_size=args.tile_size, tile_stride=args.tile_stride,
     )
     return save_image(image, output), pipe.last_seed
-
-
-def save_image(image, path: Path) -> Path:
-    """Write atomically: a temp file in the same folder, then rename."""
-    from PIL import Image
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    image.save(tmp, format=Image.registered_extensions()[path.suffix.lower()])
-    os.replace(tmp, path)
-    return path
 
 
 def main(argv: list[str] | None = None) -> int:

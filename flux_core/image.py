@@ -1,9 +1,13 @@
 """Conversions between PIL images and the tensors the models take."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
 from PIL import Image
+
+from lora_tools.io import atomic_write
 
 
 def pil_to_tensor(image: Image.Image, name: str = "image") -> torch.Tensor:
@@ -26,3 +30,12 @@ def resize_to_multiple(image: Image.Image, multiple: int = 16) -> Image.Image:
     w, h = image.size
     new_w, new_h = max(multiple, w // multiple * multiple), max(multiple, h // multiple * multiple)
     return image if (new_w, new_h) == (w, h) else image.resize((new_w, new_h), Image.LANCZOS)
+
+
+def save_image(image: Image.Image, path: str | Path) -> Path:
+    """Save a PIL image atomically, in the format its extension names (.png, .jpg, .webp, ...)."""
+    path = Path(path)
+    image_format = Image.registered_extensions().get(path.suffix.lower())
+    if image_format is None:
+        raise ValueError(f"{path}: unknown image extension {path.suffix!r}; use .png, .jpg or .webp.")
+    return atomic_write(path, lambda tmp: image.save(tmp, format=image_format))

@@ -18,7 +18,7 @@ alpha), checked against the DiT's layer shapes, then applied in one of two ways:
 
 `hotload=None` picks hook mode when any target layer's weight is stored in a float8 dtype or on the meta
 device, or when the model is marked offloaded: a VRAM manager that streams weights sets
-`dit.fluxcore_offloaded = True` (or the attribute on individual nn.Linear modules). Otherwise it fuses.
+`state_of(dit).offloaded` (or that of individual nn.Linear modules; flux_core.model_state). Otherwise it fuses.
 `hotload=True` / `False` force the mode.
 
 Reporting (never a silent no-op): a file matching no layer raises LoraFormatError naming what the file looks
@@ -40,12 +40,10 @@ from torch import nn
 
 from lora_tools import LoraError, LoraFile, LoraKeyWarning, LoraShapeError, describe_foreign, parse_lora
 
+from .dtypes import FLOAT8_DTYPES
+from .model_state import peek_state, state_of
 from .loading.files import checkpoint_files, open_state_dict, safetensors_metadata
 
-FLOAT8_DTYPES = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz")
-                      if hasattr(torch, n))
-OFFLOADED_ATTR = "fluxcore_offloaded"   # set True on the DiT (or a Linear) by the VRAM manager
-_STATE_ATTR = "_fluxcore_lora"
 _MAX_LISTED = 30
 
 LoraSource = str | os.PathLike | Mapping[str, torch.Tensor] | LoraFile
@@ -152,10 +150,10 @@ def load_lora(dit: nn.Module, source: LoraSource | Sequence[LoraSource], alpha: 
         _check_fusable([linears[n] for lora in loras for n in lora.layers])
     mode = "hook" if use_hooks else "fused"
 
-    state = getattr(dit, _STATE_ATTR, None)
-    if state is None:
-        state = _State()
-        setattr(dit, _STATE_ATTR, state)
+    record = state_of(dit)
+    if record.lora is None:
+        record.lora = _State()
+    state = record.lora
     reports = []
     for lora, strength in zip(loras, strengths):
         for name, layer in lora.layers.items():
@@ -172,7 +170,7 @@ def load_lora(dit: nn.Module, source: LoraSource | Sequence[LoraSource], alpha: 
 def clear_lora(dit: nn.Module) -> None:
     """Remove every LoRA: hooks detached, fused layers given back their original weights (bit-exact while
     the layer's storage dtype and device are unchanged since the LoRA was fused)."""
-    state: _State | None = getattr(dit, _STATE_ATTR, None)
+    state: _State | None = _lora_state(dit)
     if state is None:
         return
     for hook in state.hooks.values():
@@ -181,13 +179,18 @@ def clear_lora(dit: nn.Module) -> None:
         for name, entry in state.fused.items():
             weight = dit.get_submodule(name).weight
             weight.copy_(entry.original.to(weight.device))
-    delattr(dit, _STATE_ATTR)
+    state_of(dit).lora = None
 
 
 def loaded_loras(dit: nn.Module) -> list[LoraSourceReport]:
     """What `load_lora` has applied to `dit` since the last `clear_lora`, in order."""
-    state: _State | None = getattr(dit, _STATE_ATTR, None)
+    state = _lora_state(dit)
     return list(state.loaded) if state else []
+
+
+def _lora_state(dit: nn.Module) -> "_State | None":
+    record = peek_state(dit)
+    return record.lora if record is not None else None
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -234,11 +237,16 @@ def _fit(lora: LoraFile, shapes: dict[str, tuple[int, int]]) -> LoraFile:
     return LoraFile(layers, lora.format, unmatched, lora.skipped_keys, lora.metadata, lora.notes, lora.source)
 
 
+def _offloaded(module: nn.Module) -> bool:
+    state = peek_state(module)
+    return state is not None and state.offloaded
+
+
 def _hook_reason(dit: nn.Module, modules: list[nn.Module]) -> str:
-    if getattr(dit, OFFLOADED_ATTR, False):
+    if _offloaded(dit):
         return "the model is offloaded"
     for m in modules:
-        if getattr(m, OFFLOADED_ATTR, False):
+        if _offloaded(m):
             return "a layer is offloaded"
         if m.weight.dtype in FLOAT8_DTYPES:
             return f"weights are stored in {m.weight.dtype}"

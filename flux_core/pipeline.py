@@ -36,7 +36,8 @@ from .vram import GiB, ComputeDevice, VRAMManager, compute_place, store_model
 
 # Component folders of a diffusers FLUX pipeline folder, by the kind of model they hold.
 DIFFUSERS_COMPONENTS = {"dit": "transformer", "vae": "vae", "clip": "text_encoder", "t5": "text_encoder_2"}
-_SLOTS = {"dit": "dit", "vae": "vae", "clip": "text_encoder_1", "t5": "text_encoder_2"}
+# The pipeline attribute that holds each kind of model.
+MODEL_SLOTS = {"dit": "dit", "vae": "vae", "clip": "text_encoder_1", "t5": "text_encoder_2"}
 TEXT_ENCODERS = ("text_encoder_1", "text_encoder_2")
 
 
@@ -78,10 +79,10 @@ class FluxImagePipeline:
             offloaded = config.offload_device is not None or config.offload_dtype is not None
             place = pipe.device if config.offload_device is None else torch.device(config.offload_device)
             for kind, module in _load_config_models(paths, torch_dtype, place, config.offload_dtype).items():
-                setattr(pipe, _SLOTS[kind], module)
+                setattr(pipe, MODEL_SLOTS[kind], module)
                 if offloaded:
                     pipe.vram = pipe.vram or VRAMManager(ComputeDevice(pipe.device))
-                    pipe.vram.add(_SLOTS[kind], module, torch_dtype)
+                    pipe.vram.add(MODEL_SLOTS[kind], module, torch_dtype)
             roots.extend(_search_roots(paths))
         base = model_configs[0].local_model_path if model_configs else "./models"
         pipe.tokenizer_1 = load_clip_tokenizer(tokenizer_folder(tokenizer_1_config, roots, "tokenizer", base))

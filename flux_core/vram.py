@@ -38,13 +38,12 @@ from typing import Iterable, Sequence
 import torch
 from torch import nn
 
+from .dtypes import FLOAT8_DTYPES
+from .model_state import peek_state, state_of
+
 GiB = 1024 ** 3
-FLOAT8_DTYPES = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz")
-                      if hasattr(torch, n))
 # Modules placed as one unit with their subtree, by class name: their forward reads a child's weight directly.
 WHOLE_UNITS = ("T5DenseGatedActDense", "T5DenseActDense")
-OFFLOADED_ATTR = "fluxcore_offloaded"     # read by flux_core.lora: hook mode for offloaded layers
-COMPUTE_ATTR = "fluxcore_compute"         # (device, dtype) where a managed model computes
 
 
 def is_matrix(t: torch.Tensor) -> bool:
@@ -64,7 +63,8 @@ def storage_dtype(t: torch.Tensor, weight_dtype: torch.dtype | None, torch_dtype
 def compute_place(module: nn.Module) -> tuple[torch.device, torch.dtype]:
     """(device, dtype) a model computes in: the manager's compute place if it is managed, else where its first
     floating parameter is (a float8-stored unmanaged model reports bfloat16)."""
-    place = getattr(module, COMPUTE_ATTR, None)
+    state = peek_state(module)
+    place = state.compute if state is not None else None
     if place is not None:
         return place
     p = next((p for p in module.parameters() if p.is_floating_point()), None)
@@ -208,7 +208,7 @@ class PlacedModel:
     @property
     def streamed(self) -> list[str]:
         """Names of the units streamed per call (stored off the compute device and not resident now)."""
-        return [u.name for u in self.units if u.owns and not u.resident and u.module.__dict__.get(OFFLOADED_ATTR)]
+        return [u.name for u in self.units if u.owns and not u.resident and state_of(u.module).offloaded]
 
 
 class VRAMManager:
@@ -242,11 +242,11 @@ class VRAMManager:
                           module.register_forward_hook(lambda m, a, o, u=unit: self._exit(u), always_call=True)]
             if any(not self.device.holds(t) for t in tensors):
                 for m in module.modules():
-                    setattr(m, OFFLOADED_ATTR, True)
-                setattr(model, OFFLOADED_ATTR, True)
+                    state_of(m).offloaded = True
+                state_of(model).offloaded = True
             managed.units.append(unit)
         self._count(self._bytes(managed.stored.values(), held=True))
-        setattr(model, COMPUTE_ATTR, (self.device.torch_device, compute_dtype))
+        state_of(model).compute = (self.device.torch_device, compute_dtype)
         self.models[name] = managed
         return managed
 
@@ -258,10 +258,10 @@ class VRAMManager:
             for h in unit.hooks:
                 h.remove()
             for m in unit.module.modules():
-                m.__dict__.pop(OFFLOADED_ATTR, None)
+                state_of(m).offloaded = False
         self._count(-self._bytes(managed.stored.values(), held=True))
-        managed.model.__dict__.pop(COMPUTE_ATTR, None)
-        managed.model.__dict__.pop(OFFLOADED_ATTR, None)
+        state_of(managed.model).compute = None
+        state_of(managed.model).offloaded = False
         return managed.model
 
     def remove_all(self) -> None:

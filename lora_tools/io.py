@@ -1,13 +1,14 @@
 """Reading and writing LoRA tensor files (safetensors; `.pt`/`.bin` read with `weights_only=True`).
 
 lora_tools stays free of flux_core, so it carries these few lines itself; flux_core passes state dicts it
-read with its own lazy reader.
+read with its own lazy reader. `atomic_write` is the project's one way to write a file safely: flux_core, the
+trainer and the nodes use it too (lora_tools is the package every other one may import).
 """
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Mapping
+from typing import Callable, Mapping
 
 import torch
 
@@ -49,11 +50,29 @@ def write_state_dict(tensors: Mapping[str, torch.Tensor], path: str | os.PathLik
     write never leaves a half-written LoRA under the real name."""
     from safetensors.torch import save_file
 
+    metadata = {str(k): str(v) for k, v in (metadata or {}).items()}
+    return atomic_write(path, lambda tmp: save_file(_unshared(tensors), str(tmp), metadata=metadata))
+
+
+TEMP_SUFFIX = ".tmp"
+
+
+def temp_path(path: Path) -> Path:
+    """The hidden temporary name `atomic_write` uses beside `path` (one per process)."""
+    return path.with_name(f".{path.name}.{os.getpid()}{TEMP_SUFFIX}")
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[Path], object]) -> Path:
+    """Write `path` so that it is either the old file or the complete new one, never half written: `write(tmp)`
+    fills a hidden temporary file beside it, which is flushed to disk and renamed over `path`. On any failure
+    the temporary file is removed and the target is untouched. Parent folders are created."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = temp_path(path)
     try:
-        save_file(_unshared(tensors), str(tmp), metadata={str(k): str(v) for k, v in (metadata or {}).items()})
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         if tmp.exists():

@@ -7,6 +7,7 @@ import torch
 
 from flux_core.loading.loader import load_model
 from flux_core.model_config import FLUX_DEV, ModelConfig
+from flux_core.model_state import state_of
 from flux_core.models.text_encoders import load_clip_tokenizer, load_t5_tokenizer
 from flux_core.pipeline import DIFFUSERS_COMPONENTS, tokenizer_folder
 
@@ -105,7 +106,7 @@ class FluxCoreDiTLoader:
             raise NodeInputError(f"{node}, input 'weight_dtype': {weight_dtype!r}; use one of {list(LOADER_WEIGHT_DTYPES)}.")
         module = load_kind(node, "modelscope_id" if modelscope_id.strip() else "dit_name", source, "dit",
                            LOADER_WEIGHT_DTYPES[weight_dtype])
-        module.fluxcore_fp8_on_load = LOADER_WEIGHT_DTYPES[weight_dtype] is not None
+        state_of(module).fp8_on_load = LOADER_WEIGHT_DTYPES[weight_dtype] is not None
         return (DiTHandle(bridge.ManagedModel(module), label),)
 
 

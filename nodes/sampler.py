@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from flux_core.lora import clear_lora, load_lora
+from flux_core.model_state import state_of
 from flux_core.models.vae import AutoEncoderParams
 from flux_core.sampling import denoise as run_denoise, guided_velocity, make_noise, reference_extras, tea_cache_extras
 from flux_core.scheduler import add_noise, flux_sigmas, next_sigmas
@@ -28,11 +29,11 @@ FLUX_LATENT = AutoEncoderParams()  # FLUX's latent scale/shift (ComfyUI's latent
 def prepare_dit(handle: DiTHandle):
     """The handle's module on the compute device with exactly the handle's LoRAs applied."""
     dit = place_dit(handle)  # the whole model on the device, or as the VRAM options node says
-    if getattr(dit, "fluxcore_applied_loras", ()) != handle.loras:
+    if state_of(dit).applied_loras != handle.loras:
         clear_lora(dit)
         for patch in handle.loras:
             load_lora(dit, patch.lora if patch.lora is not None else patch.path, alpha=patch.strength)
-        dit.fluxcore_applied_loras = handle.loras
+        state_of(dit).applied_loras = handle.loras
     return dit
 
 

@@ -27,6 +27,8 @@ from pathlib import Path
 
 import torch
 
+from lora_tools.io import atomic_write
+
 from . import comfy_bridge as bridge
 from .loaders import NodeInputError
 
@@ -334,9 +336,7 @@ def publish_lora(weights: Path, name: str) -> str:
     folder = bridge.folder_paths_for("loras")[0]
     folder.mkdir(parents=True, exist_ok=True)
     target = folder / f"{name}.safetensors"
-    tmp = folder / f".{target.name}.{os.getpid()}.tmp"
-    shutil.copyfile(weights, tmp)
-    os.replace(tmp, target)
+    atomic_write(target, lambda tmp: shutil.copyfile(weights, tmp))
     return target.name
 
 

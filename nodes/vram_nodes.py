@@ -18,7 +18,9 @@ from dataclasses import dataclass, replace
 import torch
 
 from flux_core.lora import clear_lora
-from flux_core.vram import FLOAT8_DTYPES, GiB, ComputeDevice, VRAMManager, store_model
+from flux_core.dtypes import FLOAT8_DTYPES
+from flux_core.model_state import state_of
+from flux_core.vram import GiB, ComputeDevice, VRAMManager, store_model
 
 from . import comfy_bridge as bridge
 from .handles import DIT_TYPE
@@ -26,7 +28,6 @@ from .loaders import NodeInputError
 
 log = logging.getLogger("FluxCore")
 WEIGHT_DTYPES = {"default": None, "float8_e4m3fn": torch.float8_e4m3fn, "float8_e5m2": torch.float8_e5m2}
-_STATE_ATTR = "fluxcore_vram_state"
 
 
 @dataclass(frozen=True)
@@ -46,10 +47,10 @@ def place_dit(handle):
     whole model to the device. Without options (and never stored in FP8) it does exactly that."""
     dit = handle.model.module
     options = handle.vram or VRAMOptions()
-    state = getattr(dit, _STATE_ATTR, None)
+    state = state_of(dit).vram_placement
     stored_fp8 = next((p.dtype for p in dit.parameters() if p.dtype in FLOAT8_DTYPES), None)
     if options.weight_dtype == "default" and stored_fp8 is not None:
-        if not getattr(dit, "fluxcore_fp8_on_load", False):
+        if not state_of(dit).fp8_on_load:
             log.warning("FluxCore: this DiT was converted to %s by a VRAM options node; it stays so until it is loaded "
                         "again (its loader re-runs when its inputs change).", stored_fp8)
         options = replace(options, weight_dtype=str(stored_fp8).removeprefix("torch."))
@@ -58,14 +59,14 @@ def place_dit(handle):
         return dit
     if state is not None:
         state[1].remove_all()
-        delattr(dit, _STATE_ATTR)
+        state_of(dit).vram_placement = None
     if options == VRAMOptions():
         bridge.ready(handle.model)
         return dit
 
-    if getattr(dit, "fluxcore_applied_loras", ()):
+    if state_of(dit).applied_loras:
         clear_lora(dit)  # the sampler applies them again once the weights are placed: in hook mode if fp8/offloaded
-        dit.__dict__.pop("fluxcore_applied_loras", None)
+        state_of(dit).applied_loras = ()
     weight_dtype = WEIGHT_DTYPES[options.weight_dtype]
     device = make_compute_device()
     compute_dtype = next(p.dtype for p in dit.parameters() if p.dim() == 1 and p.is_floating_point())
@@ -74,7 +75,7 @@ def place_dit(handle):
     store_model(dit, bridge.offload_device(), weight_dtype, pin_memory=device.torch_device.type == "cuda")
     manager = VRAMManager(device, budget=int(options.vram_limit * GiB) if options.offload else None)
     manager.add("dit", dit, compute_dtype)
-    setattr(dit, _STATE_ATTR, (options, manager))
+    state_of(dit).vram_placement = (options, manager)
     _onload(manager)
     return dit
 
@@ -89,7 +90,7 @@ def _onload(manager: VRAMManager) -> None:
 def release_dit(handle) -> None:
     """After sampling: drop the placed DiT's copies on the device, so the VAE and ComfyUI's own models get the
     VRAM. Nothing to do for a DiT without VRAM options (ComfyUI's model manager handles that one)."""
-    state = getattr(handle.model.module, _STATE_ATTR, None)
+    state = state_of(handle.model.module).vram_placement
     if state is not None:
         state[1].load_models_to_device([])
 

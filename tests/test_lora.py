@@ -10,6 +10,7 @@ from safetensors.torch import save_file
 
 from flux_core.loading.loader import load_model
 from flux_core.lora import clear_lora, load_lora, loaded_loras
+from flux_core.model_state import state_of
 from flux_core.math import image_ids, text_ids
 from lora_tools import (LoraFormatError, LoraKeyWarning, LoraShapeError, parse_lora, read_lora, read_state_dict,
                         save_lora)
@@ -251,7 +252,7 @@ def test_fused_and_hooked_loras_mix_and_clear(dit, inputs, shapes, tmp_path):
 def test_hotload_none_chooses_hooks_for_offloaded_and_fp8(base_dit, shapes, tmp_path):
     path = write_kohya(tmp_path / "k.safetensors", random_pairs(shapes["bfl"], seed=61))
     offloaded = copy.deepcopy(base_dit)
-    offloaded.fluxcore_offloaded = True
+    state_of(offloaded).offloaded = True
     assert load_lora(offloaded, path).mode == "hook"
     fp8 = copy.deepcopy(base_dit)
     layer = fp8.get_submodule("double_blocks.0.img_attn.qkv")

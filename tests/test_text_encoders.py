@@ -9,6 +9,7 @@ from transformers import CLIPTextModel, T5EncoderModel
 
 from flux_core.loading.files import CheckpointError, open_state_dict
 from flux_core.loading.loader import detect, load_model
+from flux_core.model_state import state_of
 from flux_core.loading.text_kinds import clip_overrides
 from flux_core.models.text_encoders import (ClipParams, T5Params, TokenizerFilesError, encode_prompt,
                                             load_clip_tokenizer, load_t5_tokenizer, load_tokenizers)
@@ -79,9 +80,9 @@ def test_t5_parity_in_every_layout(layout, t5, t5_ids, tmp_path):
             assert max_diff(want, t5(t5_ids).last_hidden_state) > 10 * TOL
     assert max_diff(got, want) <= TOL
     if layout == "full_t5":
-        assert ours.fluxcore_layout == "hf+decoder-dropped"
+        assert state_of(ours).layout == "hf+decoder-dropped"
     if layout == "t5xxl_fp8_scaled":
-        assert ours.fluxcore_layout == "hf+scaled-fp8"
+        assert state_of(ours).layout == "hf+scaled-fp8"
 
 
 def test_t5_newer_comfyui_quant_names(t5, t5_ids, tmp_path):

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 from flux_core.loading.files import CheckpointError
 from flux_core.loading.loader import load_model, load_models
+from flux_core.model_state import state_of
 from flux_core.models.vae import AutoEncoderParams, FluxVAE, tile_starts, tiled_apply
 from tests.tiny_vae import (TINY_NORM_GROUPS, bfl_state_dict, make_diffusers_vae, reference_decode,
                             reference_encode, write_bfl_file, write_diffusers_folder)
@@ -49,7 +50,7 @@ def test_parity_with_diffusers(layout, reference, files):
     config = None if layout == "diffusers" else TINY_CONFIG
     vae = load_model(files[layout], config=config, torch_dtype=torch.float32, kind="vae")
     assert isinstance(vae, FluxVAE)
-    assert vae.fluxcore_layout == ("diffusers" if layout == "diffusers" else "bfl")
+    assert state_of(vae).layout == ("diffusers" if layout == "diffusers" else "bfl")
     assert vae.params == AutoEncoderParams(ch=16, ch_mult=(1, 1, 2, 2), num_res_blocks=2, z_channels=16,
                                            norm_groups=TINY_NORM_GROUPS)
     image = images()
@@ -210,7 +211,7 @@ def test_vae_found_in_all_in_one_checkpoint(tmp_path, reference):
     dit = {"model.diffusion_model." + k: v for k, v in dit_bfl_state_dict(make_diffusers_dit()).items()}
     path = write_bfl_file(reference, tmp_path / "flux_aio.safetensors", prefix="vae.", extra=dit)
     vae = load_model(path, config=TINY_CONFIG, torch_dtype=torch.float32, kind="vae")
-    assert isinstance(vae, FluxVAE) and vae.fluxcore_layout == "bfl"
+    assert isinstance(vae, FluxVAE) and state_of(vae).layout == "bfl"
 
 
 def test_stable_diffusion_vae_refused(tmp_path):

@@ -11,7 +11,9 @@ from flux_core.lora import clear_lora, load_lora
 from flux_core.model_config import ModelConfig
 from flux_core.models.dit import FluxDiT, FluxParams
 from flux_core.pipeline import FluxImagePipeline
-from flux_core.vram import (FLOAT8_DTYPES, OFFLOADED_ATTR, ComputeDevice, SimulatedDevice, VRAMManager, compute_place,
+from flux_core.dtypes import FLOAT8_DTYPES
+from flux_core.model_state import state_of
+from flux_core.vram import (ComputeDevice, SimulatedDevice, VRAMManager, compute_place,
                             store_model)
 from tests.tiny_dit import make_diffusers_dit, write_bfl_dit
 from tests.tiny_pipeline import FOLDER_NAME, make_diffusers_pipeline
@@ -93,7 +95,7 @@ def test_count_is_exact_within_budget_and_outputs_equal_unmanaged(fraction):
     gc.collect()
     assert vram.resident_bytes == 0 and device.live_bytes == 0
     vram.remove("dit")
-    assert not hasattr(dit, OFFLOADED_ATTR) and torch.equal(dit(**inputs), expected)
+    assert not state_of(dit).offloaded and torch.equal(dit(**inputs), expected)
 
 
 def test_smaller_budgets_keep_fewer_layers_resident():
@@ -203,7 +205,7 @@ def test_lora_keeps_full_strength_under_fp8():
     full, full_base, _ = delta(make_dit())
     fp8 = store_model(make_dit(), "cpu", weight_dtype=E4M3)
     VRAMManager(SimulatedDevice(), budget=0).add("dit", fp8, torch.float32).model
-    assert getattr(fp8.double_blocks[0].img_attn.qkv, OFFLOADED_ATTR)
+    assert state_of(fp8.double_blocks[0].img_attn.qkv).offloaded
     got, got_base, mode = delta(fp8)
     assert mode == "hook"
     base_error = ((got_base - full_base).norm() / full_base.norm()).item()
@@ -318,10 +320,10 @@ def test_vram_options_node_streams_the_dit_and_can_be_removed(comfy_models, monk
     assert streamed.model is dit.model and dit.vram is None  # a new handle on the same module; upstream unchanged
     got = sample_with(streamed, te)
     assert (got - plain).abs().max() <= 1e-5
-    manager = dit.model.module.fluxcore_vram_state[1]
+    manager = state_of(dit.model.module).vram_placement[1]
     assert 0 < manager.peak_bytes <= manager.largest_unit_bytes() and manager.resident_bytes == 0
     again = sample_with(dit, te)  # the handle without options: the plain model again, exactly
-    assert torch.equal(again, plain) and not hasattr(dit.model.module, "fluxcore_vram_state")
+    assert torch.equal(again, plain) and state_of(dit.model.module).vram_placement is None
     gc.collect()
     assert device.live_bytes == 0
 

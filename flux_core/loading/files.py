@@ -19,6 +19,8 @@ from typing import Iterable, Mapping, Sequence
 
 import torch
 
+from lora_tools.io import atomic_write
+
 from .lazy import LazyTensor, lazy_from_tensor
 
 PathLike = str | os.PathLike
@@ -187,11 +189,8 @@ def save_safetensors(tensors: Mapping[str, torch.Tensor], path: PathLike, metada
     """Write a safetensors file atomically (temp file + rename): an interrupted save never leaves a broken file."""
     from safetensors.torch import save_file
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=dict(metadata or {}))
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp),
+                                             metadata=dict(metadata or {})))
 
 
 def strip_prefix(sd: Mapping[str, LazyTensor], prefixes: Iterable[str]) -> dict[str, LazyTensor]:

@@ -16,6 +16,7 @@ from typing import Callable, Mapping, Sequence
 import torch
 from torch import nn
 
+from ..model_state import state_of
 from ..vram import storage_dtype
 from .files import CheckpointError, checkpoint_files, open_state_dict
 from .lazy import LazyTensor
@@ -151,7 +152,7 @@ def _build_and_load(d: Detected, overrides: dict, torch_dtype: torch.dtype, devi
     if leftover:
         raise CheckpointError(f"{where}: no weights for {leftover[:5]} of the {d.kind.title}.")
     module.eval().requires_grad_(False)
-    module.fluxcore_layout = d.layout
+    state_of(module).layout = d.layout
     return module
 
 

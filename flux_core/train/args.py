@@ -13,10 +13,11 @@ import os
 
 import torch
 
+from ..dtypes import DTYPES
+
 # The FLUX LoRA targets of every DiffSynth-Studio FLUX script, in our (Black Forest Labs) module names.
 FLUX_LORA_TARGETS = ("img_attn.qkv,txt_attn.qkv,img_attn.proj,txt_attn.proj,img_mlp.0,img_mlp.2,txt_mlp.0,"
                      "txt_mlp.2,img_mod.lin,txt_mod.lin,linear1,linear2,modulation.lin")
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 LORA_FORMATS = ("kohya", "diffusers", "diffsynth")
 FP8_COMPONENTS = {"dit": "dit", "text_encoder_1": "text_encoder_1", "clip": "text_encoder_1",
                   "text_encoder_2": "text_encoder_2", "t5": "text_encoder_2", "vae": "vae"}

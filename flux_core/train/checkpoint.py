@@ -24,6 +24,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from lora_tools.io import atomic_write
+
 from .args import TrainError
 
 LATEST = "latest"
@@ -81,12 +83,7 @@ def save_state(output_path: str | os.PathLike, trainable: dict[str, torch.Tensor
 
 
 def _write_pointer(root: Path, name: str) -> None:
-    tmp = root / f".{LATEST}.{os.getpid()}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(name + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, root / LATEST)
+    atomic_write(root / LATEST, lambda tmp: tmp.write_text(name + "\n", encoding="utf-8"))
     _fsync_dir(root)
 
 

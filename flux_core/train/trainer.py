@@ -132,13 +132,13 @@ def config_slots(config: ModelConfig) -> list[str]:
     """Pipeline slots (dit, vae, text_encoder_1, text_encoder_2) a model config holds, from its keys only."""
     from ..loading.files import checkpoint_files, open_state_dict
     from ..loading.loader import detect
-    from ..pipeline import _SLOTS, DIFFUSERS_COMPONENTS
+    from ..pipeline import DIFFUSERS_COMPONENTS, MODEL_SLOTS
 
     paths = config.resolve()
     single = paths if isinstance(paths, str) else (paths[0] if len(paths) == 1 else None)
     if single is not None and (Path(single) / "model_index.json").is_file():
-        return [_SLOTS[k] for k, folder in DIFFUSERS_COMPONENTS.items() if (Path(single) / folder).is_dir()]
-    return [_SLOTS[d.kind.name] for d in detect(open_state_dict(checkpoint_files(paths)))]
+        return [MODEL_SLOTS[k] for k, folder in DIFFUSERS_COMPONENTS.items() if (Path(single) / folder).is_dir()]
+    return [MODEL_SLOTS[d.kind.name] for d in detect(open_state_dict(checkpoint_files(paths)))]
 
 
 def fp8_slots(args: argparse.Namespace, configs: list[tuple[str, ModelConfig]]) -> list[str]:
@@ -445,7 +445,7 @@ class Trainer:
 
     def validate(self) -> list[str]:
         """Render the validation prompts with the current weights into <output_path>/validation."""
-        from ..__main__ import save_image
+        from ..image import save_image
 
         a, acc = self.args, self.accelerator
         acc.wait_for_everyone()

@@ -61,7 +61,7 @@ def saved_dit_config(path: str) -> dict:
 
 
 def run(command: str, argv: list[str]) -> Path:
-    from ..__main__ import save_image
+    from ..image import save_image
     from ..pipeline import default_device
     from .trainer import load_pipeline
 
