@@ -68,6 +68,9 @@ class ModelConfig:
     # moved to the compute device when VRAM management is on). Resolution does not use them.
     offload_device: str | None = None
     offload_dtype: torch.dtype | None = None
+    # FluxCore addition: the kind of model the file must hold ("dit", "vae", "clip" or "t5"); a file of another
+    # kind is refused by name instead of filling the wrong pipeline slot. None: detected from the keys.
+    kind: str | None = None
     _skip_set_by_env: bool = field(default=False, init=False, repr=False, compare=False)  # for the error message
 
     def __post_init__(self):

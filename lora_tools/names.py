@@ -47,10 +47,6 @@ def block_of(name: str) -> tuple[str, int] | None:
     return (m.group(1), int(m.group(2))) if m else None
 
 
-def part_names(name: str) -> tuple[str, ...]:
-    return FUSED_PARTS.get(layer_suffix(name), ())
-
-
 def part_sizes(name: str, shape: tuple[int, int]) -> list[int]:
     """Output rows of each part of a fused layer of weight shape (out, in). q, k, v have the hidden size
     each: out/3 for the attention qkv, in_features for `linear1` (whose remaining rows are the MLP)."""

@@ -16,6 +16,7 @@ from torch.utils.checkpoint import checkpoint
 from ..math import embed_positions, timestep_embedding
 from ..teacache import TeaCache
 from .layers import DoubleStreamBlock, LastLayer, MLPEmbedder, SingleStreamBlock
+from .shapes import count_blocks
 
 FLUX_AXES_DIM = (16, 56, 56)  # RoPE axes of the released models: head_dim 128 = 16 + 56 + 56
 
@@ -53,8 +54,8 @@ class FluxParams:
         the FLUX value for head dim 128 and must be given (`overrides["axes_dim"]`) for any other head dim."""
         overrides = dict(overrides or {})
         hidden, in_channels = shapes["img_in.weight"]
-        depth = _count_blocks(shapes, "double_blocks.")
-        depth_single = _count_blocks(shapes, "single_blocks.")
+        depth = count_blocks(shapes, "double_blocks.")
+        depth_single = count_blocks(shapes, "single_blocks.")
         norm_key = ("double_blocks.0.img_attn.norm.query_norm.scale" if depth
                     else "single_blocks.0.norm.query_norm.scale")
         head_dim = shapes[norm_key][0]
@@ -79,11 +80,6 @@ class FluxParams:
         inferred.update(overrides)
         inferred["axes_dim"] = tuple(inferred["axes_dim"])
         return cls(**inferred)
-
-
-def _count_blocks(shapes: Mapping, prefix: str) -> int:
-    ids = {int(k[len(prefix):].split(".", 1)[0]) for k in shapes if k.startswith(prefix)}
-    return max(ids) + 1 if ids else 0
 
 
 @dataclass

@@ -18,15 +18,11 @@ import torch
 from torch import nn
 
 from ..vram import compute_place
+from .shapes import count_blocks
 
 logger = logging.getLogger(__name__)
 
 CLIP_MAX_LENGTH = 77  # CLIP-L's learned positions; FLUX always pads the CLIP prompt to exactly this length
-
-
-def _count_blocks(shapes: Mapping, prefix: str) -> int:
-    ids = {int(k[len(prefix):].split(".", 1)[0]) for k in shapes if k.startswith(prefix)}
-    return max(ids) + 1 if ids else 0
 
 
 def _shape(shapes: Mapping, key: str, what: str) -> tuple[int, ...]:
@@ -75,7 +71,7 @@ class ClipParams:
         inferred = dict(
             vocab_size=vocab, hidden_size=hidden,
             max_position_embeddings=_shape(shapes, "embeddings.position_embedding.weight", "position embedding")[0],
-            num_hidden_layers=_count_blocks(shapes, "encoder.layers."),
+            num_hidden_layers=count_blocks(shapes, "encoder.layers."),
             intermediate_size=_shape(shapes, "encoder.layers.0.mlp.fc1.weight", "first MLP")[0],
         )
         if "num_attention_heads" not in overrides:
@@ -119,7 +115,7 @@ class T5Params:
         gated = mlp + "wi_0.weight" in shapes
         d_ff = _shape(shapes, mlp + ("wi_0.weight" if gated else "wi.weight"), "first feed-forward")[0]
         inferred = dict(vocab_size=vocab, d_model=d_model, d_kv=inner // heads, d_ff=d_ff, num_heads=heads,
-                        num_layers=_count_blocks(shapes, "encoder.block."), relative_attention_num_buckets=buckets,
+                        num_layers=count_blocks(shapes, "encoder.block."), relative_attention_num_buckets=buckets,
                         feed_forward_proj="gated-gelu" if gated else "relu")
         return cls(**{**inferred, **overrides})
 
