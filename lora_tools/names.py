@@ -127,7 +127,7 @@ DIFFUSERS_NAMES = [
     ("norm_out.linear", _glob(FINAL_ADALN, swap=True)),
 ]
 
-# DiffSynth-Studio's internal module names (reference/diffsynth_flux.md 2.1.8 and 6.5).
+# DiffSynth-Studio's internal module names (its diffsynth/utils/state_dict_converters/flux_dit.py and LoRA loader).
 DIFFSYNTH_NAMES = [
     ("blocks.{i}.norm1_a.linear", _double("img_mod.lin")),
     ("blocks.{i}.norm1_b.linear", _double("txt_mod.lin")),
