@@ -31,6 +31,7 @@ and the byte count are tested on a CPU against what is actually alive.
 """
 from __future__ import annotations
 
+import os
 import weakref
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
@@ -90,6 +91,36 @@ def store_model(model: nn.Module, device: str | torch.device | None = None, weig
 
 
 # ------------------------------------------------------------------------------------------------- devices
+# Assumed when the platform cannot tell its memory size (no sysconf names, e.g. Windows): a common desktop size.
+FALLBACK_HOST_MEMORY = 16 * GiB
+
+
+def host_memory() -> int:
+    """Bytes of physical memory of this machine, from the OS itself (no package needed)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return _windows_memory() or FALLBACK_HOST_MEMORY
+
+
+def _windows_memory() -> int | None:
+    try:
+        import ctypes
+
+        class MemoryStatus(ctypes.Structure):
+            _fields_ = [("dwLength", ctypes.c_ulong), ("dwMemoryLoad", ctypes.c_ulong),
+                        ("ullTotalPhys", ctypes.c_ulonglong), ("ullAvailPhys", ctypes.c_ulonglong),
+                        ("ullTotalPageFile", ctypes.c_ulonglong), ("ullAvailPageFile", ctypes.c_ulonglong),
+                        ("ullTotalVirtual", ctypes.c_ulonglong), ("ullAvailVirtual", ctypes.c_ulonglong),
+                        ("ullAvailExtendedVirtual", ctypes.c_ulonglong)]
+        status = MemoryStatus(dwLength=ctypes.sizeof(MemoryStatus))
+        if ctypes.windll.kernel32.GlobalMemoryStatusEx(ctypes.byref(status)):  # type: ignore[attr-defined]
+            return int(status.ullTotalPhys)
+    except (AttributeError, OSError):
+        pass
+    return None
+
+
 class ComputeDevice:
     """The compute device as the manager sees it: `put` brings a tensor there (no copy if it already is),
     `holds` tells whether a tensor lives there."""
@@ -110,8 +141,7 @@ class ComputeDevice:
     def total_memory(self) -> int:
         if self.torch_device.type == "cuda":
             return torch.cuda.get_device_properties(self.torch_device).total_memory
-        import psutil
-        return psutil.virtual_memory().total
+        return host_memory()
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({str(self.torch_device)!r})"

@@ -143,3 +143,28 @@ def test_incomplete_dit_names_missing_keys(reference, tmp_path):
     save_file(sd, str(path))
     with pytest.raises(CheckpointError, match="single_blocks.1.linear2.weight"):
         load_model(path, config={"axes_dim": (4, 6, 6)})
+
+
+def test_loading_modules_import_each_other_without_a_circle():
+    # The loader imports the kind modules; a kind module importing the loader back (even lazily, inside a
+    # function) is an import circle. The graph of imports between flux_core/loading modules must be acyclic.
+    import ast
+    from pathlib import Path
+    folder = Path(__file__).parent.parent / "flux_core" / "loading"
+    graph = {}
+    for path in folder.glob("*.py"):
+        deps = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 1 and node.module:
+                deps.add(node.module.split(".")[0])
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("flux_core.loading."):
+                deps.add(node.module.split(".")[2])
+        graph[path.stem] = deps & {p.stem for p in folder.glob("*.py")}
+    assert graph["loader"] >= {"dit_kind", "vae_kind", "text_kinds"}
+
+    def visit(name, stack):
+        assert name not in stack, f"import circle: {' -> '.join(stack + [name])}"
+        for dep in graph[name]:
+            visit(dep, stack + [name])
+    for name in graph:
+        visit(name, [])

@@ -343,3 +343,10 @@ def test_vram_options_node_fp8_with_cfg(comfy_models):
     assert not torch.equal(got, plain)
     with pytest.raises(NodeInputError, match="weight_dtype"):
         FluxCoreVRAMOptions().apply(dit, weight_dtype="int4")
+
+
+def test_host_memory_needs_no_package_outside_the_dependencies(monkeypatch):
+    # enable_vram_management() with no arguments asks the CPU device its size; psutil is not a dependency.
+    monkeypatch.setitem(__import__("sys").modules, "psutil", None)  # any `import psutil` now fails
+    expected = __import__("os").sysconf("SC_PAGE_SIZE") * __import__("os").sysconf("SC_PHYS_PAGES")
+    assert ComputeDevice("cpu").total_memory() == expected > 0

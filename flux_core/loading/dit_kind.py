@@ -7,7 +7,7 @@ from ..models.dit import FluxDiT, FluxParams
 from .dit_layouts import DIT_PREFIXES, detect_dit_layout, dit_to_bfl
 from .files import strip_prefix
 from .lazy import LazyTensor
-from .loader import ModelKind, StateDict
+from .kinds import ModelKind, StateDict
 
 # diffusers config.json names -> FluxParams fields (only what the shapes cannot tell).
 _DIFFUSERS_CONFIG = {"axes_dims_rope": "axes_dim"}

@@ -11,6 +11,8 @@ from typing import Callable, Sequence
 
 import torch
 
+from lora_tools import parts
+
 
 @dataclass(frozen=True)
 class LazyTensor:
@@ -49,16 +51,9 @@ def lazy_cat(parts: Sequence[LazyTensor], dim: int = 0) -> LazyTensor:
                       "+".join(p.source for p in parts))
 
 
-def lazy_zeros(shape: Sequence[int], dtype: torch.dtype) -> LazyTensor:
-    return LazyTensor(tuple(shape), dtype, lambda: torch.zeros(tuple(shape), dtype=dtype), "zeros")
-
-
 def swap_halves(t: LazyTensor) -> LazyTensor:
     """(a, b) -> (b, a) along dim 0: diffusers stores the final AdaLN as (scale, shift), BFL as (shift, scale)."""
-    def fn(x: torch.Tensor) -> torch.Tensor:
-        a, b = x.chunk(2, dim=0)
-        return torch.cat([b, a], dim=0)
-    return t.apply(fn)
+    return t.apply(parts.swap_halves)
 
 
 def _itemsize(dtype: torch.dtype) -> int:

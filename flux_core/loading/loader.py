@@ -11,37 +11,25 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import torch
 from torch import nn
 
 from ..model_state import state_of
 from ..vram import storage_dtype
+from .dit_kind import DIT_KIND
 from .files import CheckpointError, checkpoint_files, open_state_dict
+from .kinds import ModelKind, StateDict
 from .lazy import LazyTensor
+from .text_kinds import CLIP_KIND, T5_KIND
+from .vae_kind import VAE_KIND
 
 PathLike = str | os.PathLike
-StateDict = dict[str, LazyTensor]
 
 
-@dataclass(frozen=True)
-class ModelKind:
-    name: str            # "dit", "vae", "clip", "t5"
-    title: str           # what a person calls it, for messages
-    # Finds this kind's keys in a state dict; returns (layout, canonical state dict) or None.
-    select: Callable[[Mapping[str, LazyTensor]], tuple[str, StateDict] | None]
-    # Builds the module (called under the meta device) from the canonical state dict and config overrides.
-    build: Callable[[StateDict, dict], nn.Module]
-    # Runs after the weights are assigned: re-create non-persistent buffers, tie weights.
-    finalize: Callable[[nn.Module], None] | None = None
-
-
-def _kinds() -> list[ModelKind]:
-    from .dit_kind import DIT_KIND
-    from .text_kinds import CLIP_KIND, T5_KIND
-    from .vae_kind import VAE_KIND
-    return [DIT_KIND, VAE_KIND, CLIP_KIND, T5_KIND]
+# Every kind load_model recognises, in the order detection tries them.
+KINDS: tuple[ModelKind, ...] = (DIT_KIND, VAE_KIND, CLIP_KIND, T5_KIND)
 
 
 @dataclass(frozen=True)
@@ -54,7 +42,7 @@ class Detected:
 def detect(state_dict: Mapping[str, LazyTensor]) -> list[Detected]:
     """Every kind of FLUX component found in a state dict (a ComfyUI all-in-one checkpoint holds several)."""
     found = []
-    for kind in _kinds():
+    for kind in KINDS:
         hit = kind.select(state_dict)
         if hit is not None:
             found.append(Detected(kind, hit[0], hit[1]))
@@ -96,7 +84,7 @@ def load_model(source: PathLike | Sequence[PathLike], config: Mapping | None = N
     if kind is not None:
         match = [d for d in found if d.kind.name == kind]
         if not match:
-            wanted = next((k.title for k in _kinds() if k.name == kind), kind)
+            wanted = next((k.title for k in KINDS if k.name == kind), kind)
             raise CheckpointError(f"{where}: expected a {wanted}, but {_looks_like(found)}.")
         chosen = match[0]
     elif len(found) == 1:

@@ -23,7 +23,7 @@ from torch import nn
 from ..models.text_encoders import (ClipParams, T5Params, build_clip, build_t5, clip_module_naming)
 from .files import CheckpointError, strip_prefix
 from .lazy import LazyTensor
-from .loader import ModelKind, StateDict
+from .kinds import ModelKind, StateDict
 
 logger = logging.getLogger(__name__)
 

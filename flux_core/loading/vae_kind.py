@@ -17,7 +17,7 @@ from typing import Mapping
 from ..models.vae import AutoEncoderParams, FluxVAE
 from .files import rename_keys, strip_prefix
 from .lazy import LazyTensor
-from .loader import ModelKind, StateDict
+from .kinds import ModelKind, StateDict
 
 VAE_PREFIXES = ("first_stage_model.", "vae.", "ae.")
 FLUX_Z_CHANNELS = 16
