@@ -1,68 +1,41 @@
-"""Command line: `python -m flux_core generate --prompt "a cat" --output cat.png`.
+"""Command line.
+
+    python -m flux_core download --model-id black-forest-labs/FLUX.1-dev    # fetch the files once (ModelScope)
+    python -m flux_core generate --prompt "a cat" --output cat.png
 
 By default the models are FLUX.1-dev's, fetched through ModelScope into ./models exactly as the
 DiffSynth-Studio example does (local files are used when already there). `--model-id` picks Krea-dev or
 Kontext-dev; `--model-dir` runs from a local folder; `--dit/--vae/--clip/--t5/--tokenizer/--tokenizer-2`
-name single files.
+name single files (tokenizer/ and tokenizer_2/ are found beside them).
 """
 from __future__ import annotations
 
 import argparse
+import math
+import re
 import sys
 from pathlib import Path
 
-from .dtypes import DTYPES
+from .download import DIT_FILES, NeededFile, download_models, layout_tree, needed_files
+from .dtypes import DTYPES, WEIGHT_DTYPES
 from .image import save_image
 from .model_config import FLUX_DEV, ModelConfig
 
-DIT_FILES = {
-    "black-forest-labs/FLUX.1-dev": "flux1-dev.safetensors",
-    "black-forest-labs/FLUX.1-Krea-dev": "flux1-krea-dev.safetensors",
-    "black-forest-labs/FLUX.1-Kontext-dev": "flux1-kontext-dev.safetensors",
-}
+# The separate-file flags, named after the kind of model each file must hold, in the pipeline's load order.
+MODEL_KINDS = ("dit", "clip", "t5", "vae")
 
 
-def model_configs_for(args) -> tuple[list[ModelConfig], ModelConfig | None, ModelConfig | None]:
-    """(model configs, tokenizer_1 config, tokenizer_2 config) from the command-line options."""
-    # Only what was given: otherwise ModelConfig's own defaults apply (DIFFSYNTH_MODEL_BASE_PATH, DIFFSYNTH_SKIP_DOWNLOAD).
-    base = {k: v for k, v in dict(local_model_path=args.local_model_path,
-                                  skip_download=True if args.skip_download else None).items() if v is not None}
-    tok1 = ModelConfig(path=args.tokenizer) if args.tokenizer else None
-    tok2 = ModelConfig(path=args.tokenizer_2) if args.tokenizer_2 else None
-    if args.model_dir:
-        root = Path(args.model_dir)
-        if (root / "model_index.json").is_file():
-            return [ModelConfig(path=str(root))], tok1, tok2
-        return [ModelConfig(path=str(p)) for p in _model_dir_files(root)], tok1, tok2
-    dit_file = DIT_FILES.get(args.model_id)
-    if dit_file is None and not args.dit:
-        raise SystemExit(f"--model-id {args.model_id}: unknown; use one of {', '.join(DIT_FILES)} or give --dit FILE.")
-    configs = [
-        ModelConfig(path=args.dit) if args.dit else ModelConfig(model_id=args.model_id, origin_file_pattern=dit_file, **base),
-        ModelConfig(path=args.clip) if args.clip else ModelConfig(model_id=FLUX_DEV, origin_file_pattern="text_encoder/model.safetensors", **base),
-        ModelConfig(path=args.t5) if args.t5 else ModelConfig(model_id=FLUX_DEV, origin_file_pattern="text_encoder_2/", **base),
-        ModelConfig(path=args.vae) if args.vae else ModelConfig(model_id=FLUX_DEV, origin_file_pattern="ae.safetensors", **base),
-    ]
-    tok1 = tok1 or ModelConfig(model_id=FLUX_DEV, origin_file_pattern="tokenizer/", **base)
-    tok2 = tok2 or ModelConfig(model_id=FLUX_DEV, origin_file_pattern="tokenizer_2/", **base)
-    return configs, tok1, tok2
+class UsageError(ValueError):
+    """A bad command line, found before any model loads; the message names every bad flag."""
 
 
-def _model_dir_files(root: Path) -> list[Path]:
-    """A local copy of a ModelScope FLUX repo: top-level DiT + ae files and the text encoder folders."""
-    if not root.is_dir():
-        raise SystemExit(f"--model-dir {root}: no such folder.")
-    files = [p for p in sorted(root.glob("*.safetensors"))]
-    files += [root / d for d in ("text_encoder", "text_encoder_2", "transformer", "vae") if (root / d).is_dir()]
-    if not files:
-        raise SystemExit(f"--model-dir {root}: holds no .safetensors files or model folders.")
-    return files
-
+# ------------------------------------------------------------------------------------------------ parser
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m flux_core", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
+
     g = sub.add_parser("generate", help="generate an image")
     g.add_argument("--prompt", required=True)
     g.add_argument("--negative-prompt", default="")
@@ -84,21 +57,47 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tiled", action="store_true", help="tiled VAE encode/decode")
     g.add_argument("--tile-size", type=int, default=128)
     g.add_argument("--tile-stride", type=int, default=64)
+    g.add_argument("--tea-cache-l1-thresh", type=float, default=None, metavar="FLOAT",
+                   help="TeaCache: skip the DiT on steps whose input barely changed (0.25, 0.4, 0.6, 0.8: "
+                        "faster, less exact); off by default")
+    g.add_argument("--lora", action="append", type=parse_lora, default=[], metavar="PATH[:SCALE]",
+                   help="LoRA file applied to the DiT at SCALE (default 1.0); repeatable, the LoRAs add up")
     g.add_argument("--device", default=None, help="cuda / cpu (default: cuda if available)")
-    g.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
+    g.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16", help="compute dtype")
+    memory = g.add_argument_group("memory")
+    storage = memory.add_mutually_exclusive_group()
+    storage.add_argument("--weight-dtype", choices=list(WEIGHT_DTYPES), default="default",
+                         help="how the DiT's weight matrices are stored: fp8_* halves their memory and computes "
+                              "in --dtype (default: stored in --dtype)")
+    storage.add_argument("--fp8", dest="weight_dtype", action="store_const", const="fp8_e4m3fn",
+                         help="same as --weight-dtype fp8_e4m3fn")
+    memory.add_argument("--vram-limit", type=float, default=None, metavar="GB",
+                        help="offload: keep at most GB (GiB, minus 0.5 of headroom) of weights on the device and "
+                             "stream the rest layer by layer; 0 streams everything")
     src = g.add_argument_group("models")
-    src.add_argument("--model-id", default=FLUX_DEV, help="ModelScope id: FLUX.1-dev, FLUX.1-Krea-dev, FLUX.1-Kontext-dev")
-    src.add_argument("--model-dir", help="local folder (diffusers FLUX folder or a copy of the ModelScope repo)")
-    src.add_argument("--local-model-path", default=None,
-                     help="where models are looked for and ModelScope downloads go (default ./models, or "
-                          "$DIFFSYNTH_MODEL_BASE_PATH)")
-    src.add_argument("--skip-download", action="store_true",
-                     help="never download; local files only (also $DIFFSYNTH_SKIP_DOWNLOAD=true)")
-    for name in ("dit", "vae", "clip", "t5"):
-        src.add_argument(f"--{name}", help=f"{name} weights file or folder")
-    src.add_argument("--tokenizer", help="CLIP tokenizer folder")
-    src.add_argument("--tokenizer-2", help="T5 tokenizer folder")
+    src.add_argument("--model-id", default=FLUX_DEV, help=f"ModelScope id: {', '.join(DIT_FILES)}")
+    src.add_argument("--model-dir", help="local folder: a diffusers FLUX folder, or the layout `download` makes")
+    _add_modelscope_options(src)
+    for kind in MODEL_KINDS:
+        src.add_argument(f"--{kind}", metavar="PATH", help=f"{kind} weights file or folder (must hold a {kind})")
+    src.add_argument("--tokenizer", metavar="FOLDER", help="CLIP-L tokenizer folder (default: tokenizer/ beside "
+                                                           "the model files, else FLUX.1-dev's)")
+    src.add_argument("--tokenizer-2", metavar="FOLDER", help="T5 tokenizer folder (default: tokenizer_2/ beside "
+                                                             "the model files, else FLUX.1-dev's)")
+
+    d = sub.add_parser("download", help="fetch the files a model needs from ModelScope (resumable)")
+    d.add_argument("--model-id", default=FLUX_DEV, choices=list(DIT_FILES))
+    _add_modelscope_options(d, download=True)
     return parser
+
+
+def _add_modelscope_options(group, download: bool = False) -> None:
+    group.add_argument("--local-model-path", default=None, metavar="FOLDER",
+                       help="where models are looked for and ModelScope downloads go (default ./models, or "
+                            "$DIFFSYNTH_MODEL_BASE_PATH)")
+    if not download:
+        group.add_argument("--skip-download", action="store_true",
+                           help="never download; local files only (also $DIFFSYNTH_SKIP_DOWNLOAD=true)")
 
 
 def _float_list(text: str) -> list[float]:
@@ -108,44 +107,242 @@ def _float_list(text: str) -> list[float]:
         raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of numbers") from None
 
 
-def generate(args) -> tuple[Path, int]:
-    """Run the pipeline with the command-line options; returns (image path, seed used)."""
+def parse_lora(text: str) -> tuple[str, float]:
+    """`PATH[:SCALE]` -> (path, scale). The scale is split off at the last ':' only when what follows is a
+    number, so a Windows path (`C:\\loras\\x.safetensors`, `C:\\loras\\x.safetensors:0.8`) keeps its drive."""
+    path, sep, tail = text.rpartition(":")
+    if sep and path:
+        try:
+            return path, float(tail)
+        except ValueError:
+            pass
+    return text, 1.0
+
+
+# ------------------------------------------------------------------------------------------------ models
+
+def model_configs_for(args) -> tuple[list[ModelConfig], ModelConfig, ModelConfig]:
+    """(model configs in MODEL_KINDS order, tokenizer_1 config, tokenizer_2 config) from the command line.
+
+    Each model comes from its flag (--dit ...), else from --model-dir, else from ModelScope (the files
+    `flux_core.download.needed_files` names, as `download` fetches them). Every config states the kind its file
+    must hold; the DiT's carries the --weight-dtype storage."""
+    base = _modelscope_options(args)
+    local = {kind: Path(getattr(args, kind)) for kind in MODEL_KINDS if getattr(args, kind)}
+    if args.model_dir:
+        local = {**_model_dir_components(Path(args.model_dir)), **local}
+        absent = [k for k in MODEL_KINDS if k not in local]
+        if absent:
+            raise UsageError(f"--model-dir {args.model_dir}: has no {', '.join(absent)}; add the files to it or pass "
+                             f"{' '.join(f'--{k} PATH' for k in absent)}.")
+    if "dit" not in local and args.model_id not in DIT_FILES:
+        raise UsageError(f"--model-id {args.model_id}: unknown; use one of {', '.join(DIT_FILES)} or give --dit FILE.")
+    needed = {f.slot: f for f in needed_files(FLUX_DEV if "dit" in local else args.model_id)}
+    storage = WEIGHT_DTYPES[getattr(args, "weight_dtype", "default")]
+    configs = []
+    for kind in MODEL_KINDS:
+        extra = {"offload_dtype": storage} if kind == "dit" and storage is not None else {}
+        if kind in local:
+            configs.append(ModelConfig(path=str(local[kind]), kind=kind, **extra))
+        else:
+            configs.append(ModelConfig(model_id=needed[kind].model_id, origin_file_pattern=needed[kind].pattern,
+                                       kind=kind, **base, **extra))
+    beside = list(local.values()) + ([Path(args.model_dir)] if args.model_dir else [])
+    tok1 = _tokenizer_config(args.tokenizer, beside, needed["tokenizer_1"], base, "--tokenizer")
+    tok2 = _tokenizer_config(args.tokenizer_2, beside, needed["tokenizer_2"], base, "--tokenizer-2")
+    return configs, tok1, tok2
+
+
+def _modelscope_options(args) -> dict:
+    # Only what was given: otherwise ModelConfig's own defaults apply (DIFFSYNTH_MODEL_BASE_PATH, DIFFSYNTH_SKIP_DOWNLOAD).
+    given = dict(local_model_path=args.local_model_path, skip_download=True if args.skip_download else None)
+    return {k: v for k, v in given.items() if v is not None}
+
+
+def _model_dir_components(root: Path) -> dict[str, Path]:
+    """The model files of a local folder, by kind: a diffusers FLUX folder's component folders, or the layout
+    `download` makes (one DiT .safetensors at the top, ae.safetensors, text_encoder/, text_encoder_2/)."""
+    from .pipeline import DIFFUSERS_COMPONENTS  # transformer/, vae/, text_encoder/, text_encoder_2/ by kind
+
+    if not root.is_dir():
+        raise UsageError(f"--model-dir {root}: no such folder.")
+    found = {kind: root / folder for kind, folder in DIFFUSERS_COMPONENTS.items() if (root / folder).is_dir()}
+    if (root / "model_index.json").is_file():
+        return found
+    if (root / "ae.safetensors").is_file():
+        found["vae"] = root / "ae.safetensors"
+    dits = [found["dit"]] if "dit" in found else []
+    dits += [p for p in sorted(root.glob("*.safetensors")) if p.name != "ae.safetensors"]
+    if len(dits) > 1:
+        raise UsageError(f"--model-dir {root}: holds several DiTs ({', '.join(p.name for p in dits)}); "
+                         f"pick one with --dit PATH.")
+    if dits:
+        found["dit"] = dits[0]
+    return found
+
+
+def _tokenizer_config(flag_value: str | None, beside: list[Path], need: NeededFile, base: dict,
+                      flag: str) -> ModelConfig:
+    """The tokenizer folder: the flag's, else `tokenizer/` (`tokenizer_2/`) in the folder of a given model file,
+    its parent or grandparent (as FluxImagePipeline.from_pretrained looks), else FLUX.1-dev's from ModelScope."""
+    if flag_value:
+        return ModelConfig(path=flag_value)
+    sub = need.pattern.rstrip("/")
+    searched = []
+    for path in beside:
+        folder = path.absolute() if path.is_dir() else path.absolute().parent
+        for root in (folder, folder.parent, folder.parent.parent):
+            if root / sub not in searched:
+                searched.append(root / sub)
+    for candidate in searched:
+        if candidate.is_dir():
+            return ModelConfig(path=str(candidate))
+    config = ModelConfig(model_id=need.model_id, origin_file_pattern=need.pattern, **base)
+    if searched:
+        print(f"no {sub}/ beside the model files (searched {', '.join(map(str, searched))}); using {need.model_id}'s "
+              f"{sub}/ under {config.local_model_path} (or pass {flag} FOLDER).", file=sys.stderr)
+    return config
+
+
+# ------------------------------------------------------------------------------------------------ generate
+
+def check_generate_args(args) -> dict:
+    """Everything checkable before the models load (minutes for real FLUX), every problem at once.
+    Returns the opened images: {"input_image": ..., "kontext_images": ...}."""
     from PIL import Image
 
-    from .pipeline import FluxImagePipeline
-
-    # Everything that can be checked cheaply is checked before the models load (minutes for real FLUX).
+    problems, images = [], {}
     output = Path(args.output)
     if output.suffix.lower() not in Image.registered_extensions():
-        raise ValueError(f"--output {output}: unknown image extension {output.suffix!r}; use .png, .jpg or .webp.")
-    open_rgb = lambda p: Image.open(p).convert("RGB")  # noqa: E731
-    input_image = open_rgb(args.input_image) if args.input_image else None
-    kontext_images = [open_rgb(p) for p in args.kontext_image] if args.kontext_image else None
+        problems.append(f"--output {output}: unknown image extension {output.suffix!r}; use .png, .jpg or .webp.")
+    for flag, paths, key in (("--input-image", [args.input_image] if args.input_image else [], "input_image"),
+                             ("--kontext-image", args.kontext_image or [], "kontext_images")):
+        opened = []
+        for p in paths:
+            try:
+                opened.append(Image.open(p).convert("RGB"))
+            except (OSError, ValueError) as e:
+                problems.append(f"{flag} {p}: cannot be read as an image ({e}).")
+        images[key] = opened
+    named = [(f"--{k.replace('_', '-')}", getattr(args, k)) for k in (*MODEL_KINDS, "tokenizer", "tokenizer_2", "model_dir")]
+    named += [("--lora", path) for path, _ in args.lora]
+    problems += [f"{flag} {p}: does not exist." for flag, p in named if p and not Path(p).exists()]
+    problems += [f"--lora {path}:{scale}: the scale is not a finite number." for path, scale in args.lora
+                 if not math.isfinite(scale)]
+    if args.tea_cache_l1_thresh is not None and not args.tea_cache_l1_thresh >= 0:
+        problems.append(f"--tea-cache-l1-thresh {args.tea_cache_l1_thresh}: use 0 or more (0.25 to 0.8 skip steps).")
+    if args.vram_limit is not None and not args.vram_limit >= 0:
+        problems.append(f"--vram-limit {args.vram_limit}: use 0 (stream everything) or more GB.")
+    if problems:
+        raise UsageError("\n  ".join(["the command line has problems:", *problems]))
+    return {"input_image": images["input_image"][0] if images["input_image"] else None,
+            "kontext_images": images["kontext_images"] or None}
+
+
+def build_pipeline(args):
+    """The pipeline the command line describes: models loaded, LoRAs applied, VRAM management on if asked."""
+    from .pipeline import FluxImagePipeline
 
     configs, tok1, tok2 = model_configs_for(args)
     pipe = FluxImagePipeline.from_pretrained(torch_dtype=DTYPES[args.dtype], device=args.device,
                                              model_configs=configs, tokenizer_1_config=tok1, tokenizer_2_config=tok2)
+    for path, scale in args.lora:
+        report = pipe.load_lora(pipe.dit, path, alpha=scale)
+        print(f"LoRA {path} at scale {scale}: {len(report.layers)} DiT layers ({report.mode})")
+    if args.vram_limit is not None:
+        print(pipe.enable_vram_management(vram_limit=args.vram_limit).summary())
+    return pipe
+
+
+def generate(args) -> tuple[Path, int]:
+    """Run the pipeline with the command-line options; returns (image path, seed used)."""
+    images = check_generate_args(args)
+    pipe = build_pipeline(args)
     image = pipe(
         prompt=args.prompt, negative_prompt=args.negative_prompt, cfg_scale=args.cfg_scale,
         embedded_guidance=args.embedded_guidance, t5_sequence_length=args.t5_sequence_length,
-        input_image=input_image,
+        input_image=images["input_image"],
         denoising_strength=args.denoising_strength, height=args.height, width=args.width, seed=args.seed,
         rand_device=args.rand_device, sigma_shift=args.sigma_shift, num_inference_steps=args.num_inference_steps,
-        kontext_images=kontext_images, sigmas=args.sigmas,
+        kontext_images=images["kontext_images"], sigmas=args.sigmas,
         tiled=args.tiled, tile_size=args.tile_size, tile_stride=args.tile_stride,
+        tea_cache_l1_thresh=args.tea_cache_l1_thresh,
     )
-    return save_image(image, output), pipe.last_seed
+    for stats in (pipe.last_tea_cache_stats or {}).values():
+        print(stats)
+    return save_image(image, Path(args.output)), pipe.last_seed
+
+
+# ------------------------------------------------------------------------------------------------ download
+
+def download(args) -> None:
+    """Fetch what `generate --model-id` needs; print what was requested and the folder layout."""
+    needs = needed_files(args.model_id)
+    print(f"{args.model_id} needs: " + ", ".join(f"{f.model_id}/{f.pattern}" for f in needs))
+    print("Fetching what is missing through ModelScope (its progress bars: one per file, in bytes; one for the "
+          "file count). Interrupted? Run again: complete files are skipped, partial ones resume.")
+    fetched = download_models(args.model_id, args.local_model_path)
+    for model in fetched:
+        skipped = [p for p in model.patterns if p not in model.requested]
+        if skipped:
+            print(f"{model.model_id}: already complete, skipped: {', '.join(skipped)}")
+        if model.requested:
+            print(f"{model.model_id}: fetched {', '.join(model.requested)}")
+    print(layout_tree(fetched))
+    print(f"Run: python -m flux_core generate --model-id {args.model_id}"
+          + (f" --local-model-path {args.local_model_path}" if args.local_model_path else "")
+          + " --prompt \"...\"")
+
+
+# ------------------------------------------------------------------------------------------------ messages
+
+# Python-API names in library messages -> this command line's flags. Specific phrases first; then any
+# `name=` or bare snake_case name that is one of the command's options (or a renamed pipeline parameter).
+_PHRASES = [
+    (r"ModelConfig\(model_id='([^']*)'\)", r"ModelScope model '\1'"),
+    (r"ModelConfig\(path=\.\.\.\)", "model path"),
+    (r"tokenizer_1_config=ModelConfig\(path=FOLDER\)", "--tokenizer FOLDER"),
+    (r"tokenizer_2_config=ModelConfig\(path=FOLDER\)", "--tokenizer-2 FOLDER"),
+    (r"give model_id= and origin_file_pattern= to download the model", "leave the flag out to use ModelScope's files"),
+    (r"fix the pattern, pass path= to a local file", "pass local files with --dit/--vae/--clip/--t5"),
+    (r"pass path= to local files", "pass local files with --dit/--vae/--clip/--t5"),
+    (r"\bmodel_configs\b", "the model flags (--dit/--vae/--clip/--t5 or --model-dir)"),
+    (r"origin_file_pattern ", ""),
+]
+_RENAMED = {"kontext_images": "--kontext-image", "tokenizer_1_config": "--tokenizer",
+            "tokenizer_2_config": "--tokenizer-2", "torch_dtype": "--dtype", "offload_dtype": "--weight-dtype",
+            "local_model_path": "--local-model-path", "skip_download": "--skip-download", "alpha": "--lora PATH:SCALE"}
+
+
+def cli_message(text: str, options=None) -> str:
+    """A library error message with its Python names (skip_download, path=, tokenizer_1_config, cfg_scale=...)
+    replaced by the command line's flags. `options`: the command's option names as argparse stores them
+    (default: every `generate` option)."""
+    if options is None:
+        options = vars(build_parser().parse_args(["generate", "--prompt", ""]))
+    for pattern, replacement in _PHRASES:
+        text = re.sub(pattern, replacement, text)
+    flags = {**{name: "--" + name.replace("_", "-") for name in options if name != "command"}, **_RENAMED}
+    words = "|".join(sorted(map(re.escape, flags), key=len, reverse=True))
+    # `name=value` -> `--flag value` (`name=True` -> `--flag`); a bare name only when it has an underscore
+    # (prose says "prompt", "seed").
+    text = re.sub(rf"(?<![\w./'-])({words})=(True\b|(?=\s))?",
+                  lambda m: flags[m.group(1)] + ("" if m.group(2) is not None else " "), text)
+    return re.sub(rf"(?<![\w./'-])({words})(?![\w/.'-])",
+                  lambda m: flags[m.group(1)] if "_" in m.group(1) else m.group(1), text)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command == "generate":
-        try:
+    try:
+        if args.command == "download":
+            download(args)
+        else:
             out, seed = generate(args)
-        except (ValueError, TypeError, OSError, RuntimeError) as e:  # user errors: the message says the fix
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-        print(f"saved {out} (seed {seed})")
+            print(f"saved {out} (seed {seed})")
+    except (ValueError, TypeError, OSError, RuntimeError) as e:  # user errors: the message says the fix
+        print(f"error: {cli_message(str(e), vars(args))}", file=sys.stderr)
+        return 2
     return 0
 
 

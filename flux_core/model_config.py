@@ -17,8 +17,10 @@ origin_file_pattern, relative to `<local_model_path>/<model_id>/`:
 - a list of the above: the union, in the order given (each pattern's matches sorted).
 
 Unlike DiffSynth, which asks the hub on every call, a pattern that already matches local files is not
-downloaded again: resolving works offline once the files are there. The price is that an interrupted
-download that left some shards of a pattern is not completed; delete the folder to fetch it again.
+downloaded again: resolving works offline once the files are there. A folder counts as there when it holds
+files, no `*.incomplete` file (ModelScope's partial download, resumed on the next download) and every shard
+its `*.index.json` names; a folder interrupted before its index arrived cannot be told from a complete one,
+so delete it to fetch it again.
 
 Environment variables (DiffSynth-Studio v2), read when the config is made and only for a field not given:
 - DIFFSYNTH_MODEL_BASE_PATH replaces the default `local_model_path` ("./models");
@@ -27,6 +29,7 @@ Environment variables (DiffSynth-Studio v2), read when the config is made and on
 from __future__ import annotations
 
 import glob
+import json
 import os
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -91,7 +94,7 @@ class ModelConfig:
         if not self.model_id:
             raise ValueError("ModelConfig needs `path` (a local file or folder) or `model_id` (a ModelScope id "
                              "such as 'black-forest-labs/FLUX.1-dev', with origin_file_pattern).")
-        folder = os.path.join(self.local_model_path, self.model_id)
+        folder = self.model_folder()
         patterns = _pattern_list(self.origin_file_pattern)
         found = {p: _local_matches(folder, p) for p in patterns}
         missing = [p for p in patterns if not found[p]]
@@ -105,6 +108,17 @@ class ModelConfig:
         for p in patterns:
             paths.extend(m for m in found[p] if m not in paths)
         return paths[0] if len(paths) == 1 else paths
+
+    def model_folder(self) -> str:
+        """`<local_model_path>/<model_id>`: where this model's ModelScope files are looked for and downloaded."""
+        if not self.model_id:
+            raise ValueError("ModelConfig without model_id has no ModelScope folder.")
+        return os.path.join(self.local_model_path, self.model_id)
+
+    def missing_patterns(self) -> list[str]:
+        """The origin_file_patterns with no complete local match: what `resolve()` would download. Offline."""
+        folder = self.model_folder()
+        return [p for p in _pattern_list(self.origin_file_pattern) if not _local_matches(folder, p)]
 
     def _not_found_message(self, folder: str, missing: list[str]) -> str:
         shown = ", ".join(repr(p) for p in missing)
@@ -166,22 +180,36 @@ def _download_pattern(pattern: str) -> str:
 
 
 def _local_matches(folder: str, pattern: str) -> list[str]:
-    """Local paths a pattern names: existing non-empty folders for folder patterns, else glob matches
-    (empty folders do not count: they are what an interrupted download leaves)."""
+    """Local paths a pattern names: complete folders for folder patterns, else glob matches (empty or
+    partly downloaded folders do not count: they are what an interrupted download leaves)."""
     if pattern in ("", "./"):
-        return [folder] if _non_empty_dir(folder) else []
+        return [folder] if _complete_dir(folder) else []
     target = os.path.join(glob.escape(folder), pattern.rstrip("/") if _is_folder_pattern(pattern) else pattern)
     hits = sorted(glob.glob(target, recursive=True))
     if _is_folder_pattern(pattern):
-        return [h for h in hits if _non_empty_dir(h)]
-    return [h for h in hits if os.path.isfile(h) or _non_empty_dir(h)]
+        return [h for h in hits if _complete_dir(h)]
+    return [h for h in hits if (os.path.isfile(h) and not h.endswith(INCOMPLETE_SUFFIX)) or _complete_dir(h)]
 
 
-def _non_empty_dir(path: str) -> bool:
+INCOMPLETE_SUFFIX = ".incomplete"  # ModelScope's partial file beside its target, renamed when complete
+
+
+def _complete_dir(path: str) -> bool:
+    """A folder that holds files, none of them a partial download, and every shard its index files name."""
     if not os.path.isdir(path):
         return False
-    with os.scandir(path) as entries:
-        return any(True for _ in entries)
+    files = [os.path.join(root, f) for root, _, names in os.walk(path) for f in names]
+    if not files or any(f.endswith(INCOMPLETE_SUFFIX) for f in files):
+        return False
+    for index in (f for f in files if f.endswith(".index.json")):
+        try:
+            with open(index, encoding="utf-8") as fh:
+                shards = set(json.load(fh).get("weight_map", {}).values())
+        except (OSError, ValueError, AttributeError):
+            return False  # a truncated or foreign index: fetch the folder again
+        if any(not os.path.isfile(os.path.join(os.path.dirname(index), s)) for s in shards):
+            return False
+    return True
 
 
 def _env_flag(name: str, default: bool) -> bool:

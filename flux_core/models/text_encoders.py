@@ -17,6 +17,7 @@ from typing import Mapping, Sequence
 import torch
 from torch import nn
 
+from ..model_config import FLUX_DEV
 from ..vram import compute_place
 from .shapes import count_blocks
 
@@ -158,34 +159,40 @@ class TokenizerFilesError(FileNotFoundError):
     """A tokenizer folder without the files its tokenizer needs; the message says where to get them."""
 
 
-_GET_TOKENIZERS = ("Download the {sub}/ folder of black-forest-labs/FLUX.1-dev (a few MB, from ModelScope or Hugging "
-                   "Face), e.g. `modelscope download --model black-forest-labs/FLUX.1-dev --include '{sub}/*' "
-                   "--local_dir models/black-forest-labs/FLUX.1-dev`, and pass that {sub}/ folder.")
-
-
-def _tokenizer_folder(path: str | os.PathLike, sub: str, file_sets: Sequence[tuple[str, ...]], title: str) -> Path:
-    """The folder holding a complete set of tokenizer files: `path` itself, or its `sub`/ (a pipeline folder)."""
+def _tokenizer_folder(path: str | os.PathLike, sub: str, file_sets: Sequence[tuple[str, ...]], title: str,
+                      parameter: str) -> Path:
+    """The folder holding a complete set of tokenizer files: `path` itself, or its `sub`/ (a pipeline folder).
+    Otherwise the error names the tokenizer, both places searched, the files needed and the two fixes:
+    `parameter` (the pipeline argument that names the folder) or FLUX.1-dev's folder from ModelScope."""
     path = Path(path)
-    for folder in (path, path / sub):
+    searched = (path, path / sub)
+    for folder in searched:
         if folder.is_dir() and any(all((folder / f).is_file() for f in files) for files in file_sets):
             return folder
     expected = " or ".join(" + ".join(files) for files in file_sets)
     where = "does not exist" if not path.exists() else "holds no complete set of tokenizer files"
-    raise TokenizerFilesError(f"{path}: {where}. A {title} tokenizer needs {expected}. "
-                              + _GET_TOKENIZERS.format(sub=sub))
+    raise TokenizerFilesError(
+        f"{title} tokenizer not found: searched {searched[0]} and {searched[1]}; {path} {where}. The {title} "
+        f"tokenizer needs {expected}. Pass {parameter}=ModelConfig(path=FOLDER) with a folder that holds them, or "
+        f"fetch the {sub}/ folder of {FLUX_DEV} (a few MB): `python -m flux_core download` puts it in "
+        f"./models/{FLUX_DEV}/{sub}/ (or `modelscope download --model {FLUX_DEV} --include "
+        f"'{sub}/*' --local_dir ./models/{FLUX_DEV}`).")
+
 
 
 def load_clip_tokenizer(path: str | os.PathLike):
     """The CLIP-L tokenizer from a `tokenizer/` folder (vocab.json + merges.txt, or tokenizer.json)."""
     from transformers import CLIPTokenizer
-    folder = _tokenizer_folder(path, "tokenizer", [("vocab.json", "merges.txt"), ("tokenizer.json",)], "CLIP")
+    folder = _tokenizer_folder(path, "tokenizer", [("vocab.json", "merges.txt"), ("tokenizer.json",)], "CLIP-L",
+                               "tokenizer_1_config")
     return CLIPTokenizer.from_pretrained(str(folder), local_files_only=True)
 
 
 def load_t5_tokenizer(path: str | os.PathLike):
     """The T5 tokenizer from a `tokenizer_2/` folder (tokenizer.json, or spiece.model with sentencepiece)."""
     from transformers import T5TokenizerFast
-    folder = _tokenizer_folder(path, "tokenizer_2", [("tokenizer.json",), ("spiece.model",)], "T5")
+    folder = _tokenizer_folder(path, "tokenizer_2", [("tokenizer.json",), ("spiece.model",)], "T5",
+                               "tokenizer_2_config")
     return T5TokenizerFast.from_pretrained(str(folder), local_files_only=True)
 
 
