@@ -9,6 +9,7 @@ $FLUXCORE_MODELS_DIR (default ./models), CUDA if available, no progress UI, and 
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -50,13 +51,51 @@ def list_models(folder: str) -> list[str]:
                   if p.suffix.lower() in MODEL_EXTENSIONS or (p.is_dir() and (p / "config.json").is_file()))
 
 
-def model_path(folder: str, name: str) -> str:
-    if IN_COMFYUI:
-        return _folder_paths.get_full_path_or_raise(folder, name)
-    path = models_dir() / folder / name
-    if not path.exists():
-        raise FileNotFoundError(f"{name} not found in {models_dir() / folder}")
+class UnsafeModelName(ValueError):
+    """A model file name that would reach outside its model folder (`..`, an absolute path, a link out)."""
+
+
+def safe_name(folder: str, name: str) -> str:
+    """`name` as a relative path inside a model folder; refuses an absolute path and `..` by name, before any
+    file is touched. (ComfyUI validates combo values against the folder listing; a workflow file or an API
+    prompt can still carry any string, and standalone nothing checks it.)"""
+    text = str(name).replace("\\", "/")
+    parts = text.split("/")
+    if (not text.strip() or text.startswith("/") or Path(str(name)).is_absolute() or re.match(r"^[A-Za-z]:", text)
+            or ".." in parts):
+        raise UnsafeModelName(f"{name!r} is not a file name inside the {folder!r} model folder (no absolute paths, "
+                              f"no '..'): pick a file listed in {folder}, or put the file there.")
+    return "/".join(p for p in parts if p not in ("", "."))
+
+
+def inside(root: Path, path: Path, folder: str, name: str) -> str:
+    """`path` (under `root`) with every link resolved, refused when it ends outside `root`."""
+    real, real_root = path.resolve(), root.resolve()
+    if real != real_root and real_root not in real.parents:
+        raise UnsafeModelName(f"{name!r} in the {folder!r} model folder {root} is a link to {real}, outside that "
+                              f"folder; FluxCore reads models only inside their folders. Move or copy the file "
+                              f"into {root}, or add its folder to ComfyUI's extra_model_paths.yaml (standalone: "
+                              f"point FLUXCORE_MODELS_DIR at it).")
     return str(path)
+
+
+def model_path(folder: str, name: str) -> str:
+    """The full path of a file (or diffusers-style folder) named in a model folder. The name must stay inside
+    the folder: an absolute path, `..`, or a link that leads out raise UnsafeModelName; a missing file raises
+    FileNotFoundError. Both messages name the folder."""
+    relative = safe_name(folder, name)
+    if IN_COMFYUI:
+        full = _folder_paths.get_full_path(folder, relative)
+        if full is None:
+            raise FileNotFoundError(f"{name} not found in the {folder!r} model folders "
+                                    f"({', '.join(_folder_paths.get_folder_paths(folder))})")
+        root = next(r for r in _folder_paths.get_folder_paths(folder) if os.path.join(r, relative) == full)
+        return inside(Path(root), Path(full), folder, name)
+    root = models_dir() / folder
+    path = root / relative
+    if not path.exists():
+        raise FileNotFoundError(f"{name} not found in {root}")
+    return inside(root, path, folder, name)
 
 
 def folder_paths_for(folder: str) -> list[Path]:
@@ -72,9 +111,10 @@ def list_diffusers_folders() -> list[str]:
 
 
 def diffusers_folder_path(name: str) -> str:
+    relative = safe_name("diffusers", name)
     for root in folder_paths_for("diffusers"):
-        if (root / name / "model_index.json").is_file():
-            return str(root / name)
+        if (root / relative / "model_index.json").is_file():
+            return inside(root, root / relative, "diffusers", name)
     raise FileNotFoundError(f"{name} is not a diffusers folder (with model_index.json) in "
                             f"{', '.join(str(r) for r in folder_paths_for('diffusers'))}")
 

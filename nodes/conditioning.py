@@ -19,6 +19,10 @@ from .handles import TEXT_ENCODERS_TYPE, VAE_TYPE
 from .loaders import NodeInputError
 
 DEFAULT_GUIDANCE = 3.5
+# The CONDITIONING entries FluxCore's sampler honours; anything else (ControlNet's "control", "mask", "area",
+# "strength", "gligen", "reference_latents_method", ...) it cannot use, and says so (warn_unused_entries).
+HONOURED_KEYS = frozenset({"pooled_output", "guidance", "reference_latents"})
+log = logging.getLogger("FluxCore")
 
 
 def image_to_model(image: torch.Tensor) -> torch.Tensor:
@@ -35,8 +39,8 @@ def read_conditioning(node: str, input_name: str, conditioning) -> tuple[PromptE
     if not conditioning:
         raise NodeInputError(f"{node}, input '{input_name}': empty conditioning.")
     if len(conditioning) > 1:  # e.g. from ConditioningCombine / area conditioning, which FLUX sampling has no use for
-        logging.getLogger("FluxCore").warning("%s, input '%s': %d conditioning entries; only the first is used.",
-                                              node, input_name, len(conditioning))
+        log.warning("%s, input '%s': %d conditioning entries; only the first is used.", node, input_name,
+                    len(conditioning))
     tokens, extra = conditioning[0][0], conditioning[0][1]
     pooled = extra.get("pooled_output")
     if pooled is None:
@@ -44,6 +48,25 @@ def read_conditioning(node: str, input_name: str, conditioning) -> tuple[PromptE
                              f"CLIP-L's pooled output (use FluxCore Text Encode or CLIPTextEncodeFlux).")
     guidance = extra["guidance"] if "guidance" in extra else DEFAULT_GUIDANCE
     return PromptEmbeds(tokens, pooled), guidance, list(extra.get("reference_latents") or [])
+
+
+def unused_keys(conditioning) -> set[str]:
+    """The keys of a CONDITIONING's entries that the sampler does not honour (None values are no setting)."""
+    return {key for _, extra in conditioning or [] for key, value in extra.items()
+            if key not in HONOURED_KEYS and value is not None}
+
+
+def warn_unused_entries(node: str, sides: dict) -> None:
+    """One warning per key the sampler cannot use, naming the inputs that carry it: once per run, so a ControlNet
+    or an area mask from native nodes is never dropped silently."""
+    carriers: dict[str, list[str]] = {}
+    for input_name, conditioning in sides.items():
+        for key in sorted(unused_keys(conditioning)):
+            carriers.setdefault(key, []).append(input_name)
+    for key, inputs in carriers.items():
+        log.warning("%s: conditioning entry %r (on %s) is not supported by FluxCore's sampler and is ignored; it "
+                    "honours only %s.", node, key, " and ".join(f"'{i}'" for i in inputs),
+                    ", ".join(sorted(HONOURED_KEYS)))
 
 
 class FluxCoreTextEncode:

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import torch
 
+from flux_core.dtypes import WEIGHT_DTYPES
 from flux_core.loading.loader import load_model
 from flux_core.model_config import FLUX_DEV, ModelConfig
 from flux_core.model_state import state_of
@@ -29,8 +30,25 @@ def default_dtype() -> torch.dtype:
     return torch.float32 if bridge.compute_device().type == "cpu" else torch.bfloat16
 
 
-# The DiT loader's weight_dtype choices (ComfyUI UNETLoader's names): FP8 storage, computed in default_dtype().
-LOADER_WEIGHT_DTYPES = {"default": None, "fp8_e4m3fn": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
+# The spelling FluxCore used for FP8 storage before it took ComfyUI UNETLoader's (flux_core.dtypes.WEIGHT_DTYPES).
+# Workflows saved then still load: validation accepts these names and the nodes read them as the new ones.
+LEGACY_WEIGHT_DTYPES = {"float8_e4m3fn": "fp8_e4m3fn", "float8_e5m2": "fp8_e5m2"}
+
+
+def weight_dtype_choice(node: str, value: str) -> str:
+    """A weight_dtype input as a WEIGHT_DTYPES key (an old spelling migrated); anything else refused by name."""
+    value = LEGACY_WEIGHT_DTYPES.get(value, value)
+    if value not in WEIGHT_DTYPES:
+        raise NodeInputError(f"{node}, input 'weight_dtype': {value!r} is not one of {', '.join(WEIGHT_DTYPES)}.")
+    return value
+
+
+def validate_weight_dtype(value) -> bool | str:
+    """For a node's VALIDATE_INPUTS: ComfyUI then skips its own check of the combo against the current choices,
+    so a workflow saved with an old spelling is accepted (and migrated by the node)."""
+    if value in WEIGHT_DTYPES or value in LEGACY_WEIGHT_DTYPES:
+        return True
+    return f"weight_dtype {value!r} is not one of {', '.join(WEIGHT_DTYPES)}"
 
 
 def load_kind(node: str, input_name: str, source, kind: str, weight_dtype: torch.dtype | None = None):
@@ -86,7 +104,7 @@ class FluxCoreDiTLoader:
                 "dit_name": (bridge.list_models("diffusion_models") or ["(none found)"],
                              {"tooltip": "FLUX DiT file from models/diffusion_models (or unet): BFL, ComfyUI, "
                                          "diffusers or DiffSynth layout; fp8 files are cast on load."}),
-                "weight_dtype": (list(LOADER_WEIGHT_DTYPES), {
+                "weight_dtype": (list(WEIGHT_DTYPES), {
                     "tooltip": "default: bf16 on GPU, float32 on CPU. fp8_*: weight matrices stored in FP8 (half the "
                                "memory), computed in bf16; LoRAs keep full strength (applied unfused)."}),
             },
@@ -96,17 +114,20 @@ class FluxCoreDiTLoader:
             },
         }
 
+    @classmethod
+    def VALIDATE_INPUTS(cls, weight_dtype="default"):
+        return validate_weight_dtype(weight_dtype)
+
     def load(self, dit_name, weight_dtype="default", modelscope_id=""):
         node = "FluxCoreDiTLoader"
+        weight_dtype = weight_dtype_choice(node, weight_dtype)
         if modelscope_id.strip():
             source, label = modelscope_source(node, modelscope_id, "diffusion_models"), modelscope_id.strip()
         else:
             source, label = _model_file(node, "dit_name", "diffusion_models", dit_name), dit_name
-        if weight_dtype not in LOADER_WEIGHT_DTYPES:
-            raise NodeInputError(f"{node}, input 'weight_dtype': {weight_dtype!r}; use one of {list(LOADER_WEIGHT_DTYPES)}.")
         module = load_kind(node, "modelscope_id" if modelscope_id.strip() else "dit_name", source, "dit",
-                           LOADER_WEIGHT_DTYPES[weight_dtype])
-        state_of(module).fp8_on_load = LOADER_WEIGHT_DTYPES[weight_dtype] is not None
+                           WEIGHT_DTYPES[weight_dtype])
+        state_of(module).fp8_on_load = WEIGHT_DTYPES[weight_dtype] is not None
         return (DiTHandle(bridge.ManagedModel(module), label),)
 
 
@@ -168,7 +189,7 @@ class FluxCoreDiffusersLoader:
         node = "FluxCoreDiffusersLoader"
         try:
             root = Path(bridge.diffusers_folder_path(folder))
-        except FileNotFoundError as e:
+        except (FileNotFoundError, bridge.UnsafeModelName) as e:
             raise node_error(node, "folder", e) from None
         parts = {}
         for kind, sub in DIFFUSERS_COMPONENTS.items():
@@ -187,7 +208,7 @@ class FluxCoreDiffusersLoader:
 def _model_file(node: str, input_name: str, folder: str, name: str) -> str:
     try:
         return bridge.model_path(folder, name)
-    except FileNotFoundError as e:
+    except (FileNotFoundError, bridge.UnsafeModelName) as e:
         raise node_error(node, input_name, e) from None
 
 

@@ -32,7 +32,7 @@ class FluxCoreLoraLoader:
         node = "FluxCoreLoraLoader"
         try:
             path = bridge.model_path("loras", lora_name)
-        except FileNotFoundError as e:
+        except (FileNotFoundError, bridge.UnsafeModelName) as e:
             raise node_error(node, "lora_name", e) from None
         if strength == 0:
             return (model,)

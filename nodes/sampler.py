@@ -18,7 +18,7 @@ from flux_core.sampling import denoise as run_denoise, guided_velocity, make_noi
 from flux_core.scheduler import add_noise, flux_sigmas, next_sigmas
 
 from . import comfy_bridge as bridge
-from .conditioning import read_conditioning
+from .conditioning import read_conditioning, warn_unused_entries
 from .handles import DIT_TYPE, DiTHandle
 from .loaders import NodeInputError
 from .vram_nodes import place_dit, release_dit
@@ -105,6 +105,7 @@ class FluxCoreSampler:
                                  f"(FLUX packs 2x2 latent patches); use {w // 2 * 16}x{h // 2 * 16}.")
         positive_embeds, cond_guidance, references = read_conditioning(node, "positive", positive)
         negative_embeds = read_conditioning(node, "negative", negative)[0] if cfg != 1.0 else None
+        warn_unused_entries(node, {"positive": positive, **({"negative": negative} if cfg != 1.0 else {})})
         guidance = embedded_guidance if embedded_guidance >= 0 else cond_guidance
 
         check_conditioning(node, model.model.module, b, positive=positive_embeds, negative=negative_embeds)
@@ -143,9 +144,11 @@ class FluxCoreSampler:
             bridge.check_interrupt()
             return x
 
-        with torch.no_grad():
-            final = run_denoise(start, sigmas, velocity, None, after_step)
-        release_dit(model)
+        try:
+            with torch.no_grad():
+                final = run_denoise(start, sigmas, velocity, None, after_step)
+        finally:  # also after Cancel (raised from after_step) or an error: an offloaded DiT gives its VRAM back
+            release_dit(model)
         for stats in tea_stats.values():
             logging.getLogger("FluxCore").info("%s: %s", node, stats)
         out = dict(latent_image)

@@ -15,19 +15,17 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, replace
 
-import torch
-
 from flux_core.lora import clear_lora
-from flux_core.dtypes import FLOAT8_DTYPES
+from flux_core.dtypes import FLOAT8_DTYPES, WEIGHT_DTYPES
 from flux_core.model_state import state_of
 from flux_core.vram import GiB, ComputeDevice, VRAMManager, store_model
 
 from . import comfy_bridge as bridge
 from .handles import DIT_TYPE
-from .loaders import NodeInputError
+from .loaders import NodeInputError, validate_weight_dtype, weight_dtype_choice
 
 log = logging.getLogger("FluxCore")
-WEIGHT_DTYPES = {"default": None, "float8_e4m3fn": torch.float8_e4m3fn, "float8_e5m2": torch.float8_e5m2}
+WEIGHT_DTYPE_NAMES = {dtype: name for name, dtype in WEIGHT_DTYPES.items() if dtype is not None}
 
 
 @dataclass(frozen=True)
@@ -53,7 +51,7 @@ def place_dit(handle):
         if not state_of(dit).fp8_on_load:
             log.warning("FluxCore: this DiT was converted to %s by a VRAM options node; it stays so until it is loaded "
                         "again (its loader re-runs when its inputs change).", stored_fp8)
-        options = replace(options, weight_dtype=str(stored_fp8).removeprefix("torch."))
+        options = replace(options, weight_dtype=WEIGHT_DTYPE_NAMES[stored_fp8])
     if state is not None and state[0] == options:
         _onload(state[1])
         return dit
@@ -109,7 +107,7 @@ class FluxCoreVRAMOptions:
         return {"required": {
             "model": (DIT_TYPE, {"tooltip": "The FLUX DiT (from the loader, or after LoRA loaders)."}),
             "weight_dtype": (list(WEIGHT_DTYPES), {"default": "default", "tooltip":
-                             "How the weight matrices are stored. float8_e4m3fn halves their memory (computed in "
+                             "How the weight matrices are stored. fp8_e4m3fn halves their memory (computed in "
                              "bf16); e5m2 has more range, less precision. Converts the loaded model in place."}),
             "offload": ("BOOLEAN", {"default": False, "tooltip":
                         "Keep the weights on the CPU and stream the layers that do not fit in vram_limit to the "
@@ -119,10 +117,12 @@ class FluxCoreVRAMOptions:
                            "memory). Activations (a few GB at 1024x1024) come on top."}),
         }}
 
+    @classmethod
+    def VALIDATE_INPUTS(cls, weight_dtype="default"):
+        return validate_weight_dtype(weight_dtype)
+
     def apply(self, model, weight_dtype="default", offload=False, vram_limit=8.0):
-        if weight_dtype not in WEIGHT_DTYPES:
-            raise NodeInputError(f"FluxCoreVRAMOptions, input 'weight_dtype': {weight_dtype!r} is not one of "
-                             f"{', '.join(WEIGHT_DTYPES)}.")
+        weight_dtype = weight_dtype_choice("FluxCoreVRAMOptions", weight_dtype)  # "float8_e4m3fn" (old) migrated
         options = VRAMOptions(weight_dtype, bool(offload), float(vram_limit) if offload else 0.0)
         return (replace(model, vram=options),)
 

@@ -277,3 +277,159 @@ def test_tokenizers_are_fetched_from_modelscope_when_no_folder_has_them(models, 
     clip_tok, t5_tok = find_tokenizers("FluxCoreTextEncoderLoader")
     assert clip_tok("a cat").input_ids and t5_tok("a cat").input_ids
     assert [c[0] for c in calls] == ["black-forest-labs/FLUX.1-dev"] * 2
+
+
+# ---------------------------------------------------------------- model names stay inside their folders
+def escape_targets(models, tmp_path):
+    """A loadable DiT reachable from diffusion_models only by leaving it: through '..', an absolute path, a link."""
+    import shutil
+    outside = tmp_path / "outside-dit"
+    shutil.copytree(models["dir"] / "diffusion_models" / NAMES["dit"], outside)
+    above = models["dir"] / "escaped-dit"  # diffusion_models/../escaped-dit
+    if not above.exists():
+        shutil.copytree(outside, above)
+    link = models["dir"] / "diffusion_models" / "linked-dit"
+    if not link.is_symlink():
+        link.symlink_to(outside, target_is_directory=True)
+    return {"dotdot": "../escaped-dit", "absolute": str(outside), "symlink": "linked-dit"}
+
+
+@pytest.mark.parametrize("kind", ["dotdot", "absolute", "symlink"])
+def test_model_names_outside_their_folder_are_refused_by_name(models, tmp_path, kind):
+    name = escape_targets(models, tmp_path)[kind]
+    with pytest.raises(NodeInputError, match=r"FluxCoreDiTLoader, input 'dit_name': .*'diffusion_models' model folder"):
+        FluxCoreDiTLoader().load(name)
+    from nodes.lora_nodes import FluxCoreLoraLoader
+    with pytest.raises(NodeInputError, match=r"FluxCoreLoraLoader, input 'lora_name': .*'loras' model folder"):
+        FluxCoreLoraLoader().apply(models["dit"], "../diffusion_models/" + NAMES["dit"], 1.0)
+    with pytest.raises(NodeInputError, match=r"FluxCoreDiffusersLoader, input 'folder': .*'diffusers' model folder"):
+        FluxCoreDiffusersLoader().load("../diffusers/" + NAMES["diffusers"])
+
+
+class FakeFolderPaths:
+    """ComfyUI's folder_paths as documented: get_full_path joins the name (made relative to '/') with each
+    folder of the kind and returns the first existing file; links are followed."""
+
+    def __init__(self, folders):
+        self.folders = folders
+
+    def get_folder_paths(self, folder):
+        return [str(p) for p in self.folders[folder]]
+
+    def get_full_path(self, folder, name):
+        import os
+        name = os.path.relpath(os.path.join("/", name), "/")
+        for root in self.get_folder_paths(folder):
+            if os.path.isfile(os.path.join(root, name)):
+                return os.path.join(root, name)
+        return None
+
+
+def test_model_names_are_checked_inside_comfyui_too(models, tmp_path, monkeypatch):
+    from nodes.comfy_bridge import UnsafeModelName
+    outside = tmp_path / "secret.safetensors"
+    outside.write_bytes(b"x")
+    root = tmp_path / "loras"
+    root.mkdir()
+    (root / "ok.safetensors").write_bytes(b"x")
+    (root / "linked.safetensors").symlink_to(outside)
+    monkeypatch.setattr(comfy_bridge, "IN_COMFYUI", True)
+    monkeypatch.setattr(comfy_bridge, "_folder_paths", FakeFolderPaths({"loras": [root]}))
+    assert comfy_bridge.model_path("loras", "ok.safetensors") == str(root / "ok.safetensors")
+    for name in ("../secret.safetensors", str(outside), "linked.safetensors", "sub/../../secret.safetensors"):
+        with pytest.raises(UnsafeModelName, match=r"'loras' model folder"):
+            comfy_bridge.model_path("loras", name)
+    with pytest.raises(FileNotFoundError, match="missing.safetensors not found in the 'loras' model folders"):
+        comfy_bridge.model_path("loras", "missing.safetensors")
+
+
+# ---------------------------------------------------------------- Cancel releases an offloaded DiT
+def test_cancel_releases_the_offloaded_layers_as_a_normal_run_does(models, monkeypatch):
+    import gc
+
+    from flux_core.model_state import state_of
+    from flux_core.vram import SimulatedDevice
+    from nodes import vram_nodes
+    from nodes.vram_nodes import FluxCoreVRAMOptions
+    dit, = FluxCoreDiTLoader().load(NAMES["dit"])  # a module of its own: the shared one stays unplaced
+    device = SimulatedDevice()
+    monkeypatch.setattr(vram_nodes, "make_compute_device", lambda: device)
+    offloaded, = FluxCoreVRAMOptions().apply(dit, weight_dtype="default", offload=True, vram_limit=8.0)
+    latent, = FluxCoreEmptyLatent().generate(W, H, 1)
+    positive, negative = encode(models, "a cat"), encode(models, "")
+    resident_while_sampling = []
+    original = comfy_bridge.Progress.update
+
+    def update(self, value, preview=None):
+        resident_while_sampling.append(state_of(dit.model.module).vram_placement[1].resident_bytes)
+        return original(self, value, preview)
+
+    monkeypatch.setattr(comfy_bridge.Progress, "update", update)
+    FluxCoreSampler().sample(offloaded, positive, negative, latent, seed=0, steps=2)
+    manager = state_of(dit.model.module).vram_placement[1]
+    gc.collect()
+    after_normal = (manager.resident_bytes, device.live_bytes)
+    comfy_bridge.request_interrupt()
+    with pytest.raises(comfy_bridge.Interrupted):
+        FluxCoreSampler().sample(offloaded, positive, negative, latent, seed=0, steps=2)
+    gc.collect()
+    assert resident_while_sampling[-1] > 0  # the layers were on the device while sampling
+    assert (manager.resident_bytes, device.live_bytes) == after_normal == (0, 0)
+
+
+# ---------------------------------------------------------------- one spelling of the fp8 choices
+def test_fp8_choices_are_one_spelling_and_old_workflows_still_load(models):
+    from flux_core.dtypes import WEIGHT_DTYPES
+    from nodes.vram_nodes import FluxCoreVRAMOptions
+    for cls in (FluxCoreDiTLoader, FluxCoreVRAMOptions):
+        assert cls.INPUT_TYPES()["required"]["weight_dtype"][0] == list(WEIGHT_DTYPES)
+        # ComfyUI skips its combo check for inputs VALIDATE_INPUTS takes: the old spelling passes validation.
+        for value in ("fp8_e4m3fn", "float8_e4m3fn", "float8_e5m2", "default"):
+            assert cls.VALIDATE_INPUTS(weight_dtype=value) is True
+        assert "int4" in cls.VALIDATE_INPUTS(weight_dtype="int4")
+    old, = FluxCoreVRAMOptions().apply(models["dit"], weight_dtype="float8_e4m3fn")
+    new, = FluxCoreVRAMOptions().apply(models["dit"], weight_dtype="fp8_e4m3fn")
+    assert old.vram == new.vram and new.vram.weight_dtype == "fp8_e4m3fn"
+    fp8, = FluxCoreDiTLoader().load(NAMES["dit"], weight_dtype="float8_e5m2")
+    assert fp8.model.module.double_blocks[0].img_attn.qkv.weight.dtype == torch.float8_e5m2
+    with pytest.raises(NodeInputError, match=r"FluxCoreVRAMOptions, input 'weight_dtype': 'int4'"):
+        FluxCoreVRAMOptions().apply(models["dit"], weight_dtype="int4")
+
+
+def test_an_fp8_loaded_dit_with_vram_options_keeps_its_storage(models, monkeypatch):
+    from flux_core.vram import SimulatedDevice
+    from nodes import vram_nodes
+    from nodes.vram_nodes import FluxCoreVRAMOptions
+    monkeypatch.setattr(vram_nodes, "make_compute_device", lambda: SimulatedDevice())
+    fp8, = FluxCoreDiTLoader().load(NAMES["dit"], weight_dtype="fp8_e4m3fn")
+    offloaded, = FluxCoreVRAMOptions().apply(fp8, weight_dtype="default", offload=True, vram_limit=0.0)
+    latent, = FluxCoreEmptyLatent().generate(W, H, 1)
+    out, = FluxCoreSampler().sample(offloaded, encode(models, "a cat"), encode(models, ""), latent, seed=0, steps=1)
+    assert torch.isfinite(out["samples"]).all()
+    assert fp8.model.module.double_blocks[0].img_attn.qkv.weight.dtype == torch.float8_e4m3fn
+
+
+# ---------------------------------------------------------------- conditioning the sampler cannot use
+def test_unused_conditioning_entries_are_named_once_per_run(models, caplog):
+    import logging
+    positive = [[t, {**d, "control": object(), "mask": torch.ones(1, H, W), "area": (8, 8, 0, 0), "strength": 0.5,
+                     "gligen": ("position", object(), []), "set_area_to_bounds": None}]
+                for t, d in encode(models, "a cat")]
+    negative = [[t, {**d, "mask": torch.ones(1, H, W)}] for t, d in encode(models, "")]
+    latent, = FluxCoreEmptyLatent().generate(W, H, 1)
+
+    def warned():
+        return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and "conditioning entry" in r.getMessage()]
+
+    with caplog.at_level(logging.WARNING, logger="FluxCore"):
+        FluxCoreSampler().sample(models["dit"], positive, negative, latent, seed=0, steps=2, cfg=2.0)
+    messages = warned()
+    assert len(messages) == 5  # once each, though the sampler reads the conditioning at every step
+    for key in ("control", "mask", "area", "strength", "gligen"):
+        assert sum(f"entry '{key}'" in m for m in messages) == 1, (key, messages)
+    assert any("'mask' (on 'positive' and 'negative')" in m for m in messages)
+    assert not any("set_area_to_bounds" in m for m in messages)  # None: nothing was set
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="FluxCore"):  # cfg 1: the negative is not used at all
+        FluxCoreSampler().sample(models["dit"], encode(models, "a cat"), negative, latent, seed=0, steps=1)
+    assert warned() == []
