@@ -7,6 +7,7 @@ from ..models.dit import FluxDiT, FluxParams
 from .dit_layouts import DIT_PREFIXES, detect_dit_layout, dit_to_bfl
 from .files import strip_prefix
 from .lazy import LazyTensor
+from .scaled_fp8 import dequantize_scaled_fp8
 from .kinds import ModelKind, StateDict
 
 # diffusers config.json names -> FluxParams fields (only what the shapes cannot tell).
@@ -19,7 +20,8 @@ def select_dit(sd: Mapping[str, LazyTensor]) -> tuple[str, StateDict] | None:
         sub = strip_prefix(sd, [prefix]) if prefix else dict(sd)
         layout = detect_dit_layout(sub)
         if layout:
-            return layout, dit_to_bfl(sub, layout)
+            sub, scaled = dequantize_scaled_fp8(sub)
+            return layout + ("+scaled-fp8" if scaled else ""), dit_to_bfl(sub, layout)
     return None
 
 

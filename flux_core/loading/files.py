@@ -85,7 +85,24 @@ def open_safetensors(path: PathLike) -> dict[str, LazyTensor]:
         begin, end = info["data_offsets"]
         out[key] = LazyTensor(shape, dtype, _file_reader(path, data_start + begin, end - begin, shape, dtype),
                               f"{path.name}:{key}")
+    for key, conf in _quantization_layers(header.get("__metadata__") or {}, path).items():
+        out.setdefault(key, LazyTensor((len(conf),), torch.uint8, lambda c=conf: torch.tensor(list(c), dtype=torch.uint8),
+                                       f"{path.name}:__metadata__:_quantization_metadata"))
     return out
+
+
+def _quantization_layers(metadata: Mapping[str, str], path: Path) -> dict[str, bytes]:
+    """ComfyUI's quantized files name each layer's format in the `_quantization_metadata` entry; as ComfyUI does,
+    give it as a `<layer>.comfy_quant` tensor of UTF-8 JSON bytes (read by loading/scaled_fp8.py)."""
+    raw = metadata.get("_quantization_metadata")
+    if raw is None:
+        return {}
+    try:
+        layers = json.loads(raw)["layers"]
+        return {f"{layer}.comfy_quant": json.dumps(conf if isinstance(conf, dict) else {"format": conf}).encode()
+                for layer, conf in layers.items()}
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"{path}: unreadable _quantization_metadata entry ({e}).") from None
 
 
 def _file_reader(path: Path, offset: int, length: int, shape: tuple[int, ...], dtype: torch.dtype):

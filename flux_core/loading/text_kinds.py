@@ -21,9 +21,10 @@ import torch
 from torch import nn
 
 from ..models.text_encoders import (ClipParams, T5Params, build_clip, build_t5, clip_module_naming)
-from .files import CheckpointError, strip_prefix
+from .files import strip_prefix
 from .lazy import LazyTensor
 from .kinds import ModelKind, StateDict
+from .scaled_fp8 import dequantize_scaled_fp8
 
 logger = logging.getLogger(__name__)
 
@@ -33,41 +34,6 @@ T5_PREFIXES = ("text_encoders.t5xxl.transformer.", "t5xxl.transformer.")
 
 _CLIP_GROUPS = ("embeddings.", "encoder.layers.", "final_layer_norm.")
 _T5_PROBE = "encoder.block.0.layer.0.SelfAttention.q.weight"
-
-
-# --------------------------------------------------------------------------------------- ComfyUI scaled fp8
-
-# ComfyUI's "scaled fp8" files store each Linear weight as fp8(w / s) beside a scalar `<layer>.scale_weight` s
-# (and a top-level `scaled_fp8` marker); newer ComfyUI files call it `<layer>.weight_scale` (+ `comfy_quant`).
-# The real weight is fp8 * s. Input scales only matter to fp8 matmuls, which we do not run: dropped.
-_WEIGHT_SCALES = ("scale_weight", "weight_scale")
-_NOT_WEIGHTS = ("scale_input", "input_scale", "comfy_quant")
-
-
-def dequantize_scaled_fp8(sd: Mapping[str, LazyTensor]) -> tuple[dict[str, LazyTensor], bool]:
-    """(state dict with fp8 * scale weights and no scale/marker keys, whether any weight was scaled)."""
-    out: dict[str, LazyTensor] = {}
-    scaled = False
-    for key, value in sd.items():
-        name = key.rsplit(".", 1)[-1]
-        if key == "scaled_fp8" or name in _WEIGHT_SCALES or name in _NOT_WEIGHTS:
-            continue
-        if name == "weight":
-            layer = key[: -len("weight")]
-            scale = next((sd[layer + s] for s in _WEIGHT_SCALES if layer + s in sd), None)
-            if scale is not None:
-                value, scaled = _scale(value, scale), True
-        out[key] = value
-    return out, scaled
-
-
-def _scale(weight: LazyTensor, scale: LazyTensor) -> LazyTensor:
-    if scale.numel() != 1:
-        raise CheckpointError(f"{scale.source}: a per-block or per-channel weight scale of shape {scale.shape}; "
-                              f"only per-tensor scaled fp8 is supported. Use the fp16 or plain fp8 file.")
-    # Multiply in float32, then the loader rounds once to the requested dtype.
-    return LazyTensor(weight.shape, torch.float32,
-                      lambda: weight.load().float() * scale.load().float().reshape(()), weight.source)
 
 
 # --------------------------------------------------------------------------------------------------- CLIP
