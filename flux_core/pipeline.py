@@ -12,7 +12,8 @@ A script written for DiffSynth-Studio changes only its import line:
 """
 from __future__ import annotations
 
-from pathlib import Path
+import logging
+import warnings
 from typing import Callable, Iterable, Sequence
 
 import numpy as np
@@ -20,25 +21,33 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from .activation_memory import check_activation_memory, dit_activation_bytes, image_tokens
 from .image import pil_to_tensor, resize_to_multiple, tensor_to_pil
+from .inputs import (check_callable, check_cfg_scale, check_denoising_strength, check_embedded_guidance, check_image,
+                     check_kontext_images, check_negative_prompts, check_output_type, check_prompts,
+                     check_rand_device, check_seed, check_sigma_shift, check_size, check_steps,
+                     check_t5_sequence_length, check_tea_cache_threshold, check_tiling)
 from .lora import LoraReport, clear_lora, load_lora
-from .loading.files import CheckpointError
-from .loading.loader import load_model, load_models
-from .model_config import FLUX_DEV, ModelConfig
+from .loading.loader import load_model
+from .model_config import ModelConfig
 from .models.dit import DiTExtras
 from .models.text_encoders import encode_prompt, load_clip_tokenizer, load_t5_tokenizer
-from .sampling import (PromptEmbeds, check_size, denoise, guided_velocity, make_noise, reference_extras,
-                       resolve_seed, tea_cache_extras)
+from .pipeline_models import LoadedModel, empty_slots, plan_models, tokenizer_folders
+# Re-exported: nodes and the trainer import these names from flux_core.pipeline.
+from .pipeline_models import DIFFUSERS_COMPONENTS, MODEL_SLOTS, TokenizerNotFoundError, tokenizer_folder  # noqa: F401
+from .sampling import PromptEmbeds, denoise, guided_velocity, make_noise, reference_extras, resolve_seed, tea_cache_extras
 from .scheduler import add_noise, explicit_sigmas, flux_sigmas
 from .math import unpack_latents
 from .teacache import TeaCacheStats
 from .vram import GiB, ComputeDevice, VRAMManager, compute_place, store_model
 
-# Component folders of a diffusers FLUX pipeline folder, by the kind of model they hold.
-DIFFUSERS_COMPONENTS = {"dit": "transformer", "vae": "vae", "clip": "text_encoder", "t5": "text_encoder_2"}
-# The pipeline attribute that holds each kind of model.
-MODEL_SLOTS = {"dit": "dit", "vae": "vae", "clip": "text_encoder_1", "t5": "text_encoder_2"}
+logger = logging.getLogger(__name__)
+
 TEXT_ENCODERS = ("text_encoder_1", "text_encoder_2")
+
+
+class KontextWithoutImageWarning(UserWarning):
+    """A FLUX.1 Kontext DiT called without kontext_images (it then generates from the text alone)."""
 
 
 def default_device() -> str:
@@ -55,7 +64,9 @@ class FluxImagePipeline:
         self.text_encoder_2 = None   # T5-XXL encoder
         self.tokenizer_1 = None
         self.tokenizer_2 = None
-        self.last_seed: int | None = None
+        self.last_seed: int | None = None      # the seed of the last call (drawn there when seed=None)
+        # What from_pretrained put in each slot, and from which file: {"dit": LoadedModel, ...}.
+        self.loaded_from: dict[str, LoadedModel] = {}
         self.vram: VRAMManager | None = None   # set when a model has an offload place or VRAM management is on
         # TeaCache of the last call: {"positive": TeaCacheStats, "negative": ... (under true CFG)}; None if off.
         self.last_tea_cache_stats: dict[str, TeaCacheStats] | None = None
@@ -65,28 +76,41 @@ class FluxImagePipeline:
     def from_pretrained(cls, torch_dtype: torch.dtype = torch.bfloat16, device: str | torch.device | None = None,
                         model_configs: Sequence[ModelConfig] = (), tokenizer_1_config: ModelConfig | None = None,
                         tokenizer_2_config: ModelConfig | None = None) -> "FluxImagePipeline":
-        """Load every model the configs name; each file's kind (DiT, VAE, CLIP-L, T5) is detected from its keys.
-        A config may also name a whole diffusers FLUX folder. Tokenizers come from the configs given, else from
-        `tokenizer/` and `tokenizer_2/` beside the loaded models, else from FLUX.1-dev through ModelScope.
+        """Load every model the configs name; each file's kind (DiT, VAE, CLIP-L, T5) is detected from its keys
+        (a config's `kind` states it, and a file of another kind is refused). A config may also name a whole
+        diffusers FLUX folder. Tokenizers come from the configs given, else from `tokenizer/` and `tokenizer_2/`
+        beside the loaded models, else from FLUX.1-dev through ModelScope.
+
+        Before any weights are read, every config is resolved and every file's kind detected; all missing files,
+        missing tokenizers, files of the wrong kind and second models for a filled slot are reported at once.
+        What each file was detected as is logged (INFO) and kept in `pipe.loaded_from` ({slot: LoadedModel});
+        a slot generation needs that stays empty is logged as a warning.
 
         A config's `offload_device` / `offload_dtype` is where that model's weights are stored: it is loaded
         there (offload_dtype applies to the weight matrices, e.g. torch.float8_e4m3fn; biases and norms keep
         torch_dtype) and computes on `device` in `torch_dtype`, moved in only for the stages that need it."""
         pipe = cls(device=device, torch_dtype=torch_dtype)
-        roots: list[Path] = []
-        for config in model_configs:
-            paths = config.resolve()
+        plan = plan_models(model_configs)
+        base = model_configs[0].local_model_path if model_configs else "./models"
+        tokenizers = tokenizer_folders({"tokenizer": tokenizer_1_config, "tokenizer_2": tokenizer_2_config},
+                                       plan.roots, base)
+        for config, source, entry in plan.entries:
             offloaded = config.offload_device is not None or config.offload_dtype is not None
             place = pipe.device if config.offload_device is None else torch.device(config.offload_device)
-            for kind, module in _load_config_models(paths, torch_dtype, place, config.offload_dtype).items():
-                setattr(pipe, MODEL_SLOTS[kind], module)
-                if offloaded:
-                    pipe.vram = pipe.vram or VRAMManager(ComputeDevice(pipe.device))
-                    pipe.vram.add(MODEL_SLOTS[kind], module, torch_dtype)
-            roots.extend(_search_roots(paths))
-        base = model_configs[0].local_model_path if model_configs else "./models"
-        pipe.tokenizer_1 = load_clip_tokenizer(tokenizer_folder(tokenizer_1_config, roots, "tokenizer", base))
-        pipe.tokenizer_2 = load_t5_tokenizer(tokenizer_folder(tokenizer_2_config, roots, "tokenizer_2", base))
+            module = load_model(source, torch_dtype=torch_dtype, device=place, kind=entry.kind,
+                                weight_dtype=config.offload_dtype)
+            setattr(pipe, entry.slot, module)
+            pipe.loaded_from[entry.slot] = entry
+            logger.info("FluxImagePipeline: %s", entry.describe())
+            if offloaded:
+                pipe.vram = pipe.vram or VRAMManager(ComputeDevice(pipe.device))
+                pipe.vram.add(entry.slot, module, torch_dtype)
+        pipe.tokenizer_1 = load_clip_tokenizer(tokenizers["tokenizer"])
+        pipe.tokenizer_2 = load_t5_tokenizer(tokenizers["tokenizer_2"])
+        empty = empty_slots(pipe.loaded_from)
+        if empty:
+            logger.warning("FluxImagePipeline: no model for %s; generation needs every slot filled. Loaded: %s",
+                           ", ".join(f"pipe.{slot}" for slot in empty), plan.describe())
         return pipe
 
     # ---------------------------------------------------------------- memory
@@ -137,7 +161,8 @@ class FluxImagePipeline:
         if missing:
             raise RuntimeError(f"cannot encode a prompt: the pipeline has no {', '.join(missing)}. Add the CLIP-L "
                                f"and T5 files to model_configs (text_encoder/, text_encoder_2/) and their tokenizers.")
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        prompts = check_prompts(prompt, "prompt")
+        check_t5_sequence_length(t5_sequence_length)
         self.load_models_to_device(TEXT_ENCODERS)
         prompt_emb, pooled = encode_prompt(prompts, self.text_encoder_1, self.text_encoder_2, self.tokenizer_1,
                                            self.tokenizer_2, t5_sequence_length=t5_sequence_length, device=self.device)
@@ -221,24 +246,41 @@ class FluxImagePipeline:
             changed. None: off; 0: on but never skips (same result); 0.25 / 0.4 / 0.6 / 0.8 skip more and more.
             The positive and negative (true CFG) passes keep separate caches; what was skipped is reported in
             `pipe.last_tea_cache_stats` ({"positive": TeaCacheStats, "negative": ...}).
-        `tiled` tiles the VAE (tile sizes in latent pixels), not the DiT."""
-        check_size(height, width)
-        self._require("dit", "generate")
+        `tiled` tiles the VAE (tile sizes in latent pixels), not the DiT.
+
+        Every argument is checked (flux_core.inputs) before any model runs: prompts are strings, cfg_scale >= 1,
+        seed in 0..2**64-1 or None (random over that range, kept in `pipe.last_seed`), t5_sequence_length
+        1..512, 1 <= tile_stride <= tile_size, ... . The DiT's activation memory is estimated
+        (flux_core.activation_memory) and the run refused if it exceeds the compute device's memory."""
+        prompts = check_prompts(prompt, "prompt")
+        batch = len(prompts)
+        negatives = check_negative_prompts(negative_prompt, batch)
+        check_cfg_scale(cfg_scale)
+        check_embedded_guidance(embedded_guidance)
+        check_t5_sequence_length(t5_sequence_length)
+        check_image(input_image, "input_image")
+        check_denoising_strength(denoising_strength)
         if denoising_strength < 1.0 and input_image is None:
             raise ValueError("denoising_strength < 1 needs an input_image to start from; pass input_image=... "
                              "or leave denoising_strength at 1.0.")
-        if output_type not in ("pil", "np", "pt", "latent"):
-            raise ValueError(f"output_type={output_type!r}: use 'pil', 'np', 'pt' or 'latent'.")
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        if not prompts:
-            raise ValueError("prompt=[]: give a prompt, or a list of at least one.")
-        batch = len(prompts)
-        negatives = [negative_prompt] * batch if isinstance(negative_prompt, str) else list(negative_prompt)
-        if len(negatives) != batch:
-            raise ValueError(f"negative_prompt has {len(negatives)} entries for {batch} prompts.")
-
+        check_size(height, width)
+        check_seed(seed)
+        check_rand_device(rand_device)
+        check_sigma_shift(sigma_shift)
+        check_steps(num_inference_steps)
+        references = [resize_to_multiple(image) for image in check_kontext_images(kontext_images)]
+        check_tiling(tiled, tile_size, tile_stride)
+        check_callable("progress_bar_cmd", progress_bar_cmd)
+        check_callable("callback", callback)
+        check_tea_cache_threshold(tea_cache_l1_thresh)
+        check_output_type(output_type)
+        needs_vae = output_type != "latent" or input_image is not None or bool(references)
+        self._require_generation_models(needs_vae)
         schedule = (explicit_sigmas(sigmas) if sigmas is not None
                     else flux_sigmas(num_inference_steps, denoising_strength, sigma_shift))
+        self._check_memory(batch, height, width, t5_sequence_length, references)
+        self._warn_kontext_without_image(references)
+
         self.last_seed = resolve_seed(seed)
         noise = self._initial_noise(latents, batch, height, width, rand_device)
 
@@ -247,16 +289,14 @@ class FluxImagePipeline:
         vae_tiling = dict(tiled=tiled, tile_size=tile_size, tile_stride=tile_stride)
 
         if input_image is not None:
-            image = input_image.resize((width, height), Image.LANCZOS) if isinstance(input_image, Image.Image) \
-                and input_image.size != (width, height) else input_image
+            image = input_image.resize((width, height), Image.LANCZOS) if input_image.size != (width, height) \
+                else input_image
             x0 = self.encode_image(pil_to_tensor(image, "input_image"), **vae_tiling)
             start = add_noise(x0.expand(batch, -1, -1, -1), noise, float(schedule[0]))
         else:
             start = noise
 
-        extras = None
-        if kontext_images is not None:
-            extras = self.kontext_extras(kontext_images, batch, **vae_tiling)
+        extras = self.kontext_extras(references, batch, **vae_tiling) if references else None
 
         guidance = embedded_guidance if self.dit.params.guidance_embed else None
         extras, negative_extras, tea_stats = tea_cache_extras(extras, len(schedule), tea_cache_l1_thresh,
@@ -282,15 +322,42 @@ class FluxImagePipeline:
 
     def kontext_extras(self, kontext_images, batch: int, **vae_tiling) -> DiTExtras:
         """Kontext reference images -> extra tokens. Each keeps its own resolution (shrunk to multiples of 16)."""
-        images = kontext_images if isinstance(kontext_images, (list, tuple)) else [kontext_images]
-        latents = []
-        for i, image in enumerate(images):
-            if not isinstance(image, Image.Image):
-                raise TypeError(f"kontext_images[{i}] is a {type(image).__name__}; pass PIL images "
-                                f"(one, or a list). Load files with PIL.Image.open(path).convert('RGB').")
-            latents.append(self.encode_image(pil_to_tensor(resize_to_multiple(image), f"kontext_images[{i}]"),
-                                             **vae_tiling))
+        latents = [self.encode_image(pil_to_tensor(resize_to_multiple(image), f"kontext_images[{i}]"), **vae_tiling)
+                   for i, image in enumerate(check_kontext_images(kontext_images))]
         return reference_extras(latents, batch)
+
+    def _require_generation_models(self, needs_vae: bool) -> None:
+        """Every model and tokenizer a generation uses, checked before any of them runs: the message names each
+        empty slot and what each file given to from_pretrained was detected as."""
+        slots = ["dit", "text_encoder_1", "text_encoder_2", "tokenizer_1", "tokenizer_2"] + (["vae"] if needs_vae else [])
+        missing = [slot for slot in slots if getattr(self, slot) is None]
+        if not missing:
+            return
+        loaded = "; ".join(entry.describe() for entry in self.loaded_from.values()) or "nothing"
+        raise RuntimeError(f"cannot generate: the pipeline has no {', '.join(missing)}. from_pretrained loaded: "
+                           f"{loaded}. Add the missing model files to model_configs (a FLUX DiT, the ae VAE, the "
+                           f"CLIP-L text_encoder/ and the T5 text_encoder_2/).")
+
+    def _check_memory(self, batch: int, height: int, width: int, text_tokens: int,
+                      references: list[Image.Image]) -> None:
+        """Refuse a run whose DiT activations cannot fit the compute device, warn when they take most of it."""
+        reference_tokens = sum(image_tokens(image.size[1], image.size[0]) for image in references)
+        tokens = image_tokens(height, width) + text_tokens + reference_tokens
+        params = self.dit.params
+        needed = dit_activation_bytes(batch, tokens, params.hidden_size, params.mlp_ratio, compute_place(self.dit)[1])
+        device = self.vram.device if self.vram is not None else ComputeDevice(self.device)
+        what = (f"height={height}, width={width}, a batch of {batch} image(s) and {reference_tokens} Kontext "
+                f"reference tokens (kontext_images), {tokens} tokens in all")
+        check_activation_memory(needed, device.total_memory(), str(device.torch_device), what)
+
+    def _warn_kontext_without_image(self, references: list[Image.Image]) -> None:
+        source = self.loaded_from.get("dit")
+        if references or source is None or not source.is_kontext:
+            return
+        warnings.warn(f"The DiT was loaded from {source.model_id or source.source}, a FLUX.1 Kontext model, but no "
+                      f"kontext_images were given: Kontext edits a reference image, and without one it generates "
+                      f"from the text alone. Pass kontext_images=PIL.Image.open(path).convert('RGB').",
+                      KontextWithoutImageWarning, stacklevel=3)
 
     def _initial_noise(self, latents, batch: int, height: int, width: int, rand_device: str) -> torch.Tensor:
         h, w = height // 8, width // 8
@@ -303,38 +370,3 @@ class FluxImagePipeline:
             raise ValueError(f"latents= has shape {tuple(latents.shape)}; for {height}x{width} it must be "
                              f"({batch}, 16, {h}, {w}) or packed ({batch}, {h * w // 4}, 64).")
         return latents.expand(batch, -1, -1, -1)
-
-
-def _load_config_models(paths: str | list[str], torch_dtype, device, weight_dtype=None) -> dict:
-    """Every component the resolved path(s) hold; a diffusers FLUX folder is expanded into its components.
-    `weight_dtype`: storage dtype of the weight matrices (FP8 storage), see `load_model`."""
-    single = paths if isinstance(paths, str) else (paths[0] if len(paths) == 1 else None)
-    if single is not None and Path(single).is_dir() and (Path(single) / "model_index.json").is_file():
-        root, out = Path(single), {}
-        for kind, folder in DIFFUSERS_COMPONENTS.items():
-            if (root / folder).is_dir():
-                out[kind] = load_model(root / folder, torch_dtype=torch_dtype, device=device, kind=kind,
-                                       weight_dtype=weight_dtype)
-        if not out:
-            raise CheckpointError(f"{root}: diffusers folder without transformer/, vae/ or text encoder folders.")
-        return out
-    return load_models(paths, torch_dtype=torch_dtype, device=device, weight_dtype=weight_dtype)
-
-
-def _search_roots(paths: str | list[str]) -> list[Path]:
-    """Folders where tokenizer/ and tokenizer_2/ may sit: the path, its parent and grandparent."""
-    first = Path(paths if isinstance(paths, str) else paths[0]).resolve()
-    return [first, *list(first.parents)[:2]]
-
-
-def tokenizer_folder(config: ModelConfig | None, roots: list[Path], folder: str, local_model_path: str) -> str:
-    """A tokenizer folder: the config's, else `<root>/<folder>` for the first root that has it, else FLUX.1-dev's
-    `<folder>/` resolved through ModelScope under `local_model_path` (downloaded once)."""
-    if config is not None:
-        resolved = config.resolve()
-        return resolved if isinstance(resolved, str) else str(Path(resolved[0]).parent)
-    for root in roots:
-        if (root / folder).is_dir():
-            return str(root / folder)
-    resolved = ModelConfig(model_id=FLUX_DEV, origin_file_pattern=f"{folder}/", local_model_path=local_model_path).resolve()
-    return resolved if isinstance(resolved, str) else str(Path(resolved[0]).parent)

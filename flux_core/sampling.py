@@ -1,17 +1,18 @@
-"""Sampling as plain functions: check sizes, make noise, predict velocity (with CFG), denoise, references.
+"""Sampling as plain functions: seeds and noise, predict velocity (with CFG), denoise, references.
 
-The pipeline and the ComfyUI nodes both call these: one code path, two front doors. Latents here are the
-VAE's scaled latents, (B, 16, H/8, W/8), kept in float32 through the loop; the DiT computes in its own dtype.
+The pipeline and the ComfyUI nodes both call these: one code path, two front doors (their input checks are in
+flux_core.inputs). Latents here are the VAE's scaled latents, (B, 16, H/8, W/8), kept in float32 through the
+loop; the DiT computes in its own dtype.
 """
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass, replace
 from typing import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
 
+from .inputs import check_seed, random_seed
 from .math import image_ids, pack_latents, text_ids, unpack_latents
 from .models.dit import DiTExtras, FluxDiT
 from .scheduler import euler_step, next_sigmas
@@ -19,7 +20,6 @@ from .teacache import TeaCache, TeaCacheStats
 from .vram import compute_place
 
 LATENT_CHANNELS = 16
-SIZE_MULTIPLE = 16  # 8x VAE downscale, then 2x2 packing
 
 
 @dataclass
@@ -37,19 +37,10 @@ class PromptEmbeds:
         return PromptEmbeds(self.prompt_emb.repeat_interleave(n, 0), self.pooled.repeat_interleave(n, 0))
 
 
-def check_size(height: int, width: int) -> None:
-    """Height and width must be positive multiples of 16; the message proposes the nearest valid values."""
-    for name, value in (("height", height), ("width", width)):
-        if not isinstance(value, int) or isinstance(value, bool):
-            raise TypeError(f"{name}={value!r} must be an int (pixels, a multiple of {SIZE_MULTIPLE}).")
-        if value <= 0 or value % SIZE_MULTIPLE:
-            lower = max(SIZE_MULTIPLE, value // SIZE_MULTIPLE * SIZE_MULTIPLE)
-            raise ValueError(f"{name}={value} is not a positive multiple of {SIZE_MULTIPLE} (FLUX packs 2x2 patches of "
-                             f"the 8x-downscaled latent); use {lower} or {lower + SIZE_MULTIPLE}.")
-
-
 def resolve_seed(seed: int | None) -> int:
-    return random.randint(0, 2**31 - 1) if seed is None else int(seed)
+    """The seed a run uses: `seed` checked (0..2**64-1), or a random one over that range when None."""
+    seed = check_seed(seed)
+    return random_seed() if seed is None else seed
 
 
 def make_noise(batch: int, height: int, width: int, seed: int, rand_device: str | torch.device = "cpu",

@@ -1,0 +1,201 @@
+"""What `FluxImagePipeline.from_pretrained` loads, worked out before any weights are read.
+
+    plan = plan_models(model_configs)      # resolve every config, detect each file's kind, fill the slots
+    folder = tokenizer_folder(tokenizer_1_config, plan.roots, "tokenizer", base)
+
+All problems of one kind are reported at once: every missing model file (one ModelFileError for all configs),
+every missing tokenizer, every file of the wrong kind or filling a slot that another file already filled.
+Detection reads only the safetensors headers, so a wrong file is refused before a large one is loaded.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+from .loading.files import CheckpointError, checkpoint_files, open_state_dict
+from .loading.loader import describe_source, detect
+from .model_config import FLUX_DEV, ModelConfig, ModelFileError
+
+logger = logging.getLogger(__name__)
+
+# Component folders of a diffusers FLUX pipeline folder, by the kind of model they hold.
+DIFFUSERS_COMPONENTS = {"dit": "transformer", "vae": "vae", "clip": "text_encoder", "t5": "text_encoder_2"}
+# The pipeline attribute that holds each kind of model.
+MODEL_SLOTS = {"dit": "dit", "vae": "vae", "clip": "text_encoder_1", "t5": "text_encoder_2"}
+# Tokenizer folder -> (what it is, the from_pretrained parameter that names it).
+TOKENIZERS = {"tokenizer": ("CLIP-L tokenizer", "tokenizer_1_config"),
+              "tokenizer_2": ("T5 tokenizer", "tokenizer_2_config")}
+
+
+class TokenizerNotFoundError(ModelFileError):
+    """No folder holds a tokenizer. `missing` lists (folder name, from_pretrained parameter, places searched)."""
+
+    def __init__(self, message: str, missing: list[tuple[str, str, list[str]]]):
+        super().__init__(message)
+        self.missing = missing
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """One model `from_pretrained` put in a pipeline slot, and where it came from."""
+    slot: str              # pipeline attribute: "dit", "vae", "text_encoder_1", "text_encoder_2"
+    kind: str              # "dit", "vae", "clip", "t5"
+    title: str             # "FLUX DiT", ... (the loader's name for the kind)
+    layout: str            # checkpoint layout detected from the keys ("bfl", "diffusers", ...)
+    source: str            # the file(s) or folder it was read from
+    config_index: int      # its position in model_configs
+    model_id: str | None   # the config's ModelScope id, if any
+
+    @property
+    def is_kontext(self) -> bool:
+        """From a FLUX.1 Kontext model: its model id or file name says "Kontext" (the weights cannot tell)."""
+        return "kontext" in f"{self.model_id or ''} {self.source}".lower()
+
+    def describe(self) -> str:
+        return f"model_configs[{self.config_index}] {self.source}: {self.title} ({self.layout} layout) -> pipe.{self.slot}"
+
+
+@dataclass
+class ModelPlan:
+    """What to load: one entry per model, each with the config it came from; `roots` are the folders where
+    tokenizer/ and tokenizer_2/ may sit."""
+    entries: list[tuple[ModelConfig, str | list[str], LoadedModel]]
+    roots: list[Path]
+
+    def describe(self) -> str:
+        return "; ".join(entry.describe() for _, _, entry in self.entries) or "no model_configs given"
+
+
+def resolve_all(model_configs: Sequence[ModelConfig]) -> list[str | list[str]]:
+    """Every config's paths; the configs whose files are missing are reported together in one ModelFileError."""
+    resolved, errors = [], []
+    for i, config in enumerate(model_configs):
+        if not isinstance(config, ModelConfig):
+            raise TypeError(f"model_configs[{i}] is a {type(config).__name__}; pass ModelConfig(path=...) or "
+                            f"ModelConfig(model_id=..., origin_file_pattern=...).")
+        try:
+            resolved.append(config.resolve())
+        except ModelFileError as e:
+            errors.append(f"model_configs[{i}]: {e}")
+    if errors:
+        raise ModelFileError(f"{len(errors)} of {len(model_configs)} model_configs name files that are not "
+                             f"there:\n- " + "\n- ".join(errors))
+    return resolved
+
+
+def plan_models(model_configs: Sequence[ModelConfig]) -> ModelPlan:
+    """Resolve every config, detect what each file holds, and put each model in its slot. Raises one error that
+    lists every file of the wrong kind (a config's `kind`) and every second model of a kind already placed."""
+    entries, roots, problems = [], [], []
+    placed: dict[str, LoadedModel] = {}
+    for index, (config, paths) in enumerate(zip(model_configs, resolve_all(model_configs))):
+        if config.kind is not None and config.kind not in MODEL_SLOTS:
+            raise ValueError(f"model_configs[{index}]: kind={config.kind!r}; use one of "
+                             f"{', '.join(repr(k) for k in MODEL_SLOTS)}, or None to detect it from the file.")
+        roots.extend(_search_roots(paths))
+        components = _components(paths)
+        if config.kind is not None:
+            wanted = [c for c in components if c[1] == config.kind]
+            if not wanted:
+                problems.append(f"model_configs[{index}] {describe_source(paths)}: kind={config.kind!r} (the model "
+                                f"for pipe.{MODEL_SLOTS[config.kind]}), but it holds "
+                                f"{' + '.join(c[2] for c in components)}. Pick the right file, or change kind=.")
+            components = wanted
+        for source, kind, title, layout in components:
+            entry = LoadedModel(MODEL_SLOTS[kind], kind, title, layout, describe_source(source), index,
+                                config.model_id)
+            earlier = placed.get(kind)
+            if earlier is not None:
+                problems.append(f"model_configs[{index}] {entry.source} is a second {title}: pipe.{entry.slot} is "
+                                f"already filled by model_configs[{earlier.config_index}] {earlier.source}. "
+                                f"Remove one of the two from model_configs.")
+                continue
+            placed[kind] = entry
+            entries.append((config, source, entry))
+    if problems:
+        raise CheckpointError("from_pretrained: " + "\n".join(problems))
+    return ModelPlan(entries, roots)
+
+
+def empty_slots(loaded: dict[str, LoadedModel]) -> list[str]:
+    return [slot for slot in MODEL_SLOTS.values() if slot not in loaded]
+
+
+def _components(paths: str | list[str]) -> list[tuple[str | list[str], str, str, str]]:
+    """(source to load, kind, title, layout) for each model the resolved path(s) hold. A diffusers FLUX folder
+    yields its component folders; a file may hold several models (ComfyUI all-in-one checkpoints)."""
+    single = paths if isinstance(paths, str) else (paths[0] if len(paths) == 1 else None)
+    if single is not None and Path(single).is_dir() and (Path(single) / "model_index.json").is_file():
+        root = Path(single)
+        out = []
+        for kind, folder in DIFFUSERS_COMPONENTS.items():
+            if (root / folder).is_dir():
+                out.extend(c for c in _components(str(root / folder)) if c[1] == kind)
+        if not out:
+            raise CheckpointError(f"{root}: diffusers folder without transformer/, vae/ or text encoder folders.")
+        return out
+    found = detect(open_state_dict(checkpoint_files(paths)))
+    if not found:
+        raise CheckpointError(f"{describe_source(paths)}: not a FLUX component (DiT, VAE, CLIP-L or T5). Check that "
+                              f"you picked the right file.")
+    return [(paths, d.kind.name, d.kind.title, d.layout) for d in found]
+
+
+def _search_roots(paths: str | list[str]) -> list[Path]:
+    """Folders where tokenizer/ and tokenizer_2/ may sit: the path, its parent and grandparent."""
+    first = Path(paths if isinstance(paths, str) else paths[0]).resolve()
+    return [first, *list(first.parents)[:2]]
+
+
+def tokenizer_folder(config: ModelConfig | None, roots: list[Path], folder: str, local_model_path: str) -> str:
+    """A tokenizer folder: the config's, else `<root>/<folder>` for the first root that has it, else FLUX.1-dev's
+    `<folder>/` resolved through ModelScope under `local_model_path` (downloaded once). Raises
+    TokenizerNotFoundError naming the tokenizer, every place searched and the parameter that fixes it."""
+    return tokenizer_folders({folder: config}, roots, local_model_path)[folder]
+
+
+def tokenizer_folders(configs: dict[str, ModelConfig | None], roots: list[Path], local_model_path: str
+                      ) -> dict[str, str]:
+    """`tokenizer_folder` for several tokenizers ({"tokenizer": config, "tokenizer_2": config}); every tokenizer
+    that cannot be found is reported in one TokenizerNotFoundError."""
+    found, missing, messages = {}, [], []
+    for folder, config in configs.items():
+        title, parameter = TOKENIZERS[folder]
+        if config is not None:
+            try:
+                found[folder] = _folder_of(config.resolve())
+            except ModelFileError as e:
+                missing.append((folder, parameter, [str(config.path or config.model_id)]))
+                messages.append(f"{parameter}: {e}")
+            continue
+        local = next((root / folder for root in _unique(roots) if (root / folder).is_dir()), None)
+        if local is not None:
+            found[folder] = str(local)
+            continue
+        fallback = ModelConfig(model_id=FLUX_DEV, origin_file_pattern=f"{folder}/", local_model_path=local_model_path)
+        try:
+            found[folder] = _folder_of(fallback.resolve())
+            continue
+        except ModelFileError as e:
+            why = ("skip_download is set, so it was not downloaded" if fallback.skip_download
+                   else f"fetching it failed: {e}")
+        searched = [str(root / folder) for root in _unique(roots)]
+        searched.append(str(Path(local_model_path, FLUX_DEV, folder).resolve()))
+        missing.append((folder, parameter, searched))
+        messages.append(f"the {title} ({folder}/) was not found. Searched: {', '.join(searched)} (the last is "
+                        f"FLUX.1-dev's {folder}/ through ModelScope: {why}). Fix: pass {parameter}="
+                        f"ModelConfig(path='.../{folder}') naming a {folder}/ folder, or put {folder}/ beside the "
+                        f"model files.")
+    if missing:
+        raise TokenizerNotFoundError("\n".join(messages), missing)
+    return found
+
+
+def _folder_of(resolved: str | list[str]) -> str:
+    return resolved if isinstance(resolved, str) else str(Path(resolved[0]).parent)
+
+
+def _unique(paths: list[Path]) -> list[Path]:
+    return list(dict.fromkeys(paths))
