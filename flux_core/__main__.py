@@ -306,6 +306,10 @@ _PHRASES = [
     (r"give model_id= and origin_file_pattern= to download the model", "leave the flag out to use ModelScope's files"),
     (r"fix the pattern, pass path= to a local file", "pass local files with --dit/--vae/--clip/--t5"),
     (r"pass path= to local files", "pass local files with --dit/--vae/--clip/--t5"),
+    (r"^from_pretrained: ", ""),
+    (r"\bmodel_configs\[\d+\] ", ""),
+    (r"kind='(\w+)' \(the model for pipe\.\w+\)", r"given as --\1"),
+    (r"Pick the right file, or change kind=\.", "Give that flag the right file."),
     (r"\bmodel_configs\b", "the model flags (--dit/--vae/--clip/--t5 or --model-dir)"),
     (r"origin_file_pattern ", ""),
 ]

@@ -1,5 +1,6 @@
 """ModelConfig.resolve: local files first, ModelScope download of only the missing patterns, clear errors.
 No test touches the network: downloads are replaced by functions that write files."""
+import json
 import os
 import sys
 import types
@@ -219,3 +220,28 @@ def test_defaults_and_offload_fields():
     c = ModelConfig(model_id=MODEL, offload_device="cpu", offload_dtype=torch.float8_e4m3fn)
     assert c.local_model_path == "./models" and c.skip_download is False and c.origin_file_pattern is None
     assert (c.offload_device, c.offload_dtype) == ("cpu", torch.float8_e4m3fn)
+
+
+def test_partly_downloaded_folder_counts_as_missing(repo):
+    """ModelScope writes `<file>.incomplete` until a file is whole, and an index names every shard: a folder
+    with a partial file or without a named shard is not there yet (the download is requested, and resumes)."""
+    t5 = repo / MODEL / "text_encoder_2"
+    index = {"weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}
+    (t5 / "model.safetensors.index.json").write_text(json.dumps(index))
+    assert cfg(repo, "text_encoder_2/").missing_patterns() == []
+    (t5 / "model-00002-of-00002.safetensors").rename(t5 / "model-00002-of-00002.safetensors.incomplete")
+    assert cfg(repo, ["text_encoder_2/", "ae.safetensors"]).missing_patterns() == ["text_encoder_2/"]
+    (t5 / "model-00002-of-00002.safetensors.incomplete").unlink()   # index names a shard that is absent
+    assert cfg(repo, "text_encoder_2/").missing_patterns() == ["text_encoder_2/"]
+    with pytest.raises(ModelFileError, match="text_encoder_2/"):
+        cfg(repo, "text_encoder_2/", skip_download=True).resolve()
+    (t5 / "model.safetensors.index.json").write_text("{trunc")                     # a cut-off index
+    assert cfg(repo, "text_encoder_2/").missing_patterns() == ["text_encoder_2/"]
+    (repo / MODEL / "tokenizer" / "tokenizer.json.incomplete").write_bytes(b"x")  # a partial file, no index
+    assert cfg(repo, "tokenizer/").missing_patterns() == ["tokenizer/"]
+
+
+def test_partial_single_file_is_not_a_match(repo):
+    (repo / MODEL / "flux1-krea.safetensors.incomplete").write_bytes(b"x")
+    assert cfg(repo, ["flux1-krea.safetensors", "flux1-dev.safetensors"]).missing_patterns() == ["flux1-krea.safetensors"]
+    assert cfg(repo, "flux1-krea*").missing_patterns() == ["flux1-krea*"]   # a glob does not take the partial file
