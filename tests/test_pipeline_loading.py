@@ -1,0 +1,148 @@
+"""FluxImagePipeline.from_pretrained says what each file is, refuses a file of the wrong kind or a second model for
+a filled slot, reports every missing file and tokenizer at once, and warns about a Kontext model run without a
+reference image."""
+import logging
+import shutil
+import sys
+import types
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from flux_core.loading.files import CheckpointError
+from flux_core.model_config import ModelConfig, ModelFileError
+from flux_core.pipeline import FluxImagePipeline, KontextWithoutImageWarning, TokenizerNotFoundError
+from tests.tiny_pipeline import FOLDER_NAME, make_diffusers_pipeline
+
+H, W = 48, 64
+PARTS = ("transformer", "vae", "text_encoder", "text_encoder_2")
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("pipe_loading")
+    make_diffusers_pipeline(tmp)
+    return tmp / FOLDER_NAME
+
+
+def load(*configs, **kwargs):
+    return FluxImagePipeline.from_pretrained(torch_dtype=torch.float32, device="cpu", model_configs=list(configs),
+                                             **kwargs)
+
+
+def part(folder, name, **kwargs):
+    return ModelConfig(path=str(folder / name), **kwargs)
+
+
+def run(pipe, **kwargs):
+    return pipe(prompt="a cat", height=H, width=W, num_inference_steps=1, t5_sequence_length=16, seed=0,
+                progress_bar_cmd=None, output_type="latent", **kwargs)
+
+
+def test_what_each_file_was_detected_as_is_logged_and_kept(folder, caplog):
+    with caplog.at_level(logging.INFO, logger="flux_core.pipeline"):
+        pipe = load(*(part(folder, p) for p in PARTS))
+    got = {slot: (e.kind, e.config_index, e.source) for slot, e in pipe.loaded_from.items()}
+    assert got == {"dit": ("dit", 0, str(folder / "transformer")), "vae": ("vae", 1, str(folder / "vae")),
+                   "text_encoder_1": ("clip", 2, str(folder / "text_encoder")),
+                   "text_encoder_2": ("t5", 3, str(folder / "text_encoder_2"))}
+    assert pipe.loaded_from["dit"].layout == "diffusers"
+    log = caplog.text
+    assert f"model_configs[1] {folder / 'vae'}: " in log and "-> pipe.vae" in log
+    assert f"model_configs[3] {folder / 'text_encoder_2'}: " in log and "-> pipe.text_encoder_2" in log
+
+
+def test_kind_refuses_a_vae_given_as_the_dit_before_loading(folder, monkeypatch):
+    monkeypatch.setattr("flux_core.pipeline.load_model", lambda *a, **k: pytest.fail("loaded before refusing"))
+    with pytest.raises(CheckpointError, match=r"model_configs\[0\] .*vae: kind='dit' \(the model for pipe\.dit\), "
+                                              r"but it holds .*VAE"):
+        load(part(folder, "vae", kind="dit"), *(part(folder, p) for p in PARTS[1:]))
+
+
+def test_kind_picks_one_component_of_a_diffusers_folder(folder):
+    pipe = load(ModelConfig(path=str(folder), kind="vae"))
+    assert list(pipe.loaded_from) == ["vae"] and pipe.dit is None and pipe.vae is not None
+
+
+def test_second_model_of_a_kind_is_refused_naming_both_files(folder):
+    # A VAE passed where the DiT was meant, beside the real VAE: today the second silently replaced the first.
+    with pytest.raises(CheckpointError, match=rf"model_configs\[1\] {folder / 'vae'} is a second .*VAE.*: pipe\.vae "
+                                              rf"is already filled by model_configs\[0\] {folder / 'vae'}"):
+        load(part(folder, "vae"), part(folder, "vae"), part(folder, "text_encoder"))
+
+
+def test_empty_slot_is_named_at_load_and_at_call_with_what_each_file_was(folder, caplog):
+    # The VAE passed as "the DiT" and no kind= given: the dit slot stays empty.
+    with caplog.at_level(logging.WARNING, logger="flux_core.pipeline"):
+        pipe = load(part(folder, "vae"), part(folder, "text_encoder"), part(folder, "text_encoder_2"))
+    assert "no model for pipe.dit;" in caplog.text
+    assert f"model_configs[0] {folder / 'vae'}: " in caplog.text
+    with pytest.raises(RuntimeError, match=rf"the pipeline has no dit\. from_pretrained loaded: model_configs\[0\] "
+                                           rf"{folder / 'vae'}: .*VAE.* -> pipe\.vae; "):
+        run(pipe)
+
+
+def test_every_missing_modelscope_file_is_listed_in_one_error(folder, tmp_path, monkeypatch):
+    def no_network(model_id, local_dir, allow_file_pattern):
+        raise ConnectionError("no network in this test")
+    monkeypatch.setitem(sys.modules, "modelscope", types.SimpleNamespace(snapshot_download=no_network))
+    dev = "black-forest-labs/FLUX.1-dev"
+    configs = [ModelConfig(model_id=dev, origin_file_pattern="flux1-dev.safetensors", local_model_path=str(tmp_path),
+                           skip_download=True),
+               part(folder, "vae"),
+               ModelConfig(model_id=dev, origin_file_pattern="text_encoder_2/", local_model_path=str(tmp_path)),
+               ModelConfig(model_id=dev, origin_file_pattern="ae.safetensors", local_model_path=str(tmp_path),
+                           skip_download=True)]
+    with pytest.raises(ModelFileError) as info:
+        load(*configs)
+    message = str(info.value)
+    assert message.startswith("3 of 4 model_configs name files that are not there")
+    for index, pattern in ((0, "'flux1-dev.safetensors'"), (2, "'text_encoder_2/*'"), (3, "'ae.safetensors'")):
+        line = next(line for line in message.splitlines() if line.startswith(f"- model_configs[{index}]: "))
+        assert pattern in line
+    assert "ConnectionError: no network in this test" in message and "skip_download is set" in message
+
+
+def test_missing_tokenizers_name_the_tokenizer_every_place_searched_and_the_fix(folder, tmp_path, monkeypatch):
+    alone = tmp_path / "alone"
+    shutil.copytree(folder / "transformer", alone / "transformer")
+    monkeypatch.setenv("DIFFSYNTH_SKIP_DOWNLOAD", "1")
+    monkeypatch.setattr("flux_core.pipeline.load_model", lambda *a, **k: pytest.fail("loaded before the tokenizers"))
+    models = tmp_path / "models"
+    with pytest.raises(TokenizerNotFoundError) as info:
+        load(ModelConfig(path=str(alone / "transformer"), local_model_path=str(models)))
+    message = str(info.value)
+    for folder_name, title, parameter in (("tokenizer", "CLIP-L tokenizer", "tokenizer_1_config"),
+                                          ("tokenizer_2", "T5 tokenizer", "tokenizer_2_config")):
+        assert f"the {title} ({folder_name}/) was not found" in message
+        for place in (alone / "transformer", alone, tmp_path):
+            assert str(place.resolve() / folder_name) in message
+        assert str((models / "black-forest-labs/FLUX.1-dev" / folder_name).resolve()) in message
+        assert f"pass {parameter}=ModelConfig(path='.../{folder_name}')" in message
+    assert [m[:2] for m in info.value.missing] == [("tokenizer", "tokenizer_1_config"),
+                                                   ("tokenizer_2", "tokenizer_2_config")]
+
+
+def test_tokenizers_found_beside_the_files(folder):
+    pipe = load(part(folder, "transformer"))
+    assert pipe.tokenizer_1 is not None and pipe.tokenizer_2 is not None
+
+
+def test_kontext_model_without_a_reference_image_warns(folder, tmp_path):
+    kontext = "black-forest-labs/FLUX.1-Kontext-dev"
+    shutil.copytree(folder / "transformer", tmp_path / kontext / "transformer")
+    pipe = load(ModelConfig(model_id=kontext, origin_file_pattern="transformer/", local_model_path=str(tmp_path)),
+                *(part(folder, p) for p in PARTS[1:]))
+    assert pipe.loaded_from["dit"].is_kontext
+    with pytest.warns(KontextWithoutImageWarning, match=rf"loaded from {kontext}, a FLUX\.1 Kontext model, but no "
+                                                        r"kontext_images were given"):
+        run(pipe)
+    reference = Image.fromarray(np.full((32, 32, 3), 90, dtype=np.uint8))
+    plain = load(*(part(folder, p) for p in PARTS))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", KontextWithoutImageWarning)
+        run(pipe, kontext_images=reference)
+        run(plain)   # not a Kontext model
