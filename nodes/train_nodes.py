@@ -1,5 +1,6 @@
-"""The LoRA trainer node: runs `flux_core.train` in a subprocess (through `accelerate launch` when accelerate is
-installed), shows its progress, loss curve and latest validation image, and stops it cleanly on Cancel.
+"""The LoRA trainer node: runs `flux_core.train` in a subprocess through `accelerate launch`, shows its progress,
+loss curve and latest validation image, and stops it cleanly on Cancel. Training needs accelerate and peft
+(FluxCore's `train` extra); without them the node says what to install before starting anything.
 
 The training runs outside ComfyUI's process, so its memory is its own and a crash cannot take ComfyUI down.
 Its JSON progress lines drive the progress bar; each step's loss and each validation image go to the
@@ -27,6 +28,8 @@ from pathlib import Path
 
 import torch
 
+from flux_core.train.packages import INSTALL_TRAIN_EXTRA, TRAINING_PACKAGES, missing_training_packages
+from flux_core.train.run_folder import earlier_run
 from lora_tools.io import atomic_write
 
 from . import comfy_bridge as bridge
@@ -36,14 +39,6 @@ ROOT = Path(__file__).resolve().parents[1]   # the pack: flux_core is importable
 EVENT = "fluxcore.train"
 RUNS_FOLDER = "fluxcore_train"
 STOP_FILE = "STOP"
-
-
-def _accelerate_installed() -> bool:
-    try:
-        import accelerate  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def tokenizer_dirs() -> tuple[Path | None, Path | None]:
@@ -56,12 +51,18 @@ def tokenizer_dirs() -> tuple[Path | None, Path | None]:
     return clip or bundled_clip, t5 or bundled_t5
 
 
+def require_training_packages() -> None:
+    missing = missing_training_packages()
+    if missing:
+        raise RuntimeError(f"FluxCoreTrainLoRA: training needs the packages {', '.join(TRAINING_PACKAGES)}; "
+                           f"{', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not installed in ComfyUI's "
+                           f"Python. Install FluxCore's training extra there: {INSTALL_TRAIN_EXTRA}, then restart "
+                           f"ComfyUI.")
+
+
 def build_command(train_args: list[str], num_processes: int) -> list[str]:
-    if not _accelerate_installed():
-        if num_processes > 1:
-            raise NodeInputError("FluxCoreTrainLoRA, input 'num_processes': more than one process needs the "
-                                 "`accelerate` package: pip install accelerate.")
-        return [sys.executable, "-m", "flux_core.train", *train_args]
+    """`accelerate launch` of the trainer; --multi_gpu for several processes (on a machine without GPUs too:
+    without it accelerate's plain launcher starts one process)."""
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--mixed_precision", "no",
               "--dynamo_backend", "no", "--num_processes", str(num_processes)]
     if num_processes > 1:
@@ -183,8 +184,10 @@ class FluxCoreTrainLoRA:
                                                        "backward pass: much less memory, ~30% slower."}),
                 "fp8_frozen_models": ("BOOLEAN", {"default": False, "tooltip": "Store the frozen DiT and text "
                                                   "encoders in FP8 (half the memory, slightly lower precision)."}),
-                "resume": ("BOOLEAN", {"default": True, "tooltip": "Continue this output_name's last checkpoint "
-                                       "if there is one (same settings), else start fresh."}),
+                "resume": ("BOOLEAN", {"default": True, "tooltip": "Continue this output_name's newest complete "
+                                       "checkpoint if there is one (same settings), else start a new run. Off: "
+                                       "always a new run, refused if output_name already holds one (an earlier "
+                                       "run is never overwritten; choose another name)."}),
                 "seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1, "tooltip": "Seed of the LoRA init, "
                                  "data order, timesteps and noise."}),
             },
@@ -223,6 +226,11 @@ class FluxCoreTrainLoRA:
             raise NodeInputError(f"{node}, input 'output_name': '{output_name}' cannot be a file name; use letters, "
                                  f"digits, spaces, '-' or '_'.")
         run_dir = bridge.output_directory() / RUNS_FOLDER / name
+        found = earlier_run(run_dir)
+        if found and not resume:
+            raise NodeInputError(f"{node}, input 'resume': off, but {run_dir} holds an earlier run of "
+                                 f"'{name}' ({', '.join(found[:4])}), which a new run would overwrite. Turn "
+                                 f"'resume' on to continue it, or choose another 'output_name'.")
         args = ["--dataset_base_path", str(dataset), "--model_paths", json.dumps(paths, ensure_ascii=False),
                 "--output_path", str(run_dir), "--lora_base_model", "dit", "--lora_rank", str(lora_rank),
                 "--learning_rate", repr(float(learning_rate)), "--num_epochs", str(num_epochs),
@@ -259,6 +267,7 @@ class FluxCoreTrainLoRA:
               num_epochs, dataset_repeat, max_pixels, save_steps, validation_prompt, validation_steps,
               gradient_checkpointing, fp8_frozen_models, resume, seed, num_processes=1, max_steps=0,
               extra_arguments="", stop_timeout=300, unique_id=None):
+        require_training_packages()
         command, run_dir = self.command(dit_name, clip_name, t5_name, vae_name, dataset_path, output_name, lora_rank,
                                         learning_rate, num_epochs, dataset_repeat, max_pixels, save_steps,
                                         validation_prompt, validation_steps, gradient_checkpointing,

@@ -1,7 +1,10 @@
 """flux_core.train pieces on their own: the objective, LoRA targets, dataset reading and its errors, argument
 checks, atomic checkpoints, the data plan, gradient checkpointing. (End to end runs: test_train_e2e.py.)"""
+import io
 import json
 import math
+import os
+import sys
 
 import pytest
 import torch
@@ -198,8 +201,10 @@ def test_model_paths_must_be_json(tmp_path):
 
 # ------------------------------------------------------------------------------------------------ checkpoints
 def save(tmp_path, step, keep=1):
-    return ckpt.save_state(tmp_path, {"w": torch.full((2,), float(step))}, {"state": {}, "param_groups": []},
-                           {"last_epoch": step}, {"step": step, "epoch": 0, "position": step}, keep=keep)
+    return ckpt.save_state(tmp_path, {"w": torch.full((2,), float(step))},
+                           {"state": {}, "param_groups": [{"lr": 0.1, "params": [0]}]}, {"last_epoch": step},
+                           {"step": step, "epoch": 0, "position": step, "weights": f"step-{step}.safetensors"},
+                           keep=keep)
 
 
 def test_checkpoints_are_atomic_and_latest_always_loads(tmp_path, monkeypatch):
@@ -219,16 +224,194 @@ def test_checkpoints_are_atomic_and_latest_always_loads(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         save(tmp_path, 6, keep=2)
     monkeypatch.setattr(torch, "save", real_save)
-    latest = ckpt.find_state(tmp_path, "latest")
-    assert latest.name == "step-4"
-    trainable, _, scheduler, state = ckpt.load_state(latest)
-    assert state["step"] == 4 and torch.equal(trainable["w"], torch.full((2,), 4.0)) and scheduler["last_epoch"] == 4
+    latest = ckpt.find_resumable(tmp_path, "latest")
+    assert latest.folder.name == "step-4" and not latest.skipped
+    assert latest.state["step"] == 4 and torch.equal(latest.trainable["w"], torch.full((2,), 4.0))
+    assert latest.scheduler["last_epoch"] == 4
 
     (root / "latest").unlink()  # even without the pointer, the newest complete state is found
-    assert ckpt.find_state(tmp_path, "latest").name == "step-4"
+    assert ckpt.find_resumable(tmp_path, "latest").folder.name == "step-4"
     save(tmp_path, 8)           # the next save cleans the half-written temp folder and prunes to `keep`
     assert sorted(p.name for p in root.iterdir()) == ["latest", "step-8"]
-    assert ckpt.find_state(tmp_path / "nowhere", "latest") is None
+    assert ckpt.find_resumable(tmp_path / "nowhere", "latest") is None
+
+
+def truncate(path):
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+CORRUPTIONS = {
+    "truncated safetensors": lambda f: truncate(f / "trainable.safetensors"),
+    "garbage optimizer": lambda f: (f / "optimizer.pt").write_bytes(b"\x00garbage" * 50),
+    "truncated scheduler": lambda f: truncate(f / "lr_scheduler.pt"),
+    "empty state.json": lambda f: (f / "state.json").write_bytes(b""),
+    "non-UTF-8 state.json": lambda f: (f / "state.json").write_bytes(b'{"step": 4, "x": "\xff\xfe"}'),
+    "state.json without a step": lambda f: (f / "state.json").write_text('{"epoch": 0}'),
+    "missing optimizer": lambda f: (f / "optimizer.pt").unlink(),
+}
+
+
+@pytest.mark.parametrize("damage", list(CORRUPTIONS))
+def test_resume_falls_back_from_a_corrupt_latest_checkpoint_naming_it(tmp_path, damage):
+    save(tmp_path, 2, keep=3)
+    newest = save(tmp_path, 4, keep=3)
+    CORRUPTIONS[damage](newest)
+    loaded = ckpt.find_resumable(tmp_path, "latest")
+    assert loaded.folder.name == "step-2" and loaded.state["step"] == 2
+    assert [p for p, _ in loaded.skipped] == [newest]
+    with pytest.raises(TrainError, match=r"--resume .*step-4: not a usable training state"):
+        ckpt.find_resumable(tmp_path, str(newest))      # named explicitly: an error, no silent substitute
+
+
+@pytest.mark.parametrize("pointer", [b"step-9\n", b"", b"\xff\xfe\n", b"../elsewhere\n"])
+def test_a_pointer_to_nothing_usable_falls_back_to_the_newest_complete_state(tmp_path, pointer):
+    save(tmp_path, 2, keep=3)
+    save(tmp_path, 4, keep=3)
+    (ckpt.checkpoints_dir(tmp_path) / "latest").write_bytes(pointer)
+    loaded = ckpt.find_resumable(tmp_path, "latest")
+    assert loaded.folder.name == "step-4"
+    assert len(loaded.skipped) == 1  # the pointer (or the missing folder it names) is reported
+
+
+def test_resume_with_only_corrupt_checkpoints_stops_with_every_reason(tmp_path):
+    for step in (2, 4):
+        folder = save(tmp_path, step, keep=3)
+    CORRUPTIONS["garbage optimizer"](ckpt.checkpoints_dir(tmp_path) / "step-2")
+    CORRUPTIONS["empty state.json"](folder)
+    with pytest.raises(TrainError) as e:
+        ckpt.find_resumable(tmp_path, "latest")
+    message = str(e.value)
+    assert "no usable checkpoint" in message and "step-4" in message and "step-2" in message
+    assert "optimizer.pt" in message and "state.json" in message
+    assert "--overwrite" in message and "--output_path" in message and "starting" not in message
+
+
+def test_stale_temporary_files_of_a_killed_save_are_removed_at_start_and_at_save(tmp_path):
+    from lora_tools.io import temp_path
+    from flux_core.train.run_folder import prepare_output
+
+    root = ckpt.checkpoints_dir(tmp_path)
+    root.mkdir(parents=True)
+
+    def litter():
+        stale = [temp_path(tmp_path / "step-3.safetensors"), temp_path(root / "latest"),
+                 temp_path(tmp_path / "validation" / "step-3-0.png")]
+        for f in stale:
+            f.parent.mkdir(exist_ok=True)
+            f.write_bytes(b"half")
+        for d in (root / ".tmp-step-3-999", root / ".old-step-1-999"):
+            d.mkdir()
+            (d / "optimizer.pt").write_bytes(b"half")
+        return stale + [root / ".tmp-step-3-999", root / ".old-step-1-999"]
+    keep = tmp_path / "notes.tmp"                      # not a hidden temp name: the user's file stays
+    keep.write_text("mine")
+    stale = litter()
+    prepare_output(tmp_path, resume="latest", overwrite=False)
+    assert not any(p.exists() for p in stale) and keep.exists()
+    stale = litter()
+    save(tmp_path, 4)
+    assert not any(p.exists() for p in stale) and keep.exists()
+
+
+# ------------------------------------------------------------------------------------------------ run folder
+def run_argv(data, output, *extra):
+    return base_argv(data, "--output_path", str(output), *extra)
+
+
+def test_output_path_that_cannot_be_written_is_refused_before_models_load(tmp_path, capsys):
+    blocker = tmp_path / "a file"
+    blocker.write_text("x")
+    for output in (blocker / "out", blocker):
+        assert main(run_argv(tmp_path, output)) == 2   # --model_paths '["unused"]' would fail if it got that far
+        err = capsys.readouterr().err
+        assert f"--output_path {output}" in err and ("cannot write" in err or "is a file" in err)
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0, reason="root writes into read-only folders")
+def test_read_only_output_path_is_refused(tmp_path, capsys):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        assert main(run_argv(tmp_path, locked / "run")) == 2
+        assert f"--output_path {locked / 'run'}: cannot write" in capsys.readouterr().err
+    finally:
+        locked.chmod(0o700)
+
+
+def test_a_new_run_never_overwrites_an_earlier_runs_checkpoints(tmp_path, capsys):
+    output = tmp_path / "run"
+    save(output, 3)
+    (output / "epoch-0.safetensors").write_bytes(b"an earlier LoRA")
+    before = {p: p.read_bytes() for p in output.rglob("*") if p.is_file()}
+    assert main(run_argv(tmp_path, output)) == 2
+    err = capsys.readouterr().err
+    assert f"--output_path {output} holds an earlier run" in err
+    assert "checkpoints/step-3" in err and "epoch-0.safetensors" in err
+    assert "--resume" in err and "--overwrite" in err and "new --output_path" in err
+    assert {p: p.read_bytes() for p in output.rglob("*") if p.is_file()} == before
+
+
+def test_overwrite_deletes_the_earlier_run_and_nothing_else(tmp_path):
+    from flux_core.train.run_folder import check_output, prepare_output
+
+    output = tmp_path / "run"
+    save(output, 3)
+    for name in ("epoch-0.safetensors", "step-3.safetensors", "train_log.jsonl", "training_args.json",
+                 "validation/step-3-0.png", "my notes.txt", "dataset.safetensors"):
+        (output / name).parent.mkdir(exist_ok=True)
+        (output / name).write_bytes(b"x")
+    check_output(output, resume=None, overwrite=True)
+    removed = prepare_output(output, resume=None, overwrite=True)
+    assert "checkpoints/step-3" in removed and "epoch-0.safetensors" in removed
+    assert sorted(p.name for p in output.iterdir()) == ["dataset.safetensors", "my notes.txt"]
+    with pytest.raises(TrainError, match="--resume and --overwrite together"):
+        parse_args(run_argv(tmp_path, output, "--resume", "--overwrite"))
+
+
+def test_missing_training_packages_name_the_train_extra(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "peft", None)   # `import peft` now raises ImportError
+    assert main(run_argv(tmp_path, tmp_path / "out")) == 2
+    err = capsys.readouterr().err
+    assert "peft is not installed" in err
+    assert 'pip install "fluxcore[train]"' in err and 'pip install ".[train]"' in err
+
+
+def test_single_process_accelerate_launch_is_detected_from_its_environment():
+    from flux_core.train.trainer import single_process_launch
+    # Environments measured with accelerate 1.15 on a CPU machine (a script printing os.environ):
+    plain_two = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500", "ACCELERATE_USE_CPU": "False",
+                 "ACCELERATE_MIXED_PRECISION": "no"}                      # --num_processes 2: one process
+    multi_gpu_two = {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                     "MASTER_PORT": "29500", "ACCELERATE_MIXED_PRECISION": "no"}   # --multi_gpu: two processes
+    plain_one = {"ACCELERATE_USE_CPU": "False", "ACCELERATE_MIXED_PRECISION": "no"}   # --num_processes 1
+    assert single_process_launch(plain_two)
+    assert not single_process_launch(multi_gpu_two)
+    assert not single_process_launch(plain_one) and not single_process_launch({})
+
+
+def test_progress_bar_only_on_a_terminal_unless_forced():
+    from flux_core.train.progress import wants_bar
+
+    class Stream(io.StringIO):
+        def __init__(self, tty):
+            super().__init__()
+            self.tty = tty
+
+        def isatty(self):
+            return self.tty
+    assert wants_bar("auto", Stream(True)) and not wants_bar("auto", Stream(False))
+    assert wants_bar("on", Stream(False)) and not wants_bar("off", Stream(True))
+    assert not wants_bar("auto", object())   # a stream without isatty (some IDE consoles) gets no bar
+
+
+def test_resume_mismatch_names_each_setting_by_its_flag(tmp_path):
+    from flux_core.train.trainer import SETTING_NAMES, Trainer
+
+    trainer = Trainer(parse_args(run_argv(tmp_path, tmp_path / "out")))
+    trainer.plan, trainer.targets = make_plan(8, 1, 1, 1, None), []
+    assert set(trainer.settings()) <= set(SETTING_NAMES)
+    assert all("--" in name for name in SETTING_NAMES.values())
 
 
 # ------------------------------------------------------------------------------------------------ plan

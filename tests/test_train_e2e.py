@@ -1,7 +1,9 @@
 """flux_core.train end to end on the tiny FLUX model and 8 solid-colour images: the LoRA learns (loss and
 pipeline output), its file loads in our pipeline and in diffusers, full fine-tuning, validate_lora/_full,
-resume after SIGKILL equals an uninterrupted run, 2-process data parallel equals 1 process with accumulation,
-Kontext inputs, FP8 storage with gradient checkpointing, clean stop on SIGINT."""
+resume after SIGKILL and resume past an epoch boundary (skipping a corrupt checkpoint) equal an uninterrupted
+run, 2-process data parallel equals 1 process with accumulation, the plain-launch warning, the progress bar on
+a terminal, Kontext inputs with FP8 storage (equal to a run on float8-rounded weights) and gradient
+checkpointing, clean stop on SIGINT."""
 import contextlib
 import io
 import json
@@ -214,6 +216,18 @@ def test_full_fine_tune_loads_with_load_model_and_validate_scripts_render(setup,
     assert Image.open(tmp_path / "fü ll.png").size == Image.open(tmp_path / "lö ra.png").size == (48, 32)
 
 
+def kontext_argv(setup, data, output, *extra):
+    return ["--dataset_base_path", str(data), "--model_paths", setup.model_paths, "--torch_dtype", "float32",
+            "--t5_sequence_length", "16", "--lora_base_model", "dit", "--lora_rank", "4", "--output_path",
+            str(output), "--extra_inputs", "kontext_images", "--use_gradient_checkpointing", "--num_epochs", "2",
+            "--learning_rate", "1e-2", *extra]
+
+
+def frozen_matrices(model):
+    """The tensors FP8 storage is for: frozen floating weights of 2+ dims (Linear, Embedding, Conv)."""
+    return [p for p in model.parameters() if p.is_floating_point() and p.dim() >= 2 and not p.requires_grad]
+
+
 def test_kontext_fp8_and_gradient_checkpointing(setup, tmp_path):
     data = tmp_path / "kontext data"
     data.mkdir()
@@ -223,19 +237,77 @@ def test_kontext_fp8_and_gradient_checkpointing(setup, tmp_path):
     (data / "metadata.jsonl").write_text(
         '{"image": "target.png", "prompt": "a cat red", "kontext_images": ["ref 1.png", "ref 2.png"]}\n'
         '{"image": "ref 1.png", "prompt": "a dog blue", "kontext_images": "ref 2.png"}\n', encoding="utf-8")
-    argv = ["--dataset_base_path", str(data), "--model_paths", setup.model_paths, "--torch_dtype", "float32",
-            "--t5_sequence_length", "16", "--lora_base_model", "dit", "--lora_rank", "4", "--output_path",
-            str(tmp_path / "out"), "--extra_inputs", "kontext_images", "--fp8_models", "t5,clip,dit",
-            "--use_gradient_checkpointing", "--num_epochs", "2"]
-    trainer = Trainer(parse_args(argv))
-    trainer.setup()
-    fp8 = {slot: sum(p.dtype == torch.float8_e4m3fn for p in getattr(trainer.pipe, slot).parameters())
-           for slot in ("dit", "text_encoder_1", "text_encoder_2", "vae")}
-    assert fp8["dit"] > 0 and fp8["text_encoder_1"] > 0 and fp8["text_encoder_2"] > 0 and fp8["vae"] == 0
-    assert all(p.dtype == torch.float32 for _, p in trainer.params) and trainer.pipe.dit.gradient_checkpointing
-    with contextlib.redirect_stdout(io.StringIO()):
-        result = trainer._run()
-    assert result["step"] == 4 and load_file(result["path"])
+    slots = ("dit", "text_encoder_1", "text_encoder_2")
+
+    fp8 = Trainer(parse_args(kontext_argv(setup, data, tmp_path / "fp8", "--fp8_models", "t5,clip,dit")))
+    fp8.setup()
+    for slot in slots:  # every frozen weight matrix rests in float8; biases, norms and the LoRA do not
+        model = getattr(fp8.pipe, slot)
+        assert frozen_matrices(model) and all(p.dtype == torch.float8_e4m3fn for p in frozen_matrices(model)), slot
+        assert all(p.dtype == torch.float32 for p in model.parameters() if p.dim() < 2 or p.requires_grad), slot
+    assert all(p.dtype == torch.float32 for p in fp8.pipe.vae.parameters())
+    assert all(p.dtype == torch.float32 for _, p in fp8.params) and fp8.pipe.dit.gradient_checkpointing
+    with contextlib.redirect_stdout(io.StringIO()) as out:
+        result = fp8._run()
+    assert result["step"] == 4
+    events = [json.loads(line) for line in out.getvalue().splitlines()]
+    losses = [e["loss"] for e in events if e["event"] == "step"]
+    assert len(losses) == 4 and all(np.isfinite(losses))
+
+    # References: the same run without --fp8_models, on weights rounded to float8 and back by torch itself
+    # (what FP8 storage with float32 compute must compute), and on the original weights.
+    def reference(name, rounded):
+        trainer = Trainer(parse_args(kontext_argv(setup, data, tmp_path / name)))
+        trainer.setup()
+        if rounded:
+            with torch.no_grad():
+                for slot in slots:
+                    for p in frozen_matrices(getattr(trainer.pipe, slot)):
+                        p.copy_(p.to(torch.float8_e4m3fn).to(p.dtype))
+        with contextlib.redirect_stdout(io.StringIO()):
+            return load_file(trainer._run()["path"])
+    trained, rounded, plain = load_file(result["path"]), reference("rounded", True), reference("plain", False)
+    assert trained.keys() == rounded.keys() and any(v.abs().max() > 1e-3 for k, v in trained.items() if "lora_up" in k)
+    fp8_error = max((trained[k] - rounded[k]).abs().max().item() for k in trained)
+    storage_effect = max((trained[k] - plain[k]).abs().max().item() for k in trained)
+    print(f"fp8 run vs rounded-weights run: {fp8_error:.2e}; vs original weights: {storage_effect:.2e}")
+    # Measured: 0 (the same float32 values reach the same kernels). The smallest real mistake, computing on
+    # the unrounded weights (the storage having no effect), moves the LoRA by `storage_effect` (measured
+    # ~1e-3): the bound is far below it, and the storage effect must be real.
+    assert fp8_error <= 1e-6
+    assert storage_effect > 1e-4
+
+
+def test_resume_past_an_epoch_boundary_from_the_newest_complete_checkpoint(setup, tmp_path, capsys):
+    """8 steps per epoch. A run stopped at step 12 left states at steps 5, 10 (epoch 1, 2 steps in) and 12;
+    step 12's optimizer file is then damaged. --resume must skip it with a warning, restore step 10 with its
+    epoch and place, and end with the weights of an uninterrupted run."""
+    argv = lambda out, *x: train_argv(setup, out, "--num_epochs", "2", "--save_steps", "5",  # noqa: E731
+                                      "--keep_checkpoints", "3", *x)
+    run_in_process(argv(tmp_path / "whole"))
+    cut = tmp_path / "cut"
+    run_in_process(argv(cut, "--max_steps", "12"))
+    root = cut / "checkpoints"
+    assert sorted(p.name for p in root.iterdir() if p.is_dir()) == ["step-10", "step-12", "step-5"]
+    state = json.loads((root / "step-10" / "state.json").read_text(encoding="utf-8"))
+    assert (state["epoch"], state["position"]) == (1, 2)
+    (root / "step-12" / "optimizer.pt").write_bytes(b"\x80garbage" * 64)
+    capsys.readouterr()
+    _, events = run_in_process(argv(cut, "--resume"))
+    err = capsys.readouterr().err
+    assert f"skipping the corrupt checkpoint {root / 'step-12'}" in err and "optimizer.pt" in err
+    assert "starting a new run" not in err
+    start = events[0]
+    assert start["start_step"] == 10 and start["resumed_from"] == str(root / "step-10")
+    assert start["skipped_checkpoints"] == [str(root / "step-12")]
+    assert [e["epoch"] for e in events if e["event"] == "step"] == [1] * 6
+    for name in ("step-16.safetensors", "checkpoints/step-16/trainable.safetensors"):
+        a, b = load_file(tmp_path / "whole" / name), load_file(cut / name)
+        assert a.keys() == b.keys()
+        for k in a:
+            # Measured 0 (the same computation on one thread); a resume into the wrong epoch's data order
+            # changes the weights by ~1e-2.
+            assert torch.allclose(a[k], b[k], atol=1e-6), (name, k)
 
 
 # ------------------------------------------------------------------------------------------------ processes
@@ -283,11 +355,72 @@ def test_two_processes_equal_one_process_with_accumulation(setup, tmp_path):
     assert two.returncode == 0, err[-3000:]
     assert one.returncode == 0, one.stderr
     log = read_log(tmp_path / "two")
-    assert log[0]["num_processes"] == 2 and log[0]["total_steps"] == 8
+    assert log[0]["num_processes"] == 2 and log[0]["total_steps"] == 8 and log[0]["effective_batch"] == 2
+    assert "2 processes, effective batch 2 (1 per process x 2 processes x 1 gradient accumulation step)" in err
+    assert "asked for more than one process" not in err
     assert sum(e["event"] == "step" for e in log) == 8           # one log line per step, from the main process
     a, b = load_file(tmp_path / "one" / "epoch-1.safetensors"), load_file(tmp_path / "two" / "epoch-1.safetensors")
     for k in a:
         assert torch.allclose(a[k], b[k], atol=1e-5), k
+
+
+def test_plain_accelerate_launch_of_two_processes_on_a_cpu_warns_that_it_runs_one(setup, tmp_path):
+    launch = [python(), "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
+              "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "flux_core.train",
+              *train_argv(setup, tmp_path / "out", "--max_steps", "1")]
+    run = subprocess.run(launch, env=subprocess_env(), capture_output=True, text=True, encoding="utf-8", timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "was asked for more than one process" in run.stderr and "--multi_gpu" in run.stderr
+    assert "1 process, effective batch 1 (1 per process x 1 process x 1 gradient accumulation step)" in run.stderr
+    assert read_log(tmp_path / "out")[0]["num_processes"] == 1
+
+
+def test_progress_bar_on_a_terminal_beside_an_intact_json_stream(setup, tmp_path):
+    """stderr on a pseudo-terminal (as in a shell), stdout piped (as to the trainer node)."""
+    import fcntl
+    import os
+    import pty
+    import struct
+    import termios
+    import threading
+
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 160, 0, 0))   # a new pty is 0 columns wide
+    run = subprocess.Popen([python(), "-m", "flux_core.train", *train_argv(setup, tmp_path / "out", "--num_epochs", "1",
+                                                                           "--gradient_accumulation_steps", "2")],
+                           env=subprocess_env(), stdout=subprocess.PIPE, stderr=slave,
+                           text=True, encoding="utf-8")
+    os.close(slave)
+    chunks = []
+
+    def read_terminal():
+        while True:
+            try:
+                data = os.read(master, 4096)
+            except OSError:  # EIO: the child closed the terminal
+                return
+            if not data:
+                return
+            chunks.append(data)
+    reader = threading.Thread(target=read_terminal, daemon=True)
+    reader.start()
+    out, _ = run.communicate(timeout=300)
+    reader.join(timeout=10)
+    os.close(master)
+    terminal = b"".join(chunks).decode("utf-8", "replace")
+    assert run.returncode == 0, terminal[-3000:]
+    events = [json.loads(line) for line in out.splitlines()]      # every stdout line is one JSON event
+    assert [e["event"] for e in events] == ["start"] + ["step"] * 4 + ["checkpoint", "done"]
+    assert events[0]["effective_batch"] == 2 and events[0]["num_processes"] == 1
+    assert "training: 100%" in terminal and "4/4" in terminal      # the bar: steps done / total
+    assert "loss=" in terminal and "images_per_s=" in terminal and "<00:00" in terminal   # loss, speed, time left
+    assert "step/s" in terminal or "s/step" in terminal                                   # tqdm's rate
+    assert '"event"' not in terminal                               # no JSON on the terminal's stderr
+    assert "effective batch 2 (1 per process x 1 process x 2 gradient accumulation steps)" in terminal
+    piped = subprocess.run([python(), "-m", "flux_core.train", *train_argv(setup, tmp_path / "piped", "--max_steps",
+                                                                           "1")],
+                           env=subprocess_env(), capture_output=True, text=True, encoding="utf-8", timeout=300)
+    assert piped.returncode == 0 and "training:" not in piped.stderr   # not a terminal: no bar
 
 
 def test_sigint_stops_after_the_step_with_a_resumable_checkpoint(setup, tmp_path):

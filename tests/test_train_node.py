@@ -1,6 +1,7 @@
 """The trainer node standalone: it launches flux_core.train (through accelerate), streams progress to the
 progress bar and the front end, publishes the LoRA into the loras folder, and stops cleanly on Cancel."""
 import json
+import sys
 import threading
 import time
 
@@ -110,3 +111,27 @@ def test_trainer_errors_reach_the_node(env, tmp_path):
     (tmp_path / "bad.txt").write_text("caption")
     with pytest.raises(RuntimeError, match=r"bad\.png cannot be read"):
         FluxCoreTrainLoRA().train(**inputs(env, "broken", dataset_path=str(tmp_path)))
+
+
+def test_missing_training_packages_name_the_train_extra(env, monkeypatch):
+    monkeypatch.setitem(sys.modules, "accelerate", None)   # `import accelerate` now raises ImportError
+    with pytest.raises(RuntimeError) as e:
+        FluxCoreTrainLoRA().train(**inputs(env, "no packages"))
+    message = str(e.value)
+    assert "accelerate is not installed" in message
+    assert 'pip install "fluxcore[train]"' in message and 'pip install ".[train]"' in message
+    assert not (env["output"] / "fluxcore_train" / "no packages").exists()   # nothing started
+
+
+def test_resume_off_never_overwrites_an_earlier_run(env):
+    import torch
+    from flux_core.train import checkpoint as ckpt
+
+    run_dir = env["output"] / "fluxcore_train" / "earlier"
+    ckpt.save_state(run_dir, {"w": torch.zeros(1)}, {"state": {}, "param_groups": []}, {}, {"step": 3, "epoch": 0,
+                    "position": 3, "weights": "step-3.safetensors"})
+    args = {k: v for k, v in inputs(env, "earlier", resume=False).items() if k != "unique_id"}
+    with pytest.raises(NodeInputError, match=r"input 'resume': off, but .*earlier.* holds an earlier run"):
+        FluxCoreTrainLoRA().command(**args)
+    command, _ = FluxCoreTrainLoRA().command(**{**args, "resume": True})
+    assert "--resume" in command

@@ -22,6 +22,7 @@ LORA_FORMATS = ("kohya", "diffusers", "diffsynth")
 FP8_COMPONENTS = {"dit": "dit", "text_encoder_1": "text_encoder_1", "clip": "text_encoder_1",
                   "text_encoder_2": "text_encoder_2", "t5": "text_encoder_2", "vae": "vae"}
 EXTRA_INPUTS = ("kontext_images",)
+PROGRESS_BAR_MODES = ("auto", "on", "off")
 
 
 class TrainError(ValueError):
@@ -111,8 +112,16 @@ def build_parser(prog: str = "python -m flux_core.train") -> argparse.ArgumentPa
 
     x = p.add_argument_group("FluxCore additions")
     x.add_argument("--resume", nargs="?", const="latest", default=None,
-                   help="continue an interrupted run from the latest checkpoint in --output_path (or from the "
-                        "checkpoint folder given): model, optimizer, LR schedule, step and data order")
+                   help="continue an interrupted run from the newest complete checkpoint in --output_path (a "
+                        "corrupt newer one is skipped with a warning; a folder with no run yet starts a new one), "
+                        "or from the checkpoint folder given: model, optimizer, LR schedule, step and data order")
+    x.add_argument("--overwrite", action="store_true",
+                   help="start a new run in an --output_path that holds an earlier run: that run's checkpoints "
+                        "(checkpoints/, step-N/epoch-N .safetensors), train_log.jsonl, training_args.json and "
+                        "validation/ images are deleted first. Without it (or --resume) such a folder is refused")
+    x.add_argument("--progress_bar", default="auto", choices=PROGRESS_BAR_MODES,
+                   help="a progress bar (step, loss, speed, time left) on stderr beside the JSON events on stdout: "
+                        "auto (when stderr is a terminal), on, off")
     x.add_argument("--keep_checkpoints", type=int, default=1,
                    help="resumable training states kept in <output_path>/checkpoints (older ones are deleted)")
     x.add_argument("--max_steps", type=int, default=None, help="stop after this many optimizer steps")
@@ -202,6 +211,9 @@ def check_args(args: argparse.Namespace) -> None:
                              "models (use it with LoRA training).")
     if args.validation_steps and not args.validation_prompts:
         raise TrainError("--validation_steps needs --validation_prompts.")
+    if args.resume and args.overwrite:
+        raise TrainError("--resume and --overwrite together: --resume continues the run in --output_path, "
+                         "--overwrite deletes it; choose one.")
     if args.resume not in (None, "latest") and not os.path.isdir(args.resume):
         raise TrainError(f"--resume {args.resume}: no such checkpoint folder.")
 

@@ -80,6 +80,9 @@ def add_lora(dit: nn.Module, layer_names: list[str], rank: int) -> None:
     for module in lora_modules(dit).values():
         for part in (module.lora_A[ADAPTER], module.lora_B[ADAPTER]):
             part.to(torch.float32)
+        # peft draws the init, then casts it to the base weight's dtype (bf16, or float8 for --fp8_models):
+        # draw it again in float32, so the start does not depend on how the frozen weights are stored.
+        module.reset_lora_parameters(ADAPTER, True)
     for name, p in dit.named_parameters():
         p.requires_grad_(".lora_A." in name or ".lora_B." in name)
 
@@ -150,6 +153,3 @@ def full_state_dict(dit: nn.Module, remove_prefix: str) -> dict[str, torch.Tenso
         out[key] = tensor.detach().cpu()
     return out
 
-
-def trainable_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
-    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]

@@ -9,14 +9,18 @@ exactly what one process with `--gradient_accumulation_steps 2` computes. An epo
 multiple of P (the few left over wait for the next epoch's order); an epoch always ends on an optimizer step
 (a shorter last accumulation window), so epoch-end checkpoints are exact too.
 
-Progress: one JSON object per line on stdout (main process) and in <output_path>/train_log.jsonl:
-    {"event": "start", "total_steps", "start_step", "steps_per_epoch", "num_processes", "samples", ...}
+Progress: one JSON object per line on stdout (main process) and in <output_path>/train_log.jsonl, and a
+progress bar on stderr when it is a terminal (progress.py):
+    {"event": "start", "total_steps", "start_step", "steps_per_epoch", "num_processes", "effective_batch", ...}
     {"event": "step", "step", "total_steps", "epoch", "loss", "lr", "images_per_s", "eta_s"}
     {"event": "checkpoint", "step", "path", "state"}       weights file + resumable state folder
     {"event": "validation", "step", "images": [...]}
     {"event": "stopped", "step", "path", "state"}          after SIGINT/SIGTERM or an <output_path>/STOP file
     {"event": "done", "step", "path"}                       the last weights file
     {"event": "error", "message"}
+The start also prints the number of processes and the effective batch (batch per process x processes x
+gradient accumulation) on stderr, with a warning when `accelerate launch` was asked for several processes but
+started one (its plain launcher does that on a machine without GPUs unless --multi_gpu is given).
 Stopping: SIGINT, SIGTERM (SIGBREAK on Windows) or a file named STOP in the output folder makes every process
 finish its current optimizer step, save a checkpoint and exit 0; `--resume` continues from it. A second
 SIGINT interrupts at once.
@@ -40,14 +44,26 @@ from ..image import pil_to_tensor
 from ..loading.files import save_safetensors
 from ..model_config import ModelConfig
 from ..sampling import PromptEmbeds
+from ..vram import ComputeDevice, VRAMManager, store_model
 from . import checkpoint as ckpt
 from .args import (FP8_COMPONENTS, TrainError, comma_list, data_file_keys, is_lora, model_path_entries,
                    torch_dtype)
 from .dataset import ImageDataset, first_sample
 from .loss import flow_matching_loss, sample_generator, training_attention, training_schedule
+from .packages import require_training_packages
+from .progress import Log
+from .run_folder import ARGS_FILE, LOG_FILE, check_output, earlier_run, prepare_output
 
 STOP_FILE = "STOP"
-LOG_FILE = "train_log.jsonl"
+BATCH_PER_PROCESS = 1   # one image per forward: FLUX training samples differ in size (dynamic resolution)
+FP8_STORAGE = torch.float8_e4m3fn
+# How a --resume mismatch names each setting a resumed run must share (the flag that sets it).
+SETTING_NAMES = {"mode": "LoRA or full training (--lora_base_model / --trainable_models)",
+                 "lora_rank": "--lora_rank", "targets": "LoRA layers (--lora_target_modules)", "seed": "--seed",
+                 "samples": "dataset samples (rows x --dataset_repeat)",
+                 "num_processes": "processes (accelerate launch --num_processes)",
+                 "gradient_accumulation_steps": "--gradient_accumulation_steps", "learning_rate": "--learning_rate",
+                 "weight_decay": "--weight_decay", "torch_dtype": "--torch_dtype"}
 # DiffSynth-Studio steps torch's ConstantLR with its defaults: the first 5 optimizer steps at lr / 3.
 LR_START_FACTOR, LR_START_STEPS = 1.0 / 3.0, 5
 
@@ -62,6 +78,11 @@ class Plan:
     steps_per_epoch: int
     epochs: int
     max_steps: int | None
+
+    @property
+    def effective_batch(self) -> int:
+        """Samples per optimizer step: batch per process x processes x gradient accumulation."""
+        return BATCH_PER_PROCESS * self.processes * self.accumulation
 
     @property
     def total_steps(self) -> int:
@@ -156,24 +177,38 @@ def fp8_slots(args: argparse.Namespace, configs: list[tuple[str, ModelConfig]]) 
     return slots
 
 
+def store_in_fp8(pipe, slots: list[str], compute_dtype: torch.dtype) -> None:
+    """--fp8_models: the weight matrices of these frozen models are stored in float8_e4m3fn where they are
+    (flux_core.vram.store_model) and computed in the training dtype through the pipeline's VRAMManager, the
+    one FP8 mechanism of inference and training. Call it before the LoRA is injected: the manager then places
+    only the frozen layers, and the LoRA's float32 weights (and their gradients) stay outside it."""
+    if not slots:
+        return
+    if pipe.vram is None:
+        pipe.vram = VRAMManager(ComputeDevice(pipe.device))  # no budget: every layer stays where it is
+    for slot in slots:
+        model = getattr(pipe, slot)
+        store_model(model, weight_dtype=FP8_STORAGE)
+        pipe.vram.add(slot, model, compute_dtype)
+
+
+# ------------------------------------------------------------------------------------------------ launch
+def single_process_launch(env: dict | None = None) -> bool:
+    """True when `accelerate launch` was asked for several processes but started this one alone: its plain
+    launcher (used on a machine without GPUs unless --multi_gpu is given) sets MASTER_ADDR for
+    --num_processes > 1 but starts one process without WORLD_SIZE (checked with accelerate 1.15)."""
+    env = os.environ if env is None else env
+    return "ACCELERATE_USE_CPU" in env and "MASTER_ADDR" in env and env.get("WORLD_SIZE", "1") == "1"
+
+
+SINGLE_PROCESS_WARNING = (
+    "flux_core.train: warning: `accelerate launch` was asked for more than one process (--num_processes) but "
+    "started only this one: without GPUs its plain launcher runs a single process. Add --multi_gpu (on a CPU "
+    "machine the processes then train together over gloo): accelerate launch --multi_gpu --num_processes N "
+    "-m flux_core.train ...")
+
+
 # ------------------------------------------------------------------------------------------------ logging
-class Log:
-    def __init__(self, output_path: Path, enabled: bool):
-        self.enabled = enabled
-        self.path = output_path / LOG_FILE
-
-    def __call__(self, event: str, **fields) -> None:
-        if not self.enabled:
-            return
-        line = json.dumps({"event": event, **fields}, ensure_ascii=False)
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(line + "\n")
-        try:
-            print(line, flush=True)
-        except (BrokenPipeError, OSError):  # the reader went away (a closed UI): keep training, the file has it
-            pass
-
-
 class StopFlag:
     """Set by SIGINT/SIGTERM/SIGBREAK; a second SIGINT raises KeyboardInterrupt at once."""
 
@@ -225,6 +260,8 @@ class Trainer:
         from accelerate.utils import DistributedDataParallelKwargs
 
         a = self.args
+        # Every process checks the run folder before anything changes; only the main process then changes it.
+        check_output(self.output, a.resume, a.overwrite)
         self.dataset = self.prepare_data()  # every row read before any model is loaded
         # Several processes on a machine without GPUs (`accelerate launch --multi_gpu --num_processes 2` on a
         # CPU): accelerate only sets up gloo data parallelism when told it runs on the CPU.
@@ -234,13 +271,17 @@ class Trainer:
         self.plan = make_plan(len(self.dataset), acc.num_processes, a.gradient_accumulation_steps, a.num_epochs,
                               a.max_steps)
         if acc.is_main_process:
-            self.output.mkdir(parents=True, exist_ok=True)
-            if not a.resume:  # a new run starts a new log; a resumed one continues it
-                (self.output / LOG_FILE).unlink(missing_ok=True)
+            if single_process_launch():
+                print(SINGLE_PROCESS_WARNING, file=sys.stderr, flush=True)
+            removed = prepare_output(self.output, a.resume, a.overwrite)
+            if removed:
+                print(f"flux_core.train: --overwrite: deleted the earlier run in {self.output} "
+                      f"({', '.join(removed)}).", file=sys.stderr, flush=True)
         acc.wait_for_everyone()
-        self.log = Log(self.output, acc.is_main_process)
+        self.log = Log(self.output / LOG_FILE, acc.is_main_process)
 
         self.pipe, configs = load_pipeline(a, acc.device)
+        store_in_fp8(self.pipe, fp8_slots(a, configs), self.dtype)
         dit = self.pipe.dit
         torch.manual_seed(a.seed)
         if self.lora:
@@ -253,11 +294,6 @@ class Trainer:
             from .trainable import make_fully_trainable
             self.targets = []
             make_fully_trainable(dit)
-        slots = fp8_slots(a, configs)
-        if slots:
-            from .fp8 import store_in_fp8
-            for slot in slots:
-                store_in_fp8(getattr(self.pipe, slot))
         dit.gradient_checkpointing = a.use_gradient_checkpointing or a.use_gradient_checkpointing_offload
         dit.gradient_checkpointing_offload = a.use_gradient_checkpointing_offload
         dit.train()
@@ -268,6 +304,7 @@ class Trainer:
                                                              total_iters=LR_START_STEPS)
         self.step, self.epoch, self.position = 0, 0, 0
         self.resumed_from, self.last_saved, self.last_path = None, None, None
+        self.skipped_checkpoints: list[str] = []
         if a.resume:
             self.restore(optimizer)
         self.model, self.optimizer = acc.prepare(dit, optimizer)
@@ -283,34 +320,47 @@ class Trainer:
                 "learning_rate": a.learning_rate, "weight_decay": a.weight_decay, "torch_dtype": a.torch_dtype}
 
     def restore(self, optimizer: torch.optim.Optimizer) -> None:
-        folder = ckpt.find_state(self.output, self.args.resume)
-        if folder is None:
-            if self.accelerator.is_main_process:
-                print(f"flux_core.train: --resume: no checkpoint in {ckpt.checkpoints_dir(self.output)} yet; "
-                      f"starting from the beginning.", file=sys.stderr, flush=True)
+        loaded = ckpt.find_resumable(self.output, self.args.resume)
+        main = self.accelerator.is_main_process
+        if loaded is None:
+            weights = earlier_run(self.output)
+            if weights:
+                raise TrainError(f"--resume: {self.output} holds weights of an earlier run ({', '.join(weights)}) but "
+                                 f"no resumable checkpoint in {ckpt.checkpoints_dir(self.output)}. Start again with "
+                                 f"--overwrite, or start from one of them with --lora_checkpoint and a new "
+                                 f"--output_path.")
+            if main:
+                print(f"flux_core.train: --resume: {self.output} holds no earlier run; starting a new run.",
+                      file=sys.stderr, flush=True)
             return
-        trainable, optimizer_state, scheduler_state, state = ckpt.load_state(folder)
+        folder, state = loaded.folder, loaded.state
+        if main:
+            for corrupt, why in loaded.skipped:
+                print(f"flux_core.train: warning: --resume: skipping the corrupt checkpoint {corrupt} ({why}); "
+                      f"resuming from {folder.name}, the newest complete one.", file=sys.stderr, flush=True)
         saved, now = state.get("settings", {}), self.settings()
         for key, value in now.items():
             if key in saved and saved[key] != value:
-                raise TrainError(f"--resume {folder}: the checkpoint was trained with {key}={saved[key]!r}, this run "
-                                 f"has {value!r}. Resume with the same settings (only --num_epochs, --max_steps, "
-                                 f"saving and validation options may change).")
+                raise TrainError(f"--resume {folder}: the checkpoint was trained with {SETTING_NAMES.get(key, key)} "
+                                 f"{saved[key]!r}, this run has {value!r}. Resume with the same settings (only "
+                                 f"--num_epochs, --max_steps, saving and validation options may change).")
         names = {n for n, _ in self.params}
-        if set(trainable) != names:
+        if set(loaded.trainable) != names:
             raise TrainError(f"--resume {folder}: its trained parameters differ from this run's "
-                             f"({len(trainable)} vs {len(names)}); resume with the same model and targets.")
+                             f"({len(loaded.trainable)} vs {len(names)}); resume with the same model and targets.")
         with torch.no_grad():
             for name, p in self.params:
-                p.copy_(trainable[name].to(p.device, p.dtype))
-        optimizer.load_state_dict(optimizer_state)
-        self.scheduler.load_state_dict(scheduler_state)
+                p.copy_(loaded.trainable[name].to(p.device, p.dtype))
+        optimizer.load_state_dict(loaded.optimizer)
+        self.scheduler.load_state_dict(loaded.scheduler)
         self.step, self.epoch, self.position = state["step"], state["epoch"], state["position"]
         self.resumed_from = str(folder)
+        self.skipped_checkpoints = [str(p) for p, _ in loaded.skipped]
         self.last_saved, self.last_path = self.step, self.output / state["weights"]
 
     # -------------------------------------------------------------------- loop
     def run(self) -> dict:
+        require_training_packages()
         self.stop.install()
         try:
             self.setup()
@@ -321,14 +371,23 @@ class Trainer:
     def _run(self) -> dict:
         a, acc, plan = self.args, self.accelerator, self.plan
         if acc.is_main_process:
-            (self.output / "training_args.json").write_text(json.dumps(vars(a), indent=1, ensure_ascii=False),
-                                                           encoding="utf-8")
+            (self.output / ARGS_FILE).write_text(json.dumps(vars(a), indent=1, ensure_ascii=False), encoding="utf-8")
+            print(f"flux_core.train: {plan.processes} process{'es' if plan.processes > 1 else ''}, effective batch "
+                  f"{plan.effective_batch} ({BATCH_PER_PROCESS} per process x {plan.processes} process"
+                  f"{'es' if plan.processes > 1 else ''} x {plan.accumulation} gradient accumulation step"
+                  f"{'s' if plan.accumulation > 1 else ''}).", file=sys.stderr, flush=True)
         self.log("start", total_steps=plan.total_steps, start_step=self.step, steps_per_epoch=plan.steps_per_epoch,
-                 epochs=plan.epochs, num_processes=plan.processes, samples=plan.samples,
-                 dataset_rows=self.data_summary["rows"], mode="lora" if self.lora else "full",
+                 epochs=plan.epochs, num_processes=plan.processes, batch_per_process=BATCH_PER_PROCESS,
+                 gradient_accumulation_steps=plan.accumulation, effective_batch=plan.effective_batch,
+                 samples=plan.samples, dataset_rows=self.data_summary["rows"], mode="lora" if self.lora else "full",
                  trainable_parameters=sum(p.numel() for _, p in self.params), lora_layers=len(self.targets),
-                 resumed_from=self.resumed_from, output_path=str(self.output))
-        return self._loop()
+                 resumed_from=self.resumed_from, skipped_checkpoints=self.skipped_checkpoints,
+                 output_path=str(self.output))
+        self.log.start_bar(a.progress_bar, plan.total_steps, self.step)
+        try:
+            return self._loop()
+        finally:
+            self.log.close()
 
     def _loop(self) -> dict:
         a, acc, plan = self.args, self.accelerator, self.plan
@@ -368,9 +427,11 @@ class Trainer:
                 losses = []
                 dt = time.perf_counter() - t0
                 step_times = (step_times + [dt])[-20:]
+                images_per_s = plan.processes * window_len / dt
                 self.log("step", step=self.step, total_steps=plan.total_steps, epoch=self.epoch, loss=mean_loss, lr=lr,
-                         images_per_s=plan.processes * window_len / dt,
+                         images_per_s=images_per_s,
                          eta_s=sum(step_times) / len(step_times) * (plan.total_steps - self.step))
+                self.log.step(self.step, mean_loss, images_per_s)
                 epoch_done = self.position == plan.per_process
                 if epoch_done:  # the saved state points at the start of the next epoch
                     self.epoch, self.position = self.epoch + 1, 0
