@@ -25,7 +25,10 @@ Reporting (never a silent no-op): a file matching no layer raises LoraFormatErro
 like; a layer of another size raises LoraShapeError naming the key and both shapes; keys that matched nothing
 (and text-encoder keys, which FluxCore does not apply) are reported with Python `warnings`
 (`LoraKeyWarning`, a UserWarning: printed once per message, filterable, catchable by hosts) and listed in
-the returned `LoraReport`.
+the returned `LoraReport`. A file whose safetensors metadata `modelspec.architecture` (written by kohya's
+sd-scripts and others: "flux-1-dev/lora", "flux-1-schnell/lora", "stable-diffusion-xl-v1-base/lora", ...)
+names another model than the DiT (schnell on a DiT with a guidance embedder, or not FLUX.1 at all) is applied,
+with a `LoraArchitectureWarning` naming the file, the architecture and the model.
 """
 from __future__ import annotations
 
@@ -45,6 +48,11 @@ from .model_state import peek_state, state_of
 from .loading.files import checkpoint_files, open_state_dict, safetensors_metadata
 
 _MAX_LISTED = 30
+MODELSPEC_ARCHITECTURE = "modelspec.architecture"   # safetensors metadata key of the model a file was made for
+
+
+class LoraArchitectureWarning(UserWarning):
+    """A LoRA's metadata says it was made for another model than the DiT it is applied to."""
 
 LoraSource = str | os.PathLike | Mapping[str, torch.Tensor] | LoraFile
 
@@ -164,6 +172,7 @@ def load_lora(dit: nn.Module, source: LoraSource | Sequence[LoraSource], alpha: 
         state.loaded.append(report)
         reports.append(report)
         _warn_unmatched(lora)
+        _warn_architecture(dit, lora)
     return LoraReport(mode, reports)
 
 
@@ -305,3 +314,31 @@ def _warn_unmatched(lora: LoraFile) -> None:
     if lora.skipped_keys:
         warnings.warn(f"{where}: {len(lora.skipped_keys)} text-encoder keys (e.g. {lora.skipped_keys[0]}) were "
                       f"skipped: FluxCore applies LoRAs to the DiT only.", LoraKeyWarning, stacklevel=3)
+
+
+def architecture_mismatch(architecture: str, guidance_embed: bool) -> str | None:
+    """Why a LoRA made for `architecture` (its `modelspec.architecture`, e.g. "flux-1-dev/lora") does not fit a
+    FLUX.1 DiT with (dev, Kontext, Krea) or without (schnell) a guidance embedder; None when it fits or the
+    string does not tell ("flux-1/lora")."""
+    base = architecture.strip().lower().split("/")[0]
+    if base == "flux-1-dev" and not guidance_embed:
+        return "a FLUX.1-dev LoRA on a DiT without guidance_in (schnell-type)"
+    if base == "flux-1-schnell" and guidance_embed:
+        return "a FLUX.1-schnell LoRA on a DiT with guidance_in (dev-type)"
+    if not base.startswith("flux-1"):
+        return "a LoRA for another model than FLUX.1"
+    return None
+
+
+def _warn_architecture(dit: nn.Module, lora: LoraFile) -> None:
+    architecture = (lora.metadata or {}).get(MODELSPEC_ARCHITECTURE)
+    params = getattr(dit, "params", None)
+    if not architecture or params is None:
+        return
+    why = architecture_mismatch(architecture, bool(params.guidance_embed))
+    if why is None:
+        return
+    model = "FLUX.1-dev-type DiT (guidance_in)" if params.guidance_embed else "FLUX.1-schnell-type DiT (no guidance_in)"
+    warnings.warn(f"{lora.source or 'LoRA'}: its metadata says {MODELSPEC_ARCHITECTURE}={architecture!r}, but the "
+                  f"model is a {model}: {why}. It was applied; expect a weak or broken effect, and pick a LoRA made "
+                  f"for this model.", LoraArchitectureWarning, stacklevel=3)
