@@ -16,7 +16,9 @@ units are made resident on the compute device, in module order, while their stor
 (first fit); the others are streamed: copied to the compute device for each call and dropped after it. Resident units keep their storage dtype (fp8 stays fp8
 on the device); each call casts to the compute dtype, so a call needs at most one unit's weights in the
 compute dtype on top of what is resident. At rest (outside a call) a module's tensors are always its
-stored ones, so `state_dict()`, LoRA shape checks and `weight.dtype` see the storage.
+stored ones, so `state_dict()`, LoRA shape checks and `weight.dtype` see the storage. Block-quantized weights
+(flux_core.quantized.QuantizedLinear, from GGUF files) are uint8 tensors to the manager: moved as they are, never
+cast, so the budget counts quantized bytes; the layer dequantizes them on the compute device in its call.
 
 The budget counts weight bytes only. `resident_bytes` is exact: the bytes of the tensors the manager keeps
 on the compute device (stored there, made resident, or in flight for a call); it never exceeds the budget
@@ -41,6 +43,7 @@ from torch import nn
 
 from .dtypes import FLOAT8_DTYPES
 from .model_state import peek_state, state_of
+from .quantized import QuantizedLinear
 
 GiB = 1024 ** 3
 # Modules placed as one unit with their subtree, by class name: their forward reads a child's weight directly.
@@ -234,11 +237,13 @@ class PlacedModel:
     units: list[_Unit] = field(default_factory=list)
     stored: dict[int, torch.Tensor] = field(default_factory=dict)     # id(tensor) -> its stored data
     resident: dict[int, torch.Tensor] = field(default_factory=dict)   # id(tensor) -> copy on the compute device
+    marked: list[nn.Module] = field(default_factory=list)             # modules this manager marked offloaded
 
     @property
     def streamed(self) -> list[str]:
         """Names of the units streamed per call (stored off the compute device and not resident now)."""
-        return [u.name for u in self.units if u.owns and not u.resident and state_of(u.module).offloaded]
+        marked = {id(m) for m in self.marked}
+        return [u.name for u in self.units if u.owns and not u.resident and id(u.module) in marked]
 
 
 class VRAMManager:
@@ -271,9 +276,10 @@ class VRAMManager:
             unit.hooks = [module.register_forward_pre_hook(lambda m, a, u=unit: self._enter(u)),
                           module.register_forward_hook(lambda m, a, o, u=unit: self._exit(u), always_call=True)]
             if any(not self.device.holds(t) for t in tensors):
-                for m in module.modules():
-                    state_of(m).offloaded = True
-                state_of(model).offloaded = True
+                for m in [*module.modules(), model]:
+                    if not state_of(m).offloaded:  # marked here, unmarked by remove (others' marks stay)
+                        state_of(m).offloaded = True
+                        managed.marked.append(m)
             managed.units.append(unit)
         self._count(self._bytes(managed.stored.values(), held=True))
         state_of(model).compute = (self.device.torch_device, compute_dtype)
@@ -287,11 +293,10 @@ class VRAMManager:
         for unit in managed.units:
             for h in unit.hooks:
                 h.remove()
-            for m in unit.module.modules():
-                state_of(m).offloaded = False
+        for m in managed.marked:
+            state_of(m).offloaded = False
         self._count(-self._bytes(managed.stored.values(), held=True))
         state_of(managed.model).compute = None
-        state_of(managed.model).offloaded = False
         return managed.model
 
     def remove_all(self) -> None:
@@ -372,8 +377,11 @@ class VRAMManager:
         for name, managed in self.models.items():
             if names is None or name in names:
                 for u in managed.units:
-                    out = max(out, sum(t.numel() * (managed.compute_dtype.itemsize if t.is_floating_point()
-                                                    else t.element_size()) for t in u.uses))
+                    size = sum(t.numel() * (managed.compute_dtype.itemsize if t.is_floating_point()
+                                            else t.element_size()) for t in u.uses)
+                    if isinstance(u.module, QuantizedLinear):  # its call also dequantizes the weight
+                        size += u.module.in_features * u.module.out_features * managed.compute_dtype.itemsize
+                    out = max(out, size)
         return out
 
     def summary(self) -> str:

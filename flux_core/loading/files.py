@@ -6,7 +6,8 @@ load at "the model plus one tensor": a mapped file's touched pages would count a
 
 Accepted inputs: one file, a list of files (shards: the union of their keys), a folder holding
 `*.safetensors` (with or without a `*.safetensors.index.json`). `.bin`/`.pt`/`.pth` files are read with
-`torch.load(weights_only=True)` only, never unpickled freely.
+`torch.load(weights_only=True)` only, never unpickled freely. `.gguf` files (city96's GGUF DiTs) are read by
+gguf_file.py, their quantized tensors kept in their block format.
 """
 from __future__ import annotations
 
@@ -21,6 +22,8 @@ import torch
 
 from lora_tools.io import atomic_write
 
+from .errors import CheckpointError
+from .gguf_file import open_gguf
 from .lazy import LazyTensor, lazy_from_tensor
 
 PathLike = str | os.PathLike
@@ -31,10 +34,6 @@ SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
 }
 TORCH_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint file that cannot be read or is not what it was given as. The message says how to fix it."""
 
 
 def read_safetensors_header(path: PathLike) -> tuple[dict, int]:
@@ -152,8 +151,8 @@ def open_file(path: PathLike) -> dict[str, LazyTensor]:
         raise CheckpointError(f"{path}: no such file.")
     if path.suffix.lower() in TORCH_PICKLE_SUFFIXES:
         return open_torch_file(path)
-    if path.suffix.lower() in (".gguf",):
-        raise CheckpointError(f"{path}: GGUF files are not supported; use the .safetensors release.")
+    if path.suffix.lower() == ".gguf":
+        return open_gguf(path)
     return open_safetensors(path)
 
 

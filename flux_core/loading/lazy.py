@@ -15,11 +15,22 @@ from lora_tools import parts
 
 
 @dataclass(frozen=True)
+class QuantizedData:
+    """How a block-quantized tensor (a GGUF tensor in a GGML format) is stored: `read` gives the raw bytes."""
+    qtype: str                       # GGML type name, a key of flux_core.quantized.BLOCK_FORMATS
+    raw_shape: tuple[int, ...]       # the uint8 tensor `read` returns (the logical shape's last dim in bytes)
+    read: Callable[[], torch.Tensor]
+
+
+@dataclass(frozen=True)
 class LazyTensor:
     shape: tuple[int, ...]
     dtype: torch.dtype
     read: Callable[[], torch.Tensor]
     source: str = ""  # "file:key", for error messages
+    # Set for block-quantized tensors: `read` then dequantizes (for code that wants values), while the loader
+    # may keep the raw blocks instead (flux_core.quantized.QuantizedLinear). Transforms (apply, cat) drop it.
+    quantized: QuantizedData | None = None
 
     def load(self) -> torch.Tensor:
         return self.read()
@@ -31,6 +42,12 @@ class LazyTensor:
         return n
 
     def nbytes(self) -> int:
+        """Bytes as stored (the raw blocks of a quantized tensor)."""
+        if self.quantized is not None:
+            n = 1
+            for d in self.quantized.raw_shape:
+                n *= d
+            return n
         return self.numel() * _itemsize(self.dtype)
 
     def apply(self, fn: Callable[[torch.Tensor], torch.Tensor], shape: Sequence[int] | None = None) -> "LazyTensor":

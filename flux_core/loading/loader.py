@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ..model_state import state_of
+from ..quantized import QuantizedLinear
 from ..vram import storage_dtype
 from .dit_kind import DIT_KIND
 from .files import CheckpointError, checkpoint_files, open_state_dict
@@ -132,6 +133,7 @@ def _build_and_load(d: Detected, overrides: dict, torch_dtype: torch.dtype, devi
             module = d.kind.build(d.state_dict, overrides)
     except (KeyError, ValueError) as e:
         raise CheckpointError(f"{where}: cannot build a {d.kind.title} from its {d.layout}-layout keys: {e}") from None
+    keep_quantized(module, d.state_dict)
     assign_weights(module, d.state_dict, torch_dtype, device, f"{where} ({d.kind.title}, {d.layout} layout)",
                    weight_dtype)
     if d.kind.finalize is not None:
@@ -164,14 +166,41 @@ def assign_weights(module: nn.Module, sd: Mapping[str, LazyTensor], torch_dtype:
         raise CheckpointError(f"{where}: {len(unexpected)} unexpected weight(s), e.g. {unexpected[:5]}. "
                               f"This is a different model variant than the one detected.")
     for name, target in expected.items():
-        if tuple(sd[name].shape) != tuple(target.shape):
+        stored = _kept_raw(sd[name], target)
+        shape = sd[name].quantized.raw_shape if stored else sd[name].shape
+        if tuple(shape) != tuple(target.shape):
             raise CheckpointError(f"{where}: '{name}' has shape {tuple(sd[name].shape)} but the model "
                                   f"needs {tuple(target.shape)}.")
     loaded: dict[str, torch.Tensor] = {}
     by_source: dict[int, torch.Tensor] = {}  # tied weights (one LazyTensor, several names) load once
-    for name in expected:
+    for name, target in expected.items():
         lazy = sd[name]
         if id(lazy) not in by_source:
-            by_source[id(lazy)] = cast_weight(lazy.load(), torch_dtype, device, weight_dtype)
+            by_source[id(lazy)] = (lazy.quantized.read().to(device) if _kept_raw(lazy, target)
+                                   else cast_weight(lazy.load(), torch_dtype, device, weight_dtype))
         loaded[name] = by_source[id(lazy)]
     module.load_state_dict(loaded, strict=True, assign=True)
+
+
+def keep_quantized(module: nn.Module, sd: Mapping[str, LazyTensor]) -> None:
+    """Make each nn.Linear whose weight is block-quantized in `sd` (a GGUF file) a QuantizedLinear, so that the
+    weight stays in its blocks and is dequantized per call. Such layers are marked for LoRA hook mode: a LoRA
+    cannot be fused into quantized blocks (flux_core.lora reads `state_of(layer).offloaded`)."""
+    for name, lazy in sd.items():
+        if lazy.quantized is None or not name.endswith(".weight"):
+            continue
+        owner_name = name[: -len(".weight")]
+        try:
+            owner = module.get_submodule(owner_name)
+        except AttributeError:
+            continue  # not a weight of this model: assign_weights names it
+        if type(owner) is nn.Linear:
+            replacement = QuantizedLinear.replacing(owner, lazy.quantized.qtype)
+            parent_name, _, attr = owner_name.rpartition(".")
+            setattr(module.get_submodule(parent_name) if parent_name else module, attr, replacement)
+            state_of(replacement).offloaded = True
+
+
+def _kept_raw(lazy: LazyTensor, target: torch.Tensor) -> bool:
+    """Whether the loader assigns this tensor's raw blocks (a QuantizedLinear weight) rather than its values."""
+    return lazy.quantized is not None and target.dtype == torch.uint8
