@@ -1,4 +1,4 @@
-"""Low-VRAM running on the CPU: FP8 storage size, weight bytes on the compute device at several budgets, and
+"""Low-VRAM running on the CPU: FP8 and GGUF storage sizes, weight bytes on the compute device at several budgets, and
 the time cost of streaming versus keeping layers resident.
 
     python bench/memory.py [--runs 3] [--tokens 512]
@@ -35,6 +35,8 @@ sys.path.insert(0, str(ROOT))
 
 from flux_core.math import image_ids, text_ids  # noqa: E402
 from flux_core.models.dit import FluxDiT, FluxParams  # noqa: E402
+from flux_core.loading.loader import load_model  # noqa: E402
+from flux_core.quantized import BLOCK_FORMATS, bytes_per_value  # noqa: E402
 from flux_core.vram import GiB, SimulatedDevice, VRAMManager, store_model  # noqa: E402
 
 PARAMS = FluxParams(hidden_size=768, num_heads=6, depth=4, depth_single_blocks=8)
@@ -98,6 +100,73 @@ def timed(dit, reference, inputs, runs: int) -> tuple[float, float, float, int, 
     return min(times), min(ref_times), min(walls), rss, out
 
 
+# GGUF types of the published FLUX files (city96): file type -> the block type of its weight matrices.
+GGUF_TYPES = {"Q8_0": "Q8_0", "Q6_K": "Q6_K", "Q5_K_S": "Q5_K", "Q4_K_S": "Q4_K", "Q4_0": "Q4_0"}
+
+
+def storage_bytes(model: torch.nn.Module, matrix_bytes) -> int:
+    """Weight bytes of `model` (any device, meta too) when each nn.Linear weight takes `matrix_bytes(out, in)`
+    bytes and every other tensor 2 (bf16)."""
+    total = 0
+    for module in model.modules():
+        for name, t in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
+            is_matrix = isinstance(module, torch.nn.Linear) and name == "weight"
+            total += matrix_bytes(*t.shape) if is_matrix else t.numel() * 2
+    return total
+
+
+def gguf_matrix(qtype: str):
+    """Bytes of an (out, in) matrix in `qtype`; rows that are not whole blocks stay 16-bit, as in city96's files."""
+    block = BLOCK_FORMATS[qtype].block_size
+    return lambda out, n_in: int(out * n_in * bytes_per_value(qtype)) if n_in % block == 0 else out * n_in * 2
+
+
+def print_storage_table(mid: FluxDiT) -> None:
+    """Weight bytes per storage format: FLUX.1-dev's shapes (computed on the meta device) and the bench's DiT
+    (computed, and measured on the model loaded from a GGUF file written here)."""
+    import tempfile
+
+    import numpy as np
+    from gguf import GGMLQuantizationType, GGUFWriter, quants
+
+    with torch.device("meta"):
+        dev = FluxDiT(FluxParams())
+    formats = {"bf16": lambda o, i: o * i * 2, "fp8 (e4m3fn)": lambda o, i: o * i,
+               **{f"GGUF {name}": gguf_matrix(q) for name, q in GGUF_TYPES.items()}}
+    measured = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in ("Q8_0", "Q4_0"):  # the types gguf 0.19 can write (it has no K-quant quantizer)
+            path = Path(tmp) / f"mid-{name}.gguf"
+            writer = GGUFWriter(str(path), "flux")
+            for key, value in mid.state_dict().items():
+                array = value.float().numpy()
+                if value.dim() == 2 and value.shape[1] % BLOCK_FORMATS[name].block_size == 0:
+                    writer.add_tensor(key, quants.quantize(array, GGMLQuantizationType[name]),
+                                      raw_dtype=GGMLQuantizationType[name])
+                else:
+                    writer.add_tensor(key, array.astype(np.float16))
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_tensors_to_file()
+            writer.close()
+            measured[f"GGUF {name}"] = nbytes(load_model(path, torch_dtype=torch.bfloat16))
+    measured["bf16"] = nbytes(mid.to(torch.bfloat16))
+    measured["fp8 (e4m3fn)"] = nbytes(store_model(mid, weight_dtype=torch.float8_e4m3fn))
+    params = sum(p.numel() for p in dev.parameters())
+    print(f"Weight bytes per storage format (matrices in the format; biases, norms and matrices whose rows are not "
+          f"whole blocks in 16 bits):")
+    print(f"{'format':<14} {'FLUX.1-dev':>11} {'bytes/param':>11} {'vs bf16':>8} {'bench DiT':>10} {'measured':>10}")
+    dev_bf16 = storage_bytes(dev, formats["bf16"])
+    for name, matrix in formats.items():
+        size, mid_size = storage_bytes(dev, matrix), storage_bytes(mid, matrix)
+        got = measured.get(name)
+        if got is not None:
+            assert got == mid_size, f"{name}: loaded model holds {got} bytes, computed {mid_size}"
+        print(f"{name:<14} {size / GiB:>7.2f} GiB {size / params:>11.3f} {size / dev_bf16:>7.3f}x "
+              f"{mid_size / MiB:>6.1f} MiB {'-' if got is None else f'{got / MiB:.1f} MiB':>10}")
+    print()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", type=int, default=3)
@@ -122,6 +191,7 @@ def main() -> None:
           f"{nbytes(fp8) / MiB:.1f} MiB -> {nbytes(fp8) / nbytes(bf16):.3f}x")
     del bf16, fp8
     print()
+    print_storage_table(make_dit(torch.float32))
 
     reference = make_dit(torch.float32)
     full = make_dit(torch.float32)
