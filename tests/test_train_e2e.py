@@ -273,7 +273,7 @@ def test_kontext_fp8_and_gradient_checkpointing(setup, tmp_path):
     print(f"fp8 run vs rounded-weights run: {fp8_error:.2e}; vs original weights: {storage_effect:.2e}")
     # Measured: 0 (the same float32 values reach the same kernels). The smallest real mistake, computing on
     # the unrounded weights (the storage having no effect), moves the LoRA by `storage_effect` (measured
-    # ~1e-3): the bound is far below it, and the storage effect must be real.
+    # 2e-2): the bound is far below it, and the storage effect must be real.
     assert fp8_error <= 1e-6
     assert storage_effect > 1e-4
 
@@ -342,7 +342,7 @@ def test_resume_after_sigkill_ends_with_the_same_weights(setup, tmp_path):
 
 
 def test_two_processes_equal_one_process_with_accumulation(setup, tmp_path):
-    common = ("--num_epochs", "2")
+    common = ("--num_epochs", "2", "--fp8_models", "dit,t5,clip")   # DDP leaves the frozen float8 weights alone
     launch = [python(), "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
               "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "flux_core.train",
               *train_argv(setup, tmp_path / "two", *common)]

@@ -57,6 +57,7 @@ from .run_folder import ARGS_FILE, LOG_FILE, check_output, earlier_run, prepare_
 STOP_FILE = "STOP"
 BATCH_PER_PROCESS = 1   # one image per forward: FLUX training samples differ in size (dynamic resolution)
 FP8_STORAGE = torch.float8_e4m3fn
+MODEL_NAMES = {"dit": "DiT", "vae": "VAE", "text_encoder_1": "CLIP-L text encoder", "text_encoder_2": "T5 text encoder"}
 # How a --resume mismatch names each setting a resumed run must share (the flag that sets it).
 SETTING_NAMES = {"mode": "LoRA or full training (--lora_base_model / --trainable_models)",
                  "lora_rank": "--lora_rank", "targets": "LoRA layers (--lora_target_modules)", "seed": "--seed",
@@ -140,8 +141,9 @@ def load_pipeline(args: argparse.Namespace, device: torch.device, skip_kinds: tu
     missing = [slot for slot in ("dit", "vae", "text_encoder_1", "text_encoder_2")
                if slot not in skip_kinds and getattr(pipe, slot) is None]
     if missing:
-        raise TrainError(f"the models given hold no {', '.join(missing)}; training needs the DiT, the VAE and both "
-                         f"text encoders (CLIP-L, T5): add them to --model_paths / --model_id_with_origin_paths.")
+        raise TrainError(f"the models of --model_paths / --model_id_with_origin_paths hold no "
+                         f"{', '.join(MODEL_NAMES[m] for m in missing)}; training needs the DiT, the VAE and both text "
+                         f"encoders (CLIP-L, T5): add the missing files there.")
     for slot in ("dit", "vae", "text_encoder_1", "text_encoder_2"):
         module = getattr(pipe, slot)
         if module is not None:
@@ -307,6 +309,12 @@ class Trainer:
         self.skipped_checkpoints: list[str] = []
         if a.resume:
             self.restore(optimizer)
+        if acc.num_processes > 1:
+            # Frozen weights are loaded from the same files by every process, so DDP need not broadcast them
+            # from process 0 at the start (the whole DiT for a LoRA run); gloo cannot broadcast float8 at all.
+            from torch.nn.parallel import DistributedDataParallel
+            DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+                dit, [n for n, p in dit.named_parameters() if not p.requires_grad])
         self.model, self.optimizer = acc.prepare(dit, optimizer)
         self.schedule = training_schedule()
         self.guidance = a.embedded_guidance if dit.params.guidance_embed else None
@@ -347,7 +355,8 @@ class Trainer:
         names = {n for n, _ in self.params}
         if set(loaded.trainable) != names:
             raise TrainError(f"--resume {folder}: its trained parameters differ from this run's "
-                             f"({len(loaded.trainable)} vs {len(names)}); resume with the same model and targets.")
+                             f"({len(loaded.trainable)} vs {len(names)}); resume with the same DiT (--model_paths / "
+                             f"--model_id_with_origin_paths) and --lora_target_modules.")
         with torch.no_grad():
             for name, p in self.params:
                 p.copy_(loaded.trainable[name].to(p.device, p.dtype))
