@@ -237,3 +237,19 @@ def test_truncated_gguf_is_refused(weights, tmp_path):
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     with pytest.raises(CheckpointError, match="cut.gguf"):
         load_model(path)
+
+
+def test_original_shape_metadata_gives_the_shape(tmp_path):
+    # city96's converter flattens some tensors and records the shape as comfy.gguf.orig_shape.<name> (INT32 array).
+    from flux_core.loading.files import open_file
+    path = tmp_path / "shaped.gguf"
+    writer = GGUFWriter(str(path), "flux")
+    writer.add_array("comfy.gguf.orig_shape.x.weight", [2, 3, 4])
+    writer.add_tensor("x.weight", np.arange(24, dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    lazy = open_file(path)["x.weight"]
+    assert lazy.shape == (2, 3, 4)
+    assert torch.equal(lazy.load(), torch.arange(24, dtype=torch.float32).reshape(2, 3, 4))

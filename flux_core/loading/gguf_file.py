@@ -69,8 +69,18 @@ def _reader(path: Path):
 
 
 def _field(reader, name: str):
+    """A metadata value: a string, or a list of numbers (the only kinds read here). Read through `parts`/`data`,
+    which every gguf release since 0.10 has."""
+    from gguf import GGUFValueType
+
     field = reader.get_field(name)
-    return None if field is None else field.contents()
+    if field is None:
+        return None
+    if field.types == [GGUFValueType.STRING]:
+        return bytes(field.parts[field.data[-1]]).decode("utf-8")
+    if field.types and field.types[0] == GGUFValueType.ARRAY:
+        return [field.parts[i].tolist()[0] for i in field.data]
+    return field.parts[field.data[-1]].tolist()[0]
 
 
 def _bytes_reader(path: Path, offset: int, length: int):
