@@ -168,3 +168,18 @@ def test_loading_modules_import_each_other_without_a_circle():
             visit(dep, stack + [name])
     for name in graph:
         visit(name, [])
+
+
+def test_loading_progress_bar_only_for_large_models_or_when_asked(reference, tmp_path, capsys, monkeypatch):
+    import flux_core.loading.loader as loader
+    path = write_layout("bfl", reference, tmp_path)
+    load_model(path, config={"axes_dim": (4, 6, 6)})
+    assert capsys.readouterr().err == ""  # a tiny model loads quietly (tests stay quiet)
+    load_model(path, config={"axes_dim": (4, 6, 6)}, progress=True)
+    err = capsys.readouterr().err
+    assert "Loading FLUX DiT" in err and "100%" in err
+    monkeypatch.setattr(loader, "PROGRESS_MIN_BYTES", 1000)  # as if the model were large: the bar is on by default
+    load_model(path, config={"axes_dim": (4, 6, 6)})
+    assert "Loading FLUX DiT" in capsys.readouterr().err
+    load_model(path, config={"axes_dim": (4, 6, 6)}, progress=False)
+    assert capsys.readouterr().err == ""

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
 
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from ..model_state import state_of
 from ..quantized import QuantizedLinear
@@ -28,6 +30,9 @@ from .vae_kind import VAE_KIND
 
 PathLike = str | os.PathLike
 
+
+# A load shows a progress bar (progress=None) when it reads more than this: large models take seconds to minutes.
+PROGRESS_MIN_BYTES = 256 * 2**20
 
 # Every kind load_model recognises, in the order detection tries them.
 KINDS: tuple[ModelKind, ...] = (DIT_KIND, VAE_KIND, CLIP_KIND, T5_KIND)
@@ -71,7 +76,8 @@ def read_config_json(source: PathLike | Sequence[PathLike]) -> dict:
 
 def load_model(source: PathLike | Sequence[PathLike], config: Mapping | None = None,
                torch_dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu",
-               kind: str | None = None, weight_dtype: torch.dtype | None = None) -> nn.Module:
+               kind: str | None = None, weight_dtype: torch.dtype | None = None,
+               progress: bool | None = None) -> nn.Module:
     """Load one FLUX component from a file, a list of shard files or a folder.
 
     The kind (DiT / VAE / CLIP-L / T5) and layout are detected from key names and shapes; `kind` states what
@@ -79,6 +85,8 @@ def load_model(source: PathLike | Sequence[PathLike], config: Mapping | None = N
     diffusers `config.json` say. Floating-point weights are cast to `torch_dtype` (fp8-stored files included);
     with `weight_dtype` (FP8 storage: torch.float8_e4m3fn), weight matrices are stored in it instead, while
     biases and norm scales keep `torch_dtype` (see flux_core.vram: such a model computes through a VRAMManager).
+    GGUF files keep their block-quantized weight matrices quantized (flux_core.quantized), computed in `torch_dtype`.
+    `progress`: a progress bar on stderr while the weights are read; None shows it for models over 256 MiB.
     """
     found = _detect_source(source)
     where = describe_source(source)
@@ -94,15 +102,16 @@ def load_model(source: PathLike | Sequence[PathLike], config: Mapping | None = N
         raise CheckpointError(f"{where}: holds several components ({', '.join(d.kind.name for d in found)}); "
                               f"pass kind= one of them, or use load_models() to load them all.")
     overrides = {**read_config_json(source), **dict(config or {})}
-    return _build_and_load(chosen, overrides, torch_dtype, device, where, weight_dtype)
+    return _build_and_load(chosen, overrides, torch_dtype, device, where, weight_dtype, progress)
 
 
 def load_models(source: PathLike | Sequence[PathLike], torch_dtype: torch.dtype = torch.bfloat16,
-                device: str | torch.device = "cpu", weight_dtype: torch.dtype | None = None) -> dict[str, nn.Module]:
+                device: str | torch.device = "cpu", weight_dtype: torch.dtype | None = None,
+                progress: bool | None = None) -> dict[str, nn.Module]:
     """Every component a file holds, by kind name (for all-in-one checkpoints)."""
     where = describe_source(source)
     overrides = read_config_json(source)
-    return {d.kind.name: _build_and_load(d, overrides, torch_dtype, device, where, weight_dtype)
+    return {d.kind.name: _build_and_load(d, overrides, torch_dtype, device, where, weight_dtype, progress)
             for d in _detect_source(source)}
 
 
@@ -127,7 +136,7 @@ def _looks_like(found: list[Detected]) -> str:
 
 
 def _build_and_load(d: Detected, overrides: dict, torch_dtype: torch.dtype, device, where: str,
-                    weight_dtype: torch.dtype | None = None) -> nn.Module:
+                    weight_dtype: torch.dtype | None = None, progress: bool | None = None) -> nn.Module:
     try:
         with torch.device("meta"):
             module = d.kind.build(d.state_dict, overrides)
@@ -135,7 +144,7 @@ def _build_and_load(d: Detected, overrides: dict, torch_dtype: torch.dtype, devi
         raise CheckpointError(f"{where}: cannot build a {d.kind.title} from its {d.layout}-layout keys: {e}") from None
     keep_quantized(module, d.state_dict)
     assign_weights(module, d.state_dict, torch_dtype, device, f"{where} ({d.kind.title}, {d.layout} layout)",
-                   weight_dtype)
+                   weight_dtype, progress, d.kind.title)
     if d.kind.finalize is not None:
         d.kind.finalize(module)
     leftover = [n for n, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta]
@@ -154,8 +163,10 @@ def cast_weight(t: torch.Tensor, torch_dtype: torch.dtype, device, weight_dtype:
 
 
 def assign_weights(module: nn.Module, sd: Mapping[str, LazyTensor], torch_dtype: torch.dtype, device,
-                   where: str, weight_dtype: torch.dtype | None = None) -> None:
-    """Read each expected tensor once, cast it, and assign it into `module` (built on the meta device)."""
+                   where: str, weight_dtype: torch.dtype | None = None, progress: bool | None = None,
+                   title: str = "") -> None:
+    """Read each expected tensor once, cast it, and assign it into `module` (built on the meta device).
+    `progress`: a progress bar over the bytes read, on stderr; None shows it for models over PROGRESS_MIN_BYTES."""
     expected = module.state_dict(keep_vars=True)
     missing = [k for k in expected if k not in sd]
     unexpected = [k for k in sd if k not in expected]
@@ -173,12 +184,17 @@ def assign_weights(module: nn.Module, sd: Mapping[str, LazyTensor], torch_dtype:
                                   f"needs {tuple(target.shape)}.")
     loaded: dict[str, torch.Tensor] = {}
     by_source: dict[int, torch.Tensor] = {}  # tied weights (one LazyTensor, several names) load once
-    for name, target in expected.items():
-        lazy = sd[name]
-        if id(lazy) not in by_source:
-            by_source[id(lazy)] = (lazy.quantized.read().to(device) if _kept_raw(lazy, target)
-                                   else cast_weight(lazy.load(), torch_dtype, device, weight_dtype))
-        loaded[name] = by_source[id(lazy)]
+    total = sum({id(sd[n]): sd[n].nbytes() for n in expected}.values())
+    show = total > PROGRESS_MIN_BYTES if progress is None else progress
+    with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=f"Loading {title or where}",
+              file=sys.stderr, disable=not show) as bar:
+        for name, target in expected.items():
+            lazy = sd[name]
+            if id(lazy) not in by_source:
+                by_source[id(lazy)] = (lazy.quantized.read().to(device) if _kept_raw(lazy, target)
+                                       else cast_weight(lazy.load(), torch_dtype, device, weight_dtype))
+                bar.update(lazy.nbytes())
+            loaded[name] = by_source[id(lazy)]
     module.load_state_dict(loaded, strict=True, assign=True)
 
 
