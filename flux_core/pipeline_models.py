@@ -95,7 +95,7 @@ def plan_models(model_configs: Sequence[ModelConfig]) -> ModelPlan:
             raise ValueError(f"model_configs[{index}]: kind={config.kind!r}; use one of "
                              f"{', '.join(repr(k) for k in MODEL_SLOTS)}, or None to detect it from the file.")
         roots.extend(_search_roots(paths))
-        components = _components(paths)
+        components = detect_components(paths)
         if config.kind is not None:
             wanted = [c for c in components if c[1] == config.kind]
             if not wanted:
@@ -123,16 +123,17 @@ def empty_slots(loaded: dict[str, LoadedModel]) -> list[str]:
     return [slot for slot in MODEL_SLOTS.values() if slot not in loaded]
 
 
-def _components(paths: str | list[str]) -> list[tuple[str | list[str], str, str, str]]:
-    """(source to load, kind, title, layout) for each model the resolved path(s) hold. A diffusers FLUX folder
-    yields its component folders; a file may hold several models (ComfyUI all-in-one checkpoints)."""
+def detect_components(paths: str | list[str]) -> list[tuple[str | list[str], str, str, str]]:
+    """(source to load, kind, title, layout) for each model the resolved path(s) hold, read from the safetensors
+    headers only. A diffusers FLUX folder yields its component folders; a file may hold several models (ComfyUI
+    all-in-one checkpoints)."""
     single = paths if isinstance(paths, str) else (paths[0] if len(paths) == 1 else None)
     if single is not None and Path(single).is_dir() and (Path(single) / "model_index.json").is_file():
         root = Path(single)
         out = []
         for kind, folder in DIFFUSERS_COMPONENTS.items():
             if (root / folder).is_dir():
-                out.extend(c for c in _components(str(root / folder)) if c[1] == kind)
+                out.extend(c for c in detect_components(str(root / folder)) if c[1] == kind)
         if not out:
             raise CheckpointError(f"{root}: diffusers folder without transformer/, vae/ or text encoder folders.")
         return out

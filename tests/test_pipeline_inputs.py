@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from flux_core.activation_memory import ActivationMemoryWarning, dit_activation_bytes, image_tokens
-from flux_core.inputs import SEED_MAX, T5_MAX_SEQUENCE_LENGTH, random_seed
+from flux_core.inputs import SEED_MAX, random_seed
 from flux_core.model_config import ModelConfig
 from flux_core.pipeline import FluxImagePipeline
 from flux_core.vram import ComputeDevice
@@ -117,10 +117,6 @@ def test_random_seed_covers_the_whole_64_bit_range(tiny):
     assert sum(d >= 2**32 for d in draws) >= 60
     call(tiny, seed=None, num_inference_steps=1, output_type="latent")
     assert isinstance(tiny.last_seed, int) and 0 <= tiny.last_seed <= SEED_MAX
-
-
-def test_t5_limit_is_512():
-    assert T5_MAX_SEQUENCE_LENGTH == 512
 
 
 # ---------------------------------------------------------------------------------------------- memory estimate
