@@ -164,7 +164,9 @@ def test_fp8_storage_alone_and_with_offload_computes_in_bf16(fp8):
     assert got_alone.dtype == torch.bfloat16
     assert torch.equal(got_alone, got_offloaded)          # same casts, wherever the weights rest
     rel = ((got_alone.float() - expected.float()).norm() / expected.float().norm()).item()
-    assert rel < (0.1 if fp8 == E4M3 else 0.2)           # FP8 rounding of the weights, nothing worse
+    # FP8 rounding of the weights, nothing worse: measured 0.074 (e4m3fn) and 0.105 (e5m2); bounds 1.2x. Real mistakes
+    # are far larger: sigma 0.5 instead of 0.6 gives 0.49, guidance 4 instead of 3.5 0.62, other weights 1.4.
+    assert rel < (0.09 if fp8 == E4M3 else 0.13)
     assert vram.peak_bytes <= vram.largest_unit_bytes()  # streamed: only the layer in use, in bf16
 
 
@@ -248,7 +250,9 @@ def test_model_config_offload_fields_store_every_model_there(folder):
     image = pipe(**CALL)
     reference = FluxImagePipeline.from_pretrained(torch_dtype=torch.bfloat16, device="cpu",
                                                   model_configs=[ModelConfig(path=folder)])(**CALL)
-    assert abs(image - reference).mean() < 0.1
+    # FP8 rounding of every model's weights: measured mean |difference| 0.021 (bf16 vs float32 alone: 0.004). The
+    # bound (1.5x) must catch a real mistake: the prompts swapped give 0.15, one step more 0.13, another seed 0.24.
+    assert abs(image - reference).mean() < 0.032
 
 
 def test_enable_vram_management_moves_stages_in_and_out_exactly(folder):
