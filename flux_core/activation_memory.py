@@ -48,10 +48,11 @@ def dit_activation_bytes(batch: int, tokens: int, hidden_size: int, mlp_ratio: f
     return int(batch * tokens * (7 + 2 * mlp_ratio) * hidden_size * per_element)
 
 
-def check_activation_memory(needed: int, available: int, device: str, what: str) -> None:
+def check_activation_memory(needed: int, available: int, device: str, what: str, stacklevel: int = 2) -> None:
     """Refuse (ValueError) when `needed` bytes exceed the device's `available` memory, warn
     (ActivationMemoryWarning) above WARN_FRACTION of it. `what` names the inputs that set the size (height,
-    width, batch, kontext_images), so the message says what to lower."""
+    width, batch, kontext_images), so the message says what to lower. `stacklevel` as for warnings.warn, counted
+    from the caller of this function (2: the line that called the caller)."""
     message = (f"the DiT's activations for {what} need about {needed / GiB:.2f} GiB "
                f"(flux_core.activation_memory.dit_activation_bytes)")
     if needed > available:
@@ -61,6 +62,6 @@ def check_activation_memory(needed: int, available: int, device: str, what: str)
     if needed > WARN_FRACTION * available:
         warnings.warn(f"{message}, over {WARN_FRACTION:.0%} of the {available / GiB:.2f} GiB of the compute device "
                       f"{device}; with the weights this may not fit. Lower height/width, the batch or the "
-                      f"kontext_images if the run fails for memory.", ActivationMemoryWarning, stacklevel=3)
+                      f"kontext_images if the run fails for memory.", ActivationMemoryWarning, stacklevel=stacklevel + 1)
     else:
         logger.debug("%s; the compute device %s has %.2f GiB.", message, device, available / GiB)

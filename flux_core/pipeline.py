@@ -348,7 +348,8 @@ class FluxImagePipeline:
         device = self.vram.device if self.vram is not None else ComputeDevice(self.device)
         what = (f"height={height}, width={width}, a batch of {batch} image(s) and {reference_tokens} Kontext "
                 f"reference tokens (kontext_images), {tokens} tokens in all")
-        check_activation_memory(needed, device.total_memory(), str(device.torch_device), what)
+        # stacklevel 4: the user's line (above __call__ and torch.no_grad's wrapper)
+        check_activation_memory(needed, device.total_memory(), str(device.torch_device), what, stacklevel=4)
 
     def _warn_kontext_without_image(self, references: list[Image.Image]) -> None:
         source = self.loaded_from.get("dit")
@@ -357,7 +358,7 @@ class FluxImagePipeline:
         warnings.warn(f"The DiT was loaded from {source.model_id or source.source}, a FLUX.1 Kontext model, but no "
                       f"kontext_images were given: Kontext edits a reference image, and without one it generates "
                       f"from the text alone. Pass kontext_images=PIL.Image.open(path).convert('RGB').",
-                      KontextWithoutImageWarning, stacklevel=3)
+                      KontextWithoutImageWarning, stacklevel=4)   # the user's line (above torch.no_grad's wrapper)
 
     def _initial_noise(self, latents, batch: int, height: int, width: int, rand_device: str) -> torch.Tensor:
         h, w = height // 8, width // 8

@@ -197,8 +197,9 @@ def test_run_beyond_device_memory_is_refused_before_any_model_runs(nothing_runs,
 
 def test_run_near_device_memory_warns_with_the_estimate(tiny, monkeypatch):
     monkeypatch.setattr(ComputeDevice, "total_memory", lambda self: 100_000)   # 53,760 > half of it
-    with pytest.warns(ActivationMemoryWarning, match=r"need about 0\.00 GiB .* over 50%"):
+    with pytest.warns(ActivationMemoryWarning, match=r"need about 0\.00 GiB .* over 50%") as caught:
         call(tiny, num_inference_steps=1, output_type="latent")
+    assert caught[0].filename == __file__   # points at the caller's line
     monkeypatch.setattr(ComputeDevice, "total_memory", lambda self: 200_000)
     with warnings.catch_warnings():
         warnings.simplefilter("error", ActivationMemoryWarning)
@@ -209,7 +210,7 @@ def test_memory_check_uses_the_managed_device(tiny, monkeypatch):
     from flux_core.vram import SimulatedDevice
     seen = []
     monkeypatch.setattr("flux_core.pipeline.check_activation_memory",
-                        lambda needed, available, device, what: seen.append((needed, available)))
+                        lambda needed, available, device, what, stacklevel: seen.append((needed, available)))
     tiny.enable_vram_management(device=SimulatedDevice(total_memory=123_456_789))
     try:
         call(tiny, num_inference_steps=1, output_type="latent")

@@ -138,8 +138,9 @@ def test_kontext_model_without_a_reference_image_warns(folder, tmp_path):
                 *(part(folder, p) for p in PARTS[1:]))
     assert pipe.loaded_from["dit"].is_kontext
     with pytest.warns(KontextWithoutImageWarning, match=rf"loaded from {kontext}, a FLUX\.1 Kontext model, but no "
-                                                        r"kontext_images were given"):
+                                                        r"kontext_images were given") as caught:
         run(pipe)
+    assert caught[0].filename == __file__
     reference = Image.fromarray(np.full((32, 32, 3), 90, dtype=np.uint8))
     plain = load(*(part(folder, p) for p in PARTS))
     with warnings.catch_warnings():
