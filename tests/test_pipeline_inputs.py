@@ -218,3 +218,13 @@ def test_memory_check_uses_the_managed_device(tiny, monkeypatch):
         tiny.vram.remove_all()
         tiny.vram = None
     assert seen == [(53_760, 123_456_789)]
+
+
+def test_memory_check_without_a_way_to_read_the_device_memory_logs_and_runs(tiny, monkeypatch, caplog):
+    def no_psutil(self):
+        raise ImportError("No module named 'psutil'")
+    monkeypatch.setattr(ComputeDevice, "total_memory", no_psutil)
+    with caplog.at_level("WARNING", logger="flux_core.pipeline"):
+        latent = call(tiny, num_inference_steps=1, output_type="latent")
+    assert latent.shape == (1, 16, H // 8, W // 8)
+    assert "cannot check the DiT's activation memory (about 0.00 GiB) against cpu: No module named 'psutil'" in caplog.text
