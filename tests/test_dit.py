@@ -20,11 +20,20 @@ def reference():
     return make_diffusers_dit(seed=1)
 
 
+def diffusers_image_ids(height, width, index=0):
+    """Position ids as diffusers makes them (FluxPipeline; FluxKontextPipeline sets index 1 on the reference), with
+    a batch dimension: the reference the DiT tests feed both models, so that our own id helper is tested too."""
+    from diffusers import FluxPipeline
+    ids = FluxPipeline._prepare_latent_image_ids(B, height // 2, width // 2, torch.device("cpu"), torch.float32)
+    ids[..., 0] = index
+    return ids[None].repeat(B, 1, 1)
+
+
 @pytest.fixture(scope="module")
 def inputs():
     g = torch.Generator().manual_seed(0)
-    return dict(img=torch.randn(B, (H // 2) * (W // 2), 64, generator=g), img_ids=image_ids(B, H, W),
-                txt=torch.randn(B, LT, 32, generator=g), txt_ids=text_ids(B, LT),
+    return dict(img=torch.randn(B, (H // 2) * (W // 2), 64, generator=g), img_ids=diffusers_image_ids(H, W),
+                txt=torch.randn(B, LT, 32, generator=g), txt_ids=torch.zeros(B, LT, 3),
                 timesteps=torch.tensor([0.9, 0.25]), y=torch.randn(B, 32, generator=g), guidance=torch.tensor([3.5, 1.0]))
 
 
@@ -54,6 +63,15 @@ def test_parity_with_diffusers_in_every_layout(layout, reference, inputs, tmp_pa
     expected = diffusers_forward(reference, inputs)
     assert out.shape == expected.shape
     assert (out - expected).abs().max().item() <= 1e-4
+
+
+def test_position_ids_are_diffusers_ids():
+    # Rows then columns, [index, row, col]: on the non-square 6x10 latent (3x5 tokens) a swap of rows and columns
+    # changes the ids; text ids are zeros, as diffusers makes them (torch.zeros(L, 3)).
+    assert torch.equal(image_ids(B, H, W), diffusers_image_ids(H, W))
+    assert torch.equal(image_ids(B, 4, 6, index=1), diffusers_image_ids(4, 6, index=1))
+    assert torch.equal(image_ids(1, 4, 6)[0, :4], torch.tensor([[0.0, 0, 0], [0, 0, 1], [0, 0, 2], [0, 1, 0]]))
+    assert torch.equal(text_ids(B, LT), torch.zeros(B, LT, 3))
 
 
 def test_params_are_inferred_from_shapes(reference, tmp_path):
@@ -87,7 +105,7 @@ def test_low_precision_files_are_cast_on_load(stored, reference, tmp_path):
 def test_kontext_reference_tokens_are_dropped_from_output(reference, inputs, tmp_path):
     ours = load_model(write_layout("bfl", reference, tmp_path), config={"axes_dim": (4, 6, 6)}, torch_dtype=torch.float32)
     ref_tokens = torch.randn(B, 6, 64)
-    ref_ids = image_ids(B, 4, 6, index=1)  # a 4x6 latent: 2x3 tokens
+    ref_ids = diffusers_image_ids(4, 6, index=1)  # a 4x6 latent: 2x3 tokens
     with torch.no_grad():
         plain = ours(**inputs)
         with_ref = ours(**inputs, extras=DiTExtras(ref_tokens=ref_tokens, ref_ids=ref_ids))
