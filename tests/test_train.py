@@ -352,6 +352,24 @@ def test_a_new_run_never_overwrites_an_earlier_runs_checkpoints(tmp_path, capsys
     assert {p: p.read_bytes() for p in output.rglob("*") if p.is_file()} == before
 
 
+def test_resume_problems_are_reported_before_models_load(tmp_path, capsys):
+    data = tmp_path / "data"
+    data.mkdir()
+    Image.new("RGB", (32, 32)).save(data / "ok.png")
+    (data / "ok.txt").write_text("a caption")
+    only_corrupt, only_weights = tmp_path / "corrupt", tmp_path / "weights"
+    CORRUPTIONS["truncated safetensors"](save(only_corrupt, 3))
+    only_weights.mkdir()
+    (only_weights / "epoch-0.safetensors").write_bytes(b"a LoRA")
+    # --model_paths '["unused"]' fails if loading is reached: exit 2 with these messages shows it was not
+    assert main(run_argv(data, only_corrupt, "--resume")) == 2
+    err = capsys.readouterr().err
+    assert "no usable checkpoint" in err and "step-3" in err and "starting a new run" not in err
+    assert main(run_argv(data, only_weights, "--resume")) == 2
+    err = capsys.readouterr().err
+    assert "epoch-0.safetensors" in err and "no resumable checkpoint" in err and "--lora_checkpoint" in err
+
+
 def test_overwrite_deletes_the_earlier_run_and_nothing_else(tmp_path):
     from flux_core.train.run_folder import check_output, prepare_output
 

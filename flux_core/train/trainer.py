@@ -281,6 +281,7 @@ class Trainer:
                       f"({', '.join(removed)}).", file=sys.stderr, flush=True)
         acc.wait_for_everyone()
         self.log = Log(self.output / LOG_FILE, acc.is_main_process)
+        resumable = self.find_resumable() if a.resume else None  # verified before any model loads
 
         self.pipe, configs = load_pipeline(a, acc.device)
         store_in_fp8(self.pipe, fp8_slots(a, configs), self.dtype)
@@ -307,8 +308,9 @@ class Trainer:
         self.step, self.epoch, self.position = 0, 0, 0
         self.resumed_from, self.last_saved, self.last_path = None, None, None
         self.skipped_checkpoints: list[str] = []
-        if a.resume:
-            self.restore(optimizer)
+        if resumable is not None:
+            self.restore(optimizer, resumable)
+            del resumable  # the restored tensors are in the parameters now
         if acc.num_processes > 1:
             # Frozen weights are loaded from the same files by every process, so DDP need not broadcast them
             # from process 0 at the start (the whole DiT for a LoRA run); gloo cannot broadcast float8 at all.
@@ -327,7 +329,9 @@ class Trainer:
                 "num_processes": self.plan.processes, "gradient_accumulation_steps": self.plan.accumulation,
                 "learning_rate": a.learning_rate, "weight_decay": a.weight_decay, "torch_dtype": a.torch_dtype}
 
-    def restore(self, optimizer: torch.optim.Optimizer) -> None:
+    def find_resumable(self) -> ckpt.TrainingState | None:
+        """The verified state --resume continues from (warning about corrupt newer ones), or None for a folder
+        with no run yet; an error when the folder holds a run that cannot be resumed."""
         loaded = ckpt.find_resumable(self.output, self.args.resume)
         main = self.accelerator.is_main_process
         if loaded is None:
@@ -340,12 +344,15 @@ class Trainer:
             if main:
                 print(f"flux_core.train: --resume: {self.output} holds no earlier run; starting a new run.",
                       file=sys.stderr, flush=True)
-            return
-        folder, state = loaded.folder, loaded.state
+            return None
         if main:
             for corrupt, why in loaded.skipped:
                 print(f"flux_core.train: warning: --resume: skipping the corrupt checkpoint {corrupt} ({why}); "
-                      f"resuming from {folder.name}, the newest complete one.", file=sys.stderr, flush=True)
+                      f"resuming from {loaded.folder.name}, the newest complete one.", file=sys.stderr, flush=True)
+        return loaded
+
+    def restore(self, optimizer: torch.optim.Optimizer, loaded: ckpt.TrainingState) -> None:
+        folder, state = loaded.folder, loaded.state
         saved, now = state.get("settings", {}), self.settings()
         for key, value in now.items():
             if key in saved and saved[key] != value:
