@@ -32,7 +32,7 @@ from .loading.loader import load_model
 from .model_config import ModelConfig
 from .models.dit import DiTExtras
 from .models.text_encoders import encode_prompt, load_clip_tokenizer, load_t5_tokenizer
-from .pipeline_models import LoadedModel, empty_slots, plan_models, tokenizer_folders
+from .pipeline_models import LoadedModel, empty_slots, plan_models
 # Re-exported: nodes and the trainer import these names from flux_core.pipeline.
 from .pipeline_models import DIFFUSERS_COMPONENTS, MODEL_SLOTS, TokenizerNotFoundError, tokenizer_folder  # noqa: F401
 from .sampling import PromptEmbeds, denoise, guided_velocity, make_noise, reference_extras, resolve_seed, tea_cache_extras
@@ -90,10 +90,7 @@ class FluxImagePipeline:
         there (offload_dtype applies to the weight matrices, e.g. torch.float8_e4m3fn; biases and norms keep
         torch_dtype) and computes on `device` in `torch_dtype`, moved in only for the stages that need it."""
         pipe = cls(device=device, torch_dtype=torch_dtype)
-        plan = plan_models(model_configs)
-        base = model_configs[0].local_model_path if model_configs else "./models"
-        tokenizers = tokenizer_folders({"tokenizer": tokenizer_1_config, "tokenizer_2": tokenizer_2_config},
-                                       plan.roots, base)
+        plan = plan_models(model_configs, {"tokenizer": tokenizer_1_config, "tokenizer_2": tokenizer_2_config})
         for config, source, entry in plan.entries:
             offloaded = config.offload_device is not None or config.offload_dtype is not None
             place = pipe.device if config.offload_device is None else torch.device(config.offload_device)
@@ -105,8 +102,8 @@ class FluxImagePipeline:
             if offloaded:
                 pipe.vram = pipe.vram or VRAMManager(ComputeDevice(pipe.device))
                 pipe.vram.add(entry.slot, module, torch_dtype)
-        pipe.tokenizer_1 = load_clip_tokenizer(tokenizers["tokenizer"])
-        pipe.tokenizer_2 = load_t5_tokenizer(tokenizers["tokenizer_2"])
+        pipe.tokenizer_1 = load_clip_tokenizer(plan.tokenizers["tokenizer"])
+        pipe.tokenizer_2 = load_t5_tokenizer(plan.tokenizers["tokenizer_2"])
         empty = empty_slots(pipe.loaded_from)
         if empty:
             logger.warning("FluxImagePipeline: no model for %s; generation needs every slot filled. Loaded: %s",

@@ -1,7 +1,8 @@
 """What `FluxImagePipeline.from_pretrained` loads, worked out before any weights are read.
 
-    plan = plan_models(model_configs)      # resolve every config, detect each file's kind, fill the slots
-    folder = tokenizer_folder(tokenizer_1_config, plan.roots, "tokenizer", base)
+    plan = plan_models(model_configs, {"tokenizer": tokenizer_1_config, "tokenizer_2": tokenizer_2_config})
+    plan.entries      # [(config, resolved paths, LoadedModel)]: each file's kind, layout and pipeline slot
+    plan.tokenizers   # {"tokenizer": folder, "tokenizer_2": folder}
 
 All problems of one kind are reported at once: every missing model file (one ModelFileError for all configs),
 every missing tokenizer, every file of the wrong kind or filling a slot that another file already filled.
@@ -59,17 +60,20 @@ class LoadedModel:
 
 @dataclass
 class ModelPlan:
-    """What to load: one entry per model, each with the config it came from; `roots` are the folders where
-    tokenizer/ and tokenizer_2/ may sit."""
+    """What to load: one entry per model, each with the config and the resolved path(s) it came from, and the
+    tokenizer folders ({"tokenizer": folder, "tokenizer_2": folder})."""
     entries: list[tuple[ModelConfig, str | list[str], LoadedModel]]
-    roots: list[Path]
+    tokenizers: dict[str, str]
 
     def describe(self) -> str:
         return "; ".join(entry.describe() for _, _, entry in self.entries) or "no model_configs given"
 
 
-def resolve_all(model_configs: Sequence[ModelConfig]) -> list[str | list[str]]:
-    """Every config's paths; the configs whose files are missing are reported together in one ModelFileError."""
+def find_files(model_configs: Sequence[ModelConfig], tokenizer_configs: dict[str, ModelConfig | None],
+               local_model_path: str) -> tuple[list[str | list[str]], dict[str, str]]:
+    """(every config's resolved paths, the tokenizer folders). Every config whose files are missing and every
+    tokenizer not found are reported together: in one ModelFileError, or a TokenizerNotFoundError when only
+    tokenizers are missing."""
     resolved, errors = [], []
     for i, config in enumerate(model_configs):
         if not isinstance(config, ModelConfig):
@@ -79,22 +83,36 @@ def resolve_all(model_configs: Sequence[ModelConfig]) -> list[str | list[str]]:
             resolved.append(config.resolve())
         except ModelFileError as e:
             errors.append(f"model_configs[{i}]: {e}")
+    roots = [root for paths in resolved for root in _search_roots(paths)]
+    missing_configs = len(errors)
+    try:
+        tokenizers = tokenizer_folders(tokenizer_configs, roots, local_model_path)
+    except TokenizerNotFoundError as e:
+        if not errors:
+            raise
+        errors.extend(str(e).splitlines())
     if errors:
-        raise ModelFileError(f"{len(errors)} of {len(model_configs)} model_configs name files that are not "
+        raise ModelFileError(f"{missing_configs} of {len(model_configs)} model_configs name files that are not "
                              f"there:\n- " + "\n- ".join(errors))
-    return resolved
+    return resolved, tokenizers
 
 
-def plan_models(model_configs: Sequence[ModelConfig]) -> ModelPlan:
-    """Resolve every config, detect what each file holds, and put each model in its slot. Raises one error that
-    lists every file of the wrong kind (a config's `kind`) and every second model of a kind already placed."""
-    entries, roots, problems = [], [], []
+def plan_models(model_configs: Sequence[ModelConfig], tokenizer_configs: dict[str, ModelConfig | None] | None = None,
+                local_model_path: str | None = None) -> ModelPlan:
+    """Find every file (`find_files`), detect what each holds, and put each model in its slot. Raises one error
+    that lists every file of the wrong kind (a config's `kind`) and every second model of a kind already placed.
+    Tokenizers default to those beside the files or FLUX.1-dev's under `local_model_path` (default: the first
+    config's)."""
+    if local_model_path is None:
+        local_model_path = (model_configs[0] if model_configs else ModelConfig()).local_model_path  # env-aware default
+    tokenizer_configs = tokenizer_configs or {"tokenizer": None, "tokenizer_2": None}
+    resolved, tokenizers = find_files(model_configs, tokenizer_configs, local_model_path)
+    entries, problems = [], []
     placed: dict[str, LoadedModel] = {}
-    for index, (config, paths) in enumerate(zip(model_configs, resolve_all(model_configs))):
+    for index, (config, paths) in enumerate(zip(model_configs, resolved)):
         if config.kind is not None and config.kind not in MODEL_SLOTS:
             raise ValueError(f"model_configs[{index}]: kind={config.kind!r}; use one of "
                              f"{', '.join(repr(k) for k in MODEL_SLOTS)}, or None to detect it from the file.")
-        roots.extend(_search_roots(paths))
         components = detect_components(paths)
         if config.kind is not None:
             wanted = [c for c in components if c[1] == config.kind]
@@ -116,7 +134,7 @@ def plan_models(model_configs: Sequence[ModelConfig]) -> ModelPlan:
             entries.append((config, source, entry))
     if problems:
         raise CheckpointError("from_pretrained: " + "\n".join(problems))
-    return ModelPlan(entries, roots)
+    return ModelPlan(entries, tokenizers)
 
 
 def empty_slots(loaded: dict[str, LoadedModel]) -> list[str]:

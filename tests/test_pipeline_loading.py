@@ -106,6 +106,18 @@ def test_every_missing_modelscope_file_is_listed_in_one_error(folder, tmp_path, 
     assert "ConnectionError: no network in this test" in message and "skip_download is set" in message
 
 
+def test_missing_model_files_and_tokenizers_are_listed_together(tmp_path, monkeypatch):
+    monkeypatch.setenv("DIFFSYNTH_SKIP_DOWNLOAD", "1")
+    with pytest.raises(ModelFileError) as info:
+        load(ModelConfig(model_id="black-forest-labs/FLUX.1-dev", origin_file_pattern="flux1-dev.safetensors",
+                         local_model_path=str(tmp_path)))
+    lines = str(info.value).splitlines()
+    assert lines[0] == "1 of 1 model_configs name files that are not there:"
+    assert lines[1].startswith("- model_configs[0]: ") and "'flux1-dev.safetensors'" in lines[1]
+    assert lines[2].startswith("- the CLIP-L tokenizer (tokenizer/) was not found")
+    assert lines[3].startswith("- the T5 tokenizer (tokenizer_2/) was not found") and len(lines) == 4
+
+
 def test_missing_tokenizers_name_the_tokenizer_every_place_searched_and_the_fix(folder, tmp_path, monkeypatch):
     alone = tmp_path / "alone"
     shutil.copytree(folder / "transformer", alone / "transformer")
