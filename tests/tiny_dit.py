@@ -7,7 +7,6 @@ published checkpoint layout of the same weights.
 """
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import torch
@@ -98,43 +97,29 @@ def write_bfl_dit(model: FluxTransformer2DModel, path: Path, prefix: str = "", d
     return Path(path)
 
 
-# BFL -> DiffSynth-Studio internal names (reference/diffsynth_flux.md 2.1.8), written from the reference table.
-_TO_DIFFSYNTH = [
-    (r"^img_in\.", "x_embedder."), (r"^txt_in\.", "context_embedder."),
-    (r"^time_in\.in_layer\.", "time_embedder.timestep_embedder.0."),
-    (r"^time_in\.out_layer\.", "time_embedder.timestep_embedder.2."),
-    (r"^guidance_in\.in_layer\.", "guidance_embedder.timestep_embedder.0."),
-    (r"^guidance_in\.out_layer\.", "guidance_embedder.timestep_embedder.2."),
-    (r"^vector_in\.in_layer\.", "pooled_text_embedder.0."), (r"^vector_in\.out_layer\.", "pooled_text_embedder.2."),
-    (r"^final_layer\.adaLN_modulation\.1\.", "final_norm_out.linear."), (r"^final_layer\.linear\.", "final_proj_out."),
-    (r"^double_blocks\.(\d+)\.img_mod\.lin\.", r"blocks.\1.norm1_a.linear."),
-    (r"^double_blocks\.(\d+)\.txt_mod\.lin\.", r"blocks.\1.norm1_b.linear."),
-    (r"^double_blocks\.(\d+)\.img_attn\.qkv\.", r"blocks.\1.attn.a_to_qkv."),
-    (r"^double_blocks\.(\d+)\.txt_attn\.qkv\.", r"blocks.\1.attn.b_to_qkv."),
-    (r"^double_blocks\.(\d+)\.img_attn\.norm\.query_norm\.scale", r"blocks.\1.attn.norm_q_a.weight"),
-    (r"^double_blocks\.(\d+)\.img_attn\.norm\.key_norm\.scale", r"blocks.\1.attn.norm_k_a.weight"),
-    (r"^double_blocks\.(\d+)\.txt_attn\.norm\.query_norm\.scale", r"blocks.\1.attn.norm_q_b.weight"),
-    (r"^double_blocks\.(\d+)\.txt_attn\.norm\.key_norm\.scale", r"blocks.\1.attn.norm_k_b.weight"),
-    (r"^double_blocks\.(\d+)\.img_attn\.proj\.", r"blocks.\1.attn.a_to_out."),
-    (r"^double_blocks\.(\d+)\.txt_attn\.proj\.", r"blocks.\1.attn.b_to_out."),
-    (r"^double_blocks\.(\d+)\.img_mlp\.", r"blocks.\1.ff_a."), (r"^double_blocks\.(\d+)\.txt_mlp\.", r"blocks.\1.ff_b."),
-    (r"^single_blocks\.(\d+)\.modulation\.lin\.", r"single_blocks.\1.norm.linear."),
-    (r"^single_blocks\.(\d+)\.linear1\.", r"single_blocks.\1.to_qkv_mlp."),
-    (r"^single_blocks\.(\d+)\.linear2\.", r"single_blocks.\1.proj_out."),
-    (r"^single_blocks\.(\d+)\.norm\.query_norm\.scale", r"single_blocks.\1.norm_q_a.weight"),
-    (r"^single_blocks\.(\d+)\.norm\.key_norm\.scale", r"single_blocks.\1.norm_k_a.weight"),
-]
+def diffsynth_state_dict(model: FluxTransformer2DModel) -> dict[str, torch.Tensor]:
+    """The weights in DiffSynth-Studio's internal names, converted by DiffSynth 2.1.12's own converter (from the
+    BFL names: its diffusers converter splits at a literal 3072 and would skip the final-layer swap here)."""
+    from tests.diffsynth_ref import diffsynth_flux
+    _, convert, _ = diffsynth_flux()
+    return {k: v.contiguous() for k, v in convert(bfl_state_dict(model)).items()}
 
 
 def write_diffsynth_dit(model: FluxTransformer2DModel, path: Path) -> Path:
+    save_file(diffsynth_state_dict(model), str(path))
+    return Path(path)
+
+
+def write_nexus_gen_dit(model: FluxTransformer2DModel, path: Path) -> Path:
+    """A Nexus-Gen checkpoint's DiT: DiffSynth names under `pipe.dit.`, the final AdaLN in (scale, shift) order
+    (DiffSynth's converter swaps the halves of `pipe.dit.final_norm_out.linear.*` when it loads such a file), beside
+    keys of other parts of the pipeline."""
     out = {}
-    for k, v in bfl_state_dict(model).items():
-        for pattern, repl in _TO_DIFFSYNTH:
-            k2, n = re.subn(pattern, repl, k)
-            if n:
-                out[k2] = v.contiguous()
-                break
-        else:
-            raise AssertionError(f"no DiffSynth name for {k}")
+    for k, v in diffsynth_state_dict(model).items():
+        if k.startswith("final_norm_out.linear."):
+            shift, scale = v.chunk(2)
+            v = torch.cat([scale, shift])
+        out["pipe.dit." + k] = v.contiguous()
+    out["pipe.adapter.proj.weight"] = torch.zeros(4, 4)  # other parts of the pipeline: not the DiT
     save_file(out, str(path))
     return Path(path)

@@ -4,7 +4,7 @@ from __future__ import annotations
 from typing import Mapping
 
 from ..models.dit import FluxDiT, FluxParams
-from .dit_layouts import DIT_PREFIXES, detect_dit_layout, dit_to_bfl
+from .dit_layouts import DIT_PREFIXES, NEXUS_GEN_PREFIX, detect_dit_layout, dit_to_bfl
 from .files import strip_prefix
 from .lazy import LazyTensor
 from .scaled_fp8 import dequantize_scaled_fp8
@@ -19,6 +19,8 @@ def select_dit(sd: Mapping[str, LazyTensor]) -> tuple[str, StateDict] | None:
     for prefix in ("",) + DIT_PREFIXES:
         sub = strip_prefix(sd, [prefix]) if prefix else dict(sd)
         layout = detect_dit_layout(sub)
+        if layout == "diffsynth" and prefix == NEXUS_GEN_PREFIX and any(k.startswith(prefix) for k in sd):
+            layout = "nexus-gen"
         if layout:
             sub, scaled = dequantize_scaled_fp8(sub)
             return layout + ("+scaled-fp8" if scaled else ""), dit_to_bfl(sub, layout)

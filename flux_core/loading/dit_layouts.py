@@ -4,7 +4,9 @@ Layouts:
 - "bfl": `flux1-dev.safetensors` and friends (also under ComfyUI's `model.diffusion_model.` prefix);
 - "diffusers": `transformer/` folders (`transformer_blocks.N.attn.to_q`, ...; q/k/v split, final AdaLN as
   (scale, shift));
-- "diffsynth": DiffSynth-Studio's internal names (`blocks.N.attn.a_to_qkv`, `single_blocks.N.to_qkv_mlp`, ...).
+- "diffsynth": DiffSynth-Studio's internal names (`blocks.N.attn.a_to_qkv`, `single_blocks.N.to_qkv_mlp`, ...);
+- "nexus-gen": Nexus-Gen checkpoints: DiffSynth names under `pipe.dit.`, the final AdaLN in (scale, shift) order
+  (DiffSynth 2.x's converter swaps those halves when it loads a `pipe.dit.` file).
 """
 from __future__ import annotations
 
@@ -13,7 +15,9 @@ from typing import Mapping
 from .files import CheckpointError, rename_keys
 from .lazy import LazyTensor, lazy_cat, swap_halves
 
-DIT_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "transformer.", "pipe.dit.", "dit.")
+NEXUS_GEN_PREFIX = "pipe.dit."
+DIT_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "transformer.", NEXUS_GEN_PREFIX, "dit.")
+FINAL_ADALN = "final_layer.adaLN_modulation.1."
 
 
 def detect_dit_layout(sd: Mapping[str, LazyTensor]) -> str | None:
@@ -33,6 +37,9 @@ def dit_to_bfl(sd: Mapping[str, LazyTensor], layout: str) -> dict[str, LazyTenso
         return _diffusers_to_bfl(sd)
     if layout == "diffsynth":
         return rename_keys(sd, DIFFSYNTH_RULES)
+    if layout == "nexus-gen":
+        out = rename_keys(sd, DIFFSYNTH_RULES)
+        return {k: swap_halves(v) if k.startswith(FINAL_ADALN) else v for k, v in out.items()}
     raise ValueError(f"unknown DiT layout {layout!r}")
 
 
@@ -119,7 +126,7 @@ def _diffusers_to_bfl(sd: Mapping[str, LazyTensor]) -> dict[str, LazyTensor]:
                     out[f"{bfl_group}.{i}.{fused}.{suffix}"] = lazy_cat([_take(rest, k, keys) for k in keys])
     if "norm_out.linear.weight" in rest:
         for suffix in ("weight", "bias"):
-            out[f"final_layer.adaLN_modulation.1.{suffix}"] = swap_halves(rest.pop(f"norm_out.linear.{suffix}"))
+            out[f"{FINAL_ADALN}{suffix}"] = swap_halves(rest.pop(f"norm_out.linear.{suffix}"))
     out.update(rename_keys(rest, DIFFUSERS_RULES))
     return out
 

@@ -1,0 +1,71 @@
+"""DiffSynth-Studio 2.1.12's own FLUX DiT code as a test reference (reference notes, diffsynth_flux.md section 7):
+its BFL -> DiffSynth state-dict converter, a tiny `FluxDiT` built from its own blocks, and its real forward
+(`model_fn_flux_image`).
+
+Importing the package runs its data loaders' imports (torchvision, imageio, ftfy, pandas: not installed here); empty
+placeholder modules stand in for them while `diffsynth` imports and are removed right after. transformers and
+diffusers are imported first: their availability checks would take a placeholder torchvision for the real one.
+"""
+from __future__ import annotations
+
+import importlib.util
+import sys
+import types
+
+import pytest
+import torch
+
+_PLACEHOLDERS = ("torchvision", "imageio", "imageio.v3", "ftfy", "pandas")
+
+
+def diffsynth_flux():
+    """(model_fn_flux_image, FluxDiTStateDictConverter, the flux_dit module); skips the test without diffsynth."""
+    if importlib.util.find_spec("diffsynth") is None:
+        pytest.skip("diffsynth is not installed (pip install --no-deps diffsynth==2.1.12)")
+    import diffusers  # noqa: F401
+    import transformers  # noqa: F401
+    stubs = {n: types.ModuleType(n) for n in _PLACEHOLDERS
+             if n not in sys.modules and importlib.util.find_spec(n.split(".")[0]) is None}
+    sys.modules.update(stubs)
+    try:
+        from diffsynth.models import flux_dit
+        from diffsynth.pipelines.flux_image import model_fn_flux_image
+        from diffsynth.utils.state_dict_converters.flux_dit import FluxDiTStateDictConverter
+    finally:
+        for name in stubs:
+            sys.modules.pop(name, None)
+    return model_fn_flux_image, FluxDiTStateDictConverter, flux_dit
+
+
+def tiny_diffsynth_dit(dim=32, heads=2, axes=(4, 6, 6), text_dim=32, pooled_dim=32, double=2, single=2,
+                       guidance=True) -> torch.nn.Module:
+    """DiffSynth's FluxDiT at a tiny size: its __init__ hard-codes FLUX's 3072 width, so this builds the same
+    attributes from DiffSynth's own modules (the forward, `model_fn_flux_image`, reads only these)."""
+    _, _, m = diffsynth_flux()
+
+    class TinyFluxDiT(m.FluxDiT):
+        def __init__(self):
+            torch.nn.Module.__init__(self)
+            self.pos_embedder = m.RoPEEmbedding(dim, 10000, list(axes))
+            self.time_embedder = m.TimestepEmbeddings(256, dim)
+            self.guidance_embedder = m.TimestepEmbeddings(256, dim) if guidance else None
+            self.pooled_text_embedder = torch.nn.Sequential(torch.nn.Linear(pooled_dim, dim), torch.nn.SiLU(),
+                                                            torch.nn.Linear(dim, dim))
+            self.context_embedder = torch.nn.Linear(text_dim, dim)
+            self.x_embedder = torch.nn.Linear(64, dim)
+            self.blocks = torch.nn.ModuleList([m.FluxJointTransformerBlock(dim, heads) for _ in range(double)])
+            self.single_blocks = torch.nn.ModuleList([m.FluxSingleTransformerBlock(dim, heads) for _ in range(single)])
+            self.final_norm_out = m.AdaLayerNormContinuous(dim)
+            self.final_proj_out = torch.nn.Linear(dim, 64)
+            self.input_dim = 64
+
+    return TinyFluxDiT().eval()
+
+
+def full_size_key_names() -> set[str]:
+    """DiffSynth's real FluxDiT's parameter names with block numbers replaced by N (built on the meta device)."""
+    import re
+    _, _, m = diffsynth_flux()
+    with torch.device("meta"):
+        names = m.FluxDiT().state_dict().keys()
+    return {re.sub(r"\.\d+\.", ".N.", k) for k in names}
