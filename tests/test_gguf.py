@@ -253,3 +253,31 @@ def test_original_shape_metadata_gives_the_shape(tmp_path):
     lazy = open_file(path)["x.weight"]
     assert lazy.shape == (2, 3, 4)
     assert torch.equal(lazy.load(), torch.arange(24, dtype=torch.float32).reshape(2, 3, 4))
+
+
+def test_pipeline_takes_a_gguf_dit(tmp_path):
+    # The path the CLI's --dit and ModelConfig(path=...) take: from_pretrained detects the GGUF file as the DiT.
+    from flux_core.model_config import ModelConfig
+    from flux_core.pipeline import FluxImagePipeline
+    from tests.tiny_pipeline import FOLDER_NAME, make_diffusers_pipeline
+    make_diffusers_pipeline(tmp_path)
+    folder = tmp_path / FOLDER_NAME
+    torch.manual_seed(0)
+    params = FluxParams(in_channels=64, vec_in_dim=32, context_in_dim=32, hidden_size=256, num_heads=2, depth=1,
+                        depth_single_blocks=1, axes_dim=(16, 56, 56))  # text widths of the tiny encoders
+    weights = {k: torch.randn(v.shape) * 0.05 for k, v in FluxDiT(params).state_dict().items()}
+    reference = write_gguf(weights, tmp_path / "flux1-dev-Q4_K_S.gguf", "Q4_K")
+    save_file({k: v.contiguous() for k, v in reference.items()}, str(tmp_path / "dequantized.safetensors"))
+    others = [ModelConfig(path=str(folder / part)) for part in ("vae", "text_encoder", "text_encoder_2")]
+    tokenizers = dict(tokenizer_1_config=ModelConfig(path=str(folder / "tokenizer")),
+                      tokenizer_2_config=ModelConfig(path=str(folder / "tokenizer_2")))
+    call = dict(prompt="a cat", height=48, width=64, seed=0, num_inference_steps=2, t5_sequence_length=16,
+                progress_bar_cmd=None, output_type="np")
+    images = []
+    for name in ("flux1-dev-Q4_K_S.gguf", "dequantized.safetensors"):
+        pipe = FluxImagePipeline.from_pretrained(torch_dtype=torch.float32, device="cpu", **tokenizers,
+                                                 model_configs=[ModelConfig(path=str(tmp_path / name)), *others])
+        quantized = isinstance(pipe.dit.double_blocks[0].img_attn.qkv, QuantizedLinear)
+        assert quantized == name.endswith(".gguf")
+        images.append(pipe(**call))
+    assert abs(images[0] - images[1]).max() == 0  # measured: identical (same weights, same float32 math)
