@@ -299,17 +299,21 @@ def download(args) -> None:
 # Python-API names in library messages -> this command line's flags. Specific phrases first; then any
 # `name=` or bare snake_case name that is one of the command's options (or a renamed pipeline parameter).
 _PHRASES = [
+    (r"^from_pretrained: ", ""),
+    (r"(\d+) of (\d+) model_configs name files that are not there", r"\1 of \2 models have no files"),
+    # generate passes one config per kind, in MODEL_KINDS order: config i is the model of flag --MODEL_KINDS[i].
+    (r"\bmodel_configs\[(\d+)\]", lambda m: f"--{MODEL_KINDS[int(m.group(1))]}"
+     if int(m.group(1)) < len(MODEL_KINDS) else m.group(0)),
+    (r"kind='(\w+)' \(the model for pipe\.\w+\)", r"that flag takes a \1"),
+    (r"Pick the right file, or change kind=\.", "Give that flag the right file."),
     (r"ModelConfig\(model_id='([^']*)'\)", r"ModelScope model '\1'"),
     (r"ModelConfig\(path=\.\.\.\)", "model path"),
-    (r"tokenizer_1_config=ModelConfig\(path=FOLDER\)", "--tokenizer FOLDER"),
-    (r"tokenizer_2_config=ModelConfig\(path=FOLDER\)", "--tokenizer-2 FOLDER"),
+    (r"(tokenizer_[12]_config)=ModelConfig\(path=[^)]*\)", r"\1 FOLDER"),
     (r"give model_id= and origin_file_pattern= to download the model", "leave the flag out to use ModelScope's files"),
-    (r"fix the pattern, pass path= to a local file", "pass local files with --dit/--vae/--clip/--t5"),
-    (r"pass path= to local files", "pass local files with --dit/--vae/--clip/--t5"),
-    (r"^from_pretrained: ", ""),
-    (r"\bmodel_configs\[\d+\] ", ""),
-    (r"kind='(\w+)' \(the model for pipe\.\w+\)", r"given as --\1"),
-    (r"Pick the right file, or change kind=\.", "Give that flag the right file."),
+    (r"Put the files in that folder, fix the pattern, pass path= to a local file",
+     "Fetch them with `python -m flux_core download` (same --model-id and --local-model-path), put the files in "
+     "that folder, pass local files with --dit/--vae/--clip/--t5/--tokenizer/--tokenizer-2"),
+    (r"pass path= to local files", "pass local files with --dit/--vae/--clip/--t5/--tokenizer/--tokenizer-2"),
     (r"\bmodel_configs\b", "the model flags (--dit/--vae/--clip/--t5 or --model-dir)"),
     (r"origin_file_pattern ", ""),
 ]
@@ -330,9 +334,9 @@ def cli_message(text: str, options=None) -> str:
     words = "|".join(sorted(map(re.escape, flags), key=len, reverse=True))
     # `name=value` -> `--flag value` (`name=True` -> `--flag`); a bare name only when it has an underscore
     # (prose says "prompt", "seed").
-    text = re.sub(rf"(?<![\w./'-])({words})=(True\b|(?=\s))?",
+    text = re.sub(rf"(?<![\w./'=&?-])({words})=(True\b|(?=\s))?",
                   lambda m: flags[m.group(1)] + ("" if m.group(2) is not None else " "), text)
-    return re.sub(rf"(?<![\w./'-])({words})(?![\w/.'-])",
+    return re.sub(rf"(?<![\w./'=&?-])({words})(?![\w/.'-])",
                   lambda m: flags[m.group(1)] if "_" in m.group(1) else m.group(1), text)
 
 

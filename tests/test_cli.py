@@ -12,6 +12,7 @@ from diffusers import AutoencoderKL, FluxPipeline
 from PIL import Image
 
 from flux_core.__main__ import build_parser, build_pipeline, cli_message, main, model_configs_for, parse_lora
+from flux_core import model_config
 from flux_core.model_config import ModelConfig
 from flux_core.pipeline import FluxImagePipeline
 from flux_core.vram import GiB
@@ -26,6 +27,15 @@ PY_SMALL = dict(height=48, width=64, num_inference_steps=2, t5_sequence_length=1
 # Python-API names a CLI message must never show (it shows the flags instead).
 PYTHON_NAMES = re.compile(r"skip_download|path=|tokenizer_[12]_config|model_configs|local_model_path|ModelConfig|"
                           r"origin_file_pattern")
+
+
+@pytest.fixture(autouse=True)
+def no_network(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"unexpected download: {args} {kwargs}")
+    monkeypatch.setattr(model_config, "download_from_modelscope", refuse)
+    monkeypatch.delenv(model_config.ENV_MODEL_BASE_PATH, raising=False)
+    monkeypatch.delenv(model_config.ENV_SKIP_DOWNLOAD, raising=False)
 
 
 @pytest.fixture(scope="module")
@@ -197,7 +207,7 @@ def test_a_vae_given_as_dit_is_refused_by_flag(tiny, tmp_path, capsys):
     rc, _ = run(tmp_path, "--dit", str(repo / "ae.safetensors"), "--vae", str(repo / "ae.safetensors"),
                 "--clip", str(repo / "text_encoder"), "--t5", str(repo / "text_encoder_2"))
     err = capsys.readouterr().err
-    assert rc == 2 and "ae.safetensors" in err and "--dit" in err and "VAE" in err, err
+    assert rc == 2 and f"--dit {repo / 'ae.safetensors'}: that flag takes a dit, but it holds FLUX VAE" in err, err
     assert not PYTHON_NAMES.search(err), err
 
 
@@ -220,7 +230,9 @@ def test_missing_modelscope_file_message_uses_flags(tmp_path):
     assert result.returncode == 2
     err = result.stderr
     assert "black-forest-labs/FLUX.1-dev" in err and "flux1-dev.safetensors" in err
-    assert "--skip-download" in err and "--dit" in err and "--local-model-path" in err
+    assert "--skip-download" in err and "--local-model-path" in err and "python -m flux_core download" in err
+    # All four models are listed at once, each under its flag (from_pretrained lists every missing file).
+    assert all(f"- --{kind}: " in err for kind in ("dit", "clip", "t5", "vae")), err
     assert not PYTHON_NAMES.search(err), err
 
 
@@ -261,6 +273,8 @@ def test_cli_message_translates_the_python_api_messages():
     cli = cli_message(python)
     assert "--tokenizer-2 FOLDER" in cli and "tokenizer_2/ folder" in cli and not PYTHON_NAMES.search(cli)
     assert cli_message("height=50 is not a multiple of 16") == "--height 50 is not a multiple of 16"
+    url = "failed: /api/v1/models/x/repo/files?Revision=master&Root=tokenizer_2 (cause)"
+    assert cli_message(url) == url                                        # names inside a URL stay as they are
     assert cli_message("pass skip_download=True, or set local_model_path= (or X)") == \
         "pass --skip-download, or set --local-model-path (or X)"
     assert cli_message("denoising_strength < 1 needs an input_image") == "--denoising-strength < 1 needs an --input-image"
