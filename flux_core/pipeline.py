@@ -91,6 +91,9 @@ class FluxImagePipeline:
         torch_dtype) and computes on `device` in `torch_dtype`, moved in only for the stages that need it."""
         pipe = cls(device=device, torch_dtype=torch_dtype)
         plan = plan_models(model_configs, {"tokenizer": tokenizer_1_config, "tokenizer_2": tokenizer_2_config})
+        # Tokenizers first: a folder without the tokenizer's files is refused before minutes of loading.
+        pipe.tokenizer_1 = load_clip_tokenizer(plan.tokenizers["tokenizer"])
+        pipe.tokenizer_2 = load_t5_tokenizer(plan.tokenizers["tokenizer_2"])
         for config, source, entry in plan.entries:
             offloaded = config.offload_device is not None or config.offload_dtype is not None
             place = pipe.device if config.offload_device is None else torch.device(config.offload_device)
@@ -102,8 +105,6 @@ class FluxImagePipeline:
             if offloaded:
                 pipe.vram = pipe.vram or VRAMManager(ComputeDevice(pipe.device))
                 pipe.vram.add(entry.slot, module, torch_dtype)
-        pipe.tokenizer_1 = load_clip_tokenizer(plan.tokenizers["tokenizer"])
-        pipe.tokenizer_2 = load_t5_tokenizer(plan.tokenizers["tokenizer_2"])
         empty = empty_slots(pipe.loaded_from)
         if empty:
             logger.warning("FluxImagePipeline: no model for %s; generation needs every slot filled. Loaded: %s",
