@@ -159,3 +159,10 @@ def test_kontext_model_without_a_reference_image_warns(folder, tmp_path):
         warnings.simplefilter("error", KontextWithoutImageWarning)
         run(pipe, kontext_images=reference)
         run(plain)   # not a Kontext model
+
+
+def test_a_tokenizer_config_naming_nothing_is_reported_by_its_parameter(folder, tmp_path):
+    with pytest.raises(TokenizerNotFoundError, match=rf"tokenizer_2_config: ModelConfig\(path=\.\.\.\): "
+                                                     rf"'{tmp_path / 'gone'}' does not exist") as info:
+        load(part(folder, "transformer"), tokenizer_2_config=ModelConfig(path=str(tmp_path / "gone")))
+    assert [m[:2] for m in info.value.missing] == [("tokenizer_2", "tokenizer_2_config")]
