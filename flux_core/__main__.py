@@ -130,7 +130,7 @@ def model_configs_for(args) -> tuple[list[ModelConfig], ModelConfig, ModelConfig
     base = _modelscope_options(args)
     local = {kind: Path(getattr(args, kind)) for kind in MODEL_KINDS if getattr(args, kind)}
     if args.model_dir:
-        local = {**_model_dir_components(Path(args.model_dir)), **local}
+        local = {**_model_dir_components(Path(args.model_dir), look_for_dit="dit" not in local), **local}
         absent = [k for k in MODEL_KINDS if k not in local]
         if absent:
             raise UsageError(f"--model-dir {args.model_dir}: has no {', '.join(absent)}; add the files to it or pass "
@@ -138,7 +138,7 @@ def model_configs_for(args) -> tuple[list[ModelConfig], ModelConfig, ModelConfig
     if "dit" not in local and args.model_id not in DIT_FILES:
         raise UsageError(f"--model-id {args.model_id}: unknown; use one of {', '.join(DIT_FILES)} or give --dit FILE.")
     needed = {f.slot: f for f in needed_files(FLUX_DEV if "dit" in local else args.model_id)}
-    storage = WEIGHT_DTYPES[getattr(args, "weight_dtype", "default")]
+    storage = WEIGHT_DTYPES[args.weight_dtype]
     configs = []
     for kind in MODEL_KINDS:
         extra = {"offload_dtype": storage} if kind == "dit" and storage is not None else {}
@@ -159,9 +159,10 @@ def _modelscope_options(args) -> dict:
     return {k: v for k, v in given.items() if v is not None}
 
 
-def _model_dir_components(root: Path) -> dict[str, Path]:
+def _model_dir_components(root: Path, look_for_dit: bool = True) -> dict[str, Path]:
     """The model files of a local folder, by kind: a diffusers FLUX folder's component folders, or the layout
-    `download` makes (one DiT .safetensors at the top, ae.safetensors, text_encoder/, text_encoder_2/)."""
+    `download` makes (one DiT .safetensors at the top, ae.safetensors, text_encoder/, text_encoder_2/).
+    `look_for_dit=False` (--dit given): the folder's DiT files are not looked at."""
     from .pipeline import DIFFUSERS_COMPONENTS  # transformer/, vae/, text_encoder/, text_encoder_2/ by kind
 
     if not root.is_dir():
@@ -171,8 +172,10 @@ def _model_dir_components(root: Path) -> dict[str, Path]:
         return found
     if (root / "ae.safetensors").is_file():
         found["vae"] = root / "ae.safetensors"
-    dits = [found["dit"]] if "dit" in found else []
+    dits = [found.pop("dit")] if "dit" in found else []
     dits += [p for p in sorted(root.glob("*.safetensors")) if p.name != "ae.safetensors"]
+    if not look_for_dit:
+        return found
     if len(dits) > 1:
         raise UsageError(f"--model-dir {root}: holds several DiTs ({', '.join(p.name for p in dits)}); "
                          f"pick one with --dit PATH.")

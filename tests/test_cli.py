@@ -4,6 +4,7 @@ import re
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -293,3 +294,21 @@ def test_bad_output_extension_fails_before_any_model_loads(tmp_path, capsys):
 def test_sigmas_option_is_parsed():
     args = build_parser().parse_args(["generate", "--prompt", "x", "--sigmas", "1,0.75,0.5"])
     assert args.sigmas == [1.0, 0.75, 0.5]
+
+
+def test_model_dir_components_and_what_the_flags_replace(tiny, tmp_path):
+    repo = tmp_path / "copy"
+    shutil.copytree(tiny["repo"], repo)
+    shutil.copy(repo / "flux1-dev.safetensors", repo / "flux1-krea-dev.safetensors")
+    parse = lambda *a: build_parser().parse_args(["generate", "--prompt", "x", "--model-dir", str(repo), *a])  # noqa: E731
+    with pytest.raises(ValueError, match="several DiTs.*flux1-dev.safetensors, flux1-krea-dev.safetensors.*--dit"):
+        model_configs_for(parse())
+    configs, tok1, _ = model_configs_for(parse("--dit", str(repo / "flux1-krea-dev.safetensors")))
+    assert [(c.kind, Path(c.path).name) for c in configs] == [
+        ("dit", "flux1-krea-dev.safetensors"), ("clip", "text_encoder"), ("t5", "text_encoder_2"),
+        ("vae", "ae.safetensors")]
+    assert tok1.path == str(repo.absolute() / "tokenizer")
+    (repo / "ae.safetensors").unlink()
+    shutil.rmtree(repo / "text_encoder")
+    with pytest.raises(ValueError, match=r"has no clip, vae; .*--clip PATH --vae PATH"):
+        model_configs_for(parse("--dit", str(repo / "flux1-krea-dev.safetensors")))
