@@ -113,12 +113,13 @@ def test_batch_of_prompts_returns_a_list_and_first_equals_single(tiny):
 
 def test_image_to_image_matches_diffusers_img2img_with_the_same_sigmas(tiny, monkeypatch):
     """img2img at denoising_strength 0.6 (4 steps, shift 3) against diffusers' FluxImg2ImgPipeline given the
-    sigmas DiffSynth's own FlowMatchScheduler makes for that strength, at strength 1 (so diffusers uses them all)
-    and with a generator seeded as ours: the same noised start, the same steps, the same image."""
+    sigmas of DiffSynth's FLUX schedule for that strength (literal numbers worked out from its formula, checked
+    against DiffSynth's own scheduler in test_scheduler.py), at strength 1 (so diffusers uses them all) and with
+    a generator seeded as ours: the same noised start, the same steps, the same image."""
     import diffusers.pipelines.flux.pipeline_flux_img2img as img2img
     from diffusers import FluxImg2ImgPipeline
 
-    from tests.test_scheduler import diffsynth_scheduler
+    from tests.test_scheduler import SIGMAS_4_STRENGTH_06
 
     ref, ours, _ = tiny
     # diffusers samples the VAE posterior; DiffSynth and FluxCore encode to its mean: diffusers' own "argmax" mode.
@@ -127,11 +128,9 @@ def test_image_to_image_matches_diffusers_img2img_with_the_same_sigmas(tiny, mon
                         lambda output, generator=None, sample_mode="sample": retrieve(output, generator, "argmax"))
     pipe = FluxImg2ImgPipeline(**ref.components)
     pipe.set_progress_bar_config(disable=True)
-    scheduler = diffsynth_scheduler()
-    scheduler.set_timesteps(4, denoising_strength=0.6, shift=3.0)
     rng = np.random.default_rng(1)
     start = Image.fromarray(rng.integers(0, 255, (H, W, 3), dtype=np.uint8))
-    expected = pipe(prompt=PROMPTS[0], image=start, strength=1.0, sigmas=scheduler.sigmas.tolist(),
+    expected = pipe(prompt=PROMPTS[0], image=start, strength=1.0, sigmas=SIGMAS_4_STRENGTH_06,
                     num_inference_steps=4, height=H, width=W, generator=torch.Generator().manual_seed(3),
                     guidance_scale=3.5, max_sequence_length=16, output_type="np").images
     kw = dict(prompt=PROMPTS[0], height=H, width=W, seed=3, num_inference_steps=4, sigma_shift=3.0,

@@ -23,6 +23,9 @@ from flux_core.scheduler import add_noise, euler_step, flux_sigmas, next_sigmas
 FIRST_SIGMAS_30 = [1.0, 0.98827134, 0.97597923, 0.96308204]
 LAST_SIGMA = 1 / 112
 FIRST_SIGMAS_30_STRENGTH_06 = [0.81892333, 0.80592181]
+# N = 4, strength 0.6, s = 3: linspace(0.60119760, sigma_min, 4) = 0.60119760, 0.40179641, 0.20239521, 0.00299401
+#   -> 1.80359281 / 2.20239521, 1.20538922 / 1.80359281, 0.60718563 / 1.40479042, 0.009 / 1.008
+SIGMAS_4_STRENGTH_06 = [0.81892333, 0.66832669, 0.43222506, 0.00892857]
 # The unshifted schedule's sigma_1 is 0.96562; the shift moves it by 0.0227, so 1e-6 catches a missing shift, a
 # shift of 3.1 instead of 3 (7e-4) and N+1 points instead of N (1e-3).
 TOLERANCE = 1e-6
@@ -31,7 +34,8 @@ TOLERANCE = 1e-6
 def diffsynth_scheduler():
     """DiffSynth's FlowMatchScheduler, from its own file. Importing the `diffsynth` package runs its data loaders'
     imports (torchvision, imageio: not installed here), so the module file, which needs only torch and numpy, is
-    loaded on its own."""
+    loaded on its own. Skipped where diffsynth is not installed (`pip install --no-deps diffsynth==2.1.12`); the
+    literal-number tests above run everywhere."""
     spec = importlib.util.find_spec("diffsynth")
     if spec is None:
         pytest.skip("diffsynth is not installed (pip install --no-deps diffsynth==2.1.12)")
@@ -57,7 +61,12 @@ def test_strength_below_one_rebuilds_the_schedule_from_a_lower_start():
     assert s.shape == (30,) and abs(float(s[-1]) - LAST_SIGMA) < TOLERANCE   # all 30 steps, same end
 
 
-@pytest.mark.parametrize("steps, strength, shift", [(30, 1.0, 3.0), (30, 0.6, 3.0), (4, 0.2, None), (20, 0.75, 1.5),
+def test_four_steps_at_strength_0_6_are_the_literal_numbers():
+    s = flux_sigmas(4, 0.6, 3.0)
+    assert torch.allclose(s.double(), torch.tensor(SIGMAS_4_STRENGTH_06, dtype=torch.float64), atol=TOLERANCE, rtol=0)
+
+
+@pytest.mark.parametrize("steps, strength, shift", [(4, 0.6, 3.0), (30, 1.0, 3.0), (30, 0.6, 3.0), (4, 0.2, None), (20, 0.75, 1.5),
                                                     (1, 1.0, 3.0), (50, 1.0, 7.0)])
 def test_sigmas_match_diffsynths_flow_match_scheduler(steps, strength, shift):
     scheduler = diffsynth_scheduler()
