@@ -364,6 +364,7 @@ def test_two_processes_equal_one_process_with_accumulation(setup, tmp_path):
         assert torch.allclose(a[k], b[k], atol=1e-5), k
 
 
+@pytest.mark.skipif(torch.cuda.device_count() > 1, reason="with several GPUs accelerate turns --multi_gpu on itself")
 def test_plain_accelerate_launch_of_two_processes_on_a_cpu_warns_that_it_runs_one(setup, tmp_path):
     launch = [python(), "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
               "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "flux_core.train",
@@ -375,6 +376,7 @@ def test_plain_accelerate_launch_of_two_processes_on_a_cpu_warns_that_it_runs_on
     assert read_log(tmp_path / "out")[0]["num_processes"] == 1
 
 
+@pytest.mark.skipif(sys.platform == "win32", reason="pseudo-terminals are POSIX")
 def test_progress_bar_on_a_terminal_beside_an_intact_json_stream(setup, tmp_path):
     """stderr on a pseudo-terminal (as in a shell), stdout piped (as to the trainer node)."""
     import fcntl
