@@ -232,14 +232,39 @@ def check_generate_args(args) -> dict:
     problems += [f"{flag} {p}: does not exist." for flag, p in named if p and not Path(p).exists()]
     problems += [f"--lora {path}:{scale}: the scale is not a finite number." for path, scale in args.lora
                  if not math.isfinite(scale)]
-    if args.tea_cache_l1_thresh is not None and not args.tea_cache_l1_thresh >= 0:
-        problems.append(f"--tea-cache-l1-thresh {args.tea_cache_l1_thresh}: use 0 or more (0.25 to 0.8 skip steps).")
+    problems += _pipeline_input_problems(args)
     if args.vram_limit is not None and not args.vram_limit >= 0:
         problems.append(f"--vram-limit {args.vram_limit}: use 0 (stream everything) or more GB.")
     if problems:
         raise UsageError("\n  ".join(["the command line has problems:", *problems]))
     return {"input_image": images["input_image"][0] if images["input_image"] else None,
             "kontext_images": images["kontext_images"] or None}
+
+
+def _pipeline_input_problems(args) -> list[str]:
+    """The pipeline's own input checks (flux_core.inputs), run on the command line's values before loading."""
+    from . import inputs
+
+    checks = [
+        lambda: inputs.check_size(args.height, args.width), lambda: inputs.check_cfg_scale(args.cfg_scale),
+        lambda: inputs.check_seed(args.seed), lambda: inputs.check_t5_sequence_length(args.t5_sequence_length),
+        lambda: inputs.check_steps(args.num_inference_steps),
+        lambda: inputs.check_denoising_strength(args.denoising_strength),
+        lambda: inputs.check_embedded_guidance(args.embedded_guidance),
+        lambda: inputs.check_sigma_shift(args.sigma_shift),
+        lambda: inputs.check_tiling(args.tiled, args.tile_size, args.tile_stride),
+        lambda: inputs.check_rand_device(args.rand_device),
+        lambda: inputs.check_tea_cache_threshold(args.tea_cache_l1_thresh),
+    ]
+    problems = []
+    for check in checks:
+        try:
+            check()
+        except (TypeError, ValueError) as e:
+            problems.append(str(e))
+    if args.denoising_strength < 1.0 and not args.input_image:
+        problems.append("--denoising-strength below 1 needs --input-image to start from.")
+    return problems
 
 
 def build_pipeline(args):
@@ -319,6 +344,10 @@ _PHRASES = [
     (r"pass path= to local files", "pass local files with --dit/--vae/--clip/--t5/--tokenizer/--tokenizer-2"),
     (r"\bmodel_configs\b", "the model flags (--dit/--vae/--clip/--t5 or --model-dir)"),
     (r"origin_file_pattern ", ""),
+    # None is "leave the flag out" on a command line.
+    (r", or None for a random seed \(then read it from pipe\.last_seed\)", ", or leave it out for a random seed"),
+    (r"use None \(off\) or", "leave it out (off) or use"),
+    (r"\(None: 3, FLUX's default\)", "(left out: 3, FLUX's default)"),
 ]
 _RENAMED = {"kontext_images": "--kontext-image", "tokenizer_1_config": "--tokenizer",
             "tokenizer_2_config": "--tokenizer-2", "torch_dtype": "--dtype", "offload_dtype": "--weight-dtype",
@@ -339,7 +368,7 @@ def cli_message(text: str, options=None) -> str:
     # (prose says "prompt", "seed").
     text = re.sub(rf"(?<![\w./'=&?-])({words})=(True\b|(?=\s))?",
                   lambda m: flags[m.group(1)] + ("" if m.group(2) is not None else " "), text)
-    return re.sub(rf"(?<![\w./'=&?-])({words})(?![\w/.'-])",
+    return re.sub(rf"(?<![\w./'=&?-])({words})(?![\w/'-]|\.\w)",
                   lambda m: flags[m.group(1)] if "_" in m.group(1) else m.group(1), text)
 
 

@@ -283,6 +283,19 @@ def test_cli_message_translates_the_python_api_messages():
         "--kontext-image[0] is a str; the seed and the prompt"
 
 
+def test_pipeline_inputs_are_checked_before_any_model_loads_and_named_by_flag(tmp_path, capsys):
+    # No models exist at all (downloads refused): every problem must come from the checks, all in one message.
+    rc = main(["generate", "--prompt", "x", "--output", str(tmp_path / "x.png"), "--height", "50", "--seed", "-1",
+               "--cfg-scale", "0.5", "--tea-cache-l1-thresh", "-1", "--tile-stride", "300", "--vram-limit", "-2",
+               "--denoising-strength", "0.5", "--local-model-path", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert rc == 2
+    for flag in ("--height 50", "--seed -1", "--cfg-scale 0.5", "--tea-cache-l1-thresh -1", "--tile-stride 300",
+                 "--vram-limit -2", "--denoising-strength", "--input-image", "--negative-prompt"):
+        assert flag in err, (flag, err)
+    assert not PYTHON_NAMES.search(err) and "negative_prompt" not in err and "None" not in err, err
+
+
 def test_bad_output_extension_fails_before_any_model_loads(tmp_path, capsys):
     # No models exist at all: the error must come from the output check, not from loading.
     rc = main(["generate", "--prompt", "a cat", "--output", str(tmp_path / "cat.tiff2"), "--skip-download",
