@@ -227,7 +227,8 @@ def check_generate_args(args) -> dict:
             except (OSError, ValueError) as e:
                 problems.append(f"{flag} {p}: cannot be read as an image ({e}).")
         images[key] = opened
-    named = [(f"--{k.replace('_', '-')}", getattr(args, k)) for k in (*MODEL_KINDS, "tokenizer", "tokenizer_2", "model_dir")]
+    named = [(f"--{k.replace('_', '-')}", getattr(args, k))
+             for k in (*MODEL_KINDS, "tokenizer", "tokenizer_2", "model_dir")]
     named += [("--lora", path) for path, _ in args.lora]
     problems += [f"{flag} {p}: does not exist." for flag, p in named if p and not Path(p).exists()]
     problems += [f"--lora {path}:{scale}: the scale is not a finite number." for path, scale in args.lora

@@ -6,7 +6,9 @@ id itself; the text encoders, the VAE and the tokenizers are FLUX.1-dev's (Krea-
 
 Downloads go through `ModelConfig.resolve()` (so through `model_config.download_from_modelscope`): a pattern
 that already has complete local files is not requested again, and ModelScope's `snapshot_download` resumes a
-file it left half-written (`<name>.incomplete`) with an HTTP Range request.
+file it left half-written with an HTTP Range request. Where it keeps that partial file depends on its version:
+modelscope >= 1.38 (modelscope_hub) writes `<name>.incomplete` beside the target, older versions a copy under
+`<model folder>/._____temp/`; either way the file appears under its own name only once it is complete.
 """
 from __future__ import annotations
 
