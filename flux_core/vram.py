@@ -217,6 +217,7 @@ class _Unit:
     model: "PlacedModel"
     uses: list[torch.Tensor]                   # the Parameter / buffer objects its forward reads
     owns: list[torch.Tensor]                   # those it places for a stage (a tensor is owned by one unit)
+    stored_elsewhere: bool = False             # some of its tensors rest off the compute device
     in_flight: int = 0                         # bytes of this call's compute copies
     hooks: list = field(default_factory=list)
 
@@ -242,8 +243,7 @@ class PlacedModel:
     @property
     def streamed(self) -> list[str]:
         """Names of the units streamed per call (stored off the compute device and not resident now)."""
-        marked = {id(m) for m in self.marked}
-        return [u.name for u in self.units if u.owns and not u.resident and id(u.module) in marked]
+        return [u.name for u in self.units if u.owns and not u.resident and u.stored_elsewhere]
 
 
 class VRAMManager:
@@ -275,7 +275,8 @@ class VRAMManager:
             unit = _Unit(unit_name, module, managed, tensors, owns)
             unit.hooks = [module.register_forward_pre_hook(lambda m, a, u=unit: self._enter(u)),
                           module.register_forward_hook(lambda m, a, o, u=unit: self._exit(u), always_call=True)]
-            if any(not self.device.holds(t) for t in tensors):
+            unit.stored_elsewhere = any(not self.device.holds(t) for t in tensors)
+            if unit.stored_elsewhere:
                 for m in [*module.modules(), model]:
                     if not state_of(m).offloaded:  # marked here, unmarked by remove (others' marks stay)
                         state_of(m).offloaded = True

@@ -281,3 +281,19 @@ def test_pipeline_takes_a_gguf_dit(tmp_path):
         assert quantized == name.endswith(".gguf")
         images.append(pipe(**call))
     assert abs(images[0] - images[1]).max() == 0  # measured: identical (same weights, same float32 math)
+
+
+def test_streamed_units_of_a_gguf_dit_are_listed(weights, tmp_path):
+    # The loader marks quantized layers for LoRA hook mode before any manager sees them; the manager still lists
+    # every unit it streams, and leaves those marks in place when the model is removed.
+    from flux_core.model_state import state_of
+    path = tmp_path / "q.gguf"
+    write_gguf(weights, path, "Q4_0")
+    ours = load_model(path, torch_dtype=torch.float32)
+    manager = VRAMManager(SimulatedDevice(), budget=0)
+    placed = manager.add("dit", ours, compute_dtype=torch.float32)
+    manager.load_models_to_device(["dit"])
+    assert "double_blocks.0.img_attn.qkv" in placed.streamed and len(placed.streamed) == len(placed.units)
+    manager.remove("dit")
+    assert state_of(ours.double_blocks[0].img_attn.qkv).offloaded
+    assert not state_of(ours.double_blocks[0].img_attn.norm.query_norm).offloaded and not state_of(ours).offloaded
