@@ -43,15 +43,16 @@ def dequantize_scaled_fp8(sd: Mapping[str, LazyTensor]) -> tuple[dict[str, LazyT
             scale = next((sd[layer + s] for s in WEIGHT_SCALES if layer + s in sd), None)
             fmt = _layer_format(sd.get(layer + "comfy_quant"))
             if fmt is not None and fmt not in PER_TENSOR_FORMATS:
-                refused.append(f"{layer[:-1]} ({fmt})")
+                refused.append((value.source.split(":")[0], f"{layer[:-1]} ({fmt})"))
                 continue
             if scale is not None:
                 value, scaled = _scale(value, scale), True
         out[key] = value
     if refused:
+        layers = [layer for _, layer in refused]
         raise CheckpointError(
-            f"{len(refused)} layer(s) are stored in a ComfyUI quantized format FluxCore does not read: "
-            f"{', '.join(refused[:8])}{' ...' if len(refused) > 8 else ''}. Supported: per-tensor scaled "
+            f"{refused[0][0]}: {len(layers)} layer(s) are stored in a ComfyUI quantized format FluxCore does not "
+            f"read: {', '.join(layers[:8])}{' ...' if len(layers) > 8 else ''}. Supported: per-tensor scaled "
             f"{' / '.join(PER_TENSOR_FORMATS)}; use the bf16, fp8 or GGUF release of this model.")
     return out, scaled
 
