@@ -10,7 +10,8 @@ T5 layouts:
   and either one is enough; a full encoder-decoder T5 keeps only its encoder.
 Both may sit under an all-in-one wrapper prefix (ComfyUI FLUX checkpoints `text_encoders.clip_l.transformer.` /
 `text_encoders.t5xxl.transformer.`, SD1 `cond_stage_model.transformer.`, SDXL `conditioner.embedders.0.transformer.`)
-and may be ComfyUI "scaled fp8" files (`*_fp8_e4m3fn_scaled.safetensors`), dequantized here while loading.
+and may be ComfyUI "scaled fp8" files (`*_fp8_e4m3fn_scaled.safetensors`), dequantized while loading (loading/scaled_fp8.py,
+the mechanism the DiT uses too).
 """
 from __future__ import annotations
 
