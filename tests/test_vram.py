@@ -2,6 +2,8 @@
 the budget bound, exact outputs, stages moving models in and out without leaks, FP8 storage, LoRA under FP8,
 and the pipeline's offload configs and enable_vram_management."""
 import gc
+import os
+import sys
 
 import pytest
 import torch
@@ -349,8 +351,13 @@ def test_vram_options_node_fp8_with_cfg(comfy_models):
         FluxCoreVRAMOptions().apply(dit, weight_dtype="int4")
 
 
-def test_host_memory_needs_no_package_outside_the_dependencies(monkeypatch):
-    # enable_vram_management() with no arguments asks the CPU device its size; psutil is not a dependency.
-    monkeypatch.setitem(__import__("sys").modules, "psutil", None)  # any `import psutil` now fails
-    expected = __import__("os").sysconf("SC_PAGE_SIZE") * __import__("os").sysconf("SC_PHYS_PAGES")
+def test_enable_vram_management_needs_no_package_outside_the_dependencies(folder, monkeypatch):
+    # With no arguments on a CPU, the budget is the machine's memory; psutil is not a dependency.
+    monkeypatch.setitem(sys.modules, "psutil", None)  # any `import psutil` now fails
+    expected = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     assert ComputeDevice("cpu").total_memory() == expected > 0
+    pipe = FluxImagePipeline.from_pretrained(torch_dtype=torch.float32, device="cpu",
+                                             model_configs=[ModelConfig(path=folder)])
+    vram = pipe.enable_vram_management()
+    assert vram.budget == int(expected - 0.5 * 1024 ** 3)  # the default vram_buffer of 0.5 GiB
+    vram.remove_all()
