@@ -2,24 +2,24 @@
 
     python example_workflows/build_workflows.py      # from the repository root; then make_thumbnails.py
 
-Sockets and outputs come from the node classes themselves (FluxCore's, and the test stand-ins for the few
-ComfyUI core nodes used), so a renamed input shows up here; widget values are written in widget order, each
+Sockets and outputs come from the node classes themselves (FluxCore's, and core_nodes.py's declarations of the
+few ComfyUI core nodes used), so a renamed input shows up here; widget values are written in widget order, each
 seed followed by its control_after_generate value, exactly as the ComfyUI frontend saves them.
 """
 from __future__ import annotations
 
 import json
 import sys
-import tempfile
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 
+from example_workflows.core_nodes import core_nodes  # noqa: E402
+from example_workflows.make_example_image import NAME as EXAMPLE_IMAGE  # noqa: E402
+from example_workflows.ui_format import is_widget, saved_value_count  # noqa: E402
 from nodes import NODE_CLASS_MAPPINGS  # noqa: E402
-from tests.native_standins import standins  # noqa: E402
-from tests.workflow_harness import is_widget, widget_slots  # noqa: E402
 
 MODEL_URLS = {  # shown by ComfyUI's "missing models" dialog (node property "models")
     "flux1-dev.safetensors": "https://huggingface.co/black-forest-labs/FLUX.1-dev/resolve/main/flux1-dev.safetensors",
@@ -71,10 +71,7 @@ class Graph:
             names = getattr(cls, "RETURN_NAMES", None) or cls.RETURN_TYPES
             outputs = [{"name": n, "type": t, "links": [], "slot_index": i}
                        for i, (n, t) in enumerate(zip(names, cls.RETURN_TYPES))]
-            # An upload combo (LoadImage) also saves its upload button's value ("image") after all widgets.
-            expected = sum(1 + extra for _, extra in widget_slots(spec)) + sum(
-                1 for group in spec.values() for s in group.values()
-                if len(s) > 1 and isinstance(s[1], dict) and s[1].get("image_upload"))
+            expected = saved_value_count(spec)
             if len(values) != expected:
                 raise ValueError(f"{type_}: {len(values)} widget values given, its widgets take {expected}")
             props = {"Node name for S&R": type_}
@@ -145,7 +142,11 @@ def prompts(g: Graph, text_encoders: int, text: str, guidance: float) -> tuple[i
 
 
 def load_image(g: Graph, title: str | None = None) -> int:
-    return g.node("LoadImage", NOTES, ["example.png", "image"], size=[400, 360], title=title)
+    g.node("Note", NOTES, [f"Input image: copy {EXAMPLE_IMAGE} from FluxCore's example_workflows folder into "
+                           f"ComfyUI's input folder (ComfyUI/input/), or upload your own image below. Its "
+                           f"transparent rectangle is the mask (the area the inpainting example changes)."],
+           size=[400, 110], title="Input image")
+    return g.node("LoadImage", NOTES, [EXAMPLE_IMAGE, "image"], size=[400, 360], title=title)
 
 
 def finish(g: Graph, model, positive, negative, latent, vae, seed, control, denoise, prefix, x=CONDITIONING):
@@ -193,8 +194,9 @@ def mixed_native(g: Graph) -> None:
     positive, negative = prompts(g, te, "A bouquet of sunflowers in a blue vase", 3.5)
     image = load_image(g, "Image (paint the area to change in the MaskEditor)")
     g.node("Note", NOTES, ["Right-click the image and choose 'Open in MaskEditor', paint over the area to "
-                           "regenerate and save. Only the painted area changes (SetLatentNoiseMask); the whole "
-                           "image is also given to Kontext as a reference (ReferenceLatent)."],
+                           "regenerate and save (the example image comes with its table area cleared). Only the "
+                           "painted area changes (SetLatentNoiseMask); the whole image is also given to Kontext as "
+                           "a reference (ReferenceLatent)."],
            size=[400, 120], title="How to use")
     scaled = g.node("ImageScale", LOADERS, ["lanczos", 1024, 1024, "disabled"], image=(image, 0))
     g.node("PreviewImage", LOADERS, [], size=[320, 320], title="Scaled input", images=(scaled, 0))
@@ -216,10 +218,9 @@ WORKFLOWS = {
 
 
 def build(name: str) -> dict:
-    with tempfile.TemporaryDirectory() as tmp:
-        g = Graph({**NODE_CLASS_MAPPINGS, **standins(tmp, tmp)})
-        WORKFLOWS[name](g)
-        return g.workflow()
+    g = Graph({**NODE_CLASS_MAPPINGS, **core_nodes([EXAMPLE_IMAGE])})
+    WORKFLOWS[name](g)
+    return g.workflow()
 
 
 def main() -> None:

@@ -1,11 +1,16 @@
-"""FluxCore inside a real ComfyUI server: the pack imports, every node is listed, our JS and example workflows
-are served, and each example workflow runs through POST /prompt on tiny models.
+"""FluxCore inside a real ComfyUI server, installed as a user installs it: a fresh ComfyUI started on an empty base
+directory (`--base-directory`), the pack in its custom_nodes/, the model files under the names the example
+workflows use in its models/ folders and the pack's example image copied into its input/ folder (README,
+"Example workflows"). Then: the pack imports, every node is listed, our JS, the example workflows and their input
+image are served, and each example workflow runs through POST /prompt exactly as shipped (no value changed),
+giving the same image as the same workflow run standalone (our nodes with stand-ins for the core nodes).
 
     COMFYUI_DIR=/path/to/ComfyUI python -m pytest -n 0 -m comfyui tests/test_comfyui_server.py
 
-The interpreter running pytest starts the server (`sys.executable main.py --cpu ...`), so it needs ComfyUI's
-requirements as well as this repository's test extras. The pack is linked into $COMFYUI_DIR/custom_nodes as
-FluxCore for the duration of the test; models, input, output, temp and user folders live in a temp dir.
+The server runs with $COMFYUI_PYTHON (default: the interpreter running pytest), which needs ComfyUI's
+requirements and this repository's. Nothing is written into $COMFYUI_DIR: the base directory (custom_nodes/,
+models/, input/, output/, temp/, user/) is a temp dir. The tiny models run the workflows' 1024x1024, 28-step
+settings on the CPU; RUN_S (default 1800, env FLUXCORE_COMFYUI_RUN_S) bounds each workflow.
 """
 import importlib.util
 import json
@@ -23,17 +28,19 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from example_workflows.make_example_image import NAME as EXAMPLE_IMAGE
 from nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
 from tests.native_standins import standins
-from tests.test_workflows import INPUT_IMAGE, TINY_OVERRIDES, WORKFLOWS, H, W, write_input_image
-from tests.tiny_comfy import NAMES, make_models_dir
+from tests.test_workflows import WORKFLOWS
+from tests.tiny_flux_files import FILES, set_up_like_a_user
 from tests.workflow_harness import load_workflow, run_prompt, specs_from_classes, specs_from_object_info, ui_to_api
 
 ROOT = Path(__file__).resolve().parents[1]
 PACK_NAME = "FluxCore"
 COMFYUI_DIR = os.environ.get("COMFYUI_DIR")
+SERVER_PYTHON = os.environ.get("COMFYUI_PYTHON", sys.executable)
 SERVER_DEPS = ("aiohttp", "yaml", "torchsde", "alembic", "sqlalchemy", "comfyui_frontend_package")
-STARTUP_S, RUN_S = 240, 300
+STARTUP_S, RUN_S = 240, float(os.environ.get("FLUXCORE_COMFYUI_RUN_S", 1800))
 
 pytestmark = [
     pytest.mark.comfyui,
@@ -49,61 +56,61 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def http(url: str, data: dict | None = None, timeout: float = 30):
-    """(status, parsed JSON or text) of a GET, or of a POST of `data` as JSON."""
+def http(url: str, data: dict | None = None, timeout: float = 30, raw: bool = False):
+    """(status, parsed JSON or text, or bytes with raw=True) of a GET, or of a POST of `data` as JSON."""
     body = json.dumps(data).encode() if data is not None else None
     request = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"} if body else {})
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
-            status, raw = response.status, response.read()
+            status, content = response.status, response.read()
     except urllib.error.HTTPError as e:
-        status, raw = e.code, e.read()
+        status, content = e.code, e.read()
+    if raw:
+        return status, content
     try:
-        return status, json.loads(raw)
+        return status, json.loads(content)
     except ValueError:
-        return status, raw.decode(errors="replace")
+        return status, content.decode(errors="replace")
 
 
 def log_tail(path: Path, lines: int = 60) -> str:
     return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
 
 
+def python_has(modules) -> list[str]:
+    """The modules SERVER_PYTHON cannot import."""
+    if SERVER_PYTHON == sys.executable:
+        return [m for m in modules if importlib.util.find_spec(m) is None]
+    probe = "import importlib.util, sys; print(' '.join(m for m in sys.argv[1:] if importlib.util.find_spec(m) is None))"
+    out = subprocess.run([SERVER_PYTHON, "-c", probe, *modules], capture_output=True, text=True, timeout=120)
+    return out.stdout.split() if out.returncode == 0 else list(modules)
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     if os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") != "1":
-        pytest.skip("run this file without xdist (-n 0): one ComfyUI server and one custom_nodes/FluxCore link")
+        pytest.skip("run this file without xdist (-n 0): one ComfyUI server at a time")
     comfy = Path(COMFYUI_DIR).resolve()
     if not (comfy / "main.py").is_file():
         pytest.skip(f"COMFYUI_DIR={COMFYUI_DIR} has no main.py: not a ComfyUI checkout")
-    missing = [m for m in SERVER_DEPS if importlib.util.find_spec(m) is None]
+    missing = python_has(SERVER_DEPS)
     if missing:
-        pytest.skip(f"{sys.executable} lacks ComfyUI's requirements ({', '.join(missing)}): "
+        pytest.skip(f"{SERVER_PYTHON} lacks ComfyUI's requirements ({', '.join(missing)}): "
                     f"pip install -r {comfy / 'requirements.txt'}")
-    link = comfy / "custom_nodes" / PACK_NAME
-    if link.is_symlink() and link.resolve() == ROOT:
-        link.unlink()  # left over from an interrupted run
-    if link.exists() or link.is_symlink():
-        pytest.skip(f"{link} already exists and is not a link to this checkout; remove it to run this test")
 
-    tmp = tmp_path_factory.mktemp("comfyui")
-    models_dir, _ = make_models_dir(tmp)
-    folders = {sub: sub for sub in ("diffusion_models", "text_encoders", "vae", "diffusers")}
-    extra_paths = tmp / "extra_model_paths.yaml"
-    extra_paths.write_text("fluxcore_tiny:\n" + f"    base_path: {models_dir}\n" +
-                           "".join(f"    {key}: {value}\n" for key, value in folders.items()))
-    dirs = {name: tmp / name for name in ("input", "output", "temp", "user")}
-    for d in dirs.values():
-        d.mkdir()
-    write_input_image(dirs["input"] / INPUT_IMAGE)
+    base = tmp_path_factory.mktemp("comfyui_base")
+    assert not any(base.iterdir())  # a fresh, empty base directory
+    # What a user does (README): the pack into custom_nodes/ (cloned there; linked here), the model files into
+    # models/<folder>/ under the workflows' names, the example image into input/.
+    (base / "custom_nodes").mkdir()
+    (base / "custom_nodes" / PACK_NAME).symlink_to(ROOT, target_is_directory=True)
+    files = set_up_like_a_user(base)
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    log = tmp / "comfyui.log"
-    cmd = [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
-           "--extra-model-paths-config", str(extra_paths), "--output-directory", str(dirs["output"]),
-           "--input-directory", str(dirs["input"]), "--temp-directory", str(dirs["temp"]),
-           "--user-directory", str(dirs["user"]), "--database-url", "sqlite:///:memory:", "--disable-auto-launch"]
-    link.symlink_to(ROOT, target_is_directory=True)
+    log = base.parent / f"{base.name}_comfyui.log"
+    cmd = [SERVER_PYTHON, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port), "--base-directory",
+           str(base), "--database-url", "sqlite:///:memory:", "--disable-auto-launch"]
     process = None
     try:
         with open(log, "wb") as out:
@@ -121,8 +128,7 @@ def server(tmp_path_factory):
             if time.monotonic() > deadline:
                 pytest.fail(f"ComfyUI did not answer within {STARTUP_S} s:\n{log_tail(log)}")
             time.sleep(1)
-        yield dict(url=url, log=log, object_info=object_info, output=dirs["output"], models=models_dir,
-                   input=dirs["input"], tmp=tmp)
+        yield dict(url=url, log=log, object_info=object_info, base=base, files=files)
     finally:
         if process is not None and process.poll() is None:
             process.terminate()
@@ -131,8 +137,6 @@ def server(tmp_path_factory):
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
-        if link.is_symlink():
-            link.unlink()
 
 
 def test_pack_imports_and_every_node_is_listed(server):
@@ -146,8 +150,10 @@ def test_pack_imports_and_every_node_is_listed(server):
     for node_id in NODE_CLASS_MAPPINGS:
         assert info[node_id]["display_name"] == NODE_DISPLAY_NAME_MAPPINGS[node_id]
         assert info[node_id]["category"].startswith("FluxCore/")
-    # The tiny models are found through the extra model paths (what each loader offers as choices).
-    assert any(c.startswith(NAMES["dit"]) for c in info["FluxCoreDiTLoader"]["input"]["required"]["dit_name"][0])
+    # The user's files are what the loaders and LoadImage offer.
+    assert {FILES["dit"][1], FILES["kontext_dit"][1]} <= set(info["FluxCoreDiTLoader"]["input"]["required"]["dit_name"][0])
+    assert FILES["vae"][1] in info["FluxCoreVAELoader"]["input"]["required"]["vae_name"][0]
+    assert EXAMPLE_IMAGE in info["LoadImage"]["input"]["required"]["image"][0]
 
 
 def test_extension_js_is_served(server):
@@ -159,42 +165,27 @@ def test_extension_js_is_served(server):
     assert status == 200 and "app.registerExtension" in text
 
 
-def test_example_workflows_are_offered_as_templates(server):
+def test_example_workflows_and_their_image_are_served_as_templates(server):
     status, templates = http(f"{server['url']}/workflow_templates")
     assert status == 200
     assert sorted(templates.get(PACK_NAME, [])) == sorted(p.stem for p in WORKFLOWS)
+    status, image = http(f"{server['url']}/api/workflow_templates/{PACK_NAME}/{EXAMPLE_IMAGE}", raw=True)
+    assert status == 200 and image == (ROOT / "example_workflows" / EXAMPLE_IMAGE).read_bytes()
 
 
 @pytest.fixture(scope="module")
 def standalone(server):
-    """Our nodes and the core-node stand-ins outside ComfyUI, on the same tiny models and input image."""
+    """Our nodes and the core-node stand-ins outside ComfyUI, over the same base directory."""
     mp = pytest.MonkeyPatch()
-    mp.setenv("FLUXCORE_MODELS_DIR", str(server["models"]))
-    output = server["tmp"] / "standalone_output"
-    yield dict(classes={**NODE_CLASS_MAPPINGS, **standins(server["input"], output)}, output=output)
+    mp.setenv("FLUXCORE_MODELS_DIR", str(server["base"] / "models"))
+    output = server["base"].parent / f"{server['base'].name}_standalone_output"
+    yield dict(classes={**NODE_CLASS_MAPPINGS, **standins(server["files"]["input"], output)}, output=output)
     mp.undo()
 
 
-def tiny_overrides(object_info: dict) -> dict:
-    """TINY_OVERRIDES with each model widget set to the tiny model's entry as this ComfyUI lists it (ComfyUI
-    lists model files, e.g. "tiny-dit/diffusion_pytorch_model.safetensors", where FluxCore lists folders)."""
-    overrides = dict(TINY_OVERRIDES)
-    for node_id, name in (("FluxCoreDiTLoader", "dit_name"), ("FluxCoreTextEncoderLoader", "clip_name"),
-                          ("FluxCoreTextEncoderLoader", "t5_name"), ("FluxCoreVAELoader", "vae_name")):
-        choices = object_info[node_id]["input"]["required"][name][0]
-        wanted = TINY_OVERRIDES[name]
-        matches = [c for c in choices if c == wanted or c.startswith(wanted + "/")]
-        assert matches, f"{node_id}.{name}: no {wanted} among {choices}"
-        overrides[name] = matches[0]
-    return overrides
-
-
-@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
-def test_example_workflow_runs_in_comfyui(server, standalone, path):
-    info = server["object_info"]
-    prompt = ui_to_api(load_workflow(path), specs_from_object_info(info), tiny_overrides(info))
+def run_in_comfyui(server, prompt: dict, name: str) -> dict:
     status, answer = http(f"{server['url']}/prompt", {"prompt": prompt, "client_id": uuid.uuid4().hex})
-    assert status == 200, f"ComfyUI refused the prompt: {json.dumps(answer, indent=1)}"
+    assert status == 200, f"ComfyUI refused {name}: {json.dumps(answer, indent=1)}"
     prompt_id = answer["prompt_id"]
     deadline = time.monotonic() + RUN_S
     while True:
@@ -203,24 +194,32 @@ def test_example_workflow_runs_in_comfyui(server, standalone, path):
         if entry and entry.get("status", {}).get("completed") is not None and (
                 entry["status"]["completed"] or entry["status"].get("status_str") == "error"):
             break
-        assert time.monotonic() < deadline, f"{path.name} did not finish in {RUN_S} s:\n{log_tail(server['log'])}"
-        time.sleep(0.5)
+        assert time.monotonic() < deadline, f"{name} did not finish in {RUN_S} s:\n{log_tail(server['log'])}"
+        time.sleep(1)
     errors = [m[1] for m in entry["status"].get("messages") or [] if m[0] == "execution_error"]
     assert entry["status"]["status_str"] == "success" and not errors, "\n".join(
         f"node {e.get('node_id')} ({e.get('node_type')}): {e.get('exception_type')}: {e.get('exception_message')}"
         + "".join(e.get("traceback") or []) for e in errors) or log_tail(server["log"])
-    saves = [nid for nid, n in prompt.items() if n["class_type"] == "SaveImage"]
-    assert saves
-    # The same workflow without ComfyUI (our harness and stand-ins) gives the same picture.
+    return entry
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
+def test_example_workflow_runs_as_shipped_in_comfyui(server, standalone, path):
+    info = server["object_info"]
+    workflow = load_workflow(path)
+    prompt = ui_to_api(workflow, specs_from_object_info(info))  # the file's own values, nothing replaced
+    entry = run_in_comfyui(server, prompt, path.name)
+    save, = [nid for nid, n in prompt.items() if n["class_type"] == "SaveImage"]
+    item, = entry["outputs"][save]["images"]
+    with Image.open(server["base"] / "output" / item["subfolder"] / item["filename"]) as im:
+        got = np.asarray(im.convert("RGB"), dtype=np.int16)
+    assert got.shape == (1024, 1024, 3)
+    assert got.std() > 0.05 * 255 and np.ptp(got) > 0.3 * 255, "a blank or constant image"
+    # The same file run standalone (our nodes, stand-ins for the core nodes) gives the same picture.
     classes = standalone["classes"]
-    alone = run_prompt(ui_to_api(load_workflow(path), specs_from_classes(classes), TINY_OVERRIDES), classes)
-    for nid in saves:
-        images, expected = entry["outputs"][nid]["images"], alone.ui[nid]["images"]
-        assert images and len(images) == len(expected)
-        for item, mine in zip(images, expected):
-            with Image.open(server["output"] / item["subfolder"] / item["filename"]) as im:
-                assert im.size == (W, H)
-                got = np.asarray(im.convert("RGB"), dtype=np.int16)
-            with Image.open(standalone["output"] / mine["subfolder"] / mine["filename"]) as im:
-                want = np.asarray(im.convert("RGB"), dtype=np.int16)
-            assert np.abs(got - want).max() <= 2, f"{path.name}: ComfyUI and standalone images differ"
+    alone = run_prompt(ui_to_api(workflow, specs_from_classes(classes)), classes)
+    mine, = alone.ui[save]["images"]
+    with Image.open(standalone["output"] / mine["subfolder"] / mine["filename"]) as im:
+        want = np.asarray(im.convert("RGB"), dtype=np.int16)
+    # Equal computations in float32 on the same files; 2 levels allow for 8-bit rounding of values at a .5 edge.
+    assert np.abs(got - want).max() <= 2, f"{path.name}: ComfyUI and standalone images differ"

@@ -9,13 +9,8 @@ UI format: `nodes` (id, type, mode, inputs [{name, type, link, widget?}], output
 ([id, from_node, from_slot, to_node, to_slot, type], or objects in the newer schema). API format:
 {"<id>": {"class_type": T, "inputs": {name: value | ["<from id>", from_slot]}}}.
 
-How the saved widget values line up with a node's inputs (what ComfyUI's frontend does):
-- the widget inputs are the INPUT_TYPES entries, required then optional, whose type is a list of choices or
-  INT/FLOAT/STRING/BOOLEAN/COMBO and that are not `forceInput`; `widgets_values` holds one value per widget
-  input in that order, also for a widget input that is connected by a link (its link wins in the API form);
-- an input with `control_after_generate`, or named "seed" / "noise_seed", is followed by one more value (the
-  "fixed"/"randomize"/... control), which is not an input;
-- values beyond the widget inputs (an upload button's "image", a refresh button) are ignored.
+How the saved widget values line up with a node's inputs: example_workflows/ui_format.py (what ComfyUI's
+frontend does); values beyond the widget inputs (an upload button's "image", a refresh button) are ignored.
 Frontend-only nodes are not executed: Note and MarkdownNote are dropped, links through Reroute nodes are
 followed to their source, a PrimitiveNode's value is copied into the inputs it feeds; muted nodes (mode 2)
 are dropped and bypassed nodes (mode 4) pass an input of the same type through.
@@ -27,8 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
-CONTROL_NAMES = ("seed", "noise_seed")
+from example_workflows.ui_format import combo_choices, widget_slots
+
 NOTE_TYPES = {"Note", "MarkdownNote"}
 FRONTEND_ONLY = NOTE_TYPES | {"Reroute", "PrimitiveNode"}
 MODE_MUTED, MODE_BYPASSED = 2, 4
@@ -63,38 +58,6 @@ def specs_from_object_info(object_info: Mapping[str, Mapping]) -> InputTypes:
             out[group] = {name: tuple(inputs[name]) for name in names if name in inputs}
         return out
     return spec
-
-
-def _options(spec: tuple) -> dict:
-    return spec[1] if len(spec) > 1 and isinstance(spec[1], Mapping) else {}
-
-
-def is_widget(spec: tuple) -> bool:
-    kind = spec[0]
-    return (isinstance(kind, (list, tuple)) or kind in WIDGET_TYPES) and not _options(spec).get("forceInput")
-
-
-def widget_slots(input_types: Mapping) -> list[tuple[str, int]]:
-    """(widget input name, how many extra saved values follow it) in the order of `widgets_values`."""
-    slots = []
-    for group in ("required", "optional"):
-        for name, spec in (input_types.get(group) or {}).items():
-            spec = tuple(spec)
-            if is_widget(spec):
-                slots.append((name, 1 if _options(spec).get("control_after_generate") or name in CONTROL_NAMES else 0))
-    return slots
-
-
-def combo_choices(input_types: Mapping, name: str) -> list | None:
-    for group in ("required", "optional"):
-        spec = (input_types.get(group) or {}).get(name)
-        if spec is not None:
-            spec = tuple(spec)
-            if isinstance(spec[0], (list, tuple)):
-                return list(spec[0])
-            if spec[0] == "COMBO":
-                return list(_options(spec).get("options") or [])
-    return None
 
 
 # ---------------------------------------------------------------- UI -> API

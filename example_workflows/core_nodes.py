@@ -1,0 +1,36 @@
+"""The interfaces of the ComfyUI core nodes the example workflows use, as ComfyUI declares them (node id, inputs
+in widget order, outputs): what the workflow writer needs to lay out their sockets and saved widget values
+without ComfyUI. Only the interface: the nodes themselves run in ComfyUI (tests run stand-ins that declare the
+same interfaces, checked against these in tests/test_workflows.py).
+"""
+from __future__ import annotations
+
+MAX_RESOLUTION = 16384
+UPSCALE_METHODS = ["nearest-exact", "bilinear", "area", "bicubic", "lanczos"]
+
+
+def _node(inputs: dict, outputs: tuple = (), names: tuple | None = None) -> type:
+    return type("CoreNode", (), {"INPUT_TYPES": classmethod(lambda cls: inputs), "RETURN_TYPES": outputs,
+                                 "RETURN_NAMES": names or outputs})
+
+
+def core_nodes(input_files: list[str]) -> dict[str, type]:
+    """Interface classes by node id; `input_files` are LoadImage's choices (the files in ComfyUI's input/)."""
+    return {
+        "LoadImage": _node({"required": {"image": (sorted(input_files), {"image_upload": True})}}, ("IMAGE", "MASK")),
+        "SaveImage": _node({"required": {"images": ("IMAGE",), "filename_prefix": ("STRING", {"default": "ComfyUI"})},
+                            "hidden": {"prompt": "PROMPT", "extra_pnginfo": "EXTRA_PNGINFO"}}),
+        "PreviewImage": _node({"required": {"images": ("IMAGE",)},
+                               "hidden": {"prompt": "PROMPT", "extra_pnginfo": "EXTRA_PNGINFO"}}),
+        "ImageScale": _node({"required": {
+            "image": ("IMAGE",), "upscale_method": (UPSCALE_METHODS,),
+            "width": ("INT", {"default": 512, "min": 0, "max": MAX_RESOLUTION, "step": 1}),
+            "height": ("INT", {"default": 512, "min": 0, "max": MAX_RESOLUTION, "step": 1}),
+            "crop": (["disabled", "center"],)}}, ("IMAGE",)),
+        "SetLatentNoiseMask": _node({"required": {"samples": ("LATENT",), "mask": ("MASK",)}}, ("LATENT",)),
+        "FluxGuidance": _node({"required": {"conditioning": ("CONDITIONING",), "guidance": (
+            "FLOAT", {"default": 3.5, "min": 0.0, "max": 100.0, "step": 0.1})}}, ("CONDITIONING",)),
+        "ConditioningZeroOut": _node({"required": {"conditioning": ("CONDITIONING",)}}, ("CONDITIONING",)),
+        "ReferenceLatent": _node({"required": {"conditioning": ("CONDITIONING",)}, "optional": {"latent": ("LATENT",)}},
+                                 ("CONDITIONING",)),
+    }

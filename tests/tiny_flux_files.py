@@ -1,0 +1,120 @@
+"""Tiny FLUX models written as the single files a ComfyUI user puts into the model folders, under the real file
+names the example workflows name, so that the workflows run exactly as shipped:
+
+    files = write_model_files(tmp / "models")   # models/diffusion_models/flux1-dev.safetensors, ... (see FILES)
+
+Nothing beside a file says its config, so every size a loader cannot read from the weights' shapes takes FLUX's
+own value: DiT head dim 128 (RoPE axes 16/56/56), CLIP-L head size 64, 77 CLIP positions, VAE widths that are
+multiples of 32 (FLUX's 32 GroupNorm groups). Everything else is as small as that allows (one head, one block
+of each kind). The tokenizers of tests/tiny_text.py go beside the text encoders (text_encoders/tokenizer and
+tokenizer_2), where the text-encoder loader node and FluxImagePipeline both look for them.
+"""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+from tests.tiny_dit import make_diffusers_dit, write_bfl_dit
+from tests.tiny_text import T5_VOCAB, clip_vocab, write_clip, write_t5, write_tokenizers
+from tests.tiny_vae import SCALE_FACTOR, SHIFT_FACTOR, write_bfl_file
+
+# model folder and file name per component (the names the example workflows use)
+FILES = {
+    "dit": ("diffusion_models", "flux1-dev.safetensors"),
+    "kontext_dit": ("diffusion_models", "flux1-kontext-dev.safetensors"),
+    "clip": ("text_encoders", "clip_l.safetensors"),
+    "t5": ("text_encoders", "t5xxl_fp16.safetensors"),
+    "vae": ("vae", "ae.safetensors"),
+}
+CLIP_HIDDEN, T5_DIM = 64, 32
+VAE_WIDTHS = (32, 32, 32, 32)
+
+
+def make_flux_shaped_dit(seed: int):
+    """A diffusers FluxTransformer2DModel with FLUX's head size (128) and RoPE axes, one block of each kind."""
+    return make_diffusers_dit(seed=seed, num_layers=1, num_single_layers=1, attention_head_dim=128,
+                              num_attention_heads=1, axes_dims_rope=(16, 56, 56), joint_attention_dim=T5_DIM,
+                              pooled_projection_dim=CLIP_HIDDEN)
+
+
+def _randomise(model: torch.nn.Module, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=g)
+            if p.ndim == 1 and "norm" in name and name.endswith("weight"):
+                p.copy_(1 + 0.2 * noise)
+            elif p.ndim == 1:
+                p.copy_(0.1 * noise)
+            else:  # variance preserving, so activations neither vanish nor explode through the layers
+                p.copy_(noise / p[0].numel() ** 0.5)
+
+
+def make_flux_shaped_clip(seed: int) -> CLIPTextModel:
+    config = CLIPTextConfig(vocab_size=len(clip_vocab()[0]), hidden_size=CLIP_HIDDEN, intermediate_size=128,
+                            num_hidden_layers=1, num_attention_heads=CLIP_HIDDEN // 64, max_position_embeddings=77,
+                            hidden_act="quick_gelu", layer_norm_eps=1e-5, bos_token_id=0, eos_token_id=2,
+                            pad_token_id=1, projection_dim=CLIP_HIDDEN)
+    model = CLIPTextModel(config).eval()
+    _randomise(model, seed)
+    return model
+
+
+def make_flux_shaped_t5(seed: int) -> T5EncoderModel:
+    config = T5Config(vocab_size=T5_VOCAB, d_model=T5_DIM, d_kv=8, d_ff=64, num_layers=1, num_heads=4,
+                      relative_attention_num_buckets=32, relative_attention_max_distance=128,
+                      layer_norm_epsilon=1e-6, feed_forward_proj="gated-gelu", dropout_rate=0.0)
+    model = T5EncoderModel(config).eval()
+    _randomise(model, seed)
+    return model
+
+
+def make_flux_shaped_vae(seed: int):
+    from diffusers import AutoencoderKL
+    n = len(VAE_WIDTHS)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * n,
+                        up_block_types=("UpDecoderBlock2D",) * n, block_out_channels=VAE_WIDTHS, layers_per_block=1,
+                        latent_channels=16, norm_num_groups=32, sample_size=64, scaling_factor=SCALE_FACTOR,
+                        shift_factor=SHIFT_FACTOR, use_quant_conv=False, use_post_quant_conv=False,
+                        force_upcast=False)
+    _randomise(vae, seed)
+    return vae.eval().requires_grad_(False)
+
+
+def write_model_files(models_dir: Path) -> dict[str, Path]:
+    """Writes every file of FILES (and the tokenizer folders) into a ComfyUI-style models folder; returns the
+    path of each component."""
+    models_dir = Path(models_dir)
+    paths = {kind: models_dir / folder / name for kind, (folder, name) in FILES.items()}
+    for path in paths.values():
+        path.parent.mkdir(parents=True, exist_ok=True)
+    write_bfl_dit(make_flux_shaped_dit(seed=11), paths["dit"])
+    write_bfl_dit(make_flux_shaped_dit(seed=12), paths["kontext_dit"])
+    text = paths["clip"].parent
+    scratch = text / "_written"
+    shutil.move(write_clip(make_flux_shaped_clip(seed=13), scratch, "clip_l"), paths["clip"])
+    shutil.move(write_t5(make_flux_shaped_t5(seed=14), scratch, "t5xxl_fp16"), paths["t5"])
+    shutil.rmtree(scratch)
+    write_tokenizers(text)
+    write_bfl_file(make_flux_shaped_vae(seed=15), paths["vae"])
+    return paths
+
+
+def example_image_source() -> Path:
+    from example_workflows.make_example_image import HERE, NAME
+    return HERE / NAME
+
+
+def set_up_like_a_user(base: Path) -> dict[str, Path]:
+    """A ComfyUI base directory as a user prepares it for the example workflows (README, "Example workflows"):
+    the model files in models/<folder>/ under the names the workflows use, and the pack's example image copied
+    into input/. Returns the component paths plus "input" and "output"."""
+    base = Path(base)
+    paths = write_model_files(base / "models")
+    (base / "input").mkdir(parents=True, exist_ok=True)
+    (base / "output").mkdir(parents=True, exist_ok=True)
+    shutil.copy(example_image_source(), base / "input" / example_image_source().name)
+    return {**paths, "input": base / "input", "output": base / "output"}
