@@ -173,7 +173,7 @@ def _model_dir_components(root: Path, look_for_dit: bool = True) -> dict[str, Pa
     if (root / "ae.safetensors").is_file():
         found["vae"] = root / "ae.safetensors"
     dits = [found.pop("dit")] if "dit" in found else []
-    dits += [p for p in sorted(root.glob("*.safetensors")) if p.name != "ae.safetensors"]
+    dits += [p for suffix in ("*.safetensors", "*.gguf") for p in sorted(root.glob(suffix)) if p.name != "ae.safetensors"]
     if not look_for_dit:
         return found
     if len(dits) > 1:

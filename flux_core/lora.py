@@ -259,6 +259,8 @@ def _hook_reason(dit: nn.Module, modules: list[nn.Module]) -> str:
             return "a layer is offloaded"
         if m.weight.dtype in FLOAT8_DTYPES:
             return f"weights are stored in {m.weight.dtype}"
+        if not m.weight.is_floating_point():
+            return "weights are stored block-quantized (GGUF)"
         if m.weight.is_meta:
             return "weights are on the meta device"
     return ""
@@ -269,6 +271,9 @@ def _check_fusable(modules: list[nn.Module]) -> None:
         if m.weight.is_meta:
             raise LoraError("load_lora(hotload=False): the DiT's weights are on the meta device (not loaded "
                             "or offloaded), so a LoRA cannot be fused into them; use hotload=True or None.")
+        if not m.weight.is_floating_point():
+            raise LoraError("load_lora(hotload=False): the DiT's weights are stored block-quantized (a GGUF file), "
+                            "so a LoRA cannot be fused into them; use hotload=True or None (hook mode).")
     if any(m.weight.dtype in FLOAT8_DTYPES for m in modules):
         warnings.warn("load_lora(hotload=False) fuses into float8-stored weights, which rounds most of a LoRA's "
                       "delta away; hotload=None (hook mode) keeps the LoRA in compute precision.",

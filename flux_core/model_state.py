@@ -19,7 +19,8 @@ _ATTR = "_fluxcore_state"
 @dataclass
 class ModelState:
     layout: str | None = None                                # checkpoint layout the weights were read from
-    offloaded: bool = False                                  # weights rest off the compute device (streamed)
+    offloaded: bool = False                                  # weights rest off the compute device (streamed), or
+                                                             # are GGUF blocks (set by the loader): LoRA hooks them
     compute: tuple[torch.device, torch.dtype] | None = None  # where a managed model computes (flux_core.vram)
     lora: Any = None                                         # flux_core.lora's fused/hooked LoRA bookkeeping
     applied_loras: tuple = ()                                # the LoRA stack a node graph last applied

@@ -84,16 +84,18 @@ def find_files(model_configs: Sequence[ModelConfig], tokenizer_configs: dict[str
         except ModelFileError as e:
             errors.append(f"model_configs[{i}]: {e}")
     roots = [root for paths in resolved for root in _search_roots(paths)]
-    missing_configs = len(errors)
+    missing_configs, missing_tokenizers = len(errors), 0
     try:
         tokenizers = tokenizer_folders(tokenizer_configs, roots, local_model_path)
     except TokenizerNotFoundError as e:
         if not errors:
             raise
         errors.extend(str(e).splitlines())
+        missing_tokenizers = len(e.missing)
     if errors:
+        tokenizers_note = f", and {missing_tokenizers} tokenizer(s) were not found" if missing_tokenizers else ""
         raise ModelFileError(f"{missing_configs} of {len(model_configs)} model_configs name files that are not "
-                             f"there:\n- " + "\n- ".join(errors))
+                             f"there{tokenizers_note}:\n- " + "\n- ".join(errors))
     return resolved, tokenizers
 
 

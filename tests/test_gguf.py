@@ -10,6 +10,8 @@ from safetensors.torch import save_file
 from flux_core.loading.files import CheckpointError
 from flux_core.loading.loader import load_model
 from flux_core.lora import load_lora
+from flux_core.model_state import state_of
+from lora_tools import LoraError
 from flux_core.models.dit import FluxDiT, FluxParams
 from flux_core.quantized import BLOCK_FORMATS, QuantizedLinear, dequantize
 from flux_core.vram import SimulatedDevice, VRAMManager
@@ -209,6 +211,22 @@ def test_lora_on_gguf_dit_is_hooked_and_exact(weights, tmp_path):
     save_file({k: v.contiguous() for k, v in fused.items()}, str(plain_path))
     # measured 3e-8 relative (float32 reassociation of the low-rank path); a missing LoRA differs by ~0.05.
     assert relative(forward(ours), forward(load_model(plain_path, torch_dtype=torch.float32))) <= 1e-6
+
+
+def test_lora_is_never_fused_into_gguf_blocks(weights, tmp_path):
+    # Without the loader's offloaded mark the layers are still hooked (their weights are not floating point),
+    # and forcing fusion is refused by name instead of failing inside a matrix product.
+    path = tmp_path / "q.gguf"
+    write_gguf(weights, path, "Q8_0")
+    ours = load_model(path, torch_dtype=torch.float32)
+    for m in ours.modules():
+        state_of(m).offloaded = False
+    g = torch.Generator().manual_seed(6)
+    lora = write_kohya(tmp_path / "lora.safetensors",
+                       {"double_blocks.0.img_attn.qkv": (torch.randn(4, 256, generator=g), torch.randn(768, 4, generator=g), 4.0)})
+    with pytest.raises(LoraError, match="block-quantized"):
+        load_lora(ours, lora, hotload=False)
+    assert load_lora(ours, lora).mode == "hook"
 
 
 def test_gguf_of_another_architecture_is_refused(weights, tmp_path):

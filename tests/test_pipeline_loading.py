@@ -112,7 +112,7 @@ def test_missing_model_files_and_tokenizers_are_listed_together(tmp_path, monkey
         load(ModelConfig(model_id="black-forest-labs/FLUX.1-dev", origin_file_pattern="flux1-dev.safetensors",
                          local_model_path=str(tmp_path)))
     lines = str(info.value).splitlines()
-    assert lines[0] == "1 of 1 model_configs name files that are not there:"
+    assert lines[0] == "1 of 1 model_configs name files that are not there, and 2 tokenizer(s) were not found:"
     assert lines[1].startswith("- model_configs[0]: ") and "'flux1-dev.safetensors'" in lines[1]
     assert lines[2].startswith("- the CLIP-L tokenizer (tokenizer/) was not found")
     assert lines[3].startswith("- the T5 tokenizer (tokenizer_2/) was not found") and len(lines) == 4
