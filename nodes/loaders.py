@@ -66,6 +66,11 @@ def modelscope_source(node: str, spec: str, folder: str) -> str | list[str]:
     if not model_id or not pattern:
         raise NodeInputError(f"{node}, input 'modelscope_id': write it as 'model_id:file pattern', e.g. "
                              f"'{FLUX_DEV}:flux1-dev.safetensors' (got {spec!r}).")
+    try:  # the download lands in <folder>/<model_id>/<pattern>: neither part may lead out of the model folder
+        bridge.safe_name(folder, model_id.strip())
+        bridge.safe_name(folder, pattern.strip())
+    except bridge.UnsafeModelName as e:
+        raise node_error(node, "modelscope_id", e) from None
     base = bridge.folder_paths_for(folder)[0]
     try:
         return ModelConfig(model_id=model_id, origin_file_pattern=pattern, local_model_path=str(base)).resolve()

@@ -77,7 +77,7 @@ def log_tail(path: Path, lines: int = 60) -> str:
     return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
 
 
-def python_has(modules) -> list[str]:
+def missing_modules(modules) -> list[str]:
     """The modules SERVER_PYTHON cannot import."""
     if SERVER_PYTHON == sys.executable:
         return [m for m in modules if importlib.util.find_spec(m) is None]
@@ -93,7 +93,7 @@ def server(tmp_path_factory):
     comfy = Path(COMFYUI_DIR).resolve()
     if not (comfy / "main.py").is_file():
         pytest.skip(f"COMFYUI_DIR={COMFYUI_DIR} has no main.py: not a ComfyUI checkout")
-    missing = python_has(SERVER_DEPS)
+    missing = missing_modules(SERVER_DEPS)
     if missing:
         pytest.skip(f"{SERVER_PYTHON} lacks ComfyUI's requirements ({', '.join(missing)}): "
                     f"pip install -r {comfy / 'requirements.txt'}")

@@ -288,6 +288,9 @@ def escape_targets(models, tmp_path):
     above = models["dir"] / "escaped-dit"  # diffusion_models/../escaped-dit
     if not above.exists():
         shutil.copytree(outside, above)
+    beside = models["dir"].parent / "elsewhere" / NAMES["dit"]  # diffusion_models/../../elsewhere/tiny-dit
+    if not beside.exists():
+        shutil.copytree(outside, beside)
     link = models["dir"] / "diffusion_models" / "linked-dit"
     if not link.is_symlink():
         link.symlink_to(outside, target_is_directory=True)
@@ -304,6 +307,10 @@ def test_model_names_outside_their_folder_are_refused_by_name(models, tmp_path, 
         FluxCoreLoraLoader().apply(models["dit"], "../diffusion_models/" + NAMES["dit"], 1.0)
     with pytest.raises(NodeInputError, match=r"FluxCoreDiffusersLoader, input 'folder': .*'diffusers' model folder"):
         FluxCoreDiffusersLoader().load("../diffusers/" + NAMES["diffusers"])
+    with pytest.raises(NodeInputError, match=r"FluxCoreDiTLoader, input 'modelscope_id': .*'diffusion_models'"):
+        FluxCoreDiTLoader().load(NAMES["dit"], modelscope_id="../../elsewhere:" + NAMES["dit"] + "/*")
+    with pytest.raises(NodeInputError, match=r"FluxCoreDiTLoader, input 'modelscope_id': .*'diffusion_models'"):
+        FluxCoreDiTLoader().load(NAMES["dit"], modelscope_id="org/model:../../" + NAMES["dit"])
 
 
 class FakeFolderPaths:
