@@ -29,6 +29,7 @@ import pytest
 from PIL import Image
 
 from example_workflows.make_example_image import NAME as EXAMPLE_IMAGE
+from example_workflows.ui_format import combo_choices
 from nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
 from tests.native_standins import standins
 from tests.test_workflows import WORKFLOWS
@@ -150,10 +151,12 @@ def test_pack_imports_and_every_node_is_listed(server):
     for node_id in NODE_CLASS_MAPPINGS:
         assert info[node_id]["display_name"] == NODE_DISPLAY_NAME_MAPPINGS[node_id]
         assert info[node_id]["category"].startswith("FluxCore/")
-    # The user's files are what the loaders and LoadImage offer.
-    assert {FILES["dit"][1], FILES["kontext_dit"][1]} <= set(info["FluxCoreDiTLoader"]["input"]["required"]["dit_name"][0])
-    assert FILES["vae"][1] in info["FluxCoreVAELoader"]["input"]["required"]["vae_name"][0]
-    assert EXAMPLE_IMAGE in info["LoadImage"]["input"]["required"]["image"][0]
+    # The user's files are what the loaders and LoadImage offer (a list of choices, or a COMBO's options).
+    spec = specs_from_object_info(info)
+    assert {FILES["dit"][1], FILES["kontext_dit"][1]} <= set(combo_choices(spec("FluxCoreDiTLoader"), "dit_name"))
+    assert FILES["vae"][1] in combo_choices(spec("FluxCoreVAELoader"), "vae_name")
+    assert {FILES["clip"][1], FILES["t5"][1]} <= set(combo_choices(spec("FluxCoreTextEncoderLoader"), "clip_name"))
+    assert EXAMPLE_IMAGE in combo_choices(spec("LoadImage"), "image")
 
 
 def test_extension_js_is_served(server):
