@@ -25,7 +25,10 @@ except ImportError:
     _mm = _patcher = _utils = _folder_paths = None
     IN_COMFYUI = False
 
-MODEL_EXTENSIONS = (".safetensors", ".sft", ".bin", ".pt", ".pth", ".ckpt")
+MODEL_EXTENSIONS = (".safetensors", ".sft", ".bin", ".pt", ".pth", ".ckpt", ".gguf")
+# Files FluxCore reads that ComfyUI's own listing of a folder leaves out (its extension list has no .gguf; the
+# folder's registration is not changed, so native loaders never offer a file they cannot read).
+EXTRA_EXTENSIONS = {"diffusion_models": (".gguf",)}
 
 
 class Interrupted(Exception):
@@ -43,16 +46,30 @@ def models_dir() -> Path:
 def list_models(folder: str) -> list[str]:
     """File names (relative paths) in a ComfyUI model folder such as "diffusion_models" or "loras"."""
     if IN_COMFYUI:
-        return _folder_paths.get_filename_list(folder)
+        names = set(_folder_paths.get_filename_list(folder))
+        for root in _folder_paths.get_folder_paths(folder):
+            names.update(_files_in(Path(root), EXTRA_EXTENSIONS.get(folder, ())))
+        return sorted(names)
     root = models_dir() / folder
     if not root.is_dir():
         return []
-    return sorted(str(p.relative_to(root)).replace(os.sep, "/") for p in root.rglob("*")
-                  if p.suffix.lower() in MODEL_EXTENSIONS or (p.is_dir() and (p / "config.json").is_file()))
+    return sorted(set(_files_in(root, MODEL_EXTENSIONS))
+                  | {_relative(root, p) for p in root.rglob("*") if p.is_dir() and (p / "config.json").is_file()})
+
+
+def _files_in(root: Path, extensions: tuple[str, ...]) -> list[str]:
+    """Relative names of the files under `root` (links followed) whose extension is one of `extensions`."""
+    if not extensions or not root.is_dir():
+        return []
+    return [_relative(root, p) for p in root.rglob("*") if p.suffix.lower() in extensions and p.is_file()]
+
+
+def _relative(root: Path, path: Path) -> str:
+    return str(path.relative_to(root)).replace(os.sep, "/")
 
 
 class UnsafeModelName(ValueError):
-    """A model file name that would reach outside its model folder (`..`, an absolute path, a link out)."""
+    """A model file name that would reach outside its model folder (`..`, an absolute path)."""
 
 
 def safe_name(folder: str, name: str) -> str:
@@ -68,34 +85,24 @@ def safe_name(folder: str, name: str) -> str:
     return "/".join(p for p in parts if p not in ("", "."))
 
 
-def inside(root: Path, path: Path, folder: str, name: str) -> str:
-    """`path` (under `root`) with every link resolved, refused when it ends outside `root`."""
-    real, real_root = path.resolve(), root.resolve()
-    if real != real_root and real_root not in real.parents:
-        raise UnsafeModelName(f"{name!r} in the {folder!r} model folder {root} is a link to {real}, outside that "
-                              f"folder; FluxCore reads models only inside their folders. Move or copy the file "
-                              f"into {root}, or add its folder to ComfyUI's extra_model_paths.yaml (standalone: "
-                              f"point FLUXCORE_MODELS_DIR at it).")
-    return str(path)
-
-
 def model_path(folder: str, name: str) -> str:
     """The full path of a file (or diffusers-style folder) named in a model folder. The name must stay inside
-    the folder: an absolute path, `..`, or a link that leads out raise UnsafeModelName; a missing file raises
-    FileNotFoundError. Both messages name the folder."""
+    the folder: an absolute path or `..` raise UnsafeModelName; a missing file raises FileNotFoundError. Both
+    messages name the folder. Links are followed, as ComfyUI follows them: a link in a model folder was put
+    there by the person who owns the machine (models kept on another disk), while a name comes from a workflow
+    or an API prompt, which anyone may write."""
     relative = safe_name(folder, name)
     if IN_COMFYUI:
         full = _folder_paths.get_full_path(folder, relative)
         if full is None:
             raise FileNotFoundError(f"{name} not found in the {folder!r} model folders "
                                     f"({', '.join(_folder_paths.get_folder_paths(folder))})")
-        root = next(r for r in _folder_paths.get_folder_paths(folder) if os.path.join(r, relative) == full)
-        return inside(Path(root), Path(full), folder, name)
+        return full
     root = models_dir() / folder
     path = root / relative
     if not path.exists():
         raise FileNotFoundError(f"{name} not found in {root}")
-    return inside(root, path, folder, name)
+    return str(path)
 
 
 def folder_paths_for(folder: str) -> list[Path]:
@@ -114,7 +121,7 @@ def diffusers_folder_path(name: str) -> str:
     relative = safe_name("diffusers", name)
     for root in folder_paths_for("diffusers"):
         if (root / relative / "model_index.json").is_file():
-            return inside(root, root / relative, "diffusers", name)
+            return str(root / relative)
     raise FileNotFoundError(f"{name} is not a diffusers folder (with model_index.json) in "
                             f"{', '.join(str(r) for r in folder_paths_for('diffusers'))}")
 

@@ -315,3 +315,28 @@ def test_streamed_units_of_a_gguf_dit_are_listed(weights, tmp_path):
     manager.remove("dit")
     assert state_of(ours.double_blocks[0].img_attn.qkv).offloaded
     assert not state_of(ours.double_blocks[0].img_attn.norm.query_norm).offloaded and not state_of(ours).offloaded
+
+
+def test_dit_loader_node_lists_and_loads_gguf_files(weights, tmp_path, monkeypatch):
+    from nodes import comfy_bridge
+    from nodes.loaders import FluxCoreDiTLoader
+
+    folder = tmp_path / "models" / "diffusion_models"
+    folder.mkdir(parents=True)
+    write_gguf(weights, folder / "flux-Q8_0.gguf", "Q8_0")
+    monkeypatch.setenv("FLUXCORE_MODELS_DIR", str(tmp_path / "models"))
+    assert comfy_bridge.list_models("diffusion_models") == ["flux-Q8_0.gguf"]
+    (handle,) = FluxCoreDiTLoader().load("flux-Q8_0.gguf")
+    assert any(isinstance(m, QuantizedLinear) for m in handle.model.module.modules())
+
+    class ComfyFolderPaths:  # ComfyUI's listing filters by its own extensions, which have no .gguf
+        def get_filename_list(self, name):
+            return []
+
+        def get_folder_paths(self, name):
+            return [str(folder)]
+
+    monkeypatch.setattr(comfy_bridge, "IN_COMFYUI", True)
+    monkeypatch.setattr(comfy_bridge, "_folder_paths", ComfyFolderPaths())
+    assert comfy_bridge.list_models("diffusion_models") == ["flux-Q8_0.gguf"]
+    assert comfy_bridge.list_models("loras") == []

@@ -281,7 +281,8 @@ def test_tokenizers_are_fetched_from_modelscope_when_no_folder_has_them(models, 
 
 # ---------------------------------------------------------------- model names stay inside their folders
 def escape_targets(models, tmp_path):
-    """A loadable DiT reachable from diffusion_models only by leaving it: through '..', an absolute path, a link."""
+    """A loadable DiT reachable from diffusion_models only by leaving it: through '..' or an absolute path; and one
+    linked into diffusion_models by the machine's owner (followed, as ComfyUI follows it)."""
     import shutil
     outside = tmp_path / "outside-dit"
     shutil.copytree(models["dir"] / "diffusion_models" / NAMES["dit"], outside)
@@ -297,7 +298,13 @@ def escape_targets(models, tmp_path):
     return {"dotdot": "../escaped-dit", "absolute": str(outside), "symlink": "linked-dit"}
 
 
-@pytest.mark.parametrize("kind", ["dotdot", "absolute", "symlink"])
+def test_a_link_placed_in_a_model_folder_is_followed(models, tmp_path):
+    name = escape_targets(models, tmp_path)["symlink"]
+    (dit,) = FluxCoreDiTLoader().load(name)
+    assert dit is not None
+
+
+@pytest.mark.parametrize("kind", ["dotdot", "absolute"])
 def test_model_names_outside_their_folder_are_refused_by_name(models, tmp_path, kind):
     name = escape_targets(models, tmp_path)[kind]
     with pytest.raises(NodeInputError, match=r"FluxCoreDiTLoader, input 'dit_name': .*'diffusion_models' model folder"):
@@ -343,7 +350,8 @@ def test_model_names_are_checked_inside_comfyui_too(models, tmp_path, monkeypatc
     monkeypatch.setattr(comfy_bridge, "IN_COMFYUI", True)
     monkeypatch.setattr(comfy_bridge, "_folder_paths", FakeFolderPaths({"loras": [root]}))
     assert comfy_bridge.model_path("loras", "ok.safetensors") == str(root / "ok.safetensors")
-    for name in ("../secret.safetensors", str(outside), "linked.safetensors", "sub/../../secret.safetensors"):
+    assert comfy_bridge.model_path("loras", "linked.safetensors") == str(root / "linked.safetensors")
+    for name in ("../secret.safetensors", str(outside), "sub/../../secret.safetensors"):
         with pytest.raises(UnsafeModelName, match=r"'loras' model folder"):
             comfy_bridge.model_path("loras", name)
     with pytest.raises(FileNotFoundError, match="missing.safetensors not found in the 'loras' model folders"):
