@@ -346,12 +346,7 @@ class FluxImagePipeline:
         device = self.vram.device if self.vram is not None else ComputeDevice(self.device)
         what = (f"height={height}, width={width}, a batch of {batch} image(s) and {reference_tokens} Kontext "
                 f"reference tokens (kontext_images), {tokens} tokens in all")
-        try:
-            available = device.total_memory()
-        except ImportError as e:   # the CPU's total memory is read with psutil, not a dependency of FluxCore
-            logger.warning("cannot check the DiT's activation memory (about %.2f GiB) against %s: %s",
-                           needed / GiB, device.torch_device, e)
-            return
+        available = device.total_memory()
         # stacklevel 4: the user's line (above __call__ and torch.no_grad's wrapper)
         check_activation_memory(needed, available, str(device.torch_device), what, stacklevel=4)
 

@@ -11,6 +11,7 @@ import logging
 import torch
 
 from flux_core.image import pil_to_tensor, resize_to_multiple, tensor_to_pil
+from flux_core.inputs import T5_MAX_SEQUENCE_LENGTH
 from flux_core.models.text_encoders import encode_prompt
 from flux_core.sampling import PromptEmbeds
 
@@ -84,7 +85,7 @@ class FluxCoreTextEncode:
             "text": ("STRING", {"multiline": True, "dynamicPrompts": True, "tooltip": "The prompt."}),
             "guidance": ("FLOAT", {"default": DEFAULT_GUIDANCE, "min": 0.0, "max": 100.0, "step": 0.1,
                                    "tooltip": "Embedded (distilled) guidance of FLUX.1-dev; 2.5 is usual for Kontext."}),
-            "t5_sequence_length": ("INT", {"default": 512, "min": 16, "max": 512, "step": 16,
+            "t5_sequence_length": ("INT", {"default": 512, "min": 16, "max": T5_MAX_SEQUENCE_LENGTH, "step": 16,
                                            "tooltip": "T5 tokens the prompt is padded/truncated to (FLUX.1-dev: 512)."}),
         }}
 

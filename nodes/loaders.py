@@ -10,7 +10,7 @@ from flux_core.loading.loader import load_model
 from flux_core.model_config import FLUX_DEV, ModelConfig
 from flux_core.model_state import state_of
 from flux_core.models.text_encoders import load_clip_tokenizer, load_t5_tokenizer
-from flux_core.pipeline import DIFFUSERS_COMPONENTS, tokenizer_folder
+from flux_core.pipeline_models import DIFFUSERS_COMPONENTS, TokenizerNotFoundError, tokenizer_folders
 
 from . import comfy_bridge as bridge
 from .handles import DIT_TYPE, TEXT_ENCODERS_TYPE, VAE_TYPE, DiTHandle, TextEncodersHandle, VAEHandle
@@ -84,13 +84,18 @@ def find_tokenizers(node: str) -> tuple[object, object]:
     folders = bridge.folder_paths_for("text_encoders")
     bundled = dict(zip(("tokenizer", "tokenizer_2"), bridge.comfy_tokenizer_dirs()))
 
-    def folder(sub: str) -> str:
-        local = next((f / sub for f in folders if (f / sub).is_dir()), None) or bundled[sub]
-        return str(local) if local else tokenizer_folder(None, [], sub, str(folders[0]))
-
-    try:
-        return load_clip_tokenizer(folder("tokenizer")), load_t5_tokenizer(folder("tokenizer_2"))
-    except FileNotFoundError as e:
+    local = {sub: next((f / sub for f in folders if (f / sub).is_dir()), None) or bundled[sub]
+             for sub in ("tokenizer", "tokenizer_2")}
+    try:  # the ones found nowhere here, in one request (and one message naming both)
+        fetched = tokenizer_folders({sub: None for sub, path in local.items() if path is None}, [], str(folders[0]))
+        paths = {sub: str(path) if path else fetched[sub] for sub, path in local.items()}
+        return load_clip_tokenizer(paths["tokenizer"]), load_t5_tokenizer(paths["tokenizer_2"])
+    except TokenizerNotFoundError as e:  # nowhere here, and the ModelScope fallback failed too
+        where = ", ".join(str(f) for f in folders)
+        places = "; ".join(f"{sub}/ is in none of {where}, nor at {', '.join(searched)}" for sub, _, searched in e.missing)
+        raise NodeInputError(f"{node}: FLUX tokenizers not found: {places}. Put FLUX.1-dev's tokenizer/ and "
+                             f"tokenizer_2/ folders into {folders[0]}, or let the node download them (network).") from None
+    except FileNotFoundError as e:  # a tokenizer folder without the files a tokenizer needs
         raise NodeInputError(f"{node}: FLUX tokenizers not found ({e}). Put FLUX.1-dev's tokenizer/ and "
                              f"tokenizer_2/ folders into {folders[0]}.") from None
 

@@ -11,6 +11,8 @@ import logging
 import torch
 import torch.nn.functional as F
 
+from flux_core.activation_memory import check_activation_memory, dit_activation_bytes
+from flux_core.inputs import SEED_MAX
 from flux_core.lora import clear_lora, load_lora
 from flux_core.model_state import state_of
 from flux_core.models.vae import AutoEncoderParams
@@ -21,6 +23,7 @@ from . import comfy_bridge as bridge
 from .conditioning import read_conditioning, warn_unused_entries
 from .handles import DIT_TYPE, DiTHandle
 from .loaders import NodeInputError
+from . import vram_nodes
 from .vram_nodes import place_dit, release_dit
 
 FLUX_LATENT = AutoEncoderParams()  # FLUX's latent scale/shift (ComfyUI's latent_formats.Flux)
@@ -35,6 +38,22 @@ def prepare_dit(handle: DiTHandle):
             load_lora(dit, patch.lora if patch.lora is not None else patch.path, alpha=patch.strength)
         state_of(dit).applied_loras = handle.loras
     return dit
+
+
+def check_sampler_memory(node: str, dit, batch: int, h: int, w: int, text_tokens: int, references: list) -> None:
+    """The pipeline's activation-memory check for one sampler run (latent sides h, w): refuse what cannot fit the
+    compute device, warn when it takes most of it. References are raw latents, 2x2-packed like the image."""
+    reference_tokens = sum(((r.shape[-2] + 1) // 2) * ((r.shape[-1] + 1) // 2) for r in references)
+    tokens = (h // 2) * (w // 2) + text_tokens + reference_tokens
+    dtype = next((p.dtype for p in dit.parameters() if p.dim() == 1 and p.is_floating_point()), torch.bfloat16)
+    needed = dit_activation_bytes(batch, tokens, dit.params.hidden_size, dit.params.mlp_ratio, dtype)
+    device = vram_nodes.make_compute_device()  # looked up at call time: tests put a SimulatedDevice there
+    what = (f"a {w * 8}x{h * 8} latent_image with a batch of {batch} and {reference_tokens} reference tokens "
+            f"(ReferenceLatent / Kontext reference in 'positive'), {tokens} tokens in all")
+    try:
+        check_activation_memory(needed, device.total_memory(), str(device.torch_device), what, stacklevel=3)
+    except ValueError as e:
+        raise NodeInputError(f"{node}: {e}") from None
 
 
 def latent_mask(noise_mask: torch.Tensor, batch: int, h: int, w: int) -> torch.Tensor:
@@ -78,7 +97,7 @@ class FluxCoreSampler:
             "negative": ("CONDITIONING", {"tooltip": "Used only when cfg > 1 (true classifier-free guidance)."}),
             "latent_image": ("LATENT", {"tooltip": "Empty latent, or a VAE-encoded image (denoise < 1); "
                                                    "a noise_mask limits the change to the masked area."}),
-            "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "control_after_generate": True,
+            "seed": ("INT", {"default": 0, "min": 0, "max": SEED_MAX, "control_after_generate": True,
                              "tooltip": "Noise seed (noise drawn on the CPU: the same image on any GPU)."}),
             "steps": ("INT", {"default": 30, "min": 1, "max": 200, "tooltip": "Denoising steps."}),
             "cfg": ("FLOAT", {"default": 1.0, "min": 1.0, "max": 30.0, "step": 0.1,
@@ -109,6 +128,7 @@ class FluxCoreSampler:
         guidance = embedded_guidance if embedded_guidance >= 0 else cond_guidance
 
         check_conditioning(node, model.model.module, b, positive=positive_embeds, negative=negative_embeds)
+        check_sampler_memory(node, model.model.module, b, h, w, positive_embeds.prompt_emb.shape[1], references)
         dit = prepare_dit(model)
         device = bridge.compute_device()
         sigmas = flux_sigmas(steps, denoise, sigma_shift)

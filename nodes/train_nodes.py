@@ -214,7 +214,7 @@ class FluxCoreTrainLoRA:
                                          clip_name), ("t5_name", "text_encoders", t5_name), ("vae_name", "vae", vae_name)):
             try:
                 paths.append(bridge.model_path(folder, name))
-            except FileNotFoundError as e:
+            except (FileNotFoundError, bridge.UnsafeModelName) as e:
                 raise NodeInputError(f"{node}, input '{input_name}': {e}") from None
         dataset = Path(dataset_path.strip().strip('"')).expanduser()
         if not dataset_path.strip() or not dataset.is_dir():

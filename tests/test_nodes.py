@@ -112,6 +112,25 @@ def test_image_to_image_and_noise_mask_keep_the_unmasked_latent(models):
     assert "noise_mask" in out  # extra keys are kept for downstream nodes
 
 
+
+def test_sampler_refuses_a_run_whose_activations_cannot_fit(models, monkeypatch):
+    # A device smaller than the estimate refuses before the DiT runs; one 1.5x the estimate warns. The estimate
+    # itself is checked against a measured peak in tests/test_pipeline_inputs.py.
+    from flux_core.activation_memory import ActivationMemoryWarning, dit_activation_bytes
+    from flux_core.vram import SimulatedDevice
+    from nodes import vram_nodes
+    latent, = FluxCoreEmptyLatent().generate(W, H, 1)
+    positive, negative = encode(models, "a cat"), encode(models, "")
+    params = models["dit"].model.module.params
+    tokens = (H // 16) * (W // 16) + positive[0][0].shape[1]
+    needed = dit_activation_bytes(1, tokens, params.hidden_size, params.mlp_ratio, torch.float32)
+    monkeypatch.setattr(vram_nodes, "make_compute_device", lambda: SimulatedDevice(total_memory=needed - 1))
+    with pytest.raises(NodeInputError, match=r"FluxCoreSampler: the DiT's activations for a 64x48 latent_image"):
+        FluxCoreSampler().sample(models["dit"], positive, negative, latent, seed=5, steps=1)
+    monkeypatch.setattr(vram_nodes, "make_compute_device", lambda: SimulatedDevice(total_memory=int(needed * 1.5)))
+    with pytest.warns(ActivationMemoryWarning):
+        FluxCoreSampler().sample(models["dit"], positive, negative, latent, seed=5, steps=1)
+
 def test_progress_is_reported_and_cancel_stops_within_a_step(models):
     latent, = FluxCoreEmptyLatent().generate(W, H, 1)
     calls = []
@@ -278,6 +297,20 @@ def test_tokenizers_are_fetched_from_modelscope_when_no_folder_has_them(models, 
     assert clip_tok("a cat").input_ids and t5_tok("a cat").input_ids
     assert [c[0] for c in calls] == ["black-forest-labs/FLUX.1-dev"] * 2
 
+
+
+def test_missing_tokenizers_are_named_with_every_place_looked(tmp_path, monkeypatch):
+    from nodes.loaders import find_tokenizers
+    bare = tmp_path / "bare"
+    (bare / "text_encoders").mkdir(parents=True)
+    monkeypatch.setenv("FLUXCORE_MODELS_DIR", str(bare))
+    monkeypatch.setenv("DIFFSYNTH_SKIP_DOWNLOAD", "true")
+    with pytest.raises(NodeInputError) as info:
+        find_tokenizers("FluxCoreTextEncoderLoader")
+    message = str(info.value)
+    assert message.startswith("FluxCoreTextEncoderLoader: FLUX tokenizers not found: tokenizer/ is in none of ")
+    assert "tokenizer_2/ is in none of" in message and str(bare / "text_encoders") in message
+    assert "tokenizer_1_config" not in message  # the Python parameter means nothing in a node
 
 # ---------------------------------------------------------------- model names stay inside their folders
 def escape_targets(models, tmp_path):
