@@ -11,10 +11,11 @@ from flux_core.loading.files import CheckpointError
 from flux_core.loading.loader import load_model
 from flux_core.lora import load_lora
 from flux_core.model_state import state_of
-from lora_tools import LoraError
 from flux_core.models.dit import FluxDiT, FluxParams
 from flux_core.quantized import BLOCK_FORMATS, QuantizedLinear, dequantize
 from flux_core.vram import SimulatedDevice, VRAMManager
+from lora_tools import LoraError
+from tests.tiny_dit import dit_inputs
 from tests.tiny_lora import write_kohya
 
 # hidden 256 so that every hidden-sized row holds whole K-quant super-blocks; head dim 128 = FLUX's RoPE axes.
@@ -83,12 +84,7 @@ def write_gguf(sd, path, qtype, arch="flux", prefix="model.diffusion_model."):
 
 
 def inputs():
-    g = torch.Generator().manual_seed(0)
-    ids = torch.zeros(1, 6, 3)
-    ids[0, :, 1], ids[0, :, 2] = torch.arange(6) // 3, torch.arange(6) % 3
-    return dict(img=torch.randn(1, 6, 64, generator=g), img_ids=ids, txt=torch.randn(1, 5, 256, generator=g),
-                txt_ids=torch.zeros(1, 5, 3), timesteps=torch.tensor([0.7]), y=torch.randn(1, 256, generator=g),
-                guidance=torch.tensor([3.5]))
+    return dit_inputs(256)
 
 
 def forward(dit):

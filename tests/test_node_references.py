@@ -18,10 +18,9 @@ from diffusers.pipelines.flux import pipeline_flux_img2img, pipeline_flux_inpain
 from PIL import Image
 
 from nodes.conditioning import FluxCoreKontextReference, FluxCoreTextEncode
-from nodes.loaders import FluxCoreDiTLoader, FluxCoreTextEncoderLoader, FluxCoreVAELoader
 from nodes.sampler import FluxCoreEmptyLatent, FluxCoreSampler
 from nodes.vae_nodes import FluxCoreVAEDecode, FluxCoreVAEEncode
-from tests.tiny_comfy import NAMES, make_models_dir
+from tests.tiny_comfy import load_node_models, make_models_dir
 
 H, W = 48, 64
 SHIFT, SCALE = 0.1159, 0.3611   # FLUX.1's published latent shift and scale (BFL's ae config, diffusers' vae config)
@@ -34,9 +33,8 @@ def tiny(tmp_path_factory):
     models_dir, ref = make_models_dir(tmp)
     mp = pytest.MonkeyPatch()
     mp.setenv("FLUXCORE_MODELS_DIR", str(models_dir))
-    dit, = FluxCoreDiTLoader().load(NAMES["dit"])
-    te, = FluxCoreTextEncoderLoader().load(NAMES["clip"], NAMES["t5"])
-    vae, = FluxCoreVAELoader().load(NAMES["vae"])
+    loaded = load_node_models(models_dir)
+    dit, te, vae = loaded["dit"], loaded["te"], loaded["vae"]
     yield dict(ref=ref, dit=dit, te=te, vae=vae)
     mp.undo()
 

@@ -12,11 +12,10 @@ from flux_core.model_config import ModelConfig
 from flux_core.pipeline import FluxImagePipeline
 from nodes import comfy_bridge
 from nodes.conditioning import FluxCoreKontextReference, FluxCoreTextEncode
-from nodes.loaders import (FluxCoreDiffusersLoader, FluxCoreDiTLoader, FluxCoreTextEncoderLoader, FluxCoreVAELoader,
-                           NodeInputError)
+from nodes.loaders import FluxCoreDiffusersLoader, FluxCoreDiTLoader, FluxCoreTextEncoderLoader, NodeInputError
 from nodes.sampler import FluxCoreEmptyLatent, FluxCoreSampler
 from nodes.vae_nodes import FluxCoreVAEDecode, FluxCoreVAEEncode
-from tests.tiny_comfy import NAMES, make_models_dir
+from tests.tiny_comfy import NAMES, load_node_models, make_models_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 H, W = 48, 64
@@ -28,9 +27,8 @@ def models(tmp_path_factory):
     models_dir, _ = make_models_dir(tmp)
     mp = pytest.MonkeyPatch()
     mp.setenv("FLUXCORE_MODELS_DIR", str(models_dir))
-    dit, = FluxCoreDiTLoader().load(NAMES["dit"])
-    te, = FluxCoreTextEncoderLoader().load(NAMES["clip"], NAMES["t5"])
-    vae, = FluxCoreVAELoader().load(NAMES["vae"])
+    loaded = load_node_models(models_dir)
+    dit, te, vae = loaded["dit"], loaded["te"], loaded["vae"]
     pipe = FluxImagePipeline.from_pretrained(torch_dtype=torch.float32, device="cpu",
                                              model_configs=[ModelConfig(path=str(models_dir / "diffusers" / NAMES["diffusers"]))])
     yield dict(dir=models_dir, dit=dit, te=te, vae=vae, pipe=pipe)

@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 from flux_core.loading.files import CheckpointError
 from flux_core.loading.loader import load_model
 from flux_core.model_state import state_of
-from tests.tiny_dit import bfl_state_dict, make_diffusers_dit
+from tests.tiny_dit import bfl_state_dict, dit_inputs, make_diffusers_dit
 
 PREFIX = "model.diffusion_model."
 AXES = {"axes_dim": (4, 6, 6)}
@@ -62,12 +62,7 @@ def write_new_style(sd, path, fp8=torch.float8_e4m3fn, in_metadata=False, format
 
 
 def inputs():
-    g = torch.Generator().manual_seed(0)
-    ids = torch.zeros(1, 6, 3)
-    ids[0, :, 1], ids[0, :, 2] = torch.arange(6) // 3, torch.arange(6) % 3
-    return dict(img=torch.randn(1, 6, 64, generator=g), img_ids=ids, txt=torch.randn(1, 5, 32, generator=g),
-                txt_ids=torch.zeros(1, 5, 3), timesteps=torch.tensor([0.7]), y=torch.randn(1, 32, generator=g),
-                guidance=torch.tensor([3.5]))
+    return dit_inputs(32)
 
 
 @pytest.mark.parametrize("style", ["old", "new", "new-metadata", "new-e5m2"])

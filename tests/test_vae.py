@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from flux_core.loading.files import CheckpointError
-from flux_core.loading.loader import load_model, load_models
+from flux_core.loading.loader import load_model
 from flux_core.model_state import state_of
 from flux_core.models.vae import AutoEncoderParams, FluxVAE, tile_starts, tiled_apply
 from tests.tiny_vae import (TINY_NORM_GROUPS, bfl_state_dict, make_diffusers_vae, reference_decode,

@@ -123,3 +123,14 @@ def write_nexus_gen_dit(model: FluxTransformer2DModel, path: Path) -> Path:
     out["pipe.adapter.proj.weight"] = torch.zeros(4, 4)  # other parts of the pipeline: not the DiT
     save_file(out, str(path))
     return Path(path)
+
+
+def dit_inputs(context_dim: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    """One forward's inputs for a tiny DiT with 64 input channels: a 2x3 grid of image tokens (ids [0, row, col]),
+    5 text tokens and a pooled vector of `context_dim`."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.zeros(1, 6, 3)
+    ids[0, :, 1], ids[0, :, 2] = torch.arange(6) // 3, torch.arange(6) % 3
+    return dict(img=torch.randn(1, 6, 64, generator=g), img_ids=ids, txt=torch.randn(1, 5, context_dim, generator=g),
+                txt_ids=torch.zeros(1, 5, 3), timesteps=torch.tensor([0.7]), y=torch.randn(1, context_dim, generator=g),
+                guidance=torch.tensor([3.5]))
