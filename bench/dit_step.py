@@ -43,6 +43,7 @@ from _measure import dit_forward, status_kb, sync  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from flux_core.dtypes import DTYPES  # noqa: E402
 
 WORK = ROOT / "bench" / "_work" / "dit_step"
 
@@ -68,7 +69,7 @@ class Size:
 # sigma 0.5 and guidance 4.0 are exact in bf16 after diffusers' `* 1000` in the model dtype, so the two
 # models see the same time embedding input in bf16 too.
 SIGMA, GUIDANCE = 0.5, 4.0
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+BENCH_DTYPES = ("float32", "bfloat16")  # DTYPES names the benches compare
 
 
 # ----------------------------------------------------------------------------------------------- setup
@@ -202,7 +203,7 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    ap.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
+    ap.add_argument("--dtypes", nargs="+", default=list(BENCH_DTYPES), choices=list(BENCH_DTYPES))
     ap.add_argument("--heads", type=int, default=Size.heads, help="width = heads x 128")
     ap.add_argument("--blocks", type=int, nargs=2, default=(Size.double, Size.single), metavar=("DOUBLE", "SINGLE"))
     ap.add_argument("--tokens", type=int, nargs=2, default=(Size.img_tokens, Size.txt_tokens), metavar=("IMAGE", "TEXT"))

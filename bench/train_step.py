@@ -41,13 +41,14 @@ from _measure import dit_forward, status_kb, sync  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from flux_core.dtypes import DTYPES  # noqa: E402
 
 WORK = ROOT / "bench" / "_work" / "train_step"
 CONFIG = dict(in_channels=64, num_layers=4, num_single_layers=8, attention_head_dim=128, num_attention_heads=6,
               joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True, axes_dims_rope=(16, 56, 56))
 IMG_SIDE, TXT_TOKENS = 16, 128     # a 256x256 image: 32x32 latent -> 16x16 = 256 tokens
 SIGMA, GUIDANCE, RANK, LR = 0.6, 1.0, 32, 1e-4
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+BENCH_DTYPES = ("float32", "bfloat16")  # DTYPES names the benches compare
 # Our 13 FLUX targets under diffusers' module names (double blocks, then single blocks).
 DIFFUSERS_DOUBLE = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj",
                     "attn.to_out.0", "attn.to_add_out", "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj",
@@ -160,7 +161,7 @@ def main() -> None:
     global IMG_SIDE, TXT_TOKENS
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", default="float32", choices=list(DTYPES))
+    p.add_argument("--dtype", default="float32", choices=list(BENCH_DTYPES))
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--threads", type=int, default=1,
                    help="CPU threads for both (default 1: on a small shared machine more threads mostly spin)")

@@ -43,7 +43,7 @@ def dit_to_bfl(sd: Mapping[str, LazyTensor], layout: str) -> dict[str, LazyTenso
     raise ValueError(f"unknown DiT layout {layout!r}")
 
 
-# DiffSynth internal name -> BFL name (reference/diffsynth_flux.md 2.1.8). Final AdaLN is already (shift, scale).
+# DiffSynth internal name -> BFL name (DiffSynth-Studio's diffsynth/utils/state_dict_converters/flux_dit.py). Final AdaLN is already (shift, scale).
 DIFFSYNTH_RULES: list[tuple[str, str]] = [
     (r"^x_embedder\.", "img_in."),
     (r"^time_embedder\.timestep_embedder\.0\.", "time_in.in_layer."),

@@ -84,7 +84,7 @@ class FluxParams:
 
 @dataclass
 class DiTExtras:
-    """What adapters add to one DiT forward (see DESIGN.md, "Adapters").
+    """What adapters add to one DiT forward: each adapter contributes through one of these inputs.
 
     ref_tokens / ref_ids: extra image tokens with their own position ids (Kontext references); they attend
         with the image and are dropped from the output.

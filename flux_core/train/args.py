@@ -1,5 +1,5 @@
 """Command-line arguments of `python -m flux_core.train`: DiffSynth-Studio's names, defaults and meanings
-(`examples/flux/model_training/train.py`), plus FluxCore's additions (resume, validation images, seed, ...).
+(DiffSynth-Studio's `examples/flux/model_training/train.py`), plus FluxCore's additions (resume, validation images, seed, ...).
 
 Every argument is checked here or in `check_args` before a model is loaded, so a typo costs seconds, not a
 model load. Checks that need the data (rows, images) are in dataset.py; checks that need the DiT (target
