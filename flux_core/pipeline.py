@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from .activation_memory import check_activation_memory, dit_activation_bytes, image_tokens
+from .run_cost import check_activation_memory, check_run_time, dit_activation_bytes, dit_forward_flops, image_tokens
 from .image import pil_to_tensor, resize_to_multiple, tensor_to_pil
 from .inputs import (check_callable, check_cfg_scale, check_denoising_strength, check_embedded_guidance, check_image,
                      check_kontext_images, check_negative_prompts, check_output_type, check_prompts,
@@ -249,7 +249,7 @@ class FluxImagePipeline:
         Every argument is checked (flux_core.inputs) before any model runs: prompts are strings, cfg_scale >= 1,
         seed in 0..2**64-1 or None (random over that range, kept in `pipe.last_seed`), t5_sequence_length
         1..512, 1 <= tile_stride <= tile_size, ... . The DiT's activation memory is estimated
-        (flux_core.activation_memory) and the run refused if it exceeds the compute device's memory."""
+        (flux_core.run_cost) and the run refused if it exceeds the compute device's memory."""
         prompts = check_prompts(prompt, "prompt")
         batch = len(prompts)
         negatives = check_negative_prompts(negative_prompt, batch)
@@ -276,7 +276,8 @@ class FluxImagePipeline:
         self._require_generation_models(needs_vae)
         schedule = (explicit_sigmas(sigmas) if sigmas is not None
                     else flux_sigmas(num_inference_steps, denoising_strength, sigma_shift))
-        self._check_memory(batch, height, width, t5_sequence_length, references)
+        self._check_cost(batch, height, width, t5_sequence_length, references, len(schedule),
+                         passes=2 if cfg_scale != 1.0 else 1)
         self._warn_kontext_without_image(references)
 
         self.last_seed = resolve_seed(seed)
@@ -336,9 +337,10 @@ class FluxImagePipeline:
                            f"{loaded}. Add the missing model files to model_configs (a FLUX DiT, the ae VAE, the "
                            f"CLIP-L text_encoder/ and the T5 text_encoder_2/).")
 
-    def _check_memory(self, batch: int, height: int, width: int, text_tokens: int,
-                      references: list[Image.Image]) -> None:
-        """Refuse a run whose DiT activations cannot fit the compute device, warn when they take most of it."""
+    def _check_cost(self, batch: int, height: int, width: int, text_tokens: int, references: list[Image.Image],
+                    steps: int, passes: int) -> None:
+        """Refuse a run whose DiT activations cannot fit the compute device, warn when they take most of it, and
+        warn before a run that would take very long on a CPU (steps x CFG passes x batch DiT forwards)."""
         reference_tokens = sum(image_tokens(image.size[1], image.size[0]) for image in references)
         tokens = image_tokens(height, width) + text_tokens + reference_tokens
         params = self.dit.params
@@ -349,6 +351,9 @@ class FluxImagePipeline:
         available = device.total_memory()
         # stacklevel 4: the user's line (above __call__ and torch.no_grad's wrapper)
         check_activation_memory(needed, available, str(device.torch_device), what, stacklevel=4)
+        per_forward = dit_forward_flops(self.dit, tokens - text_tokens, text_tokens)
+        check_run_time(steps * passes * batch * per_forward, device.torch_device,
+                       f"{steps} steps x {passes} pass(es) x {batch} image(s) at {width}x{height}", stacklevel=4)
 
     def _warn_kontext_without_image(self, references: list[Image.Image]) -> None:
         source = self.loaded_from.get("dit")

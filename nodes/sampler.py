@@ -11,7 +11,7 @@ import logging
 import torch
 import torch.nn.functional as F
 
-from flux_core.activation_memory import check_activation_memory, dit_activation_bytes
+from flux_core.run_cost import check_activation_memory, dit_activation_bytes
 from flux_core.inputs import SEED_MAX
 from flux_core.lora import clear_lora, load_lora
 from flux_core.model_state import state_of

@@ -114,7 +114,7 @@ def test_image_to_image_and_noise_mask_keep_the_unmasked_latent(models):
 def test_sampler_refuses_a_run_whose_activations_cannot_fit(models, monkeypatch):
     # A device smaller than the estimate refuses before the DiT runs; one 1.5x the estimate warns. The estimate
     # itself is checked against a measured peak in tests/test_pipeline_inputs.py.
-    from flux_core.activation_memory import ActivationMemoryWarning, dit_activation_bytes
+    from flux_core.run_cost import ActivationMemoryWarning, dit_activation_bytes
     from flux_core.vram import SimulatedDevice
     from nodes import vram_nodes
     latent, = FluxCoreEmptyLatent().generate(W, H, 1)

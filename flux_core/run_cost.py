@@ -1,4 +1,5 @@
-"""How much memory one DiT forward needs for its activations, checked before a run starts.
+"""What a run will cost, checked before it starts: the activation memory of one DiT forward (refused when it
+cannot fit the compute device) and the compute of the whole run (warned about when a CPU would take very long).
 
 A FLUX DiT forward works on one sequence of tokens per image: the image tokens (one per 2x2 patch of the
 latent: H/16 * W/16), the T5 text tokens (t5_sequence_length) and the Kontext reference tokens (one per 2x2
@@ -19,6 +20,16 @@ GiB = 1024**3
 # Fraction of the compute device's memory above which a run is warned about: the weights (or at least the
 # layers in use) and the allocator's slack need the rest.
 WARN_FRACTION = 0.5
+
+
+# A run is warned about on a CPU above this many floating-point operations: about 10 minutes at 1 TFLOP/s, what
+# a fast desktop CPU reaches in bf16/fp32 matrix products (FLUX.1-dev at 1024x1024: about 74 TFLOP a step).
+CPU_WARN_FLOPS = 6e14
+ASSUMED_CPU_FLOPS = 1e12
+
+
+class SlowRunWarning(UserWarning):
+    """A run that would take a long time on the device it computes on (a CPU)."""
 
 
 class ActivationMemoryWarning(UserWarning):
@@ -54,7 +65,7 @@ def check_activation_memory(needed: int, available: int, device: str, what: str,
     width, batch, kontext_images), so the message says what to lower. `stacklevel` as for warnings.warn, counted
     from the caller of this function (2: the line that called the caller)."""
     message = (f"the DiT's activations for {what} need about {needed / GiB:.2f} GiB "
-               f"(flux_core.activation_memory.dit_activation_bytes)")
+               f"(flux_core.run_cost.dit_activation_bytes)")
     if needed > available:
         raise ValueError(f"{message}, more than the {available / GiB:.2f} GiB of the compute device {device}. "
                          f"Lower height/width, generate fewer images per call (fewer prompts), or pass smaller "
@@ -64,4 +75,44 @@ def check_activation_memory(needed: int, available: int, device: str, what: str,
                       f"{device}; with the weights this may not fit. Lower height/width, the batch or the "
                       f"kontext_images if the run fails for memory.", ActivationMemoryWarning, stacklevel=stacklevel + 1)
     else:
-        logger.debug("%s; the compute device %s has %.2f GiB.", message, device, available / GiB)
+        logger.info("%s; the compute device %s has %.2f GiB.", message, device, available / GiB)
+
+
+# Linear layers a DiT applies once per image (to the timestep/guidance/pooled vector), not once per token.
+PER_IMAGE_LAYERS = ("img_mod.", "txt_mod.", "modulation.", "adaLN_modulation.", "time_in.", "vector_in.",
+                    "guidance_in.")
+# Layers of the double-stream blocks (and the input/output projections) that see only one stream's tokens.
+IMAGE_STREAM_LAYERS = ("img_in.", "img_attn.", "img_mlp.", "final_layer.linear.")
+TEXT_STREAM_LAYERS = ("txt_in.", "txt_attn.", "txt_mlp.")
+
+
+def dit_forward_flops(dit: torch.nn.Module, image_tokens: int, text_tokens: int) -> float:
+    """Floating-point operations of one DiT forward for one image. Every per-token weight matrix is used once
+    for each token it sees, a multiply and an add per weight: the image-stream layers see the image tokens
+    (Kontext references included), the text-stream layers the text tokens, the single-stream blocks both.
+    Attention in every block adds two tokens x tokens x hidden products (scores and weighted sum:
+    4 x tokens^2 x hidden). The per-image layers (modulation, embedders), norms, RoPE and activations are
+    negligible beside these. Weights count as in x out (a GGUF layer's weight holds its blocks as bytes)."""
+    tokens = image_tokens + text_tokens
+    flops = 0.0
+    for name, m in dit.named_modules():
+        if not isinstance(m, torch.nn.Linear) or any(p in name + "." for p in PER_IMAGE_LAYERS):
+            continue
+        seen = (image_tokens if any(p in name + "." for p in IMAGE_STREAM_LAYERS)
+                else text_tokens if any(p in name + "." for p in TEXT_STREAM_LAYERS) else tokens)
+        flops += 2.0 * seen * m.in_features * m.out_features
+    params = dit.params
+    return flops + 4.0 * tokens * tokens * params.hidden_size * (params.depth + params.depth_single_blocks)
+
+
+def check_run_time(flops: float, device: torch.device, what: str, stacklevel: int = 2) -> None:
+    """Warn (SlowRunWarning) before a run on a CPU that needs more than CPU_WARN_FLOPS; GPUs are not warned
+    about (their speed spans 100x, and a run that fits their memory finishes)."""
+    minutes = flops / ASSUMED_CPU_FLOPS / 60
+    if device.type != "cpu" or flops <= CPU_WARN_FLOPS:
+        logger.info("%s: about %.3g TFLOP of DiT compute.", what, flops / 1e12)
+        return
+    warnings.warn(f"{what} needs about {flops / 1e12:.0f} TFLOP of DiT compute, about {minutes:.0f} minutes on a "
+                  f"CPU at {ASSUMED_CPU_FLOPS / 1e12:.0f} TFLOP/s (flux_core.run_cost.dit_forward_flops). Run on a "
+                  f"GPU (device='cuda'), or lower the size, the steps or the batch.", SlowRunWarning,
+                  stacklevel=stacklevel + 1)
