@@ -391,7 +391,7 @@ def test_missing_training_packages_name_the_train_extra(tmp_path, capsys, monkey
     monkeypatch.setitem(sys.modules, "peft", None)   # `import peft` now raises ImportError
     assert main(run_argv(tmp_path, tmp_path / "out")) == 2
     err = capsys.readouterr().err
-    assert "peft is not installed" in err
+    assert "training needs accelerate and peft; not installed: peft." in err
     assert 'pip install "fluxcore[train]"' in err and 'pip install ".[train]"' in err
 
 

@@ -22,6 +22,5 @@ def missing_training_packages() -> list[str]:
 def require_training_packages() -> None:
     missing = missing_training_packages()
     if missing:
-        raise TrainError(f"training needs the packages {', '.join(TRAINING_PACKAGES)}, and {', '.join(missing)} "
-                         f"{'is' if len(missing) == 1 else 'are'} not installed. Install FluxCore's training extra: "
-                         f"{INSTALL_TRAIN_EXTRA}.")
+        raise TrainError(f"training needs {' and '.join(TRAINING_PACKAGES)}; not installed: {', '.join(missing)}. "
+                         f"Install FluxCore's training extra: {INSTALL_TRAIN_EXTRA}.")
