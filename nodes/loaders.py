@@ -112,8 +112,9 @@ class FluxCoreDiTLoader:
         return {
             "required": {
                 "dit_name": (bridge.list_models("diffusion_models") or ["(none found)"],
-                             {"tooltip": "FLUX DiT file from models/diffusion_models (or unet): BFL, ComfyUI, "
-                                         "diffusers or DiffSynth layout; fp8 files are cast on load."}),
+                             {"tooltip": "FLUX DiT file from models/diffusion_models (or unet): BFL, ComfyUI "
+                                         "(scaled fp8 too), diffusers or DiffSynth layout, or a GGUF file (kept "
+                                         "quantized); fp8 files are cast on load."}),
                 "weight_dtype": (list(WEIGHT_DTYPES), {
                     "tooltip": "default: bf16 on GPU, float32 on CPU. fp8_*: weight matrices stored in FP8 (half the "
                                "memory), computed in bf16; LoRAs keep full strength (applied unfused)."}),
