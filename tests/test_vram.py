@@ -88,6 +88,8 @@ def test_count_is_exact_within_budget_and_outputs_equal_unmanaged(fraction):
     got = dit(**inputs)
     audit.remove()
     assert audit.checks > 100
+    # Measured 0 at every budget (the same float32 weights, only moved); one layer computed in bfloat16 moves the
+    # output by 5.3e-4, a layer run with weights not (or not yet) loaded by order 1.
     assert (got - expected).abs().max().item() <= 1e-5
     limit = (total if budget is None else budget) + vram.largest_unit_bytes()
     assert audit.max_seen <= limit and vram.peak_bytes <= limit and device.peak_bytes <= limit
@@ -151,7 +153,8 @@ def test_fp8_storage_alone_and_with_offload_computes_in_bf16(fp8):
 
     alone = store_model(make_dit(dtype=torch.bfloat16), weight_dtype=fp8)
     assert alone.img_in.weight.dtype == fp8 and alone.img_in.bias.dtype == torch.bfloat16
-    assert 0.5 <= param_bytes(alone) / param_bytes(reference) < 0.52
+    # Measured 0.5062 (the bf16 biases); the smallest weight matrix left in bf16 (txt_in) adds 0.0019.
+    assert 0.5 <= param_bytes(alone) / param_bytes(reference) < 0.507
     vram = VRAMManager(ComputeDevice("cpu"))
     vram.add("dit", alone, torch.bfloat16)
     assert compute_place(alone) == (torch.device("cpu"), torch.bfloat16)
@@ -181,7 +184,8 @@ def test_loader_stores_weight_matrices_in_fp8(tmp_path):
     for (name, a), b in zip(full.named_parameters(), fp8.parameters()):
         assert b.dtype == (E4M3 if a.dim() >= 2 else torch.bfloat16), name
         assert torch.equal(b, a.to(b.dtype))  # one rounding, from the file's values
-    assert 0.5 <= param_bytes(fp8) / param_bytes(bf16) < 0.55
+    # Measured 0.5118 (the bf16 biases); the smallest weight matrix kept in bf16 as well adds 0.0038.
+    assert 0.5 <= param_bytes(fp8) / param_bytes(bf16) < 0.514
 
 
 def test_lora_keeps_full_strength_under_fp8():
@@ -215,8 +219,10 @@ def test_lora_keeps_full_strength_under_fp8():
     base_error = ((got_base - full_base).norm() / full_base.norm()).item()
     delta_error = ((got - full).norm() / full.norm()).item()
     strength = (got.norm() / full.norm()).item()
-    assert full.norm() > 0.1 * full_base.norm()           # the LoRA matters
-    assert abs(strength - 1) < 0.05                       # full strength
+    assert full.norm() > 0.1 * full_base.norm()           # the LoRA matters (measured 0.71; none applied: 0)
+    assert abs(strength - 1) < 0.01                       # full strength: measured 0.0012; a 1% weaker LoRA fails
+    # Measured 0.112 against a base error of 0.072 (bound 0.155). This bound alone does NOT tell hooks from fusing
+    # into the FP8 weights (0.120, below it); the comparison with the fused delta at the end does.
     assert delta_error < 2 * base_error + 0.01            # within the FP8 rounding of the base weights
     # Fusing into the FP8 weights instead (what "LoRA is weak on fp8" comes from) does much worse.
     fused = store_model(make_dit(), "cpu", weight_dtype=E4M3)
@@ -224,7 +230,7 @@ def test_lora_keeps_full_strength_under_fp8():
         load_lora(fused, dict(lora), alpha=1.0, hotload=False)
     VRAMManager(ComputeDevice("cpu")).add("dit", fused, torch.float32)
     fused_delta = fused(**inputs).float() - got_base
-    assert ((fused_delta - full).norm() / full.norm()).item() > delta_error
+    assert ((fused_delta - full).norm() / full.norm()).item() > delta_error  # measured 0.120 > 0.112
 
 
 # ------------------------------------------------------------------------------------------------ pipeline
@@ -278,6 +284,8 @@ def test_enable_vram_management_moves_stages_in_and_out_exactly(folder):
     got = pipe(**CALL)
     for h in handles:
         h.remove()
+    # Measured 0 here and below (the same float32 weights, only moved); one layer computed in bfloat16 moves a DiT
+    # output by 5.3e-4, a stage run before its weights arrive by order 1.
     assert abs(got - expected).max() <= 1e-5
     # While one stage runs, the models of the other stages hold nothing on the device.
     assert during == {"dit": set(), "vae": set(), "text_encoder_2": {"text_encoder_1"}}
@@ -325,6 +333,7 @@ def test_vram_options_node_streams_the_dit_and_can_be_removed(comfy_models, monk
     streamed, = FluxCoreVRAMOptions().apply(dit, weight_dtype="default", offload=True, vram_limit=0.0)
     assert streamed.model is dit.model and dit.vram is None  # a new handle on the same module; upstream unchanged
     got = sample_with(streamed, te)
+    # Measured 0; one layer in bfloat16 moves a DiT output by 5.3e-4, another step count the latent by 6.8.
     assert (got - plain).abs().max() <= 1e-5
     manager = state_of(dit.model.module).vram_placement[1]
     assert 0 < manager.peak_bytes <= manager.largest_unit_bytes() and manager.resident_bytes == 0
@@ -345,7 +354,9 @@ def test_vram_options_node_fp8_with_cfg(comfy_models):
     got = sample_with(fp8, te, cfg=2.0)
     module = dit.model.module
     assert module.double_blocks[0].img_attn.qkv.weight.dtype == E4M3
-    assert ((got - plain).norm() / plain.norm()).item() < 0.2
+    # FP8 rounding of the DiT's weights: measured 0.053 relative. cfg 1.5 instead of 2 gives 0.115, the negative
+    # prompt ignored (cfg 1) 0.23, one step more 0.52.
+    assert ((got - plain).norm() / plain.norm()).item() < 0.08
     assert not torch.equal(got, plain)
     with pytest.raises(NodeInputError, match="weight_dtype"):
         FluxCoreVRAMOptions().apply(dit, weight_dtype="int4")
