@@ -109,6 +109,11 @@ class ModelConfig:
             paths.extend(m for m in found[p] if m not in paths)
         return paths[0] if len(paths) == 1 else paths
 
+    @property
+    def skip_download_by_env(self) -> bool:
+        """skip_download is on because $DIFFSYNTH_SKIP_DOWNLOAD said so (not given as a field)."""
+        return self._skip_set_by_env
+
     def model_folder(self) -> str:
         """`<local_model_path>/<model_id>`: where this model's ModelScope files are looked for and downloaded."""
         if not self.model_id:

@@ -51,8 +51,9 @@ class LoadedModel:
 
     @property
     def is_kontext(self) -> bool:
-        """From a FLUX.1 Kontext model: its model id or file name says "Kontext" (the weights cannot tell)."""
-        return "kontext" in f"{self.model_id or ''} {self.source}".lower()
+        """From a FLUX.1 Kontext model: its model id or file name says "Kontext" (the weights cannot tell; the
+        folders above the file are not looked at: `~/kontext-tests/flux1-dev.safetensors` is not Kontext)."""
+        return "kontext" in f"{self.model_id or ''} {Path(self.source.split(' (+')[0]).name}".lower()
 
     def describe(self) -> str:
         return f"model_configs[{self.config_index}] {self.source}: {self.title} ({self.layout} layout) -> pipe.{self.slot}"
@@ -74,19 +75,37 @@ def find_files(model_configs: Sequence[ModelConfig], tokenizer_configs: dict[str
     """(every config's resolved paths, the tokenizer folders). Every config whose files are missing and every
     tokenizer not found are reported together: in one ModelFileError, or a TokenizerNotFoundError when only
     tokenizers are missing."""
-    resolved, errors = [], []
     for i, config in enumerate(model_configs):
         if not isinstance(config, ModelConfig):
             raise TypeError(f"model_configs[{i}] is a {type(config).__name__}; pass ModelConfig(path=...) or "
                             f"ModelConfig(model_id=..., origin_file_pattern=...).")
-        try:
-            resolved.append(config.resolve())
-        except ModelFileError as e:
-            errors.append(f"model_configs[{i}]: {e}")
-    roots = [root for paths in resolved for root in _search_roots(paths)]
-    missing_configs, missing_tokenizers = len(errors), 0
+        if config.kind is not None and config.kind not in MODEL_SLOTS:
+            raise ValueError(f"model_configs[{i}]: kind={config.kind!r}; use one of "
+                             f"{', '.join(repr(k) for k in MODEL_SLOTS)}, or None to detect it from the file.")
+    # Configs that resolve without downloading come first, so that a mistyped local path is reported before
+    # gigabytes of other models are fetched.
+    offline = [i for i, c in enumerate(model_configs)
+               if c.path is not None or c.skip_download or not c.model_id or not c.missing_patterns()]
+    online = [i for i in range(len(model_configs)) if i not in offline]
+    resolved: list = [None] * len(model_configs)
+    missing: dict[int, str] = {}
+    for group in (offline, online):
+        if missing:
+            break  # a local problem: say so now, and fetch nothing
+        for i in group:
+            try:
+                resolved[i] = model_configs[i].resolve()
+            except ModelFileError as e:
+                missing[i] = f"model_configs[{i}]: {e}"
+    errors = [missing[i] for i in sorted(missing)]
+    not_fetched = [i for i in online if resolved[i] is None and i not in missing]
+    if not_fetched:
+        errors.append(f"model_configs{not_fetched} were not downloaded: fix the files above first (nothing is "
+                      f"fetched while a local file is missing).")
+    roots = [root for paths in resolved if paths is not None for root in search_roots(paths)]
+    missing_tokenizers = 0
     try:
-        tokenizers = tokenizer_folders(tokenizer_configs, roots, local_model_path)
+        tokenizers = tokenizer_folders(tokenizer_configs, roots, local_model_path, allow_download=not errors)
     except TokenizerNotFoundError as e:
         if not errors:
             raise
@@ -94,7 +113,7 @@ def find_files(model_configs: Sequence[ModelConfig], tokenizer_configs: dict[str
         missing_tokenizers = len(e.missing)
     if errors:
         tokenizers_note = f", and {missing_tokenizers} tokenizer(s) were not found" if missing_tokenizers else ""
-        raise ModelFileError(f"{missing_configs} of {len(model_configs)} model_configs name files that are not "
+        raise ModelFileError(f"{len(missing)} of {len(model_configs)} model_configs name files that are not "
                              f"there{tokenizers_note}:\n- " + "\n- ".join(errors))
     return resolved, tokenizers
 
@@ -112,9 +131,6 @@ def plan_models(model_configs: Sequence[ModelConfig], tokenizer_configs: dict[st
     entries, problems = [], []
     placed: dict[str, LoadedModel] = {}
     for index, (config, paths) in enumerate(zip(model_configs, resolved)):
-        if config.kind is not None and config.kind not in MODEL_SLOTS:
-            raise ValueError(f"model_configs[{index}]: kind={config.kind!r}; use one of "
-                             f"{', '.join(repr(k) for k in MODEL_SLOTS)}, or None to detect it from the file.")
         components = detect_components(paths)
         if config.kind is not None:
             wanted = [c for c in components if c[1] == config.kind]
@@ -164,10 +180,13 @@ def detect_components(paths: str | list[str]) -> list[tuple[str | list[str], str
     return [(paths, d.kind.name, d.kind.title, d.layout) for d in found]
 
 
-def _search_roots(paths: str | list[str]) -> list[Path]:
-    """Folders where tokenizer/ and tokenizer_2/ may sit: the path, its parent and grandparent."""
-    first = Path(paths if isinstance(paths, str) else paths[0]).resolve()
-    return [first, *list(first.parents)[:2]]
+def search_roots(paths: str | list[str]) -> list[Path]:
+    """Folders where tokenizer/ and tokenizer_2/ may sit beside a model: for a file, its folder, that folder's
+    parent and grandparent; for a folder, the folder, its parent and grandparent. Paths as given (absolute, links
+    not resolved), so a linked model file is searched beside the link, where the user put it."""
+    first = Path(paths if isinstance(paths, str) else paths[0]).absolute()
+    folder = first if first.is_dir() else first.parent
+    return [folder, *list(folder.parents)[:2]]
 
 
 def tokenizer_folder(config: ModelConfig | None, roots: list[Path], folder: str, local_model_path: str) -> str:
@@ -177,10 +196,11 @@ def tokenizer_folder(config: ModelConfig | None, roots: list[Path], folder: str,
     return tokenizer_folders({folder: config}, roots, local_model_path)[folder]
 
 
-def tokenizer_folders(configs: dict[str, ModelConfig | None], roots: list[Path], local_model_path: str
-                      ) -> dict[str, str]:
+def tokenizer_folders(configs: dict[str, ModelConfig | None], roots: list[Path], local_model_path: str,
+                      allow_download: bool = True) -> dict[str, str]:
     """`tokenizer_folder` for several tokenizers ({"tokenizer": config, "tokenizer_2": config}); every tokenizer
-    that cannot be found is reported in one TokenizerNotFoundError."""
+    that cannot be found is reported in one TokenizerNotFoundError. `allow_download=False`: FLUX.1-dev's
+    tokenizers are only looked for locally (while other files are missing, nothing is fetched)."""
     found, missing, messages = {}, [], []
     for folder, config in configs.items():
         title, parameter = TOKENIZERS[folder]
@@ -196,12 +216,19 @@ def tokenizer_folders(configs: dict[str, ModelConfig | None], roots: list[Path],
             found[folder] = str(local)
             continue
         fallback = ModelConfig(model_id=FLUX_DEV, origin_file_pattern=f"{folder}/", local_model_path=local_model_path)
+        if not allow_download:
+            fallback.skip_download = True
         try:
             found[folder] = _folder_of(fallback.resolve())
             continue
         except ModelFileError as e:
-            why = ("skip_download is set, so it was not downloaded" if fallback.skip_download
-                   else f"fetching it failed: {e}")
+            if not allow_download:
+                why = "not downloaded while other model files are missing"
+            elif fallback.skip_download:
+                why = ("skip_download is set by $DIFFSYNTH_SKIP_DOWNLOAD, so it was not downloaded"
+                       if fallback.skip_download_by_env else "skip_download is set, so it was not downloaded")
+            else:
+                why = f"fetching it failed: {e}"
         searched = [str(root / folder) for root in _unique(roots)]
         searched.append(str(Path(local_model_path, FLUX_DEV, folder).resolve()))
         missing.append((folder, parameter, searched))

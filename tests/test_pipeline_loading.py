@@ -99,11 +99,23 @@ def test_every_missing_modelscope_file_is_listed_in_one_error(folder, tmp_path, 
     with pytest.raises(ModelFileError) as info:
         load(*configs)
     message = str(info.value)
-    assert message.startswith("3 of 4 model_configs name files that are not there")
-    for index, pattern in ((0, "'flux1-dev.safetensors'"), (2, "'text_encoder_2/*'"), (3, "'ae.safetensors'")):
+    # The local problems (skip_download) are reported before anything is fetched; the download is named.
+    assert message.startswith("2 of 4 model_configs name files that are not there")
+    for index, pattern in ((0, "'flux1-dev.safetensors'"), (3, "'ae.safetensors'")):
         line = next(line for line in message.splitlines() if line.startswith(f"- model_configs[{index}]: "))
-        assert pattern in line
-    assert "ConnectionError: no network in this test" in message and "skip_download is set" in message
+        assert pattern in line and "skip_download is set" in line
+    assert "- model_configs[2] were not downloaded: fix the files above first" in message
+    # With every local file there, every failed download is listed in one error.
+    configs = [part(folder, "vae"),
+               ModelConfig(model_id=dev, origin_file_pattern="flux1-dev.safetensors", local_model_path=str(tmp_path)),
+               ModelConfig(model_id=dev, origin_file_pattern="text_encoder_2/", local_model_path=str(tmp_path))]
+    with pytest.raises(ModelFileError) as info:
+        load(*configs)
+    message = str(info.value)
+    assert message.startswith("2 of 3 model_configs name files that are not there")
+    for index, pattern in ((1, "'flux1-dev.safetensors'"), (2, "'text_encoder_2/*'")):
+        line = next(line for line in message.splitlines() if line.startswith(f"- model_configs[{index}]: "))
+        assert pattern in line and "ConnectionError: no network in this test" in line
 
 
 def test_missing_model_files_and_tokenizers_are_listed_together(tmp_path, monkeypatch):
