@@ -178,3 +178,12 @@ def test_a_tokenizer_config_naming_nothing_is_reported_by_its_parameter(folder, 
                                                      rf"'{tmp_path / 'gone'}' does not exist") as info:
         load(part(folder, "transformer"), tokenizer_2_config=ModelConfig(path=str(tmp_path / "gone")))
     assert [m[:2] for m in info.value.missing] == [("tokenizer_2", "tokenizer_2_config")]
+
+
+def test_kontext_is_told_by_model_id_or_file_name_not_the_folders_above():
+    from flux_core.pipeline_models import LoadedModel
+    def entry(source, model_id=None):
+        return LoadedModel("dit", "dit", "FLUX DiT", "bfl", source, 0, model_id)
+    assert entry("/m/flux1-kontext-dev.safetensors").is_kontext
+    assert entry("/m/flux1-dev.safetensors", "black-forest-labs/FLUX.1-Kontext-dev").is_kontext
+    assert not entry("/home/me/kontext-tests/flux1-dev.safetensors").is_kontext
