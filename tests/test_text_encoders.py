@@ -16,7 +16,11 @@ from flux_core.models.text_encoders import (ClipParams, T5Params, TokenizerFiles
 from tests.tiny_text import (CLIP_LAYOUTS, CLIP_SINGLE_FILE_CONFIG, T5_LAYOUTS, make_clip, make_t5,
                              stored_reference, write_bundle, write_clip, write_t5, write_tokenizers)
 
-TOL = 1e-4
+# Measured 0 for every parity check below (transformers' own modules on both sides). The smallest real mistakes
+# measured: a LayerNorm eps of 1e-6 for CLIP's 1e-5 moves the hidden states by 4.1e-5, T5's RMSNorm eps 1e-5 for 1e-6
+# by 3.6e-5 (the former 1e-4 let both through), T5's exact GELU for gelu_new by 5.9e-4, a lossy file's rounding not
+# reproduced by >= 2.3e-3 (fp16), CLIP's GELU for quick_gelu by 4.1e-2.
+TOL = 1e-5
 PROMPTS = ["a photo of a cat sitting on a red chair",
            "An astronaut riding a horse on the MOON at sunset, highly detailed digital painting!"]
 LOSSY_T5 = ("t5xxl_fp16", "t5xxl_fp8", "t5xxl_fp8_scaled")
@@ -77,7 +81,7 @@ def test_t5_parity_in_every_layout(layout, t5, t5_ids, tmp_path):
         got = ours(t5_ids).last_hidden_state
         want = reference(t5_ids).last_hidden_state
         if layout in LOSSY_T5:  # the rounding is real, so matching the rounded reference means something
-            assert max_diff(want, t5(t5_ids).last_hidden_state) > 10 * TOL
+            assert max_diff(want, t5(t5_ids).last_hidden_state) > 10 * TOL  # measured 2.3e-3 to 0.38
     assert max_diff(got, want) <= TOL
     if layout == "full_t5":
         assert state_of(ours).layout == "hf+decoder-dropped"
