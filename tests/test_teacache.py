@@ -132,7 +132,11 @@ def test_pipeline_skips_steps_and_stays_close(pipe):
         assert 0 not in stats.skipped_steps and 11 not in stats.skipped_steps
         results[threshold] = (stats.skipped, ((out - plain).abs().mean() / plain.abs().mean()).item())
     assert 0 < results[0.4][0] <= results[2.0][0] <= 10
-    assert results[0.4][1] < 0.2
+    # Mean relative error with 2 of 12 steps skipped: measured 0.127 (deterministic on the CPU; this random tiny
+    # DiT changes much more between steps than a trained one). Real mistakes are not far above it: a skipped step
+    # that drops the residual gives 0.226, one that adds it twice 0.157, 11 steps instead of 12 0.172. The former
+    # bound 0.2 let the last two through.
+    assert results[0.4][1] < 0.14
 
 
 def test_teacache_node_patches_the_handle_for_the_sampler(tmp_path, monkeypatch, caplog):
@@ -156,4 +160,6 @@ def test_teacache_node_patches_the_handle_for_the_sampler(tmp_path, monkeypatch,
     reports = [r.getMessage() for r in caplog.records if "TeaCache" in r.getMessage()]
     assert len(reports) == 2 and "positive" in reports[0] and "negative" in reports[1]
     assert all("skipped" in r and " 0 skipped" not in r for r in reports)
-    assert not torch.equal(got, plain) and ((got - plain).norm() / plain.norm()).item() < 0.5
+    # Measured 0.083; skipped steps that drop the residual give 0.19, cfg 1 instead of 2 0.24, 7 steps instead of 8
+    # 0.34 (the former bound 0.5 let all three through).
+    assert not torch.equal(got, plain) and ((got - plain).norm() / plain.norm()).item() < 0.12
