@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from .run_cost import check_activation_memory, check_run_time, dit_activation_bytes, dit_forward_flops, image_tokens
+from .run_cost import check_run_cost, image_tokens
 from .image import pil_to_tensor, resize_to_multiple, tensor_to_pil
 from .inputs import (check_callable, check_cfg_scale, check_denoising_strength, check_embedded_guidance, check_image,
                      check_kontext_images, check_negative_prompts, check_output_type, check_prompts,
@@ -342,18 +342,13 @@ class FluxImagePipeline:
         """Refuse a run whose DiT activations cannot fit the compute device, warn when they take most of it, and
         warn before a run that would take very long on a CPU (steps x CFG passes x batch DiT forwards)."""
         reference_tokens = sum(image_tokens(image.size[1], image.size[0]) for image in references)
-        tokens = image_tokens(height, width) + text_tokens + reference_tokens
-        params = self.dit.params
-        needed = dit_activation_bytes(batch, tokens, params.hidden_size, params.mlp_ratio, compute_place(self.dit)[1])
+        image = image_tokens(height, width) + reference_tokens
         device = self.vram.device if self.vram is not None else ComputeDevice(self.device)
         what = (f"height={height}, width={width}, a batch of {batch} image(s) and {reference_tokens} Kontext "
-                f"reference tokens (kontext_images), {tokens} tokens in all")
-        available = device.total_memory()
+                f"reference tokens (kontext_images), {image + text_tokens} tokens in all")
+        work = f"{steps} steps x {passes} pass(es) x {batch} image(s) at {width}x{height}"
         # stacklevel 4: the user's line (above __call__ and torch.no_grad's wrapper)
-        check_activation_memory(needed, available, str(device.torch_device), what, stacklevel=4)
-        per_forward = dit_forward_flops(self.dit, tokens - text_tokens, text_tokens)
-        check_run_time(steps * passes * batch * per_forward, device.torch_device,
-                       f"{steps} steps x {passes} pass(es) x {batch} image(s) at {width}x{height}", stacklevel=4)
+        check_run_cost(self.dit, device, batch, image, text_tokens, steps, passes, what, work, stacklevel=4)
 
     def _warn_kontext_without_image(self, references: list[Image.Image]) -> None:
         source = self.loaded_from.get("dit")

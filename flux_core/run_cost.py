@@ -13,6 +13,7 @@ import warnings
 import torch
 
 from .inputs import SIZE_MULTIPLE
+from .vram import stored_compute_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -116,3 +117,17 @@ def check_run_time(flops: float, device: torch.device, what: str, stacklevel: in
                   f"CPU at {ASSUMED_CPU_FLOPS / 1e12:.0f} TFLOP/s (flux_core.run_cost.dit_forward_flops). Run on a "
                   f"GPU (device='cuda'), or lower the size, the steps or the batch.", SlowRunWarning,
                   stacklevel=stacklevel + 1)
+
+
+def check_run_cost(dit: torch.nn.Module, device, batch: int, image_tokens: int, text_tokens: int, steps: int,
+                   passes: int, what: str, work: str, stacklevel: int = 2) -> None:
+    """Both checks for one run of `dit` on `device` (a flux_core.vram.ComputeDevice): the activation memory of
+    one forward (refused above the device's memory, warned above half of it) and the run's compute (warned on a
+    CPU). `what` names the inputs that set the size, `work` the steps, passes and batch; image tokens include
+    the Kontext references."""
+    params = dit.params
+    tokens = image_tokens + text_tokens
+    needed = dit_activation_bytes(batch, tokens, params.hidden_size, params.mlp_ratio, stored_compute_dtype(dit))
+    check_activation_memory(needed, device.total_memory(), str(device.torch_device), what, stacklevel + 1)
+    check_run_time(steps * passes * batch * dit_forward_flops(dit, image_tokens, text_tokens), device.torch_device,
+                   work, stacklevel + 1)

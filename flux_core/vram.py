@@ -77,6 +77,12 @@ def compute_place(module: nn.Module) -> tuple[torch.device, torch.dtype]:
     return p.device, (torch.bfloat16 if p.dtype in FLOAT8_DTYPES else p.dtype)
 
 
+def stored_compute_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype a model computes in, read from its stored tensors: biases and norm scales keep it under FP8 or
+    GGUF storage of the weight matrices (`storage_dtype`). bfloat16 for a model without such tensors."""
+    return next((p.dtype for p in model.parameters() if p.dim() == 1 and p.is_floating_point()), torch.bfloat16)
+
+
 @torch.no_grad()
 def store_model(model: nn.Module, device: str | torch.device | None = None, weight_dtype: torch.dtype | None = None,
                 pin_memory: bool = False) -> nn.Module:

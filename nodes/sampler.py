@@ -7,11 +7,12 @@ latent, noised to the current level, is put back after every step, so it comes o
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
 
-from flux_core.run_cost import check_activation_memory, dit_activation_bytes
+from flux_core.run_cost import check_run_cost, image_tokens
 from flux_core.inputs import SEED_MAX
 from flux_core.lora import clear_lora, load_lora
 from flux_core.model_state import state_of
@@ -40,18 +41,18 @@ def prepare_dit(handle: DiTHandle):
     return dit
 
 
-def check_sampler_memory(node: str, dit, batch: int, h: int, w: int, text_tokens: int, references: list) -> None:
-    """The pipeline's activation-memory check for one sampler run (latent sides h, w): refuse what cannot fit the
-    compute device, warn when it takes most of it. References are raw latents, 2x2-packed like the image."""
-    reference_tokens = sum(((r.shape[-2] + 1) // 2) * ((r.shape[-1] + 1) // 2) for r in references)
-    tokens = (h // 2) * (w // 2) + text_tokens + reference_tokens
-    dtype = next((p.dtype for p in dit.parameters() if p.dim() == 1 and p.is_floating_point()), torch.bfloat16)
-    needed = dit_activation_bytes(batch, tokens, dit.params.hidden_size, dit.params.mlp_ratio, dtype)
-    device = vram_nodes.make_compute_device()  # looked up at call time: tests put a SimulatedDevice there
+def check_sampler_cost(node: str, dit, batch: int, h: int, w: int, text_tokens: int, references: list,
+                       steps: int, passes: int) -> None:
+    """The pipeline's cost checks for one sampler run (latent sides h, w): refuse what cannot fit the compute
+    device, warn when it takes most of it or would take very long on a CPU. References are raw latents."""
+    reference_tokens = sum(image_tokens(r.shape[-2] * 8, r.shape[-1] * 8) for r in references)
+    image = image_tokens(h * 8, w * 8) + reference_tokens
     what = (f"a {w * 8}x{h * 8} latent_image with a batch of {batch} and {reference_tokens} reference tokens "
-            f"(ReferenceLatent / Kontext reference in 'positive'), {tokens} tokens in all")
+            f"(ReferenceLatent / Kontext reference in 'positive'), {image + text_tokens} tokens in all")
+    work = f"{steps} steps x {passes} pass(es) x {batch} image(s) at {w * 8}x{h * 8}"
+    device = vram_nodes.make_compute_device()  # looked up at call time: tests put a SimulatedDevice there
     try:
-        check_activation_memory(needed, device.total_memory(), str(device.torch_device), what, stacklevel=3)
+        check_run_cost(dit, device, batch, image, text_tokens, steps, passes, what, work, stacklevel=3)
     except ValueError as e:
         raise NodeInputError(f"{node}: {e}") from None
 
@@ -128,22 +129,26 @@ class FluxCoreSampler:
         guidance = embedded_guidance if embedded_guidance >= 0 else cond_guidance
 
         check_conditioning(node, model.model.module, b, positive=positive_embeds, negative=negative_embeds)
-        check_sampler_memory(node, model.model.module, b, h, w, positive_embeds.prompt_emb.shape[1], references)
-        dit = prepare_dit(model)
-        device = bridge.compute_device()
         sigmas = flux_sigmas(steps, denoise, sigma_shift)
-        x0 = FLUX_LATENT.raw_to_scaled(samples.float()).to(device)
-        noise = make_noise(b, h * 8, w * 8, seed, "cpu", device)
-        start = noise if denoise >= 1.0 else add_noise(x0, noise, float(sigmas[0]))
-        mask = latent_mask(latent_image["noise_mask"], b, h, w).to(device) if "noise_mask" in latent_image else None
-        if mask is not None:
-            start = mask * start + (1 - mask) * add_noise(x0, noise, float(sigmas[0]))
+        check_sampler_cost(node, model.model.module, b, h, w, positive_embeds.prompt_emb.shape[1], references,
+                           len(sigmas), passes=2 if negative_embeds is not None else 1)
+        # Everything that can fail on the inputs is done before the DiT is placed on the device (the references
+        # and the mask on the CPU), so a refusal never leaves its layers there.
         try:
-            extras = (reference_extras([FLUX_LATENT.raw_to_scaled(r.float()).to(device) for r in references], b)
+            extras = (reference_extras([FLUX_LATENT.raw_to_scaled(r.float()) for r in references], b)
                       if references else None)
         except ValueError as e:
             raise NodeInputError(f"{node}, input 'positive' (reference_latents): {e}") from None
-
+        mask = latent_mask(latent_image["noise_mask"], b, h, w) if "noise_mask" in latent_image else None
+        device = bridge.compute_device()
+        x0 = FLUX_LATENT.raw_to_scaled(samples.float()).to(device)
+        noise = make_noise(b, h * 8, w * 8, seed, "cpu", device)
+        start = noise if denoise >= 1.0 else add_noise(x0, noise, float(sigmas[0]))
+        if mask is not None:
+            mask = mask.to(device)
+            start = mask * start + (1 - mask) * add_noise(x0, noise, float(sigmas[0]))
+        if extras is not None:
+            extras = replace(extras, ref_tokens=extras.ref_tokens.to(device), ref_ids=extras.ref_ids.to(device))
         extras, negative_extras, tea_stats = tea_cache_extras(extras, len(sigmas), model.tea_cache_l1_thresh,
                                                               cfg=negative_embeds is not None)
 
@@ -165,10 +170,11 @@ class FluxCoreSampler:
             return x
 
         try:
+            dit = prepare_dit(model)
             with torch.no_grad():
                 final = run_denoise(start, sigmas, velocity, None, after_step)
-        finally:  # also after Cancel (raised from after_step) or an error: an offloaded DiT gives its VRAM back
-            release_dit(model)
+        finally:  # also after Cancel (raised from after_step), a LoRA that fails to apply, or an error: an
+            release_dit(model)  # offloaded DiT gives its VRAM back
         for stats in tea_stats.values():
             logging.getLogger("FluxCore").info("%s: %s", node, stats)
         out = dict(latent_image)

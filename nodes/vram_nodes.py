@@ -18,7 +18,7 @@ from dataclasses import dataclass, replace
 from flux_core.lora import clear_lora
 from flux_core.dtypes import FLOAT8_DTYPES, WEIGHT_DTYPES
 from flux_core.model_state import state_of
-from flux_core.vram import GiB, ComputeDevice, VRAMManager, store_model
+from flux_core.vram import GiB, ComputeDevice, VRAMManager, store_model, stored_compute_dtype
 
 from . import comfy_bridge as bridge
 from .handles import DIT_TYPE
@@ -67,7 +67,7 @@ def place_dit(handle):
         state_of(dit).applied_loras = ()
     weight_dtype = WEIGHT_DTYPES[options.weight_dtype]
     device = make_compute_device()
-    compute_dtype = next(p.dtype for p in dit.parameters() if p.dim() == 1 and p.is_floating_point())
+    compute_dtype = stored_compute_dtype(dit)
     # Weights rest on ComfyUI's offload device even without layer offload: ComfyUI's memory manager cannot see
     # what flux_core.vram places, so the DiT is on the GPU only while it samples (all of it when not offloading).
     store_model(dit, bridge.offload_device(), weight_dtype, pin_memory=device.torch_device.type == "cuda")

@@ -210,7 +210,7 @@ def test_run_near_device_memory_warns_with_the_estimate(tiny, monkeypatch):
 def test_memory_check_uses_the_managed_device(tiny, monkeypatch):
     from flux_core.vram import SimulatedDevice
     seen = []
-    monkeypatch.setattr("flux_core.pipeline.check_activation_memory",
+    monkeypatch.setattr("flux_core.run_cost.check_activation_memory",
                         lambda needed, available, device, what, stacklevel: seen.append((needed, available)))
     tiny.enable_vram_management(device=SimulatedDevice(total_memory=123_456_789))
     try:
