@@ -11,14 +11,19 @@ name single files (tokenizer/ and tokenizer_2/ are found beside them).
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
+import logging
 import math
 import re
 import sys
+import tempfile
+import warnings
 from pathlib import Path
 
 from .download import DIT_FILES, NeededFile, download_models, layout_tree, needed_files
 from .dtypes import DTYPES, WEIGHT_DTYPES
-from .image import save_image
+from .image import save_image, saving_format
 from .model_config import FLUX_DEV, ModelConfig
 
 # The separate-file flags, named after the kind of model each file must hold, in the pipeline's load order.
@@ -39,7 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="generate an image")
     g.add_argument("--prompt", required=True)
     g.add_argument("--negative-prompt", default="")
-    g.add_argument("--output", default="image.png", help="PNG/JPEG path (written atomically)")
+    g.add_argument("--output", default="image.png",
+                   help="image path, in the format its extension names (.png, .jpg, .webp, ...: any PIL can write); "
+                        "written atomically")
     g.add_argument("--cfg-scale", type=float, default=1.0, help="true CFG when above 1 (uses the negative prompt)")
     g.add_argument("--embedded-guidance", type=float, default=3.5)
     g.add_argument("--t5-sequence-length", type=int, default=512)
@@ -62,7 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "faster, less exact); off by default")
     g.add_argument("--lora", action="append", type=parse_lora, default=[], metavar="PATH[:SCALE]",
                    help="LoRA file applied to the DiT at SCALE (default 1.0); repeatable, the LoRAs add up")
-    g.add_argument("--device", default=None, help="cuda / cpu (default: cuda if available)")
+    g.add_argument("--device", default=None, help="cuda, cuda:N, cpu or mps (default: cuda if available); checked "
+                                                   "before loading")
+    g.add_argument("--quiet", action="store_true", help="do not print what each model file was detected as and "
+                                                       "the memory/compute estimates (warnings are still shown)")
     g.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16", help="compute dtype")
     memory = g.add_argument_group("memory")
     storage = memory.add_mutually_exclusive_group()
@@ -186,15 +196,17 @@ def _model_dir_components(root: Path, look_for_dit: bool = True) -> dict[str, Pa
 
 def _tokenizer_config(flag_value: str | None, beside: list[Path], need: NeededFile, base: dict,
                       flag: str) -> ModelConfig:
-    """The tokenizer folder: the flag's, else `tokenizer/` (`tokenizer_2/`) in the folder of a given model file,
-    its parent or grandparent (as FluxImagePipeline.from_pretrained looks), else FLUX.1-dev's from ModelScope."""
+    """The tokenizer folder: the flag's, else `tokenizer/` (`tokenizer_2/`) beside a given model file or folder,
+    where FluxImagePipeline.from_pretrained looks (`pipeline_models.search_roots`: the file's folder, its parent
+    and grandparent), else FLUX.1-dev's from ModelScope."""
+    from . import pipeline_models
+
     if flag_value:
         return ModelConfig(path=flag_value)
     sub = need.pattern.rstrip("/")
     searched = []
     for path in beside:
-        folder = path.absolute() if path.is_dir() else path.absolute().parent
-        for root in (folder, folder.parent, folder.parent.parent):
+        for root in pipeline_models.search_roots(str(path)):
             if root / sub not in searched:
                 searched.append(root / sub)
     for candidate in searched:
@@ -215,9 +227,7 @@ def check_generate_args(args) -> dict:
     from PIL import Image
 
     problems, images = [], {}
-    output = Path(args.output)
-    if output.suffix.lower() not in Image.registered_extensions():
-        problems.append(f"--output {output}: unknown image extension {output.suffix!r}; use .png, .jpg or .webp.")
+    problems += _output_problems(Path(args.output))
     for flag, paths, key in (("--input-image", [args.input_image] if args.input_image else [], "input_image"),
                              ("--kontext-image", args.kontext_image or [], "kontext_images")):
         opened = []
@@ -242,11 +252,44 @@ def check_generate_args(args) -> dict:
             "kontext_images": images["kontext_images"] or None}
 
 
+def _output_problems(output: Path) -> list[str]:
+    """--output: an extension PIL can write an RGB image in (tried on a tiny image: PIL reads .psd/.xpm/... but
+    cannot write them, and some writers are stubs or take other modes), and a folder that exists or can be
+    created, and can be written to. Folders made for the test are removed again (saving makes them)."""
+    from PIL import Image
+
+    image_format = saving_format(output)
+    if image_format is None:
+        what = repr(output.suffix) if output.suffix else "a name without an extension"
+        return [f"--output {output}: PIL cannot write {what} files; use .png, .jpg or .webp."]
+    try:
+        Image.new("RGB", (16, 16)).save(io.BytesIO(), format=image_format)
+    except (OSError, ValueError, KeyError) as e:
+        return [f"--output {output}: PIL cannot write the image as {image_format} ({e}); use .png, .jpg or .webp."]
+    if output.is_dir():
+        return [f"--output {output}: is a folder; give a file name such as {output / 'image.png'}."]
+    folder = output.absolute().parent
+    created = [p for p in (folder, *folder.parents) if not p.exists()]
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        return [f"--output {output}: cannot write into {folder} ({e.strerror or e}); pick a folder you can write to."]
+    finally:
+        for made in created:   # deepest first
+            with contextlib.suppress(OSError):
+                made.rmdir()
+    return []
+
+
 def _pipeline_input_problems(args) -> list[str]:
     """The pipeline's own input checks (flux_core.inputs), run on the command line's values before loading."""
-    from . import inputs
+    from . import inputs, scheduler
 
     checks = [
+        lambda: inputs.check_device("device", args.device),
+        lambda: None if args.sigmas is None else scheduler.explicit_sigmas(args.sigmas),
         lambda: inputs.check_size(args.height, args.width), lambda: inputs.check_cfg_scale(args.cfg_scale),
         lambda: inputs.check_seed(args.seed), lambda: inputs.check_t5_sequence_length(args.t5_sequence_length),
         lambda: inputs.check_steps(args.num_inference_steps),
@@ -349,6 +392,17 @@ _PHRASES = [
     (r", or None for a random seed \(then read it from pipe\.last_seed\)", ", or leave it out for a random seed"),
     (r"use None \(off\) or", "leave it out (off) or use"),
     (r"\(None: 3, FLUX's default\)", "(left out: 3, FLUX's default)"),
+    # Warnings' and estimates' advice (flux_core.pipeline, flux_core.run_cost): one image per command.
+    (r"kontext_images=PIL\.Image\.open\(path\)\.convert\('RGB'\)", "--kontext-image PATH"),
+    (r"no kontext_images were given", "no --kontext-image was given"),
+    (r"(?<![\w.])device='([^']*)'", r"--device \1"),
+    (r"Lower height/width, generate fewer images per call \(fewer prompts\), or pass smaller kontext_images",
+     "Lower --height/--width, or pass smaller --kontext-image images"),
+    (r"Lower height/width, the batch or the kontext_images", "Lower --height/--width or the --kontext-image sizes"),
+    (r"lower the size, the steps or the batch", "lower --height/--width or --steps"),
+    (r"(?<![\w.])height/width\b", "--height/--width"),
+    # A model's detection, as FluxImagePipeline.from_pretrained logs it.
+    (r"^FluxImagePipeline: (--\w+ .*): (.*) -> pipe\.\w+$", r"\1: detected \2"),
 ]
 _RENAMED = {"kontext_images": "--kontext-image", "tokenizer_1_config": "--tokenizer",
             "tokenizer_2_config": "--tokenizer-2", "torch_dtype": "--dtype", "offload_dtype": "--weight-dtype",
@@ -361,26 +415,99 @@ def cli_message(text: str, options=None) -> str:
     (default: every `generate` option)."""
     if options is None:
         options = vars(build_parser().parse_args(["generate", "--prompt", ""]))
+    # The user's own values (paths such as `model_dir` or `tokenizer_2`) are never rewritten: they are swapped for
+    # placeholders first and put back last. Only values with an underscore need it (the rewrites below change
+    # nothing else), and only as whole words: not inside a longer name (`model_dir` in `model_dir_x`), not as a
+    # `name=`, `name[i]`, `.name` or quoted name, where the phrases below must still match.
+    values = [v for v in _given_values(options) if "_" in v]
+    mark = lambda i: f"\ue000{chr(0xE100 + i)}\ue001"  # noqa: E731 - private-use characters: no \w, no punctuation
+    if values:
+        alternatives = "|".join(re.escape(v) for v in values)
+        text = re.sub(rf"(?<![\w.'])({alternatives})(?![\w'=\[])", lambda m: mark(values.index(m.group(1))), text)
     for pattern, replacement in _PHRASES:
-        text = re.sub(pattern, replacement, text)
+        text = re.sub(pattern, replacement, text, flags=re.MULTILINE)
+    if not options.get("skip_download"):
+        # Skipping came from $DIFFSYNTH_SKIP_DOWNLOAD (the flag was not given); say both.
+        text = re.sub(r"(?<![\w./'=&?-])skip_download(?![\w=/'-])( is set)?"
+                      r"( \(by \$?DIFFSYNTH_SKIP_DOWNLOAD\)| by \$?DIFFSYNTH_SKIP_DOWNLOAD)?",
+                      lambda m: "--skip-download (or $DIFFSYNTH_SKIP_DOWNLOAD)" + (m.group(1) or ""), text)
     flags = {**{name: "--" + name.replace("_", "-") for name in options if name != "command"}, **_RENAMED}
     words = "|".join(sorted(map(re.escape, flags), key=len, reverse=True))
     # `name=value` -> `--flag value` (`name=True` -> `--flag`); a bare name only when it has an underscore
     # (prose says "prompt", "seed").
     text = re.sub(rf"(?<![\w./'=&?-])({words})=(True\b|(?=\s))?",
                   lambda m: flags[m.group(1)] + ("" if m.group(2) is not None else " "), text)
-    return re.sub(rf"(?<![\w./'=&?-])({words})(?![\w/'-]|\.\w)",
+    text = re.sub(rf"(?<![\w./'=&?-])({words})(?![\w/'-]|\.\w)",
                   lambda m: flags[m.group(1)] if "_" in m.group(1) else m.group(1), text)
+    for i, value in enumerate(values):
+        text = text.replace(mark(i), value)
+    return text
+
+
+# Options whose values are the user's text, not names: never protected (a prompt is not in messages).
+_FREE_TEXT = ("command", "prompt", "negative_prompt")
+
+
+def _given_values(options: dict) -> list[str]:
+    """The command line's string values (paths, ids; each as given and as pathlib prints it), longest first."""
+    values = set()
+    for name, value in options.items():
+        if name in _FREE_TEXT:
+            continue
+        for item in value if isinstance(value, list) else [value]:
+            item = item[0] if isinstance(item, tuple) else item   # --lora (path, scale)
+            if isinstance(item, str) and item.strip():
+                values.update({item, str(Path(item))})
+    return sorted(values, key=len, reverse=True)
+
+
+class _CliLogFormatter(logging.Formatter):
+    """flux_core's log lines in the command line's words (flags, not Python names)."""
+
+    def __init__(self, options: dict):
+        super().__init__("%(message)s")
+        self.options = options
+
+    def format(self, record: logging.LogRecord) -> str:
+        return cli_message(super().format(record), self.options)
+
+
+@contextlib.contextmanager
+def _cli_output(options: dict, quiet: bool):
+    """While a command runs: warnings are printed in flags (`warning: ...` on stderr), and the `flux_core`
+    logger's INFO lines (what each file was detected as, the memory and compute estimates) go to stderr,
+    WARNING and above only with --quiet. Everything is restored afterwards (main() may be called in-process)."""
+    def show(message, category, filename, lineno, file=None, line=None):
+        print(f"warning ({category.__name__}): {cli_message(str(message), options)}", file=sys.stderr)
+
+    logger = logging.getLogger("flux_core")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_CliLogFormatter(options))
+    handler.setLevel(logging.WARNING if quiet else logging.INFO)
+    saved_level = logger.level
+    logger.addHandler(handler)
+    if not quiet and logger.getEffectiveLevel() > logging.INFO:
+        logger.setLevel(logging.INFO)
+    try:
+        # catch_warnings restores showwarning afterwards, and a fresh filter state shows each command's warnings
+        # even when an earlier main() in this process showed the same one.
+        with warnings.catch_warnings():
+            warnings.showwarning = show
+            yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(saved_level)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        if args.command == "download":
-            download(args)
-        else:
-            out, seed = generate(args)
-            print(f"saved {out} (seed {seed})")
+        with _cli_output(vars(args), quiet=getattr(args, "quiet", False)):
+            if args.command == "download":
+                download(args)
+            else:
+                out, seed = generate(args)
+                print(f"saved {out} (seed {seed})")
     except (ValueError, TypeError, OSError, RuntimeError) as e:  # user errors: the message says the fix
         print(f"error: {cli_message(str(e), vars(args))}", file=sys.stderr)
         return 2

@@ -35,7 +35,14 @@ def resize_to_multiple(image: Image.Image, multiple: int = 16) -> Image.Image:
 def save_image(image: Image.Image, path: str | Path) -> Path:
     """Save a PIL image atomically, in the format its extension names (.png, .jpg, .webp, ...)."""
     path = Path(path)
-    image_format = Image.registered_extensions().get(path.suffix.lower())
+    image_format = saving_format(path)
     if image_format is None:
-        raise ValueError(f"{path}: unknown image extension {path.suffix!r}; use .png, .jpg or .webp.")
+        raise ValueError(f"{path}: PIL cannot write {path.suffix!r} files; use .png, .jpg or .webp.")
     return atomic_write(path, lambda tmp: image.save(tmp, format=image_format))
+
+
+def saving_format(path: str | Path) -> str | None:
+    """The PIL format `save_image` writes for `path`'s extension, or None when PIL has no writer for it (it
+    reads .psd, .pcd, .xpm, ... but cannot save them)."""
+    image_format = Image.registered_extensions().get(Path(path).suffix.lower())  # runs Image.init()
+    return image_format if image_format in Image.SAVE else None

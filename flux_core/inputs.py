@@ -186,6 +186,38 @@ def check_rand_device(rand_device: Any) -> torch.device:
     return device
 
 
+def check_device(name: str, value: Any) -> torch.device | None:
+    """None (the default device) or a device this machine has: 'cpu', 'cuda' / 'cuda:N' with CUDA available
+    and N below the GPU count, 'mps' (Apple) when available. Checked before loading, where a missing backend
+    would otherwise fail deep inside torch (an AssertionError for CUDA on a CPU-only build)."""
+    if value is None:
+        return None
+    if not isinstance(value, (str, torch.device)):
+        raise TypeError(f"{name}={value!r} is a {_type_name(value)}; pass a device name such as 'cuda' or 'cpu'.")
+    try:
+        device = torch.device(value)
+    except RuntimeError:
+        raise ValueError(f"{name}={str(value)!r} is not a device name; use 'cuda', 'cuda:1', 'cpu' or 'mps'.") from None
+    if device.type == "cpu":
+        return device
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"{name}={str(value)!r}: CUDA is not available here (no GPU, or a CPU-only torch "
+                             f"build {torch.__version__}); use 'cpu'.")
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise ValueError(f"{name}={str(value)!r}: this machine has {count} CUDA device(s), 'cuda:0'.."
+                             f"'cuda:{count - 1}'.")
+        return device
+    if device.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise ValueError(f"{name}={str(value)!r}: Apple's MPS is not available here; use 'cpu' or 'cuda'.")
+        if device.index not in (None, 0):
+            raise ValueError(f"{name}={str(value)!r}: MPS has one device, 'mps'.")
+        return device
+    raise ValueError(f"{name}={str(value)!r}: FluxCore runs on 'cuda', 'cpu' or 'mps', not {device.type!r}.")
+
+
 def check_image(value: Any, name: str) -> None:
     """None or a PIL image."""
     if value is not None and not isinstance(value, Image.Image):

@@ -34,9 +34,11 @@ def flux_sigmas(num_inference_steps: int, denoising_strength: float = 1.0, shift
 def explicit_sigmas(sigmas: Sequence[float] | torch.Tensor) -> torch.Tensor:
     """A caller's own schedule (for reproducing another tool's run): decreasing values in (0, 1]."""
     s = torch.as_tensor(sigmas, dtype=torch.float32).flatten()
-    if s.numel() == 0 or (s <= 0).any() or (s > 1).any() or (s[1:] >= s[:-1]).any():
-        raise ValueError("sigmas= must be a non-empty, strictly decreasing list of values in (0, 1]; "
-                         "the final step to 0 is implied.")
+    # NaN fails every comparison below, so it is refused first (with inf: not a point of any schedule).
+    if s.numel() == 0 or not torch.isfinite(s).all() or (s <= 0).any() or (s > 1).any() or (s[1:] >= s[:-1]).any():
+        shown = ", ".join(f"{v:g}" for v in s.tolist())
+        raise ValueError(f"sigmas=[{shown}] must be a non-empty, strictly decreasing list of finite values in "
+                         f"(0, 1]; the final step to 0 is implied.")
     return s
 
 
