@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from flux_core.train.packages import INSTALL_TRAIN_EXTRA, TRAINING_PACKAGES, missing_training_packages
+from flux_core.train.packages import missing_packages_message, missing_training_packages
 from flux_core.train.run_folder import earlier_run
 from lora_tools.io import atomic_write
 
@@ -51,12 +51,12 @@ def tokenizer_dirs() -> tuple[Path | None, Path | None]:
 
 
 def require_training_packages() -> None:
+    """The engine's check (flux_core.train.packages), phrased for the node: the packages go into ComfyUI's
+    Python, and ComfyUI must restart to see them."""
     missing = missing_training_packages()
     if missing:
-        raise RuntimeError(f"FluxCoreTrainLoRA: training needs the packages {', '.join(TRAINING_PACKAGES)}; "
-                           f"{', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not installed in ComfyUI's "
-                           f"Python. Install FluxCore's training extra there: {INSTALL_TRAIN_EXTRA}, then restart "
-                           f"ComfyUI.")
+        message = missing_packages_message(missing, python="ComfyUI's Python")
+        raise RuntimeError(f"FluxCoreTrainLoRA: {message} Then restart ComfyUI.")
 
 
 def build_command(train_args: list[str], num_processes: int) -> list[str]:

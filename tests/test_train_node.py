@@ -118,8 +118,8 @@ def test_missing_training_packages_name_the_train_extra(env, monkeypatch):
     with pytest.raises(RuntimeError) as e:
         FluxCoreTrainLoRA().train(**inputs(env, "no packages"))
     message = str(e.value)
-    assert "accelerate is not installed" in message
-    assert 'pip install "fluxcore[train]"' in message and 'pip install ".[train]"' in message
+    assert "not installed in ComfyUI's Python: accelerate" in message
+    assert "pip install accelerate peft" in message and 'pip install ".[train]"' in message
     assert not (env["output"] / "fluxcore_train" / "no packages").exists()   # nothing started
 
 

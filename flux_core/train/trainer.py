@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import math
 import os
@@ -40,9 +41,11 @@ from pathlib import Path
 
 import torch
 
+from lora_tools.io import atomic_write
+
 from ..image import pil_to_tensor
 from ..loading.files import save_safetensors
-from ..model_config import ModelConfig
+from ..model_config import ModelConfig, ModelFileError
 from ..sampling import PromptEmbeds
 from ..vram import ComputeDevice, VRAMManager, store_model
 from . import checkpoint as ckpt
@@ -50,6 +53,7 @@ from .args import (FP8_COMPONENTS, TrainError, comma_list, data_file_keys, is_lo
                    torch_dtype)
 from .dataset import ImageDataset, first_sample
 from .loss import flow_matching_loss, sample_generator, training_attention, training_schedule
+from .messages import SLOT_NAMES, ModelEntry, reworded_logs, trainer_message, user_values
 from .packages import require_training_packages
 from .progress import Log
 from .run_folder import ARGS_FILE, LOG_FILE, check_output, earlier_run, prepare_output
@@ -57,7 +61,7 @@ from .run_folder import ARGS_FILE, LOG_FILE, check_output, earlier_run, prepare_
 STOP_FILE = "STOP"
 BATCH_PER_PROCESS = 1   # one image per forward: FLUX training samples differ in size (dynamic resolution)
 FP8_STORAGE = torch.float8_e4m3fn
-MODEL_NAMES = {"dit": "DiT", "vae": "VAE", "text_encoder_1": "CLIP-L text encoder", "text_encoder_2": "T5 text encoder"}
+PIPELINE_LOGGERS = ("flux_core.pipeline", "flux_core.pipeline_models")  # what from_pretrained logs through
 # How a --resume mismatch names each setting a resumed run must share (the flag that sets it).
 SETTING_NAMES = {"mode": "LoRA or full training (--lora_base_model / --trainable_models)",
                  "lora_rank": "--lora_rank", "targets": "LoRA layers (--lora_target_modules)", "seed": "--seed",
@@ -111,38 +115,58 @@ def epoch_order(seed: int, epoch: int, samples: int) -> list[int]:
 
 
 # ------------------------------------------------------------------------------------------------ models
-def model_configs(args: argparse.Namespace) -> list[tuple[str, ModelConfig]]:
-    """(what the user wrote, ModelConfig) for every model of --model_paths and --model_id_with_origin_paths."""
-    out = [(json.dumps(entry), ModelConfig(path=entry)) for entry in model_path_entries(args.model_paths)]
-    for item in comma_list(args.model_id_with_origin_paths):
+def model_sources(args: argparse.Namespace) -> list[tuple[ModelEntry, str, ModelConfig]]:
+    """(which flag entry, what the user wrote, ModelConfig) for every model: the --model_paths entries, then the
+    --model_id_with_origin_paths entries, in the order given (the order of from_pretrained's model_configs)."""
+    out = [(ModelEntry("--model_paths", n), json.dumps(entry), ModelConfig(path=entry))
+           for n, entry in enumerate(model_path_entries(args.model_paths), 1)]
+    for n, item in enumerate(comma_list(args.model_id_with_origin_paths), 1):
+        entry = ModelEntry("--model_id_with_origin_paths", n)
         if os.path.exists(item):
-            out.append((item, ModelConfig(path=item)))
+            out.append((entry, item, ModelConfig(path=item)))
             continue
         if ":" not in item:
             raise TrainError(f"--model_id_with_origin_paths entry '{item}': expected model_id:origin_file_pattern "
                              f"(e.g. black-forest-labs/FLUX.1-dev:flux1-dev.safetensors) or an existing path.")
         model_id, pattern = item.split(":", 1)
-        out.append((item, ModelConfig(model_id=model_id, origin_file_pattern=pattern)))
+        out.append((entry, item, ModelConfig(model_id=model_id, origin_file_pattern=pattern)))
     return out
 
 
+def model_configs(args: argparse.Namespace) -> list[tuple[str, ModelConfig]]:
+    """(what the user wrote, ModelConfig) for every model of --model_paths and --model_id_with_origin_paths."""
+    return [(spec, config) for _, spec, config in model_sources(args)]
+
+
 def load_pipeline(args: argparse.Namespace, device: torch.device, skip_kinds: tuple[str, ...] = ()):
-    """The FluxImagePipeline the run trains on (every model frozen, in inference mode)."""
+    """The FluxImagePipeline the run trains on (every model frozen, in inference mode). A model or tokenizer
+    that cannot be found or is of the wrong kind stops it with a TrainError in the trainer's flags."""
+    from ..loading.files import CheckpointError
+    from ..models.text_encoders import TokenizerFilesError
     from ..pipeline import FluxImagePipeline
 
-    configs = model_configs(args)
-    if skip_kinds:
-        configs = [(spec, c) for spec, c in configs if not set(config_slots(c)) <= set(skip_kinds)]
-    tok1 = ModelConfig(path=args.tokenizer_1_path) if args.tokenizer_1_path else None
-    tok2 = ModelConfig(path=args.tokenizer_2_path) if args.tokenizer_2_path else None
-    pipe = FluxImagePipeline.from_pretrained(torch_dtype=torch_dtype(args), device=device,
-                                             model_configs=[c for _, c in configs], tokenizer_1_config=tok1,
-                                             tokenizer_2_config=tok2)
+    sources = model_sources(args)
+    values = user_values(model_path_entries(args.model_paths), comma_list(args.model_id_with_origin_paths),
+                         [args.tokenizer_1_path, args.tokenizer_2_path])
+    try:
+        if skip_kinds:
+            sources = [s for s in sources if not set(config_slots(s[2], s[0])) <= set(skip_kinds)]
+        tok1 = ModelConfig(path=args.tokenizer_1_path) if args.tokenizer_1_path else None
+        tok2 = ModelConfig(path=args.tokenizer_2_path) if args.tokenizer_2_path else None
+        # from_pretrained numbers the configs it was given: its model_configs[i] is sources[i] (after skip_kinds).
+        reword = functools.partial(trainer_message, entries=[entry for entry, _, _ in sources], protected_values=values)
+        with reworded_logs(PIPELINE_LOGGERS, reword):
+            pipe = FluxImagePipeline.from_pretrained(torch_dtype=torch_dtype(args), device=device,
+                                                     model_configs=[c for _, _, c in sources], tokenizer_1_config=tok1,
+                                                     tokenizer_2_config=tok2)
+    except (CheckpointError, ModelFileError, TokenizerFilesError) as e:
+        raise TrainError(trainer_message(str(e), [entry for entry, _, _ in sources], values)) from None
+    configs = [(spec, config) for _, spec, config in sources]
     missing = [slot for slot in ("dit", "vae", "text_encoder_1", "text_encoder_2")
                if slot not in skip_kinds and getattr(pipe, slot) is None]
     if missing:
         raise TrainError(f"the models of --model_paths / --model_id_with_origin_paths hold no "
-                         f"{', '.join(MODEL_NAMES[m] for m in missing)}; training needs the DiT, the VAE and both text "
+                         f"{', '.join(SLOT_NAMES[m] for m in missing)}; training needs the DiT, the VAE and both text "
                          f"encoders (CLIP-L, T5): add the missing files there.")
     for slot in ("dit", "vae", "text_encoder_1", "text_encoder_2"):
         module = getattr(pipe, slot)
@@ -151,13 +175,19 @@ def load_pipeline(args: argparse.Namespace, device: torch.device, skip_kinds: tu
     return pipe, configs
 
 
-def config_slots(config: ModelConfig) -> list[str]:
-    """Pipeline slots (dit, vae, text_encoder_1, text_encoder_2) a model config holds, from its keys only."""
+def config_slots(config: ModelConfig, entry: ModelEntry | None = None) -> list[str]:
+    """Pipeline slots (dit, vae, text_encoder_1, text_encoder_2) a model config holds, from its keys only.
+    `entry`: where the config came from, named when its files cannot be found."""
     from ..loading.files import checkpoint_files, open_state_dict
     from ..loading.loader import detect
     from ..pipeline import DIFFUSERS_COMPONENTS, MODEL_SLOTS
 
-    paths = config.resolve()
+    try:
+        paths = config.resolve()
+    except ModelFileError as e:
+        if entry is None:
+            raise
+        raise ModelFileError(f"{entry.describe()}: {e}") from None
     single = paths if isinstance(paths, str) else (paths[0] if len(paths) == 1 else None)
     if single is not None and (Path(single) / "model_index.json").is_file():
         return [MODEL_SLOTS[k] for k, folder in DIFFUSERS_COMPONENTS.items() if (Path(single) / folder).is_dir()]
@@ -387,7 +417,8 @@ class Trainer:
     def _run(self) -> dict:
         a, acc, plan = self.args, self.accelerator, self.plan
         if acc.is_main_process:
-            (self.output / ARGS_FILE).write_text(json.dumps(vars(a), indent=1, ensure_ascii=False), encoding="utf-8")
+            text = json.dumps(vars(a), indent=1, ensure_ascii=False)
+            atomic_write(self.output / ARGS_FILE, lambda tmp: tmp.write_text(text, encoding="utf-8"))
             print(f"flux_core.train: {plan.processes} process{'es' if plan.processes > 1 else ''}, effective batch "
                   f"{plan.effective_batch} ({BATCH_PER_PROCESS} per process x {plan.processes} process"
                   f"{'es' if plan.processes > 1 else ''} x {plan.accumulation} gradient accumulation step"
