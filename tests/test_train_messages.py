@@ -6,7 +6,6 @@ import json
 import logging
 import re
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
@@ -203,5 +202,6 @@ def test_the_node_reports_the_engines_package_list_and_install_command(monkeypat
 
 def test_the_install_command_names_only_packages_published_under_their_own_names():
     from flux_core.train.packages import INSTALL_TRAINING_PACKAGES
-    assert INSTALL_TRAINING_PACKAGES == 'pip install accelerate peft (or, from a FluxCore checkout, pip install ".[train]")'
+    assert INSTALL_TRAINING_PACKAGES == ('pip install accelerate peft (or, from a FluxCore checkout, '
+                                         'pip install ".[train]")')
     assert not re.search(r"fluxcore\[", INSTALL_TRAINING_PACKAGES, re.I)
