@@ -9,7 +9,7 @@ from flux_core.dtypes import WEIGHT_DTYPES
 from flux_core.loading.loader import load_model
 from flux_core.model_config import FLUX_DEV, ModelConfig
 from flux_core.model_state import state_of
-from flux_core.models.text_encoders import load_clip_tokenizer, load_t5_tokenizer
+from flux_core.models.text_encoders import TokenizerFilesError, load_clip_tokenizer, load_t5_tokenizer
 from flux_core.pipeline_models import DIFFUSERS_COMPONENTS, TokenizerNotFoundError, tokenizer_folders
 
 from . import comfy_bridge as bridge
@@ -72,10 +72,16 @@ def modelscope_source(node: str, spec: str, folder: str) -> str | list[str]:
     except bridge.UnsafeModelName as e:
         raise node_error(node, "modelscope_id", e) from None
     base = bridge.folder_paths_for(folder)[0]
+    config = ModelConfig(model_id=model_id, origin_file_pattern=pattern, local_model_path=str(base))
     try:
-        return ModelConfig(model_id=model_id, origin_file_pattern=pattern, local_model_path=str(base)).resolve()
+        return config.resolve()
     except FileNotFoundError as e:
-        raise node_error(node, "modelscope_id", e) from None
+        why = ("downloads are off ($DIFFSYNTH_SKIP_DOWNLOAD)" if config.skip_download
+               else f"the download failed: {e.__cause__}" if e.__cause__ is not None
+               else f"ModelScope's '{model_id.strip()}' has no file matching it")
+        raise NodeInputError(f"{node}, input 'modelscope_id': no file matches '{pattern.strip()}' in "
+                             f"{config.model_folder()}, and {why}. Check the id and the file pattern, or put the file "
+                             f"into {base} and pick it in the file list.") from None
 
 
 def find_tokenizers(node: str) -> tuple[object, object]:
@@ -95,9 +101,10 @@ def find_tokenizers(node: str) -> tuple[object, object]:
         places = "; ".join(f"{sub}/ is in none of {where}, nor at {', '.join(searched)}" for sub, _, searched in e.missing)
         raise NodeInputError(f"{node}: FLUX tokenizers not found: {places}. Put FLUX.1-dev's tokenizer/ and "
                              f"tokenizer_2/ folders into {folders[0]}, or let the node download them (network).") from None
-    except FileNotFoundError as e:  # a tokenizer folder without the files a tokenizer needs
-        raise NodeInputError(f"{node}: FLUX tokenizers not found ({e}). Put FLUX.1-dev's tokenizer/ and "
-                             f"tokenizer_2/ folders into {folders[0]}.") from None
+    except TokenizerFilesError as e:  # a tokenizer folder without the files a tokenizer needs
+        raise NodeInputError(f"{node}: the {e.title} tokenizer folder {e.folder} holds no complete set of tokenizer "
+                             f"files (it needs {e.expected}). Replace it with FLUX.1-dev's folder of that name, or "
+                             f"remove it to use ComfyUI's bundled tokenizers.") from None
 
 
 class FluxCoreDiTLoader:
@@ -159,9 +166,12 @@ class FluxCoreTextEncoderLoader:
 
     def load(self, clip_name, t5_name):
         node = "FluxCoreTextEncoderLoader"
-        clip = load_kind(node, "clip_name", _model_file(node, "clip_name", "text_encoders", clip_name), "clip")
-        t5 = load_kind(node, "t5_name", _model_file(node, "t5_name", "text_encoders", t5_name), "t5")
+        # The cheap checks first: both names and the tokenizers, before gigabytes of T5 are read.
+        clip_file = _model_file(node, "clip_name", "text_encoders", clip_name)
+        t5_file = _model_file(node, "t5_name", "text_encoders", t5_name)
         clip_tok, t5_tok = find_tokenizers(node)
+        clip = load_kind(node, "clip_name", clip_file, "clip")
+        t5 = load_kind(node, "t5_name", t5_file, "t5")
         return (TextEncodersHandle(bridge.ManagedModel(clip), bridge.ManagedModel(t5), clip_tok, t5_tok,
                                    f"{clip_name} + {t5_name}"),)
 

@@ -68,3 +68,39 @@ def test_a_lora_that_fails_to_apply_leaves_no_layers_on_the_device(models, monke
         FluxCoreSampler().sample(with_lora, encode(models, "a cat"), encode(models, ""), latent, seed=0, steps=1)
     gc.collect()
     assert (manager.resident_bytes, device.live_bytes) == (0, 0)
+
+
+def test_text_encoder_loader_checks_tokenizers_before_reading_the_encoders(models, tmp_path, monkeypatch):
+    from nodes import loaders
+    from nodes.loaders import FluxCoreTextEncoderLoader
+    text_encoders = tmp_path / "te"
+    text_encoders.mkdir()
+    monkeypatch.setattr(loaders.bridge, "folder_paths_for", lambda folder: [text_encoders])
+    monkeypatch.setattr(loaders.bridge, "comfy_tokenizer_dirs", lambda: (None, None))
+    (text_encoders / "tokenizer").mkdir()        # a CLIP tokenizer folder without its files
+    (text_encoders / "tokenizer_2").mkdir()
+    read = []
+    monkeypatch.setattr(loaders, "load_kind", lambda *args, **kwargs: read.append(args) or object())
+    monkeypatch.setattr(loaders, "_model_file", lambda node, name, folder, value: f"{folder}/{value}")
+    with pytest.raises(NodeInputError) as info:
+        FluxCoreTextEncoderLoader().load("clip_l.safetensors", "t5xxl.safetensors")
+    message = str(info.value)
+    assert message.startswith(f"FluxCoreTextEncoderLoader: the CLIP-L tokenizer folder {text_encoders / 'tokenizer'} "
+                              f"holds no complete set of tokenizer files")
+    assert "tokenizer_1_config" not in message and "python -m" not in message
+    assert read == []  # neither encoder was read
+
+
+def test_modelscope_id_failures_are_told_in_node_terms(models, tmp_path, monkeypatch):
+    import sys
+    import types
+    def no_network(model_id, local_dir, allow_file_pattern):
+        raise ConnectionError("no network in this test")
+    monkeypatch.setitem(sys.modules, "modelscope", types.SimpleNamespace(snapshot_download=no_network))
+    monkeypatch.delenv("DIFFSYNTH_SKIP_DOWNLOAD", raising=False)
+    with pytest.raises(NodeInputError) as info:
+        FluxCoreDiTLoader().load(NAMES["dit"], modelscope_id="black-forest-labs/FLUX.1-dev:flux1-dev.safetensors")
+    message = str(info.value)
+    assert message.startswith("FluxCoreDiTLoader, input 'modelscope_id': no file matches 'flux1-dev.safetensors' in ")
+    assert "no network in this test" in message
+    assert "path=" not in message and "local_model_path" not in message

@@ -156,7 +156,12 @@ def clip_module_naming() -> tuple[str, bool]:
 # ---------------------------------------------------------------------------------------------- tokenizers
 
 class TokenizerFilesError(FileNotFoundError):
-    """A tokenizer folder without the files its tokenizer needs; the message says where to get them."""
+    """A tokenizer folder without the files its tokenizer needs; the message says where to get them. `title`,
+    `folder` and `expected` let a front end (a node) phrase it in its own terms."""
+
+    def __init__(self, message: str, title: str, folder: Path, expected: str):
+        super().__init__(message)
+        self.title, self.folder, self.expected = title, folder, expected
 
 
 def _tokenizer_folder(path: str | os.PathLike, sub: str, file_sets: Sequence[tuple[str, ...]], title: str,
@@ -176,7 +181,7 @@ def _tokenizer_folder(path: str | os.PathLike, sub: str, file_sets: Sequence[tup
         f"tokenizer needs {expected}. Pass {parameter}=ModelConfig(path=FOLDER) with a folder that holds them, or "
         f"fetch the {sub}/ folder of {FLUX_DEV} (a few MB): `python -m flux_core download` puts it in "
         f"./models/{FLUX_DEV}/{sub}/ (or `modelscope download --model {FLUX_DEV} --include "
-        f"'{sub}/*' --local_dir ./models/{FLUX_DEV}`).")
+        f"'{sub}/*' --local_dir ./models/{FLUX_DEV}`).", title, path, expected)
 
 
 
