@@ -86,6 +86,8 @@ def test_euler_steps_and_noising_match_diffsynths_scheduler():
     x0, noise = torch.randn(1, 16, 4, 4, generator=g), torch.randn(1, 16, 4, 4, generator=g)
     ours = add_noise(x0, noise, float(sigmas[0]))
     theirs = scheduler.add_noise(x0, noise, scheduler.timesteps[0])
+    # Measured 3.6e-7 (float32); noising at the second sigma (0.82) instead of the first (0.92) moves it by
+    # 0.10 * |noise - x0| (order 0.1 or more), the variance-preserving formula by order 1.
     assert (ours - theirs).abs().max() < 1e-6
     nexts = next_sigmas(sigmas)
     for i, t in enumerate(scheduler.timesteps):
