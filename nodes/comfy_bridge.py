@@ -54,14 +54,27 @@ def list_models(folder: str) -> list[str]:
     if not root.is_dir():
         return []
     return sorted(set(_files_in(root, MODEL_EXTENSIONS))
-                  | {_relative(root, p) for p in root.rglob("*") if p.is_dir() and (p / "config.json").is_file()})
+                  | {_relative(root, p) for p in _walk(root) if p.is_dir() and (p / "config.json").is_file()})
+
+
+def _walk(root: Path):
+    """Every file and folder under `root`, following linked folders (as ComfyUI's listing does), each real
+    folder once (a link back up does not loop)."""
+    seen = set()
+    for folder, dirs, files in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:
+            dirs[:] = []
+            continue
+        seen.add(real)
+        yield from (Path(folder, name) for name in dirs + files)
 
 
 def _files_in(root: Path, extensions: tuple[str, ...]) -> list[str]:
     """Relative names of the files under `root` (links followed) whose extension is one of `extensions`."""
     if not extensions or not root.is_dir():
         return []
-    return [_relative(root, p) for p in root.rglob("*") if p.suffix.lower() in extensions and p.is_file()]
+    return [_relative(root, p) for p in _walk(root) if p.suffix.lower() in extensions and p.is_file()]
 
 
 def _relative(root: Path, path: Path) -> str:

@@ -104,3 +104,17 @@ def test_modelscope_id_failures_are_told_in_node_terms(models, tmp_path, monkeyp
     assert message.startswith("FluxCoreDiTLoader, input 'modelscope_id': no file matches 'flux1-dev.safetensors' in ")
     assert "no network in this test" in message
     assert "path=" not in message and "local_model_path" not in message
+
+
+def test_model_lists_follow_linked_folders_once(tmp_path, monkeypatch):
+    from nodes import comfy_bridge
+    elsewhere = tmp_path / "elsewhere" / "sub"
+    elsewhere.mkdir(parents=True)
+    (elsewhere / "a.safetensors").write_bytes(b"x")
+    (elsewhere / "b.gguf").write_bytes(b"x")
+    folder = tmp_path / "models" / "diffusion_models"
+    folder.mkdir(parents=True)
+    (folder / "linked").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    (elsewhere / "loop").symlink_to(tmp_path / "elsewhere", target_is_directory=True)  # a cycle
+    monkeypatch.setenv("FLUXCORE_MODELS_DIR", str(tmp_path / "models"))
+    assert comfy_bridge.list_models("diffusion_models") == ["linked/sub/a.safetensors", "linked/sub/b.gguf"]
