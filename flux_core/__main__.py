@@ -24,6 +24,7 @@ from pathlib import Path
 from .download import DIT_FILES, NeededFile, download_models, layout_tree, needed_files
 from .dtypes import DTYPES, WEIGHT_DTYPES
 from .image import save_image, saving_format
+from .messages import rename_parameters
 from .model_config import FLUX_DEV, ModelConfig
 
 # The separate-file flags, named after the kind of model each file must hold, in the pipeline's load order.
@@ -415,33 +416,24 @@ def cli_message(text: str, options=None) -> str:
     (default: every `generate` option)."""
     if options is None:
         options = vars(build_parser().parse_args(["generate", "--prompt", ""]))
-    # The user's own values (paths such as `model_dir` or `tokenizer_2`) are never rewritten: they are swapped for
-    # placeholders first and put back last. Only values with an underscore need it (the rewrites below change
-    # nothing else), and only as whole words: not inside a longer name (`model_dir` in `model_dir_x`), not as a
-    # `name=`, `name[i]`, `.name` or quoted name, where the phrases below must still match.
-    values = [v for v in _given_values(options) if "_" in v]
-    mark = lambda i: f"\ue000{chr(0xE100 + i)}\ue001"  # noqa: E731 - private-use characters: no \w, no punctuation
-    if values:
-        alternatives = "|".join(re.escape(v) for v in values)
-        text = re.sub(rf"(?<![\w.'])({alternatives})(?![\w'=\[])", lambda m: mark(values.index(m.group(1))), text)
-    for pattern, replacement in _PHRASES:
-        text = re.sub(pattern, replacement, text, flags=re.MULTILINE)
+    # The user's own values (paths such as `model_dir` or `tokenizer_2`) are never rewritten: rename_parameters
+    # hides them from every rule below.
+    table = [("(?m)" + pattern if pattern.startswith("^") else pattern, replacement)
+             for pattern, replacement in _PHRASES]
     if not options.get("skip_download"):
         # Skipping came from $DIFFSYNTH_SKIP_DOWNLOAD (the flag was not given); say both.
-        text = re.sub(r"(?<![\w./'=&?-])skip_download(?![\w=/'-])( is set)?"
+        table.append((r"(?<![\w./'=&?-])skip_download(?![\w=/'-])( is set)?"
                       r"( \(by \$?DIFFSYNTH_SKIP_DOWNLOAD\)| by \$?DIFFSYNTH_SKIP_DOWNLOAD)?",
-                      lambda m: "--skip-download (or $DIFFSYNTH_SKIP_DOWNLOAD)" + (m.group(1) or ""), text)
+                      lambda m: "--skip-download (or $DIFFSYNTH_SKIP_DOWNLOAD)" + (m.group(1) or "")))
     flags = {**{name: "--" + name.replace("_", "-") for name in options if name != "command"}, **_RENAMED}
     words = "|".join(sorted(map(re.escape, flags), key=len, reverse=True))
     # `name=value` -> `--flag value` (`name=True` -> `--flag`); a bare name only when it has an underscore
     # (prose says "prompt", "seed").
-    text = re.sub(rf"(?<![\w./'=&?-])({words})=(True\b|(?=\s))?",
-                  lambda m: flags[m.group(1)] + ("" if m.group(2) is not None else " "), text)
-    text = re.sub(rf"(?<![\w./'=&?-])({words})(?![\w/'-]|\.\w)",
-                  lambda m: flags[m.group(1)] if "_" in m.group(1) else m.group(1), text)
-    for i, value in enumerate(values):
-        text = text.replace(mark(i), value)
-    return text
+    table += [(rf"(?<![\w./'=&?-])({words})=(True\b|(?=\s))?",
+               lambda m: flags[m.group(1)] + ("" if m.group(2) is not None else " ")),
+              (rf"(?<![\w./'=&?-])({words})(?![\w/'-]|\.\w)",
+               lambda m: flags[m.group(1)] if "_" in m.group(1) else m.group(1))]
+    return rename_parameters(text, table, protected_values=_given_values(options))
 
 
 # Options whose values are the user's text, not names: never protected (a prompt is not in messages).

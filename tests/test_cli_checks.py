@@ -63,9 +63,9 @@ def test_protected_values_leave_the_python_names_around_them_translated():
     options = vars(build_parser().parse_args(["generate", "--prompt", "x", "--dit", "dit", "--t5", "model",
                                               "--model-dir", "cfg_scale"]))
     text = ("model_configs[0] dit: kind='dit' (the model for pipe.dit), but it holds FLUX VAE. Pick the right file, "
-            "or change kind=.; cfg_scale=0.5 in cfg_scale/x and cfg_scale; model_configs")
+            "or change kind=.; seed=3 in cfg_scale/x and cfg_scale; model_configs")
     assert cli_message(text, options) == (
-        "--dit dit: that flag takes a dit, but it holds FLUX VAE. Give that flag the right file.; --cfg-scale 0.5 in "
+        "--dit dit: that flag takes a dit, but it holds FLUX VAE. Give that flag the right file.; --seed 3 in "
         "cfg_scale/x and cfg_scale; the model flags (--dit/--vae/--clip/--t5 or --model-dir)")
 
 
