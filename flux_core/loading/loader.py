@@ -180,7 +180,8 @@ def assign_weights(module: nn.Module, sd: Mapping[str, LazyTensor], torch_dtype:
         stored = _kept_raw(sd[name], target)
         shape = sd[name].quantized.raw_shape if stored else sd[name].shape
         if tuple(shape) != tuple(target.shape):
-            raise CheckpointError(f"{where}: '{name}' has shape {tuple(sd[name].shape)} but the model "
+            kept = " (as stored quantized blocks)" if stored else ""
+            raise CheckpointError(f"{where}: '{name}' has shape {tuple(shape)}{kept} but the model "
                                   f"needs {tuple(target.shape)}.")
     loaded: dict[str, torch.Tensor] = {}
     by_source: dict[int, torch.Tensor] = {}  # tied weights (one LazyTensor, several names) load once
