@@ -180,7 +180,10 @@ def test_activation_estimate_is_near_the_measured_peak():
         dit(**x)
     estimate = dit_activation_bytes(1, img.shape[1] + txt, dit.params.hidden_size, dit.params.mlp_ratio, torch.float32)
     ratio = estimate / mode.peak
-    assert 0.8 < ratio < 1.25, (estimate, mode.peak)
+    # Measured 0.992. A term of the formula 3 x hidden wide (q, k, v) left out gives 0.79, counted twice 1.19 (the
+    # former bounds 0.8 and 1.25 let the second through); the MLP activation left out 0.73, float32 counted as 2
+    # bytes 0.5.
+    assert 0.9 < ratio < 1.1, (estimate, mode.peak)
 
 
 def test_run_beyond_device_memory_is_refused_before_any_model_runs(nothing_runs, monkeypatch):
