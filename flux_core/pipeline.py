@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from .run_cost import check_run_cost, image_tokens
 from .image import pil_to_tensor, resize_to_multiple, tensor_to_pil
-from .inputs import (check_callable, check_cfg_scale, check_denoising_strength, check_embedded_guidance, check_image,
+from .inputs import (check_callable, check_device, check_cfg_scale, check_denoising_strength, check_embedded_guidance, check_image,
                      check_kontext_images, check_negative_prompts, check_output_type, check_prompts,
                      check_rand_device, check_seed, check_sigma_shift, check_size, check_steps,
                      check_t5_sequence_length, check_tea_cache_threshold, check_tiling)
@@ -89,6 +89,7 @@ class FluxImagePipeline:
         A config's `offload_device` / `offload_dtype` is where that model's weights are stored: it is loaded
         there (offload_dtype applies to the weight matrices, e.g. torch.float8_e4m3fn; biases and norms keep
         torch_dtype) and computes on `device` in `torch_dtype`, moved in only for the stages that need it."""
+        check_device("device", device)  # before anything is resolved, downloaded or read
         pipe = cls(device=device, torch_dtype=torch_dtype)
         plan = plan_models(model_configs, {"tokenizer": tokenizer_1_config, "tokenizer_2": tokenizer_2_config})
         # Tokenizers first: a folder without the tokenizer's files is refused before minutes of loading.

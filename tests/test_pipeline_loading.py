@@ -187,3 +187,10 @@ def test_kontext_is_told_by_model_id_or_file_name_not_the_folders_above():
     assert entry("/m/flux1-kontext-dev.safetensors").is_kontext
     assert entry("/m/flux1-dev.safetensors", "black-forest-labs/FLUX.1-Kontext-dev").is_kontext
     assert not entry("/home/me/kontext-tests/flux1-dev.safetensors").is_kontext
+
+
+def test_from_pretrained_checks_the_device_before_anything_is_read(monkeypatch):
+    monkeypatch.setattr("flux_core.pipeline.plan_models",
+                        lambda *a, **k: pytest.fail("models were looked for before the device"))
+    with pytest.raises(ValueError, match=r"device='foo' is not a device name"):
+        FluxImagePipeline.from_pretrained(device="foo", model_configs=[ModelConfig(path="x.safetensors")])
