@@ -115,8 +115,11 @@ def test_lora_training_lowers_the_loss_and_moves_outputs_towards_the_training_im
     clear_lora(pipe.dit)
     print(f"loss {loss_before:.3f} -> {loss_after:.3f}; latent distance {latent_before:.3f} -> {latent_after:.3f}; "
           f"pixel distance {pixel_before:.4f} -> {pixel_after:.4f}")
-    assert loss_after < 0.8 * loss_before
-    assert latent_after < 0.7 * latent_before
+    # Measured ratios 0.516 (loss) and 0.504 (latent distance); an untrained LoRA gives 1. The same LoRA at a
+    # quarter of its strength gives 0.590 and 0.631: the latent bound catches that, the loss bound (tightened from
+    # 0.8) only says that training learned.
+    assert loss_after < 0.65 * loss_before
+    assert latent_after < 0.58 * latent_before
     # The tiny VAE has random weights, so its decoder blurs every latent alike: pixels move less than latents.
     assert pixel_after < pixel_before
     steps = [e["loss"] for e in events if e["event"] == "step"]
@@ -153,7 +156,9 @@ def test_lora_checkpoint_starts_from_a_saved_lora(setup, lora_run, tmp_path):
     start = export_lora(trainer.pipe.dit)
     assert start.layers.keys() == saved.layers.keys()
     for name, layer in saved.layers.items():
-        assert torch.allclose(start.layers[name].delta(), layer.delta(), atol=1e-6), name
+        # Measured 0 (the saved tensors, loaded back); a delta put into another layer or at another scale is off
+        # by a sizeable part of its own size (deltas up to 0.31).
+        assert torch.allclose(start.layers[name].delta(), layer.delta(), atol=1e-6, rtol=0), name
     with pytest.raises(TrainError, match="has rank 8, but --lora_rank is 4"):
         Trainer(parse_args(train_argv(setup, tmp_path / "out2", "--lora_checkpoint", str(lora_run[1]["path"])))).setup()
 
@@ -190,8 +195,10 @@ def test_saved_lora_loads_in_diffusers_with_the_trained_effect(setup, pipe, tmp_
     with torch.no_grad():
         ours = pipe.dit(**x)
     clear_lora(pipe.dit)
-    assert (theirs - base).abs().max() > 1e-3        # the LoRA does something in diffusers ...
-    assert (theirs - ours).abs().max() < 1e-4        # ... the same thing as in FluxCore
+    assert (theirs - base).abs().max() > 1e-3        # the LoRA does something in diffusers (measured 0.53, 0.69) ...
+    # ... the same thing as in FluxCore: measured 2.7e-6; one LoRA layer missing moved a tiny DiT's output by
+    # >= 1.2e-2, a strength 1% off by 0.1 (test_lora.py).
+    assert (theirs - ours).abs().max() < 1e-4
 
 
 def test_full_fine_tune_loads_with_load_model_and_validate_scripts_render(setup, lora_run, tmp_path):
@@ -337,7 +344,9 @@ def test_resume_after_sigkill_ends_with_the_same_weights(setup, tmp_path):
         a, b = load_file(tmp_path / "whole" / name), load_file(tmp_path / "killed" / name)
         assert a.keys() == b.keys()
         for k in a:
-            assert torch.allclose(a[k], b[k], atol=1e-6), (name, k)
+            # Measured 0 (the same computation on one thread); a resume into the wrong epoch's data order changes
+            # the weights by ~1e-2 (above), a lost optimizer state by the size of a step (lr 1e-2).
+            assert torch.allclose(a[k], b[k], atol=1e-6, rtol=0), (name, k)
     assert any(v.abs().max() > 0 for k, v in a.items() if "lora_B" in k)  # it did train
 
 
@@ -360,8 +369,10 @@ def test_two_processes_equal_one_process_with_accumulation(setup, tmp_path):
     assert "asked for more than one process" not in err
     assert sum(e["event"] == "step" for e in log) == 8           # one log line per step, from the main process
     a, b = load_file(tmp_path / "one" / "epoch-1.safetensors"), load_file(tmp_path / "two" / "epoch-1.safetensors")
+    # Measured 0 (two processes of batch 1 sum to the same gradient as two accumulated steps). A gradient that is
+    # summed where it should be averaged doubles every update, moving the weights by the size of a step (lr 1e-2).
     for k in a:
-        assert torch.allclose(a[k], b[k], atol=1e-5), k
+        assert torch.allclose(a[k], b[k], atol=1e-5, rtol=0), k
 
 
 @pytest.mark.skipif(torch.cuda.device_count() > 1, reason="with several GPUs accelerate turns --multi_gpu on itself")
