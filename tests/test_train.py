@@ -72,7 +72,7 @@ def test_loss_is_weighted_mse_of_velocity_against_noise_minus_x0():
     g = sample_generator(0, 0, 5)
     index = int(torch.randint(0, 1000, (1,), generator=g))
     noise = torch.randn(x0.shape, generator=g)
-    assert sigma == pytest.approx(schedule.sigmas[index].item())
+    assert sigma == pytest.approx(schedule.sigmas[index].item())  # measured 0; the next grid point is 1e-3 away
     x_t = (1 - sigma) * x0 + sigma * noise
     expected = ((x_t - (noise - x0)) ** 2).mean() * schedule.weights[index]
     # Measured 0 relative; the neighbouring grid point's sigma and weight give 4e-3, the weight left out 1.2e-2
