@@ -13,10 +13,10 @@ from diffusers import AutoencoderKL, FluxPipeline
 from PIL import Image
 
 from flux_core.__main__ import build_parser, build_pipeline, cli_message, main, model_configs_for, parse_lora
-from flux_core import model_config
 from flux_core.model_config import ModelConfig
 from flux_core.pipeline import FluxImagePipeline
 from flux_core.vram import GiB
+from tests.offline import no_network  # noqa: F401 (autouse: no download in these tests)
 from tests.tiny_dit import make_diffusers_dit, write_bfl_dit
 from tests.tiny_lora import bfl_shapes, random_pairs, write_kohya
 from tests.tiny_pipeline import make_components
@@ -28,15 +28,6 @@ PY_SMALL = dict(height=48, width=64, num_inference_steps=2, t5_sequence_length=1
 # Python-API names a CLI message must never show (it shows the flags instead).
 PYTHON_NAMES = re.compile(r"skip_download|path=|tokenizer_[12]_config|model_configs|local_model_path|ModelConfig|"
                           r"origin_file_pattern")
-
-
-@pytest.fixture(autouse=True)
-def no_network(monkeypatch):
-    def refuse(*args, **kwargs):
-        raise AssertionError(f"unexpected download: {args} {kwargs}")
-    monkeypatch.setattr(model_config, "download_from_modelscope", refuse)
-    monkeypatch.delenv(model_config.ENV_MODEL_BASE_PATH, raising=False)
-    monkeypatch.delenv(model_config.ENV_SKIP_DOWNLOAD, raising=False)
 
 
 @pytest.fixture(scope="module")

@@ -15,18 +15,10 @@ from flux_core.image import save_image
 from flux_core.inputs import check_device
 from flux_core.pipeline import FluxImagePipeline
 from flux_core.scheduler import explicit_sigmas
+from tests.offline import no_network  # noqa: F401 (autouse: no download in these tests)
 
 SMALL = ["--height", "32", "--width", "32", "--steps", "1", "--t5-sequence-length", "8", "--device", "cpu",
          "--dtype", "float32"]
-
-
-@pytest.fixture(autouse=True)
-def no_network(monkeypatch):
-    def refuse(*args, **kwargs):
-        raise AssertionError(f"unexpected download: {args} {kwargs}")
-    monkeypatch.setattr(model_config, "download_from_modelscope", refuse)
-    monkeypatch.delenv(model_config.ENV_MODEL_BASE_PATH, raising=False)
-    monkeypatch.delenv(model_config.ENV_SKIP_DOWNLOAD, raising=False)
 
 
 @pytest.fixture
