@@ -13,11 +13,10 @@ import warnings
 import torch
 
 from .inputs import SIZE_MULTIPLE
-from .vram import stored_compute_dtype
+from .vram import GiB, stored_compute_dtype
 
 logger = logging.getLogger(__name__)
 
-GiB = 1024**3
 # Fraction of the compute device's memory above which a run is warned about: the weights (or at least the
 # layers in use) and the allocator's slack need the rest.
 WARN_FRACTION = 0.5

@@ -41,11 +41,10 @@ def prepare_dit(handle: DiTHandle):
     return dit
 
 
-def check_sampler_cost(node: str, dit, batch: int, h: int, w: int, text_tokens: int, references: list,
+def check_sampler_cost(node: str, dit, batch: int, h: int, w: int, text_tokens: int, reference_tokens: int,
                        steps: int, passes: int) -> None:
     """The pipeline's cost checks for one sampler run (latent sides h, w): refuse what cannot fit the compute
-    device, warn when it takes most of it or would take very long on a CPU. References are raw latents."""
-    reference_tokens = sum(image_tokens(r.shape[-2] * 8, r.shape[-1] * 8) for r in references)
+    device, warn when it takes most of it or would take very long on a CPU."""
     image = image_tokens(h * 8, w * 8) + reference_tokens
     what = (f"a {w * 8}x{h * 8} latent_image with a batch of {batch} and {reference_tokens} reference tokens "
             f"(ReferenceLatent / Kontext reference in 'positive'), {image + text_tokens} tokens in all")
@@ -129,9 +128,6 @@ class FluxCoreSampler:
         guidance = embedded_guidance if embedded_guidance >= 0 else cond_guidance
 
         check_conditioning(node, model.model.module, b, positive=positive_embeds, negative=negative_embeds)
-        sigmas = flux_sigmas(steps, denoise, sigma_shift)
-        check_sampler_cost(node, model.model.module, b, h, w, positive_embeds.prompt_emb.shape[1], references,
-                           len(sigmas), passes=2 if negative_embeds is not None else 1)
         # Everything that can fail on the inputs is done before the DiT is placed on the device (the references
         # and the mask on the CPU), so a refusal never leaves its layers there.
         try:
@@ -139,6 +135,10 @@ class FluxCoreSampler:
                       if references else None)
         except ValueError as e:
             raise NodeInputError(f"{node}, input 'positive' (reference_latents): {e}") from None
+        sigmas = flux_sigmas(steps, denoise, sigma_shift)
+        reference_tokens = extras.ref_tokens.shape[1] if extras is not None else 0  # odd sides padded: exact
+        check_sampler_cost(node, model.model.module, b, h, w, positive_embeds.prompt_emb.shape[1], reference_tokens,
+                           len(sigmas), passes=2 if negative_embeds is not None else 1)
         mask = latent_mask(latent_image["noise_mask"], b, h, w) if "noise_mask" in latent_image else None
         device = bridge.compute_device()
         x0 = FLUX_LATENT.raw_to_scaled(samples.float()).to(device)
