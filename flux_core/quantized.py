@@ -71,7 +71,7 @@ QK_K = 256
 def _two_bit_planes(packed: torch.Tensor) -> torch.Tensor:
     """(n, 32*h) bytes -> (n, 128*h) 2-bit codes: per 32-byte group, bit pairs 0-1, 2-3, 4-5, 6-7 in turn."""
     n = packed.shape[0]
-    shifts = torch.tensor([0, 2, 4, 6], device=packed.device, dtype=torch.uint8)
+    shifts = torch.arange(0, 8, 2, device=packed.device, dtype=torch.uint8)
     return ((packed.reshape(n, -1, 1, 32) >> shifts[:, None]) & 3).reshape(n, -1)
 
 
@@ -90,7 +90,7 @@ def _q3_k(b: torch.Tensor) -> torch.Tensor:
     n = b.shape[0]
     packed = b[:, 96:108]
     low4 = torch.cat([packed[:, 0:8] & 0x0F, packed[:, 0:8] >> 4], dim=1)                    # scales 0-7, 8-15
-    shifts = torch.tensor([0, 2, 4, 6], device=b.device, dtype=torch.uint8)
+    shifts = torch.arange(0, 8, 2, device=b.device, dtype=torch.uint8)
     high2 = ((packed[:, None, 8:12] >> shifts[:, None]) & 3).reshape(n, 16)                   # 2 bits each
     scale = ((low4 | (high2 << 4)).to(torch.int16) - 32).float()
     step = (_f16(b, 108) * scale)[:, :, None]
@@ -139,7 +139,7 @@ def _q6_k(b: torch.Tensor) -> torch.Tensor:
     # 128 bytes of low nibbles, 64 bytes of 2-bit high parts, 16 int8 scales (per 16 values), d: f16
     n = b.shape[0]
     low = _nibbles(b[:, 0:128].reshape(n, 2, 64)).reshape(n, 2, 4, 32)  # per half: 4 runs of 32
-    shifts = torch.tensor([0, 2, 4, 6], device=b.device, dtype=torch.uint8)
+    shifts = torch.arange(0, 8, 2, device=b.device, dtype=torch.uint8)
     high = (b[:, 128:192].reshape(n, 2, 1, 32) >> shifts[:, None]) & 3
     code = (low | (high << 4)).to(torch.int16) - 32
     step = (_f16(b, 208) * b[:, 192:208].contiguous().view(torch.int8).float())[:, :, None]

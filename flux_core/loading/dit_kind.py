@@ -19,7 +19,7 @@ def select_dit(sd: Mapping[str, LazyTensor]) -> tuple[str, StateDict] | None:
     for prefix in ("",) + DIT_PREFIXES:
         sub = strip_prefix(sd, [prefix]) if prefix else dict(sd)
         layout = detect_dit_layout(sub)
-        if layout == "diffsynth" and prefix == NEXUS_GEN_PREFIX and any(k.startswith(prefix) for k in sd):
+        if layout == "diffsynth" and prefix == NEXUS_GEN_PREFIX:  # reached only when keys carry the prefix
             layout = "nexus-gen"
         if layout:
             sub, scaled = dequantize_scaled_fp8(sub)

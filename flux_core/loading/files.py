@@ -24,7 +24,7 @@ from lora_tools.io import atomic_write
 
 from .errors import CheckpointError
 from .gguf_file import open_gguf
-from .lazy import LazyTensor, lazy_from_tensor
+from .lazy import LazyTensor, file_range_reader, lazy_from_tensor
 
 PathLike = str | os.PathLike
 
@@ -82,7 +82,7 @@ def open_safetensors(path: PathLike) -> dict[str, LazyTensor]:
         dtype = SAFETENSORS_DTYPES[dtype_name]
         shape = tuple(info["shape"])
         begin, end = info["data_offsets"]
-        out[key] = LazyTensor(shape, dtype, _file_reader(path, data_start + begin, end - begin, shape, dtype),
+        out[key] = LazyTensor(shape, dtype, file_range_reader(path, data_start + begin, end - begin, shape, dtype),
                               f"{path.name}:{key}")
     for key, conf in _quantization_layers(header.get("__metadata__") or {}, path).items():
         out.setdefault(key, LazyTensor((len(conf),), torch.uint8, lambda c=conf: torch.tensor(list(c), dtype=torch.uint8),
@@ -102,22 +102,6 @@ def _quantization_layers(metadata: Mapping[str, str], path: Path) -> dict[str, b
                 for layer, conf in layers.items()}
     except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
         raise CheckpointError(f"{path}: unreadable _quantization_metadata entry ({e}).") from None
-
-
-def _file_reader(path: Path, offset: int, length: int, shape: tuple[int, ...], dtype: torch.dtype):
-    def read() -> torch.Tensor:
-        buf = torch.empty(length, dtype=torch.uint8)
-        with open(path, "rb", buffering=0) as f:
-            f.seek(offset)
-            view = memoryview(buf.numpy())
-            got = 0
-            while got < length:
-                n = f.readinto(view[got:])
-                if not n:
-                    raise CheckpointError(f"{path}: ended early while reading a tensor; the file is truncated.")
-                got += n
-        return buf.view(dtype).reshape(shape) if length else torch.empty(shape, dtype=dtype)
-    return read
 
 
 def open_torch_file(path: PathLike) -> dict[str, LazyTensor]:

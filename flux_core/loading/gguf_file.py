@@ -13,12 +13,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from ..quantized import BLOCK_FORMATS, dequantize, raw_shape
 from .errors import CheckpointError
-from .lazy import LazyTensor, QuantizedData
+from .lazy import LazyTensor, QuantizedData, file_range_reader
 
 # GGUF architectures holding a FLUX DiT: "flux", and none at all (stable-diffusion.cpp conversions).
 FLUX_ARCHITECTURES = ("flux", None)
@@ -40,13 +39,13 @@ def open_gguf(path: str | Path) -> dict[str, LazyTensor]:
         orig = _field(reader, f"comfy.gguf.orig_shape.{t.name}")
         shape = tuple(int(v) for v in orig) if orig is not None else tuple(int(v) for v in reversed(t.shape.tolist()))
         source = f"{path.name}:{t.name}"
-        read_bytes = _bytes_reader(path, int(t.data_offset), int(t.n_bytes))
+        offset, length = int(t.data_offset), int(t.n_bytes)
         if qtype in PLAIN_TYPES:
             dtype = PLAIN_TYPES[qtype]
-            out[t.name] = LazyTensor(shape, dtype, lambda r=read_bytes, d=dtype, s=shape: r().view(d).reshape(s), source)
+            out[t.name] = LazyTensor(shape, dtype, file_range_reader(path, offset, length, shape, dtype), source)
         elif qtype in BLOCK_FORMATS:
             stored = raw_shape(shape, qtype)
-            raw = (lambda r=read_bytes, s=stored: r().reshape(s))
+            raw = file_range_reader(path, offset, length, stored, torch.uint8)
             out[t.name] = LazyTensor(shape, torch.float32, lambda r=raw, q=qtype, s=shape: dequantize(r(), q, s), source,
                                      QuantizedData(qtype, stored, raw))
         else:
@@ -81,12 +80,3 @@ def _field(reader, name: str):
     if field.types and field.types[0] == GGUFValueType.ARRAY:
         return [field.parts[i].tolist()[0] for i in field.data]
     return field.parts[field.data[-1]].tolist()[0]
-
-
-def _bytes_reader(path: Path, offset: int, length: int):
-    def read() -> torch.Tensor:
-        data = np.fromfile(path, dtype=np.uint8, count=length, offset=offset)
-        if data.size != length:
-            raise CheckpointError(f"{path}: ended early while reading a tensor; the file is truncated.")
-        return torch.from_numpy(data)
-    return read

@@ -7,11 +7,14 @@ the weights never exist twice in memory.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
 
 from lora_tools import parts
+
+from .errors import CheckpointError
 
 
 @dataclass(frozen=True)
@@ -75,3 +78,22 @@ def swap_halves(t: LazyTensor) -> LazyTensor:
 
 def _itemsize(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
+
+
+def file_range_reader(path: Path, offset: int, length: int, shape: tuple[int, ...], dtype: torch.dtype
+                      ) -> Callable[[], torch.Tensor]:
+    """A reader of `length` bytes at `offset` in `path` as a `dtype` tensor of `shape`, with plain file reads (no
+    memory map: a mapped file's touched pages would count as a second copy). A file that ends early is refused."""
+    def read() -> torch.Tensor:
+        buf = torch.empty(length, dtype=torch.uint8)
+        with open(path, "rb", buffering=0) as f:
+            f.seek(offset)
+            view = memoryview(buf.numpy())
+            got = 0
+            while got < length:
+                n = f.readinto(view[got:])
+                if not n:
+                    raise CheckpointError(f"{path}: ended early while reading a tensor; the file is truncated.")
+                got += n
+        return buf.view(dtype).reshape(shape) if length else torch.empty(shape, dtype=dtype)
+    return read

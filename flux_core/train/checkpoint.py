@@ -100,8 +100,7 @@ def _step_of(path: Path) -> int:
 
 
 def _prune(root: Path, keep: int, current: str) -> None:
-    states = sorted((p for p in root.glob("step-*") if p.is_dir() and _step_of(p) >= 0), key=_step_of)
-    for old in states[:-keep] if keep > 0 else []:
+    for old in state_folders(root.parent)[keep:] if keep > 0 else []:  # newest first
         if old.name != current:
             shutil.rmtree(old, ignore_errors=True)
 
