@@ -205,3 +205,22 @@ def test_the_install_command_names_only_packages_published_under_their_own_names
     assert INSTALL_TRAINING_PACKAGES == ('pip install accelerate peft (or, from a FluxCore checkout, '
                                          'pip install ".[train]")')
     assert not re.search(r"fluxcore\[", INSTALL_TRAINING_PACKAGES, re.I)
+
+
+def test_fp8_models_entries_take_their_slots_from_what_was_loaded(setup):
+    # --fp8_models names a --model_paths entry: its slots are those from_pretrained put it in, counted from the
+    # configs actually loaded (validate_full's skipped DiT does not shift them).
+    from flux_core.train.trainer import fp8_slots
+    parts = ["transformer", "vae", "text_encoder", "text_encoder_2"]
+    paths = [str(setup.model / p) for p in parts]
+    args = parse_args(["--dataset_base_path", str(setup.data), "--lora_base_model", "dit", "--model_paths",
+                       json.dumps(paths), "--tokenizer_1_path", str(setup.model / "tokenizer"),
+                       "--tokenizer_2_path", str(setup.model / "tokenizer_2"), "--fp8_models",
+                       f"{paths[3]},{paths[1]}"])
+    pipe, configs = load_pipeline(args, torch.device("cpu"))
+    assert fp8_slots(args, configs, pipe) == ["text_encoder_2", "vae"]
+    args.fp8_models = f"clip,{paths[2]}"   # a model name and the same model by its entry: listed once
+    assert fp8_slots(args, configs, pipe) == ["text_encoder_1"]
+    pipe, configs = load_pipeline(args, torch.device("cpu"), skip_kinds=("dit",))
+    args.fp8_models = paths[1]
+    assert fp8_slots(args, configs, pipe) == ["vae"]

@@ -178,9 +178,7 @@ def load_pipeline(args: argparse.Namespace, device: torch.device, skip_kinds: tu
 def config_slots(config: ModelConfig, entry: ModelEntry | None = None) -> list[str]:
     """Pipeline slots (dit, vae, text_encoder_1, text_encoder_2) a model config holds, from its keys only.
     `entry`: where the config came from, named when its files cannot be found."""
-    from ..loading.files import checkpoint_files, open_state_dict
-    from ..loading.loader import detect
-    from ..pipeline import DIFFUSERS_COMPONENTS, MODEL_SLOTS
+    from ..pipeline_models import MODEL_SLOTS, detect_components
 
     try:
         paths = config.resolve()
@@ -188,23 +186,23 @@ def config_slots(config: ModelConfig, entry: ModelEntry | None = None) -> list[s
         if entry is None:
             raise
         raise ModelFileError(f"{entry.describe()}: {e}") from None
-    single = paths if isinstance(paths, str) else (paths[0] if len(paths) == 1 else None)
-    if single is not None and (Path(single) / "model_index.json").is_file():
-        return [MODEL_SLOTS[k] for k, folder in DIFFUSERS_COMPONENTS.items() if (Path(single) / folder).is_dir()]
-    return [MODEL_SLOTS[d.kind.name] for d in detect(open_state_dict(checkpoint_files(paths)))]
+    return [MODEL_SLOTS[kind] for _, kind, _, _ in detect_components(paths)]
 
 
-def fp8_slots(args: argparse.Namespace, configs: list[tuple[str, ModelConfig]]) -> list[str]:
+def fp8_slots(args: argparse.Namespace, configs: list[tuple[str, ModelConfig]], pipe) -> list[str]:
+    """The pipeline slots --fp8_models names: model names, or entries of the model flags, whose slots are read
+    from what from_pretrained loaded (`pipe.loaded_from`; the files are not read again)."""
     slots: list[str] = []
     for entry in comma_list(args.fp8_models):
         if entry in FP8_COMPONENTS:
             found = [FP8_COMPONENTS[entry]]
         else:
-            matches = [c for spec, c in configs if entry in (spec, json.dumps(entry))]
-            if not matches:
+            # spec is what the user wrote: a --model_id_with_origin_paths item, or a --model_paths entry as JSON
+            index = next((i for i, (spec, _) in enumerate(configs) if spec in (entry, json.dumps(entry))), None)
+            if index is None:
                 raise TrainError(f"--fp8_models {entry}: neither a model name ({', '.join(FP8_COMPONENTS)}) nor "
                                  f"an entry of --model_paths / --model_id_with_origin_paths.")
-            found = config_slots(matches[0])
+            found = [e.slot for e in pipe.loaded_from.values() if e.config_index == index]
         slots += [s for s in found if s not in slots]
     return slots
 
@@ -314,7 +312,7 @@ class Trainer:
         resumable = self.find_resumable() if a.resume else None  # verified before any model loads
 
         self.pipe, configs = load_pipeline(a, acc.device)
-        store_in_fp8(self.pipe, fp8_slots(a, configs), self.dtype)
+        store_in_fp8(self.pipe, fp8_slots(a, configs, self.pipe), self.dtype)
         dit = self.pipe.dit
         torch.manual_seed(a.seed)
         if self.lora:
