@@ -12,12 +12,13 @@ from __future__ import annotations
 
 from typing import Mapping
 
+from lora_tools.names import FINAL_ADALN  # the final AdaLN layer, whose halves layouts store swapped
+
 from .files import CheckpointError, rename_keys
 from .lazy import LazyTensor, lazy_cat, swap_halves
 
 NEXUS_GEN_PREFIX = "pipe.dit."
 DIT_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "transformer.", NEXUS_GEN_PREFIX, "dit.")
-FINAL_ADALN = "final_layer.adaLN_modulation.1."
 
 
 def detect_dit_layout(sd: Mapping[str, LazyTensor]) -> str | None:
@@ -39,11 +40,12 @@ def dit_to_bfl(sd: Mapping[str, LazyTensor], layout: str) -> dict[str, LazyTenso
         return rename_keys(sd, DIFFSYNTH_RULES)
     if layout == "nexus-gen":
         out = rename_keys(sd, DIFFSYNTH_RULES)
-        return {k: swap_halves(v) if k.startswith(FINAL_ADALN) else v for k, v in out.items()}
+        return {k: swap_halves(v) if k.startswith(FINAL_ADALN + ".") else v for k, v in out.items()}
     raise ValueError(f"unknown DiT layout {layout!r}")
 
 
-# DiffSynth internal name -> BFL name (DiffSynth-Studio's diffsynth/utils/state_dict_converters/flux_dit.py). Final AdaLN is already (shift, scale).
+# DiffSynth internal name -> BFL name (DiffSynth-Studio's diffsynth/utils/state_dict_converters/flux_dit.py).
+# Final AdaLN is already (shift, scale).
 DIFFSYNTH_RULES: list[tuple[str, str]] = [
     (r"^x_embedder\.", "img_in."),
     (r"^time_embedder\.timestep_embedder\.0\.", "time_in.in_layer."),
@@ -126,7 +128,7 @@ def _diffusers_to_bfl(sd: Mapping[str, LazyTensor]) -> dict[str, LazyTensor]:
                     out[f"{bfl_group}.{i}.{fused}.{suffix}"] = lazy_cat([_take(rest, k, keys) for k in keys])
     if "norm_out.linear.weight" in rest:
         for suffix in ("weight", "bias"):
-            out[f"{FINAL_ADALN}{suffix}"] = swap_halves(rest.pop(f"norm_out.linear.{suffix}"))
+            out[f"{FINAL_ADALN}.{suffix}"] = swap_halves(rest.pop(f"norm_out.linear.{suffix}"))
     out.update(rename_keys(rest, DIFFUSERS_RULES))
     return out
 
