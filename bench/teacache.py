@@ -48,8 +48,8 @@ def run(dit, prompt, steps: int, threshold: float | None):
     extras, _, stats = tea_cache_extras(None, steps, threshold, cfg=False)
     noise = make_noise(1, SIZE, SIZE, seed=0)
 
-    def velocity(x, sigma):
-        return guided_velocity(dit, x, sigma, prompt, None, 1.0, 3.5, extras)
+    def velocity(x, call):
+        return guided_velocity(dit, x, call, prompt, None, 1.0, 3.5, extras)
 
     t0, w0 = time.process_time(), time.perf_counter()
     with torch.no_grad():

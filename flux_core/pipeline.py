@@ -303,8 +303,8 @@ class FluxImagePipeline:
                                                               cfg=negative is not None)
         self.last_tea_cache_stats = tea_stats or None
 
-        def velocity(x: torch.Tensor, sigma: float) -> torch.Tensor:
-            return guided_velocity(self.dit, x, sigma, positive, negative, cfg_scale, guidance, extras, negative_extras)
+        def velocity(x: torch.Tensor, call) -> torch.Tensor:
+            return guided_velocity(self.dit, x, call, positive, negative, cfg_scale, guidance, extras, negative_extras)
 
         self.load_models_to_device(["dit"])
         final = denoise(start, schedule, velocity, progress_bar_cmd, callback)

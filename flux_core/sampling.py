@@ -6,35 +6,23 @@ loop; the DiT computes in its own dtype.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
-from typing import Callable, Iterable
+from dataclasses import replace
+from typing import Callable, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from .inputs import check_seed, random_seed
-from .math import image_ids, pack_latents, text_ids, unpack_latents
+from .adapters import Adapter, DiTCall, apply_adapters
+from .dit_inputs import PromptEmbeds, prepare_dit_inputs, run_dit
+from .math import image_ids, pack_latents
 from .models.dit import DiTExtras, FluxDiT
 from .scheduler import euler_step, next_sigmas
 from .teacache import TeaCache, TeaCacheStats
+from .tiled_dit import DiTTiling, tiled_forward
 from .vram import compute_place
 
 LATENT_CHANNELS = 16
-
-
-@dataclass
-class PromptEmbeds:
-    """One side (positive or negative) of the text conditioning."""
-    prompt_emb: torch.Tensor   # (B, L, 4096) T5 tokens
-    pooled: torch.Tensor       # (B, 768) CLIP pooled
-
-    def repeat_to(self, batch: int) -> "PromptEmbeds":
-        if self.prompt_emb.shape[0] == batch:
-            return self
-        if batch % self.prompt_emb.shape[0]:
-            raise ValueError(f"cannot spread {self.prompt_emb.shape[0]} prompt(s) over a batch of {batch}.")
-        n = batch // self.prompt_emb.shape[0]
-        return PromptEmbeds(self.prompt_emb.repeat_interleave(n, 0), self.pooled.repeat_interleave(n, 0))
 
 
 def resolve_seed(seed: int | None) -> int:
@@ -53,35 +41,35 @@ def make_noise(batch: int, height: int, width: int, seed: int, rand_device: str 
     return noise.to(device)
 
 
-def predict_velocity(dit: FluxDiT, latents: torch.Tensor, sigma: float, prompt: PromptEmbeds,
-                     guidance: float | None, extras: DiTExtras | None = None) -> torch.Tensor:
-    """The DiT's velocity for unpacked latents (B, C, h, w) at noise level `sigma`."""
-    b, _, h, w = latents.shape
-    dtype, device = compute_place(dit)[1], latents.device  # fp8-stored weights compute in bf16
-    prompt = prompt.repeat_to(b)
-    out = dit(
-        img=pack_latents(latents).to(dtype),
-        img_ids=image_ids(b, h, w, device=device),
-        txt=prompt.prompt_emb.to(device, dtype),
-        txt_ids=text_ids(b, prompt.prompt_emb.shape[1], device=device),
-        timesteps=torch.full((b,), sigma, device=device, dtype=torch.float32),
-        y=prompt.pooled.to(device, dtype),
-        guidance=torch.full((b,), guidance, device=device, dtype=torch.float32) if guidance is not None else None,
-        extras=extras,
-    )
-    return unpack_latents(out.float(), h, w)
+def predict_velocity(dit: FluxDiT, latents: torch.Tensor, call: DiTCall | float, prompt: PromptEmbeds,
+                     guidance: float | None, extras: DiTExtras | None = None, adapters: Sequence[Adapter] = (),
+                     tiling: DiTTiling | None = None) -> torch.Tensor:
+    """The DiT's velocity for unpacked latents (B, C, h, w) in one call (`call`: step, sigma and branch; a float is
+    the sigma of a lone call), with each adapter's contribution; with `tiling`, tile by tile (flux_core.tiled_dit)."""
+    call = call if isinstance(call, DiTCall) else DiTCall(sigma=float(call))
+    dtype = compute_place(dit)[1]  # fp8-stored weights compute in bf16
+
+    def velocity_of(lat: torch.Tensor, top: int = 0, left: int = 0) -> torch.Tensor:
+        inputs = prepare_dit_inputs(lat, call.sigma, prompt, guidance, dtype, extras, top, left)
+        return run_dit(dit, apply_adapters(inputs, adapters, call))
+
+    return velocity_of(latents) if tiling is None else tiled_forward(velocity_of, latents, tiling)
 
 
-def guided_velocity(dit: FluxDiT, latents: torch.Tensor, sigma: float, positive: PromptEmbeds,
+def guided_velocity(dit: FluxDiT, latents: torch.Tensor, call: DiTCall | float, positive: PromptEmbeds,
                     negative: PromptEmbeds | None, cfg_scale: float, guidance: float | None,
-                    extras: DiTExtras | None = None, negative_extras: DiTExtras | None = None) -> torch.Tensor:
-    """True classifier-free guidance when cfg_scale != 1: nega + cfg * (posi - nega), two DiT passes.
-    `negative_extras` (default: `extras`) lets the negative pass carry its own state, e.g. its own TeaCache."""
-    posi = predict_velocity(dit, latents, sigma, positive, guidance, extras)
+                    extras: DiTExtras | None = None, negative_extras: DiTExtras | None = None,
+                    adapters: Sequence[Adapter] = (), tiling: DiTTiling | None = None) -> torch.Tensor:
+    """True classifier-free guidance when cfg_scale != 1: nega + cfg * (posi - nega), two DiT passes (the second
+    with `call.branch` "negative", which adapters may treat differently). `negative_extras` (default: `extras`)
+    lets the negative pass carry its own state, e.g. its own TeaCache."""
+    call = call if isinstance(call, DiTCall) else DiTCall(sigma=float(call))
+    posi = predict_velocity(dit, latents, replace(call, branch="positive"), positive, guidance, extras, adapters,
+                            tiling)
     if cfg_scale == 1.0 or negative is None:
         return posi
-    nega = predict_velocity(dit, latents, sigma, negative, guidance,
-                            extras if negative_extras is None else negative_extras)
+    nega = predict_velocity(dit, latents, replace(call, branch="negative"), negative, guidance,
+                            extras if negative_extras is None else negative_extras, adapters, tiling)
     return nega + cfg_scale * (posi - nega)
 
 
@@ -100,17 +88,18 @@ def tea_cache_extras(extras: DiTExtras | None, num_steps: int, rel_l1_thresh: fl
     return replace(base, tea_cache=posi), (replace(base, tea_cache=nega) if nega else None), stats
 
 
-def denoise(latents: torch.Tensor, sigmas: torch.Tensor, velocity: Callable[[torch.Tensor, float], torch.Tensor],
+def denoise(latents: torch.Tensor, sigmas: torch.Tensor, velocity: Callable[[torch.Tensor, DiTCall], torch.Tensor],
             progress_bar_cmd: Callable[[Iterable], Iterable] | None = None,
             callback: Callable[[int, int, torch.Tensor], torch.Tensor | None] | None = None) -> torch.Tensor:
-    """Euler integration over `sigmas` (then to 0). `callback(step, total, latents)` runs after each step: the
-    nodes use it for progress, previews and interrupts (raising stops the loop); a tensor it returns replaces
-    the latents (inpainting puts the kept region back this way)."""
+    """Euler integration over `sigmas` (then to 0); `velocity(latents, call)` is asked once per step, with the
+    step, the step count and sigma in `call` (adapters' start/end ranges read them). `callback(step, total,
+    latents)` runs after each step: the nodes use it for progress, previews and interrupts (raising stops the
+    loop); a tensor it returns replaces the latents (inpainting puts the kept region back this way)."""
     latents = latents.float()
     nexts = next_sigmas(sigmas)
     steps = range(len(sigmas))
     for i in (progress_bar_cmd(steps) if progress_bar_cmd else steps):
-        v = velocity(latents, float(sigmas[i]))
+        v = velocity(latents, DiTCall(step=i, num_steps=len(sigmas), sigma=float(sigmas[i])))
         latents = euler_step(latents, v, float(sigmas[i]), float(nexts[i]))
         if callback is not None:
             replaced = callback(i, len(sigmas), latents)

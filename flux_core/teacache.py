@@ -10,6 +10,13 @@ The published algorithm (ali-vilab TeaCache4FLUX), per DiT call of one branch:
   step); otherwise they run and `acc` is reset to 0;
 - the probe is remembered on every call.
 
+Adapters (flux_core.adapters) never get dropped silently: the residual of a computed step holds what every active
+adapter added in it (ControlNet residuals, attention hooks, an attention mask), and it is reused only by calls with
+the same adapters active. When the set changes (a ControlNet's start/end range begins or ends, an adapter skips a
+branch), that call is computed and the accumulator reset. While the same adapters stay active, their changing
+contributions are approximated by the reused residual exactly as the blocks' own output is (TeaCache's premise: both
+follow the probe, which is the image input the adapters see too).
+
 One `TeaCache` holds the state of ONE sequence of calls: under true CFG the positive and the negative branch
 each get their own (DiffSynth shares one object, so its counter advances twice per step and the branches
 overwrite each other's residual). Threshold None or 0 never skips, and then the output is the uncached one
@@ -62,15 +69,18 @@ class TeaCache:
         self.accumulated = 0.0
         self.previous_probe: torch.Tensor | None = None
         self.residual: torch.Tensor | None = None
+        self.residual_contributors: tuple[str, ...] = ()   # the adapters active when `residual` was computed
         self.stats = TeaCacheStats(branch, num_inference_steps)
 
-    def skip(self, probe: torch.Tensor) -> bool:
-        """Called once per DiT call with the probe; True: reuse the residual instead of running the blocks."""
+    def skip(self, probe: torch.Tensor, contributors: tuple[str, ...] = ()) -> bool:
+        """Called once per DiT call with the probe and the names of the adapters contributing to it; True: reuse
+        the residual instead of running the blocks."""
         step, self.step = self.step, (self.step + 1) % self.num_steps
         if step == 0:
             self.stats.skipped_steps.clear()
         previous, self.previous_probe = self.previous_probe, probe
-        if step in (0, self.num_steps - 1) or previous is None or self.residual is None or self.threshold <= 0:
+        if (step in (0, self.num_steps - 1) or previous is None or self.residual is None or self.threshold <= 0
+                or tuple(contributors) != self.residual_contributors):
             self.accumulated = 0.0
             return False
         rel = ((probe - previous).abs().mean() / previous.abs().mean()).item()
@@ -84,8 +94,9 @@ class TeaCache:
     def reuse(self, img: torch.Tensor) -> torch.Tensor:
         return img + self.residual
 
-    def store(self, img_before: torch.Tensor, img_after: torch.Tensor) -> None:
+    def store(self, img_before: torch.Tensor, img_after: torch.Tensor, contributors: tuple[str, ...] = ()) -> None:
         self.residual = img_after - img_before
+        self.residual_contributors = tuple(contributors)
 
 
 def _polyval(coefficients: tuple[float, ...], x: float) -> float:

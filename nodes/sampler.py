@@ -154,8 +154,8 @@ class FluxCoreSampler:
 
         last = {}
 
-        def velocity(x: torch.Tensor, sigma: float) -> torch.Tensor:
-            last["v"] = guided_velocity(dit, x, sigma, positive_embeds, negative_embeds, cfg, guidance, extras,
+        def velocity(x: torch.Tensor, call) -> torch.Tensor:
+            last["v"] = guided_velocity(dit, x, call, positive_embeds, negative_embeds, cfg, guidance, extras,
                                         negative_extras)
             return last["v"]
 

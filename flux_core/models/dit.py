@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Callable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -82,20 +82,66 @@ class FluxParams:
         return cls(**inferred)
 
 
+@dataclass(frozen=True)
+class SequenceLayout:
+    """The joint token sequence of one DiT call: [text | image | references]. Image tokens are the latent being
+    denoised (the only ones that reach the output); references are Kontext-style extra image tokens."""
+    text: int
+    image: int
+    reference: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.text + self.image + self.reference
+
+    @property
+    def image_span(self) -> slice:
+        return slice(self.text, self.text + self.image)
+
+
+@dataclass(frozen=True)
+class BlockSite:
+    """Where an attention hook runs: double block `index` (the image stream: image + reference tokens) or single
+    block `index` (the whole joint sequence)."""
+    kind: str   # "double" | "single"
+    index: int
+    layout: SequenceLayout
+
+
+# An attention hook sees a block's queries after QK-norm, before RoPE, as (B, heads, L, head_dim): the image stream's
+# in double blocks, the whole sequence's in single blocks. It returns an attention output (B, L, hidden) that is
+# added to the block's own before the output projection, or None (IP-Adapter).
+AttentionHook = Callable[[BlockSite, torch.Tensor], "torch.Tensor | None"]
+
+
 @dataclass
 class DiTExtras:
-    """What adapters add to one DiT forward: each adapter contributes through one of these inputs.
+    """What adapters add to one DiT forward: each adapter contributes through one of these inputs (flux_core.adapters
+    builds them from adapters' contributions; ComfyUI's own `control` dict maps onto the residual lists).
 
     ref_tokens / ref_ids: extra image tokens with their own position ids (Kontext references); they attend
         with the image and are dropped from the output.
     extra_channels: packed channels concatenated to the image tokens before `img_in` (FLEX.2, Fill).
+    double_residuals / single_residuals: per block index, a (B, image tokens, hidden) tensor (or None) added to the
+        image tokens after double / single block i (ControlNets); never to text or reference tokens. A list may be
+        shorter than the depth (ComfyUI's `control["input"]` / `control["output"]`).
+    attention_mask: over the joint sequence [text, image, references], (B or 1, 1 or heads, L, L): bool (True
+        attends) or additive float; handed to every block (EliGen).
+    attention_hooks: called in every block's attention (see AttentionHook; IP-Adapter).
     tea_cache: a cache that skips all blocks on steps where their input barely changed (flux_core.teacache);
         one per CFG branch.
+    contributors: names of the adapters whose contributions are in these extras. TeaCache reuses a residual only
+        across calls with the same contributors (a ControlNet whose step range starts or ends forces a computed step).
     """
     ref_tokens: torch.Tensor | None = None
     ref_ids: torch.Tensor | None = None
     extra_channels: torch.Tensor | None = None
+    double_residuals: Sequence[torch.Tensor | None] | None = None
+    single_residuals: Sequence[torch.Tensor | None] | None = None
+    attention_mask: torch.Tensor | None = None
+    attention_hooks: tuple[AttentionHook, ...] = ()
     tea_cache: TeaCache | None = None
+    contributors: tuple[str, ...] = ()
 
 
 class FluxDiT(nn.Module):
@@ -139,6 +185,8 @@ class FluxDiT(nn.Module):
                 ref = torch.cat((ref, ref.new_zeros(*ref.shape[:-1], img.shape[-1] - ref.shape[-1])), dim=-1)
             img = torch.cat((img, ref), dim=1)
             img_ids = torch.cat((img_ids, extras.ref_ids.to(img_ids)), dim=1)
+        layout = SequenceLayout(text=txt.shape[1], image=n_img, reference=img.shape[1] - n_img)
+        mask = checked_attention_mask(extras.attention_mask, layout)
 
         img = self.img_in(img)
         vec = self.time_embedding(timesteps, guidance, y, dtype=img.dtype)
@@ -146,20 +194,23 @@ class FluxDiT(nn.Module):
         pe = embed_positions(torch.cat((txt_ids, img_ids), dim=1), list(self.params.axes_dim), self.params.theta)
 
         cache = extras.tea_cache
-        if cache is not None and cache.skip(self.tea_cache_probe(img, vec)):
+        if cache is not None and cache.skip(self.tea_cache_probe(img, vec), extras.contributors):
             img = cache.reuse(img)
         else:
             img_before = img if cache is not None else None  # kept alive only when a cache needs it
-            for block in self.double_blocks:
-                img, txt = self.run_block(block, img=img, txt=txt, vec=vec, pe=pe)
-            n_txt = txt.shape[1]
+            for i, block in enumerate(self.double_blocks):
+                hook = block_hook(extras.attention_hooks, BlockSite("double", i, layout))
+                img, txt = self.run_block(block, img=img, txt=txt, vec=vec, pe=pe, mask=mask, hook=hook)
+                img = add_to_span(img, residual_at(extras.double_residuals, i), 0, n_img, ("double", i))
             x = torch.cat((txt, img), dim=1)
             del txt, img  # x holds both streams now; free them before the single blocks
-            for block in self.single_blocks:
-                x = self.run_block(block, x, vec=vec, pe=pe)
-            img = x[:, n_txt:]
+            for i, block in enumerate(self.single_blocks):
+                hook = block_hook(extras.attention_hooks, BlockSite("single", i, layout))
+                x = self.run_block(block, x, vec=vec, pe=pe, mask=mask, hook=hook)
+                x = add_to_span(x, residual_at(extras.single_residuals, i), layout.text, n_img, ("single", i))
+            img = x[:, layout.text:]
             if cache is not None:
-                cache.store(img_before, img)
+                cache.store(img_before, img, extras.contributors)
 
         img = self.final_layer(img, vec)
         return img[:, :n_img]
@@ -187,3 +238,47 @@ class FluxDiT(nn.Module):
         if self.params.guidance_embed and guidance is not None:
             vec = vec + self.guidance_in(timestep_embedding(guidance, 256).to(dtype))
         return vec + self.vector_in(y.to(dtype))
+
+
+def residual_at(residuals: Sequence[torch.Tensor | None] | None, index: int) -> torch.Tensor | None:
+    return residuals[index] if residuals is not None and index < len(residuals) else None
+
+
+def add_to_span(x: torch.Tensor, residual: torch.Tensor | None, start: int, length: int,
+                site: tuple[str, int]) -> torch.Tensor:
+    """x with `residual` (B, length, D) added to tokens start..start+length: the image tokens, never text or
+    references."""
+    if residual is None:
+        return x
+    if residual.shape[1] != length or residual.shape[-1] != x.shape[-1]:
+        raise ValueError(f"the residual for {site[0]} block {site[1]} has shape {tuple(residual.shape)}; it must be "
+                         f"(B, {length}, {x.shape[-1]}): one vector per image token (a control image of another "
+                         f"size than the latent?).")
+    end = start + length
+    residual = residual.to(x.dtype)
+    if torch.is_grad_enabled():  # out of place: autograd (and checkpointed blocks) must see a new tensor
+        return torch.cat((x[:, :start], x[:, start:end] + residual, x[:, end:]), dim=1)
+    x[:, start:end] += residual
+    return x
+
+
+def block_hook(hooks: Sequence[AttentionHook], site: BlockSite) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """The attention hooks of one block as one function of its queries (None when there are none)."""
+    if not hooks:
+        return None
+
+    def run(q: torch.Tensor) -> torch.Tensor | None:
+        outputs = [out for out in (hook(site, q) for hook in hooks) if out is not None]
+        return sum(outputs[1:], outputs[0]) if outputs else None
+    return run
+
+
+def checked_attention_mask(mask: torch.Tensor | None, layout: SequenceLayout) -> torch.Tensor | None:
+    if mask is None:
+        return None
+    if mask.dim() != 4 or tuple(mask.shape[-2:]) != (layout.total, layout.total):
+        raise ValueError(
+            f"DiTExtras.attention_mask has shape {tuple(mask.shape)}; it must be (B, 1 or heads, {layout.total}, "
+            f"{layout.total}) over the joint sequence of {layout.text} text + {layout.image} image + "
+            f"{layout.reference} reference tokens.")
+    return mask

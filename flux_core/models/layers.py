@@ -2,12 +2,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from einops import rearrange
 from torch import nn
 
 from ..math import attention
+
+# A block's attention hook: queries (B, heads, L, head_dim) -> an attention output (B, L, hidden) to add, or None.
+AttentionHookFn = Callable[[torch.Tensor], "torch.Tensor | None"]
 
 
 class MLPEmbedder(nn.Module):
@@ -108,18 +112,24 @@ class DoubleStreamBlock(nn.Module):
         self.txt_mlp = _mlp(hidden_size, mlp_hidden)
 
     def forward(self, img: torch.Tensor, txt: torch.Tensor, vec: torch.Tensor, pe: torch.Tensor,
-                mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                mask: torch.Tensor | None = None, hook: AttentionHookFn | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`hook(image queries)` may return an attention output (B, L_img, hidden) added to the image stream's
+        before its projection (flux_core.models.dit.AttentionHook)."""
         img_mod1, img_mod2 = self.img_mod(vec)
         txt_mod1, txt_mod2 = self.txt_mod(vec)
+        img_q, img_k, img_v = self.img_attn.qkv_heads(img_mod1.modulate(self.img_norm1(img)))
+        extra = hook(img_q) if hook is not None else None
         # Only the joint q, k, v outlive this statement: the per-stream ones (and the qkv outputs their views
         # keep alive) are freed before attention runs.
         q, k, v = (torch.cat(pair, dim=2) for pair in zip(
-            self.txt_attn.qkv_heads(txt_mod1.modulate(self.txt_norm1(txt))),
-            self.img_attn.qkv_heads(img_mod1.modulate(self.img_norm1(img)))))
+            self.txt_attn.qkv_heads(txt_mod1.modulate(self.txt_norm1(txt))), (img_q, img_k, img_v)))
+        del img_q, img_k, img_v
         attn = attention(q, k, v, pe=pe, mask=mask)
         del q, k, v
         n_txt = txt.shape[1]
-        img = img + img_mod1.gate * self.img_attn.proj(attn[:, n_txt:])
+        img_attn = attn[:, n_txt:] if extra is None else attn[:, n_txt:] + extra.to(attn.dtype)
+        img = img + img_mod1.gate * self.img_attn.proj(img_attn)
         txt = txt + txt_mod1.gate * self.txt_attn.proj(attn[:, :n_txt])
         del attn
         img = img + img_mod2.gate * self.img_mlp(img_mod2.modulate(self.img_norm2(img)))
@@ -143,7 +153,9 @@ class SingleStreamBlock(nn.Module):
         self.modulation = Modulation(hidden_size, double=False)
 
     def forward(self, x: torch.Tensor, vec: torch.Tensor, pe: torch.Tensor,
-                mask: torch.Tensor | None = None) -> torch.Tensor:
+                mask: torch.Tensor | None = None, hook: AttentionHookFn | None = None) -> torch.Tensor:
+        """`hook(queries of the whole sequence)` may return an attention output (B, L, hidden) added to the
+        block's own (flux_core.models.dit.AttentionHook)."""
         mod, _ = self.modulation(vec)
         lin = self.linear1(mod.modulate(self.pre_norm(x)))
         q, k, v = rearrange(lin[..., :3 * self.hidden_size], "B L (K H D) -> K B H L D", K=3, H=self.num_heads)
@@ -154,8 +166,11 @@ class SingleStreamBlock(nn.Module):
             v = v.contiguous()
         mlp = self.mlp_act(lin[..., 3 * self.hidden_size:])
         del lin
+        extra = hook(q) if hook is not None else None
         attn = attention(q, k, v, pe=pe, mask=mask)
         del q, k, v
+        if extra is not None:
+            attn = attn + extra.to(attn.dtype)
         return x + mod.gate * self.linear2(torch.cat((attn, mlp), 2))
 
 

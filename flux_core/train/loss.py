@@ -17,14 +17,15 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..math import image_ids, pack_latents, text_ids, unpack_latents
+from ..adapters import Adapter, DiTCall, apply_adapters
+from ..dit_inputs import PromptEmbeds, prepare_dit_inputs, run_dit
 from ..models.dit import DiTExtras
-from ..sampling import PromptEmbeds
 from ..scheduler import DEFAULT_SHIFT, add_noise, flux_sigmas
 
 TRAINING_STEPS = 1000
@@ -66,33 +67,25 @@ def training_attention():
 
 
 def dit_velocity(model: nn.Module, latents: torch.Tensor, sigma: torch.Tensor, prompt: PromptEmbeds,
-                 guidance: float | None, extras: DiTExtras | None, dtype: torch.dtype) -> torch.Tensor:
-    """The DiT's velocity (float32, unpacked) for latents (B, 16, h, w) at noise levels `sigma` (B,).
-    `model` may be the DiT or a DDP wrapper of it; it computes in `dtype`."""
-    b, _, h, w = latents.shape
-    device = latents.device
-    out = model(
-        img=pack_latents(latents).to(dtype),
-        img_ids=image_ids(b, h, w, device=device),
-        txt=prompt.prompt_emb.to(device, dtype),
-        txt_ids=text_ids(b, prompt.prompt_emb.shape[1], device=device),
-        timesteps=sigma.to(device, torch.float32),
-        y=prompt.pooled.to(device, dtype),
-        guidance=torch.full((b,), guidance, device=device, dtype=torch.float32) if guidance is not None else None,
-        extras=extras,
-    )
-    return unpack_latents(out.float(), h, w)
+                 guidance: float | None, extras: DiTExtras | None, dtype: torch.dtype,
+                 adapters: Sequence[Adapter] = ()) -> torch.Tensor:
+    """The DiT's velocity (float32, unpacked) for latents (B, 16, h, w) at noise levels `sigma` (B,), with the
+    adapters' contributions (one call: a training sample is one step of one branch). `model` may be the DiT or a
+    DDP wrapper of it; it computes in `dtype`."""
+    inputs = prepare_dit_inputs(latents, sigma, prompt, guidance, dtype, extras)
+    call = DiTCall(sigma=float(sigma.flatten()[0]))
+    return run_dit(model, apply_adapters(inputs, adapters, call))
 
 
 def flow_matching_loss(model: nn.Module, x0: torch.Tensor, prompt: PromptEmbeds, schedule: TrainingSchedule,
                        generator: torch.Generator, guidance: float | None, dtype: torch.dtype,
-                       extras: DiTExtras | None = None) -> tuple[torch.Tensor, float]:
+                       extras: DiTExtras | None = None, adapters: Sequence[Adapter] = ()) -> tuple[torch.Tensor, float]:
     """(weighted loss, sigma) for one clean latent x0 (B, 16, h, w) float32."""
     index = int(torch.randint(0, len(schedule.sigmas), (1,), generator=generator))
     noise = torch.randn(x0.shape, generator=generator, dtype=torch.float32).to(x0.device)
     sigma = float(schedule.sigmas[index])
     x_t = add_noise(x0, noise, sigma)
     target = noise - x0
-    pred = dit_velocity(model, x_t, torch.full((x0.shape[0],), sigma), prompt, guidance, extras, dtype)
+    pred = dit_velocity(model, x_t, torch.full((x0.shape[0],), sigma), prompt, guidance, extras, dtype, adapters)
     loss = F.mse_loss(pred.float(), target.float()) * schedule.weights[index].to(pred.device)
     return loss, sigma
