@@ -69,3 +69,51 @@ def full_size_key_names() -> set[str]:
     with torch.device("meta"):
         names = m.FluxDiT().state_dict().keys()
     return {re.sub(r"\.\d+\.", ".N.", k) for k in names}
+
+
+def diffsynth_controlnet():
+    """(the flux_controlnet module, DiffSynth 2.1.12's ControlNet state-dict converter); skips without diffsynth."""
+    diffsynth_flux()  # imports the package with its placeholders (and skips the test without it)
+    from diffsynth.models import flux_controlnet
+    from diffsynth.utils.state_dict_converters.flux_controlnet import FluxControlNetStateDictConverter
+    return flux_controlnet, FluxControlNetStateDictConverter
+
+
+def tiny_diffsynth_controlnet(dim=32, heads=2, axes=(4, 6, 6), text_dim=32, pooled_dim=32, double=2, single=2,
+                              num_mode=0, additional_input_dim=0, guidance=True) -> torch.nn.Module:
+    """DiffSynth's FluxControlNet at a tiny size: its __init__ hard-codes FLUX's 3072 width, so this builds the same
+    attributes from DiffSynth's own modules; the forward and `align_res_stack_to_original_blocks` are DiffSynth's.
+    With `num_mode`, its mode_dict is the union one DiffSynth's registry gives InstantX Union-alpha."""
+    cn, _ = diffsynth_controlnet()
+    _, _, m = diffsynth_flux()
+
+    class TinyFluxControlNet(cn.FluxControlNet):
+        def __init__(self):
+            torch.nn.Module.__init__(self)
+            self.pos_embedder = m.RoPEEmbedding(dim, 10000, list(axes))
+            self.time_embedder = m.TimestepEmbeddings(256, dim)
+            self.guidance_embedder = m.TimestepEmbeddings(256, dim) if guidance else None
+            self.pooled_text_embedder = torch.nn.Sequential(torch.nn.Linear(pooled_dim, dim), torch.nn.SiLU(),
+                                                            torch.nn.Linear(dim, dim))
+            self.context_embedder = torch.nn.Linear(text_dim, dim)
+            self.x_embedder = torch.nn.Linear(64, dim)
+            self.blocks = torch.nn.ModuleList([m.FluxJointTransformerBlock(dim, heads) for _ in range(double)])
+            self.single_blocks = torch.nn.ModuleList([m.FluxSingleTransformerBlock(dim, heads) for _ in range(single)])
+            self.controlnet_blocks = torch.nn.ModuleList([torch.nn.Linear(dim, dim) for _ in range(double)])
+            self.controlnet_single_blocks = torch.nn.ModuleList([torch.nn.Linear(dim, dim) for _ in range(single)])
+            self.mode_dict = ({"canny": 0, "tile": 1, "depth": 2, "blur": 3, "pose": 4, "gray": 5, "lq": 6}
+                              if num_mode else {})
+            self.controlnet_mode_embedder = torch.nn.Embedding(num_mode, dim) if num_mode else None
+            self.controlnet_x_embedder = torch.nn.Linear(64 + additional_input_dim, dim)
+
+    return TinyFluxControlNet().eval()
+
+
+def controlnet_key_names(**kwargs) -> set[str]:
+    """DiffSynth's real FluxControlNet's parameter names (kwargs as its registry passes them) with block numbers
+    replaced by N (built on the meta device)."""
+    import re
+    cn, _ = diffsynth_controlnet()
+    with torch.device("meta"):
+        names = cn.FluxControlNet(**kwargs).state_dict().keys()
+    return {re.sub(r"\.\d+\.", ".N.", k) for k in names}

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import Mapping
 
+from ..models.controlnet import has_controlnet_heads
 from ..models.dit import FluxDiT, FluxParams
 from .dit_layouts import DIT_PREFIXES, NEXUS_GEN_PREFIX, detect_dit_layout, dit_to_bfl
 from .files import strip_prefix
@@ -16,6 +17,8 @@ _PARAM_FIELDS = set(FluxParams.__dataclass_fields__)
 
 
 def select_dit(sd: Mapping[str, LazyTensor]) -> tuple[str, StateDict] | None:
+    if has_controlnet_heads(sd):  # a FLUX ControlNet's trunk has DiT names: the ControlNet kind takes it
+        return None
     for prefix in ("",) + DIT_PREFIXES:
         sub = strip_prefix(sd, [prefix]) if prefix else dict(sd)
         layout = detect_dit_layout(sub)

@@ -21,6 +21,7 @@ from tqdm import tqdm
 from ..model_state import state_of
 from ..quantized import QuantizedLinear
 from ..vram import storage_dtype
+from .controlnet_kind import CONTROLNET_KIND, describe_unsupported_controlnet
 from .dit_kind import DIT_KIND
 from .files import CheckpointError, checkpoint_files, open_state_dict
 from .kinds import ModelKind, StateDict
@@ -34,8 +35,9 @@ PathLike = str | os.PathLike
 # A load shows a progress bar (progress=None) when it reads more than this: large models take seconds to minutes.
 PROGRESS_MIN_BYTES = 256 * 2**20
 
-# Every kind load_model recognises, in the order detection tries them.
-KINDS: tuple[ModelKind, ...] = (DIT_KIND, VAE_KIND, CLIP_KIND, T5_KIND)
+# Every kind load_model recognises, in the order detection tries them. The ControlNet goes first: its trunk has
+# DiT key names (the DiT kind also refuses a state dict with ControlNet heads).
+KINDS: tuple[ModelKind, ...] = (CONTROLNET_KIND, DIT_KIND, VAE_KIND, CLIP_KIND, T5_KIND)
 
 
 @dataclass(frozen=True)
@@ -121,11 +123,15 @@ def _detect_source(source) -> list[Detected]:
         raise CheckpointError(
             f"{source}: is a diffusers pipeline folder; give one component folder (transformer/, vae/, "
             f"text_encoder/, text_encoder_2/) to load_model, or the whole folder to FluxImagePipeline.from_pretrained.")
-    found = detect(open_state_dict(files))
+    state_dict = open_state_dict(files)
+    found = detect(state_dict)
     if not found:
-        sd_keys = list(open_state_dict(files))[:5]
-        raise CheckpointError(f"{describe_source(source)}: not a FLUX component (DiT, VAE, CLIP-L or T5); "
-                              f"its first keys are {sd_keys}. Check that you picked the right file.")
+        unsupported = describe_unsupported_controlnet(state_dict)
+        if unsupported:
+            raise CheckpointError(f"{describe_source(source)}: this is {unsupported}")
+        sd_keys = list(state_dict)[:5]
+        raise CheckpointError(f"{describe_source(source)}: not a FLUX component (DiT, ControlNet, VAE, CLIP-L or "
+                              f"T5); its first keys are {sd_keys}. Check that you picked the right file.")
     return found
 
 
