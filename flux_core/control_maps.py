@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import io
 import math
+import numbers
 from typing import Callable
 
 import numpy as np
@@ -87,7 +88,7 @@ def _map_images(image, name: str, make: Callable[[Image.Image], Image.Image]):
 
 
 def _check_number(name: str, value, minimum: float, *, inclusive: bool, integer: bool = False) -> None:
-    kind = (int,) if integer else (int, float)
+    kind = numbers.Integral if integer else numbers.Real     # numpy scalars too
     if isinstance(value, bool) or not isinstance(value, kind) or not math.isfinite(value):
         raise ControlMapInputError(name, f"{name} must be {'an integer' if integer else 'a number'}, got {value!r}.")
     if value < minimum or (value == minimum and not inclusive):
@@ -195,10 +196,10 @@ def canny_edges(rgb: np.ndarray, low_threshold: float, high_threshold: float) ->
 def canny(image, low_threshold: float = 100, high_threshold: float = 200, sigma: float = 0.0):
     """Control map for union mode **canny** (0): white edges on black, 1 px wide.
 
-    `low_threshold` / `high_threshold` are on the 0..255 pixel scale with cv2.Canny's meaning (the defaults are
-    controlnet_aux's CannyDetector's, which DiffSynth's `Annotator("canny")` runs): the gradient is the L1 norm of
-    3x3 Sobel derivatives (up to 4 * 255 * 2 per channel), an edge pixel needs more than `low_threshold` and a
-    path of such pixels to one above `high_threshold`. Colour images are not converted to gray first: like
+    `low_threshold` / `high_threshold` have cv2.Canny's meaning (the defaults are controlnet_aux's
+    CannyDetector's, which DiffSynth's `Annotator("canny")` runs; edges are found at the image's own resolution):
+    the gradient is the L1 norm of 3x3 Sobel derivatives (up to 4 * 255 * 2 per channel), an edge pixel needs
+    more than `low_threshold` and a path of such pixels to one above `high_threshold`. Colour images are not converted to gray first: like
     cv2.Canny, each pixel uses the channel with the strongest gradient (an edge between two colours of equal luma
     is still found). `sigma` > 0 blurs the image first (PIL's Gaussian, that standard deviation in pixels) to drop
     fine texture; the default 0 matches cv2.Canny, whose only smoothing is the Sobel kernel's own."""
@@ -263,7 +264,8 @@ def low_quality(image, factor: float = 2.0, jpeg_quality: int = 30):
     _check_number("factor", factor, 1, inclusive=True)
     _check_number("jpeg_quality", jpeg_quality, 1, inclusive=True, integer=True)
     if jpeg_quality > 95:
-        raise ControlMapInputError("jpeg_quality", f"jpeg_quality must be <= 95 (PIL's highest useful JPEG quality), got {jpeg_quality}.")
+        raise ControlMapInputError("jpeg_quality", f"jpeg_quality must be <= 95 (PIL's highest useful JPEG quality), "
+                                                   f"got {jpeg_quality}.")
 
     def make(photo: Image.Image) -> Image.Image:
         small = photo if factor == 1 else _downscale(photo, factor)
@@ -286,5 +288,6 @@ def control_map(mode: str, image, **params):
         raise ControlMapInputError("mode", f"mode {mode!r}: no built-in preprocessor (it needs model weights); give "
                          f"{NEEDS_PREPROCESSOR[mode]} as the control image, with processor_id={mode!r}.")
     if mode not in CONTROL_MAPS:
-        raise ControlMapInputError("mode", f"mode {mode!r} is not a union mode; choose one of {', '.join(UNION_MODES)}.")
+        raise ControlMapInputError("mode", f"mode {mode!r} is not a union mode; choose one of "
+                                           f"{', '.join(UNION_MODES)}.")
     return CONTROL_MAPS[mode](image, **params)

@@ -89,7 +89,8 @@ CV2_SCENE_30_90 = (
 def test_canny_equals_opencv_on_a_photo_like_scene(low, high, literal, count):
     # Checked mutations, each fails here: gray conversion before the gradient (instead of the strongest channel),
     # L2 instead of L1 magnitude, `>=` for `>` on the thresholds, both-strict suppression on the axis sectors,
-    # zero instead of replicated borders for the Sobel pass, strong pixels only (no hysteresis).
+    # zero instead of replicated borders for the Sobel pass, strong pixels only (no hysteresis), 4- instead of
+    # 8-connected hysteresis, the two diagonal sectors swapped.
     expected = unpack(literal, (64, 64))
     assert expected.sum() == count
     edges = edges_of(cm.canny(Image.fromarray(scene()), low, high))
@@ -178,6 +179,7 @@ def test_canny_finds_an_edge_between_colours_of_equal_luma():
 def test_canny_thresholds_sigma_and_the_batch_path():
     photo = Image.fromarray(scene())
     counts = [edges_of(cm.canny(photo, low, high)).sum() for low, high in [(30, 90), (100, 200), (200, 400)]]
+    assert edges_of(cm.canny(photo, np.int64(30), np.float32(90.0))).sum() == counts[0]   # numpy scalars
     assert counts[0] > counts[1] > counts[2] > 0
     # sigma blurs first (noise edges disappear); 0 is no blur. Mutation checked: ignoring sigma.
     assert edges_of(cm.canny(photo, 30, 90, sigma=2.0)).sum() < counts[0] / 2
@@ -189,10 +191,8 @@ def test_canny_thresholds_sigma_and_the_batch_path():
     assert out.shape == (2, 64, 64, 3) and out.dtype == torch.float32
     for i, array in enumerate([scene(), second]):
         assert torch.equal(out[i, ..., 0] == 1, torch.from_numpy(edges_of(cm.canny(Image.fromarray(array)))))
-    # A single (H, W, 3) image keeps its rank; float error in k/255 rounds back to k (truncating would turn some
-    # values into k-1 and move edges). Mutation checked: `.to(torch.uint8)` without `.round()` changes edges.
-    single = torch.from_numpy(scene()).double().div(255).mul(1 - 1e-7).float()
-    assert torch.equal(cm.canny(single), out[0])
+    # A single (H, W, 3) image keeps its rank.
+    assert torch.equal(cm.canny(batch[0]), out[0])
 
 
 @pytest.mark.parametrize("kwargs, parameter, words", [
@@ -201,6 +201,7 @@ def test_canny_thresholds_sigma_and_the_batch_path():
     ({"high_threshold": float("nan")}, "high_threshold", "must be a number"),
     ({"high_threshold": "200"}, "high_threshold", "must be a number"),
     ({"sigma": -0.5}, "sigma", ">= 0"),
+    ({"sigma": True}, "sigma", "must be a number"),
 ])
 def test_canny_rejects_bad_parameters_by_name(kwargs, parameter, words):
     with pytest.raises(cm.ControlMapInputError, match=words) as error:
@@ -218,6 +219,14 @@ def test_every_map_rejects_what_is_not_an_image(image, words):
     for make in cm.CONTROL_MAPS.values():
         with pytest.raises(cm.ControlMapInputError, match=words):
             make(image)
+
+
+def test_tensor_values_round_to_the_nearest_8_bit_level():
+    # Every 8-bit level k, as k/255 with a float error just below it, comes back as k (a gray image's luma is
+    # itself). Mutation checked: `.to(torch.uint8)` without `.round()` turns every k >= 1 into k - 1.
+    levels = torch.arange(256, dtype=torch.float64).div(255).mul(1 - 1e-7).float()
+    image = levels.reshape(1, 16, 16, 1).expand(-1, -1, -1, 3)
+    assert torch.equal(cm.gray(image) * 255, torch.arange(256.0).reshape(1, 16, 16, 1).expand(-1, -1, -1, 3))
 
 
 def test_grayscale_and_alpha_tensors_are_read_as_rgb():
@@ -247,7 +256,7 @@ def test_blur_is_a_gaussian_of_standard_deviation_sigma(sigma):
     measured = spread(cm.blur(bright, sigma)) - spread(bright)
     assert measured == pytest.approx(sigma ** 2, rel=0.1)
     out = cm.blur(torch.from_numpy(np.array(bright)).float()[None] / 255, sigma)
-    assert torch.equal(out[0], torch.from_numpy(np.asarray(cm.blur(bright, sigma))).float() / 255)
+    assert torch.equal(out[0], torch.from_numpy(np.array(cm.blur(bright, sigma))).float() / 255)
     with pytest.raises(cm.ControlMapInputError, match="sigma must be > 0"):
         cm.blur(bright, 0)
 
