@@ -199,10 +199,11 @@ def canny(image, low_threshold: float = 100, high_threshold: float = 200, sigma:
     `low_threshold` / `high_threshold` have cv2.Canny's meaning (the defaults are controlnet_aux's
     CannyDetector's, which DiffSynth's `Annotator("canny")` runs; edges are found at the image's own resolution):
     the gradient is the L1 norm of 3x3 Sobel derivatives (up to 4 * 255 * 2 per channel), an edge pixel needs
-    more than `low_threshold` and a path of such pixels to one above `high_threshold`. Colour images are not converted to gray first: like
-    cv2.Canny, each pixel uses the channel with the strongest gradient (an edge between two colours of equal luma
-    is still found). `sigma` > 0 blurs the image first (PIL's Gaussian, that standard deviation in pixels) to drop
-    fine texture; the default 0 matches cv2.Canny, whose only smoothing is the Sobel kernel's own."""
+    more than `low_threshold` and a path of such pixels to one above `high_threshold`. Colour images are not
+    converted to gray first: like cv2.Canny, each pixel uses the channel with the strongest gradient (an edge
+    between two colours of equal luma is still found). `sigma` > 0 blurs the image first (PIL's Gaussian, that
+    standard deviation in pixels) to drop fine texture; the default 0 matches cv2.Canny, whose only smoothing is
+    the Sobel kernel's own."""
     _check_number("low_threshold", low_threshold, 0, inclusive=True)
     _check_number("high_threshold", high_threshold, 0, inclusive=True)
     _check_number("sigma", sigma, 0, inclusive=True)
