@@ -9,10 +9,12 @@ import torch.nn.functional as F
 from einops import rearrange
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pe: torch.Tensor,
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pe: torch.Tensor | None,
               mask: torch.Tensor | None = None) -> torch.Tensor:
-    """q, k, v: (B, H, L, D); pe: rotary matrices from `rope`. Returns (B, L, H*D)."""
-    q, k = apply_rope(q, k, pe)
+    """q, k, v: (B, H, L, D); pe: rotary matrices from `rope` (None: q and k are rotated already). Returns
+    (B, L, H*D)."""
+    if pe is not None:
+        q, k = apply_rope(q, k, pe)
     x = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     return rearrange(x, "B H L D -> B L (H D)")
 

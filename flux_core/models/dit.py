@@ -108,9 +108,10 @@ class BlockSite:
     layout: SequenceLayout
 
 
-# An attention hook sees a block's queries after QK-norm, before RoPE, as (B, heads, L, head_dim): the image stream's
-# in double blocks, the whole sequence's in single blocks. It returns an attention output (B, L, hidden) that is
-# added to the block's own before the output projection, or None (IP-Adapter).
+# An attention hook sees a block's queries as (B, heads, L, head_dim): in double blocks the image stream's (image and
+# reference tokens) after QK-norm, before RoPE; in single blocks the whole sequence's after RoPE (where DiffSynth's
+# IP-Adapter reads each). It returns an attention output (B, L, hidden) that is added to the block's own before the
+# output projection, or None (IP-Adapter).
 AttentionHook = Callable[[BlockSite, torch.Tensor], "torch.Tensor | None"]
 
 

@@ -8,7 +8,7 @@ import torch
 from einops import rearrange
 from torch import nn
 
-from ..math import attention
+from ..math import apply_rope, attention
 
 # A block's attention hook: queries (B, heads, L, head_dim) -> an attention output (B, L, hidden) to add, or None.
 AttentionHookFn = Callable[[torch.Tensor], "torch.Tensor | None"]
@@ -154,8 +154,8 @@ class SingleStreamBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, vec: torch.Tensor, pe: torch.Tensor,
                 mask: torch.Tensor | None = None, hook: AttentionHookFn | None = None) -> torch.Tensor:
-        """`hook(queries of the whole sequence)` may return an attention output (B, L, hidden) added to the
-        block's own (flux_core.models.dit.AttentionHook)."""
+        """`hook(queries of the whole sequence, after RoPE)` may return an attention output (B, L, hidden) added to
+        the block's own (flux_core.models.dit.AttentionHook)."""
         mod, _ = self.modulation(vec)
         lin = self.linear1(mod.modulate(self.pre_norm(x)))
         q, k, v = rearrange(lin[..., :3 * self.hidden_size], "B L (K H D) -> K B H L D", K=3, H=self.num_heads)
@@ -166,7 +166,10 @@ class SingleStreamBlock(nn.Module):
             v = v.contiguous()
         mlp = self.mlp_act(lin[..., 3 * self.hidden_size:])
         del lin
-        extra = hook(q) if hook is not None else None
+        extra = None
+        if hook is not None:  # the hook reads the rotated queries (where DiffSynth's IP-Adapter reads them)
+            q, k = apply_rope(q, k, pe)
+            extra, pe = hook(q), None
         attn = attention(q, k, v, pe=pe, mask=mask)
         del q, k, v
         if extra is not None:
