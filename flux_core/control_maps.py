@@ -65,6 +65,9 @@ def _batch_to_pils(images: torch.Tensor, name: str) -> list[Image.Image]:
                                          f"got shape {tuple(images.shape)}.")
     if images.shape[0] == 0 or images.shape[1] == 0 or images.shape[2] == 0:
         raise ControlMapInputError(name, f"{name}: empty image batch, shape {tuple(images.shape)}.")
+    if not images.is_floating_point():
+        raise ControlMapInputError(name, f"{name}: expected float values in [0, 1] (a ComfyUI IMAGE), got dtype "
+                                         f"{images.dtype}; divide 8-bit values by 255 first.")
     if images.shape[-1] == 1:
         images = images.expand(-1, -1, -1, 3)
     array = (images[..., :3].detach().float().clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
@@ -83,8 +86,8 @@ def _map_images(image, name: str, make: Callable[[Image.Image], Image.Image]):
         squeeze = image.ndim == 3
         out = _pils_to_batch([make(i) for i in _batch_to_pils(image, name)])
         return out[0] if squeeze else out
-    raise ControlMapInputError(name, f"{name} must be a PIL.Image.Image or an IMAGE tensor (B, H, W, 3) in [0, 1], got "
-                    f"{type(image).__name__}.")
+    raise ControlMapInputError(name, f"{name} must be a PIL.Image.Image or an IMAGE tensor (B, H, W, 3) in [0, 1], "
+                                     f"got {type(image).__name__}.")
 
 
 def _check_number(name: str, value, minimum: float, *, inclusive: bool, integer: bool = False) -> None:

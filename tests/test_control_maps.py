@@ -214,6 +214,7 @@ def test_canny_rejects_bad_parameters_by_name(kwargs, parameter, words):
     (torch.zeros(1, 8, 8, 2), "C = 1, 3 or 4"),
     (torch.zeros(8, 8), "C = 1, 3 or 4"),
     (torch.zeros(0, 8, 8, 3), "empty image batch"),
+    (torch.zeros(1, 8, 8, 3, dtype=torch.uint8), "divide 8-bit values by 255"),
 ])
 def test_every_map_rejects_what_is_not_an_image(image, words):
     for make in cm.CONTROL_MAPS.values():
