@@ -33,8 +33,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageFilter
 
-# The InstantX FLUX.1-dev-Controlnet-Union mode ids (its model card; DiffSynth's `mode_dict`).
-UNION_MODES = {"canny": 0, "tile": 1, "depth": 2, "blur": 3, "pose": 4, "gray": 5, "lq": 6}
+from .models.controlnet import UNION_MODES, union_mode_id
+
 # Modes whose map needs an estimator with weights; the message tells the user what to give instead.
 NEEDS_PREPROCESSOR = {
     "depth": "a depth map (near is white), e.g. from ComfyUI's controlnet_aux Depth Anything / MiDaS nodes",
@@ -286,12 +286,16 @@ def low_quality(image, factor: float = 2.0, jpeg_quality: int = 30):
 CONTROL_MAPS: dict[str, Callable] = {"canny": canny, "tile": tile, "blur": blur, "gray": gray, "lq": low_quality}
 
 
-def control_map(mode: str, image, **params):
-    """The control map of union `mode` (a name of UNION_MODES) for `image`, with that function's `params`."""
-    if mode in NEEDS_PREPROCESSOR:
-        raise ControlMapInputError("mode", f"mode {mode!r}: no built-in preprocessor (it needs model weights); give "
-                         f"{NEEDS_PREPROCESSOR[mode]} as the control image, with processor_id={mode!r}.")
-    if mode not in CONTROL_MAPS:
-        raise ControlMapInputError("mode", f"mode {mode!r} is not a union mode; choose one of "
-                                           f"{', '.join(UNION_MODES)}.")
-    return CONTROL_MAPS[mode](image, **params)
+def control_map(mode: str | int, image, **params):
+    """The control map of union `mode` (a name or id of UNION_MODES, as `processor_id` takes it) for `image`, with
+    that mode's function's `params`."""
+    try:
+        mode_id = union_mode_id(mode)
+    except ValueError as error:
+        raise ControlMapInputError("mode", str(error)) from None
+    name = next(name for name, i in UNION_MODES.items() if i == mode_id)
+    if name in NEEDS_PREPROCESSOR:
+        raise ControlMapInputError("mode", f"mode {name!r}: no built-in preprocessor (it needs model weights); give "
+                                           f"{NEEDS_PREPROCESSOR[name]} as the control image, with "
+                                           f"processor_id={name!r}.")
+    return CONTROL_MAPS[name](image, **params)

@@ -332,14 +332,18 @@ def test_registry_matches_the_union_modes():
     assert cm.UNION_MODES == {"canny": 0, "tile": 1, "depth": 2, "blur": 3, "pose": 4, "gray": 5, "lq": 6}
     assert set(cm.CONTROL_MAPS) == set(cm.UNION_MODES) - {"depth", "pose"}
     photo = Image.fromarray(scene())
-    assert np.array_equal(np.asarray(cm.control_map("lq", photo, jpeg_quality=50)),
-                          np.asarray(cm.low_quality(photo, jpeg_quality=50)))
+    expected = np.asarray(cm.low_quality(photo, jpeg_quality=50))
+    for mode in ("lq", 6, "low quality"):      # as processor_id takes it: name, id or alias
+        assert np.array_equal(np.asarray(cm.control_map(mode, photo, jpeg_quality=50)), expected)
+    assert np.array_equal(np.asarray(cm.control_map(5, photo)), np.asarray(cm.gray(photo)))
     with pytest.raises(cm.ControlMapInputError, match="depth map .* processor_id='depth'"):
         cm.control_map("depth", photo)
     with pytest.raises(cm.ControlMapInputError, match="OpenPose"):
-        cm.control_map("pose", photo)
-    with pytest.raises(cm.ControlMapInputError, match="choose one of canny, tile, depth, blur, pose, gray, lq"):
-        cm.control_map("normal", photo)
+        cm.control_map(4, photo)
+    for mode in ("normal", 7):
+        with pytest.raises(cm.ControlMapInputError, match="not a union ControlNet mode") as error:
+            cm.control_map(mode, photo)
+        assert error.value.parameter == "mode"
 
 
 # ----------------------------------------------------------------------------- nodes
