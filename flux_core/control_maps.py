@@ -20,7 +20,8 @@ the usual degradations of those names, documented per function. Canny follows Op
 what controlnet_aux's CannyDetector, and so DiffSynth's `Annotator("canny")`, run) without depending on OpenCV.
 
 Every function takes a PIL image (returns a PIL RGB image of the same size) or a ComfyUI-style IMAGE tensor
-(B, H, W, C) float in [0, 1] (returns (B, H, W, 3) float in [0, 1]; each image of the batch is mapped on its own).
+(B, H, W, C) float in [0, 1] (returns (B, H, W, 3) float32 in [0, 1] on the CPU; each image of the batch is mapped
+on its own).
 """
 from __future__ import annotations
 
@@ -262,9 +263,9 @@ def tile(image, factor: float = 4.0):
 def low_quality(image, factor: float = 2.0, jpeg_quality: int = 30):
     """Control map for union mode **lq** (low quality, 6): the photo downscaled by `factor` (antialiased
     bicubic), JPEG-encoded at `jpeg_quality` (1..95, PIL's encoder with 4:2:0 chroma subsampling), decoded and
-    upscaled back (bicubic). Both steps, because a low-quality photo in the wild is both: resolution lost
-    (softness, the tile mode's degradation) and compression artefacts (8x8 blocks, ringing, smeared chroma),
-    which the lq mode learned to clean up; factor 1 gives compression alone."""
+    upscaled back (bicubic). Both steps, because a low-quality photo in the wild has both: lost resolution
+    (softness, what the tile map alone has) and compression artefacts (8x8 blocks, ringing, smeared chroma);
+    InstantX does not publish its lq degradation, so this is the common one. factor 1 gives compression alone."""
     _check_number("factor", factor, 1, inclusive=True)
     _check_number("jpeg_quality", jpeg_quality, 1, inclusive=True, integer=True)
     if jpeg_quality > 95:
