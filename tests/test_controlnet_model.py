@@ -261,6 +261,36 @@ def test_mode_required_by_union_and_refused_by_plain(plain, union, tmp_path):
         ours(union_model, x, mode="sketch")
 
 
+def test_one_control_serves_the_batch(plain, tmp_path):
+    model = load_model(write_diffusers_controlnet(plain, tmp_path / "p"), torch_dtype=torch.float32)
+    x = controlnet_inputs(batch=2)
+    x["control"] = x["control"][:1]
+    expected = diffusers_residuals(plain, x, x["control"].expand(2, -1, -1))
+    assert max_diff(ours(model, x)[0], expected[0]) <= TOL
+    x["control"] = controlnet_inputs(batch=3)["control"]
+    with pytest.raises(ValueError, match="control has batch 3, img 2: give one control per image or one for all"):
+        ours(model, x)
+
+
+def test_gradient_checkpointing_recomputes_blocks_with_the_same_gradients(plain, tmp_path):
+    model = load_model(write_diffusers_controlnet(plain, tmp_path / "p"), torch_dtype=torch.float32)
+    model.requires_grad_(True)
+    x = controlnet_inputs()
+    calls, block = [], model.double_blocks[0]
+    block.forward = lambda *a, _forward=block.forward, **k: calls.append(1) or _forward(*a, **k)
+    grads = []
+    for checkpointing in (False, True):
+        model.gradient_checkpointing = checkpointing
+        model.zero_grad()
+        calls.clear()
+        double, single = model(x["img"], x["img_ids"], x["txt"], x["txt_ids"], x["timesteps"], x["y"],
+                               x["guidance"], x["control"])
+        sum(r.square().mean() for r in double + single).backward()
+        grads.append(model.controlnet_x_embedder.weight.grad.clone())
+        assert len(calls) == (2 if checkpointing else 1)  # recomputed in the backward pass
+    assert (grads[0] - grads[1]).abs().max().item() <= 1e-6 * grads[0].abs().max().item()
+
+
 def test_wrong_control_width_is_named(alimama, tmp_path):
     model = load_model(write_diffusers_controlnet(alimama, tmp_path / "inpaint"), torch_dtype=torch.float32)
     x = controlnet_inputs()  # 64-wide control: the mask channel is missing

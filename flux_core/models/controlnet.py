@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ..math import embed_positions, timestep_embedding
-from .dit import FLUX_AXES_DIM
+from .dit import FLUX_AXES_DIM, FluxDiT
 from .layers import DoubleStreamBlock, MLPEmbedder, SingleStreamBlock
 from .shapes import count_blocks
 
@@ -144,6 +144,11 @@ def spread_residuals(residuals: Sequence[torch.Tensor], num_blocks: int) -> list
 
 
 class FluxControlNet(nn.Module):
+    # Training (flux_core.train, `--trainable_models controlnet`): the DiT's gradient checkpointing, same switches.
+    gradient_checkpointing = False
+    gradient_checkpointing_offload = False
+    run_block = FluxDiT.run_block
+
     def __init__(self, params: ControlNetParams = ControlNetParams()):
         super().__init__()
         self.params = params
@@ -168,14 +173,15 @@ class FluxControlNet(nn.Module):
                 timesteps: torch.Tensor, y: torch.Tensor, guidance: torch.Tensor | None, control: torch.Tensor,
                 mode: int | str | None = None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """img (B, L, in_channels): the DiT's packed latent tokens (no extra channels, no Kontext references);
-        control (B, L, in_channels + extra_condition_channels): the packed control latent; txt (B, Lt, context);
+        control (B or 1, L, in_channels + extra_condition_channels): the packed control latent; txt (B, Lt, context);
         ids as the DiT takes them; timesteps sigma in [0, 1] (B,); guidance (B,) or None; y pooled (B, vec).
         `mode`: the union mode (an id, or a name for `union_mode_id`), required by a ControlNet with a mode
         embedder and refused by one without. Returns (double-block residuals, single-block residuals), one
         (B, L, hidden) tensor per block of this ControlNet, not yet spread over the DiT's blocks."""
         self._check_inputs(img, control, mode)
         dtype = img.dtype
-        img = self.img_in(img) + self.controlnet_x_embedder(control.to(dtype))
+        control = control.to(dtype).expand(img.shape[0], -1, -1)  # one control image may serve the whole batch
+        img = self.img_in(img) + self.controlnet_x_embedder(control)
         vec = self.time_in(timestep_embedding(timesteps, 256).to(dtype))
         if self.params.guidance_embed and guidance is not None:  # None leaves the embedder out, as in the DiT
             vec = vec + self.guidance_in(timestep_embedding(guidance, 256).to(dtype))
@@ -190,13 +196,13 @@ class FluxControlNet(nn.Module):
 
         double_res = []
         for block, head in zip(self.double_blocks, self.controlnet_blocks):
-            img, txt = block(img=img, txt=txt, vec=vec, pe=pe)
+            img, txt = self.run_block(block, img=img, txt=txt, vec=vec, pe=pe)
             double_res.append(head(img))
         n_txt = txt.shape[1]
         x = torch.cat((txt, img), dim=1)
         single_res = []
         for block, head in zip(self.single_blocks, self.controlnet_single_blocks):
-            x = block(x, vec=vec, pe=pe)
+            x = self.run_block(block, x, vec=vec, pe=pe)
             single_res.append(head(x[:, n_txt:]))
         return double_res, single_res
 
@@ -214,9 +220,12 @@ class FluxControlNet(nn.Module):
                      if p.extra_condition_channels else "")
             problems.append(f"control has {control.shape[-1]} features per token, this ControlNet takes "
                             f"{p.control_channels}{extra}")
-        if control.shape[:2] != img.shape[:2]:
-            problems.append(f"control has {tuple(control.shape[:2])} (batch, tokens) but img has "
-                            f"{tuple(img.shape[:2])}: the control image must have the output's size")
+        if control.shape[1] != img.shape[1]:
+            problems.append(f"control has {control.shape[1]} tokens but img has {img.shape[1]}: the control image "
+                            f"must have the output's size")
+        if control.shape[0] not in (1, img.shape[0]):
+            problems.append(f"control has batch {control.shape[0]}, img {img.shape[0]}: give one control per image "
+                            f"or one for all")
         if p.num_modes and mode is None:
             problems.append(f"this is a union ControlNet ({p.num_modes} modes): give processor_id, one of "
                             f"{', '.join(UNION_MODES)}")
