@@ -180,8 +180,8 @@ class FluxControlNet(nn.Module):
         (B, L, hidden) tensor per block of this ControlNet, not yet spread over the DiT's blocks."""
         self._check_inputs(img, control, mode)
         dtype = img.dtype
-        control = control.to(dtype).expand(img.shape[0], -1, -1)  # one control image may serve the whole batch
-        img = self.img_in(img) + self.controlnet_x_embedder(control)
+        # a control of batch 1 broadcasts over the batch: one control image may serve every sample
+        img = self.img_in(img) + self.controlnet_x_embedder(control.to(dtype))
         vec = self.time_in(timestep_embedding(timesteps, 256).to(dtype))
         if self.params.guidance_embed and guidance is not None:  # None leaves the embedder out, as in the DiT
             vec = vec + self.guidance_in(timestep_embedding(guidance, 256).to(dtype))
