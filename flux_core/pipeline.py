@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import warnings
+from operator import attrgetter
 from typing import Callable, Iterable, Sequence
 
 import numpy as np
@@ -27,9 +28,12 @@ from .inputs import (check_callable, check_device, check_cfg_scale, check_denois
                      check_kontext_images, check_negative_prompts, check_output_type, check_prompts,
                      check_rand_device, check_seed, check_sigma_shift, check_size, check_steps,
                      check_t5_sequence_length, check_tea_cache_threshold, check_tiling)
+from .adapters import StepRange
+from .controlnet import (ControlNetAdapter, ControlNetInput, ControlNets, check_controlnet_input, control_latent)
 from .lora import LoraReport, clear_lora, load_lora
 from .loading.loader import load_model
 from .model_config import ModelConfig
+from .models.controlnet import union_mode_id
 from .models.dit import DiTExtras
 from .models.text_encoders import encode_prompt, load_clip_tokenizer, load_t5_tokenizer
 from .pipeline_models import LoadedModel, empty_slots, plan_models
@@ -39,6 +43,7 @@ from .sampling import PromptEmbeds, denoise, guided_velocity, make_noise, refere
 from .scheduler import add_noise, explicit_sigmas, flux_sigmas
 from .math import unpack_latents
 from .teacache import TeaCacheStats
+from .tiled_dit import DiTTiling
 from .vram import GiB, ComputeDevice, VRAMManager, compute_place, store_model
 
 logger = logging.getLogger(__name__)
@@ -64,6 +69,7 @@ class FluxImagePipeline:
         self.text_encoder_2 = None   # T5-XXL encoder
         self.tokenizer_1 = None
         self.tokenizer_2 = None
+        self.controlnet = ControlNets()  # pipe.controlnet.models[i]: ControlNets in model_configs order
         self.last_seed: int | None = None      # the seed of the last call (drawn there when seed=None)
         # What from_pretrained put in each slot, and from which file: {"dit": LoadedModel, ...}.
         self.loaded_from: dict[str, LoadedModel] = {}
@@ -100,7 +106,10 @@ class FluxImagePipeline:
             place = pipe.device if config.offload_device is None else torch.device(config.offload_device)
             module = load_model(source, torch_dtype=torch_dtype, device=place, kind=entry.kind,
                                 weight_dtype=config.offload_dtype)
-            setattr(pipe, entry.slot, module)
+            if entry.kind == "controlnet":
+                pipe.controlnet.models.append(module)
+            else:
+                setattr(pipe, entry.slot, module)
             pipe.loaded_from[entry.slot] = entry
             logger.info("FluxImagePipeline: %s", entry.describe())
             if offloaded:
@@ -138,8 +147,8 @@ class FluxImagePipeline:
         if self.vram is not None:
             self.vram.remove_all()
         self.vram = VRAMManager(device, budget)
-        for slot in ("text_encoder_1", "text_encoder_2", "dit", "vae"):
-            model = getattr(self, slot)
+        for slot in ("text_encoder_1", "text_encoder_2", "dit", *self.controlnet_slots(), "vae"):
+            model = attrgetter(slot)(self)
             if model is None:
                 continue
             if any(device.holds(t) for t in model.parameters()):
@@ -147,6 +156,9 @@ class FluxImagePipeline:
             self.vram.add(slot, model, self.torch_dtype,
                           persistent_params=num_persistent_param_in_dit if slot == "dit" else None)
         return self.vram
+
+    def controlnet_slots(self) -> list[str]:
+        return [f"controlnet.models.{i}" for i in range(len(self.controlnet))]
 
     def load_models_to_device(self, names: Sequence[str]) -> None:
         """Start a stage: managed models not named move out, the named ones move in (as the budget allows).
@@ -225,6 +237,7 @@ class FluxImagePipeline:
         sigma_shift: float | None = None,
         num_inference_steps: int = 30,
         kontext_images: Image.Image | list[Image.Image] | None = None,
+        controlnet_inputs: Sequence[ControlNetInput] | None = None,
         tiled: bool = False,
         tile_size: int = 128,
         tile_stride: int = 64,
@@ -245,7 +258,12 @@ class FluxImagePipeline:
             changed. None: off; 0: on but never skips (same result); 0.25 / 0.4 / 0.6 / 0.8 skip more and more.
             The positive and negative (true CFG) passes keep separate caches; what was skipped is reported in
             `pipe.last_tea_cache_stats` ({"positive": TeaCacheStats, "negative": ...}).
-        `tiled` tiles the VAE (tile sizes in latent pixels), not the DiT.
+        controlnet_inputs: a list of ControlNetInput (flux_core.controlnet), each naming a loaded ControlNet by
+            `controlnet_id` (model_configs order) with its control image, scale, start/end and union mode
+            (`processor_id`); several inputs may share one ControlNet.
+        `tiled` tiles the VAE and, as in DiffSynth-Studio, the DiT (flux_core.tiled_dit: tile sizes in latent
+        pixels; a latent no larger than tile_size is one tile, the same result as untiled). It cannot be combined
+        with TeaCache, which follows one call per step.
 
         Every argument is checked (flux_core.inputs) before any model runs: prompts are strings, cfg_scale >= 1,
         seed in 0..2**64-1 or None (random over that range, kept in `pipe.last_seed`), t5_sequence_length
@@ -272,8 +290,10 @@ class FluxImagePipeline:
         check_callable("progress_bar_cmd", progress_bar_cmd)
         check_callable("callback", callback)
         check_tea_cache_threshold(tea_cache_l1_thresh)
+        dit_tiling = self._dit_tiling(tiled, tile_size, tile_stride, tea_cache_l1_thresh)
+        controlnet_items = self._check_controlnet_inputs(controlnet_inputs)
         check_output_type(output_type)
-        needs_vae = output_type != "latent" or input_image is not None or bool(references)
+        needs_vae = output_type != "latent" or input_image is not None or bool(references) or bool(controlnet_items)
         self._require_generation_models(needs_vae)
         schedule = (explicit_sigmas(sigmas) if sigmas is not None
                     else flux_sigmas(num_inference_steps, denoising_strength, sigma_shift))
@@ -297,6 +317,7 @@ class FluxImagePipeline:
             start = noise
 
         extras = self.kontext_extras(references, batch, **vae_tiling) if references else None
+        adapters = self.controlnet_adapters(controlnet_items, height, width, **vae_tiling)
 
         guidance = embedded_guidance if self.dit.params.guidance_embed else None
         extras, negative_extras, tea_stats = tea_cache_extras(extras, len(schedule), tea_cache_l1_thresh,
@@ -304,9 +325,10 @@ class FluxImagePipeline:
         self.last_tea_cache_stats = tea_stats or None
 
         def velocity(x: torch.Tensor, call) -> torch.Tensor:
-            return guided_velocity(self.dit, x, call, positive, negative, cfg_scale, guidance, extras, negative_extras)
+            return guided_velocity(self.dit, x, call, positive, negative, cfg_scale, guidance, extras, negative_extras,
+                                   adapters, dit_tiling)
 
-        self.load_models_to_device(["dit"])
+        self.load_models_to_device(["dit", *self.controlnet_slots()])
         final = denoise(start, schedule, velocity, progress_bar_cmd, callback)
         if output_type == "latent":
             self.load_models_to_device([])
@@ -325,6 +347,42 @@ class FluxImagePipeline:
         latents = [self.encode_image(pil_to_tensor(resize_to_multiple(image), f"kontext_images[{i}]"), **vae_tiling)
                    for i, image in enumerate(check_kontext_images(kontext_images))]
         return reference_extras(latents, batch)
+
+    def controlnet_adapters(self, items: list[ControlNetInput], height: int, width: int,
+                            **vae_tiling) -> list[ControlNetAdapter]:
+        """One adapter per control input: its control latent (encoded once for the whole run) bound to its
+        ControlNet, scale, step range and union mode."""
+        adapters = []
+        for i, item in enumerate(items):
+            def encode(x: torch.Tensor) -> torch.Tensor:
+                return self.encode_image(x, **vae_tiling)
+            adapters.append(ControlNetAdapter(
+                name=f"controlnet_inputs[{i}]", model=self.controlnet.models[item.controlnet_id],
+                control=control_latent(item, width, height, encode, f"controlnet_inputs[{i}]").to(self.device),
+                dit_depth=(self.dit.params.depth, self.dit.params.depth_single_blocks), scale=float(item.scale),
+                steps=StepRange(float(item.start), float(item.end)),
+                mode=None if item.processor_id is None else union_mode_id(item.processor_id)))
+        return adapters
+
+    def _check_controlnet_inputs(self, controlnet_inputs) -> list[ControlNetInput]:
+        if controlnet_inputs is None:
+            return []
+        items = list(controlnet_inputs) if isinstance(controlnet_inputs, (list, tuple)) else [controlnet_inputs]
+        for i, item in enumerate(items):
+            check_controlnet_input(i, item, self.controlnet)
+        return items
+
+    @staticmethod
+    def _dit_tiling(tiled: bool, tile_size: int, tile_stride: int, tea_cache_l1_thresh) -> DiTTiling | None:
+        if not tiled:
+            return None
+        if tea_cache_l1_thresh is not None:
+            raise ValueError("tiled=True runs the DiT once per tile, and TeaCache follows one DiT call per step: "
+                             "use one of them (tea_cache_l1_thresh=None, or tiled=False).")
+        if tile_size % 2:
+            raise ValueError(f"tile_size={tile_size}: with tiled=True the DiT is tiled too, and its tiles must be an "
+                             f"even number of latent pixels (FLUX packs 2x2 patches); use {tile_size + 1}.")
+        return DiTTiling(tile_size, tile_stride)
 
     def _require_generation_models(self, needs_vae: bool) -> None:
         """Every model and tokenizer a generation uses, checked before any of them runs: the message names each

@@ -23,8 +23,14 @@ logger = logging.getLogger(__name__)
 
 # Component folders of a diffusers FLUX pipeline folder, by the kind of model they hold.
 DIFFUSERS_COMPONENTS = {"dit": "transformer", "vae": "vae", "clip": "text_encoder", "t5": "text_encoder_2"}
-# The pipeline attribute that holds each kind of model.
-MODEL_SLOTS = {"dit": "dit", "vae": "vae", "clip": "text_encoder_1", "t5": "text_encoder_2"}
+# The pipeline attribute that holds each kind of model. ControlNets, any number of them, go to
+# `pipe.controlnet.models[i]` in model_configs order (slot "controlnet.models.<i>").
+MODEL_SLOTS = {"dit": "dit", "vae": "vae", "clip": "text_encoder_1", "t5": "text_encoder_2",
+               "controlnet": "controlnet"}
+# The slots every generation needs filled.
+GENERATION_SLOTS = ("dit", "vae", "text_encoder_1", "text_encoder_2")
+# Kinds of which a pipeline holds a list rather than one model.
+LISTED_KINDS = frozenset({"controlnet"})
 # Tokenizer folder -> (what it is, the from_pretrained parameter that names it).
 TOKENIZERS = {"tokenizer": ("CLIP-L tokenizer", "tokenizer_1_config"),
               "tokenizer_2": ("T5 tokenizer", "tokenizer_2_config")}
@@ -41,7 +47,7 @@ class TokenizerNotFoundError(ModelFileError):
 @dataclass(frozen=True)
 class LoadedModel:
     """One model `from_pretrained` put in a pipeline slot, and where it came from."""
-    slot: str              # pipeline attribute: "dit", "vae", "text_encoder_1", "text_encoder_2"
+    slot: str              # pipeline attribute: "dit", "vae", "text_encoder_1", "text_encoder_2", "controlnet.models.0"
     kind: str              # "dit", "vae", "clip", "t5"
     title: str             # "FLUX DiT", ... (the loader's name for the kind)
     layout: str            # checkpoint layout detected from the keys ("bfl", "diffusers", ...)
@@ -140,9 +146,11 @@ def plan_models(model_configs: Sequence[ModelConfig], tokenizer_configs: dict[st
                                 f"{' + '.join(c[2] for c in components)}. Pick the right file, or change kind=.")
             components = wanted
         for source, kind, title, layout in components:
-            entry = LoadedModel(MODEL_SLOTS[kind], kind, title, layout, describe_source(source), index,
-                                config.model_id)
-            earlier = placed.get(kind)
+            slot = MODEL_SLOTS[kind]
+            if kind in LISTED_KINDS:
+                slot = f"{slot}.models.{sum(1 for *_, e in entries if e.kind == kind)}"
+            entry = LoadedModel(slot, kind, title, layout, describe_source(source), index, config.model_id)
+            earlier = None if kind in LISTED_KINDS else placed.get(kind)
             if earlier is not None:
                 problems.append(f"model_configs[{index}] {entry.source} is a second {title}: pipe.{entry.slot} is "
                                 f"already filled by model_configs[{earlier.config_index}] {earlier.source}. "
@@ -156,7 +164,7 @@ def plan_models(model_configs: Sequence[ModelConfig], tokenizer_configs: dict[st
 
 
 def empty_slots(loaded: dict[str, LoadedModel]) -> list[str]:
-    return [slot for slot in MODEL_SLOTS.values() if slot not in loaded]
+    return [slot for slot in GENERATION_SLOTS if slot not in loaded]
 
 
 def detect_components(paths: str | list[str]) -> list[tuple[str | list[str], str, str, str]]:
