@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Sequence
 
 from .loading.files import CheckpointError, checkpoint_files, open_state_dict
-from .loading.loader import describe_source, detect
+from .loading.loader import describe_source, detect_components_of
 from .model_config import FLUX_DEV, ModelConfig, ModelFileError
 
 logger = logging.getLogger(__name__)
@@ -181,10 +181,7 @@ def detect_components(paths: str | list[str]) -> list[tuple[str | list[str], str
         if not out:
             raise CheckpointError(f"{root}: diffusers folder without transformer/, vae/ or text encoder folders.")
         return out
-    found = detect(open_state_dict(checkpoint_files(paths)))
-    if not found:
-        raise CheckpointError(f"{describe_source(paths)}: not a FLUX component (DiT, VAE, CLIP-L or T5). Check that "
-                              f"you picked the right file.")
+    found = detect_components_of(open_state_dict(checkpoint_files(paths)), describe_source(paths))
     return [(paths, d.kind.name, d.kind.title, d.layout) for d in found]
 
 

@@ -123,15 +123,19 @@ def _detect_source(source) -> list[Detected]:
         raise CheckpointError(
             f"{source}: is a diffusers pipeline folder; give one component folder (transformer/, vae/, "
             f"text_encoder/, text_encoder_2/) to load_model, or the whole folder to FluxImagePipeline.from_pretrained.")
-    state_dict = open_state_dict(files)
+    return detect_components_of(open_state_dict(files), describe_source(source))
+
+
+def detect_components_of(state_dict: Mapping[str, LazyTensor], where: str) -> list[Detected]:
+    """`detect`, refusing a state dict that holds no FLUX component with what it looks like instead."""
     found = detect(state_dict)
     if not found:
         unsupported = describe_unsupported_controlnet(state_dict)
         if unsupported:
-            raise CheckpointError(f"{describe_source(source)}: this is {unsupported}")
+            raise CheckpointError(f"{where}: this is {unsupported}")
         sd_keys = list(state_dict)[:5]
-        raise CheckpointError(f"{describe_source(source)}: not a FLUX component (DiT, ControlNet, VAE, CLIP-L or "
-                              f"T5); its first keys are {sd_keys}. Check that you picked the right file.")
+        raise CheckpointError(f"{where}: not a FLUX component (DiT, ControlNet, VAE, CLIP-L or T5); its first keys "
+                              f"are {sd_keys}. Check that you picked the right file.")
     return found
 
 

@@ -19,9 +19,9 @@ import torch
 from torch import nn
 
 from ..math import embed_positions, timestep_embedding
-from .dit import FLUX_AXES_DIM, FluxDiT
+from .dit import FluxDiT
 from .layers import DoubleStreamBlock, MLPEmbedder, SingleStreamBlock
-from .shapes import count_blocks
+from .shapes import FLUX_AXES_DIM, trunk_config
 
 # InstantX Union-alpha's control modes (its model card; DiffSynth's `mode_dict`). The embedder has 10 rows, of which
 # these 7 were trained.
@@ -80,34 +80,11 @@ class ControlNetParams:
         cannot be read from shapes: the axes take the FLUX value for head dim 128 and must be given
         (`overrides["axes_dim"]`, diffusers `axes_dims_rope`) for any other head dim, exactly as for the DiT."""
         overrides = dict(overrides or {})
-        hidden, in_channels = shapes["img_in.weight"]
-        depth = count_blocks(shapes, "double_blocks.")
-        depth_single = count_blocks(shapes, "single_blocks.")
-        if depth:
-            head_dim = shapes["double_blocks.0.img_attn.norm.query_norm.scale"][0]
-            mlp_hidden = shapes["double_blocks.0.img_mlp.0.weight"][0]
-        elif depth_single:
-            head_dim = shapes["single_blocks.0.norm.query_norm.scale"][0]
-            mlp_hidden = shapes["single_blocks.0.linear1.weight"][0] - 3 * hidden
-        else:
-            raise ValueError("the ControlNet has no double_blocks and no single_blocks.")
-        if "axes_dim" not in overrides:
-            if head_dim != sum(FLUX_AXES_DIM):
-                raise ValueError(
-                    f"ControlNet head dim is {head_dim}, not FLUX's 128, so the RoPE axes cannot be inferred: pass "
-                    f"config={{'axes_dim': (a, b, c)}} with a + b + c = {head_dim} (diffusers: axes_dims_rope).")
-            overrides["axes_dim"] = FLUX_AXES_DIM
+        inferred = trunk_config(shapes, overrides, "ControlNet")
         mode_shape = shapes.get("controlnet_mode_embedder.weight")
-        inferred = dict(
-            in_channels=in_channels,
-            extra_condition_channels=shapes["controlnet_x_embedder.weight"][1] - in_channels,
-            vec_in_dim=shapes["vector_in.in_layer.weight"][1], context_in_dim=shapes["txt_in.weight"][1],
-            hidden_size=hidden, mlp_ratio=mlp_hidden / hidden, num_heads=hidden // head_dim,
-            depth=depth, depth_single_blocks=depth_single,
-            qkv_bias=("double_blocks.0.img_attn.qkv.bias" in shapes) if depth else True,
-            guidance_embed="guidance_in.in_layer.weight" in shapes,
-            num_modes=mode_shape[0] if mode_shape else 0,
-        )
+        in_channels = inferred["in_channels"]
+        inferred.update(extra_condition_channels=shapes["controlnet_x_embedder.weight"][1] - in_channels,
+                        num_modes=mode_shape[0] if mode_shape else 0)
         if inferred["extra_condition_channels"] < 0:
             raise ValueError(f"controlnet_x_embedder takes {shapes['controlnet_x_embedder.weight'][1]} features, "
                              f"fewer than img_in's {in_channels}.")

@@ -16,9 +16,7 @@ from torch.utils.checkpoint import checkpoint
 from ..math import embed_positions, timestep_embedding
 from ..teacache import TeaCache
 from .layers import DoubleStreamBlock, LastLayer, MLPEmbedder, SingleStreamBlock
-from .shapes import count_blocks
-
-FLUX_AXES_DIM = (16, 56, 56)  # RoPE axes of the released models: head_dim 128 = 16 + 56 + 56
+from .shapes import FLUX_AXES_DIM, trunk_config
 
 
 @dataclass(frozen=True)
@@ -53,30 +51,8 @@ class FluxParams:
         """Read the config off a BFL-named state dict's shapes. RoPE axes cannot be read from shapes: they take
         the FLUX value for head dim 128 and must be given (`overrides["axes_dim"]`) for any other head dim."""
         overrides = dict(overrides or {})
-        hidden, in_channels = shapes["img_in.weight"]
-        depth = count_blocks(shapes, "double_blocks.")
-        depth_single = count_blocks(shapes, "single_blocks.")
-        norm_key = ("double_blocks.0.img_attn.norm.query_norm.scale" if depth
-                    else "single_blocks.0.norm.query_norm.scale")
-        head_dim = shapes[norm_key][0]
-        if depth:
-            mlp_hidden = shapes["double_blocks.0.img_mlp.0.weight"][0]
-        else:
-            mlp_hidden = shapes["single_blocks.0.linear1.weight"][0] - 3 * hidden
-        if "axes_dim" not in overrides:
-            if head_dim != sum(FLUX_AXES_DIM):
-                raise ValueError(
-                    f"DiT head dim is {head_dim}, not FLUX's 128, so the RoPE axes cannot be inferred: pass "
-                    f"config={{'axes_dim': (a, b, c)}} with a + b + c = {head_dim} (diffusers: axes_dims_rope).")
-            overrides["axes_dim"] = FLUX_AXES_DIM
-        inferred = dict(
-            in_channels=in_channels, out_channels=shapes["final_layer.linear.weight"][0],
-            vec_in_dim=shapes["vector_in.in_layer.weight"][1], context_in_dim=shapes["txt_in.weight"][1],
-            hidden_size=hidden, mlp_ratio=mlp_hidden / hidden, num_heads=hidden // head_dim,
-            depth=depth, depth_single_blocks=depth_single,
-            qkv_bias=("double_blocks.0.img_attn.qkv.bias" in shapes) if depth else True,
-            guidance_embed="guidance_in.in_layer.weight" in shapes,
-        )
+        inferred = trunk_config(shapes, overrides, "DiT")
+        inferred["out_channels"] = shapes["final_layer.linear.weight"][0]
         inferred.update(overrides)
         inferred["axes_dim"] = tuple(inferred["axes_dim"])
         return cls(**inferred)
