@@ -21,7 +21,7 @@ from typing import Mapping
 
 from ..models.controlnet import ControlNetParams, FluxControlNet
 from .dit_kind import dit_overrides
-from .dit_layouts import dit_to_bfl
+from .dit_layouts import detect_dit_layout, dit_to_bfl
 from .files import strip_prefix
 from .kinds import ModelKind, StateDict
 from .lazy import LazyTensor
@@ -35,13 +35,9 @@ SUPPORTED = ("the diffusers-format FLUX ControlNets (InstantX Union-alpha, alima
 def detect_controlnet_layout(sd: Mapping[str, LazyTensor]) -> str | None:
     if "controlnet_x_embedder.weight" not in sd or _has_part(sd, "input_hint_block"):
         return None
-    if "x_embedder.weight" in sd and "time_text_embed.timestep_embedder.linear_1.weight" in sd:
-        return "diffusers"
-    if "x_embedder.weight" in sd and "time_embedder.timestep_embedder.0.weight" in sd:
-        return "diffsynth"
-    if "img_in.weight" in sd and "time_in.in_layer.weight" in sd:
+    if "img_in.weight" in sd and "time_in.in_layer.weight" in sd:  # our own names: the DiT's, without a final layer
         return "bfl"
-    return None
+    return detect_dit_layout(sd)  # a diffusers or DiffSynth trunk, told apart as for the DiT
 
 
 def select_controlnet(sd: Mapping[str, LazyTensor]) -> tuple[str, StateDict] | None:
