@@ -188,9 +188,19 @@ def test_cli_reports_a_bad_dataset_before_loading_models(tmp_path, capsys):
 @pytest.mark.parametrize("extra, message", [
     (["--height", "520", "--width", "512"], r"--height 520 is not a positive multiple of 16 .*use 512 or 528"),
     (["--height", "512"], "both --height and --width"),
-    (["--trainable_models", "dit"], "choose full fine-tuning or a LoRA"),
+    (["--trainable_models", "dit"], "--trainable_models dit and --lora_base_model dit together: choose full"),
     (["--lora_base_model", "text_encoder"], "adds LoRAs to the DiT only"),
-    (["--extra_inputs", "controlnet_image"], "controlnet_image: not supported"),
+    (["--extra_inputs", "ipadapter_images"], "ipadapter_images: not supported"),
+    (["--lora_base_model", "", "--trainable_models", "text_encoder"], "trains the DiT or a ControlNet"),
+    (["--lora_base_model", "", "--trainable_models", "dit,controlnet"], "train one model per run"),
+    # a ControlNet run: the control column is required, and each problem of --extra_inputs is named at once
+    (["--lora_base_model", "", "--trainable_models", "controlnet"],
+     r"--trainable_models controlnet needs the control images: add --extra_inputs controlnet_image"),
+    (["--extra_inputs", "controlnet_inputs,controlnet_processor_id"],
+     r"'controlnet_inputs' is not a column.*; controlnet_processor_id without controlnet_image"),
+    (["--extra_inputs", "controlnet_image", "--data_file_keys", "image,controlnet_processor_id"],
+     r"--data_file_keys controlnet_processor_id: that column holds a union mode name"),
+    (["--validation_controlnet_image", "x.png"], r"--validation_controlnet_image: validation control inputs are"),
     (["--validation_steps", "5"], "needs --validation_prompts"),
     (["--gradient_accumulation_steps", "0"], "at least 1"),
 ])

@@ -21,7 +21,13 @@ FLUX_LORA_TARGETS = ("img_attn.qkv,txt_attn.qkv,img_attn.proj,txt_attn.proj,img_
 LORA_FORMATS = ("kohya", "diffusers", "diffsynth")
 FP8_COMPONENTS = {"dit": "dit", "text_encoder_1": "text_encoder_1", "clip": "text_encoder_1",
                   "text_encoder_2": "text_encoder_2", "t5": "text_encoder_2", "vae": "vae"}
-EXTRA_INPUTS = ("kontext_images",)
+# --extra_inputs: DiffSynth-Studio's names. Every `controlnet_<field>` column becomes field <field> of ONE
+# ControlNetInput per sample (DiffSynth's parse_extra_inputs), for ControlNet 0.
+CONTROLNET_PREFIX = "controlnet_"
+CONTROLNET_EXTRAS = ("controlnet_image", "controlnet_inpaint_mask", "controlnet_processor_id")
+EXTRA_INPUTS = ("kontext_images", *CONTROLNET_EXTRAS)
+IMAGE_EXTRA_INPUTS = ("kontext_images", "controlnet_image", "controlnet_inpaint_mask")   # columns of file paths
+TRAINABLE_MODELS = ("dit", "controlnet")
 PROGRESS_BAR_MODES = ("auto", "on", "off")
 
 
@@ -48,7 +54,8 @@ def build_parser(prog: str = "python -m flux_core.train") -> argparse.ArgumentPa
     d.add_argument("--height", type=int, default=None, help="fixed training height (multiple of 16; with --width)")
     d.add_argument("--width", type=int, default=None, help="fixed training width (multiple of 16; with --height)")
     d.add_argument("--data_file_keys", default="image",
-                   help="comma list of metadata columns holding image paths (e.g. image,kontext_images)")
+                   help="comma list of metadata columns holding image paths (e.g. image,controlnet_image); the "
+                        "image columns of --extra_inputs are added")
     d.add_argument("--dataset_repeat", type=int, default=1, help="each epoch goes over the data this many times")
     d.add_argument("--dataset_num_workers", type=int, default=0, help="DataLoader worker processes")
 
@@ -63,7 +70,9 @@ def build_parser(prog: str = "python -m flux_core.train") -> argparse.ArgumentPa
     m.add_argument("--tokenizer_1_path", default=None, help="CLIP tokenizer folder (default: FLUX.1-dev tokenizer/)")
     m.add_argument("--tokenizer_2_path", default=None, help="T5 tokenizer folder (default: FLUX.1-dev tokenizer_2/)")
     m.add_argument("--extra_inputs", default=None,
-                   help="comma list of extra model inputs read from the metadata: kontext_images")
+                   help="comma list of extra model inputs read from the metadata: kontext_images, "
+                        "controlnet_image, controlnet_inpaint_mask, controlnet_processor_id (the controlnet_* "
+                        "columns form one ControlNetInput per sample for the ControlNet in the model flags)")
     m.add_argument("--fp8_models", default=None,
                    help="comma list of frozen models stored in float8_e4m3fn and computed in the training dtype: "
                         "dit (LoRA training only), text_encoder_1 (clip), text_encoder_2 (t5), vae, or an entry of "
@@ -76,13 +85,17 @@ def build_parser(prog: str = "python -m flux_core.train") -> argparse.ArgumentPa
     t.add_argument("--output_path", default="./models", help="folder for the checkpoints, logs and validation images")
     t.add_argument("--remove_prefix_in_ckpt", default="pipe.dit.",
                    help="full fine-tuning: prefix removed from the saved parameter names, which are "
-                        "`pipe.dit.<BFL name>`; the default leaves the plain BFL names that load_model, ComfyUI "
-                        "and flux1-dev.safetensors use. (LoRA files always use their format's own names)")
+                        "`pipe.dit.<BFL name>` for the DiT (the default leaves the plain BFL names that load_model, "
+                        "ComfyUI and flux1-dev.safetensors use) and `pipe.controlnet.models.0.<DiffSynth name>` for a "
+                        "ControlNet (give \"pipe.controlnet.models.0.\" for the names DiffSynth-Studio's ControlNet "
+                        "loads). (LoRA files always use their format's own names)")
     t.add_argument("--save_steps", type=int, default=None,
                    help="save every N optimizer steps (default: at the end of every epoch)")
     t.add_argument("--find_unused_parameters", action="store_true",
                    help="DDP: allow trainable parameters that get no gradient in a step")
-    t.add_argument("--trainable_models", default=None, help="models trained in full: dit")
+    t.add_argument("--trainable_models", default=None,
+                   help="the model trained in full: dit, or controlnet (the ControlNet given in the model flags; "
+                        "the DiT stays frozen; needs --extra_inputs controlnet_image)")
     t.add_argument("--gradient_accumulation_steps", type=int, default=1)
     t.add_argument("--task", default="sft", choices=["sft"],
                    help="sft (supervised fine-tuning, the only task; DiffSynth's split data_process/train and "
@@ -106,7 +119,7 @@ def build_parser(prog: str = "python -m flux_core.train") -> argparse.ArgumentPa
 
     g = p.add_argument_group("memory")
     g.add_argument("--use_gradient_checkpointing", action="store_true",
-                   help="recompute each DiT block's activations in the backward pass")
+                   help="recompute each DiT (and trained ControlNet) block's activations in the backward pass")
     g.add_argument("--use_gradient_checkpointing_offload", action="store_true",
                    help="gradient checkpointing with the saved block inputs kept in CPU memory")
 
@@ -140,6 +153,13 @@ def build_parser(prog: str = "python -m flux_core.train") -> argparse.ArgumentPa
     x.add_argument("--validation_num_inference_steps", type=int, default=30)
     x.add_argument("--validation_embedded_guidance", type=float, default=3.5)
     x.add_argument("--validation_seed", type=int, default=0)
+    x.add_argument("--validation_controlnet_image", default=None,
+                   help="ControlNet runs: the control image of the validation images (default: the first data row's "
+                        "controlnet_image, with its controlnet_inpaint_mask and controlnet_processor_id)")
+    x.add_argument("--validation_controlnet_inpaint_mask", default=None,
+                   help="inpainting ControlNet: the mask for --validation_controlnet_image")
+    x.add_argument("--validation_controlnet_processor_id", default=None,
+                   help="union ControlNet: the mode for --validation_controlnet_image (canny, tile, depth, ...)")
     return p
 
 
@@ -182,33 +202,45 @@ def check_args(args: argparse.Namespace) -> None:
 
     trainable = comma_list(args.trainable_models)
     lora_base = (args.lora_base_model or "").strip() or None
-    bad = [m for m in trainable if m != "dit"]
+    bad = [m for m in trainable if m not in TRAINABLE_MODELS]
     if bad:
-        raise TrainError(f"--trainable_models {','.join(bad)}: FluxCore trains the DiT only; use "
-                         f"--trainable_models dit (full fine-tuning) or --lora_base_model dit (LoRA).")
+        raise TrainError(f"--trainable_models {','.join(bad)}: FluxCore trains the DiT or a ControlNet; use "
+                         f"--trainable_models dit (full fine-tuning), --trainable_models controlnet (the ControlNet "
+                         f"in the model flags) or --lora_base_model dit (LoRA).")
+    if len(set(trainable)) > 1:
+        raise TrainError("--trainable_models dit,controlnet: train one model per run; use --trainable_models "
+                         "controlnet (the DiT stays frozen) or --trainable_models dit.")
     if lora_base not in (None, "dit"):
         raise TrainError(f"--lora_base_model {lora_base}: FluxCore adds LoRAs to the DiT only; use "
                          f"--lora_base_model dit.")
     if lora_base and trainable:
-        raise TrainError("--trainable_models dit and --lora_base_model dit together: choose full fine-tuning "
-                         "or a LoRA.")
+        raise TrainError(f"--trainable_models {trainable[0]} and --lora_base_model dit together: choose full "
+                         f"training or a LoRA.")
     if not lora_base and not trainable:
         raise TrainError("nothing to train: give --lora_base_model dit (LoRA) or --trainable_models dit "
-                         "(full fine-tuning).")
+                         "(full fine-tuning) or --trainable_models controlnet.")
     if args.lora_checkpoint and not lora_base:
         raise TrainError("--lora_checkpoint needs --lora_base_model dit.")
     if args.lora_checkpoint and not os.path.isfile(args.lora_checkpoint):
         raise TrainError(f"--lora_checkpoint {args.lora_checkpoint}: no such file.")
 
     extras = comma_list(args.extra_inputs)
-    unknown = [e for e in extras if e not in EXTRA_INPUTS]
-    if unknown:
-        raise TrainError(f"--extra_inputs {','.join(unknown)}: not supported; FluxCore's trainer reads "
-                         f"{', '.join(EXTRA_INPUTS)}.")
+    check_extra_inputs(extras, trainable, args)
     for entry in comma_list(args.fp8_models):
         if FP8_COMPONENTS.get(entry) == "dit" and trainable:
             raise TrainError("--fp8_models dit: the DiT is being fully fine-tuned; FP8 storage is for frozen "
                              "models (use it with LoRA training).")
+    validation_controls = [f"--validation_{n}" for n in CONTROLNET_EXTRAS if getattr(args, f"validation_{n}")]
+    if validation_controls and "controlnet_image" not in extras:
+        raise TrainError(f"{', '.join(validation_controls)}: validation control inputs are for runs with "
+                         f"--extra_inputs controlnet_image.")
+    if (args.validation_controlnet_inpaint_mask or args.validation_controlnet_processor_id) and \
+            not args.validation_controlnet_image:
+        raise TrainError("--validation_controlnet_inpaint_mask / --validation_controlnet_processor_id go with "
+                         "--validation_controlnet_image (without it the first data row's control inputs are used).")
+    for name in ("validation_controlnet_image", "validation_controlnet_inpaint_mask"):
+        if getattr(args, name) and not os.path.isfile(getattr(args, name)):
+            raise TrainError(f"--{name} {getattr(args, name)}: no such file.")
     if args.validation_steps and not args.validation_prompts:
         raise TrainError("--validation_steps needs --validation_prompts.")
     if args.resume and args.overwrite:
@@ -216,6 +248,41 @@ def check_args(args: argparse.Namespace) -> None:
                          "--overwrite deletes it; choose one.")
     if args.resume not in (None, "latest") and not os.path.isdir(args.resume):
         raise TrainError(f"--resume {args.resume}: no such checkpoint folder.")
+
+
+def check_extra_inputs(extras: list[str], trainable: list[str], args: argparse.Namespace) -> None:
+    """--extra_inputs names, and what the ControlNet ones need; all problems in one message."""
+    problems = []
+    if "controlnet_inputs" in extras:
+        problems.append("'controlnet_inputs' is not a column: the control inputs are read from the columns "
+                        "controlnet_image (the control map), controlnet_inpaint_mask (inpainting ControlNet) and "
+                        "controlnet_processor_id (union ControlNet mode); list those, e.g. --extra_inputs "
+                        "controlnet_image,controlnet_processor_id")
+    unknown = [e for e in extras if e not in EXTRA_INPUTS and e != "controlnet_inputs"]
+    if unknown:
+        problems.append(f"{','.join(unknown)}: not supported; FluxCore's trainer reads {', '.join(EXTRA_INPUTS)}")
+    control = [e for e in extras if e in CONTROLNET_EXTRAS]
+    if control and "controlnet_image" not in extras:
+        problems.append(f"{','.join(control)} without controlnet_image: the control image column is what the "
+                        f"ControlNet sees; add controlnet_image")
+    if "controlnet" in trainable and "controlnet_image" not in extras:
+        problems.append("--trainable_models controlnet needs the control images: add --extra_inputs "
+                        "controlnet_image (a metadata column of image paths)")
+    if problems:
+        raise TrainError("--extra_inputs " + "; ".join(problems) + ".")
+    file_keys = comma_list(args.data_file_keys)
+    if "controlnet_processor_id" in file_keys:
+        raise TrainError("--data_file_keys controlnet_processor_id: that column holds a union mode name (canny, "
+                         "depth, ...), not an image path; leave it out of --data_file_keys.")
+
+
+def is_controlnet_run(args: argparse.Namespace) -> bool:
+    """Whether the run feeds a ControlNet (its control inputs come from the controlnet_* columns)."""
+    return "controlnet_image" in comma_list(args.extra_inputs)
+
+
+def trains_controlnet(args: argparse.Namespace) -> bool:
+    return "controlnet" in comma_list(args.trainable_models)
 
 
 def is_lora(args: argparse.Namespace) -> bool:
@@ -228,7 +295,7 @@ def data_file_keys(args: argparse.Namespace) -> list[str]:
     if "image" not in keys:
         keys.insert(0, "image")
     for extra in comma_list(args.extra_inputs):
-        if extra not in keys:
+        if extra in IMAGE_EXTRA_INPUTS and extra not in keys:
             keys.append(extra)
     return keys
 

@@ -10,6 +10,11 @@ scaled down to it (both sides by sqrt(w*h/max_pixels), truncated), then each sid
 The image is resized so it covers the target (bilinear) and centre-cropped. Each sample keeps its own size
 (batch size 1), so a dataset may mix aspect ratios without buckets.
 
+ControlNet columns (DiffSynth's names): `controlnet_image` and `controlnet_inpaint_mask` hold one image path each
+and are cropped and resized exactly like the row's `image` (to its training size, so control tokens line up with
+image tokens one to one); `controlnet_processor_id` holds the union ControlNet's mode (canny, tile, depth, blur,
+pose, gray, lq, or its id).
+
 `check()` reads every row before training starts: a missing column, a missing or unreadable image, an
 unsupported extension or an image too small for one 16-pixel patch stops the run with the row named.
 """
@@ -30,6 +35,10 @@ from .args import TrainError
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
 METADATA_NAMES = ("metadata.csv", "metadata.json", "metadata.jsonl")
 PROMPT_KEY = "prompt"
+# Image columns cropped and resized like the row's `image` (not by their own size): a ControlNet's control map and
+# mask must cover the training image pixel for pixel.
+PAIRED_KEYS = ("controlnet_image", "controlnet_inpaint_mask")
+MODE_KEY = "controlnet_processor_id"
 
 
 @dataclass
@@ -151,10 +160,13 @@ class ImageDataset(Dataset):
                  file_keys: tuple[str, ...] | list[str] = ("image",), height: int | None = None,
                  width: int | None = None, max_pixels: int = 1024 * 1024, repeat: int = 1,
                  required_keys: tuple[str, ...] | list[str] = ()):
+        """required_keys: columns every row must have (the --extra_inputs); those not in file_keys are values
+        (controlnet_processor_id), passed through as they are."""
         self.base = Path(base_path)
         self.rows, self.source = load_rows(base_path, metadata_path)
-        self.file_keys = list(file_keys)
+        self.file_keys = sorted(file_keys, key=lambda k: k != "image")  # the image first: paired keys take its size
         self.required_keys = ["image", PROMPT_KEY, *[k for k in required_keys if k not in ("image", PROMPT_KEY)]]
+        self.value_keys = [k for k in self.required_keys if k not in self.file_keys and k != PROMPT_KEY]
         self.fixed = (width, height) if height is not None and width is not None else None
         self.max_pixels = max_pixels
         self.repeat = repeat
@@ -167,12 +179,17 @@ class ImageDataset(Dataset):
             raise IndexError(f"sample {index} of a dataset of {len(self)}")
         row = self.rows[index % len(self.rows)]
         sample = {PROMPT_KEY: _prompt(row)}
+        size = None
         for key in self.file_keys:
             if key not in row.values or row.values[key] in (None, ""):
                 continue
             paths = self._paths(row, key)
-            images = [self._load(path, row, key)[0] for path in paths]
-            sample[key] = images[0] if key == "image" else images
+            images = [self._load(path, row, key, size if key in PAIRED_KEYS else None)[0] for path in paths]
+            if key == "image":
+                size = images[0].size
+            sample[key] = images[0] if key in ("image", *PAIRED_KEYS) else images
+        for key in self.value_keys:
+            sample[key] = mode_value(row) if key == MODE_KEY else row.values[key]
         return sample
 
     # -------------------------------------------------------------------- checks
@@ -187,13 +204,21 @@ class ImageDataset(Dataset):
                                      f"'image' and 'prompt'" + (f" and '{key}'" if key not in ("image", PROMPT_KEY)
                                                                  else "") + ".")
             _prompt(row)
+            if MODE_KEY in self.value_keys:
+                mode_value(row)
+            image_size = None
             for key in self.file_keys:
                 if key not in row.values or row.values[key] in (None, ""):
                     continue
-                for path in self._paths(row, key):
-                    size = self._load(path, row, key)[1]
+                paths = self._paths(row, key)
+                if key in PAIRED_KEYS and len(paths) != 1:
+                    raise TrainError(f"{row.where}: '{key}' holds {len(paths)} paths; it takes one image (the "
+                                     f"control for this row's image).")
+                for path in paths:
+                    size = self._load(path, row, key, image_size if key in PAIRED_KEYS else None)[1]
                     if key == "image":
                         sizes[size] = sizes.get(size, 0) + 1
+                        image_size = size
         return {"rows": len(self.rows), "samples": len(self), "sizes": sizes, "source": self.source}
 
     def _paths(self, row: Row, key: str) -> list[Path]:
@@ -214,7 +239,9 @@ class ImageDataset(Dataset):
             paths.append(p if p.is_absolute() else self.base / p)
         return paths
 
-    def _load(self, path: Path, row: Row, key: str) -> tuple[Image.Image, tuple[int, int]]:
+    def _load(self, path: Path, row: Row, key: str, size: tuple[int, int] | None = None
+              ) -> tuple[Image.Image, tuple[int, int]]:
+        """The image cropped and resized to `size` (width, height), or to its own training size when None."""
         if path.suffix.lower() not in IMAGE_EXTENSIONS:
             raise TrainError(f"{row.where}: '{key}' {path.name} is not a supported image type; use "
                              f"{', '.join(IMAGE_EXTENSIONS)}.")
@@ -226,7 +253,7 @@ class ImageDataset(Dataset):
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
             raise TrainError(f"{row.where}: '{key}' image {path} cannot be read ({type(e).__name__}: {e}); "
                              f"the file is damaged or not an image.") from None
-        width, height = target_size(*image.size, self.fixed, self.max_pixels)
+        width, height = size or target_size(*image.size, self.fixed, self.max_pixels)
         if width < 16 or height < 16:
             raise TrainError(f"{row.where}: '{key}' image {path} is {image.size[0]}x{image.size[1]}, too small: "
                              f"it gives a {width}x{height} training size; each side needs at least 16 pixels.")
@@ -240,6 +267,23 @@ def _prompt(row: Row) -> str:
     if not isinstance(prompt, str):
         raise TrainError(f"{row.where}: 'prompt' must be text, got {prompt!r}.")
     return prompt
+
+
+def mode_value(row: Row) -> str | int:
+    """The row's controlnet_processor_id: a union mode name, or its id (a JSON number or a string of digits)."""
+    from ..models.controlnet import union_mode_id
+
+    value = row.values.get(MODE_KEY)
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value.strip())
+    if value is None or value == "" or isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise TrainError(f"{row.where}: column '{MODE_KEY}' must name the union ControlNet's mode (canny, tile, "
+                         f"depth, blur, pose, gray, lq), got {row.values.get(MODE_KEY)!r}.")
+    try:
+        union_mode_id(value)
+    except ValueError as e:
+        raise TrainError(f"{row.where}: column '{MODE_KEY}': {e}") from None
+    return value
 
 
 def first_sample(sample: dict) -> dict:

@@ -10,9 +10,19 @@ the training dtype, the LoRA in float32, and AdamW's state stays float32 too.
 Saved LoRAs go through lora_tools' writers: kohya by default (`lora_unet_double_blocks_0_img_attn_qkv
 .lora_down.weight` + `.alpha`), which ComfyUI, diffusers, kohya, Forge, DiffSynth and `flux_core.lora.load_lora`
 all load. Full fine-tunes are saved as a DiT state dict with the BFL names, which `load_model` loads.
+
+A trained ControlNet (`--trainable_models controlnet`) is saved the way DiffSynth-Studio's ControlNet training saves
+it: the module's parameters named `pipe.controlnet.models.0.<DiffSynth name>` (`blocks.N.attn.a_to_qkv`,
+`single_blocks.N.to_qkv_mlp`, `x_embedder`, ...; the heads `controlnet_blocks.N`, `controlnet_x_embedder`,
+`controlnet_mode_embedder` keep their published names) minus --remove_prefix_in_ckpt. With
+`--remove_prefix_in_ckpt pipe.controlnet.models.0.` that is the state dict DiffSynth's `FluxControlNet` loads with
+`load_state_dict` (its validate_full script), and `load_model(path, kind="controlnet")` reads it (and the
+unstripped prefix) too. The names are our BFL names renamed by the inverse of the loader's own DiffSynth table
+(`flux_core.loading.dit_layouts.DIFFSYNTH_RULES`), so writing and reading cannot drift apart.
 """
 from __future__ import annotations
 
+import re
 import warnings
 
 import torch
@@ -153,3 +163,63 @@ def full_state_dict(dit: nn.Module, remove_prefix: str) -> dict[str, torch.Tenso
         out[key] = tensor.detach().cpu()
     return out
 
+
+
+# ------------------------------------------------------------------------------------------------ ControlNet
+CONTROLNET_CHECKPOINT_PREFIX = "pipe.controlnet.models.0."   # DiffSynth's name of the trained ControlNet
+
+
+def make_controlnet_trainable(controlnet: nn.Module) -> None:
+    controlnet.requires_grad_(True)
+
+
+def _inverse_rules(rules: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """The inverse of a table of simple renaming rules (`^literal(group)literal` -> `literal\\1literal`), so one
+    table serves reading and writing. A rule of another shape raises (the table's author then writes it out)."""
+    inverse = []
+    for pattern, repl in rules:
+        anchored_end = pattern.endswith("$")
+        body = pattern[1:-1] if anchored_end else pattern[1:]
+        if not pattern.startswith("^"):
+            raise ValueError(f"cannot invert {pattern!r}: not anchored at the start")
+        groups = re.findall(r"\(([^()]*)\)", body)
+        refs = [int(n) for n in re.findall(r"\\(\d)", repl)]
+        if refs != list(range(1, len(groups) + 1)):
+            raise ValueError(f"cannot invert {pattern!r} -> {repl!r}: groups used out of order")
+        parts = re.split(r"\\\d", repl)
+        new_pattern = "^" + "".join(re.escape(part) + (f"({groups[i]})" if i < len(groups) else "")
+                                    for i, part in enumerate(parts)) + ("$" if anchored_end else "")
+        literal = re.split(r"\([^()]*\)", body)
+        if any(re.search(r"[\^$*+?\[\]{}|]", re.sub(r"\\\.", "", part)) for part in literal):
+            raise ValueError(f"cannot invert {pattern!r}: not a literal with groups")
+        new_repl = "".join(part.replace("\\.", ".") + (f"\\{i + 1}" if i < len(groups) else "")
+                           for i, part in enumerate(literal))
+        inverse.append((new_pattern, new_repl))
+    return inverse
+
+
+def bfl_to_diffsynth(names: list[str]) -> dict[str, str]:
+    """{our (BFL trunk) name: DiffSynth's name} for a ControlNet's parameters. Checked both ways: every name read
+    back through the loader's table gives the name it came from."""
+    from ..loading.dit_layouts import DIFFSYNTH_RULES
+    from ..loading.files import rename_keys
+
+    forward = dict(zip(names, rename_keys({n: n for n in names}, _inverse_rules(DIFFSYNTH_RULES))))
+    back = rename_keys({theirs: ours for ours, theirs in forward.items()}, DIFFSYNTH_RULES)
+    wrong = [ours for theirs, ours in back.items() if theirs != ours]
+    if wrong:
+        raise RuntimeError(f"the DiffSynth names of {wrong[:3]} do not read back as themselves")
+    return forward
+
+
+def controlnet_state_dict(controlnet: nn.Module, remove_prefix: str) -> dict[str, torch.Tensor]:
+    """The ControlNet's weights named `pipe.controlnet.models.0.<DiffSynth name>` minus --remove_prefix_in_ckpt."""
+    state = controlnet.state_dict()
+    names = bfl_to_diffsynth(list(state))
+    out = {}
+    for name, tensor in state.items():
+        key = CONTROLNET_CHECKPOINT_PREFIX + names[name]
+        if remove_prefix and key.startswith(remove_prefix):
+            key = key[len(remove_prefix):]
+        out[key] = tensor.detach().cpu()
+    return out

@@ -36,7 +36,8 @@ import os
 import signal
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from operator import attrgetter
 from pathlib import Path
 
 import torch
@@ -49,8 +50,8 @@ from ..model_config import ModelConfig, ModelFileError
 from ..sampling import PromptEmbeds
 from ..vram import ComputeDevice, VRAMManager, store_model
 from . import checkpoint as ckpt
-from .args import (FP8_COMPONENTS, TrainError, comma_list, data_file_keys, is_lora, model_path_entries,
-                   torch_dtype)
+from .args import (FP8_COMPONENTS, TrainError, comma_list, data_file_keys, is_controlnet_run, is_lora,
+                   model_path_entries, torch_dtype, trains_controlnet)
 from .dataset import ImageDataset, first_sample
 from .loss import flow_matching_loss, sample_generator, training_attention, training_schedule
 from .messages import SLOT_NAMES, ModelEntry, reworded_logs, trainer_message, user_values
@@ -59,11 +60,13 @@ from .progress import Log
 from .run_folder import ARGS_FILE, LOG_FILE, check_output, earlier_run, prepare_output
 
 STOP_FILE = "STOP"
+# safetensors metadata of full checkpoints: the config shapes cannot tell (RoPE axes), read by validate.py.
+DIT_CONFIG_KEY, CONTROLNET_CONFIG_KEY = "fluxcore_dit_config", "fluxcore_controlnet_config"
 BATCH_PER_PROCESS = 1   # one image per forward: FLUX training samples differ in size (dynamic resolution)
 FP8_STORAGE = torch.float8_e4m3fn
 PIPELINE_LOGGERS = ("flux_core.pipeline", "flux_core.pipeline_models")  # what from_pretrained logs through
 # How a --resume mismatch names each setting a resumed run must share (the flag that sets it).
-SETTING_NAMES = {"mode": "LoRA or full training (--lora_base_model / --trainable_models)",
+SETTING_NAMES = {"mode": "LoRA, full DiT or ControlNet training (--lora_base_model / --trainable_models)",
                  "lora_rank": "--lora_rank", "targets": "LoRA layers (--lora_target_modules)", "seed": "--seed",
                  "samples": "dataset samples (rows x --dataset_repeat)",
                  "num_processes": "processes (accelerate launch --num_processes)",
@@ -151,6 +154,8 @@ def load_pipeline(args: argparse.Namespace, device: torch.device, skip_kinds: tu
     try:
         if skip_kinds:
             sources = [s for s in sources if not set(config_slots(s[2], s[0])) <= set(skip_kinds)]
+        if needs_controlnet(args) and "controlnet" not in skip_kinds:
+            check_controlnet_count(args, sources)   # from the files' keys, before any weights are read
         tok1 = ModelConfig(path=args.tokenizer_1_path) if args.tokenizer_1_path else None
         tok2 = ModelConfig(path=args.tokenizer_2_path) if args.tokenizer_2_path else None
         # from_pretrained numbers the configs it was given: its model_configs[i] is sources[i] (after skip_kinds).
@@ -168,11 +173,68 @@ def load_pipeline(args: argparse.Namespace, device: torch.device, skip_kinds: tu
         raise TrainError(f"the models of --model_paths / --model_id_with_origin_paths hold no "
                          f"{', '.join(SLOT_NAMES[m] for m in missing)}; training needs the DiT, the VAE and both text "
                          f"encoders (CLIP-L, T5): add the missing files there.")
-    for slot in ("dit", "vae", "text_encoder_1", "text_encoder_2"):
-        module = getattr(pipe, slot)
+    for module in [getattr(pipe, slot) for slot in ("dit", "vae", "text_encoder_1", "text_encoder_2")] + \
+            list(pipe.controlnet.models):
         if module is not None:
             module.eval().requires_grad_(False)
     return pipe, configs
+
+
+def needs_controlnet(args: argparse.Namespace) -> bool:
+    """Whether a training run feeds a ControlNet (validate.py's arguments have no such flags)."""
+    return hasattr(args, "extra_inputs") and (is_controlnet_run(args) or trains_controlnet(args))
+
+
+def controlnet_flags(args: argparse.Namespace) -> str:
+    """The flags that ask for a ControlNet, as a message names them."""
+    flags = []
+    if trains_controlnet(args):
+        flags.append("--trainable_models controlnet")
+    control = [e for e in comma_list(getattr(args, "extra_inputs", None)) if e.startswith("controlnet_")]
+    if control:
+        flags.append(f"--extra_inputs {','.join(control)}")
+    return " and ".join(flags)
+
+
+def check_controlnet_count(args: argparse.Namespace, sources: list[tuple[ModelEntry, str, ModelConfig]]) -> None:
+    """A ControlNet run needs exactly one ControlNet among the model flags' entries: the controlnet_* columns make
+    one control input per sample, for ControlNet 0 (DiffSynth's ControlNetInput default)."""
+    found = [entry for entry, _, config in sources if "controlnet" in config_slots(config, entry)]
+    if not found:
+        raise TrainError(f"{controlnet_flags(args)}: no ControlNet is loaded; add the ControlNet's file or folder "
+                         f"(diffusers format, e.g. InstantX/FLUX.1-dev-Controlnet-Union-alpha) to --model_paths or "
+                         f"--model_id_with_origin_paths.")
+    if len(found) > 1:
+        raise TrainError(f"{controlnet_flags(args)}: {len(found)} ControlNets are loaded "
+                         f"({', '.join(e.describe() for e in found)}), but the controlnet_* columns make one control "
+                         f"input per sample, for the first one; give only the ControlNet to train with.")
+
+
+def check_controlnet_columns(args: argparse.Namespace, pipe, configs: list[tuple[str, ModelConfig]]) -> None:
+    """The controlnet_* columns the loaded ControlNet needs, and only those; every problem in one message."""
+    from ..controlnet import INPAINT_CONDITION_CHANNELS, is_inpainting
+
+    model = pipe.controlnet.models[0]
+    entry = pipe.loaded_from["controlnet.models.0"]
+    spec = configs[entry.config_index][0]
+    extras = comma_list(args.extra_inputs)
+    problems = []
+    if model.params.num_modes and "controlnet_processor_id" not in extras:
+        problems.append("it is a union ControlNet: add controlnet_processor_id to --extra_inputs and a "
+                        "controlnet_processor_id column to the metadata with each row's mode (canny, tile, depth, "
+                        "blur, pose, gray, lq)")
+    elif not model.params.num_modes and "controlnet_processor_id" in extras:
+        problems.append("it has no control modes (not a union ControlNet): leave controlnet_processor_id out of "
+                        "--extra_inputs")
+    if is_inpainting(model) and "controlnet_inpaint_mask" not in extras:
+        problems.append("it is an inpainting ControlNet: add controlnet_inpaint_mask to --extra_inputs and a "
+                        "controlnet_inpaint_mask column (mask image paths, white where it repaints) to the metadata")
+    elif not is_inpainting(model) and "controlnet_inpaint_mask" in extras:
+        problems.append(f"it is not an inpainting ControlNet (its input has {model.params.extra_condition_channels} "
+                        f"extra channels, alimama's has {INPAINT_CONDITION_CHANNELS}): leave controlnet_inpaint_mask "
+                        f"out of --extra_inputs")
+    if problems:
+        raise TrainError(f"the ControlNet {spec}: " + "; ".join(problems) + ".")
 
 
 def config_slots(config: ModelConfig, entry: ModelEntry | None = None) -> list[str]:
@@ -217,7 +279,7 @@ def store_in_fp8(pipe, slots: list[str], compute_dtype: torch.dtype) -> None:
     if pipe.vram is None:
         pipe.vram = VRAMManager(ComputeDevice(pipe.device))  # no budget: every layer stays where it is
     for slot in slots:
-        model = getattr(pipe, slot)
+        model = attrgetter(slot)(pipe)   # "controlnet.models.0" for a ControlNet entry
         store_model(model, weight_dtype=FP8_STORAGE)
         pipe.vram.add(slot, model, compute_dtype)
 
@@ -275,6 +337,8 @@ class Trainer:
         self.output = Path(args.output_path)
         self.dtype = torch_dtype(args)
         self.lora = is_lora(args)
+        self.mode = "lora" if self.lora else "controlnet" if trains_controlnet(args) else "full"
+        self.control = is_controlnet_run(args)   # each sample feeds the ControlNet its controlnet_* columns
         self.stop = StopFlag()
 
     # -------------------------------------------------------------------- setup
@@ -312,7 +376,13 @@ class Trainer:
         resumable = self.find_resumable() if a.resume else None  # verified before any model loads
 
         self.pipe, configs = load_pipeline(a, acc.device)
-        store_in_fp8(self.pipe, fp8_slots(a, configs, self.pipe), self.dtype)
+        if self.control:
+            check_controlnet_columns(a, self.pipe, configs)
+        fp8 = fp8_slots(a, configs, self.pipe)
+        if self.mode == "controlnet" and "controlnet.models.0" in fp8:
+            raise TrainError("--fp8_models names the ControlNet, which --trainable_models controlnet trains; FP8 "
+                             "storage is for frozen models: leave it out of --fp8_models.")
+        store_in_fp8(self.pipe, fp8, self.dtype)
         dit = self.pipe.dit
         torch.manual_seed(a.seed)
         if self.lora:
@@ -321,15 +391,26 @@ class Trainer:
             add_lora(dit, self.targets, a.lora_rank)
             if a.lora_checkpoint:
                 load_lora_weights(dit, a.lora_checkpoint, a.lora_rank)
+            trained = dit
+        elif self.mode == "controlnet":
+            from .trainable import make_controlnet_trainable
+            self.targets = []
+            trained = self.pipe.controlnet.models[0]
+            make_controlnet_trainable(trained)
         else:
             from .trainable import make_fully_trainable
             self.targets = []
             make_fully_trainable(dit)
-        dit.gradient_checkpointing = a.use_gradient_checkpointing or a.use_gradient_checkpointing_offload
-        dit.gradient_checkpointing_offload = a.use_gradient_checkpointing_offload
-        dit.train()
+            trained = dit
+        # A trained ControlNet's gradients flow back through the frozen DiT (its residuals enter every DiT block),
+        # so the DiT's activations are kept or recomputed as well.
+        for model in {id(dit): dit, id(trained): trained}.values():
+            model.gradient_checkpointing = a.use_gradient_checkpointing or a.use_gradient_checkpointing_offload
+            model.gradient_checkpointing_offload = a.use_gradient_checkpointing_offload
+        trained.train()
+        self.trained = trained
 
-        self.params = [(n, p) for n, p in dit.named_parameters() if p.requires_grad]
+        self.params = [(n, p) for n, p in trained.named_parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW([p for _, p in self.params], lr=a.learning_rate, weight_decay=a.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.ConstantLR(optimizer, factor=LR_START_FACTOR,
                                                              total_iters=LR_START_STEPS)
@@ -344,15 +425,17 @@ class Trainer:
             # from process 0 at the start (the whole DiT for a LoRA run); gloo cannot broadcast float8 at all.
             from torch.nn.parallel import DistributedDataParallel
             DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
-                dit, [n for n, p in dit.named_parameters() if not p.requires_grad])
-        self.model, self.optimizer = acc.prepare(dit, optimizer)
+                trained, [n for n, p in trained.named_parameters() if not p.requires_grad])
+        self.model, self.optimizer = acc.prepare(trained, optimizer)   # DDP-wrapped when several processes
+        self.dit_model = self.model if trained is dit else dit
         self.schedule = training_schedule()
         self.guidance = a.embedded_guidance if dit.params.guidance_embed else None
+        self.validation_control = self.validation_control_input() if self.control and a.validation_prompts else None
 
     def settings(self) -> dict:
         """What a resumed run must share with the run that saved the state, for the result to be the same."""
         a = self.args
-        return {"mode": "lora" if self.lora else "full", "lora_rank": a.lora_rank if self.lora else None,
+        return {"mode": self.mode, "lora_rank": a.lora_rank if self.lora else None,
                 "targets": self.targets, "seed": a.seed, "samples": self.plan.samples,
                 "num_processes": self.plan.processes, "gradient_accumulation_steps": self.plan.accumulation,
                 "learning_rate": a.learning_rate, "weight_decay": a.weight_decay, "torch_dtype": a.torch_dtype}
@@ -424,7 +507,7 @@ class Trainer:
         self.log("start", total_steps=plan.total_steps, start_step=self.step, steps_per_epoch=plan.steps_per_epoch,
                  epochs=plan.epochs, num_processes=plan.processes, batch_per_process=BATCH_PER_PROCESS,
                  gradient_accumulation_steps=plan.accumulation, effective_batch=plan.effective_batch,
-                 samples=plan.samples, dataset_rows=self.data_summary["rows"], mode="lora" if self.lora else "full",
+                 samples=plan.samples, dataset_rows=self.data_summary["rows"], mode=self.mode,
                  trainable_parameters=sum(p.numel() for _, p in self.params), lora_layers=len(self.targets),
                  resumed_from=self.resumed_from, skipped_checkpoints=self.skipped_checkpoints,
                  output_path=str(self.output))
@@ -500,9 +583,45 @@ class Trainer:
             emb = pipe.encode_prompt(sample["prompt"], self.args.t5_sequence_length)
             prompt = PromptEmbeds(emb.prompt_emb.to(self.dtype), emb.pooled.to(self.dtype))
             extras = pipe.kontext_extras(sample["kontext_images"], 1) if "kontext_images" in sample else None
-        loss, _ = flow_matching_loss(self.model, x0, prompt, self.schedule, generator, self.guidance, self.dtype,
-                                     extras)
+            adapters = self.control_adapters(sample, x0) if self.control else []
+        loss, _ = flow_matching_loss(self.dit_model, x0, prompt, self.schedule, generator, self.guidance, self.dtype,
+                                     extras, adapters)
         return loss
+
+    def control_adapters(self, sample: dict, x0: torch.Tensor) -> list:
+        """The sample's controlnet_* columns as one ControlNetInput for ControlNet 0 (DiffSynth's parse_extra_inputs),
+        made into an adapter by the pipeline's own function: the control latent is the VAE posterior mean of the
+        control image (masked pixels blacked out and the mask channel added for inpainting), as at inference.
+        When the ControlNet trains, the adapter runs its DDP wrapper, so gradients are synchronised."""
+        item = sample_control_input(sample)
+        adapters = self.pipe.controlnet_adapters([item], x0.shape[-2] * 8, x0.shape[-1] * 8)
+        if self.mode == "controlnet":
+            adapters = [replace(adapter, model=self.model) for adapter in adapters]
+        return adapters
+
+    def validation_control_input(self):
+        """The control input of the validation images: --validation_controlnet_* files, else the first data row's."""
+        from PIL import Image
+
+        a = self.args
+        if not a.validation_controlnet_image:
+            return sample_control_input(self.dataset[0])
+
+        def read(path):
+            with Image.open(path) as image:
+                return image.convert("RGB")
+        from ..controlnet import ControlNetInput, check_controlnet_input
+        mask = a.validation_controlnet_inpaint_mask
+        item = ControlNetInput(image=read(a.validation_controlnet_image), inpaint_mask=read(mask) if mask else None,
+                               processor_id=a.validation_controlnet_processor_id)
+        try:
+            check_controlnet_input(0, item, self.pipe.controlnet)
+        except ValueError as e:
+            message = str(e).replace("controlnet_inputs[0]: ", "").replace("inpaint_mask", "--validation_controlnet_"
+                                                                             "inpaint_mask")
+            message = message.replace("processor_id", "--validation_controlnet_processor_id")
+            raise TrainError(f"--validation_controlnet_image: {message}") from None
+        return item
 
     def _stop_requested(self) -> bool:
         return self.stop.requested or (self.output / STOP_FILE).exists()
@@ -533,11 +652,17 @@ class Trainer:
                 from lora_tools import save_lora
                 from .trainable import export_lora
                 save_lora(export_lora(dit), path, fmt=self.args.lora_format, dtype=self.dtype)
+            elif self.mode == "controlnet":
+                from .trainable import controlnet_state_dict
+                controlnet = self.trained
+                config = {"axes_dim": list(controlnet.params.axes_dim)}  # the one setting shapes cannot tell
+                save_safetensors(controlnet_state_dict(controlnet, self.args.remove_prefix_in_ckpt), path,
+                                 metadata={"format": "pt", CONTROLNET_CONFIG_KEY: json.dumps(config)})
             else:
                 from .trainable import full_state_dict
                 config = {"axes_dim": list(dit.params.axes_dim)}  # the one setting shapes cannot tell
                 save_safetensors(full_state_dict(dit, self.args.remove_prefix_in_ckpt), path,
-                                 metadata={"format": "pt", "fluxcore_dit_config": json.dumps(config)})
+                                 metadata={"format": "pt", DIT_CONFIG_KEY: json.dumps(config)})
             state = {"step": self.step, "epoch": self.epoch, "position": self.position, "weights": path.name,
                      "settings": self.settings()}
             folder = ckpt.save_state(self.output, {n: p for n, p in self.params}, self.optimizer.state_dict(),
@@ -558,15 +683,16 @@ class Trainer:
         paths = []
         if acc.is_main_process:
             height, width = validation_size(a)
-            self.pipe.dit.eval()
+            self.trained.eval()
+            control = {"controlnet_inputs": [self.validation_control]} if self.validation_control else {}
             for i, prompt in enumerate(a.validation_prompts):
                 image = self.pipe(prompt=prompt, height=height, width=width, seed=a.validation_seed,
                                   num_inference_steps=a.validation_num_inference_steps,
                                   embedded_guidance=a.validation_embedded_guidance,
-                                  t5_sequence_length=a.t5_sequence_length, progress_bar_cmd=None)
+                                  t5_sequence_length=a.t5_sequence_length, progress_bar_cmd=None, **control)
                 path = save_image(image, self.output / "validation" / f"step-{self.step}-{i}.png")
                 paths.append(str(path))
-            self.pipe.dit.train()
+            self.trained.train()
             self.log("validation", step=self.step, images=paths, prompts=a.validation_prompts)
         acc.wait_for_everyone()
         return paths
@@ -585,6 +711,14 @@ class Trainer:
             self.save(f"step-{self.step}")
         self.log("done", step=self.step, path=_str(self.last_path))
         return {"step": self.step, "path": self.last_path, "stopped": False}
+
+
+def sample_control_input(sample: dict):
+    """One sample's controlnet_<field> columns as ControlNetInput(<field>=value) for ControlNet 0."""
+    from ..controlnet import ControlNetInput
+
+    return ControlNetInput(image=sample["controlnet_image"], inpaint_mask=sample.get("controlnet_inpaint_mask"),
+                           processor_id=sample.get("controlnet_processor_id"))
 
 
 def _str(path: Path | None) -> str | None:
