@@ -20,9 +20,15 @@ from .handles import TEXT_ENCODERS_TYPE, VAE_TYPE
 from .loaders import NodeInputError
 
 DEFAULT_GUIDANCE = 3.5
-# The CONDITIONING entries FluxCore's sampler honours; anything else (ControlNet's "control", "mask", "area",
-# "strength", "gligen", "reference_latents_method", ...) it cannot use, and says so (warn_unused_entries).
-HONOURED_KEYS = frozenset({"pooled_output", "guidance", "reference_latents"})
+# The CONDITIONING entries FluxCore's sampler honours (`fluxcore_controlnets`: the payloads of Apply ControlNet
+# (FluxCore), nodes/controlnet_nodes.py); anything else (native ControlNet's "control", "mask", "area", "strength",
+# "gligen", "reference_latents_method", ...) it cannot use, and says so (warn_unused_entries).
+HONOURED_KEYS = frozenset({"pooled_output", "guidance", "reference_latents", "fluxcore_controlnets"})
+# Entries that only qualify another one (native Apply ControlNet sets both): warned about under that one.
+QUALIFIERS = {"control_apply_to_uncond": "control"}
+NATIVE_CONTROLNET_HINT = ("it is a ControlNet from ComfyUI's own Apply ControlNet, which FluxCore's sampler cannot run: "
+                          "load the ControlNet with \"Load ControlNet (FluxCore)\" and apply it with \"Apply "
+                          "ControlNet (FluxCore)\" instead")
 log = logging.getLogger("FluxCore")
 
 
@@ -55,7 +61,7 @@ def read_conditioning(node: str, input_name: str, conditioning) -> tuple[PromptE
 
 def unused_keys(conditioning) -> set[str]:
     """The keys of a CONDITIONING's entries that the sampler does not honour (None values are no setting)."""
-    return {key for _, extra in conditioning or [] for key, value in extra.items()
+    return {QUALIFIERS.get(key, key) for _, extra in conditioning or [] for key, value in extra.items()
             if key not in HONOURED_KEYS and value is not None}
 
 
@@ -67,9 +73,12 @@ def warn_unused_entries(node: str, sides: dict) -> None:
         for key in sorted(unused_keys(conditioning)):
             carriers.setdefault(key, []).append(input_name)
     for key, inputs in carriers.items():
+        on = " and ".join(f"'{i}'" for i in inputs)
+        if key == "control":
+            log.warning("%s: conditioning entry 'control' (on %s) is ignored; %s.", node, on, NATIVE_CONTROLNET_HINT)
+            continue
         log.warning("%s: conditioning entry %r (on %s) is not supported by FluxCore's sampler and is ignored; it "
-                    "honours only %s.", node, key, " and ".join(f"'{i}'" for i in inputs),
-                    ", ".join(sorted(HONOURED_KEYS)))
+                    "honours only %s.", node, key, on, ", ".join(sorted(HONOURED_KEYS)))
 
 
 class FluxCoreTextEncode:

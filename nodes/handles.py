@@ -47,3 +47,13 @@ class TextEncodersHandle:
 class VAEHandle:
     model: ManagedModel = field(compare=False)
     name: str = ""
+
+
+CONTROLNET_TYPE = "FLUXCORE_CONTROLNET"
+
+
+@dataclass(frozen=True)
+class ControlNetHandle:
+    """A loaded FLUX ControlNet (flux_core.models.controlnet.FluxControlNet) and the file it came from."""
+    model: ManagedModel = field(compare=False)
+    name: str = ""

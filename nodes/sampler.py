@@ -3,6 +3,11 @@
 LATENT `samples` are raw VAE latents (as native VAEEncode/VAEDecode use them); they are scaled into the DiT's
 space here and back at the end. `noise_mask` (SetLatentNoiseMask) is honoured: outside the mask the original
 latent, noised to the current level, is put back after every step, so it comes out unchanged.
+
+ControlNets come in the conditioning (`fluxcore_controlnets`, from Apply ControlNet (FluxCore)): one flux_core
+ControlNetAdapter per payload, in the branches it was applied to (nodes/controlnet_nodes.py). `tiled_dit` runs the
+DiT (and its ControlNets) tile by tile, as FluxImagePipeline's `tiled=True` does (flux_core.tiled_dit); control
+images are then VAE-encoded with the same tiles, as there.
 """
 from __future__ import annotations
 
@@ -12,16 +17,18 @@ from dataclasses import replace
 import torch
 import torch.nn.functional as F
 
-from flux_core.run_cost import check_run_cost, image_tokens
+from flux_core.run_cost import check_run_cost, dit_forward_flops, image_tokens
 from flux_core.inputs import SEED_MAX
 from flux_core.lora import clear_lora, load_lora
 from flux_core.model_state import state_of
 from flux_core.models.vae import AutoEncoderParams
 from flux_core.sampling import denoise as run_denoise, guided_velocity, make_noise, reference_extras, tea_cache_extras
 from flux_core.scheduler import add_noise, flux_sigmas, next_sigmas
+from flux_core.tiled_dit import DiTTiling, tile_boxes
 
 from . import comfy_bridge as bridge
 from .conditioning import read_conditioning, warn_unused_entries
+from .controlnet_nodes import controlnet_adapters, controlnet_flops, place_controlnets
 from .handles import DIT_TYPE, DiTHandle
 from .loaders import NodeInputError
 from . import vram_nodes
@@ -42,18 +49,43 @@ def prepare_dit(handle: DiTHandle):
 
 
 def check_sampler_cost(node: str, dit, batch: int, h: int, w: int, text_tokens: int, reference_tokens: int,
-                       steps: int, passes: int) -> None:
+                       steps: int, passes: int, tiling: DiTTiling | None = None, adapters=()) -> None:
     """The pipeline's cost checks for one sampler run (latent sides h, w): refuse what cannot fit the compute
-    device, warn when it takes most of it or would take very long on a CPU."""
-    image = image_tokens(h * 8, w * 8) + reference_tokens
+    device, warn when it takes most of it or would take very long on a CPU. With `tiling` one DiT call sees one
+    tile (all tiles have one size), and each step makes one call per tile; ControlNet `adapters` add their own
+    forwards to the compute, counted in DiT passes (flux_core.run_cost.dit_forward_flops of each ControlNet)."""
+    boxes = tile_boxes(h, w, tiling) if tiling is not None else [(0, h, 0, w)]
+    top, bottom, left, right = boxes[0]
+    image = image_tokens((bottom - top) * 8, (right - left) * 8) + reference_tokens
+    tiles = f", in {len(boxes)} DiT tiles of {(right - left) * 8}x{(bottom - top) * 8}" if tiling is not None else ""
     what = (f"a {w * 8}x{h * 8} latent_image with a batch of {batch} and {reference_tokens} reference tokens "
-            f"(ReferenceLatent / Kontext reference in 'positive'), {image + text_tokens} tokens in all")
-    work = f"{steps} steps x {passes} pass(es) x {batch} image(s) at {w * 8}x{h * 8}"
+            f"(ReferenceLatent / Kontext reference in 'positive'), {image + text_tokens} tokens in all{tiles}")
+    extra = (controlnet_flops(adapters, image, text_tokens, passes) / dit_forward_flops(dit, image, text_tokens)
+             if adapters else 0.0)
+    controlnets = f" + {extra:.2g} DiT pass(es) of ControlNets ({len(adapters)})" if adapters else ""
+    work = (f"{steps} steps x {len(boxes)} tile(s) x ({passes} pass(es){controlnets}) x {batch} image(s) at "
+            f"{w * 8}x{h * 8}" if tiling is not None or adapters
+            else f"{steps} steps x {passes} pass(es) x {batch} image(s) at {w * 8}x{h * 8}")
     device = vram_nodes.make_compute_device()  # looked up at call time: tests put a SimulatedDevice there
     try:
-        check_run_cost(dit, device, batch, image, text_tokens, steps, passes, what, work, stacklevel=3)
+        check_run_cost(dit, device, batch, image, text_tokens, steps * len(boxes), passes + extra, what, work,
+                       stacklevel=3)
     except ValueError as e:
         raise NodeInputError(f"{node}: {e}") from None
+
+
+def dit_tiling(node: str, model: DiTHandle, tiled_dit: bool, tile_size: int, tile_stride: int) -> DiTTiling | None:
+    """The sampler's tiled-DiT inputs as a DiTTiling (None when off); refused with TeaCache, as the pipeline does."""
+    if not tiled_dit:
+        return None
+    if model.tea_cache_l1_thresh is not None:
+        raise NodeInputError(f"{node}, input 'tiled_dit': the model has TeaCache (FLUX TeaCache (FluxCore)), which "
+                             f"follows one DiT call per step, and the tiled DiT makes one call per tile: remove the "
+                             f"TeaCache node (or set its rel_l1_thresh to 0), or turn tiled_dit off.")
+    try:
+        return DiTTiling(int(tile_size), int(tile_stride))
+    except ValueError as e:
+        raise NodeInputError(f"{node}, inputs 'tile_size' and 'tile_stride': {e}") from None
 
 
 def latent_mask(noise_mask: torch.Tensor, batch: int, h: int, w: int) -> torch.Tensor:
@@ -109,10 +141,19 @@ class FluxCoreSampler:
                                       "tooltip": "Schedule shift (DiffSynth-Studio's FLUX default 3)."}),
             "denoise": ("FLOAT", {"default": 1.0, "min": 0.01, "max": 1.0, "step": 0.01,
                                   "tooltip": "1 starts from pure noise; less keeps more of the input latent."}),
+        }, "optional": {
+            "tiled_dit": ("BOOLEAN", {"default": False, "tooltip":
+                          "Run the DiT (and its ControlNets) in overlapping tiles, blended: for 2048x2048 and "
+                          "larger (e.g. the upscaler ControlNet). Control images are then VAE-encoded tiled too. "
+                          "Not with TeaCache."}),
+            "tile_size": ("INT", {"default": 128, "min": 16, "max": 512, "step": 2, "tooltip":
+                          "With tiled_dit: tile side in latent pixels (x8 in image pixels; 128 = 1024 px); even."}),
+            "tile_stride": ("INT", {"default": 64, "min": 8, "max": 512, "step": 2, "tooltip":
+                            "With tiled_dit: distance between tiles in latent pixels; overlaps are blended."}),
         }}
 
     def sample(self, model, positive, negative, latent_image, seed, steps, cfg=1.0, embedded_guidance=-1.0,
-               sigma_shift=3.0, denoise=1.0):
+               sigma_shift=3.0, denoise=1.0, tiled_dit=False, tile_size=128, tile_stride=64):
         node = "FluxCoreSampler"
         samples = latent_image["samples"]
         if samples.ndim != 4 or samples.shape[1] != 16:
@@ -124,7 +165,9 @@ class FluxCoreSampler:
                                  f"(FLUX packs 2x2 latent patches); use {w // 2 * 16}x{h // 2 * 16}.")
         positive_embeds, cond_guidance, references = read_conditioning(node, "positive", positive)
         negative_embeds = read_conditioning(node, "negative", negative)[0] if cfg != 1.0 else None
-        warn_unused_entries(node, {"positive": positive, **({"negative": negative} if cfg != 1.0 else {})})
+        sides = {"positive": positive, **({"negative": negative} if cfg != 1.0 else {})}
+        warn_unused_entries(node, sides)
+        tiling = dit_tiling(node, model, tiled_dit, tile_size, tile_stride)
         guidance = embedded_guidance if embedded_guidance >= 0 else cond_guidance
 
         check_conditioning(node, model.model.module, b, positive=positive_embeds, negative=negative_embeds)
@@ -136,11 +179,15 @@ class FluxCoreSampler:
         except ValueError as e:
             raise NodeInputError(f"{node}, input 'positive' (reference_latents): {e}") from None
         sigmas = flux_sigmas(steps, denoise, sigma_shift)
+        device = bridge.compute_device()
+        vae_tiling = ({} if tiling is None else
+                      dict(tiled=True, tile_size=tiling.tile_size, tile_stride=tiling.tile_stride))
+        adapters, controlnets = controlnet_adapters(node, sides, model.model.module, b, h, w, vae_tiling, device)
         reference_tokens = extras.ref_tokens.shape[1] if extras is not None else 0  # odd sides padded: exact
         check_sampler_cost(node, model.model.module, b, h, w, positive_embeds.prompt_emb.shape[1], reference_tokens,
-                           len(sigmas), passes=2 if negative_embeds is not None else 1)
+                           len(sigmas), passes=2 if negative_embeds is not None else 1, tiling=tiling,
+                           adapters=adapters)
         mask = latent_mask(latent_image["noise_mask"], b, h, w) if "noise_mask" in latent_image else None
-        device = bridge.compute_device()
         x0 = FLUX_LATENT.raw_to_scaled(samples.float()).to(device)
         noise = make_noise(b, h * 8, w * 8, seed, "cpu", device)
         start = noise if denoise >= 1.0 else add_noise(x0, noise, float(sigmas[0]))
@@ -156,7 +203,7 @@ class FluxCoreSampler:
 
         def velocity(x: torch.Tensor, call) -> torch.Tensor:
             last["v"] = guided_velocity(dit, x, call, positive_embeds, negative_embeds, cfg, guidance, extras,
-                                        negative_extras)
+                                        negative_extras, adapters, tiling)
             return last["v"]
 
         progress, previewer, nexts = bridge.Progress(steps), bridge.latent_previewer(), next_sigmas(sigmas)
@@ -169,12 +216,16 @@ class FluxCoreSampler:
             bridge.check_interrupt()
             return x
 
+        release_controlnets = None
         try:
             dit = prepare_dit(model)
+            release_controlnets = place_controlnets(model, controlnets)
             with torch.no_grad():
                 final = run_denoise(start, sigmas, velocity, None, after_step)
         finally:  # also after Cancel (raised from after_step), a LoRA that fails to apply, or an error: an
-            release_dit(model)  # offloaded DiT gives its VRAM back
+            if release_controlnets is not None:  # offloaded DiT and its ControlNets give their VRAM back
+                release_controlnets()
+            release_dit(model)
         for stats in tea_stats.values():
             logging.getLogger("FluxCore").info("%s: %s", node, stats)
         out = dict(latent_image)
