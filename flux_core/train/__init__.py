@@ -1,4 +1,6 @@
-"""Training: LoRA or full fine-tuning of the FLUX DiT with DiffSynth-Studio's command line.
+"""Training: LoRA or full fine-tuning of the FLUX DiT, or full training of a FLUX ControlNet (`--trainable_models
+controlnet`), with DiffSynth-Studio's command line; a DiT LoRA may be trained with ControlNet inputs
+(`--extra_inputs controlnet_image[,controlnet_inpaint_mask|controlnet_processor_id]`).
 
     accelerate launch -m flux_core.train --dataset_base_path data/example_image_dataset \\
         --dataset_metadata_path data/example_image_dataset/metadata.csv --max_pixels 1048576 \\

@@ -1,5 +1,11 @@
-"""The training loop: load the pipeline, make the DiT (or a LoRA on it) trainable, and step through the data
-with `accelerate` doing the distributed part.
+"""The training loop: load the pipeline, make the DiT (or a LoRA on it, or the ControlNet) trainable, and step
+through the data with `accelerate` doing the distributed part.
+
+ControlNets. With `--extra_inputs controlnet_image[,...]` each sample's controlnet_* columns become one
+ControlNetInput for the one ControlNet of the model flags, turned into a `ControlNetAdapter` by the pipeline's own
+`controlnet_adapters` (control latent = VAE posterior mean, as at inference) and passed to the loss as an adapter.
+With `--trainable_models controlnet` that ControlNet is the trained (and DDP-wrapped) module and the DiT stays
+frozen; gradients reach the ControlNet through the DiT's blocks, whose residual inputs they are.
 
 Data order. Each epoch is a permutation of the (repeated) dataset drawn from (seed, epoch). With P processes
 and G accumulation steps an optimizer step consumes P x G consecutive places of that order: process r takes
