@@ -316,17 +316,18 @@ def test_validation_images_get_the_control_input_and_validate_full_renders_the_c
     with contextlib.redirect_stdout(io.StringIO()):
         result = train(parse_args(argv))
     image = np.asarray(Image.open(out / "validation" / "step-2-0.png"), dtype=np.int16)
-    common = ["--model_paths", json.dumps([str(world.setup.model)]), "--height", "32", "--width", "32",
+    base_only = ["--model_paths", json.dumps([str(world.setup.model)])]   # validate_full adds the trained ControlNet
+    common = ["--height", "32", "--width", "32",
               "--num_inference_steps", "2", "--t5_sequence_length", "16", "--torch_dtype", "float32", "--device",
               "cpu", "--prompt", "a cat red", "--embedded_guidance", "3.5"]
     row = world.rows[0]   # the first data row's control inputs: what the validation run used
     with contextlib.redirect_stdout(io.StringIO()):
         assert main(["validate_full", "--checkpoint", str(result["path"]), "--output", str(tmp_path / "v.png"),
                      "--controlnet_image", str(world.data / row[2]), "--controlnet_processor_id", row[4],
-                     *common]) == 0
+                     *base_only, *common]) == 0
         assert main(["validate_full", "--checkpoint", str(result["path"]), "--output", str(tmp_path / "w.png"),
                      "--controlnet_image", str(world.data / "control 5.png"), "--controlnet_processor_id", row[4],
-                     *common]) == 0
+                     *base_only, *common]) == 0
     again = np.asarray(Image.open(tmp_path / "v.png"), dtype=np.int16)
     other = np.asarray(Image.open(tmp_path / "w.png"), dtype=np.int16)
     print(f"validation image vs validate_full: {np.abs(image - again).max()}, with another control image: "
@@ -334,10 +335,23 @@ def test_validation_images_get_the_control_input_and_validate_full_renders_the_c
     # Measured 0: the same pipeline call on the same weights. Another control image changes pixels by tens of levels.
     assert np.abs(image - again).max() <= 1
     assert np.abs(image - other).max() > 3
+    # A LoRA trained with the ControlNet: its validation image (the first row's control) equals validate_lora's.
+    lora_out = tmp_path / "lora"
+    validation = ["--validation_prompts", "a cat red", "--validation_height", "32", "--validation_width", "32",
+                  "--validation_num_inference_steps", "2"]
+    with contextlib.redirect_stdout(io.StringIO()):
+        lora = train(parse_args(cn_argv(world, lora_out, "union", None, "--max_steps", "1", *validation, lora=True)))
+        with_cn = ["--model_paths", json.dumps([str(world.setup.model), str(world.tmp / "union")])]
+        assert main(["validate_lora", "--lora_path", str(lora["path"]), "--output", str(tmp_path / "l.png"),
+                     "--controlnet_image", str(world.data / row[2]), "--controlnet_processor_id", row[4],
+                     *common, *with_cn]) == 0
+    lora_image = np.asarray(Image.open(lora_out / "validation" / "step-1-0.png"), dtype=np.int16)
+    assert np.abs(lora_image - np.asarray(Image.open(tmp_path / "l.png"), dtype=np.int16)).max() <= 1   # measured 0
     with pytest.raises(TrainError, match="is a ControlNet: give --controlnet_image"):
         with contextlib.redirect_stdout(io.StringIO()):
             from flux_core.train.validate import run
-            run("validate_full", ["--checkpoint", str(result["path"]), "--output", str(tmp_path / "x.png"), *common])
+            run("validate_full", ["--checkpoint", str(result["path"]), "--output", str(tmp_path / "x.png"), *base_only,
+                                  *common])
 
 
 # ------------------------------------------------------------------------------------------------ processes

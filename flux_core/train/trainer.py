@@ -478,8 +478,9 @@ class Trainer:
                                  f"--num_epochs, --max_steps, saving and validation options may change).")
         names = {n for n, _ in self.params}
         if set(loaded.trainable) != names:
+            model = "ControlNet" if self.mode == "controlnet" else "DiT"
             raise TrainError(f"--resume {folder}: its trained parameters differ from this run's "
-                             f"({len(loaded.trainable)} vs {len(names)}); resume with the same DiT (--model_paths / "
+                             f"({len(loaded.trainable)} vs {len(names)}); resume with the same {model} (--model_paths / "
                              f"--model_id_with_origin_paths) and --lora_target_modules.")
         with torch.no_grad():
             for name, p in self.params:
