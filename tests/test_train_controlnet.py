@@ -251,7 +251,7 @@ def test_conditioned_training_loss_equals_diffsynths_flowmatch_sft_loss(world, t
     from tests.diffsynth_ref import diffsynth_flux, tiny_diffsynth_controlnet, tiny_diffsynth_dit
     from tests.tiny_controlnet import diffsynth_state_dict as controlnet_diffsynth_sd
     from tests.tiny_dit import diffsynth_state_dict as dit_diffsynth_sd, make_diffusers_dit, write_diffusers_dit
-    from tests.tiny_pipeline import FOLDER_NAME, make_diffusers_pipeline
+    from tests.tiny_pipeline import make_diffusers_pipeline
 
     model_fn, _, _ = diffsynth_flux()
     from diffsynth.diffusion.flow_match import FlowMatchScheduler

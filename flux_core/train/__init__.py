@@ -11,7 +11,8 @@ controlnet`), with DiffSynth-Studio's command line; a DiT LoRA may be trained wi
         --use_gradient_checkpointing --align_to_opensource_format
 
 args.py (arguments), dataset.py (metadata, images, sizes), loss.py (the flow-matching objective),
-trainable.py (peft LoRA / full DiT, saving), checkpoint.py (atomic, verified resumable states), run_folder.py
+trainable.py (peft LoRA / full DiT / ControlNet, saving), control.py (the ControlNet a run feeds, its columns and
+control inputs), checkpoint.py (atomic, verified resumable states), run_folder.py
 (the output folder: writable, one run per folder, no stale temporary files), trainer.py (the loop; FP8 storage
 of frozen models through flux_core.vram), progress.py (JSON events and the terminal progress bar), packages.py
 (the `train` extra), validate.py (validate_lora / validate_full).

@@ -58,6 +58,8 @@ from ..vram import ComputeDevice, VRAMManager, store_model
 from . import checkpoint as ckpt
 from .args import (FP8_COMPONENTS, TrainError, comma_list, data_file_keys, is_controlnet_run, is_lora,
                    model_path_entries, torch_dtype, trains_controlnet)
+from .control import (check_controlnet_columns, check_controlnet_count, needs_controlnet, sample_control_input,
+                      validation_control_input)
 from .dataset import ImageDataset, first_sample
 from .loss import flow_matching_loss, sample_generator, training_attention, training_schedule
 from .messages import SLOT_NAMES, ModelEntry, reworded_logs, trainer_message, user_values
@@ -160,8 +162,9 @@ def load_pipeline(args: argparse.Namespace, device: torch.device, skip_kinds: tu
     try:
         if skip_kinds:
             sources = [s for s in sources if not set(config_slots(s[2], s[0])) <= set(skip_kinds)]
-        if needs_controlnet(args) and "controlnet" not in skip_kinds:
-            check_controlnet_count(args, sources)   # from the files' keys, before any weights are read
+        if needs_controlnet(args) and "controlnet" not in skip_kinds:   # from the files' keys, before weights load
+            check_controlnet_count(args, [entry for entry, _, config in sources
+                                          if "controlnet" in config_slots(config, entry)])
         tok1 = ModelConfig(path=args.tokenizer_1_path) if args.tokenizer_1_path else None
         tok2 = ModelConfig(path=args.tokenizer_2_path) if args.tokenizer_2_path else None
         # from_pretrained numbers the configs it was given: its model_configs[i] is sources[i] (after skip_kinds).
@@ -184,63 +187,6 @@ def load_pipeline(args: argparse.Namespace, device: torch.device, skip_kinds: tu
         if module is not None:
             module.eval().requires_grad_(False)
     return pipe, configs
-
-
-def needs_controlnet(args: argparse.Namespace) -> bool:
-    """Whether a training run feeds a ControlNet (validate.py's arguments have no such flags)."""
-    return hasattr(args, "extra_inputs") and (is_controlnet_run(args) or trains_controlnet(args))
-
-
-def controlnet_flags(args: argparse.Namespace) -> str:
-    """The flags that ask for a ControlNet, as a message names them."""
-    flags = []
-    if trains_controlnet(args):
-        flags.append("--trainable_models controlnet")
-    control = [e for e in comma_list(getattr(args, "extra_inputs", None)) if e.startswith("controlnet_")]
-    if control:
-        flags.append(f"--extra_inputs {','.join(control)}")
-    return " and ".join(flags)
-
-
-def check_controlnet_count(args: argparse.Namespace, sources: list[tuple[ModelEntry, str, ModelConfig]]) -> None:
-    """A ControlNet run needs exactly one ControlNet among the model flags' entries: the controlnet_* columns make
-    one control input per sample, for ControlNet 0 (DiffSynth's ControlNetInput default)."""
-    found = [entry for entry, _, config in sources if "controlnet" in config_slots(config, entry)]
-    if not found:
-        raise TrainError(f"{controlnet_flags(args)}: no ControlNet is loaded; add the ControlNet's file or folder "
-                         f"(diffusers format, e.g. InstantX/FLUX.1-dev-Controlnet-Union-alpha) to --model_paths or "
-                         f"--model_id_with_origin_paths.")
-    if len(found) > 1:
-        raise TrainError(f"{controlnet_flags(args)}: {len(found)} ControlNets are loaded "
-                         f"({', '.join(e.describe() for e in found)}), but the controlnet_* columns make one control "
-                         f"input per sample, for the first one; give only the ControlNet to train with.")
-
-
-def check_controlnet_columns(args: argparse.Namespace, pipe, configs: list[tuple[str, ModelConfig]]) -> None:
-    """The controlnet_* columns the loaded ControlNet needs, and only those; every problem in one message."""
-    from ..controlnet import INPAINT_CONDITION_CHANNELS, is_inpainting
-
-    model = pipe.controlnet.models[0]
-    entry = pipe.loaded_from["controlnet.models.0"]
-    spec = configs[entry.config_index][0]
-    extras = comma_list(args.extra_inputs)
-    problems = []
-    if model.params.num_modes and "controlnet_processor_id" not in extras:
-        problems.append("it is a union ControlNet: add controlnet_processor_id to --extra_inputs and a "
-                        "controlnet_processor_id column to the metadata with each row's mode (canny, tile, depth, "
-                        "blur, pose, gray, lq)")
-    elif not model.params.num_modes and "controlnet_processor_id" in extras:
-        problems.append("it has no control modes (not a union ControlNet): leave controlnet_processor_id out of "
-                        "--extra_inputs")
-    if is_inpainting(model) and "controlnet_inpaint_mask" not in extras:
-        problems.append("it is an inpainting ControlNet: add controlnet_inpaint_mask to --extra_inputs and a "
-                        "controlnet_inpaint_mask column (mask image paths, white where it repaints) to the metadata")
-    elif not is_inpainting(model) and "controlnet_inpaint_mask" in extras:
-        problems.append(f"it is not an inpainting ControlNet (its input has {model.params.extra_condition_channels} "
-                        f"extra channels, alimama's has {INPAINT_CONDITION_CHANNELS}): leave controlnet_inpaint_mask "
-                        f"out of --extra_inputs")
-    if problems:
-        raise TrainError(f"the ControlNet {spec}: " + "; ".join(problems) + ".")
 
 
 def config_slots(config: ModelConfig, entry: ModelEntry | None = None) -> list[str]:
@@ -608,27 +554,7 @@ class Trainer:
 
     def validation_control_input(self):
         """The control input of the validation images: --validation_controlnet_* files, else the first data row's."""
-        from PIL import Image
-
-        a = self.args
-        if not a.validation_controlnet_image:
-            return sample_control_input(self.dataset[0])
-
-        def read(path):
-            with Image.open(path) as image:
-                return image.convert("RGB")
-        from ..controlnet import ControlNetInput, check_controlnet_input
-        mask = a.validation_controlnet_inpaint_mask
-        item = ControlNetInput(image=read(a.validation_controlnet_image), inpaint_mask=read(mask) if mask else None,
-                               processor_id=a.validation_controlnet_processor_id)
-        try:
-            check_controlnet_input(0, item, self.pipe.controlnet)
-        except ValueError as e:
-            message = str(e).replace("controlnet_inputs[0]: ", "").replace("inpaint_mask", "--validation_controlnet_"
-                                                                             "inpaint_mask")
-            message = message.replace("processor_id", "--validation_controlnet_processor_id")
-            raise TrainError(f"--validation_controlnet_image: {message}") from None
-        return item
+        return validation_control_input(self.args, self.dataset, self.pipe)
 
     def _stop_requested(self) -> bool:
         return self.stop.requested or (self.output / STOP_FILE).exists()
@@ -718,14 +644,6 @@ class Trainer:
             self.save(f"step-{self.step}")
         self.log("done", step=self.step, path=_str(self.last_path))
         return {"step": self.step, "path": self.last_path, "stopped": False}
-
-
-def sample_control_input(sample: dict):
-    """One sample's controlnet_<field> columns as ControlNetInput(<field>=value) for ControlNet 0."""
-    from ..controlnet import ControlNetInput
-
-    return ControlNetInput(image=sample["controlnet_image"], inpaint_mask=sample.get("controlnet_inpaint_mask"),
-                           processor_id=sample.get("controlnet_processor_id"))
 
 
 def _str(path: Path | None) -> str | None:
