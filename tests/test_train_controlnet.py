@@ -183,6 +183,30 @@ def test_controlnet_state_dict_names_read_back_through_the_loader(world):
             assert layout == "diffsynth" and set(read) == set(model.state_dict()), name
 
 
+@pytest.mark.parametrize("variant", ["union", "inpainting", "upscaler"])
+def test_full_size_controlnets_are_written_with_diffsynths_names_and_shapes(variant):
+    """At the published sizes (InstantX Union-alpha 5/10 blocks with 10 modes, alimama Inpainting-Beta 6/0 with a
+    68-wide input, jasperai Upscaler 5/0), on the meta device: every parameter the writer names is the parameter of
+    that name and shape in DiffSynth's own FluxControlNet built as its registry builds the variant."""
+    from flux_core.models.controlnet import UNION_MODES, ControlNetParams, FluxControlNet
+    from flux_core.train.trainable import bfl_to_diffsynth
+    from tests.diffsynth_ref import diffsynth_controlnet
+
+    cn, _ = diffsynth_controlnet()
+    ours_params, theirs_kwargs = {
+        "union": (dict(depth=5, depth_single_blocks=10, num_modes=10),
+                  dict(num_joint_blocks=5, num_single_blocks=10, num_mode=10, mode_dict=dict(UNION_MODES))),
+        "inpainting": (dict(depth=6, depth_single_blocks=0, extra_condition_channels=4),
+                       dict(num_joint_blocks=6, num_single_blocks=0, additional_input_dim=4)),
+        "upscaler": (dict(depth=5, depth_single_blocks=0), dict(num_joint_blocks=5, num_single_blocks=0)),
+    }[variant]
+    with torch.device("meta"):
+        ours = FluxControlNet(ControlNetParams(**ours_params)).state_dict()
+        theirs = cn.FluxControlNet(**theirs_kwargs).state_dict()
+    names = bfl_to_diffsynth(list(ours))
+    assert {names[k]: tuple(v.shape) for k, v in ours.items()} == {k: tuple(v.shape) for k, v in theirs.items()}
+
+
 @pytest.mark.slow
 def test_controlnet_resume_equals_an_uninterrupted_run(world, tmp_path):
     argv = lambda out, *x: cn_argv(world, out, "inpaint", None, "--num_epochs", "2", "--save_steps", "3",  # noqa

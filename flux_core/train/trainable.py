@@ -199,16 +199,20 @@ def _inverse_rules(rules: list[tuple[str, str]]) -> list[tuple[str, str]]:
 
 
 def bfl_to_diffsynth(names: list[str]) -> dict[str, str]:
-    """{our (BFL trunk) name: DiffSynth's name} for a ControlNet's parameters. Checked both ways: every name read
-    back through the loader's table gives the name it came from."""
+    """{our (BFL trunk) name: DiffSynth's name} for a ControlNet's parameters. Checked: every trunk name is renamed
+    (only the heads keep their published names), and every new name reads back through the loader's table as the
+    name it came from."""
     from ..loading.dit_layouts import DIFFSYNTH_RULES
     from ..loading.files import rename_keys
+    from ..models.controlnet import CONTROLNET_HEADS
 
     forward = dict(zip(names, rename_keys({n: n for n in names}, _inverse_rules(DIFFSYNTH_RULES))))
     back = rename_keys({theirs: ours for ours, theirs in forward.items()}, DIFFSYNTH_RULES)
     wrong = [ours for theirs, ours in back.items() if theirs != ours]
+    wrong += [ours for ours, theirs in forward.items() if ours == theirs and not ours.startswith(CONTROLNET_HEADS)]
     if wrong:
-        raise RuntimeError(f"the DiffSynth names of {wrong[:3]} do not read back as themselves")
+        raise RuntimeError(f"no DiffSynth name that reads back as {wrong[:3]}: the table "
+                           f"flux_core.loading.dit_layouts.DIFFSYNTH_RULES lacks them")
     return forward
 
 
