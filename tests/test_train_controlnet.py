@@ -518,3 +518,11 @@ def test_a_frozen_controlnet_may_be_stored_in_fp8_but_not_the_trained_one(world,
     assert result["step"] == 1 and np.isfinite(read_log(tmp_path / "lora")[1]["loss"])
     message = failing_setup(cn_argv(world, tmp_path / "cn", "union", None, "--fp8_models", entry))
     assert message.startswith("--fp8_models names the ControlNet, which --trainable_models controlnet trains")
+    # The frozen DiT of a ControlNet run may be stored in FP8: the ControlNet's gradients flow through it.
+    trainer = Trainer(parse_args(cn_argv(world, tmp_path / "dit8", "union", None, "--fp8_models", "dit",
+                                         "--max_steps", "1")))
+    trainer.setup()
+    assert all(p.dtype == torch.float8_e4m3fn for p in trainer.pipe.dit.parameters() if p.dim() >= 2)
+    before = {k: v.clone() for k, v in trainer.trained.state_dict().items()}
+    assert run_quietly(trainer)["step"] == 1
+    assert any(not torch.equal(v, before[k]) for k, v in trainer.trained.state_dict().items())

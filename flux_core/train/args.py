@@ -227,9 +227,9 @@ def check_args(args: argparse.Namespace) -> None:
     extras = comma_list(args.extra_inputs)
     check_extra_inputs(extras, trainable, args)
     for entry in comma_list(args.fp8_models):
-        if FP8_COMPONENTS.get(entry) == "dit" and trainable:
+        if FP8_COMPONENTS.get(entry) == "dit" and "dit" in trainable:
             raise TrainError("--fp8_models dit: the DiT is being fully fine-tuned; FP8 storage is for frozen "
-                             "models (use it with LoRA training).")
+                             "models (use it with LoRA or ControlNet training).")
     validation_controls = [f"--validation_{n}" for n in CONTROLNET_EXTRAS if getattr(args, f"validation_{n}")]
     if validation_controls and "controlnet_image" not in extras:
         raise TrainError(f"{', '.join(validation_controls)}: validation control inputs are for runs with "
