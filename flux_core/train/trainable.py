@@ -167,6 +167,8 @@ def full_state_dict(dit: nn.Module, remove_prefix: str) -> dict[str, torch.Tenso
 
 # ------------------------------------------------------------------------------------------------ ControlNet
 CONTROLNET_CHECKPOINT_PREFIX = "pipe.controlnet.models.0."   # DiffSynth's name of the trained ControlNet
+# safetensors metadata of full checkpoints: the setting shapes cannot tell (RoPE axes), read back by validate.py.
+DIT_CONFIG_KEY, CONTROLNET_CONFIG_KEY = "fluxcore_dit_config", "fluxcore_controlnet_config"
 
 
 def make_controlnet_trainable(controlnet: nn.Module) -> None:

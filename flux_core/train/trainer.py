@@ -68,8 +68,6 @@ from .progress import Log
 from .run_folder import ARGS_FILE, LOG_FILE, check_output, earlier_run, prepare_output
 
 STOP_FILE = "STOP"
-# safetensors metadata of full checkpoints: the config shapes cannot tell (RoPE axes), read by validate.py.
-DIT_CONFIG_KEY, CONTROLNET_CONFIG_KEY = "fluxcore_dit_config", "fluxcore_controlnet_config"
 BATCH_PER_PROCESS = 1   # one image per forward: FLUX training samples differ in size (dynamic resolution)
 FP8_STORAGE = torch.float8_e4m3fn
 PIPELINE_LOGGERS = ("flux_core.pipeline", "flux_core.pipeline_models")  # what from_pretrained logs through
@@ -356,7 +354,7 @@ class Trainer:
             trained = dit
         # A trained ControlNet's gradients flow back through the frozen DiT (its residuals enter every DiT block),
         # so the DiT's activations are kept or recomputed as well.
-        for model in {id(dit): dit, id(trained): trained}.values():
+        for model in (dit,) if trained is dit else (dit, trained):
             model.gradient_checkpointing = a.use_gradient_checkpointing or a.use_gradient_checkpointing_offload
             model.gradient_checkpointing_offload = a.use_gradient_checkpointing_offload
         trained.train()
@@ -382,7 +380,8 @@ class Trainer:
         self.dit_model = self.model if trained is dit else dit
         self.schedule = training_schedule()
         self.guidance = a.embedded_guidance if dit.params.guidance_embed else None
-        self.validation_control = self.validation_control_input() if self.control and a.validation_prompts else None
+        self.validation_control = (validation_control_input(a, self.dataset, self.pipe)
+                                   if self.control and a.validation_prompts else None)
 
     def settings(self) -> dict:
         """What a resumed run must share with the run that saved the state, for the result to be the same."""
@@ -552,10 +551,6 @@ class Trainer:
             adapters = [replace(adapter, model=self.model) for adapter in adapters]
         return adapters
 
-    def validation_control_input(self):
-        """The control input of the validation images: --validation_controlnet_* files, else the first data row's."""
-        return validation_control_input(self.args, self.dataset, self.pipe)
-
     def _stop_requested(self) -> bool:
         return self.stop.requested or (self.output / STOP_FILE).exists()
 
@@ -586,13 +581,13 @@ class Trainer:
                 from .trainable import export_lora
                 save_lora(export_lora(dit), path, fmt=self.args.lora_format, dtype=self.dtype)
             elif self.mode == "controlnet":
-                from .trainable import controlnet_state_dict
+                from .trainable import CONTROLNET_CONFIG_KEY, controlnet_state_dict
                 controlnet = self.trained
                 config = {"axes_dim": list(controlnet.params.axes_dim)}  # the one setting shapes cannot tell
                 save_safetensors(controlnet_state_dict(controlnet, self.args.remove_prefix_in_ckpt), path,
                                  metadata={"format": "pt", CONTROLNET_CONFIG_KEY: json.dumps(config)})
             else:
-                from .trainable import full_state_dict
+                from .trainable import DIT_CONFIG_KEY, full_state_dict
                 config = {"axes_dim": list(dit.params.axes_dim)}  # the one setting shapes cannot tell
                 save_safetensors(full_state_dict(dit, self.args.remove_prefix_in_ckpt), path,
                                  metadata={"format": "pt", DIT_CONFIG_KEY: json.dumps(config)})

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from .args import DTYPES, TrainError
+from .trainable import CONTROLNET_CONFIG_KEY, DIT_CONFIG_KEY
 
 
 def build_parser(command: str) -> argparse.ArgumentParser:
@@ -57,7 +58,7 @@ def build_parser(command: str) -> argparse.ArgumentParser:
     return p
 
 
-def saved_dit_config(path: str, key: str = "fluxcore_dit_config") -> dict:
+def saved_dit_config(path: str, key: str = DIT_CONFIG_KEY) -> dict:
     """The model settings flux_core.train stores beside a full checkpoint's weights (RoPE axes), if any: `key`
     fluxcore_dit_config (a DiT) or fluxcore_controlnet_config (a ControlNet)."""
     import json
@@ -71,7 +72,7 @@ def saved_dit_config(path: str, key: str = "fluxcore_dit_config") -> dict:
 
 
 def saved_controlnet_config(path: str) -> dict:
-    return saved_dit_config(path, "fluxcore_controlnet_config")
+    return saved_dit_config(path, CONTROLNET_CONFIG_KEY)
 
 
 def is_controlnet_checkpoint(path: str) -> bool:
