@@ -325,8 +325,8 @@ def test_conditioned_training_loss_equals_diffsynths_flowmatch_sft_loss(world, t
         torch.manual_seed(seed)
         plain = FlowMatchSFTLoss(pipe, **{**inputs, "controlnet_inputs": [], "controlnet_conditionings": []}).item()
     print(f"loss: ours {ours:.6f}, DiffSynth {theirs:.6f}, DiffSynth without the ControlNet {plain:.6f}")
-    # Measured 6.364840 vs 6.364856 (2.5e-6 relative, float32 through 19 + 38 blocks); without the ControlNet the loss is
-    # 4.83 (24% lower), a sigma one grid point off moves it by 4e-3 relative (test_train.py).
+    # Measured 6.364840 vs 6.364856 (2.5e-6 relative, float32 through 19 + 38 blocks); without the ControlNet the loss
+    # is 4.83 (24% lower), a sigma one grid point off moves it by 4e-3 relative (test_train.py).
     assert ours == pytest.approx(theirs, rel=1e-4)
     assert abs(theirs - plain) > 100 * 1e-4 * abs(theirs)
 

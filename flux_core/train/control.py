@@ -1,9 +1,9 @@
 """The ControlNet side of training (DiffSynth-Studio's semantics): which ControlNet a run feeds, which controlnet_*
 columns it needs, and each sample's columns as one `ControlNetInput` for ControlNet 0.
 
-    --trainable_models controlnet                      the ControlNet trains, the DiT is frozen
+    --trainable_models controlnet      the ControlNet trains, the DiT is frozen
     --extra_inputs controlnet_image[,controlnet_inpaint_mask|controlnet_processor_id]
-                                                       one ControlNetInput(image=, inpaint_mask=, processor_id=) per sample
+                                       one ControlNetInput(image=, inpaint_mask=, processor_id=) per sample
 
 Every check names the flags and columns to change and lists all problems at once.
 """

@@ -425,8 +425,8 @@ class Trainer:
         if set(loaded.trainable) != names:
             model = "ControlNet" if self.mode == "controlnet" else "DiT"
             raise TrainError(f"--resume {folder}: its trained parameters differ from this run's "
-                             f"({len(loaded.trainable)} vs {len(names)}); resume with the same {model} (--model_paths / "
-                             f"--model_id_with_origin_paths) and --lora_target_modules.")
+                             f"({len(loaded.trainable)} vs {len(names)}); resume with the same {model} "
+                             f"(--model_paths / --model_id_with_origin_paths) and --lora_target_modules.")
         with torch.no_grad():
             for name, p in self.params:
                 p.copy_(loaded.trainable[name].to(p.device, p.dtype))
