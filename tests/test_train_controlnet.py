@@ -183,6 +183,16 @@ def test_controlnet_state_dict_names_read_back_through_the_loader(world):
             assert layout == "diffsynth" and set(read) == set(model.state_dict()), name
 
 
+def test_renaming_rules_are_inverted_or_refused():
+    from flux_core.train.trainable import _inverse_rules
+    assert _inverse_rules([(r"^blocks\.(\d+)\.ff_a\.(0|2)\.", r"double_blocks.\1.img_mlp.\2."),
+                           (r"^x\.weight$", "img_in.weight")]) == \
+        [(r"^double_blocks\.(\d+)\.img_mlp\.(0|2)\.", r"blocks.\1.ff_a.\2."), (r"^img_in\.weight$", "x.weight")]
+    for rule in ((r"blocks\.", "b."), (r"^a|b\.", "c."), (r"^(\d+)\.(\d+)\.", r"\2.\1.")):
+        with pytest.raises(ValueError, match="cannot invert"):
+            _inverse_rules([rule])
+
+
 @pytest.mark.parametrize("variant", ["union", "inpainting", "upscaler"])
 def test_full_size_controlnets_are_written_with_diffsynths_names_and_shapes(variant):
     """At the published sizes (InstantX Union-alpha 5/10 blocks with 10 modes, alimama Inpainting-Beta 6/0 with a
