@@ -30,6 +30,16 @@ MODEL_URLS = {  # shown by ComfyUI's "missing models" dialog (node property "mod
         "https://huggingface.co/comfyanonymous/flux_text_encoders/resolve/main/t5xxl_fp16.safetensors",
     "ae.safetensors": "https://huggingface.co/black-forest-labs/FLUX.1-dev/resolve/main/ae.safetensors",
 }
+# The published ControlNets, as models/controlnet/<repository folder>/<file> (a folder each: they share a file name).
+# Not in MODEL_URLS: the frontend's missing-models dialog saves a download under its bare name, not in a folder.
+CONTROLNET_FILES = {
+    "inpainting": "FLUX.1-dev-Controlnet-Inpainting-Beta/diffusion_pytorch_model.safetensors",
+    "union": "FLUX.1-dev-Controlnet-Union-alpha/diffusion_pytorch_model.safetensors",
+    "upscaler": "Flux.1-dev-Controlnet-Upscaler/diffusion_pytorch_model.safetensors",
+}
+CONTROLNET_REPOS = {"inpainting": "alimama-creative/FLUX.1-dev-Controlnet-Inpainting-Beta",
+                    "union": "InstantX/FLUX.1-dev-Controlnet-Union-alpha",
+                    "upscaler": "jasperai/Flux.1-dev-Controlnet-Upscaler"}
 
 
 def models_note(dit: str) -> str:
@@ -149,10 +159,14 @@ def load_image(g: Graph, title: str | None = None) -> int:
     return g.node("LoadImage", NOTES, [EXAMPLE_IMAGE, "image"], size=[400, 360], title=title)
 
 
-def finish(g: Graph, model, positive, negative, latent, vae, seed, control, denoise, prefix, x=CONDITIONING):
-    sampler = g.node("FluxCoreSampler", x, [seed, control, 28, 1.0, -1.0, 3.0, denoise], model=(model, 0),
-                     positive=(positive, 0), negative=(negative, 0), latent_image=(latent, 0))
-    image = g.node("FluxCoreVAEDecode", x, [False, 128, 64], samples=(sampler, 0), vae=vae)
+def finish(g: Graph, model, positive, negative, latent, vae, seed, control, denoise, prefix, x=CONDITIONING,
+           tiled=False):
+    """Sampler, decode and save; `tiled`: the DiT and the decode in 1024-px tiles (128 latent pixels, stride 64).
+    positive / negative: a node id (its output 0) or (node id, output slot)."""
+    positive, negative = (c if isinstance(c, tuple) else (c, 0) for c in (positive, negative))
+    sampler = g.node("FluxCoreSampler", x, [seed, control, 28, 1.0, -1.0, 3.0, denoise, tiled, 128, 64],
+                     model=(model, 0), positive=positive, negative=negative, latent_image=(latent, 0))
+    image = g.node("FluxCoreVAEDecode", x, [tiled, 128, 64], samples=(sampler, 0), vae=vae)
     g.node("SaveImage", x + 380, [prefix], size=[520, 560], images=(image, 0))
 
 
@@ -209,11 +223,82 @@ def mixed_native(g: Graph) -> None:
            x=CONDITIONING + 380)
 
 
+def controlnet_loader(g: Graph, kind: str) -> int:
+    file = CONTROLNET_FILES[kind]
+    g.node("MarkdownNote", NOTES, [f"## ControlNet\n\nDownload `{file.split('/')[-1]}` from "
+                                   f"https://huggingface.co/{CONTROLNET_REPOS[kind]} into "
+                                   f"`models/controlnet/{file.split('/')[0]}/` (or put it there under any name and "
+                                   f"pick it in Load ControlNet)."], size=[400, 150], title="ControlNet file")
+    return g.node("FluxCoreControlNetLoader", LOADERS, [file, "default"])
+
+
+def controlnet_inpainting(g: Graph) -> None:
+    """alimama's Inpainting-Beta: the image and its mask from LoadImage (painted in the MaskEditor)."""
+    model, te, vae = loaders(g, "flux1-dev.safetensors")
+    controlnet = controlnet_loader(g, "inpainting")
+    positive, negative = prompts(g, te, "A bouquet of sunflowers in a blue vase on a wooden table", 3.5)
+    image = load_image(g, "Image (paint the area to repaint in the MaskEditor)")
+    g.node("Note", NOTES, ["Right-click the image, 'Open in MaskEditor', paint over the area to repaint and save "
+                           "(the example image comes with its table area cleared). The ControlNet sees the image "
+                           "with that area blacked out and the mask; the whole image is generated anew around it."],
+           size=[400, 120], title="How to use")
+    applied = g.node("FluxCoreApplyControlNet", CONDITIONING, ["none", 0.9, 0.0, 1.0], positive=(positive, 0),
+                     negative=(negative, 0), control_net=(controlnet, 0), image=(image, 0), vae=(vae, 0),
+                     mask=(image, 1))
+    latent = g.node("FluxCoreEmptyLatent", PROMPTS, [1024, 1024, 1])
+    finish_with(g, model, applied, latent, vae, 2024, 1.0, "FluxCore/controlnet_inpainting", CONDITIONING + 380)
+
+
+def controlnet_union_canny(g: Graph) -> None:
+    """InstantX's Union-alpha in canny mode: the edges of the input image, made by FluxCore's Canny Map node."""
+    model, te, vae = loaders(g, "flux1-dev.safetensors")
+    controlnet = controlnet_loader(g, "union")
+    positive, negative = prompts(g, te, "A cozy cabin in a snowy mountain valley at dusk, warm light in the windows",
+                                 3.5)
+    image = load_image(g)
+    scaled = g.node("ImageScale", LOADERS, ["lanczos", 1024, 1024, "center"], title="Scale to 1024x1024",
+                    image=(image, 0))
+    edges = g.node("FluxCoreCannyMap", PROMPTS, [100, 200, 0.0], image=(scaled, 0))
+    g.node("PreviewImage", PROMPTS, [], size=[320, 320], title="Canny edges", images=(edges, 0))
+    applied = g.node("FluxCoreApplyControlNet", CONDITIONING, ["canny", 0.7, 0.0, 1.0], positive=(positive, 0),
+                     negative=(negative, 0), control_net=(controlnet, 0), image=(edges, 0), vae=(vae, 0))
+    latent = g.node("FluxCoreEmptyLatent", PROMPTS, [1024, 1024, 1])
+    finish_with(g, model, applied, latent, vae, 31, 1.0, "FluxCore/controlnet_union_canny", CONDITIONING + 380)
+
+
+def controlnet_upscale(g: Graph) -> None:
+    """jasperai's Upscaler as DiffSynth-Studio runs it: the image scaled 2x is both the control image (0.7) and the
+    input latent (denoise 0.99); the DiT runs in tiles, so 2048x2048 and larger fit."""
+    model, te, vae = loaders(g, "flux1-dev.safetensors")
+    controlnet = controlnet_loader(g, "upscaler")
+    positive, negative = prompts(g, te, "A detailed, sharp photograph of a house in green hills by a wooden table, "
+                                        "blue sky and sun", 3.5)
+    image = load_image(g, "Image to upscale")
+    scaled = g.node("ImageScaleBy", LOADERS, ["lanczos", 2.0], title="Scale 2x", image=(image, 0))
+    g.node("Note", NOTES, ["Upscaling: the image is scaled 2x (ImageScaleBy), then FLUX redraws it with the "
+                           "upscaler ControlNet following the scaled image. The sampler's tiled_dit and the VAE "
+                           "nodes' tiled option keep 2048x2048 and larger within memory (tiles of 1024 px)."],
+           size=[400, 120], title="How to use")
+    latent = g.node("FluxCoreVAEEncode", PROMPTS, [True, 128, 64], pixels=(scaled, 0), vae=(vae, 0))
+    applied = g.node("FluxCoreApplyControlNet", CONDITIONING, ["none", 0.7, 0.0, 1.0], positive=(positive, 0),
+                     negative=(negative, 0), control_net=(controlnet, 0), image=(scaled, 0), vae=(vae, 0))
+    finish_with(g, model, applied, latent, vae, 99, 0.99, "FluxCore/controlnet_upscale", CONDITIONING + 380,
+                tiled=True)
+
+
+def finish_with(g: Graph, model, applied, latent, vae, seed, denoise, prefix, x, tiled=False):
+    """finish() on Apply ControlNet's positive and negative outputs."""
+    finish(g, model, (applied, 0), (applied, 1), latent, (vae, 0), seed, "fixed", denoise, prefix, x=x, tiled=tiled)
+
+
 WORKFLOWS = {
     "fluxcore_text_to_image": text_to_image,
     "fluxcore_image_to_image": image_to_image,
     "fluxcore_kontext_edit": kontext_edit,
     "fluxcore_mixed_native": mixed_native,
+    "fluxcore_controlnet_inpainting": controlnet_inpainting,
+    "fluxcore_controlnet_union_canny": controlnet_union_canny,
+    "fluxcore_controlnet_upscale": controlnet_upscale,
 }
 
 

@@ -27,6 +27,9 @@ def core_nodes(input_files: list[str]) -> dict[str, type]:
             "width": ("INT", {"default": 512, "min": 0, "max": MAX_RESOLUTION, "step": 1}),
             "height": ("INT", {"default": 512, "min": 0, "max": MAX_RESOLUTION, "step": 1}),
             "crop": (["disabled", "center"],)}}, ("IMAGE",)),
+        "ImageScaleBy": _node({"required": {
+            "image": ("IMAGE",), "upscale_method": (UPSCALE_METHODS,),
+            "scale_by": ("FLOAT", {"default": 1.0, "min": 0.01, "max": 8.0, "step": 0.01})}}, ("IMAGE",)),
         "SetLatentNoiseMask": _node({"required": {"samples": ("LATENT",), "mask": ("MASK",)}}, ("LATENT",)),
         "FluxGuidance": _node({"required": {"conditioning": ("CONDITIONING",), "guidance": (
             "FLOAT", {"default": 3.5, "min": 0.0, "max": 100.0, "step": 0.1})}}, ("CONDITIONING",)),

@@ -20,14 +20,19 @@ BACKGROUND, TEXT, MUTED = (32, 33, 36), (235, 235, 235), (150, 150, 150)
 OURS, CORE = (38, 84, 140), (74, 74, 80)
 LINK_COLOURS = {"IMAGE": (100, 181, 246), "MASK": (129, 199, 132), "LATENT": (255, 156, 249),  # ComfyUI's
                 "CONDITIONING": (255, 169, 49), "FLUXCORE_DIT": (179, 157, 219),               # link colours
-                "FLUXCORE_TEXT_ENCODERS": (255, 213, 0), "FLUXCORE_VAE": (255, 110, 110)}
+                "FLUXCORE_TEXT_ENCODERS": (255, 213, 0), "FLUXCORE_VAE": (255, 110, 110),
+                "FLUXCORE_CONTROLNET": (0, 214, 122)}
 LABELS = {"FluxCoreDiTLoader": "Load DiT", "FluxCoreTextEncoderLoader": "Load Text Encoders",
           "FluxCoreVAELoader": "Load VAE", "FluxCoreDiffusersLoader": "Load Diffusers Folder",
           "FluxCoreTextEncode": "Text Encode", "FluxCoreKontextReference": "Kontext Reference",
           "FluxCoreSampler": "Sampler", "FluxCoreEmptyLatent": "Empty Latent", "FluxCoreVAEDecode": "VAE Decode",
-          "FluxCoreVAEEncode": "VAE Encode"}
+          "FluxCoreVAEEncode": "VAE Encode", "FluxCoreControlNetLoader": "Load ControlNet",
+          "FluxCoreApplyControlNet": "Apply ControlNet", "FluxCoreCannyMap": "Canny Map"}
 TITLES = {"fluxcore_text_to_image": "Text to image", "fluxcore_image_to_image": "Image to image",
-          "fluxcore_kontext_edit": "Kontext edit", "fluxcore_mixed_native": "Kontext inpaint with core nodes"}
+          "fluxcore_kontext_edit": "Kontext edit", "fluxcore_mixed_native": "Kontext inpaint with core nodes",
+          "fluxcore_controlnet_inpainting": "ControlNet inpainting (alimama)",
+          "fluxcore_controlnet_union_canny": "Union ControlNet, canny (InstantX)",
+          "fluxcore_controlnet_upscale": "2x upscale, upscaler ControlNet + tiled DiT"}
 SKIP = {"Note", "MarkdownNote", "Reroute", "PrimitiveNode"}
 
 

@@ -12,10 +12,13 @@ import pytest
 import torch
 from PIL import Image
 
+from example_workflows.build_workflows import CONTROLNET_FILES
 from example_workflows.core_nodes import core_nodes
 from example_workflows.make_example_image import HOLE, NAME as EXAMPLE_IMAGE, SIZE, draw
 from nodes import NODE_CLASS_MAPPINGS
-from tests.native_standins import STANDIN_NAMES, standins
+from tests.native_standins import STANDIN_NAMES as CORE_STANDIN_NAMES, standins as core_standins
+from tests.native_upscale_standin import UPSCALE_STANDIN_NAMES, upscale_standins
+from tests.tiny_comfy import write_controlnet_files
 from tests.tiny_flux_files import FILES, set_up_like_a_user
 from tests.workflow_harness import (WorkflowError, load_workflow, node_types, run_prompt, specs_from_classes,
                                     ui_to_api)
@@ -24,14 +27,21 @@ ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "example_workflows"
 WORKFLOWS = sorted(EXAMPLES.glob("*.json"))
 REAL_FILES = {"dit_name": {"flux1-dev.safetensors", "flux1-kontext-dev.safetensors"}, "clip_name": {"clip_l.safetensors"},
-              "t5_name": {"t5xxl_fp16.safetensors"}, "vae_name": {"ae.safetensors"}}
+              "t5_name": {"t5xxl_fp16.safetensors"}, "vae_name": {"ae.safetensors"},
+              "controlnet_name": set(CONTROLNET_FILES.values())}
+STANDIN_NAMES = CORE_STANDIN_NAMES + UPSCALE_STANDIN_NAMES
+
+
+def standins(input_dir, output_dir):
+    return {**core_standins(input_dir, output_dir), **upscale_standins(input_dir, output_dir)}
 RAW_SHIFT, RAW_SCALE = 0.1159, 0.3611  # FLUX's published latent shift/scale: scaled = (raw - shift) * scale
 
 
-def test_the_four_examples_exist_each_with_a_thumbnail():
+def test_the_seven_examples_exist_each_with_a_thumbnail():
     names = {p.stem for p in WORKFLOWS}
     assert {"fluxcore_text_to_image", "fluxcore_image_to_image", "fluxcore_kontext_edit",
-            "fluxcore_mixed_native"} <= names
+            "fluxcore_mixed_native", "fluxcore_controlnet_inpainting", "fluxcore_controlnet_union_canny",
+            "fluxcore_controlnet_upscale"} <= names
     for path in WORKFLOWS:
         thumb = path.with_suffix(".jpg")
         assert thumb.is_file(), f"{path.name} has no {thumb.name} beside it"
@@ -107,14 +117,18 @@ def shipped(tmp_path_factory):
     from flux_core.pipeline import FluxImagePipeline
     base = tmp_path_factory.mktemp("comfyui_base")
     files = set_up_like_a_user(base)
+    controlnets = write_controlnet_files(base / "models")  # under the published names the workflows use
     mp = pytest.MonkeyPatch()
     mp.setenv("FLUXCORE_MODELS_DIR", str(base / "models"))
     classes = {**NODE_CLASS_MAPPINGS, **standins(files["input"], files["output"])}
 
-    def pipeline(dit: str) -> FluxImagePipeline:
+    def pipeline(dit: str, controlnet_names=()) -> FluxImagePipeline:
+        """The pipeline on the same files; ControlNets by their name in models/controlnet, in controlnet_id order."""
         kind = {FILES[k][1]: k for k in ("dit", "kontext_dit")}[dit]
+        by_name = {name: controlnets[k] for k, name in CONTROLNET_FILES.items()}
         return FluxImagePipeline.from_pretrained(torch_dtype=torch.float32, device="cpu", model_configs=[
-            ModelConfig(path=str(files[k])) for k in (kind, "clip", "t5", "vae")])
+            *(ModelConfig(path=str(files[k])) for k in (kind, "clip", "t5", "vae")),
+            *(ModelConfig(path=str(by_name[name])) for name in controlnet_names)])
 
     yield dict(classes=classes, files=files, pipeline=pipeline)
     mp.undo()
@@ -149,13 +163,20 @@ def pipeline_reference(shipped, prompt: dict, seed_offset: int = 0) -> torch.Ten
     files = shipped["files"]
     sampler = prompt[by_type(prompt, "FluxCoreSampler")[0]]["inputs"]
     encode = prompt[by_type(prompt, "FluxCoreTextEncode")[0]]["inputs"]  # the positive prompt is written first
-    pipe = shipped["pipeline"](prompt[by_type(prompt, "FluxCoreDiTLoader")[0]]["inputs"]["dit_name"])
+    applies = by_type(prompt, "FluxCoreApplyControlNet")
+    assert len(applies) <= 1  # one ControlNet per example (chains: tests/test_controlnet_nodes.py)
+    controlnet_names = [prompt[upstream(prompt, a, "control_net")]["inputs"]["controlnet_name"] for a in applies]
+    pipe = shipped["pipeline"](prompt[by_type(prompt, "FluxCoreDiTLoader")[0]]["inputs"]["dit_name"],
+                               controlnet_names)
     guidance = encode["guidance"]
     for nid in by_type(prompt, "FluxGuidance"):
         guidance = prompt[nid]["inputs"]["guidance"]
     latent_source = prompt[sampler["latent_image"][0]]
     if latent_source["class_type"] == "FluxCoreEmptyLatent":
         width, height = latent_source["inputs"]["width"], latent_source["inputs"]["height"]
+    elif by_type(prompt, "ImageScaleBy"):
+        factor = prompt[by_type(prompt, "ImageScaleBy")[0]]["inputs"]["scale_by"]
+        width = height = round(SIZE * factor)
     else:
         scale = prompt[by_type(prompt, "ImageScale")[0]]["inputs"]
         width, height = scale["width"], scale["height"]
@@ -170,6 +191,14 @@ def pipeline_reference(shipped, prompt: dict, seed_offset: int = 0) -> torch.Ten
         kw["kontext_images"] = image_scaled(files, width, height)
     if latent_source["class_type"] == "FluxCoreVAEEncode":
         kw.update(input_image=image_scaled(files, width, height), denoising_strength=sampler["denoise"])
+        assert latent_source["inputs"]["tiled"] == sampler.get("tiled_dit", False)  # the pipeline tiles both or none
+    if sampler.get("tiled_dit"):  # the pipeline's tiled=True tiles the DiT and the VAE alike
+        decode = prompt[by_type(prompt, "FluxCoreVAEDecode")[0]]["inputs"]
+        assert (decode["tiled"], decode["tile_size"], decode["tile_stride"]) == \
+            (True, sampler["tile_size"], sampler["tile_stride"])
+        kw.update(tiled=True, tile_size=sampler["tile_size"], tile_stride=sampler["tile_stride"])
+    if applies:
+        kw["controlnet_inputs"] = [controlnet_input(files, prompt, applies[0], width, height)]
     if latent_source["class_type"] == "SetLatentNoiseMask":
         # SetLatentNoiseMask: outside the mask (LoadImage's: 1 where transparent) the encoded image, noised to
         # the next sigma, replaces the latent after every step. At 384 -> 128 every latent pixel samples image
@@ -189,6 +218,35 @@ def pipeline_reference(shipped, prompt: dict, seed_offset: int = 0) -> torch.Ten
     return scaled / RAW_SCALE + RAW_SHIFT
 
 
+def controlnet_input(files, prompt: dict, apply: str, width: int, height: int):
+    """The ControlNetInput the workflow's Apply ControlNet (FluxCore) node stands for, its image and mask made
+    from the example image as the core nodes upstream make them (the image as PIL, the mask as LoadImage's MASK)."""
+    from flux_core import ControlNetInput, control_maps
+    inputs = prompt[apply]["inputs"]
+    source = prompt[upstream(prompt, apply, "image")]
+    if source["class_type"] == "LoadImage":
+        image = loaded_image(files)
+    elif source["class_type"] in ("ImageScale", "ImageScaleBy"):
+        image = image_scaled(files, width, height)
+    else:
+        assert source["class_type"] == "FluxCoreCannyMap"
+        scale = prompt[upstream(prompt, upstream(prompt, apply, "image"), "image")]
+        assert scale["class_type"] == "ImageScale" and (scale["inputs"]["width"], scale["inputs"]["height"]) == (
+            width, height)
+        image = control_maps.canny(image_scaled(files, width, height), low_threshold=source["inputs"]["low_threshold"],
+                                   high_threshold=source["inputs"]["high_threshold"], sigma=source["inputs"]["sigma"])
+        assert isinstance(image, Image.Image)
+    mask = None
+    if "mask" in inputs:
+        assert inputs["mask"] == [upstream(prompt, apply, "image"), 1]  # LoadImage's MASK: 1 where transparent
+        alpha = np.asarray(Image.open(files["input"] / EXAMPLE_IMAGE).getchannel("A"), dtype=np.float32) / 255
+        mask = torch.from_numpy(1 - alpha)
+    mode = inputs["union_mode"]
+    return ControlNetInput(controlnet_id=0, image=image, inpaint_mask=mask, scale=inputs["strength"],
+                           start=1 - inputs["start_percent"], end=1 - inputs["end_percent"],
+                           processor_id=None if mode == "none" else mode)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
 def test_example_workflow_runs_as_shipped_and_matches_the_pipeline(shipped, path):
@@ -204,7 +262,8 @@ def test_example_workflow_runs_as_shipped_and_matches_the_pipeline(shipped, path
     with Image.open(files["output"] / item["subfolder"] / item["filename"]) as im:
         saved = np.asarray(im.convert("RGB"), dtype=np.float32) / 255
     decoded = result.outputs[upstream(prompt, save, "images")][0][0].numpy()
-    assert saved.shape == decoded.shape == (1024, 1024, 3)
+    size = 768 if path.stem == "fluxcore_controlnet_upscale" else 1024  # the 384-px example image scaled 2x
+    assert saved.shape == decoded.shape == (size, size, 3)
     # The file holds the decoded image (8-bit): measured 0.00392, just under 1 / 255, as SaveImage truncates to uint8
     # (ComfyUI's astype(np.uint8)); another output saved, or its channels swapped, differs by order 0.1.
     assert np.abs(saved - decoded).max() <= 1 / 255 + 1e-6
@@ -212,7 +271,7 @@ def test_example_workflow_runs_as_shipped_and_matches_the_pipeline(shipped, path
     sampler, = by_type(prompt, "FluxCoreSampler")
     got = result.outputs[sampler][0]["samples"]
     expected = pipeline_reference(shipped, prompt)
-    # Measured 0 for all four (the same float32 computations on the same files; latents of std 9 to 20). A
+    # Measured 0 for all seven (the same float32 computations on the same files; latents of std 9 to 20). A
     # latent shift off by 4e-3 moves every value by 4e-3 / 0.3611; another seed moves it by 17.7 (below).
     assert (got - expected).abs().max().item() <= 1e-4, (got - expected).abs().max().item()
     if path.stem == "fluxcore_text_to_image":  # the seed matters: another seed, another image (measured 17.7)

@@ -11,6 +11,8 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import torch
+
 from tests.tiny_pipeline import FOLDER_NAME, make_diffusers_pipeline
 
 NAMES = {"dit": "tiny-dit", "clip": "tiny-clip", "t5": "tiny-t5", "vae": "tiny-vae", "diffusers": FOLDER_NAME,
@@ -38,3 +40,27 @@ def load_node_models(models_dir: Path) -> dict:
     te, = FluxCoreTextEncoderLoader().load(NAMES["clip"], NAMES["t5"])
     vae, = FluxCoreVAELoader().load(NAMES["vae"])
     return dict(dit=dit, te=te, vae=vae)
+
+
+def write_controlnet_files(models_dir: Path) -> dict[str, Path]:
+    """Tiny ControlNets as lone files under the published names the example workflows use
+    (example_workflows.build_workflows.CONTROLNET_FILES), shaped like tests/tiny_flux_files.py's DiT (head dim 128,
+    FLUX's RoPE axes, so no config.json is needed): alimama's inpainting (68-wide input), InstantX's union (10 modes)
+    and jasperai's upscaler (no single blocks). Returns the path of each by kind."""
+    from example_workflows.build_workflows import CONTROLNET_FILES
+    from tests.tiny_controlnet import make_diffusers_controlnet, write_lone_file
+    from tests.tiny_flux_files import CLIP_HIDDEN, T5_DIM
+    flux_shaped = dict(num_layers=1, num_single_layers=1, attention_head_dim=128, num_attention_heads=1,
+                       axes_dims_rope=(16, 56, 56), joint_attention_dim=T5_DIM, pooled_projection_dim=CLIP_HIDDEN)
+    variants = {"inpainting": dict(seed=31, extra_condition_channels=4), "union": dict(seed=32, num_mode=10),
+                "upscaler": dict(seed=33, num_single_layers=0)}
+    paths = {}
+    for kind, name in CONTROLNET_FILES.items():
+        path = Path(models_dir) / "controlnet" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        model = make_diffusers_controlnet(**{**flux_shaped, **variants[kind]})
+        with torch.no_grad():  # make_diffusers_controlnet's N(0, 0.15) is for width 32; keep activations O(1) here
+            for p in model.parameters():
+                p.mul_(min(1.0, 2.0 / p.shape[-1] ** 0.5) if p.ndim > 1 else 1.0)
+        paths[kind] = write_lone_file(model, path)
+    return paths
