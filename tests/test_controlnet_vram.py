@@ -1,7 +1,8 @@
 """ControlNets under low-VRAM running (issue 10, "Low VRAM"): the pipeline puts each ControlNet in the VRAM manager as
 slot `controlnet.models.<i>`, loads it with the DiT for the denoise stage and moves it out for the VAE stages. On a
 simulated compute device: its bytes are counted (resident and peak, against what is alive on the device), a budget
-bounds DiT + ControlNet together, the result equals the unmanaged run, and FP8 storage of a ControlNet
+bounds DiT + ControlNet together, a second ControlNet is a second slot, num_persistent_param_in_dit limits the DiT
+only, the result equals the unmanaged run, and FP8 storage of a ControlNet
 (ModelConfig(offload_dtype=torch.float8_e4m3fn)) computes through the manager like the same fp8-rounded weights run
 plainly, and like diffusers' FluxControlNetPipeline on those weights."""
 from __future__ import annotations
@@ -68,11 +69,15 @@ def tiny(tmp_path_factory):
     union_fp8 = rounded_through(union, E4M3)
     write_diffusers_controlnet(union, tmp / "union")
     write_diffusers_controlnet(union_fp8, tmp / "union-fp8-rounded")
+    write_diffusers_controlnet(make_diffusers_controlnet(seed=12, num_layers=1, num_single_layers=0), tmp / "plain")
     folder = str(tmp / FOLDER_NAME)
 
-    def pipeline(controlnet: str = "union", **config) -> FluxImagePipeline:
+    def pipeline(*controlnets: str, **config) -> FluxImagePipeline:
+        """The tiny FLUX folder and the named ControlNets (default: the union one); `config` for the first."""
+        first, *others = controlnets or ("union",)
         return FluxImagePipeline.from_pretrained(torch_dtype=torch.float32, device="cpu", model_configs=[
-            ModelConfig(path=folder), ModelConfig(path=str(tmp / controlnet), **config)])
+            ModelConfig(path=folder), ModelConfig(path=str(tmp / first), **config),
+            *(ModelConfig(path=str(tmp / name)) for name in others)])
 
     unmanaged = pipeline()(**call_args())
     return types.SimpleNamespace(ref=ref, union=union, union_fp8=union_fp8, pipeline=pipeline, unmanaged=unmanaged)
@@ -86,15 +91,17 @@ class StageProbe:
     def __init__(self, pipe: FluxImagePipeline, device: SimulatedDevice):
         self.pipe, self.vram, self.device = pipe, pipe.vram, device
         self.at_controlnet, self.at_vae, self.max_seen, self.checks = [], [], 0, 0
-        net = pipe.controlnet.models[0]
-        self.handles = [net.register_forward_pre_hook(lambda *a: self.at_controlnet.append(self.snapshot())),
-                        pipe.vae.encoder.register_forward_pre_hook(lambda *a: self.at_vae.append(self.snapshot())),
+        nets = list(pipe.controlnet.models)
+        self.handles = [pipe.vae.encoder.register_forward_pre_hook(lambda *a: self.at_vae.append(self.snapshot())),
                         pipe.vae.decoder.register_forward_pre_hook(lambda *a: self.at_vae.append(self.snapshot()))]
-        for module in [*net.modules(), *pipe.dit.modules()]:
+        self.handles += [net.register_forward_pre_hook(lambda *a: self.at_controlnet.append(self.snapshot()))
+                         for net in nets]
+        for module in [m for net in nets for m in net.modules()] + list(pipe.dit.modules()):
             self.handles.append(module.register_forward_pre_hook(lambda *a: self.check()))
             self.handles.append(module.register_forward_hook(lambda *a: self.check()))
 
     def snapshot(self) -> dict:
+        """The counts now; the controlnet_* entries are those of the first ControlNet (slot SLOT)."""
         placed = self.vram.models[SLOT]
         net = self.pipe.controlnet.models[0]
         return dict(resident_bytes=self.vram.resident_bytes, live_bytes=self.device.live_bytes,
@@ -173,6 +180,41 @@ def test_minimum_memory_streams_the_controlnet_layer_by_layer(tiny):
     assert probe.checks > 500 and probe.max_seen > 0  # the ControlNet's layers were counted while they ran
     # One layer at a time; CLIP's embeddings module also holds its position-id buffer (616 bytes) while its child runs.
     assert vram.peak_bytes <= vram.largest_unit_bytes() + 77 * 8
+
+
+def test_two_controlnets_are_two_slots_loaded_with_the_dit(tiny):
+    """A second ControlNet is slot controlnet.models.1: managed, named, counted and loaded with the DiT as the first."""
+    args = dict(controlnet_inputs=[*call_args()["controlnet_inputs"],
+                                   ControlNetInput(controlnet_id=1, image=control_image(3), scale=1.2)])
+    expected = tiny.pipeline("union", "plain")(**call_args(**args))
+    pipe = tiny.pipeline("union", "plain")
+    slots = {SLOT, "controlnet.models.1"}
+    device = SimulatedDevice()
+    vram = pipe.enable_vram_management(device=device)
+    assert all(f"  {slot}: " in vram.summary() for slot in slots)
+    weights = stored_bytes(pipe.dit) + sum(stored_bytes(net) for net in pipe.controlnet.models)
+    got, probe = run_managed(pipe, device, **args)
+    # Measured 0; the second ControlNet left out moves the image by 0.70.
+    assert abs(got - expected).max() <= 1e-5
+    assert len(probe.at_controlnet) == 2 * 2 * len(SIGMAS)  # two nets, both CFG branches, every step
+    for seen in probe.at_controlnet:
+        assert seen["resident_models"] == {"dit", *slots}
+        assert seen["resident_bytes"] == seen["live_bytes"] == weights
+
+
+def test_persistent_dit_params_leave_the_controlnet_resident(tiny):
+    """num_persistent_param_in_dit limits the DiT only (DiffSynth's meaning): with 0 the DiT streams layer by layer
+    while the ControlNet, like the other models, is wholly resident in its stage."""
+    pipe = tiny.pipeline()
+    net_bytes = stored_bytes(pipe.controlnet.models[0])
+    device = SimulatedDevice()
+    vram = pipe.enable_vram_management(num_persistent_param_in_dit=0, device=device)
+    got, probe = run_managed(pipe, device)
+    assert abs(got - tiny.unmanaged).max() <= 1e-5  # measured 0, as above
+    for seen in probe.at_controlnet:
+        assert seen["resident_models"] == {SLOT}
+        assert seen["resident_bytes"] == seen["live_bytes"] == net_bytes
+    assert probe.max_seen <= net_bytes + vram.largest_unit_bytes(["dit"])  # denoising: one DiT layer in flight
 
 
 def test_controlnet_moves_out_for_the_vae_stages(tiny):
