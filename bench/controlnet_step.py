@@ -204,7 +204,7 @@ def check_outputs(steps: dict, size: Size, dtype_name: str) -> dict[str, float]:
         raise SystemExit(f"{dtype_name}: outputs differ (relative L2 {bad} >= {LIMITS[dtype_name]:.0e}); not timing.")
     for a, b in zip(CONFIGS, CONFIGS[1:]):
         moved = rel_err(out["diffusers", b], out["diffusers", a])
-        if not moved > 10 * LIMITS[dtype_name]:
+        if not moved > 2 * LIMITS[dtype_name]:  # else ours could drop that ControlNet and still pass the check
             raise SystemExit(f"{b} changes the output by only {moved:.1e} (relative L2) from {a}: the ControlNet does "
                              f"nothing measurable, so its parity is not checked; not timing.")
     return errors
