@@ -115,12 +115,18 @@ def with_contribution(inputs: DiTInputs, c: Contribution) -> DiTInputs:
 
 def sum_residuals(a: Sequence[torch.Tensor | None] | None, b: Sequence[torch.Tensor | None] | None
                   ) -> list[torch.Tensor | None] | None:
-    """Per-block sum of two residual lists (either may be shorter, or hold None for a block)."""
+    """Per-block sum of two residual lists (either may be shorter, or hold None for a block). Blocks that share a pair
+    of tensors (a ControlNet spreads each residual over several blocks) share one sum."""
     if a is None or b is None:
         return list(b if a is None else a) if (a is not None or b is not None) else None
-    out = []
+    out, sums = [], {}
     for i in range(max(len(a), len(b))):
         x = a[i] if i < len(a) else None
         y = b[i] if i < len(b) else None
-        out.append(y if x is None else x if y is None else x + y)
+        if x is None or y is None:
+            out.append(y if x is None else x)
+            continue
+        if (id(x), id(y)) not in sums:
+            sums[(id(x), id(y))] = x + y
+        out.append(sums[(id(x), id(y))])
     return out

@@ -89,14 +89,12 @@ class ControlNetAdapter:
             img=inputs.img.to(device, dtype), img_ids=inputs.img_ids.to(device), txt=inputs.txt.to(device, dtype),
             txt_ids=inputs.txt_ids.to(device), timesteps=inputs.timesteps.to(device), y=inputs.y.to(device, dtype),
             guidance=None if inputs.guidance is None else inputs.guidance.to(device), control=control, mode=self.mode)
+        # Scaled before spreading: DiT blocks that share a ControlNet residual share one tensor (15 per call for the
+        # union net instead of 57 copies: about 1 GiB less at 1024x1024 in bf16).
         return Contribution(
             source=self.name,
-            double_residuals=[_scaled(r, self.scale) for r in spread_residuals(double, self.dit_depth[0])],
-            single_residuals=[_scaled(r, self.scale) for r in spread_residuals(single, self.dit_depth[1])])
-
-
-def _scaled(residual: torch.Tensor | None, scale: float) -> torch.Tensor | None:
-    return None if residual is None else residual * scale
+            double_residuals=spread_residuals([r * self.scale for r in double], self.dit_depth[0]),
+            single_residuals=spread_residuals([r * self.scale for r in single], self.dit_depth[1]))
 
 
 def mask_to_tensor(mask: Image.Image | torch.Tensor, name: str) -> torch.Tensor:
