@@ -37,6 +37,19 @@ def diffsynth_flux():
     return model_fn_flux_image, FluxDiTStateDictConverter, flux_dit
 
 
+def _build_trunk(module, m, dim, heads, axes, text_dim, pooled_dim, double, single, guidance) -> None:
+    """The embedders and blocks DiffSynth's FluxDiT and FluxControlNet share, from DiffSynth's own modules."""
+    module.pos_embedder = m.RoPEEmbedding(dim, 10000, list(axes))
+    module.time_embedder = m.TimestepEmbeddings(256, dim)
+    module.guidance_embedder = m.TimestepEmbeddings(256, dim) if guidance else None
+    module.pooled_text_embedder = torch.nn.Sequential(torch.nn.Linear(pooled_dim, dim), torch.nn.SiLU(),
+                                                      torch.nn.Linear(dim, dim))
+    module.context_embedder = torch.nn.Linear(text_dim, dim)
+    module.x_embedder = torch.nn.Linear(64, dim)
+    module.blocks = torch.nn.ModuleList([m.FluxJointTransformerBlock(dim, heads) for _ in range(double)])
+    module.single_blocks = torch.nn.ModuleList([m.FluxSingleTransformerBlock(dim, heads) for _ in range(single)])
+
+
 def tiny_diffsynth_dit(dim=32, heads=2, axes=(4, 6, 6), text_dim=32, pooled_dim=32, double=2, single=2,
                        guidance=True) -> torch.nn.Module:
     """DiffSynth's FluxDiT at a tiny size: its __init__ hard-codes FLUX's 3072 width, so this builds the same
@@ -46,15 +59,7 @@ def tiny_diffsynth_dit(dim=32, heads=2, axes=(4, 6, 6), text_dim=32, pooled_dim=
     class TinyFluxDiT(m.FluxDiT):
         def __init__(self):
             torch.nn.Module.__init__(self)
-            self.pos_embedder = m.RoPEEmbedding(dim, 10000, list(axes))
-            self.time_embedder = m.TimestepEmbeddings(256, dim)
-            self.guidance_embedder = m.TimestepEmbeddings(256, dim) if guidance else None
-            self.pooled_text_embedder = torch.nn.Sequential(torch.nn.Linear(pooled_dim, dim), torch.nn.SiLU(),
-                                                            torch.nn.Linear(dim, dim))
-            self.context_embedder = torch.nn.Linear(text_dim, dim)
-            self.x_embedder = torch.nn.Linear(64, dim)
-            self.blocks = torch.nn.ModuleList([m.FluxJointTransformerBlock(dim, heads) for _ in range(double)])
-            self.single_blocks = torch.nn.ModuleList([m.FluxSingleTransformerBlock(dim, heads) for _ in range(single)])
+            _build_trunk(self, m, dim, heads, axes, text_dim, pooled_dim, double, single, guidance)
             self.final_norm_out = m.AdaLayerNormContinuous(dim)
             self.final_proj_out = torch.nn.Linear(dim, 64)
             self.input_dim = 64
@@ -90,15 +95,7 @@ def tiny_diffsynth_controlnet(dim=32, heads=2, axes=(4, 6, 6), text_dim=32, pool
     class TinyFluxControlNet(cn.FluxControlNet):
         def __init__(self):
             torch.nn.Module.__init__(self)
-            self.pos_embedder = m.RoPEEmbedding(dim, 10000, list(axes))
-            self.time_embedder = m.TimestepEmbeddings(256, dim)
-            self.guidance_embedder = m.TimestepEmbeddings(256, dim) if guidance else None
-            self.pooled_text_embedder = torch.nn.Sequential(torch.nn.Linear(pooled_dim, dim), torch.nn.SiLU(),
-                                                            torch.nn.Linear(dim, dim))
-            self.context_embedder = torch.nn.Linear(text_dim, dim)
-            self.x_embedder = torch.nn.Linear(64, dim)
-            self.blocks = torch.nn.ModuleList([m.FluxJointTransformerBlock(dim, heads) for _ in range(double)])
-            self.single_blocks = torch.nn.ModuleList([m.FluxSingleTransformerBlock(dim, heads) for _ in range(single)])
+            _build_trunk(self, m, dim, heads, axes, text_dim, pooled_dim, double, single, guidance)
             self.controlnet_blocks = torch.nn.ModuleList([torch.nn.Linear(dim, dim) for _ in range(double)])
             self.controlnet_single_blocks = torch.nn.ModuleList([torch.nn.Linear(dim, dim) for _ in range(single)])
             self.mode_dict = ({"canny": 0, "tile": 1, "depth": 2, "blur": 3, "pose": 4, "gray": 5, "lq": 6}
