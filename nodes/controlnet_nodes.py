@@ -246,19 +246,23 @@ def encode_control(payload: ControlNetPayload, width: int, height: int, name: st
     return torch.cat(latents)
 
 
-def controlnet_adapters(node: str, sides: dict, dit, batch: int, h: int, w: int, vae_tiling: dict,
-                        device: torch.device | str = "cpu") -> tuple[list[ControlNetAdapter], list[ControlNetHandle]]:
-    """One flux_core ControlNetAdapter per payload, its control latent encoded (and put on `device`), and the
-    ControlNet handles they use (each once). Everything here runs before the DiT is placed."""
-    adapters, handles = [], {}
-    for i, (payload, branches) in enumerate(payloads_with_branches(node, sides)):
+def controlnet_adapters(node: str, payloads: list[tuple[ControlNetPayload, frozenset[str]]], dit, batch: int, h: int,
+                        w: int, vae_tiling: dict, device: torch.device | str = "cpu"
+                        ) -> tuple[list[ControlNetAdapter], list[ControlNetHandle]]:
+    """One flux_core ControlNetAdapter per (payload, branches) of `payloads_with_branches`, its control latent
+    encoded (and put on `device`), and the ControlNet handles they use (each once). Runs before the DiT is placed."""
+    def where(i: int, payload: ControlNetPayload, branches: frozenset[str]) -> str:
         side = "positive" if "positive" in branches else "negative"
-        where = f"input '{side}' ({CONTROLNETS_KEY}[{i}], {payload.controlnet.name})"
-        check_payload(node, where, payload, dit, batch)
+        return f"input '{side}' ({CONTROLNETS_KEY}[{i}], {payload.controlnet.name})"
+
+    for i, (payload, branches) in enumerate(payloads):  # every payload checked before any image is encoded
+        check_payload(node, where(i, payload, branches), payload, dit, batch)
+    adapters, handles = [], {}
+    for i, (payload, branches) in enumerate(payloads):
         try:
             control = encode_control(payload, w * 8, h * 8, f"{CONTROLNETS_KEY}[{i}]", vae_tiling).to(device)
         except (ValueError, TypeError) as e:
-            raise NodeInputError(f"{node}, {where}: {e}") from None
+            raise NodeInputError(f"{node}, {where(i, payload, branches)}: {e}") from None
         module = payload.controlnet.model.module
         handles.setdefault(id(module), payload.controlnet)
         adapters.append(ControlNetAdapter(
@@ -268,10 +272,12 @@ def controlnet_adapters(node: str, sides: dict, dit, batch: int, h: int, w: int,
     return adapters, list(handles.values())
 
 
-def controlnet_flops(adapters: list[ControlNetAdapter], image_tokens: int, text_tokens: int, passes: int) -> float:
-    """FLOPs of the ControlNets in one step (each runs in the branches it applies to, of the `passes` run)."""
-    return sum(dit_forward_flops(a.model, image_tokens, text_tokens) * min(len(a.branches), passes)
-               for a in adapters)
+def controlnet_flops(payloads: list[tuple[ControlNetPayload, frozenset[str]]], image_tokens: int, text_tokens: int,
+                     passes: int) -> float:
+    """FLOPs of the payloads' ControlNets in one DiT call per branch (each runs in the branches it was applied to,
+    of the `passes` the run makes)."""
+    return sum(dit_forward_flops(p.controlnet.model.module, image_tokens, text_tokens) * min(len(b), passes)
+               for p, b in payloads)
 
 
 def place_controlnets(dit_handle: DiTHandle, handles: list[ControlNetHandle]) -> Callable[[], None]:

@@ -28,7 +28,7 @@ from flux_core.tiled_dit import DiTTiling, tile_boxes
 
 from . import comfy_bridge as bridge
 from .conditioning import read_conditioning, warn_unused_entries
-from .controlnet_nodes import controlnet_adapters, controlnet_flops, place_controlnets
+from .controlnet_nodes import controlnet_adapters, controlnet_flops, payloads_with_branches, place_controlnets
 from .handles import DIT_TYPE, DiTHandle
 from .loaders import NodeInputError
 from . import vram_nodes
@@ -49,22 +49,23 @@ def prepare_dit(handle: DiTHandle):
 
 
 def check_sampler_cost(node: str, dit, batch: int, h: int, w: int, text_tokens: int, reference_tokens: int,
-                       steps: int, passes: int, tiling: DiTTiling | None = None, adapters=()) -> None:
+                       steps: int, passes: int, tiling: DiTTiling | None = None, controlnets=()) -> None:
     """The pipeline's cost checks for one sampler run (latent sides h, w): refuse what cannot fit the compute
     device, warn when it takes most of it or would take very long on a CPU. With `tiling` one DiT call sees one
-    tile (all tiles have one size), and each step makes one call per tile; ControlNet `adapters` add their own
-    forwards to the compute, counted in DiT passes (flux_core.run_cost.dit_forward_flops of each ControlNet)."""
+    tile (all tiles have one size), and each step makes one call per tile; `controlnets` ((payload, branches) from
+    payloads_with_branches) add their own forwards to the compute, counted in DiT passes
+    (flux_core.run_cost.dit_forward_flops of each ControlNet)."""
     boxes = tile_boxes(h, w, tiling) if tiling is not None else [(0, h, 0, w)]
     top, bottom, left, right = boxes[0]
     image = image_tokens((bottom - top) * 8, (right - left) * 8) + reference_tokens
     tiles = f", in {len(boxes)} DiT tiles of {(right - left) * 8}x{(bottom - top) * 8}" if tiling is not None else ""
     what = (f"a {w * 8}x{h * 8} latent_image with a batch of {batch} and {reference_tokens} reference tokens "
             f"(ReferenceLatent / Kontext reference in 'positive'), {image + text_tokens} tokens in all{tiles}")
-    extra = (controlnet_flops(adapters, image, text_tokens, passes) / dit_forward_flops(dit, image, text_tokens)
-             if adapters else 0.0)
-    controlnets = f" + {extra:.2g} DiT pass(es) of ControlNets ({len(adapters)})" if adapters else ""
-    work = (f"{steps} steps x {len(boxes)} tile(s) x ({passes} pass(es){controlnets}) x {batch} image(s) at "
-            f"{w * 8}x{h * 8}" if tiling is not None or adapters
+    extra = (controlnet_flops(controlnets, image, text_tokens, passes) / dit_forward_flops(dit, image, text_tokens)
+             if controlnets else 0.0)
+    counted = f" + {extra:.2g} DiT pass(es) of ControlNets ({len(controlnets)})" if controlnets else ""
+    work = (f"{steps} steps x {len(boxes)} tile(s) x ({passes} pass(es){counted}) x {batch} image(s) at "
+            f"{w * 8}x{h * 8}" if tiling is not None or controlnets
             else f"{steps} steps x {passes} pass(es) x {batch} image(s) at {w * 8}x{h * 8}")
     device = vram_nodes.make_compute_device()  # looked up at call time: tests put a SimulatedDevice there
     try:
@@ -180,13 +181,14 @@ class FluxCoreSampler:
             raise NodeInputError(f"{node}, input 'positive' (reference_latents): {e}") from None
         sigmas = flux_sigmas(steps, denoise, sigma_shift)
         device = bridge.compute_device()
-        vae_tiling = ({} if tiling is None else
-                      dict(tiled=True, tile_size=tiling.tile_size, tile_stride=tiling.tile_stride))
-        adapters, controlnets = controlnet_adapters(node, sides, model.model.module, b, h, w, vae_tiling, device)
+        payloads = payloads_with_branches(node, sides)
         reference_tokens = extras.ref_tokens.shape[1] if extras is not None else 0  # odd sides padded: exact
         check_sampler_cost(node, model.model.module, b, h, w, positive_embeds.prompt_emb.shape[1], reference_tokens,
                            len(sigmas), passes=2 if negative_embeds is not None else 1, tiling=tiling,
-                           adapters=adapters)
+                           controlnets=payloads)
+        vae_tiling = ({} if tiling is None else
+                      dict(tiled=True, tile_size=tiling.tile_size, tile_stride=tiling.tile_stride))
+        adapters, controlnets = controlnet_adapters(node, payloads, model.model.module, b, h, w, vae_tiling, device)
         mask = latent_mask(latent_image["noise_mask"], b, h, w) if "noise_mask" in latent_image else None
         x0 = FLUX_LATENT.raw_to_scaled(samples.float()).to(device)
         noise = make_noise(b, h * 8, w * 8, seed, "cpu", device)
