@@ -59,8 +59,9 @@ def write_controlnet_files(models_dir: Path) -> dict[str, Path]:
         path = Path(models_dir) / "controlnet" / name
         path.parent.mkdir(parents=True, exist_ok=True)
         model = make_diffusers_controlnet(**{**flux_shaped, **variants[kind]})
-        with torch.no_grad():  # make_diffusers_controlnet's N(0, 0.15) is for width 32; keep activations O(1) here
-            for p in model.parameters():
-                p.mul_(min(1.0, 2.0 / p.shape[-1] ** 0.5) if p.ndim > 1 else 1.0)
+        with torch.no_grad():  # make_diffusers_controlnet's N(0, 0.15) is for width 32: the trunk is scaled to
+            for name, p in model.named_parameters():  # keep activations O(1) at width 128; the heads keep it, so the
+                if p.ndim > 1 and not name.startswith("controlnet_"):  # residuals are of the hidden states' order
+                    p.mul_(min(1.0, 2.0 / p.shape[-1] ** 0.5))
         paths[kind] = write_lone_file(model, path)
     return paths
