@@ -310,8 +310,8 @@ def place_controlnets(dit_handle: DiTHandle, handles: list[ControlNetHandle]) ->
     try:
         for i, module in enumerate(modules):
             store_model(module, bridge.offload_device(), None, pin_memory=cuda)
-            names.append(f"controlnet.{i}")
-            manager.add(names[-1], module, stored_compute_dtype(module))
+            manager.add(f"controlnet.{i}", module, stored_compute_dtype(module))
+            names.append(f"controlnet.{i}")  # after add: release() removes only what was added
         weights = sum(t.untyped_storage().nbytes() for n in names for t in manager.models[n].stored.values())
         room = weights if manager.budget is None else min(weights, max(0, manager.budget - manager.resident_bytes))
         bridge.free_memory(room + manager.largest_unit_bytes(names) + GiB)  # + one layer in flight + activations
