@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from .run_cost import check_run_cost, image_tokens
+from .run_cost import check_run_cost, controlnet_passes, dit_calls_per_step, image_tokens
 from .image import pil_to_tensor, resize_to_multiple, tensor_to_pil
 from .inputs import (check_callable, check_device, check_cfg_scale, check_denoising_strength, check_embedded_guidance, check_image,
                      check_kontext_images, check_negative_prompts, check_output_type, check_prompts,
@@ -298,7 +298,7 @@ class FluxImagePipeline:
         schedule = (explicit_sigmas(sigmas) if sigmas is not None
                     else flux_sigmas(num_inference_steps, denoising_strength, sigma_shift))
         self._check_cost(batch, height, width, t5_sequence_length, references, len(schedule),
-                         passes=2 if cfg_scale != 1.0 else 1)
+                         passes=2 if cfg_scale != 1.0 else 1, tiling=dit_tiling, controlnet_items=controlnet_items)
         self._warn_kontext_without_image(references)
 
         self.last_seed = resolve_seed(seed)
@@ -397,17 +397,27 @@ class FluxImagePipeline:
                            f"CLIP-L text_encoder/ and the T5 text_encoder_2/).")
 
     def _check_cost(self, batch: int, height: int, width: int, text_tokens: int, references: list[Image.Image],
-                    steps: int, passes: int) -> None:
+                    steps: int, passes: int, tiling: DiTTiling | None = None,
+                    controlnet_items: Sequence[ControlNetInput] = ()) -> None:
         """Refuse a run whose DiT activations cannot fit the compute device, warn when they take most of it, and
-        warn before a run that would take very long on a CPU (steps x CFG passes x batch DiT forwards)."""
+        warn before a run that would take very long on a CPU (steps x tiles x CFG passes x batch DiT forwards, the
+        ControlNets' forwards counted in DiT forwards)."""
+        calls, tile_h, tile_w = dit_calls_per_step(height // 8, width // 8, tiling)
         reference_tokens = sum(image_tokens(image.size[1], image.size[0]) for image in references)
-        image = image_tokens(height, width) + reference_tokens
+        image = image_tokens(tile_h * 8, tile_w * 8) + reference_tokens
         device = self.vram.device if self.vram is not None else ComputeDevice(self.device)
+        tiles = f", in {calls} DiT tiles of {tile_w * 8}x{tile_h * 8} (tiled=True)" if tiling is not None else ""
         what = (f"height={height}, width={width}, a batch of {batch} image(s) and {reference_tokens} Kontext "
-                f"reference tokens (kontext_images), {image + text_tokens} tokens in all")
-        work = f"{steps} steps x {passes} pass(es) x {batch} image(s) at {width}x{height}"
+                f"reference tokens (kontext_images), {image + text_tokens} tokens in all{tiles}")
+        extra = controlnet_passes(self.dit, [(self.controlnet.models[i.controlnet_id], passes) for i in controlnet_items],
+                                  image, text_tokens)
+        counted = f" + {extra:.2g} DiT pass(es) of controlnet_inputs" if controlnet_items else ""
+        work = (f"{steps} steps x {calls} tile(s) x ({passes} pass(es){counted}) x {batch} image(s) at {width}x{height}"
+                if tiling is not None or controlnet_items
+                else f"{steps} steps x {passes} pass(es) x {batch} image(s) at {width}x{height}")
         # stacklevel 4: the user's line (above __call__ and torch.no_grad's wrapper)
-        check_run_cost(self.dit, device, batch, image, text_tokens, steps, passes, what, work, stacklevel=4)
+        check_run_cost(self.dit, device, batch, image, text_tokens, steps * calls, passes + extra, what, work,
+                       stacklevel=4)
 
     def _warn_kontext_without_image(self, references: list[Image.Image]) -> None:
         source = self.loaded_from.get("dit")

@@ -10,9 +10,12 @@ from __future__ import annotations
 import logging
 import warnings
 
+from typing import Sequence
+
 import torch
 
 from .inputs import SIZE_MULTIPLE
+from .tiled_dit import tile_boxes
 from .vram import GiB, stored_compute_dtype
 
 logger = logging.getLogger(__name__)
@@ -105,6 +108,26 @@ def dit_forward_flops(dit: torch.nn.Module, image_tokens: int, text_tokens: int)
     return flops + 4.0 * tokens * tokens * params.hidden_size * (params.depth + params.depth_single_blocks)
 
 
+def dit_calls_per_step(latent_height: int, latent_width: int, tiling) -> tuple[int, int, int]:
+    """(DiT calls per step and branch, latent height and width one call sees): one call, or one per tile of the
+    tiled DiT (flux_core.tiled_dit; all its tiles have one size)."""
+    if tiling is None:
+        return 1, latent_height, latent_width
+    boxes = tile_boxes(latent_height, latent_width, tiling)
+    top, bottom, left, right = boxes[0]
+    return len(boxes), bottom - top, right - left
+
+
+def controlnet_passes(dit: torch.nn.Module, controlnets: Sequence[tuple[torch.nn.Module, int]], image_tokens: int,
+                      text_tokens: int) -> float:
+    """The ControlNets' forwards in one step, counted in DiT forwards: each (ControlNet, number of CFG branches it
+    runs in) costs its own FLOPs (`dit_forward_flops` reads any module with the DiT's block layout) per branch."""
+    if not controlnets:
+        return 0.0
+    return (sum(dit_forward_flops(model, image_tokens, text_tokens) * branches for model, branches in controlnets)
+            / dit_forward_flops(dit, image_tokens, text_tokens))
+
+
 def check_run_time(flops: float, device: torch.device, what: str, stacklevel: int = 2) -> None:
     """Warn (SlowRunWarning) before a run on a CPU that needs more than CPU_WARN_FLOPS; GPUs are not warned
     about (their speed spans 100x, and a run that fits their memory finishes)."""
@@ -119,7 +142,7 @@ def check_run_time(flops: float, device: torch.device, what: str, stacklevel: in
 
 
 def check_run_cost(dit: torch.nn.Module, device, batch: int, image_tokens: int, text_tokens: int, steps: int,
-                   passes: int, what: str, work: str, stacklevel: int = 2) -> None:
+                   passes: float, what: str, work: str, stacklevel: int = 2) -> None:
     """Both checks for one run of `dit` on `device` (a flux_core.vram.ComputeDevice): the activation memory of
     one forward (refused above the device's memory, warned above half of it) and the run's compute (warned on a
     CPU). `what` names the inputs that set the size, `work` the steps, passes and batch; image tokens include

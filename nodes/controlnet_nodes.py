@@ -27,7 +27,6 @@ from flux_core.dtypes import FLOAT8_DTYPES, WEIGHT_DTYPES
 from flux_core.image import tensor_to_pil
 from flux_core.models.controlnet import UNION_MODES, union_mode_id
 from flux_core.model_state import state_of
-from flux_core.run_cost import dit_forward_flops
 from flux_core.vram import GiB, VRAMManager, store_model, stored_compute_dtype
 
 from . import comfy_bridge as bridge
@@ -270,14 +269,6 @@ def controlnet_adapters(node: str, payloads: list[tuple[ControlNetPayload, froze
             dit_depth=(dit.params.depth, dit.params.depth_single_blocks), scale=payload.strength,
             steps=payload.steps, mode=payload.mode, branches=branches & frozenset(BRANCHES)))
     return adapters, list(handles.values())
-
-
-def controlnet_flops(payloads: list[tuple[ControlNetPayload, frozenset[str]]], image_tokens: int, text_tokens: int,
-                     passes: int) -> float:
-    """FLOPs of the payloads' ControlNets in one DiT call per branch (each runs in the branches it was applied to,
-    of the `passes` the run makes)."""
-    return sum(dit_forward_flops(p.controlnet.model.module, image_tokens, text_tokens) * min(len(b), passes)
-               for p, b in payloads)
 
 
 def place_controlnets(dit_handle: DiTHandle, handles: list[ControlNetHandle]) -> Callable[[], None]:

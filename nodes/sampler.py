@@ -17,18 +17,18 @@ from dataclasses import replace
 import torch
 import torch.nn.functional as F
 
-from flux_core.run_cost import check_run_cost, dit_forward_flops, image_tokens
+from flux_core.run_cost import check_run_cost, controlnet_passes, dit_calls_per_step, image_tokens
 from flux_core.inputs import SEED_MAX
 from flux_core.lora import clear_lora, load_lora
 from flux_core.model_state import state_of
 from flux_core.models.vae import AutoEncoderParams
 from flux_core.sampling import denoise as run_denoise, guided_velocity, make_noise, reference_extras, tea_cache_extras
 from flux_core.scheduler import add_noise, flux_sigmas, next_sigmas
-from flux_core.tiled_dit import DiTTiling, tile_boxes
+from flux_core.tiled_dit import DiTTiling
 
 from . import comfy_bridge as bridge
 from .conditioning import read_conditioning, warn_unused_entries
-from .controlnet_nodes import controlnet_adapters, controlnet_flops, payloads_with_branches, place_controlnets
+from .controlnet_nodes import controlnet_adapters, payloads_with_branches, place_controlnets
 from .handles import DIT_TYPE, DiTHandle
 from .loaders import NodeInputError
 from . import vram_nodes
@@ -54,22 +54,21 @@ def check_sampler_cost(node: str, dit, batch: int, h: int, w: int, text_tokens: 
     device, warn when it takes most of it or would take very long on a CPU. With `tiling` one DiT call sees one
     tile (all tiles have one size), and each step makes one call per tile; `controlnets` ((payload, branches) from
     payloads_with_branches) add their own forwards to the compute, counted in DiT passes
-    (flux_core.run_cost.dit_forward_flops of each ControlNet)."""
-    boxes = tile_boxes(h, w, tiling) if tiling is not None else [(0, h, 0, w)]
-    top, bottom, left, right = boxes[0]
-    image = image_tokens((bottom - top) * 8, (right - left) * 8) + reference_tokens
-    tiles = f", in {len(boxes)} DiT tiles of {(right - left) * 8}x{(bottom - top) * 8}" if tiling is not None else ""
+    (flux_core.run_cost.controlnet_passes)."""
+    calls, tile_h, tile_w = dit_calls_per_step(h, w, tiling)
+    image = image_tokens(tile_h * 8, tile_w * 8) + reference_tokens
+    tiles = f", in {calls} DiT tiles of {tile_w * 8}x{tile_h * 8}" if tiling is not None else ""
     what = (f"a {w * 8}x{h * 8} latent_image with a batch of {batch} and {reference_tokens} reference tokens "
             f"(ReferenceLatent / Kontext reference in 'positive'), {image + text_tokens} tokens in all{tiles}")
-    extra = (controlnet_flops(controlnets, image, text_tokens, passes) / dit_forward_flops(dit, image, text_tokens)
-             if controlnets else 0.0)
+    extra = controlnet_passes(dit, [(p.controlnet.model.module, min(len(b), passes)) for p, b in controlnets],
+                              image, text_tokens)
     counted = f" + {extra:.2g} DiT pass(es) of ControlNets ({len(controlnets)})" if controlnets else ""
-    work = (f"{steps} steps x {len(boxes)} tile(s) x ({passes} pass(es){counted}) x {batch} image(s) at "
+    work = (f"{steps} steps x {calls} tile(s) x ({passes} pass(es){counted}) x {batch} image(s) at "
             f"{w * 8}x{h * 8}" if tiling is not None or controlnets
             else f"{steps} steps x {passes} pass(es) x {batch} image(s) at {w * 8}x{h * 8}")
     device = vram_nodes.make_compute_device()  # looked up at call time: tests put a SimulatedDevice there
     try:
-        check_run_cost(dit, device, batch, image, text_tokens, steps * len(boxes), passes + extra, what, work,
+        check_run_cost(dit, device, batch, image, text_tokens, steps * calls, passes + extra, what, work,
                        stacklevel=3)
     except ValueError as e:
         raise NodeInputError(f"{node}: {e}") from None

@@ -218,3 +218,24 @@ def test_bad_controlnet_inputs_are_named(tiny, items, match):
 def test_tiled_dit_refuses_teacache(tiny):
     with pytest.raises(ValueError, match="tiled=True runs the DiT once per tile"):
         tiny.ours(prompt=PROMPT, height=H, width=W, tiled=True, tea_cache_l1_thresh=0.3, num_inference_steps=1)
+
+
+def test_controlnet_and_tile_forwards_count_in_the_run_cost(tiny, monkeypatch):
+    """The CPU run-time warning counts the ControlNets' forwards (in DiT passes) and the tiled DiT's calls: a
+    threshold just above the plain run's compute warns only with them."""
+    import warnings
+
+    from flux_core import run_cost
+    from flux_core.run_cost import dit_forward_flops, image_tokens
+    plain_flops = 2 * dit_forward_flops(tiny.ours.dit, image_tokens(H, W), 16)  # 2 steps, 1 pass, batch 1
+    monkeypatch.setattr(run_cost, "CPU_WARN_FLOPS", plain_flops * 1.01)
+    kwargs = dict(prompt=PROMPT, height=H, width=W, num_inference_steps=2, t5_sequence_length=16,
+                  output_type="latent", progress_bar_cmd=None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", run_cost.SlowRunWarning)
+        tiny.ours(**kwargs)
+    with pytest.warns(run_cost.SlowRunWarning, match=r"2 steps x 1 tile\(s\) x \(1 pass\(es\) \+ 0.\d+ DiT pass\(es\) "
+                                                     r"of controlnet_inputs\)"):
+        tiny.ours(controlnet_inputs=[ControlNetInput(controlnet_id=1, image=random_image(0))], **kwargs)
+    with pytest.warns(run_cost.SlowRunWarning, match=r"2 steps x 6 tile\(s\) x \(1 pass\(es\)\)"):
+        tiny.ours(tiled=True, tile_size=4, tile_stride=2, **kwargs)
