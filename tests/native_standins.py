@@ -198,10 +198,25 @@ def standins(input_dir: str | Path, output_dir: str | Path, temp_dir: str | Path
                 return (conditioning,)
             return (_set_values(conditioning, {"reference_latents": [latent["samples"]]}, append=True),)
 
-    classes = [LoadImage, SaveImage, PreviewImage, ImageScale, SetLatentNoiseMask, FluxGuidance, ConditioningZeroOut,
-               ReferenceLatent]
+    class ImageScaleBy:
+        """Resizes by a factor: width = round(W * scale_by), height = round(H * scale_by), no crop."""
+        CATEGORY = "image/upscaling"
+        RETURN_TYPES = ("IMAGE",)
+        FUNCTION = "upscale"
+
+        @classmethod
+        def INPUT_TYPES(cls):
+            return {"required": {"image": ("IMAGE",), "upscale_method": (ImageScale.methods,),
+                                 "scale_by": ("FLOAT", {"default": 1.0, "min": 0.01, "max": 8.0, "step": 0.01})}}
+
+        def upscale(self, image, upscale_method, scale_by):
+            _, h, w, _ = image.shape
+            return ImageScale().upscale(image, upscale_method, round(w * scale_by), round(h * scale_by), "disabled")
+
+    classes = [LoadImage, SaveImage, PreviewImage, ImageScale, ImageScaleBy, SetLatentNoiseMask, FluxGuidance,
+               ConditioningZeroOut, ReferenceLatent]
     return {c.__name__: c for c in classes}
 
 
-STANDIN_NAMES = ("LoadImage", "SaveImage", "PreviewImage", "ImageScale", "SetLatentNoiseMask", "FluxGuidance",
+STANDIN_NAMES = ("LoadImage", "SaveImage", "PreviewImage", "ImageScale", "ImageScaleBy", "SetLatentNoiseMask", "FluxGuidance",
                  "ConditioningZeroOut", "ReferenceLatent")

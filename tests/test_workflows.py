@@ -16,9 +16,7 @@ from example_workflows.build_workflows import CONTROLNET_FILES
 from example_workflows.core_nodes import core_nodes
 from example_workflows.make_example_image import HOLE, NAME as EXAMPLE_IMAGE, SIZE, draw
 from nodes import NODE_CLASS_MAPPINGS
-from tests.native_standins import STANDIN_NAMES as CORE_STANDIN_NAMES, standins as core_standins
-from tests.native_upscale_standin import UPSCALE_STANDIN_NAMES, upscale_standins
-from tests.tiny_comfy import write_controlnet_files
+from tests.native_standins import STANDIN_NAMES, standins
 from tests.tiny_flux_files import FILES, set_up_like_a_user
 from tests.workflow_harness import (WorkflowError, load_workflow, node_types, run_prompt, specs_from_classes,
                                     ui_to_api)
@@ -29,11 +27,6 @@ WORKFLOWS = sorted(EXAMPLES.glob("*.json"))
 REAL_FILES = {"dit_name": {"flux1-dev.safetensors", "flux1-kontext-dev.safetensors"}, "clip_name": {"clip_l.safetensors"},
               "t5_name": {"t5xxl_fp16.safetensors"}, "vae_name": {"ae.safetensors"},
               "controlnet_name": set(CONTROLNET_FILES.values())}
-STANDIN_NAMES = CORE_STANDIN_NAMES + UPSCALE_STANDIN_NAMES
-
-
-def standins(input_dir, output_dir):
-    return {**core_standins(input_dir, output_dir), **upscale_standins(input_dir, output_dir)}
 RAW_SHIFT, RAW_SCALE = 0.1159, 0.3611  # FLUX's published latent shift/scale: scaled = (raw - shift) * scale
 
 
@@ -117,7 +110,6 @@ def shipped(tmp_path_factory):
     from flux_core.pipeline import FluxImagePipeline
     base = tmp_path_factory.mktemp("comfyui_base")
     files = set_up_like_a_user(base)
-    controlnets = write_controlnet_files(base / "models")  # under the published names the workflows use
     mp = pytest.MonkeyPatch()
     mp.setenv("FLUXCORE_MODELS_DIR", str(base / "models"))
     classes = {**NODE_CLASS_MAPPINGS, **standins(files["input"], files["output"])}
@@ -125,7 +117,7 @@ def shipped(tmp_path_factory):
     def pipeline(dit: str, controlnet_names=()) -> FluxImagePipeline:
         """The pipeline on the same files; ControlNets by their name in models/controlnet, in controlnet_id order."""
         kind = {FILES[k][1]: k for k in ("dit", "kontext_dit")}[dit]
-        by_name = {name: controlnets[k] for k, name in CONTROLNET_FILES.items()}
+        by_name = {name: files[f"controlnet_{k}"] for k, name in CONTROLNET_FILES.items()}
         return FluxImagePipeline.from_pretrained(torch_dtype=torch.float32, device="cpu", model_configs=[
             *(ModelConfig(path=str(files[k])) for k in (kind, "clip", "t5", "vae")),
             *(ModelConfig(path=str(by_name[name])) for name in controlnet_names)])

@@ -110,10 +110,13 @@ def example_image_source() -> Path:
 
 def set_up_like_a_user(base: Path) -> dict[str, Path]:
     """A ComfyUI base directory as a user prepares it for the example workflows (README, "Example workflows"):
-    the model files in models/<folder>/ under the names the workflows use, and the pack's example image copied
-    into input/. Returns the component paths plus "input" and "output"."""
+    the model files in models/<folder>/ under the names the workflows use (the ControlNets in models/controlnet/
+    under their published names), and the pack's example image copied into input/. Returns the component paths
+    (ControlNets as "controlnet_<kind>") plus "input" and "output"."""
+    from tests.tiny_comfy import write_controlnet_files
     base = Path(base)
     paths = write_model_files(base / "models")
+    paths.update({f"controlnet_{kind}": path for kind, path in write_controlnet_files(base / "models").items()})
     (base / "input").mkdir(parents=True, exist_ok=True)
     (base / "output").mkdir(parents=True, exist_ok=True)
     shutil.copy(example_image_source(), base / "input" / example_image_source().name)
