@@ -184,7 +184,7 @@ def test_controlnet_state_dict_names_read_back_through_the_loader(world):
 
 
 def test_renaming_rules_are_inverted_or_refused():
-    from flux_core.train.trainable import _inverse_rules
+    from flux_core.loading.files import invert_rules as _inverse_rules
     assert _inverse_rules([(r"^blocks\.(\d+)\.ff_a\.(0|2)\.", r"double_blocks.\1.img_mlp.\2."),
                            (r"^x\.weight$", "img_in.weight")]) == \
         [(r"^double_blocks\.(\d+)\.img_mlp\.(0|2)\.", r"blocks.\1.ff_a.\2."), (r"^img_in\.weight$", "x.weight")]
@@ -199,7 +199,7 @@ def test_full_size_controlnets_are_written_with_diffsynths_names_and_shapes(vari
     68-wide input, jasperai Upscaler 5/0), on the meta device: every parameter the writer names is the parameter of
     that name and shape in DiffSynth's own FluxControlNet built as its registry builds the variant."""
     from flux_core.models.controlnet import UNION_MODES, ControlNetParams, FluxControlNet
-    from flux_core.train.trainable import bfl_to_diffsynth
+    from flux_core.loading.dit_layouts import bfl_to_diffsynth
     from tests.diffsynth_ref import diffsynth_controlnet
 
     cn, _ = diffsynth_controlnet()

@@ -14,7 +14,8 @@ from typing import Mapping
 
 from lora_tools.names import FINAL_ADALN  # the final AdaLN layer, whose halves layouts store swapped
 
-from .files import CheckpointError, rename_keys
+from ..models.controlnet import CONTROLNET_HEADS
+from .files import CheckpointError, invert_rules, rename_keys
 from .lazy import LazyTensor, lazy_cat, swap_halves
 
 NEXUS_GEN_PREFIX = "pipe.dit."
@@ -138,3 +139,18 @@ def _take(rest: dict[str, LazyTensor], key: str, siblings: list[str]) -> LazyTen
         raise CheckpointError(f"diffusers DiT checkpoint has {', '.join(k for k in siblings if k != key)} but not "
                               f"'{key}'; the file is incomplete or not a FLUX transformer.")
     return rest.pop(key)
+
+
+def bfl_to_diffsynth(names: list[str]) -> dict[str, str]:
+    """{our (BFL trunk) name: DiffSynth's name} for a ControlNet's parameters. Checked: every trunk name is renamed
+    (only the heads keep their published names), and every new name reads back through the loader's table as the
+    name it came from."""
+
+    forward = dict(zip(names, rename_keys({n: n for n in names}, invert_rules(DIFFSYNTH_RULES))))
+    back = rename_keys({theirs: ours for ours, theirs in forward.items()}, DIFFSYNTH_RULES)
+    wrong = [ours for theirs, ours in back.items() if theirs != ours]
+    wrong += [ours for ours, theirs in forward.items() if ours == theirs and not ours.startswith(CONTROLNET_HEADS)]
+    if wrong:
+        raise RuntimeError(f"no DiffSynth name that reads back as {wrong[:3]}: the table "
+                           f"flux_core.loading.dit_layouts.DIFFSYNTH_RULES lacks them")
+    return forward

@@ -214,3 +214,28 @@ def rename_keys(sd: Mapping[str, LazyTensor], rules: Sequence[tuple[str, str]]) 
                 break
         out[key] = value
     return out
+
+
+def invert_rules(rules: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """The inverse of a table of simple renaming rules (`^literal(group)literal` -> `literal\\1literal`), so one
+    table serves reading and writing. A rule of another shape raises (the table's author then writes it out)."""
+    inverse = []
+    for pattern, repl in rules:
+        anchored_end = pattern.endswith("$")
+        body = pattern[1:-1] if anchored_end else pattern[1:]
+        if not pattern.startswith("^"):
+            raise ValueError(f"cannot invert {pattern!r}: not anchored at the start")
+        groups = re.findall(r"\(([^()]*)\)", body)
+        refs = [int(n) for n in re.findall(r"\\(\d)", repl)]
+        if refs != list(range(1, len(groups) + 1)):
+            raise ValueError(f"cannot invert {pattern!r} -> {repl!r}: groups used out of order")
+        parts = re.split(r"\\\d", repl)
+        new_pattern = "^" + "".join(re.escape(part) + (f"({groups[i]})" if i < len(groups) else "")
+                                    for i, part in enumerate(parts)) + ("$" if anchored_end else "")
+        literal = re.split(r"\([^()]*\)", body)
+        if any(re.search(r"[\^$*+?\[\]{}|]", re.sub(r"\\\.", "", part)) for part in literal):
+            raise ValueError(f"cannot invert {pattern!r}: not a literal with groups")
+        new_repl = "".join(part.replace("\\.", ".") + (f"\\{i + 1}" if i < len(groups) else "")
+                           for i, part in enumerate(literal))
+        inverse.append((new_pattern, new_repl))
+    return inverse

@@ -22,12 +22,12 @@ unstripped prefix) too. The names are our BFL names renamed by the inverse of th
 """
 from __future__ import annotations
 
-import re
 import warnings
 
 import torch
 from torch import nn
 
+from ..loading.dit_layouts import bfl_to_diffsynth
 from .args import TrainError
 
 DIFFSYNTH_ALIASES = {
@@ -175,53 +175,10 @@ def make_controlnet_trainable(controlnet: nn.Module) -> None:
     controlnet.requires_grad_(True)
 
 
-def _inverse_rules(rules: list[tuple[str, str]]) -> list[tuple[str, str]]:
-    """The inverse of a table of simple renaming rules (`^literal(group)literal` -> `literal\\1literal`), so one
-    table serves reading and writing. A rule of another shape raises (the table's author then writes it out)."""
-    inverse = []
-    for pattern, repl in rules:
-        anchored_end = pattern.endswith("$")
-        body = pattern[1:-1] if anchored_end else pattern[1:]
-        if not pattern.startswith("^"):
-            raise ValueError(f"cannot invert {pattern!r}: not anchored at the start")
-        groups = re.findall(r"\(([^()]*)\)", body)
-        refs = [int(n) for n in re.findall(r"\\(\d)", repl)]
-        if refs != list(range(1, len(groups) + 1)):
-            raise ValueError(f"cannot invert {pattern!r} -> {repl!r}: groups used out of order")
-        parts = re.split(r"\\\d", repl)
-        new_pattern = "^" + "".join(re.escape(part) + (f"({groups[i]})" if i < len(groups) else "")
-                                    for i, part in enumerate(parts)) + ("$" if anchored_end else "")
-        literal = re.split(r"\([^()]*\)", body)
-        if any(re.search(r"[\^$*+?\[\]{}|]", re.sub(r"\\\.", "", part)) for part in literal):
-            raise ValueError(f"cannot invert {pattern!r}: not a literal with groups")
-        new_repl = "".join(part.replace("\\.", ".") + (f"\\{i + 1}" if i < len(groups) else "")
-                           for i, part in enumerate(literal))
-        inverse.append((new_pattern, new_repl))
-    return inverse
-
-
-def bfl_to_diffsynth(names: list[str]) -> dict[str, str]:
-    """{our (BFL trunk) name: DiffSynth's name} for a ControlNet's parameters. Checked: every trunk name is renamed
-    (only the heads keep their published names), and every new name reads back through the loader's table as the
-    name it came from."""
-    from ..loading.dit_layouts import DIFFSYNTH_RULES
-    from ..loading.files import rename_keys
-    from ..models.controlnet import CONTROLNET_HEADS
-
-    forward = dict(zip(names, rename_keys({n: n for n in names}, _inverse_rules(DIFFSYNTH_RULES))))
-    back = rename_keys({theirs: ours for ours, theirs in forward.items()}, DIFFSYNTH_RULES)
-    wrong = [ours for theirs, ours in back.items() if theirs != ours]
-    wrong += [ours for ours, theirs in forward.items() if ours == theirs and not ours.startswith(CONTROLNET_HEADS)]
-    if wrong:
-        raise RuntimeError(f"no DiffSynth name that reads back as {wrong[:3]}: the table "
-                           f"flux_core.loading.dit_layouts.DIFFSYNTH_RULES lacks them")
-    return forward
-
-
 def controlnet_state_dict(controlnet: nn.Module, remove_prefix: str) -> dict[str, torch.Tensor]:
     """The ControlNet's weights named `pipe.controlnet.models.0.<DiffSynth name>` minus --remove_prefix_in_ckpt."""
     state = controlnet.state_dict()
-    names = bfl_to_diffsynth(list(state))
+    names = bfl_to_diffsynth(list(state))  # flux_core.loading.dit_layouts
     out = {}
     for name, tensor in state.items():
         key = CONTROLNET_CHECKPOINT_PREFIX + names[name]
