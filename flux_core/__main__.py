@@ -62,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--sigmas", type=_float_list, default=None,
                    help="explicit schedule, comma-separated decreasing values in (0, 1], e.g. 1,0.75,0.5,0.25")
     g.add_argument("--kontext-image", action="append", default=None, help="Kontext reference (repeatable)")
-    g.add_argument("--tiled", action="store_true", help="tiled VAE encode/decode")
+    g.add_argument("--tiled", action="store_true", help="tiled VAE encode/decode and tiled DiT (as DiffSynth-Studio: large images within memory)")
     g.add_argument("--tile-size", type=int, default=128)
     g.add_argument("--tile-stride", type=int, default=64)
     g.add_argument("--tea-cache-l1-thresh", type=float, default=None, metavar="FLOAT",
@@ -298,6 +298,7 @@ def _pipeline_input_problems(args) -> list[str]:
         lambda: inputs.check_embedded_guidance(args.embedded_guidance),
         lambda: inputs.check_sigma_shift(args.sigma_shift),
         lambda: inputs.check_tiling(args.tiled, args.tile_size, args.tile_stride),
+        lambda: inputs.check_dit_tiling(args.tiled, args.tile_size, args.tea_cache_l1_thresh),
         lambda: inputs.check_rand_device(args.rand_device),
         lambda: inputs.check_tea_cache_threshold(args.tea_cache_l1_thresh),
     ]

@@ -171,6 +171,19 @@ def check_tiling(tiled: Any, tile_size: Any, tile_stride: Any) -> None:
                          f"<= tile_size (e.g. half of it).")
 
 
+def check_dit_tiling(tiled: bool, tile_size: int, tea_cache_l1_thresh: float | None) -> None:
+    """`tiled=True` tiles the DiT too (flux_core.tiled_dit): its tiles need an even tile_size (FLUX packs 2x2
+    latent patches), and TeaCache, which follows one DiT call per step, cannot run with it."""
+    if not tiled:
+        return
+    if tea_cache_l1_thresh is not None:
+        raise ValueError("tiled=True runs the DiT once per tile, and TeaCache follows one DiT call per step: use one "
+                         "of them (tea_cache_l1_thresh=None, or tiled=False).")
+    if tile_size % 2:
+        raise ValueError(f"tile_size={tile_size}: with tiled=True the DiT is tiled too, and its tiles must be an even "
+                         f"number of latent pixels (FLUX packs 2x2 patches); use {tile_size + 1}.")
+
+
 def check_rand_device(rand_device: Any) -> torch.device:
     """The device the noise is drawn on must be able to make a torch.Generator ('cpu' gives the same noise on
     every machine)."""

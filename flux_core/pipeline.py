@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from .run_cost import check_run_cost, controlnet_passes, dit_calls_per_step, image_tokens
 from .image import pil_to_tensor, resize_to_multiple, tensor_to_pil
-from .inputs import (check_callable, check_device, check_cfg_scale, check_denoising_strength, check_embedded_guidance, check_image,
+from .inputs import (check_callable, check_device, check_dit_tiling, check_cfg_scale, check_denoising_strength, check_embedded_guidance, check_image,
                      check_kontext_images, check_negative_prompts, check_output_type, check_prompts,
                      check_rand_device, check_seed, check_sigma_shift, check_size, check_steps,
                      check_t5_sequence_length, check_tea_cache_threshold, check_tiling)
@@ -374,15 +374,8 @@ class FluxImagePipeline:
 
     @staticmethod
     def _dit_tiling(tiled: bool, tile_size: int, tile_stride: int, tea_cache_l1_thresh) -> DiTTiling | None:
-        if not tiled:
-            return None
-        if tea_cache_l1_thresh is not None:
-            raise ValueError("tiled=True runs the DiT once per tile, and TeaCache follows one DiT call per step: "
-                             "use one of them (tea_cache_l1_thresh=None, or tiled=False).")
-        if tile_size % 2:
-            raise ValueError(f"tile_size={tile_size}: with tiled=True the DiT is tiled too, and its tiles must be an "
-                             f"even number of latent pixels (FLUX packs 2x2 patches); use {tile_size + 1}.")
-        return DiTTiling(tile_size, tile_stride)
+        check_dit_tiling(tiled, tile_size, tea_cache_l1_thresh)
+        return DiTTiling(tile_size, tile_stride) if tiled else None
 
     def _require_generation_models(self, needs_vae: bool) -> None:
         """Every model and tokenizer a generation uses, checked before any of them runs: the message names each

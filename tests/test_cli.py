@@ -325,3 +325,13 @@ def test_model_dir_components_and_what_the_flags_replace(tiny, tmp_path):
     shutil.rmtree(repo / "text_encoder")
     with pytest.raises(ValueError, match=r"has no clip, vae; .*--clip PATH --vae PATH"):
         model_configs_for(parse("--dit", str(repo / "flux1-krea-dev.safetensors")))
+
+
+def test_tiled_dit_with_teacache_is_refused_before_any_model_loads(tmp_path, capsys):
+    # --tiled tiles the DiT too (as DiffSynth-Studio); TeaCache follows one DiT call per step: both flags named.
+    rc = main(["generate", "--prompt", "x", "--output", str(tmp_path / "x.png"), "--tiled", "--tea-cache-l1-thresh",
+               "0.3", "--local-model-path", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "--tiled runs the DiT once per tile" in err and "--tea-cache-l1-thresh" in err, err
+    assert not PYTHON_NAMES.search(err), err
