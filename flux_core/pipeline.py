@@ -352,10 +352,11 @@ class FluxImagePipeline:
                             **vae_tiling) -> list[ControlNetAdapter]:
         """One adapter per control input: its control latent (encoded once for the whole run) bound to its
         ControlNet, scale, step range and union mode."""
+        def encode(x: torch.Tensor) -> torch.Tensor:
+            return self.encode_image(x, **vae_tiling)
+
         adapters = []
         for i, item in enumerate(items):
-            def encode(x: torch.Tensor) -> torch.Tensor:
-                return self.encode_image(x, **vae_tiling)
             adapters.append(ControlNetAdapter(
                 name=f"controlnet_inputs[{i}]", model=self.controlnet.models[item.controlnet_id],
                 control=control_latent(item, width, height, encode, f"controlnet_inputs[{i}]").to(self.device),
