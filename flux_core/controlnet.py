@@ -24,6 +24,7 @@ from torch import nn
 from .adapters import BRANCHES, Contribution, DiTCall, StepRange
 from .dit_inputs import DiTInputs
 from .image import pil_to_tensor
+from .infiniteyou import IdentityTokens
 from .math import pack_latents
 from .models.controlnet import FluxControlNet, spread_residuals, union_mode_id
 from .vram import compute_place
@@ -41,6 +42,7 @@ class ControlNetInput:
         [0, 1] such as a ComfyUI MASK); only for inpainting ControlNets;
     scale: residual strength; start, end: the active range in DiffSynth's progress (1 = first step, 0 = last);
     processor_id: the union ControlNet's mode, by name ("canny", "tile", "depth", "blur", "pose", "gray", "lq") or id;
+        None (or the string "None", as DiffSynth's InfiniteYou example passes it) for other ControlNets;
     inpaint_image: accepted for DiffSynth compatibility; FLUX ControlNets do not use it (DiffSynth's neither).
     """
     controlnet_id: int = 0
@@ -78,6 +80,7 @@ class ControlNetAdapter:
     steps: StepRange = field(default_factory=StepRange)
     mode: int | None = None
     branches: frozenset[str] = frozenset(BRANCHES)
+    identity: IdentityTokens | None = None   # InfiniteYou: replaces the ControlNet's text and guidance
 
     def contribute(self, inputs: DiTInputs, call: DiTCall) -> Contribution | None:
         if call.branch not in self.branches or not self.steps.contains(call):
@@ -85,10 +88,13 @@ class ControlNetAdapter:
         device, dtype = compute_place(self.model)
         control = self.control[:, :, inputs.top:inputs.top + inputs.height, inputs.left:inputs.left + inputs.width]
         control = pack_latents(control.expand(inputs.batch, -1, -1, -1)).to(device, dtype)
+        txt, txt_ids, guidance = inputs.txt, inputs.txt_ids, inputs.guidance
+        if self.identity is not None:
+            txt, txt_ids, guidance = self.identity.text_inputs(inputs.batch, device)
         double, single = self.model(
-            img=inputs.img.to(device, dtype), img_ids=inputs.img_ids.to(device), txt=inputs.txt.to(device, dtype),
-            txt_ids=inputs.txt_ids.to(device), timesteps=inputs.timesteps.to(device), y=inputs.y.to(device, dtype),
-            guidance=None if inputs.guidance is None else inputs.guidance.to(device), control=control, mode=self.mode)
+            img=inputs.img.to(device, dtype), img_ids=inputs.img_ids.to(device), txt=txt.to(device, dtype),
+            txt_ids=txt_ids.to(device), timesteps=inputs.timesteps.to(device), y=inputs.y.to(device, dtype),
+            guidance=None if guidance is None else guidance.to(device), control=control, mode=self.mode)
         # Scaled before spreading: DiT blocks that share a ControlNet residual share one tensor (15 per call for the
         # union net instead of 57 copies: about 1 GiB less at 1024x1024 in bf16).
         return Contribution(
@@ -151,6 +157,11 @@ def is_inpainting(model: FluxControlNet) -> bool:
     return model.params.extra_condition_channels == INPAINT_CONDITION_CHANNELS
 
 
+def no_mode(processor_id: str | int | None) -> str | int | None:
+    """processor_id with DiffSynth's string "None" (its InfiniteYou example's) read as None."""
+    return None if processor_id == "None" else processor_id
+
+
 def check_controlnet_input(index: int, item, models: ControlNets) -> None:
     """Everything about one `controlnet_inputs[index]` that can be checked before a model runs; all problems of
     the entry in one ValueError/TypeError."""
@@ -170,17 +181,18 @@ def check_controlnet_input(index: int, item, models: ControlNets) -> None:
         StepRange(float(item.start), float(item.end))
     except (TypeError, ValueError) as e:
         problems.append(str(e))
+    processor_id = no_mode(item.processor_id)
     if not problems:
         model = models.models[item.controlnet_id]
-        if model.params.num_modes and item.processor_id is None:
+        if model.params.num_modes and processor_id is None:
             problems.append(f"ControlNet {item.controlnet_id} is a union ControlNet: set processor_id to its mode "
                             f"(canny, tile, depth, blur, pose, gray, lq)")
-        elif item.processor_id is not None and not model.params.num_modes:
+        elif processor_id is not None and not model.params.num_modes:
             problems.append(f"processor_id={item.processor_id!r}, but ControlNet {item.controlnet_id} has no modes "
                             f"(only union ControlNets take processor_id); leave it None")
-        elif item.processor_id is not None:
+        elif processor_id is not None:
             try:
-                union_mode_id(item.processor_id)
+                union_mode_id(processor_id)
             except ValueError as e:
                 problems.append(str(e))
         if is_inpainting(model) and item.inpaint_mask is None:

@@ -238,16 +238,17 @@ def check_image(value: Any, name: str) -> None:
                         f"PIL.Image.open(path).convert('RGB').")
 
 
-def check_kontext_images(value: Any) -> list[Image.Image]:
-    """None, one PIL image, or a non-empty list of them -> a list (empty for None)."""
+def check_images(value: Any, name: str) -> list[Image.Image]:
+    """None, one PIL image, or a non-empty list of them -> a list (empty for None); `name` is the parameter
+    (kontext_images, ipadapter_images)."""
     if value is None:
         return []
     images = list(value) if isinstance(value, (list, tuple)) else [value]
     if not images:
-        raise ValueError("kontext_images=[]: pass one PIL image, a list of them, or None.")
+        raise ValueError(f"{name}=[]: pass one PIL image, a list of them, or None.")
     for i, image in enumerate(images):
         if not isinstance(image, Image.Image):
-            raise TypeError(f"kontext_images[{i}] is a {_type_name(image)}; pass PIL images (one, or a list). "
+            raise TypeError(f"{name}[{i}] is a {_type_name(image)}; pass PIL images (one, or a list). "
                             f"Load files with PIL.Image.open(path).convert('RGB').")
     return images
 

@@ -24,12 +24,17 @@ from tqdm import tqdm
 
 from .run_cost import check_run_cost, controlnet_passes, dit_calls_per_step, image_tokens
 from .image import pil_to_tensor, resize_to_multiple, tensor_to_pil
-from .inputs import (check_callable, check_device, check_dit_tiling, check_cfg_scale, check_denoising_strength, check_embedded_guidance, check_image,
-                     check_kontext_images, check_negative_prompts, check_output_type, check_prompts,
+from .inputs import (check_callable, check_real, check_device, check_dit_tiling, check_cfg_scale, check_denoising_strength, check_embedded_guidance, check_image,
+                     check_images, check_negative_prompts, check_output_type, check_prompts,
                      check_rand_device, check_seed, check_sigma_shift, check_size, check_steps,
                      check_t5_sequence_length, check_tea_cache_threshold, check_tiling)
 from .adapters import StepRange
-from .controlnet import (ControlNetAdapter, ControlNetInput, ControlNets, check_controlnet_input, control_latent)
+from .controlnet import (ControlNetAdapter, ControlNetInput, ControlNets, check_controlnet_input, control_latent,
+                         is_inpainting, no_mode)
+from .infiniteyou import (IdentityOnOtherControlNetWarning, IdentityTokens, InfiniteYouWithoutControlNetWarning,
+                          check_face_embedding, identity_tokens)
+from .ipadapter import IPAdapterAdapter, bind_ipadapter, check_ipadapter_models
+from .models.image_encoders import encode_images
 from .lora import LoraReport, clear_lora, load_lora
 from .loading.loader import load_model
 from .model_config import ModelConfig
@@ -70,6 +75,12 @@ class FluxImagePipeline:
         self.tokenizer_1 = None
         self.tokenizer_2 = None
         self.controlnet = ControlNets()  # pipe.controlnet.models[i]: ControlNets in model_configs order
+        self.ipadapter = None                 # FluxIPAdapter (InstantX or XLabs)
+        self.ipadapter_image_encoder = None   # its SigLIP / CLIP vision encoder
+        self.image_proj_model = None          # InfiniteYou's image projector (InfuseNet is a ControlNet)
+        # InfiniteYou's face detector + ArcFace (flux_core.face_embedding.FaceEmbedder), made on first use of
+        # infinityou_id_image; set it yourself to use another weights folder.
+        self.infinityou_processor = None
         self.last_seed: int | None = None      # the seed of the last call (drawn there when seed=None)
         # What from_pretrained put in each slot, and from which file: {"dit": LoadedModel, ...}.
         self.loaded_from: dict[str, LoadedModel] = {}
@@ -147,7 +158,8 @@ class FluxImagePipeline:
         if self.vram is not None:
             self.vram.remove_all()
         self.vram = VRAMManager(device, budget)
-        for slot in ("text_encoder_1", "text_encoder_2", "dit", *self.controlnet_slots(), "vae"):
+        for slot in ("text_encoder_1", "text_encoder_2", "ipadapter_image_encoder", "ipadapter", "image_proj_model",
+                     "dit", *self.controlnet_slots(), "vae"):
             model = attrgetter(slot)(self)
             if model is None:
                 continue
@@ -238,6 +250,10 @@ class FluxImagePipeline:
         num_inference_steps: int = 30,
         kontext_images: Image.Image | list[Image.Image] | None = None,
         controlnet_inputs: Sequence[ControlNetInput] | None = None,
+        ipadapter_images: Image.Image | list[Image.Image] | None = None,
+        ipadapter_scale: float = 1.0,
+        infinityou_id_image: Image.Image | None = None,
+        infinityou_guidance: float = 1.0,
         tiled: bool = False,
         tile_size: int = 128,
         tile_stride: int = 64,
@@ -247,6 +263,7 @@ class FluxImagePipeline:
         output_type: str = "pil",
         callback: Callable[[int, int, torch.Tensor], None] | None = None,
         tea_cache_l1_thresh: float | None = None,
+        infinityou_id_embedding: torch.Tensor | None = None,
     ):
         """Generate image(s). Parameters and defaults are DiffSynth-Studio's; in addition:
         latents: the initial noise, (B, 16, H/8, W/8) or packed (B, H*W/256, 64), instead of drawing it from seed;
@@ -261,6 +278,13 @@ class FluxImagePipeline:
         controlnet_inputs: a list of ControlNetInput (flux_core.controlnet), each naming a loaded ControlNet by
             `controlnet_id` (model_configs order) with its control image, scale, start/end and union mode
             (`processor_id`); several inputs may share one ControlNet.
+        ipadapter_images, ipadapter_scale: reference image(s) for the loaded IP-Adapter (flux_core.ipadapter;
+            InstantX with its SigLIP encoder, or XLabs with its CLIP ViT-L encoder); several images act together.
+            Under true CFG the negative branch gets the adapter with an all-zero image encoding, at the same scale.
+        infinityou_id_image / infinityou_id_embedding, infinityou_guidance: InfiniteYou (flux_core.infiniteyou):
+            a face photo (needs insightface, flux_core.face_embedding) or its precomputed 512-d ArcFace embedding;
+            the identity tokens become the text of every ControlNet input, so InfuseNet must be loaded and given
+            through controlnet_inputs (DiffSynth's example: an all-black control image, processor_id="None").
         `tiled` tiles the VAE and, as in DiffSynth-Studio, the DiT (flux_core.tiled_dit: tile sizes in latent
         pixels; a latent no larger than tile_size is one tile, the same result as untiled). It cannot be combined
         with TeaCache, which follows one call per step.
@@ -285,13 +309,17 @@ class FluxImagePipeline:
         check_rand_device(rand_device)
         check_sigma_shift(sigma_shift)
         check_steps(num_inference_steps)
-        references = [resize_to_multiple(image) for image in check_kontext_images(kontext_images)]
+        references = [resize_to_multiple(image) for image in check_images(kontext_images, "kontext_images")]
         check_tiling(tiled, tile_size, tile_stride)
         check_callable("progress_bar_cmd", progress_bar_cmd)
         check_callable("callback", callback)
         check_tea_cache_threshold(tea_cache_l1_thresh)
         dit_tiling = self._dit_tiling(tiled, tile_size, tile_stride, tea_cache_l1_thresh)
         controlnet_items = self._check_controlnet_inputs(controlnet_inputs)
+        reference_images = check_images(ipadapter_images, "ipadapter_images")
+        check_real("ipadapter_scale", ipadapter_scale)
+        self._check_ipadapter(reference_images)
+        self._check_identity(infinityou_id_image, infinityou_id_embedding, infinityou_guidance, controlnet_items)
         check_output_type(output_type)
         needs_vae = output_type != "latent" or input_image is not None or bool(references) or bool(controlnet_items)
         self._require_generation_models(needs_vae)
@@ -317,7 +345,10 @@ class FluxImagePipeline:
             start = noise
 
         extras = self.kontext_extras(references, batch, **vae_tiling) if references else None
-        adapters = self.controlnet_adapters(controlnet_items, height, width, **vae_tiling)
+        identity = self.identity(infinityou_id_image, infinityou_id_embedding, infinityou_guidance)
+        adapters = self.controlnet_adapters(controlnet_items, height, width, identity=identity, **vae_tiling)
+        if reference_images:
+            adapters.append(self.ipadapter_adapter(reference_images, ipadapter_scale, cfg=negative is not None))
 
         guidance = embedded_guidance if self.dit.params.guidance_embed else None
         extras, negative_extras, tea_stats = tea_cache_extras(extras, len(schedule), tea_cache_l1_thresh,
@@ -345,13 +376,13 @@ class FluxImagePipeline:
     def kontext_extras(self, kontext_images, batch: int, **vae_tiling) -> DiTExtras:
         """Kontext reference images -> extra tokens. Each keeps its own resolution (shrunk to multiples of 16)."""
         latents = [self.encode_image(pil_to_tensor(resize_to_multiple(image), f"kontext_images[{i}]"), **vae_tiling)
-                   for i, image in enumerate(check_kontext_images(kontext_images))]
+                   for i, image in enumerate(check_images(kontext_images, "kontext_images"))]
         return reference_extras(latents, batch)
 
     def controlnet_adapters(self, items: list[ControlNetInput], height: int, width: int,
-                            **vae_tiling) -> list[ControlNetAdapter]:
+                            identity: IdentityTokens | None = None, **vae_tiling) -> list[ControlNetAdapter]:
         """One adapter per control input: its control latent (encoded once for the whole run) bound to its
-        ControlNet, scale, step range and union mode."""
+        ControlNet, scale, step range and union mode, and InfiniteYou's identity tokens when given."""
         def encode(x: torch.Tensor) -> torch.Tensor:
             return self.encode_image(x, **vae_tiling)
 
@@ -362,8 +393,33 @@ class FluxImagePipeline:
                 control=control_latent(item, width, height, encode, f"controlnet_inputs[{i}]").to(self.device),
                 dit_depth=(self.dit.params.depth, self.dit.params.depth_single_blocks), scale=float(item.scale),
                 steps=StepRange(float(item.start), float(item.end)),
-                mode=None if item.processor_id is None else union_mode_id(item.processor_id)))
+                mode=None if no_mode(item.processor_id) is None else union_mode_id(item.processor_id),
+                identity=identity))
         return adapters
+
+    def ipadapter_adapter(self, images: list[Image.Image], scale: float = 1.0, cfg: bool = False) -> IPAdapterAdapter:
+        """The IP-Adapter bound to reference images: encoded by the image encoder (its own stage), keys and values
+        made by the IP-Adapter (its own stage) for the positive branch, and from a zero encoding for the negative
+        one under true CFG."""
+        self.load_models_to_device(["ipadapter_image_encoder"])
+        features = encode_images(self.ipadapter_image_encoder, images)
+        self.load_models_to_device(["ipadapter"])
+        return bind_ipadapter(self.ipadapter, features, self.dit.num_heads,
+                              (self.dit.params.depth, self.dit.params.depth_single_blocks), scale=float(scale),
+                              branches=("positive", "negative") if cfg else ("positive",))
+
+    def identity(self, id_image: Image.Image | None, id_embedding, guidance: float = 1.0) -> IdentityTokens | None:
+        """InfiniteYou's identity tokens from a face photo (through `pipe.infinityou_processor`) or a precomputed
+        ArcFace embedding; None when neither is given."""
+        if id_image is None and id_embedding is None:
+            return None
+        if id_embedding is None:
+            if self.infinityou_processor is None:
+                from .face_embedding import FaceEmbedder
+                self.infinityou_processor = FaceEmbedder()
+            id_embedding = self.infinityou_processor.embed(id_image)
+        self.load_models_to_device(["image_proj_model"])
+        return identity_tokens(self.image_proj_model, id_embedding, guidance)
 
     def _check_controlnet_inputs(self, controlnet_inputs) -> list[ControlNetInput]:
         if controlnet_inputs is None:
@@ -372,6 +428,48 @@ class FluxImagePipeline:
         for i, item in enumerate(items):
             check_controlnet_input(i, item, self.controlnet)
         return items
+
+    def _check_ipadapter(self, images: list[Image.Image]) -> None:
+        if not images:
+            return
+        missing = [slot for slot in ("ipadapter", "ipadapter_image_encoder") if getattr(self, slot) is None]
+        if missing:
+            raise RuntimeError(f"ipadapter_images need an IP-Adapter and its image encoder, but the pipeline has no "
+                               f"{' and no '.join(missing)}. Add to model_configs the IP-Adapter file (InstantX "
+                               f"ip-adapter.bin, or XLabs flux-ip-adapter.safetensors) and its encoder (InstantX: "
+                               f"google/siglip-so400m-patch14-384; XLabs: openai/clip-vit-large-patch14).")
+        if self.dit is not None:
+            check_ipadapter_models(self.ipadapter, self.ipadapter_image_encoder,
+                                   (self.dit.params.depth, self.dit.params.depth_single_blocks),
+                                   self.dit.hidden_size, "ipadapter_images")
+
+    def _check_identity(self, id_image, id_embedding, guidance, controlnet_items: list[ControlNetInput]) -> None:
+        """InfiniteYou's inputs, checked before any model runs; warns when the identity cannot act."""
+        check_image(id_image, "infinityou_id_image")
+        check_real("infinityou_guidance", guidance)
+        if id_image is None and id_embedding is None:
+            return
+        if id_image is not None and id_embedding is not None:
+            raise ValueError("infinityou_id_image and infinityou_id_embedding are both given; pass one (the embedding "
+                             "is what the face photo is turned into).")
+        if id_embedding is not None:
+            check_face_embedding(id_embedding)
+        if self.image_proj_model is None:
+            raise RuntimeError("InfiniteYou needs its image projector, but the pipeline has none: add "
+                               "ByteDance/InfiniteYou's image_proj_model.bin (and InfuseNetModel/ as a ControlNet) "
+                               "to model_configs.")
+        if not controlnet_items:
+            warnings.warn("An InfiniteYou identity was given but no controlnet_inputs: the identity reaches the DiT "
+                          "only through InfuseNet, a ControlNet, so it has no effect. Load InfuseNetModel/ and pass "
+                          "controlnet_inputs=[ControlNetInput(image=<black or pose image>, processor_id=\"None\")].",
+                          InfiniteYouWithoutControlNetWarning, stacklevel=4)
+        for i, item in enumerate(controlnet_items):
+            model = self.controlnet.models[item.controlnet_id]
+            if model.params.num_modes or is_inpainting(model):
+                warnings.warn(f"controlnet_inputs[{i}]: ControlNet {item.controlnet_id} is a union or inpainting "
+                              f"ControlNet, but with an InfiniteYou identity every ControlNet takes the identity "
+                              f"tokens as its text (as in DiffSynth-Studio), so it is not conditioned on the prompt.",
+                              IdentityOnOtherControlNetWarning, stacklevel=4)
 
     @staticmethod
     def _dit_tiling(tiled: bool, tile_size: int, tile_stride: int, tea_cache_l1_thresh) -> DiTTiling | None:

@@ -23,10 +23,11 @@ logger = logging.getLogger(__name__)
 
 # Component folders of a diffusers FLUX pipeline folder, by the kind of model they hold.
 DIFFUSERS_COMPONENTS = {"dit": "transformer", "vae": "vae", "clip": "text_encoder", "t5": "text_encoder_2"}
-# The pipeline attribute that holds each kind of model. ControlNets, any number of them, go to
-# `pipe.controlnet.models[i]` in model_configs order (slot "controlnet.models.<i>").
+# The pipeline attribute that holds each kind of model (DiffSynth-Studio's attribute names). ControlNets, any number
+# of them, go to `pipe.controlnet.models[i]` in model_configs order (slot "controlnet.models.<i>").
 MODEL_SLOTS = {"dit": "dit", "vae": "vae", "clip": "text_encoder_1", "t5": "text_encoder_2",
-               "controlnet": "controlnet"}
+               "controlnet": "controlnet", "ipadapter": "ipadapter", "image_encoder": "ipadapter_image_encoder",
+               "infiniteyou": "image_proj_model"}
 # The slots every generation needs filled.
 GENERATION_SLOTS = ("dit", "vae", "text_encoder_1", "text_encoder_2")
 # Kinds of which a pipeline holds a list rather than one model.

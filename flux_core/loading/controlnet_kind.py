@@ -9,7 +9,7 @@ DiT's own converters):
 - "diffsynth": DiffSynth-Studio's internal names (`blocks.N.attn.a_to_qkv`, ...), as its converter and its
   ControlNet training write them;
 - "bfl": FluxCore's own names (`img_in`, `double_blocks.N`, ...), as `FluxControlNet.state_dict()` writes them.
-Any of them may sit under `controlnet.` or DiffSynth's training prefix `pipe.controlnet.models.0.`.
+Any of them may sit under `controlnet.` or DiffSynth's training prefixes `pipe.controlnet.models.0.` and `controlnet.models.0.`.
 
 XLabs FLUX ControlNets and Stable Diffusion ControlNets are recognised by their keys and refused by name
 (`describe_unsupported_controlnet`).
@@ -26,7 +26,9 @@ from .files import strip_prefix
 from .kinds import ModelKind, StateDict
 from .lazy import LazyTensor
 
-CONTROLNET_PREFIXES = ("controlnet.", "pipe.controlnet.models.0.")
+# DiffSynth's training writes `pipe.controlnet.models.0.`, or `controlnet.models.0.` after --remove_prefix_in_ckpt
+# "pipe." (InfiniteYou's full training: InfuseNet beside `image_proj_model.*`).
+CONTROLNET_PREFIXES = ("controlnet.models.0.", "controlnet.", "pipe.controlnet.models.0.")
 
 SUPPORTED = ("the diffusers-format FLUX ControlNets (InstantX Union-alpha, alimama Inpainting-Beta, jasperai "
              "Upscaler, InfiniteYou InfuseNet: diffusion_pytorch_model.safetensors with its config.json)")

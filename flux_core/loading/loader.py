@@ -24,6 +24,9 @@ from ..vram import storage_dtype
 from .controlnet_kind import CONTROLNET_KIND, describe_unsupported_controlnet
 from .dit_kind import DIT_KIND
 from .files import CheckpointError, checkpoint_files, open_state_dict
+from .image_encoder_kind import IMAGE_ENCODER_KIND
+from .infiniteyou_kind import INFINITEYOU_KIND
+from .ipadapter_kind import IPADAPTER_KIND
 from .kinds import ModelKind, StateDict
 from .lazy import LazyTensor
 from .text_kinds import CLIP_KIND, T5_KIND
@@ -37,7 +40,8 @@ PROGRESS_MIN_BYTES = 256 * 2**20
 
 # Every kind load_model recognises, in the order detection tries them. The ControlNet goes first: its trunk has
 # DiT key names (the DiT kind also refuses a state dict with ControlNet heads).
-KINDS: tuple[ModelKind, ...] = (CONTROLNET_KIND, DIT_KIND, VAE_KIND, CLIP_KIND, T5_KIND)
+KINDS: tuple[ModelKind, ...] = (CONTROLNET_KIND, DIT_KIND, VAE_KIND, CLIP_KIND, T5_KIND, IPADAPTER_KIND,
+                                IMAGE_ENCODER_KIND, INFINITEYOU_KIND)
 
 
 @dataclass(frozen=True)
@@ -134,7 +138,7 @@ def detect_components_of(state_dict: Mapping[str, LazyTensor], where: str) -> li
         if unsupported:
             raise CheckpointError(f"{where}: this is {unsupported}")
         sd_keys = list(state_dict)[:5]
-        raise CheckpointError(f"{where}: not a FLUX component (DiT, ControlNet, VAE, CLIP-L or T5); its first keys "
+        raise CheckpointError(f"{where}: not a FLUX component (DiT, ControlNet, VAE, CLIP-L, T5, IP-Adapter, image encoder or InfiniteYou projector); its first keys "
                               f"are {sd_keys}. Check that you picked the right file.")
     return found
 

@@ -42,7 +42,8 @@ _T5_PROBE = "encoder.block.0.layer.0.SelfAttention.q.weight"
 def detect_clip_layout(sd: Mapping[str, LazyTensor]) -> str | None:
     for layout, prefix in (("hf", "text_model."), ("flat", "")):
         if (prefix + "embeddings.token_embedding.weight" in sd and prefix + "final_layer_norm.weight" in sd
-                and prefix + "encoder.layers.0.self_attn.q_proj.weight" in sd):
+                and prefix + "encoder.layers.0.self_attn.q_proj.weight" in sd
+                and prefix + "head.weight" not in sd):  # SigLIP's text tower (beside its vision tower) has a head
             return layout
     return None
 

@@ -84,11 +84,18 @@ class BlockSite:
     layout: SequenceLayout
 
 
+@dataclass(frozen=True)
+class AfterBlock:
+    """An attention hook's output that is added to the stream after the whole block (XLabs' IP-Adapter, as diffusers
+    runs it) instead of to the attention output before its projection (InstantX's, as DiffSynth runs it)."""
+    output: torch.Tensor
+
+
 # An attention hook sees a block's queries as (B, heads, L, head_dim): in double blocks the image stream's (image and
 # reference tokens) after QK-norm, before RoPE; in single blocks the whole sequence's after RoPE (where DiffSynth's
-# IP-Adapter reads each). It returns an attention output (B, L, hidden) that is added to the block's own before the
-# output projection, or None (IP-Adapter).
-AttentionHook = Callable[[BlockSite, torch.Tensor], "torch.Tensor | None"]
+# IP-Adapter reads each). It returns an output (B, L, hidden) that is added to the block's attention output before the
+# output projection, or `AfterBlock(output)` added to the stream after the block, or None (IP-Adapters).
+AttentionHook = Callable[[BlockSite, torch.Tensor], "torch.Tensor | AfterBlock | None"]
 
 
 @dataclass
@@ -239,14 +246,20 @@ def add_to_span(x: torch.Tensor, residual: torch.Tensor | None, start: int, leng
     return x
 
 
-def block_hook(hooks: Sequence[AttentionHook], site: BlockSite) -> Callable[[torch.Tensor], torch.Tensor] | None:
-    """The attention hooks of one block as one function of its queries (None when there are none)."""
+def block_hook(hooks: Sequence[AttentionHook], site: BlockSite):
+    """The attention hooks of one block as one function of its queries, giving the summed outputs (before the
+    projection, after the block), either None; or None when there are no hooks."""
     if not hooks:
         return None
 
-    def run(q: torch.Tensor) -> torch.Tensor | None:
-        outputs = [out for out in (hook(site, q) for hook in hooks) if out is not None]
-        return sum(outputs[1:], outputs[0]) if outputs else None
+    def run(q: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        before, after = [], []
+        for out in (hook(site, q) for hook in hooks):
+            if isinstance(out, AfterBlock):
+                after.append(out.output)
+            elif out is not None:
+                before.append(out)
+        return (sum(before[1:], before[0]) if before else None, sum(after[1:], after[0]) if after else None)
     return run
 
 

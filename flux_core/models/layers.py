@@ -10,8 +10,9 @@ from torch import nn
 
 from ..math import apply_rope, attention
 
-# A block's attention hook: queries (B, heads, L, head_dim) -> an attention output (B, L, hidden) to add, or None.
-AttentionHookFn = Callable[[torch.Tensor], "torch.Tensor | None"]
+# A block's attention hook: queries (B, heads, L, head_dim) -> (output added to the attention output before the
+# projection, output added to the block's output), each (B, L, hidden) or None (flux_core.models.dit.block_hook).
+AttentionHookFn = Callable[[torch.Tensor], "tuple[torch.Tensor | None, torch.Tensor | None]"]
 
 
 class MLPEmbedder(nn.Module):
@@ -114,12 +115,12 @@ class DoubleStreamBlock(nn.Module):
     def forward(self, img: torch.Tensor, txt: torch.Tensor, vec: torch.Tensor, pe: torch.Tensor,
                 mask: torch.Tensor | None = None, hook: AttentionHookFn | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-        """`hook(image queries)` may return an attention output (B, L_img, hidden) added to the image stream's
-        before its projection (flux_core.models.dit.AttentionHook)."""
+        """`hook(image queries)` gives outputs (B, L_img, hidden) added to the image stream's attention output before
+        its projection and to the image stream after the block (flux_core.models.dit.AttentionHook)."""
         img_mod1, img_mod2 = self.img_mod(vec)
         txt_mod1, txt_mod2 = self.txt_mod(vec)
         img_q, img_k, img_v = self.img_attn.qkv_heads(img_mod1.modulate(self.img_norm1(img)))
-        extra = hook(img_q) if hook is not None else None
+        before, after = hook(img_q) if hook is not None else (None, None)
         # Only the joint q, k, v outlive this statement: the per-stream ones (and the qkv outputs their views
         # keep alive) are freed before attention runs.
         q, k, v = (torch.cat(pair, dim=2) for pair in zip(
@@ -128,12 +129,14 @@ class DoubleStreamBlock(nn.Module):
         attn = attention(q, k, v, pe=pe, mask=mask)
         del q, k, v
         n_txt = txt.shape[1]
-        img_attn = attn[:, n_txt:] if extra is None else attn[:, n_txt:] + extra.to(attn.dtype)
+        img_attn = attn[:, n_txt:] if before is None else attn[:, n_txt:] + before.to(attn.dtype)
         img = img + img_mod1.gate * self.img_attn.proj(img_attn)
         txt = txt + txt_mod1.gate * self.txt_attn.proj(attn[:, :n_txt])
         del attn
         img = img + img_mod2.gate * self.img_mlp(img_mod2.modulate(self.img_norm2(img)))
         txt = txt + txt_mod2.gate * self.txt_mlp(txt_mod2.modulate(self.txt_norm2(txt)))
+        if after is not None:
+            img = img + after.to(img.dtype)
         return img, txt
 
 
@@ -154,8 +157,8 @@ class SingleStreamBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, vec: torch.Tensor, pe: torch.Tensor,
                 mask: torch.Tensor | None = None, hook: AttentionHookFn | None = None) -> torch.Tensor:
-        """`hook(queries of the whole sequence, after RoPE)` may return an attention output (B, L, hidden) added to
-        the block's own (flux_core.models.dit.AttentionHook)."""
+        """`hook(queries of the whole sequence, after RoPE)` gives outputs (B, L, hidden) added to the attention
+        output and to the block's output (flux_core.models.dit.AttentionHook)."""
         mod, _ = self.modulation(vec)
         lin = self.linear1(mod.modulate(self.pre_norm(x)))
         q, k, v = rearrange(lin[..., :3 * self.hidden_size], "B L (K H D) -> K B H L D", K=3, H=self.num_heads)
@@ -166,15 +169,16 @@ class SingleStreamBlock(nn.Module):
             v = v.contiguous()
         mlp = self.mlp_act(lin[..., 3 * self.hidden_size:])
         del lin
-        extra = None
+        before = after = None
         if hook is not None:  # the hook reads the rotated queries (where DiffSynth's IP-Adapter reads them)
             q, k = apply_rope(q, k, pe)
-            extra, pe = hook(q), None
+            (before, after), pe = hook(q), None
         attn = attention(q, k, v, pe=pe, mask=mask)
         del q, k, v
-        if extra is not None:
-            attn = attn + extra.to(attn.dtype)
-        return x + mod.gate * self.linear2(torch.cat((attn, mlp), 2))
+        if before is not None:
+            attn = attn + before.to(attn.dtype)
+        x = x + mod.gate * self.linear2(torch.cat((attn, mlp), 2))
+        return x if after is None else x + after.to(x.dtype)
 
 
 class LastLayer(nn.Module):

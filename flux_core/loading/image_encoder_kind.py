@@ -1,0 +1,73 @@
+"""The IP-Adapters' image encoders as a loadable kind (flux_core.models.image_encoders).
+
+SigLIP and CLIP vision towers are told apart by their keys (SigLIP: an attention-pooling `head.*`; CLIP: a class
+embedding, `pre_layrnorm` and `visual_projection`). Layouts: "hf" (`vision_model.*`: a transformers folder such as
+google/siglip-so400m-patch14-384 or openai/clip-vit-large-patch14, whose text tower is ignored, and ComfyUI's
+`clip_vision/*.safetensors`), "flat" (the same names without `vision_model.`, as transformers 5 saves SigLIP).
+"""
+from __future__ import annotations
+
+from typing import Mapping
+
+from ..models.image_encoders import CLIP, SIGLIP, VisionParams, build_vision_encoder, vision_module_prefix
+from .files import strip_prefix
+from .kinds import ModelKind, StateDict
+from .lazy import LazyTensor
+
+IMAGE_ENCODER_PREFIXES = ("pipe.ipadapter_image_encoder.", "ipadapter_image_encoder.", "image_encoder.")
+_PROBE = "embeddings.patch_embedding.weight"
+
+
+def vision_family_of(sd: Mapping[str, LazyTensor]) -> str | None:
+    """SIGLIP or CLIP for a flat-named vision tower, None if the keys are not one."""
+    if _PROBE not in sd or "encoder.layers.0.mlp.fc1.weight" not in sd:
+        return None
+    if "head.probe" in sd:
+        return SIGLIP
+    if "embeddings.class_embedding" in sd and "visual_projection.weight" in sd:
+        return CLIP
+    return None
+
+
+def select_image_encoder(sd: Mapping[str, LazyTensor]) -> tuple[str, StateDict] | None:
+    for prefix in ("",) + IMAGE_ENCODER_PREFIXES:
+        sub = strip_prefix(sd, [prefix]) if prefix else dict(sd)
+        tower = {k[len("vision_model."):]: v for k, v in sub.items() if k.startswith("vision_model.")}
+        layout = "hf" if tower else "flat"
+        if not tower:
+            tower = {k: v for k, v in sub.items() if not k.startswith(("text_model.", "logit_", "text_projection"))}
+        if "visual_projection.weight" in sub:
+            tower["visual_projection.weight"] = sub["visual_projection.weight"]
+        family = vision_family_of(tower)
+        if family is not None:
+            module_prefix = vision_module_prefix(family)
+            tower.pop("embeddings.position_ids", None)  # a buffer (0..n), not a weight
+            return f"{layout}-{family}", {(k if k == "visual_projection.weight" else module_prefix + k): v
+                                          for k, v in tower.items()}
+    return None
+
+
+def build_image_encoder(sd: StateDict, config: dict):
+    family = SIGLIP if any(k.endswith("head.probe") for k in sd) else CLIP
+    prefix = vision_module_prefix(family)
+    shapes = {k[len(prefix):] if k.startswith(prefix) else k: v.shape for k, v in sd.items()}
+    config = dict(config)
+    if isinstance(config.get("vision_config"), Mapping):  # a whole SiglipConfig / CLIPConfig
+        config = dict(config["vision_config"])
+    return build_vision_encoder(VisionParams.from_state_dict_shapes(family, shapes, config))
+
+
+def finalize_image_encoder(module) -> None:
+    """Re-create `position_ids` (a non-persistent buffer the meta-device build leaves unset)."""
+    import torch
+    device = next(module.parameters()).device
+    for name, buf in list(module.named_buffers()):
+        if name.endswith("position_ids") and buf.is_meta:
+            owner = module.get_submodule(name.rsplit(".", 1)[0])
+            owner.register_buffer("position_ids", torch.arange(buf.shape[-1], device=device).expand(tuple(buf.shape)),
+                                  persistent=False)
+
+
+IMAGE_ENCODER_KIND = ModelKind(name="image_encoder", title="IP-Adapter image encoder (SigLIP / CLIP vision)",
+                               select=select_image_encoder, build=build_image_encoder,
+                               finalize=finalize_image_encoder)
