@@ -13,6 +13,7 @@ from ..models.image_encoders import CLIP, SIGLIP, VisionParams, build_vision_enc
 from .files import strip_prefix
 from .kinds import ModelKind, StateDict
 from .lazy import LazyTensor
+from .text_kinds import restore_position_ids
 
 IMAGE_ENCODER_PREFIXES = ("pipe.ipadapter_image_encoder.", "ipadapter_image_encoder.", "image_encoder.")
 _PROBE = "embeddings.patch_embedding.weight"
@@ -57,17 +58,6 @@ def build_image_encoder(sd: StateDict, config: dict):
     return build_vision_encoder(VisionParams.from_state_dict_shapes(family, shapes, config))
 
 
-def finalize_image_encoder(module) -> None:
-    """Re-create `position_ids` (a non-persistent buffer the meta-device build leaves unset)."""
-    import torch
-    device = next(module.parameters()).device
-    for name, buf in list(module.named_buffers()):
-        if name.endswith("position_ids") and buf.is_meta:
-            owner = module.get_submodule(name.rsplit(".", 1)[0])
-            owner.register_buffer("position_ids", torch.arange(buf.shape[-1], device=device).expand(tuple(buf.shape)),
-                                  persistent=False)
-
-
 IMAGE_ENCODER_KIND = ModelKind(name="image_encoder", title="IP-Adapter image encoder (SigLIP / CLIP vision)",
                                select=select_image_encoder, build=build_image_encoder,
-                               finalize=finalize_image_encoder)
+                               finalize=restore_position_ids)

@@ -85,8 +85,9 @@ def clip_overrides(config: Mapping) -> dict:
     return _same_family(config, ("clip_text_model", "clip"), "CLIP text")
 
 
-def finalize_clip(module: nn.Module) -> None:
-    """Re-create `position_ids` (a non-persistent buffer the meta-device build leaves unset)."""
+def restore_position_ids(module: nn.Module) -> None:
+    """Re-create `position_ids` (a non-persistent buffer the meta-device build leaves unset) of transformers' CLIP
+    and SigLIP towers."""
     for name, buf in list(module.named_buffers()):
         if name.endswith("position_ids") and buf.is_meta:
             owner = module.get_submodule(name.rsplit(".", 1)[0])
@@ -147,6 +148,6 @@ def _same_family(config: Mapping, model_types: tuple[str, ...], title: str) -> d
 
 
 CLIP_KIND = ModelKind(name="clip", title="CLIP-L text encoder", select=select_clip, build=build_clip_kind,
-                      finalize=finalize_clip)
+                      finalize=restore_position_ids)
 T5_KIND = ModelKind(name="t5", title="T5-XXL text encoder", select=select_t5, build=build_t5_kind,
                     finalize=finalize_t5)
