@@ -114,3 +114,49 @@ def controlnet_key_names(**kwargs) -> set[str]:
     with torch.device("meta"):
         names = cn.FluxControlNet(**kwargs).state_dict().keys()
     return {re.sub(r"\.\d+\.", ".N.", k) for k in names}
+
+
+def diffsynth_ipadapter():
+    """(the flux_ipadapter module, DiffSynth 2.1.12's IP-Adapter state-dict converter: the function its model registry
+    applies to InstantX's ip-adapter.bin); skips without diffsynth."""
+    diffsynth_flux()
+    from diffsynth.models import flux_ipadapter
+    from diffsynth.utils.state_dict_converters.flux_ipadapter import FluxIpAdapterStateDictConverter
+    return flux_ipadapter, FluxIpAdapterStateDictConverter
+
+
+def tiny_diffsynth_ipadapter(heads=2, head_dim=16, text_dim=32, num_tokens=3, num_blocks=4,
+                             image_dim=24) -> torch.nn.Module:
+    """DiffSynth's FluxIpAdapter at a tiny size: its __init__ hard-codes SigLIP's 1152 features for the projector, so
+    this builds the same attributes from DiffSynth's own IpAdapterModule and MLPProjModel; forward (one token
+    sequence for all images, keys and values per block, the scale) is DiffSynth's."""
+    ip, _ = diffsynth_ipadapter()
+
+    class TinyFluxIpAdapter(ip.FluxIpAdapter):
+        def __init__(self):
+            torch.nn.Module.__init__(self)
+            self.ipadapter_modules = torch.nn.ModuleList(
+                [ip.IpAdapterModule(heads, head_dim, text_dim) for _ in range(num_blocks)])
+            self.image_proj = ip.MLPProjModel(cross_attention_dim=text_dim, id_embeddings_dim=image_dim,
+                                              num_tokens=num_tokens)
+            self.set_adapter()
+
+    return TinyFluxIpAdapter().eval()
+
+
+def ipadapter_key_names() -> set[str]:
+    """DiffSynth's real FluxIpAdapter's parameter names with block numbers replaced by N (built on the meta device)."""
+    import re
+    ip, _ = diffsynth_ipadapter()
+    with torch.device("meta"):
+        names = ip.FluxIpAdapter().state_dict().keys()
+    return {re.sub(r"\.\d+\.", ".N.", k) for k in names}
+
+
+def diffsynth_infiniteyou():
+    """(DiffSynth 2.1.12's InfiniteYouImageProjector class, its state-dict converter); skips without diffsynth. The
+    class takes its sizes as arguments, so a tiny one needs no subclass."""
+    diffsynth_flux()
+    from diffsynth.models.flux_infiniteyou import InfiniteYouImageProjector
+    from diffsynth.utils.state_dict_converters.flux_infiniteyou import FluxInfiniteYouImageProjectorStateDictConverter
+    return InfiniteYouImageProjector, FluxInfiniteYouImageProjectorStateDictConverter
