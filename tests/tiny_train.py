@@ -82,3 +82,77 @@ def read_log(output: Path) -> list[dict]:
     if not path.is_file():
         return []
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+# ------------------------------------------------------------------------------------------------ adapters
+@dataclass
+class AdapterSetup:
+    """The tiny training setup plus the tiny IP-Adapter world (InstantX ip-adapter.bin + SigLIP folder) and the
+    tiny InfiniteYou world (image_proj_model.bin + an InfuseNet-shaped diffusers ControlNet folder), with metadata:
+    ipadapter.csv (image, prompt, ipadapter_images; row 1 holds a JSON list of two references), infiniteyou.csv
+    (image, prompt, controlnet_image, infinityou_id_embedding (.safetensors on even rows, .npy on odd ones),
+    infinityou_guidance) and faces.csv (image, prompt, controlnet_image, infinityou_id_image)."""
+    setup: TrainSetup
+    ipadapter: Path
+    siglip: Path
+    projector: Path
+    infusenet: Path
+
+    @property
+    def data(self) -> Path:
+        return self.setup.data
+
+    def model_paths(self, *names: str) -> str:
+        """--model_paths with the FLUX folder and the named adapter files (ipadapter, siglip, projector, infusenet)."""
+        return json.dumps([str(self.setup.model)] + [str(getattr(self, name)) for name in names])
+
+
+def make_adapter_setup(tmp: Path) -> AdapterSetup:
+    import numpy as np
+    from safetensors.torch import save_file
+
+    from tests.tiny_controlnet import make_diffusers_controlnet, write_diffusers_controlnet
+    from tests.tiny_ipadapter import (face_embedding, instantx_state_dict, make_siglip, projector_state_dict,
+                                      reference_image, write_instantx, write_projector, write_siglip)
+
+    tmp = Path(tmp)
+    setup = make_train_setup(tmp)
+    out = AdapterSetup(setup, write_instantx(instantx_state_dict(seed=3), tmp / "ip-adapter.bin"),
+                       write_siglip(make_siglip(seed=4), tmp / "siglip"),
+                       write_projector(projector_state_dict(seed=5), tmp / "image_proj_model.bin"),
+                       write_diffusers_controlnet(make_diffusers_controlnet(seed=6), tmp / "InfuseNetModel"))
+    data = setup.data
+    ip_rows, iy_rows, face_rows = [], [], []
+    for i, (file, caption) in enumerate(setup.captions.items()):
+        reference_image(10 + i, (48, 40)).save(data / f"reference {i}.png")
+        reference_image(30 + i, (SIZE, SIZE)).save(data / f"face {i}.png")
+        Image.new("RGB", (SIZE, SIZE)).save(data / f"black {i}.png")
+        embedding = face_embedding(i)
+        if i % 2:
+            np.save(data / f"face {i}.npy", embedding.numpy())
+            face = f"face {i}.npy"
+        else:
+            save_file({"embedding": embedding}, str(data / f"face {i}.safetensors"))
+            face = f"face {i}.safetensors"
+        references = json.dumps([f"reference {i}.png", "reference 0.png"]) if i == 1 else f"reference {i}.png"
+        ip_rows.append((file, caption, references))
+        iy_rows.append((file, caption, f"black {i}.png", face, 1.0 + 0.25 * (i % 3)))
+        face_rows.append((file, caption, f"black {i}.png", f"face {i}.png"))
+    for name, header, rows in (
+            ("ipadapter.csv", ["image", "prompt", "ipadapter_images"], ip_rows),
+            ("infiniteyou.csv", ["image", "prompt", "controlnet_image", "infinityou_id_embedding",
+                                 "infinityou_guidance"], iy_rows),
+            ("faces.csv", ["image", "prompt", "controlnet_image", "infinityou_id_image"], face_rows)):
+        with open(data / name, "w", newline="", encoding="utf-8") as f:
+            writer = csv.writer(f)
+            writer.writerow(header)
+            writer.writerows(rows)
+    return out
+
+
+def adapter_argv(world: AdapterSetup, output: Path, metadata: str, models: tuple[str, ...], *extra: str) -> list[str]:
+    """argv for a run on one of make_adapter_setup's metadata files with the named adapter models (float32, tiny
+    T5 length); the training mode and extra inputs come in `extra`."""
+    return ["--dataset_base_path", str(world.data), "--dataset_metadata_path", str(world.data / metadata),
+            "--model_paths", world.model_paths(*models), "--output_path", str(output), "--torch_dtype", "float32",
+            "--t5_sequence_length", "16", *extra]

@@ -25,9 +25,22 @@ FP8_COMPONENTS = {"dit": "dit", "text_encoder_1": "text_encoder_1", "clip": "tex
 # ControlNetInput per sample (DiffSynth's parse_extra_inputs), for ControlNet 0.
 CONTROLNET_PREFIX = "controlnet_"
 CONTROLNET_EXTRAS = ("controlnet_image", "controlnet_inpaint_mask", "controlnet_processor_id")
-EXTRA_INPUTS = ("kontext_images", *CONTROLNET_EXTRAS)
-IMAGE_EXTRA_INPUTS = ("kontext_images", "controlnet_image", "controlnet_inpaint_mask")   # columns of file paths
-TRAINABLE_MODELS = ("dit", "controlnet")
+# IP-Adapter: each row's reference image(s). InfiniteYou: the face, as a photo (insightface computes its embedding)
+# or as a precomputed 512-d ArcFace embedding file (FluxCore's addition), and InfuseNet's guidance (a number).
+IPADAPTER_EXTRAS = ("ipadapter_images",)
+IDENTITY_EXTRAS = ("infinityou_id_image", "infinityou_id_embedding")
+INFINITEYOU_EXTRAS = (*IDENTITY_EXTRAS, "infinityou_guidance")
+EXTRA_INPUTS = ("kontext_images", *CONTROLNET_EXTRAS, *IPADAPTER_EXTRAS, *INFINITEYOU_EXTRAS)
+IMAGE_EXTRA_INPUTS = ("kontext_images", "controlnet_image", "controlnet_inpaint_mask", "ipadapter_images",
+                      "infinityou_id_image")   # columns of image paths
+# Columns that hold something else than image paths (a mode name, an embedding file, a number).
+NOT_IMAGE_COLUMNS = {"controlnet_processor_id": "a union mode name (canny, depth, ...)",
+                     "infinityou_id_embedding": "a face embedding file (.safetensors or .npy), read as numbers",
+                     "infinityou_guidance": "a number (InfuseNet's embedded guidance)"}
+# --trainable_models: DiffSynth-Studio's pipeline attribute names. One model per run, or InfiniteYou's pair
+# (InfuseNet, the ControlNet, with the image projector), as DiffSynth's InfiniteYou command trains them.
+TRAINABLE_MODELS = ("dit", "controlnet", "ipadapter", "image_proj_model")
+TRAINABLE_SETS = ({"dit"}, {"controlnet"}, {"ipadapter"}, {"image_proj_model"}, {"controlnet", "image_proj_model"})
 PROGRESS_BAR_MODES = ("auto", "on", "off")
 
 
@@ -72,7 +85,10 @@ def build_parser(prog: str = "python -m flux_core.train") -> argparse.ArgumentPa
     m.add_argument("--extra_inputs", default=None,
                    help="comma list of extra model inputs read from the metadata: kontext_images, "
                         "controlnet_image, controlnet_inpaint_mask, controlnet_processor_id (the controlnet_* "
-                        "columns form one ControlNetInput per sample for the ControlNet in the model flags)")
+                        "columns form one ControlNetInput per sample for the ControlNet in the model flags), "
+                        "ipadapter_images (reference images of the IP-Adapter in the model flags), "
+                        "infinityou_id_image (face photos; needs insightface) or infinityou_id_embedding "
+                        "(precomputed 512-d ArcFace embeddings, .safetensors/.npy files), infinityou_guidance")
     m.add_argument("--fp8_models", default=None,
                    help="comma list of frozen models stored in float8_e4m3fn and computed in the training dtype: "
                         "dit (LoRA training only), text_encoder_1 (clip), text_encoder_2 (t5), vae, or an entry of "
@@ -86,16 +102,21 @@ def build_parser(prog: str = "python -m flux_core.train") -> argparse.ArgumentPa
     t.add_argument("--remove_prefix_in_ckpt", default="pipe.dit.",
                    help="full fine-tuning: prefix removed from the saved parameter names, which are "
                         "`pipe.dit.<BFL name>` for the DiT (the default leaves the plain BFL names that load_model, "
-                        "ComfyUI and flux1-dev.safetensors use) and `pipe.controlnet.models.0.<DiffSynth name>` for a "
+                        "ComfyUI and flux1-dev.safetensors use), `pipe.controlnet.models.0.<DiffSynth name>` for a "
                         "ControlNet (give \"pipe.controlnet.models.0.\" for the names DiffSynth-Studio's ControlNet "
-                        "loads). (LoRA files always use their format's own names)")
+                        "loads), `pipe.ipadapter.<name>` for an IP-Adapter (give \"pipe.ipadapter.\") and "
+                        "`pipe.image_proj_model.<name>` for InfiniteYou's projector (with InfuseNet: give \"pipe.\"). "
+                        "(LoRA files always use their format's own names)")
     t.add_argument("--save_steps", type=int, default=None,
                    help="save every N optimizer steps (default: at the end of every epoch)")
     t.add_argument("--find_unused_parameters", action="store_true",
                    help="DDP: allow trainable parameters that get no gradient in a step")
     t.add_argument("--trainable_models", default=None,
-                   help="the model trained in full: dit, or controlnet (the ControlNet given in the model flags; "
-                        "the DiT stays frozen; needs --extra_inputs controlnet_image)")
+                   help="the model trained in full, the others frozen: dit; controlnet (the ControlNet given in "
+                        "the model flags; needs --extra_inputs controlnet_image); ipadapter (the IP-Adapter given in "
+                        "the model flags; needs --extra_inputs ipadapter_images); image_proj_model (InfiniteYou's "
+                        "projector; needs controlnet_image and infinityou_id_image or infinityou_id_embedding); or "
+                        "InfiniteYou's pair controlnet,image_proj_model")
     t.add_argument("--gradient_accumulation_steps", type=int, default=1)
     t.add_argument("--task", default="sft", choices=["sft"],
                    help="sft (supervised fine-tuning, the only task; DiffSynth's split data_process/train and "
@@ -204,21 +225,24 @@ def check_args(args: argparse.Namespace) -> None:
     lora_base = (args.lora_base_model or "").strip() or None
     bad = [m for m in trainable if m not in TRAINABLE_MODELS]
     if bad:
-        raise TrainError(f"--trainable_models {','.join(bad)}: FluxCore trains the DiT or a ControlNet; use "
-                         f"--trainable_models dit (full fine-tuning), --trainable_models controlnet (the ControlNet "
-                         f"in the model flags) or --lora_base_model dit (LoRA).")
-    if len(set(trainable)) > 1:
-        raise TrainError("--trainable_models dit,controlnet: train one model per run; use --trainable_models "
-                         "controlnet (the DiT stays frozen) or --trainable_models dit.")
+        raise TrainError(f"--trainable_models {','.join(bad)}: FluxCore trains the DiT, a ControlNet, an IP-Adapter "
+                         f"or InfiniteYou; use --trainable_models dit (full fine-tuning), controlnet (the ControlNet "
+                         f"in the model flags), ipadapter (the IP-Adapter in the model flags), "
+                         f"controlnet,image_proj_model (InfiniteYou: InfuseNet and its projector) or --lora_base_model "
+                         f"dit (LoRA).")
+    if trainable and set(trainable) not in TRAINABLE_SETS:
+        raise TrainError(f"--trainable_models {','.join(trainable)}: train one model per run (dit, controlnet, "
+                         f"ipadapter or image_proj_model; the others stay frozen), or InfiniteYou's pair "
+                         f"controlnet,image_proj_model.")
     if lora_base not in (None, "dit"):
         raise TrainError(f"--lora_base_model {lora_base}: FluxCore adds LoRAs to the DiT only; use "
                          f"--lora_base_model dit.")
     if lora_base and trainable:
-        raise TrainError(f"--trainable_models {trainable[0]} and --lora_base_model dit together: choose full "
-                         f"training or a LoRA.")
+        raise TrainError(f"--trainable_models {','.join(trainable)} and --lora_base_model dit together: choose "
+                         f"full training or a LoRA.")
     if not lora_base and not trainable:
         raise TrainError("nothing to train: give --lora_base_model dit (LoRA) or --trainable_models dit "
-                         "(full fine-tuning) or --trainable_models controlnet.")
+                         "(full fine-tuning), controlnet, ipadapter or controlnet,image_proj_model.")
     if args.lora_checkpoint and not lora_base:
         raise TrainError("--lora_checkpoint needs --lora_base_model dit.")
     if args.lora_checkpoint and not os.path.isfile(args.lora_checkpoint):
@@ -268,12 +292,31 @@ def check_extra_inputs(extras: list[str], trainable: list[str], args: argparse.N
     if "controlnet" in trainable and "controlnet_image" not in extras:
         problems.append("--trainable_models controlnet needs the control images: add --extra_inputs "
                         "controlnet_image (a metadata column of image paths)")
+    if "ipadapter" in trainable and "ipadapter_images" not in extras:
+        problems.append("--trainable_models ipadapter needs the reference images: add --extra_inputs "
+                        "ipadapter_images (a metadata column of image paths, or of JSON lists of them)")
+    identity = [e for e in IDENTITY_EXTRAS if e in extras]
+    if "image_proj_model" in trainable and not identity:
+        problems.append("--trainable_models image_proj_model needs the faces: add --extra_inputs "
+                        "infinityou_id_image (face photos; needs insightface) or infinityou_id_embedding (precomputed "
+                        "512-d ArcFace embeddings, .safetensors or .npy files)")
+    if len(identity) > 1:
+        problems.append("infinityou_id_image and infinityou_id_embedding together: give one (the embedding is what "
+                        "the face photo is turned into)")
+    if "infinityou_guidance" in extras and not identity:
+        problems.append("infinityou_guidance without infinityou_id_image or infinityou_id_embedding: the guidance is "
+                        "InfuseNet's, used with an identity; add one of them")
+    if identity and "controlnet_image" not in extras:
+        problems.append(f"{identity[0]} without controlnet_image: the identity reaches the DiT only through "
+                        f"InfuseNet, a ControlNet, which needs a control image per row (DiffSynth's example uses "
+                        f"black images or pose keypoints); add controlnet_image")
     if problems:
         raise TrainError("--extra_inputs " + "; ".join(problems) + ".")
     file_keys = comma_list(args.data_file_keys)
-    if "controlnet_processor_id" in file_keys:
-        raise TrainError("--data_file_keys controlnet_processor_id: that column holds a union mode name (canny, "
-                         "depth, ...), not an image path; leave it out of --data_file_keys.")
+    for key in file_keys:
+        if key in NOT_IMAGE_COLUMNS:
+            raise TrainError(f"--data_file_keys {key}: that column holds {NOT_IMAGE_COLUMNS[key]}, not an image "
+                             f"path; leave it out of --data_file_keys.")
 
 
 def is_controlnet_run(args: argparse.Namespace) -> bool:
@@ -283,6 +326,28 @@ def is_controlnet_run(args: argparse.Namespace) -> bool:
 
 def trains_controlnet(args: argparse.Namespace) -> bool:
     return "controlnet" in comma_list(args.trainable_models)
+
+
+def training_mode(args: argparse.Namespace) -> str:
+    """"lora", "full" (the DiT), "controlnet", "ipadapter" or "infiniteyou" (the image projector, with or without
+    InfuseNet)."""
+    trainable = set(comma_list(args.trainable_models))
+    if is_lora(args):
+        return "lora"
+    if "image_proj_model" in trainable:
+        return "infiniteyou"
+    return "controlnet" if "controlnet" in trainable else "ipadapter" if "ipadapter" in trainable else "full"
+
+
+def uses_ipadapter(args: argparse.Namespace) -> bool:
+    """Whether each sample feeds the IP-Adapter its ipadapter_images."""
+    return "ipadapter_images" in comma_list(getattr(args, "extra_inputs", None))
+
+
+def identity_input(args: argparse.Namespace) -> str | None:
+    """The column InfiniteYou's identity comes from (infinityou_id_image or infinityou_id_embedding), or None."""
+    extras = comma_list(getattr(args, "extra_inputs", None))
+    return next((e for e in IDENTITY_EXTRAS if e in extras), None)
 
 
 def is_lora(args: argparse.Namespace) -> bool:

@@ -27,7 +27,7 @@ def controlnet_flags(args: argparse.Namespace) -> str:
     """The flags that ask for a ControlNet, as a message names them."""
     flags = []
     if trains_controlnet(args):
-        flags.append("--trainable_models controlnet")
+        flags.append(f"--trainable_models {','.join(comma_list(args.trainable_models))}")
     control = [e for e in comma_list(getattr(args, "extra_inputs", None)) if e.startswith("controlnet_")]
     if control:
         flags.append(f"--extra_inputs {','.join(control)}")

@@ -15,6 +15,11 @@ and are cropped and resized exactly like the row's `image` (to its training size
 image tokens one to one); `controlnet_processor_id` holds the union ControlNet's mode (canny, tile, depth, blur,
 pose, gray, lq, or its id).
 
+IP-Adapter and InfiniteYou columns (DiffSynth's names): `ipadapter_images` holds one image path or a JSON list of
+them (each cropped to its own training size, as DiffSynth does; the image encoder then resizes it);
+`infinityou_id_image` one face photo; `infinityou_id_embedding` (FluxCore's addition) a .safetensors/.npy file of
+the face's 512-d embedding, relative to --dataset_base_path like the images; `infinityou_guidance` a number.
+
 `check()` reads every row before training starts: a missing column, a missing or unreadable image, an
 unsupported extension or an image too small for one 16-pixel patch stops the run with the row named.
 """
@@ -38,7 +43,9 @@ PROMPT_KEY = "prompt"
 # Image columns cropped and resized like the row's `image` (not by their own size): a ControlNet's control map and
 # mask must cover the training image pixel for pixel.
 PAIRED_KEYS = ("controlnet_image", "controlnet_inpaint_mask")
+SINGLE_KEYS = (*PAIRED_KEYS, "infinityou_id_image")   # image columns that take one path, not a list
 MODE_KEY = "controlnet_processor_id"
+EMBEDDING_KEY, GUIDANCE_KEY = "infinityou_id_embedding", "infinityou_guidance"
 
 
 @dataclass
@@ -170,6 +177,25 @@ class ImageDataset(Dataset):
         self.fixed = (width, height) if height is not None and width is not None else None
         self.max_pixels = max_pixels
         self.repeat = repeat
+        # Values computed from a column once per row (InfiniteYou's face embeddings from infinityou_id_image):
+        # key -> one value per row; the column they were computed from is then not read again.
+        self.row_values: dict[str, list] = {}
+        self.replaced_keys: set[str] = set()
+
+    def set_row_values(self, key: str, values: list, replaces: str | None = None) -> None:
+        """Give every sample `key` = values[its row] (computed once per row from column `replaces`, which samples
+        then no longer load)."""
+        if len(values) != len(self.rows):
+            raise ValueError(f"{len(values)} values for {len(self.rows)} rows")
+        self.row_values[key] = list(values)
+        if replaces:
+            self.replaced_keys.add(replaces)
+
+    def row_image(self, index: int, key: str) -> tuple[Image.Image, Path]:
+        """Row `index`'s image of column `key` (one path), cropped and resized as a sample gets it, and its path."""
+        row = self.rows[index]
+        path = self._paths(row, key)[0]
+        return self._load(path, row, key)[0], path
 
     def __len__(self) -> int:
         return len(self.rows) * self.repeat
@@ -181,16 +207,42 @@ class ImageDataset(Dataset):
         sample = {PROMPT_KEY: _prompt(row)}
         size = None
         for key in self.file_keys:
-            if key not in row.values or row.values[key] in (None, ""):
+            if key not in row.values or row.values[key] in (None, "") or key in self.replaced_keys:
                 continue
             paths = self._paths(row, key)
             images = [self._load(path, row, key, size if key in PAIRED_KEYS else None)[0] for path in paths]
             if key == "image":
                 size = images[0].size
-            sample[key] = images[0] if key in ("image", *PAIRED_KEYS) else images
+            sample[key] = images[0] if key in ("image", *SINGLE_KEYS) else images
         for key in self.value_keys:
-            sample[key] = mode_value(row) if key == MODE_KEY else row.values[key]
+            sample[key] = self._value(row, key)
+        for key, values in self.row_values.items():
+            sample[key] = values[index % len(self.rows)]
         return sample
+
+    def _value(self, row: Row, key: str):
+        """A column that is not an image path, read as what it holds."""
+        if key == MODE_KEY:
+            return mode_value(row)
+        if key == EMBEDDING_KEY:
+            return self._embedding(row)
+        if key == GUIDANCE_KEY:
+            from .infiniteyou import guidance_value
+            return guidance_value(row.values[key], row.where)
+        return row.values[key]
+
+    def _embedding(self, row: Row):
+        from .infiniteyou import read_face_embedding
+        value = row.values[EMBEDDING_KEY]
+        if not isinstance(value, str):
+            raise TrainError(f"{row.where}: column '{EMBEDDING_KEY}' must hold the path of an embedding file "
+                             f"(.safetensors or .npy), got {value!r}.")
+        path = Path(value)
+        path = path if path.is_absolute() else self.base / path
+        try:
+            return read_face_embedding(path)
+        except ValueError as e:
+            raise TrainError(f"{row.where}: '{EMBEDDING_KEY}' {e}.") from None
 
     # -------------------------------------------------------------------- checks
     def check(self) -> dict:
@@ -204,16 +256,16 @@ class ImageDataset(Dataset):
                                      f"'image' and 'prompt'" + (f" and '{key}'" if key not in ("image", PROMPT_KEY)
                                                                  else "") + ".")
             _prompt(row)
-            if MODE_KEY in self.value_keys:
-                mode_value(row)
+            for key in self.value_keys:
+                self._value(row, key)
             image_size = None
             for key in self.file_keys:
                 if key not in row.values or row.values[key] in (None, ""):
                     continue
                 paths = self._paths(row, key)
-                if key in PAIRED_KEYS and len(paths) != 1:
-                    raise TrainError(f"{row.where}: '{key}' holds {len(paths)} paths; it takes one image (the "
-                                     f"control for this row's image).")
+                if key in SINGLE_KEYS and len(paths) != 1:
+                    what = "the face photo" if key not in PAIRED_KEYS else "the control for this row's image"
+                    raise TrainError(f"{row.where}: '{key}' holds {len(paths)} paths; it takes one image ({what}).")
                 for path in paths:
                     size = self._load(path, row, key, image_size if key in PAIRED_KEYS else None)[1]
                     if key == "image":

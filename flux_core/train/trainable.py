@@ -186,3 +186,48 @@ def controlnet_state_dict(controlnet: nn.Module, remove_prefix: str) -> dict[str
             key = key[len(remove_prefix):]
         out[key] = tensor.detach().cpu()
     return out
+
+
+# ------------------------------------------------------------------------------------------------ IP-Adapter, InfiniteYou
+# DiffSynth's names of the trained modules (its pipeline attributes): saved as `pipe.<name>.<parameter>`.
+IPADAPTER_CHECKPOINT_PREFIX = "pipe.ipadapter."
+PROJECTOR_CHECKPOINT_PREFIX = "pipe.image_proj_model."
+
+
+class TrainedModules(nn.ModuleDict):
+    """The adapter modules one run trains, under DiffSynth-Studio's pipeline attribute names (`ipadapter`;
+    `controlnet` and `image_proj_model` for InfiniteYou), as one module for the optimizer, accelerate and DDP.
+
+    `forward(compute, *args)` returns `compute(*args)`: a training step's whole use of these modules (the
+    IP-Adapter's keys and values, the projector's identity tokens, InfuseNet's residuals inside the DiT call) runs
+    inside one call of the module accelerate wraps, so DDP sees one forward for each backward and synchronises the
+    gradients of all of them."""
+
+    def forward(self, compute, *args, **kwargs):
+        return compute(*args, **kwargs)
+
+
+def make_adapters_trainable(modules: dict[str, nn.Module]) -> TrainedModules:
+    trained = TrainedModules(modules)
+    trained.requires_grad_(True)
+    return trained
+
+
+def adapters_state_dict(trained: TrainedModules, remove_prefix: str) -> dict[str, torch.Tensor]:
+    """The trained modules' weights under DiffSynth's names minus --remove_prefix_in_ckpt: `pipe.ipadapter.<name>`
+    (its names are DiffSynth's: `image_proj.*`, `ipadapter_modules.<i>.*`), `pipe.image_proj_model.<name>`
+    (ByteDance's names, which DiffSynth keeps) and the ControlNet's `pipe.controlnet.models.0.<DiffSynth name>`.
+    With --remove_prefix_in_ckpt pipe. InfiniteYou's file is DiffSynth's (`controlnet.models.0.*` beside
+    `image_proj_model.*`); with pipe.ipadapter. the IP-Adapter's is the state dict DiffSynth's FluxIpAdapter loads."""
+    out: dict[str, torch.Tensor] = {}
+    for name, module in trained.items():
+        if name == "controlnet":
+            out.update(controlnet_state_dict(module, remove_prefix))
+            continue
+        prefix = IPADAPTER_CHECKPOINT_PREFIX if name == "ipadapter" else PROJECTOR_CHECKPOINT_PREFIX
+        for key, tensor in module.state_dict().items():
+            key = prefix + key
+            if remove_prefix and key.startswith(remove_prefix):
+                key = key[len(remove_prefix):]
+            out[key] = tensor.detach().cpu()
+    return out

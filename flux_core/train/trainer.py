@@ -56,11 +56,13 @@ from ..model_config import ModelConfig, ModelFileError
 from ..sampling import PromptEmbeds
 from ..vram import ComputeDevice, VRAMManager, store_model
 from . import checkpoint as ckpt
-from .args import (FP8_COMPONENTS, TrainError, comma_list, data_file_keys, is_controlnet_run, is_lora,
-                   model_path_entries, torch_dtype, trains_controlnet)
+from .args import (FP8_COMPONENTS, TrainError, comma_list, data_file_keys, identity_input, is_controlnet_run,
+                   is_lora, model_path_entries, torch_dtype, training_mode, uses_ipadapter)
 from .control import (check_controlnet_columns, check_controlnet_count, needs_controlnet, sample_control_input,
                       validation_control_input)
 from .dataset import ImageDataset, first_sample
+from .infiniteyou import ID_EMBEDDING, ID_IMAGE, check_infiniteyou_models, embed_faces, sample_identity
+from .ipadapter import bind, check_ipadapter_fit, check_ipadapter_slots, reference_features
 from .loss import flow_matching_loss, sample_generator, training_attention, training_schedule
 from .messages import SLOT_NAMES, ModelEntry, reworded_logs, trainer_message, user_values
 from .packages import require_training_packages
@@ -71,8 +73,12 @@ STOP_FILE = "STOP"
 BATCH_PER_PROCESS = 1   # one image per forward: FLUX training samples differ in size (dynamic resolution)
 FP8_STORAGE = torch.float8_e4m3fn
 PIPELINE_LOGGERS = ("flux_core.pipeline", "flux_core.pipeline_models")  # what from_pretrained logs through
+# Every model slot starts frozen and in inference mode; the trained one is then made trainable.
+FROZEN_SLOTS = ("dit", "vae", "text_encoder_1", "text_encoder_2", "ipadapter", "ipadapter_image_encoder",
+                "image_proj_model")
 # How a --resume mismatch names each setting a resumed run must share (the flag that sets it).
-SETTING_NAMES = {"mode": "LoRA, full DiT or ControlNet training (--lora_base_model / --trainable_models)",
+SETTING_NAMES = {"mode": "LoRA, full DiT, ControlNet, IP-Adapter or InfiniteYou training (--lora_base_model / "
+                         "--trainable_models)",
                  "lora_rank": "--lora_rank", "targets": "LoRA layers (--lora_target_modules)", "seed": "--seed",
                  "samples": "dataset samples (rows x --dataset_repeat)",
                  "num_processes": "processes (accelerate launch --num_processes)",
@@ -160,9 +166,15 @@ def load_pipeline(args: argparse.Namespace, device: torch.device, skip_kinds: tu
     try:
         if skip_kinds:
             sources = [s for s in sources if not set(config_slots(s[2], s[0])) <= set(skip_kinds)]
-        if needs_controlnet(args) and "controlnet" not in skip_kinds:   # from the files' keys, before weights load
-            check_controlnet_count(args, [entry for entry, _, config in sources
-                                          if "controlnet" in config_slots(config, entry)])
+        # What the adapter columns need, from the files' keys, before any weights load.
+        if needs_controlnet(args) or uses_ipadapter(args) or identity_input(args):
+            slots = [(entry, config_slots(config, entry)) for entry, _, config in sources]
+            if needs_controlnet(args) and "controlnet" not in skip_kinds:
+                check_controlnet_count(args, [entry for entry, held in slots if "controlnet" in held])
+            every_slot = [slot for _, held in slots for slot in held]
+            if uses_ipadapter(args):
+                check_ipadapter_slots(every_slot)
+            check_infiniteyou_models(args, every_slot)
         tok1 = ModelConfig(path=args.tokenizer_1_path) if args.tokenizer_1_path else None
         tok2 = ModelConfig(path=args.tokenizer_2_path) if args.tokenizer_2_path else None
         # from_pretrained numbers the configs it was given: its model_configs[i] is sources[i] (after skip_kinds).
@@ -180,8 +192,7 @@ def load_pipeline(args: argparse.Namespace, device: torch.device, skip_kinds: tu
         raise TrainError(f"the models of --model_paths / --model_id_with_origin_paths hold no "
                          f"{', '.join(SLOT_NAMES[m] for m in missing)}; training needs the DiT, the VAE and both text "
                          f"encoders (CLIP-L, T5): add the missing files there.")
-    for module in [getattr(pipe, slot) for slot in ("dit", "vae", "text_encoder_1", "text_encoder_2")] + \
-            list(pipe.controlnet.models):
+    for module in [getattr(pipe, slot) for slot in FROZEN_SLOTS] + list(pipe.controlnet.models):
         if module is not None:
             module.eval().requires_grad_(False)
     return pipe, configs
@@ -287,8 +298,10 @@ class Trainer:
         self.output = Path(args.output_path)
         self.dtype = torch_dtype(args)
         self.lora = is_lora(args)
-        self.mode = "lora" if self.lora else "controlnet" if trains_controlnet(args) else "full"
+        self.mode = training_mode(args)   # lora, full, controlnet, ipadapter, infiniteyou
         self.control = is_controlnet_run(args)   # each sample feeds the ControlNet its controlnet_* columns
+        self.reference = uses_ipadapter(args)    # ... the IP-Adapter its ipadapter_images
+        self.identity = identity_input(args)     # ... InfuseNet an identity (infinityou_id_image / _embedding)
         self.stop = StopFlag()
 
     # -------------------------------------------------------------------- setup
@@ -297,6 +310,8 @@ class Trainer:
         dataset = ImageDataset(a.dataset_base_path, a.dataset_metadata_path, data_file_keys(a), a.height, a.width,
                                a.max_pixels, a.dataset_repeat, required_keys=comma_list(a.extra_inputs))
         self.data_summary = dataset.check()
+        if self.identity == ID_IMAGE:   # insightface is needed now, not after the models have loaded
+            dataset.set_row_values(ID_EMBEDDING, embed_faces(dataset), replaces=ID_IMAGE)
         return dataset
 
     def setup(self) -> None:
@@ -328,10 +343,17 @@ class Trainer:
         self.pipe, configs = load_pipeline(a, acc.device)
         if self.control:
             check_controlnet_columns(a, self.pipe, configs)
+        if self.reference:
+            check_ipadapter_fit(a, self.pipe)
         fp8 = fp8_slots(a, configs, self.pipe)
-        if self.mode == "controlnet" and "controlnet.models.0" in fp8:
-            raise TrainError("--fp8_models names the ControlNet, which --trainable_models controlnet trains; FP8 "
-                             "storage is for frozen models: leave it out of --fp8_models.")
+        trained_slots = {"controlnet": ("controlnet.models.0", "the ControlNet"),
+                         "ipadapter": ("ipadapter", "the IP-Adapter"),
+                         "image_proj_model": ("image_proj_model", "InfiniteYou's image projector")}
+        for model in comma_list(a.trainable_models):
+            slot, what = trained_slots.get(model, (None, None))
+            if slot in fp8:
+                raise TrainError(f"--fp8_models names {what}, which --trainable_models {a.trainable_models} "
+                                 f"trains; FP8 storage is for frozen models: leave it out of --fp8_models.")
         store_in_fp8(self.pipe, fp8, self.dtype)
         dit = self.pipe.dit
         torch.manual_seed(a.seed)
@@ -347,14 +369,22 @@ class Trainer:
             self.targets = []
             trained = self.pipe.controlnet.models[0]
             make_controlnet_trainable(trained)
+        elif self.mode in ("ipadapter", "infiniteyou"):
+            from .trainable import make_adapters_trainable
+            self.targets = []
+            names = comma_list(a.trainable_models)
+            trained = make_adapters_trainable({name: self.pipe.controlnet.models[0] if name == "controlnet" else
+                                               getattr(self.pipe, name) for name in names})
         else:
             from .trainable import make_fully_trainable
             self.targets = []
             make_fully_trainable(dit)
             trained = dit
-        # A trained ControlNet's gradients flow back through the frozen DiT (its residuals enter every DiT block),
-        # so the DiT's activations are kept or recomputed as well.
-        for model in (dit,) if trained is dit else (dit, trained):
+        # A trained adapter's gradients flow back through the frozen DiT (ControlNet residuals enter every DiT block,
+        # IP-Adapter keys and values its attention), so the DiT's activations are kept or recomputed as well.
+        checkpointed = [dit] + ([] if trained is dit else [trained] if self.mode == "controlnet" else
+                                [trained["controlnet"]] if "controlnet" in trained else [])
+        for model in checkpointed:
             model.gradient_checkpointing = a.use_gradient_checkpointing or a.use_gradient_checkpointing_offload
             model.gradient_checkpointing_offload = a.use_gradient_checkpointing_offload
         trained.train()
@@ -382,6 +412,21 @@ class Trainer:
         self.guidance = a.embedded_guidance if dit.params.guidance_embed else None
         self.validation_control = (validation_control_input(a, self.dataset, self.pipe)
                                    if self.control and a.validation_prompts else None)
+        self.validation_inputs = self.validation_adapter_inputs() if a.validation_prompts else {}
+
+    def validation_adapter_inputs(self) -> dict:
+        """The validation images' IP-Adapter reference images and InfiniteYou identity: the first data row's."""
+        from .infiniteyou import DEFAULT_GUIDANCE, GUIDANCE
+        if not (self.reference or self.identity):
+            return {}
+        first = self.dataset[0]
+        inputs = {}
+        if self.reference:
+            inputs["ipadapter_images"] = first["ipadapter_images"]
+        if self.identity:
+            inputs.update(infinityou_id_embedding=first[ID_EMBEDDING],
+                          infinityou_guidance=float(first.get(GUIDANCE, DEFAULT_GUIDANCE)))
+        return inputs
 
     def settings(self) -> dict:
         """What a resumed run must share with the run that saved the state, for the result to be the same."""
@@ -423,7 +468,8 @@ class Trainer:
                                  f"--num_epochs, --max_steps, saving and validation options may change).")
         names = {n for n, _ in self.params}
         if set(loaded.trainable) != names:
-            model = "ControlNet" if self.mode == "controlnet" else "DiT"
+            model = {"controlnet": "ControlNet", "ipadapter": "IP-Adapter", "infiniteyou": "InfiniteYou models"
+                     }.get(self.mode, "DiT")
             raise TrainError(f"--resume {folder}: its trained parameters differ from this run's "
                              f"({len(loaded.trainable)} vs {len(names)}); resume with the same {model} "
                              f"(--model_paths / --model_id_with_origin_paths) and --lora_target_modules.")
@@ -536,6 +582,23 @@ class Trainer:
             prompt = PromptEmbeds(emb.prompt_emb.to(self.dtype), emb.pooled.to(self.dtype))
             extras = pipe.kontext_extras(sample["kontext_images"], 1) if "kontext_images" in sample else None
             adapters = self.control_adapters(sample, x0) if self.control else []
+            features = reference_features(pipe, sample["ipadapter_images"]) if self.reference else None
+        if self.mode in ("ipadapter", "infiniteyou"):   # the trained modules' whole use, in one (DDP) forward
+            return self.model(self._adapted_loss, sample, x0, prompt, extras, adapters, features, generator)
+        return self._adapted_loss(sample, x0, prompt, extras, adapters, features, generator)
+
+    def _adapted_loss(self, sample: dict, x0: torch.Tensor, prompt: PromptEmbeds, extras, adapters: list,
+                      features: torch.Tensor | None, generator: torch.Generator) -> torch.Tensor:
+        """The loss with the IP-Adapter bound to the sample's reference features and InfiniteYou's identity given to
+        the ControlNet adapter; each under autograd only when its module trains."""
+        pipe, adapters = self.pipe, list(adapters)
+        if self.identity:
+            with torch.set_grad_enabled(self.mode == "infiniteyou"):
+                identity = sample_identity(pipe.image_proj_model, sample)
+            adapters = [replace(adapter, identity=identity) for adapter in adapters]
+        if features is not None:
+            with torch.set_grad_enabled(self.mode == "ipadapter"):
+                adapters.append(bind(pipe.ipadapter, features, pipe.dit))
         loss, _ = flow_matching_loss(self.dit_model, x0, prompt, self.schedule, generator, self.guidance, self.dtype,
                                      extras, adapters)
         return loss
@@ -586,6 +649,14 @@ class Trainer:
                 config = {"axes_dim": list(controlnet.params.axes_dim)}  # the one setting shapes cannot tell
                 save_safetensors(controlnet_state_dict(controlnet, self.args.remove_prefix_in_ckpt), path,
                                  metadata={"format": "pt", CONTROLNET_CONFIG_KEY: json.dumps(config)})
+            elif self.mode in ("ipadapter", "infiniteyou"):
+                from .trainable import CONTROLNET_CONFIG_KEY, adapters_state_dict
+                metadata = {"format": "pt"}
+                if "controlnet" in self.trained:
+                    config = {"axes_dim": list(self.trained["controlnet"].params.axes_dim)}
+                    metadata[CONTROLNET_CONFIG_KEY] = json.dumps(config)
+                save_safetensors(adapters_state_dict(self.trained, self.args.remove_prefix_in_ckpt), path,
+                                 metadata=metadata)
             else:
                 from .trainable import DIT_CONFIG_KEY, full_state_dict
                 config = {"axes_dim": list(dit.params.axes_dim)}  # the one setting shapes cannot tell
@@ -613,6 +684,7 @@ class Trainer:
             height, width = validation_size(a)
             self.trained.eval()
             control = {"controlnet_inputs": [self.validation_control]} if self.validation_control else {}
+            control.update(self.validation_inputs)
             for i, prompt in enumerate(a.validation_prompts):
                 image = self.pipe(prompt=prompt, height=height, width=width, seed=a.validation_seed,
                                   num_inference_steps=a.validation_num_inference_steps,
