@@ -57,3 +57,38 @@ class ControlNetHandle:
     """A loaded FLUX ControlNet (flux_core.models.controlnet.FluxControlNet) and the file it came from."""
     model: ManagedModel = field(compare=False)
     name: str = ""
+
+
+IPADAPTER_TYPE = "FLUXCORE_IPADAPTER"
+
+
+@dataclass(frozen=True)
+class IPAdapterHandle:
+    """A loaded FLUX IP-Adapter (flux_core.models.ipadapter.FluxIPAdapter) with the image encoder it was trained
+    with (SigLIP for InstantX, CLIP ViT-L for XLabs), and the files they came from."""
+    adapter: ManagedModel = field(compare=False)
+    encoder: ManagedModel = field(compare=False)
+    name: str = ""
+    encoder_name: str = ""
+
+
+INFINITEYOU_TYPE = "FLUXCORE_INFINITEYOU"
+
+
+@dataclass(frozen=True)
+class InfiniteYouHandle:
+    """InfiniteYou's image projector (flux_core.models.infiniteyou) and InfuseNet, a FLUX ControlNet."""
+    projector: ManagedModel = field(compare=False)
+    infusenet: ControlNetHandle
+    name: str = ""
+
+
+FACE_EMBEDDING_TYPE = "FLUXCORE_FACE_EMBEDDING"
+
+
+@dataclass(frozen=True, eq=False)
+class FaceEmbedding:
+    """One face's 512-d ArcFace embedding, (1, 1, 512) float32 (flux_core.infiniteyou.check_face_embedding), and
+    where it came from."""
+    vector: object   # torch.Tensor
+    source: str = ""

@@ -233,6 +233,38 @@ def _model_file(node: str, input_name: str, folder: str, name: str) -> str:
         raise node_error(node, input_name, e) from None
 
 
+def weight_folders(folder: str) -> list[str]:
+    """Sub-folders of a model folder that hold one model as a folder (its `config.json` or a shard index beside the
+    weights: a transformers SigLIP / CLIP snapshot, a sharded diffusers ControlNet such as InfiniteYou's
+    InfuseNetModel/). ComfyUI's own listing names files only, so a sharded model would show as its shards."""
+    found = set()
+    for root in bridge.folder_paths_for(folder):
+        if root.is_dir():
+            found.update(bridge._relative(root, p) for p in bridge._walk(root)
+                         if p.is_dir() and ((p / "config.json").is_file() or any(p.glob("*.safetensors.index.json"))))
+    return sorted(found)
+
+
+def list_models_and_folders(folder: str) -> list[str]:
+    """The files of a model folder (as bridge.list_models gives them) and its model folders (weight_folders)."""
+    return sorted(set(bridge.list_models(folder)) | set(weight_folders(folder)))
+
+
+def model_or_folder_path(node: str, input_name: str, folder: str, name: str) -> str:
+    """The full path of a file or of a model folder named in a model folder (list_models_and_folders); the name
+    must stay inside the model folder, as for files."""
+    try:
+        return bridge.model_path(folder, name)
+    except bridge.UnsafeModelName as e:
+        raise node_error(node, input_name, e) from None
+    except FileNotFoundError as e:  # inside ComfyUI model_path finds files only
+        relative = bridge.safe_name(folder, name)
+        for root in bridge.folder_paths_for(folder):
+            if (root / relative).is_dir():
+                return str(root / relative)
+        raise node_error(node, input_name, e) from None
+
+
 NODE_CLASS_MAPPINGS = {
     "FluxCoreDiTLoader": FluxCoreDiTLoader,
     "FluxCoreTextEncoderLoader": FluxCoreTextEncoderLoader,

@@ -4,8 +4,11 @@ LATENT `samples` are raw VAE latents (as native VAEEncode/VAEDecode use them); t
 space here and back at the end. `noise_mask` (SetLatentNoiseMask) is honoured: outside the mask the original
 latent, noised to the current level, is put back after every step, so it comes out unchanged.
 
-ControlNets come in the conditioning (`fluxcore_controlnets`, from Apply ControlNet (FluxCore)): one flux_core
-ControlNetAdapter per payload, in the branches it was applied to (nodes/controlnet_nodes.py). `tiled_dit` runs the
+ControlNets come in the conditioning (`fluxcore_controlnets`, from Apply ControlNet (FluxCore) and Apply InfiniteYou
+(FluxCore)): one flux_core ControlNetAdapter per payload, in the branches it was applied to (nodes/controlnet_nodes.py;
+InfuseNet's with its identity tokens, nodes/infiniteyou_nodes.py). IP-Adapters come under `fluxcore_ipadapters`
+(Apply IP-Adapter (FluxCore)): one flux_core IPAdapterAdapter per payload, its keys and values made before the DiT is
+placed (nodes/ipadapter_nodes.py). `tiled_dit` runs the
 DiT (and its ControlNets) tile by tile, as FluxImagePipeline's `tiled=True` does (flux_core.tiled_dit); control
 images are then VAE-encoded with the same tiles, as there.
 """
@@ -29,6 +32,8 @@ from flux_core.tiled_dit import DiTTiling
 from . import comfy_bridge as bridge
 from .conditioning import read_conditioning, warn_unused_entries
 from .controlnet_nodes import controlnet_adapters, payloads_with_branches, place_controlnets
+from .infiniteyou_nodes import with_identities
+from .ipadapter_nodes import IPADAPTERS_KEY, check_ipadapter_payloads, ipadapter_adapters, ipadapter_payloads
 from .handles import DIT_TYPE, DiTHandle
 from .loaders import NodeInputError
 from . import vram_nodes
@@ -166,7 +171,9 @@ class FluxCoreSampler:
         positive_embeds, cond_guidance, references = read_conditioning(node, "positive", positive)
         negative_embeds = read_conditioning(node, "negative", negative)[0] if cfg != 1.0 else None
         sides = {"positive": positive, **({"negative": negative} if cfg != 1.0 else {})}
-        warn_unused_entries(node, sides)
+        # fluxcore_ipadapters is honoured here; conditioning.HONOURED_KEYS does not list it yet (requested).
+        warn_unused_entries(node, {side: [[t, {k: v for k, v in e.items() if k != IPADAPTERS_KEY}] for t, e in c]
+                                   for side, c in sides.items()})
         tiling = dit_tiling(node, model, tiled_dit, tile_size, tile_stride)
         guidance = embedded_guidance if embedded_guidance >= 0 else cond_guidance
 
@@ -187,7 +194,10 @@ class FluxCoreSampler:
                            controlnets=payloads)
         vae_tiling = ({} if tiling is None else
                       dict(tiled=True, tile_size=tiling.tile_size, tile_stride=tiling.tile_stride))
+        ip_payloads = ipadapter_payloads(node, sides)
+        check_ipadapter_payloads(node, ip_payloads, model.model.module)  # before any image is encoded
         adapters, controlnets = controlnet_adapters(node, payloads, model.model.module, b, h, w, vae_tiling, device)
+        adapters = with_identities(payloads, adapters, model) + ipadapter_adapters(node, ip_payloads, model)
         mask = latent_mask(latent_image["noise_mask"], b, h, w) if "noise_mask" in latent_image else None
         x0 = FLUX_LATENT.raw_to_scaled(samples.float()).to(device)
         noise = make_noise(b, h * 8, w * 8, seed, "cpu", device)
