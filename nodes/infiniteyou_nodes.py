@@ -245,8 +245,12 @@ def embed_face(node: str, face_image: torch.Tensor) -> torch.Tensor:
         if cls not in _embedders:
             _embedders[cls] = cls(root=str(bridge.folder_paths_for(INSIGHTFACE_FOLDER)[0]))
         vector = _embedders[cls].embed(photo)
-    except (ImportError, RuntimeError, ValueError, FileNotFoundError) as e:
+    except face_embedding.NoFaceFoundError as e:
         raise node_error(node, "face_image", e) from None
+    except (ImportError, RuntimeError, ValueError, FileNotFoundError) as e:  # a package or weight file missing
+        raise NodeInputError(f"{node}, input 'face_image': {e}\nWithout these, connect a precomputed embedding "
+                             f"(Load Face Embedding (FluxCore), from models/{FACE_EMBEDDINGS_FOLDER}) to "
+                             f"'face_embedding' instead of 'face_image'.") from None
     return check_face_embedding(vector)
 
 
