@@ -80,14 +80,14 @@ def face_embedder():
     return FaceEmbedder()
 
 
-def embed_faces(dataset, make_embedder=face_embedder) -> list[torch.Tensor]:
+def embed_faces(dataset) -> list[torch.Tensor]:
     """The ArcFace embedding (512,) of every row's infinityou_id_image, in row order. Any failure (insightface or
     its weights missing, no face found) stops the run naming the flag, or the row and file."""
     rows = dataset.rows
     print(f"flux_core.train: computing the face embeddings of {len(rows)} {ID_IMAGE} row(s).", file=sys.stderr,
           flush=True)
     try:
-        embedder = make_embedder()
+        embedder = face_embedder()
     except Exception as e:  # noqa: BLE001 - the embedder's own message says which package or folder is missing
         raise TrainError(f"--extra_inputs {ID_IMAGE}: {e} ({PRECOMPUTED_HINT}).") from None
     out = []
