@@ -23,7 +23,8 @@ cast, so the budget counts quantized bytes; the layer dequantizes them on the co
 The budget counts weight bytes only. `resident_bytes` is exact: the bytes of the tensors the manager keeps
 on the compute device (stored there, made resident, or in flight for a call); it never exceeds the budget
 plus the largest unit in the compute dtype (units do not nest in the FLUX DiT; in CLIP the embeddings
-module keeps its 616-byte position ids on the device while its child runs). Activations come on top.
+module keeps its 616-byte position ids on the device while its child runs, and InfiniteYou's projector its learned
+latents, 8 x 1280 values, while its layers run). Activations come on top.
 `budget=0` is the minimum-memory mode (everything streamed); `budget=None` keeps every unit of the stage
 resident, which is plain model-level offload.
 
@@ -47,7 +48,11 @@ from .quantized import QuantizedLinear
 
 GiB = 1024 ** 3
 # Modules placed as one unit with their subtree, by class name: their forward reads a child's weight directly.
-WHOLE_UNITS = ("T5DenseGatedActDense", "T5DenseActDense")
+# T5's feed-forward checks `wo.weight.dtype`; the vision towers' embeddings cast the pixels to
+# `patch_embedding.weight.dtype` (fp8 at rest under FP8 storage); torch's MultiheadAttention (SigLIP's pooling head)
+# passes `out_proj.weight` to its functional form without calling out_proj.
+WHOLE_UNITS = ("T5DenseGatedActDense", "T5DenseActDense", "SiglipVisionEmbeddings", "CLIPVisionEmbeddings",
+               "MultiheadAttention")
 
 
 def is_matrix(t: torch.Tensor) -> bool:
