@@ -39,6 +39,20 @@ _interrupt_requested = False
 
 
 # ---------------------------------------------------------------- model folders
+def register_model_folder(folder: str, extensions: tuple[str, ...] = MODEL_EXTENSIONS) -> None:
+    """Make <models>/<folder> a ComfyUI model folder (for folders ComfyUI itself does not define: `ipadapter`,
+    `infinite_you`, `face_embeddings`, `insightface`); an existing registration (ours from an earlier import, or
+    another pack's) keeps its paths and gains our extensions. Standalone, models_dir()/<folder> is read directly."""
+    if not IN_COMFYUI:
+        return
+    if folder in _folder_paths.folder_names_and_paths:
+        paths, known = _folder_paths.folder_names_and_paths[folder]
+        if known:  # an empty set means "every file" to ComfyUI: leave it
+            _folder_paths.folder_names_and_paths[folder] = (paths, set(known) | set(extensions))
+        return
+    _folder_paths.folder_names_and_paths[folder] = ([os.path.join(_folder_paths.models_dir, folder)], set(extensions))
+
+
 def models_dir() -> Path:
     return Path(os.environ.get("FLUXCORE_MODELS_DIR", "models"))
 

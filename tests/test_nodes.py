@@ -493,3 +493,20 @@ def test_unused_conditioning_entries_are_named_once_per_run(models, caplog):
     with caplog.at_level(logging.WARNING, logger="FluxCore"):  # cfg 1: the negative is not used at all
         FluxCoreSampler().sample(models["dit"], encode(models, "a cat"), negative, latent, seed=0, steps=1)
     assert warned() == []
+
+
+def test_model_folders_comfyui_lacks_are_registered_once_and_keep_other_packs_paths(monkeypatch):
+    """`register_model_folder` adds <models>/<folder> to ComfyUI's folder table (the IP-Adapter and InfiniteYou
+    loaders list `ipadapter`, `infinite_you`, `face_embeddings`); a folder another pack registered keeps its paths and
+    gains our extensions; one registered for every file (an empty extension set) is left alone."""
+    import types
+    from nodes import comfy_bridge as bridge
+    table = {"ipadapter": (["/other/pack/ipadapter"], {".safetensors"}), "insightface": (["/x"], set())}
+    monkeypatch.setattr(bridge, "IN_COMFYUI", True)
+    monkeypatch.setattr(bridge, "_folder_paths", types.SimpleNamespace(folder_names_and_paths=table,
+                                                                       models_dir="/comfy/models"))
+    for folder in ("ipadapter", "infinite_you", "insightface", "infinite_you"):
+        bridge.register_model_folder(folder)
+    assert table["ipadapter"] == (["/other/pack/ipadapter"], set(bridge.MODEL_EXTENSIONS))
+    assert table["infinite_you"] == (["/comfy/models/infinite_you"], set(bridge.MODEL_EXTENSIONS))
+    assert table["insightface"] == (["/x"], set())
