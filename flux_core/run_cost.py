@@ -128,6 +128,18 @@ def controlnet_passes(dit: torch.nn.Module, controlnets: Sequence[tuple[torch.nn
             / dit_forward_flops(dit, image_tokens, text_tokens))
 
 
+def ipadapter_kv_bytes(num_blocks: int, num_tokens: int, hidden_size: int, images: int, branches: int,
+                       dtype: torch.dtype) -> int:
+    """Bytes of the keys and values an IP-Adapter keeps on the compute device for a whole run (flux_core.ipadapter
+    makes them once, before the denoise loop): for each of its blocks, a key and a value of `num_tokens` tokens per
+    reference image at the DiT's width, for each CFG branch it acts in. InstantX (57 blocks, 128 tokens per image,
+    width 3072) in bf16: 85.5 MiB per reference image and branch, a fifth of FLUX.1's 0.40 GiB of activations at
+    1024x1024, so a few reference images under true CFG change what fits. (Their attention adds under 1% to a step's
+    compute: 128 tokens per image beside the 4608 of the DiT's own attention.)"""
+    per_element = torch.empty((), dtype=dtype).element_size()
+    return 2 * num_blocks * num_tokens * images * hidden_size * branches * per_element
+
+
 def check_run_time(flops: float, device: torch.device, what: str, stacklevel: int = 2) -> None:
     """Warn (SlowRunWarning) before a run on a CPU that needs more than CPU_WARN_FLOPS; GPUs are not warned
     about (their speed spans 100x, and a run that fits their memory finishes)."""
@@ -142,14 +154,16 @@ def check_run_time(flops: float, device: torch.device, what: str, stacklevel: in
 
 
 def check_run_cost(dit: torch.nn.Module, device, batch: int, image_tokens: int, text_tokens: int, steps: int,
-                   passes: float, what: str, work: str, stacklevel: int = 2) -> None:
+                   passes: float, what: str, work: str, stacklevel: int = 2, *, held_bytes: int = 0) -> None:
     """Both checks for one run of `dit` on `device` (a flux_core.vram.ComputeDevice): the activation memory of
     one forward (refused above the device's memory, warned above half of it) and the run's compute (warned on a
     CPU). `what` names the inputs that set the size, `work` the steps, passes and batch; image tokens include
-    the Kontext references."""
+    the Kontext references. `held_bytes`: what the run keeps on the device beside them for all its steps (the
+    IP-Adapter's keys and values, `ipadapter_kv_bytes`), counted with the activations."""
     params = dit.params
     tokens = image_tokens + text_tokens
     needed = dit_activation_bytes(batch, tokens, params.hidden_size, params.mlp_ratio, stored_compute_dtype(dit))
+    needed += int(held_bytes)
     check_activation_memory(needed, device.total_memory(), str(device.torch_device), what, stacklevel + 1)
     check_run_time(steps * passes * batch * dit_forward_flops(dit, image_tokens, text_tokens), device.torch_device,
                    work, stacklevel + 1)

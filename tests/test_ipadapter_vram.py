@@ -298,3 +298,34 @@ def test_fp8_storage_computes_like_the_rounded_weights(tiny, files, rounded, arg
     # the projector's learned latents (a parameter of the projector itself, in flight for its whole call).
     nested = 77 * 8 + (pipe.image_proj_model.latents.numel() * 4 if pipe.image_proj_model is not None else 0)
     assert probe.checks > 100 and vram.peak_bytes <= vram.largest_unit_bytes() + nested
+
+
+# --------------------------------------------------------------------------------------------------- run cost
+def test_ipadapter_keys_values_bytes_match_what_the_adapter_holds(tiny):
+    """run_cost.ipadapter_kv_bytes against the keys/values bind_ipadapter actually makes (2 images, both branches);
+    and the published InstantX size: 57 blocks x (k, v) x 128 tokens x 3072 x bf16 = 89,653,248 bytes per image and
+    branch."""
+    from flux_core.ipadapter import bind_ipadapter
+    from flux_core.run_cost import ipadapter_kv_bytes
+    pipe = tiny.pipeline(*tiny.instantx_files)
+    p = pipe.ipadapter.params
+    features = torch.randn(2, p.image_embed_dim)
+    bound = bind_ipadapter(pipe.ipadapter, features, pipe.dit.num_heads,
+                           (pipe.dit.params.depth, pipe.dit.params.depth_single_blocks), branches=("positive", "negative"))
+    held = sum(t.untyped_storage().nbytes() for kv in bound.keys_values.values() for pair in kv for t in pair)
+    assert ipadapter_kv_bytes(p.num_blocks, p.num_tokens, p.hidden_size, 2, 2, torch.float32) == held
+    assert ipadapter_kv_bytes(57, 128, 3072, 1, 1, torch.bfloat16) == 89_653_248
+
+
+def test_held_bytes_count_with_the_activations(tiny):
+    """check_run_cost(held_bytes=...) refuses a run whose activations fit only without the keys/values."""
+    from flux_core.run_cost import check_run_cost, dit_activation_bytes
+    dit = tiny.pipeline().dit
+    tokens = (16, 16)
+    activations = dit_activation_bytes(1, sum(tokens), dit.params.hidden_size, dit.params.mlp_ratio, torch.float32)
+    device = SimulatedDevice(total_memory=activations + 100)
+    args = (dit, device, 1, *tokens, 1, 1, "height=64, width=64", "1 step")
+    with pytest.warns(UserWarning):  # over half the (tiny) device: warned, not refused
+        check_run_cost(*args, held_bytes=100)
+    with pytest.raises(ValueError, match="need about"):
+        check_run_cost(*args, held_bytes=101)
