@@ -362,6 +362,25 @@ def test_validation_images_get_the_first_rows_identity(world, tmp_path):
     assert np.abs(image - again).max() == 0
     assert np.abs(image - other).max() > 1
 
+    # validate_full renders the trained InfuseNet and projector from the one checkpoint, with the FLUX models alone
+    # in the model flags
+    from flux_core.train.__main__ import main
+    from flux_core.train.validate import run
+    common_flags = ["--height", "32", "--width", "32", "--num_inference_steps", "2", "--t5_sequence_length", "16",
+                    "--torch_dtype", "float32", "--device", "cpu", "--prompt", "a cat red", "--embedded_guidance", "3.5",
+                    "--model_paths", world.model_paths(), "--controlnet_image", str(world.data / "black 0.png")]
+    checkpoint = str(out / "step-1.safetensors")
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert main(["validate_full", "--checkpoint", checkpoint, "--output", str(tmp_path / "v.png"),
+                     "--infinityou_id_embedding", str(world.data / "face 0.safetensors"), *common_flags]) == 0
+    rendered = np.asarray(Image.open(tmp_path / "v.png"), dtype=np.int16)
+    assert np.abs(image - rendered).max() == 0   # measured 0: the same weights, inputs and call
+    with pytest.raises(TrainError, match="holds InfiniteYou's image projector: give --infinityou_id_embedding"):
+        run("validate_full", ["--checkpoint", checkpoint, "--output", str(tmp_path / "w.png"), *common_flags])
+    with pytest.raises(TrainError, match=r"--infinityou_id_embedding: face 0.png is not an embedding file"):
+        run("validate_full", ["--checkpoint", checkpoint, "--output", str(tmp_path / "w.png"), *common_flags,
+                              "--infinityou_id_embedding", str(world.data / "face 0.png")])
+
 
 # ------------------------------------------------------------------------------------------------ errors
 @pytest.mark.parametrize("extra, message", [

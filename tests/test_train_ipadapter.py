@@ -218,6 +218,22 @@ def test_validation_images_get_the_first_rows_reference_images(world, tmp_path):
     assert np.abs(image - again).max() == 0
     assert np.abs(image - plain).max() > 3
 
+    # validate_full renders the trained IP-Adapter from its checkpoint in place of the one of the model flags
+    from flux_core.train.__main__ import main
+    first[0].save(tmp_path / "first reference.png")
+    common_flags = ["--height", "32", "--width", "32", "--num_inference_steps", "2", "--t5_sequence_length", "16",
+                    "--torch_dtype", "float32", "--device", "cpu", "--prompt", "a cat red", "--embedded_guidance", "3.5",
+                    "--model_paths", world.model_paths("siglip")]
+    checkpoint = str(out / "step-1.safetensors")
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert main(["validate_full", "--checkpoint", checkpoint, "--output", str(tmp_path / "v.png"),
+                     "--ipadapter_images", str(tmp_path / "first reference.png"), *common_flags]) == 0
+    rendered = np.asarray(Image.open(tmp_path / "v.png"), dtype=np.int16)
+    assert np.abs(image - rendered).max() == 0   # measured 0: the same weights, inputs and call
+    from flux_core.train.validate import run
+    with pytest.raises(TrainError, match="is an IP-Adapter: give --ipadapter_images"):
+        run("validate_full", ["--checkpoint", checkpoint, "--output", str(tmp_path / "w.png"), *common_flags])
+
 
 # ------------------------------------------------------------------------------------------------ errors
 @pytest.mark.parametrize("extra, message", [

@@ -8,11 +8,18 @@
     python -m flux_core.train validate_full --model_paths '[...]' --checkpoint models/train/cn/epoch-0.safetensors \
         --controlnet_image depth.png --controlnet_processor_id depth --prompt "a dog" --output image.jpg
 
+    python -m flux_core.train validate_full --model_paths '[..., "siglip-so400m-patch14-384"]' \
+        --checkpoint models/train/ip/epoch-0.safetensors --ipadapter_images ref.png --prompt "a dog" --output image.jpg
+    python -m flux_core.train validate_full --model_paths '[...]' --checkpoint models/train/iy/epoch-0.safetensors \
+        --controlnet_image black.png --infinityou_id_embedding face.npy --prompt "a man" --output image.jpg
+
 The base models are named like the trainer's (--model_paths / --model_id_with_origin_paths, tokenizers).
-validate_lora loads the LoRA (any format) onto the DiT with `flux_core.lora.load_lora`; validate_full loads the
-fine-tuned DiT with `load_model` in place of the base DiT (which is then not loaded at all), or a trained ControlNet
-in place of the ControlNet of the model flags. --controlnet_image (with --controlnet_inpaint_mask /
---controlnet_processor_id / --controlnet_scale) feeds the ControlNet, as `ControlNetInput(image=..., ...)`.
+validate_lora loads the LoRA (any format) onto the DiT with `flux_core.lora.load_lora`; validate_full loads what the
+checkpoint holds with `load_model` in place of that model of the model flags (which is then not loaded at all): the
+fine-tuned DiT, a trained ControlNet, a trained IP-Adapter, or InfiniteYou's InfuseNet and/or image projector.
+--controlnet_image (with --controlnet_inpaint_mask / --controlnet_processor_id / --controlnet_scale) feeds the
+ControlNet, as `ControlNetInput(image=..., ...)`; --ipadapter_images (--ipadapter_scale) the IP-Adapter;
+--infinityou_id_image or --infinityou_id_embedding (--infinityou_guidance) InfiniteYou.
 """
 from __future__ import annotations
 
@@ -43,6 +50,12 @@ def build_parser(command: str) -> argparse.ArgumentParser:
     p.add_argument("--controlnet_inpaint_mask", default=None, help="inpainting ControlNet: the mask image")
     p.add_argument("--controlnet_processor_id", default=None, help="union ControlNet: the mode (canny, depth, ...)")
     p.add_argument("--controlnet_scale", type=float, default=1.0, help="ControlNet strength")
+    p.add_argument("--ipadapter_images", nargs="+", default=None, help="reference image(s) for the IP-Adapter")
+    p.add_argument("--ipadapter_scale", type=float, default=1.0, help="IP-Adapter strength")
+    p.add_argument("--infinityou_id_image", default=None, help="InfiniteYou: a face photo (needs insightface)")
+    p.add_argument("--infinityou_id_embedding", default=None,
+                   help="InfiniteYou: the face's 512-d ArcFace embedding (.safetensors or .npy file)")
+    p.add_argument("--infinityou_guidance", type=float, default=1.0, help="InfiniteYou: InfuseNet's guidance")
     p.add_argument("--prompt", default="a dog")
     p.add_argument("--negative_prompt", default="")
     p.add_argument("--cfg_scale", type=float, default=1.0)
@@ -75,17 +88,50 @@ def saved_controlnet_config(path: str) -> dict:
     return saved_dit_config(path, CONTROLNET_CONFIG_KEY)
 
 
-def is_controlnet_checkpoint(path: str) -> bool:
-    """Whether a full checkpoint holds a ControlNet (its heads), from the key names only."""
-    from safetensors import safe_open
+# Pipeline slots of the adapter kinds a full checkpoint may hold (load_model kind -> pipeline attribute).
+ADAPTER_SLOTS = {"controlnet": "controlnet", "ipadapter": "ipadapter", "infiniteyou": "image_proj_model"}
 
-    from ..models.controlnet import has_controlnet_heads
 
+def adapter_kinds(path: str) -> list[str]:
+    """The adapter kinds a full checkpoint holds, from its keys: ["controlnet"], ["ipadapter"], ["controlnet",
+    "infiniteyou"] (InfiniteYou's training output), ...; [] for a DiT, or a file that cannot be read (load_model then
+    says what it is)."""
+    from ..loading.files import CheckpointError
+    from ..pipeline_models import detect_components
     try:
-        with safe_open(path, framework="pt") as f:
-            return has_controlnet_heads(f.keys())
-    except (OSError, ValueError):
-        return False  # not a safetensors file: load_model says what it is
+        return [kind for _, kind, _, _ in detect_components(path) if kind in ADAPTER_SLOTS]
+    except (CheckpointError, OSError, ValueError):
+        return []
+
+
+def _read_image(flag: str, path: str):
+    from PIL import Image
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except OSError as e:
+        raise TrainError(f"--{flag} {path}: cannot be read as an image ({e}).") from None
+
+
+def adapter_inputs(args: argparse.Namespace) -> dict:
+    """The pipeline's IP-Adapter and InfiniteYou parameters from --ipadapter_images / --infinityou_* flags."""
+    inputs = {}
+    if args.ipadapter_images:
+        inputs.update(ipadapter_images=[_read_image("ipadapter_images", p) for p in args.ipadapter_images],
+                      ipadapter_scale=args.ipadapter_scale)
+    if args.infinityou_id_image and args.infinityou_id_embedding:
+        raise TrainError("--infinityou_id_image and --infinityou_id_embedding together: give one.")
+    if args.infinityou_id_image:
+        inputs["infinityou_id_image"] = _read_image("infinityou_id_image", args.infinityou_id_image)
+    if args.infinityou_id_embedding:
+        from .infiniteyou import read_face_embedding
+        try:
+            inputs["infinityou_id_embedding"] = read_face_embedding(Path(args.infinityou_id_embedding))
+        except ValueError as e:
+            raise TrainError(f"--infinityou_id_embedding: {e}.") from None
+    if "infinityou_id_image" in inputs or "infinityou_id_embedding" in inputs:
+        inputs["infinityou_guidance"] = args.infinityou_guidance
+    return inputs
 
 
 def controlnet_inputs(args: argparse.Namespace) -> list:
@@ -93,19 +139,11 @@ def controlnet_inputs(args: argparse.Namespace) -> list:
         if args.controlnet_inpaint_mask or args.controlnet_processor_id:
             raise TrainError("--controlnet_inpaint_mask / --controlnet_processor_id go with --controlnet_image.")
         return []
-    from PIL import Image
-
     from ..controlnet import ControlNetInput
 
-    def read(flag, path):
-        try:
-            with Image.open(path) as image:
-                return image.convert("RGB")
-        except OSError as e:
-            raise TrainError(f"--{flag} {path}: cannot be read as an image ({e}).") from None
     mask = args.controlnet_inpaint_mask
-    return [ControlNetInput(image=read("controlnet_image", args.controlnet_image), scale=args.controlnet_scale,
-                            inpaint_mask=read("controlnet_inpaint_mask", mask) if mask else None,
+    return [ControlNetInput(image=_read_image("controlnet_image", args.controlnet_image), scale=args.controlnet_scale,
+                            inpaint_mask=_read_image("controlnet_inpaint_mask", mask) if mask else None,
                             processor_id=args.controlnet_processor_id)]
 
 
@@ -119,20 +157,31 @@ def run(command: str, argv: list[str]) -> Path:
         raise TrainError("no base models: give --model_paths and/or --model_id_with_origin_paths.")
     device = torch.device(args.device or default_device())
     control = controlnet_inputs(args)
+    adapters = adapter_inputs(args)
     if command == "validate_lora":
         pipe, _ = load_pipeline(args, device)
         from ..lora import load_lora
         report = load_lora(pipe.dit, args.lora_path, alpha=args.lora_alpha)
         print(report.loras[0].summary(), file=sys.stderr)
-    elif is_controlnet_checkpoint(args.checkpoint):
+    elif adapter_kinds(args.checkpoint):
         from ..loading.loader import load_model
-        pipe, _ = load_pipeline(args, device, skip_kinds=("controlnet",))
-        pipe.controlnet.models.append(load_model(args.checkpoint, config=saved_controlnet_config(args.checkpoint),
-                                                 torch_dtype=DTYPES[args.torch_dtype], device=device,
-                                                 kind="controlnet"))
-        if not control:
+        kinds = adapter_kinds(args.checkpoint)
+        pipe, _ = load_pipeline(args, device, skip_kinds=tuple(ADAPTER_SLOTS[k] for k in kinds))
+        for kind in kinds:
+            model = load_model(args.checkpoint, config=saved_controlnet_config(args.checkpoint) if kind == "controlnet"
+                               else None, torch_dtype=DTYPES[args.torch_dtype], device=device, kind=kind)
+            if kind == "controlnet":
+                pipe.controlnet.models.append(model)
+            else:
+                setattr(pipe, ADAPTER_SLOTS[kind], model)
+        if "controlnet" in kinds and not control:
             raise TrainError(f"--checkpoint {args.checkpoint} is a ControlNet: give --controlnet_image (and "
                              f"--controlnet_processor_id / --controlnet_inpaint_mask where it needs them).")
+        if "ipadapter" in kinds and not args.ipadapter_images:
+            raise TrainError(f"--checkpoint {args.checkpoint} is an IP-Adapter: give --ipadapter_images.")
+        if "infiniteyou" in kinds and not (args.infinityou_id_image or args.infinityou_id_embedding):
+            raise TrainError(f"--checkpoint {args.checkpoint} holds InfiniteYou's image projector: give "
+                             f"--infinityou_id_embedding (or --infinityou_id_image) and --controlnet_image.")
     else:
         from ..loading.loader import load_model
         pipe, _ = load_pipeline(args, device, skip_kinds=("dit",))
@@ -142,11 +191,16 @@ def run(command: str, argv: list[str]) -> Path:
         image = pipe(prompt=args.prompt, negative_prompt=args.negative_prompt, cfg_scale=args.cfg_scale,
                      embedded_guidance=args.embedded_guidance, height=args.height, width=args.width,
                      num_inference_steps=args.num_inference_steps, t5_sequence_length=args.t5_sequence_length,
-                     seed=args.seed, controlnet_inputs=control or None)
-    except ValueError as e:
-        if not control or "controlnet_inputs[0]" not in str(e):
-            raise
-        raise TrainError(str(e).replace("controlnet_inputs[0]: ", "--controlnet_image: ")) from None
+                     seed=args.seed, controlnet_inputs=control or None, **adapters)
+    except (ValueError, RuntimeError) as e:
+        message = str(e)
+        if control and "controlnet_inputs[0]" in message:
+            raise TrainError(message.replace("controlnet_inputs[0]: ", "--controlnet_image: ")) from None
+        if adapters and any(name in message for name in ("ipadapter", "infinityou", "InfiniteYou")):
+            # the pipeline's parameter names are the flags' names; its model_configs are the model flags
+            raise TrainError(message.replace("model_configs", "--model_paths / --model_id_with_origin_paths")) \
+                from None
+        raise
     path = save_image(image, Path(args.output))
     print(f"saved {path} (seed {args.seed})")
     return path
