@@ -136,6 +136,24 @@ def test_single_vision_files_in_comfyui_layout(tmp_path):
     same_features(load_model(clip_file, config=TINY_HEADS, torch_dtype=F32), clip, images)
 
 
+@pytest.mark.parametrize("family, shapes, expected", [
+    # google/siglip-so400m-patch14-384: 27 x 27 patches of 14 from a 384 image (27 x 14 = 378: the conv drops 6 px)
+    ("siglip", {"embeddings.patch_embedding.weight": (1152, 3, 14, 14), "embeddings.position_embedding.weight":
+                (729, 1152), "encoder.layers.0.mlp.fc1.weight": (4304, 1152), "encoder.layers.26.mlp.fc1.weight":
+                (4304, 1152)}, dict(image_size=384, num_attention_heads=16, num_hidden_layers=27)),
+    # openai/clip-vit-large-patch14: 16 x 16 patches of 14 + the class token
+    ("clip", {"embeddings.patch_embedding.weight": (1024, 3, 14, 14), "embeddings.position_embedding.weight":
+              (257, 1024), "encoder.layers.0.mlp.fc1.weight": (4096, 1024), "encoder.layers.23.mlp.fc1.weight":
+              (4096, 1024), "visual_projection.weight": (768, 1024)},
+     dict(image_size=224, num_attention_heads=16, num_hidden_layers=24, projection_dim=768)),
+])
+def test_published_vision_configs_from_shapes(family, shapes, expected):
+    """ComfyUI's single files carry no config.json: the published towers' config comes from their shapes alone."""
+    from flux_core.models.image_encoders import VisionParams
+    params = VisionParams.from_state_dict_shapes(family, shapes)
+    assert {k: getattr(params, k) for k in expected} == expected
+
+
 def test_clip_vision_folder_loads(tmp_path):
     clip = make_clip_vision(seed=4)
     clip.save_pretrained(tmp_path / "image_encoder")

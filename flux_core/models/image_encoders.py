@@ -27,6 +27,11 @@ SIGLIP, CLIP = "siglip", "clip"
 TITLES = {SIGLIP: "SigLIP vision encoder", CLIP: "CLIP vision encoder"}
 # Heads cannot be read from shapes; the published towers of these widths all use these counts.
 KNOWN_HEADS = {768: 12, 1024: 16, 1152: 16, 1280: 16, 1664: 16}
+# Published towers whose image size is not a whole number of patches (the patch convolution drops the rest), by
+# (patch size, patches per side): google/siglip-so400m-patch14-384 takes 384x384 images as 27 x 27 patches of 14.
+# Its ComfyUI single file has no config.json, and 27 x 14 = 378 would resize every image to another size than
+# DiffSynth-Studio's (and transformers' processor's) 384.
+UNEVEN_IMAGE_SIZES = {(14, 27): 384}
 
 
 @dataclass(frozen=True)
@@ -49,12 +54,13 @@ class VisionParams:
         overrides = {k: v for k, v in dict(overrides or {}).items() if v is not None}
         hidden, _, patch, _ = shapes["embeddings.patch_embedding.weight"]
         positions = shapes["embeddings.position_embedding.weight"][0] - (1 if family == CLIP else 0)  # CLIP: + class
+        side = math.isqrt(positions)
         heads = overrides.get("num_attention_heads", KNOWN_HEADS.get(hidden))
         if heads is None:
             raise ValueError(f"the number of attention heads of a {hidden}-wide vision tower is not known; put its "
                              f"config.json (num_attention_heads) beside the weights")
         inferred = dict(family=family, hidden_size=hidden, patch_size=patch, num_attention_heads=heads,
-                        image_size=math.isqrt(positions) * patch,
+                        image_size=UNEVEN_IMAGE_SIZES.get((patch, side), side * patch),
                         intermediate_size=shapes["encoder.layers.0.mlp.fc1.weight"][0],
                         num_hidden_layers=count_blocks(shapes, "encoder.layers."),
                         projection_dim=shapes["visual_projection.weight"][0] if family == CLIP else None)
