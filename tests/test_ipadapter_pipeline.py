@@ -38,8 +38,9 @@ def black(size=(W, H)):
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ippipe")
-    make_diffusers_pipeline(tmp)
-    write_siglip(make_siglip(seed=5), tmp / "siglip")
+    ref = make_diffusers_pipeline(tmp)
+    siglip = make_siglip(seed=5, image_size=384, patch_size=96)  # DiffSynth's unit resizes to a literal 384
+    write_siglip(siglip, tmp / "siglip")
     make_clip_vision(seed=6).save_pretrained(tmp / "clip-vision")
     write_instantx(instantx_state_dict(seed=7), tmp / "ip-adapter.bin")
     write_xlabs(xlabs_state_dict(seed=8), tmp / "flux-ip-adapter.safetensors")
@@ -52,7 +53,7 @@ def tiny(tmp_path_factory):
             ModelConfig(path=str(tmp / FOLDER_NAME)), *[ModelConfig(path=str(tmp / n)) for n in names]])
 
     return types.SimpleNamespace(
-        tmp=tmp, pipeline=pipeline,
+        tmp=tmp, pipeline=pipeline, ref=ref, siglip=siglip,
         instantx=pipeline("ip-adapter.bin", "siglip"),
         xlabs=pipeline("flux-ip-adapter.safetensors", "clip-vision"),
         infiniteyou=pipeline("image_proj_model.bin", "infusenet", "union"))
@@ -91,6 +92,56 @@ def test_several_reference_images_act_together(tiny):
     # Duplicated keys leave each softmax unchanged up to rounding (measured 5e-7).
     assert (same_twice - one).abs().max().item() < 1e-5
     assert (two - one).abs().max().item() > 1e-3
+
+
+@pytest.mark.slow
+def test_instantx_run_with_true_cfg_matches_diffsynths_own_unit_and_loop(tiny):
+    """Two reference images under true CFG: DiffSynth's own IP-Adapter unit (`FluxImageUnit_IPAdapter`: 384 bicubic
+    resize, its preprocess_image, SigLIP pooled features from transformers, its FluxIpAdapter per branch, zeros on
+    the negative one) and its `model_fn_flux_image` per step and branch, Euler steps over SIGMAS, against our
+    pipeline on the same tiny files. At ipadapter_scale 1.0 (DiffSynth's negative branch always runs at 1.0)."""
+    from tests.diffsynth_ref import diffsynth_flux, diffsynth_ipadapter, tiny_diffsynth_dit, tiny_diffsynth_ipadapter
+    from tests.tiny_dit import diffsynth_state_dict
+    model_fn, _, _ = diffsynth_flux()  # imports diffsynth first (with its placeholders; skips without it)
+    from diffsynth.diffusion.base_pipeline import BasePipeline
+    from diffsynth.pipelines.flux_image import FluxImageUnit_IPAdapter
+    _, converter = diffsynth_ipadapter()
+    images, x, cfg = [reference_image(8, (50, 30)), reference_image(9, (24, 40))], noise(9), 2.0
+    got = tiny.instantx(latents=x, ipadapter_images=images, ipadapter_scale=1.0, cfg_scale=cfg,
+                        negative_prompt="blurry", **RUN)
+
+    their_ip = tiny_diffsynth_ipadapter(num_tokens=3, num_blocks=4, image_dim=24)
+    their_ip.load_state_dict(converter(torch.load(tiny.tmp / "ip-adapter.bin", weights_only=True)))
+    their_dit = tiny_diffsynth_dit()
+    their_dit.load_state_dict(diffsynth_state_dict(tiny.ref.transformer), strict=True)
+
+    class SigLIP:  # transformers' own vision tower of the same SigLIP file
+        def __call__(self, pixel_values):
+            return tiny.siglip.vision_model(pixel_values=pixel_values)
+
+    fake = types.SimpleNamespace(ipadapter=their_ip, ipadapter_image_encoder=SigLIP(), device="cpu",
+                                 torch_dtype=torch.float32, load_models_to_device=lambda names: None)
+    fake.preprocess_image = types.MethodType(BasePipeline.preprocess_image, fake)
+    with torch.no_grad():
+        _, posi, nega = FluxImageUnit_IPAdapter().process(
+            fake, {"ipadapter_images": images, "ipadapter_scale": 1.0, "cfg_scale": cfg}, {}, {})
+        sides = {}
+        for side, prompt, ip in (("posi", RUN["prompt"], posi), ("nega", "blurry", nega)):
+            emb, pooled, _ = tiny.ref.encode_prompt(prompt=prompt, prompt_2=None, max_sequence_length=16)
+            sides[side] = (emb, pooled, ip["ipadapter_kwargs_list"])
+        latents, sigmas = x.clone(), SIGMAS + [0.0]
+        for step, sigma in enumerate(SIGMAS):
+            preds = {side: model_fn(dit=their_dit, latents=latents, timestep=torch.tensor([sigma * 1000]),
+                                    prompt_emb=emb, pooled_prompt_emb=pooled, guidance=torch.tensor([3.5]),
+                                    text_ids=torch.zeros(1, emb.shape[1], 3), ipadapter_kwargs_list=ip)
+                     for side, (emb, pooled, ip) in sides.items()}
+            v = preds["nega"] + cfg * (preds["posi"] - preds["nega"])
+            latents = latents + v * (sigmas[step + 1] - sigma)
+    without = tiny.instantx(latents=x, cfg_scale=cfg, negative_prompt="blurry", **RUN)
+    # Measured 2.1e-6 on latents up to 6.1; the adapter moves them by 0.56, and feeding the negative branch the
+    # positive encoding instead of zeros moves them by 0.12.
+    assert (got - latents).abs().max().item() < 1e-4
+    assert (got - without).abs().max().item() > 1e-2
 
 
 def test_true_cfg_gives_the_negative_branch_a_zero_encoding(tiny, monkeypatch):

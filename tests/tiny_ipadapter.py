@@ -43,10 +43,11 @@ def _randomise(model: torch.nn.Module, seed: int) -> torch.nn.Module:
     return model.eval()
 
 
-def make_siglip(seed: int = 0):
-    """A SigLIP model (both towers, as google/siglip-so400m-patch14-384 ships) with a 24-wide vision tower."""
+def make_siglip(seed: int = 0, **vision):
+    """A SigLIP model (both towers, as google/siglip-so400m-patch14-384 ships) with a 24-wide vision tower; `vision`
+    overrides its config (image_size=384, patch_size=96: the published input size, for code that resizes to 384)."""
     from transformers import SiglipConfig, SiglipModel
-    config = SiglipConfig(vision_config=dict(hidden_size=SIGLIP_DIM, **VISION),
+    config = SiglipConfig(vision_config=dict(hidden_size=SIGLIP_DIM, **{**VISION, **vision}),
                           text_config=dict(hidden_size=16, intermediate_size=24, num_hidden_layers=1,
                                            num_attention_heads=2, vocab_size=64, max_position_embeddings=8,
                                            bos_token_id=1, eos_token_id=2, pad_token_id=1))
