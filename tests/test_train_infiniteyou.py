@@ -362,6 +362,20 @@ def test_validation_images_get_the_first_rows_identity(world, tmp_path):
     assert np.abs(image - again).max() == 0
     assert np.abs(image - other).max() > 1
 
+    # --validation_infinityou_id_embedding / _guidance replace the first row's identity
+    flagged = Trainer(parse_args(iy_argv(world, tmp_path / "flagged", "--max_steps", "1", "--validation_prompts",
+                                         "a cat red", "--validation_height", "32", "--validation_width", "32",
+                                         "--validation_num_inference_steps", "2", "--validation_infinityou_id_embedding",
+                                         str(world.data / "face 3.npy"), "--validation_infinityou_guidance", "2")))
+    flagged.setup()
+    run_quietly(flagged)
+    flagged_image = np.asarray(Image.open(tmp_path / "flagged" / "validation" / "step-1-0.png"), dtype=np.int16)
+    expected = np.asarray(flagged.pipe(**common, infinityou_id_embedding=face_embedding(3), infinityou_guidance=2.0),
+                          dtype=np.int16)
+    print(f"with --validation_infinityou_*: {np.abs(flagged_image - image).max()} levels from the first row's")
+    # Measured 0 from the pipeline given that identity, and 143 levels from the first row's.
+    assert np.abs(flagged_image - expected).max() == 0 and np.abs(flagged_image - image).max() > 1
+
     # validate_full renders the trained InfuseNet and projector from the one checkpoint, with the FLUX models alone
     # in the model flags
     from flux_core.train.__main__ import main
@@ -399,6 +413,13 @@ def test_validation_images_get_the_first_rows_identity(world, tmp_path):
      r"controlnet,image_proj_model"),
     (("--lora_base_model", "dit", "--extra_inputs", EXTRAS, "--data_file_keys", "image,infinityou_id_embedding"),
      r"--data_file_keys infinityou_id_embedding: that column holds a face embedding file"),
+    (("--lora_base_model", "dit", "--extra_inputs", "controlnet_image", "--validation_prompts", "a cat",
+      "--validation_infinityou_guidance", "2"),
+     r"--validation_infinityou_guidance: validation identities are for runs with --extra_inputs infinityou_id_image "
+     r"or infinityou_id_embedding"),
+    (("--lora_base_model", "dit", "--extra_inputs", EXTRAS, "--validation_prompts", "a cat",
+      "--validation_infinityou_id_image", "a.png", "--validation_infinityou_id_embedding", "a.npy"),
+     r"--validation_infinityou_id_image and --validation_infinityou_id_embedding together: give one"),
 ])
 def test_argument_errors_name_the_flag(world, tmp_path, extra, message):
     with pytest.raises(TrainError, match=message):

@@ -218,6 +218,20 @@ def test_validation_images_get_the_first_rows_reference_images(world, tmp_path):
     assert np.abs(image - again).max() == 0
     assert np.abs(image - plain).max() > 3
 
+    # --validation_ipadapter_images replaces the first row's reference
+    other = tmp_path / "other reference.png"
+    Image.new("RGB", (40, 40), (250, 250, 250)).save(other)   # far from the noise references (tiny SigLIP)
+    flagged = Trainer(parse_args(ip_argv(world, tmp_path / "flagged", "--max_steps", "1", *validation,
+                                         "--validation_ipadapter_images", str(other))))
+    flagged.setup()
+    run_quietly(flagged)
+    flagged_image = np.asarray(Image.open(tmp_path / "flagged" / "validation" / "step-1-0.png"), dtype=np.int16)
+    expected = np.asarray(flagged.pipe(**common, ipadapter_images=[Image.open(other).convert("RGB")]), dtype=np.int16)
+    print(f"with --validation_ipadapter_images: {np.abs(flagged_image - image).max()} levels from the first row's")
+    # Measured 0 from the pipeline given that image, and 2 levels from the first row's image (the tiny random SigLIP
+    # pools different images to close features); with the flag ignored the two runs are the same call: exactly 0.
+    assert np.abs(flagged_image - expected).max() == 0 and np.abs(flagged_image - image).max() > 0
+
     # validate_full renders the trained IP-Adapter from its checkpoint in place of the one of the model flags
     from flux_core.train.__main__ import main
     first[0].save(tmp_path / "first reference.png")
@@ -248,6 +262,10 @@ def test_validation_images_get_the_first_rows_reference_images(world, tmp_path):
     (("--trainable_models", "ipadapter", "--extra_inputs", "ipadapter_images", "--fp8_models", "dit",
       "--data_file_keys", "image,infinityou_guidance"), r"--data_file_keys infinityou_guidance: that column holds a "
                                                         r"number"),
+    (("--lora_base_model", "dit", "--validation_prompts", "a cat", "--validation_ipadapter_images", "x.png"),
+     r"--validation_ipadapter_images: validation reference images are for runs with --extra_inputs ipadapter_images"),
+    (("--lora_base_model", "dit", "--extra_inputs", "ipadapter_images", "--validation_prompts", "a cat",
+      "--validation_ipadapter_images", "gone.png"), r"--validation_ipadapter_images gone.png: no such file"),
 ])
 def test_argument_errors_name_the_flag(world, tmp_path, extra, message):
     argv = adapter_argv(world, tmp_path / "out", "ipadapter.csv", MODELS, *extra)

@@ -181,6 +181,17 @@ def build_parser(prog: str = "python -m flux_core.train") -> argparse.ArgumentPa
                    help="inpainting ControlNet: the mask for --validation_controlnet_image")
     x.add_argument("--validation_controlnet_processor_id", default=None,
                    help="union ControlNet: the mode for --validation_controlnet_image (canny, tile, depth, ...)")
+    x.add_argument("--validation_ipadapter_images", nargs="+", default=None,
+                   help="IP-Adapter runs: the reference image(s) of the validation images (default: the first data "
+                        "row's ipadapter_images)")
+    x.add_argument("--validation_infinityou_id_image", default=None,
+                   help="InfiniteYou runs: the face photo of the validation images (needs insightface; default: the "
+                        "first data row's face)")
+    x.add_argument("--validation_infinityou_id_embedding", default=None,
+                   help="InfiniteYou runs: the face embedding file (.safetensors/.npy) of the validation images")
+    x.add_argument("--validation_infinityou_guidance", type=float, default=None,
+                   help="InfiniteYou runs: InfuseNet's guidance for the validation images (default: the first data "
+                        "row's infinityou_guidance, else 1.0)")
     return p
 
 
@@ -262,9 +273,23 @@ def check_args(args: argparse.Namespace) -> None:
             not args.validation_controlnet_image:
         raise TrainError("--validation_controlnet_inpaint_mask / --validation_controlnet_processor_id go with "
                          "--validation_controlnet_image (without it the first data row's control inputs are used).")
-    for name in ("validation_controlnet_image", "validation_controlnet_inpaint_mask"):
+    if args.validation_ipadapter_images and "ipadapter_images" not in extras:
+        raise TrainError("--validation_ipadapter_images: validation reference images are for runs with "
+                         "--extra_inputs ipadapter_images.")
+    validation_faces = [f"--validation_{n}" for n in INFINITEYOU_EXTRAS if getattr(args, f"validation_{n}") is not None]
+    if validation_faces and not any(e in extras for e in IDENTITY_EXTRAS):
+        raise TrainError(f"{', '.join(validation_faces)}: validation identities are for runs with --extra_inputs "
+                         f"infinityou_id_image or infinityou_id_embedding.")
+    if args.validation_infinityou_id_image and args.validation_infinityou_id_embedding:
+        raise TrainError("--validation_infinityou_id_image and --validation_infinityou_id_embedding together: give "
+                         "one.")
+    for name in ("validation_controlnet_image", "validation_controlnet_inpaint_mask", "validation_infinityou_id_image",
+                 "validation_infinityou_id_embedding"):
         if getattr(args, name) and not os.path.isfile(getattr(args, name)):
             raise TrainError(f"--{name} {getattr(args, name)}: no such file.")
+    for path in args.validation_ipadapter_images or []:
+        if not os.path.isfile(path):
+            raise TrainError(f"--validation_ipadapter_images {path}: no such file.")
     if args.validation_steps and not args.validation_prompts:
         raise TrainError("--validation_steps needs --validation_prompts.")
     if args.resume and args.overwrite:

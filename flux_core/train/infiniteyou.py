@@ -118,3 +118,30 @@ def check_infiniteyou_models(args: argparse.Namespace, slots: list[str]) -> None
 def sample_identity(projector: torch.nn.Module, sample: dict) -> IdentityTokens:
     """The identity tokens of one sample (with the projector's gradient when it trains)."""
     return identity_tokens(projector, sample[ID_EMBEDDING], float(sample.get(GUIDANCE, DEFAULT_GUIDANCE)))
+
+
+def validation_identity(args: argparse.Namespace, dataset) -> dict:
+    """The validation images' infinityou_id_embedding and infinityou_guidance: --validation_infinityou_* flags, else
+    the first data row's."""
+    from PIL import Image, UnidentifiedImageError
+    first = dataset[0]
+    guidance = args.validation_infinityou_guidance
+    guidance = float(first.get(GUIDANCE, DEFAULT_GUIDANCE)) if guidance is None else guidance
+    if args.validation_infinityou_id_embedding:
+        try:
+            embedding = read_face_embedding(Path(args.validation_infinityou_id_embedding))
+        except ValueError as e:
+            raise TrainError(f"--validation_infinityou_id_embedding: {e}.") from None
+    elif args.validation_infinityou_id_image:
+        path = args.validation_infinityou_id_image
+        try:
+            with Image.open(path) as image:
+                photo = image.convert("RGB")
+            embedding = face_embedder().embed(photo)
+        except (UnidentifiedImageError, OSError) as e:
+            raise TrainError(f"--validation_infinityou_id_image {path}: cannot be read as an image ({e}).") from None
+        except Exception as e:  # noqa: BLE001 - insightface missing, no face found: the embedder's message
+            raise TrainError(f"--validation_infinityou_id_image {path}: {e}") from None
+    else:
+        embedding = first[ID_EMBEDDING]
+    return {"infinityou_id_embedding": embedding, "infinityou_guidance": guidance}

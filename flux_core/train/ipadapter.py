@@ -57,3 +57,18 @@ def bind(model, features: torch.Tensor, dit) -> IPAdapterAdapter:
     IP-Adapter trains. Positive branch only, scale 1 (DiffSynth's training: cfg_scale 1, ipadapter_scale 1)."""
     return bind_ipadapter(model, features, dit.num_heads, (dit.params.depth, dit.params.depth_single_blocks),
                           scale=1.0, branches=("positive",))
+
+
+def validation_references(args: argparse.Namespace, dataset) -> list:
+    """The validation images' reference images: --validation_ipadapter_images, else the first data row's."""
+    if not args.validation_ipadapter_images:
+        return dataset[0][COLUMN]
+    from PIL import Image, UnidentifiedImageError
+    images = []
+    for path in args.validation_ipadapter_images:
+        try:
+            with Image.open(path) as image:
+                images.append(image.convert("RGB"))
+        except (UnidentifiedImageError, OSError) as e:
+            raise TrainError(f"--validation_ipadapter_images {path}: cannot be read as an image ({e}).") from None
+    return images

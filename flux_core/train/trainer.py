@@ -415,17 +415,15 @@ class Trainer:
         self.validation_inputs = self.validation_adapter_inputs() if a.validation_prompts else {}
 
     def validation_adapter_inputs(self) -> dict:
-        """The validation images' IP-Adapter reference images and InfiniteYou identity: the first data row's."""
-        from .infiniteyou import DEFAULT_GUIDANCE, GUIDANCE
-        if not (self.reference or self.identity):
-            return {}
-        first = self.dataset[0]
+        """The validation images' IP-Adapter reference images and InfiniteYou identity: the --validation_* flags',
+        else the first data row's (each face embedded now, not after the first training steps)."""
+        from .infiniteyou import validation_identity
+        from .ipadapter import validation_references
         inputs = {}
         if self.reference:
-            inputs["ipadapter_images"] = first["ipadapter_images"]
+            inputs["ipadapter_images"] = validation_references(self.args, self.dataset)
         if self.identity:
-            inputs.update(infinityou_id_embedding=first[ID_EMBEDDING],
-                          infinityou_guidance=float(first.get(GUIDANCE, DEFAULT_GUIDANCE)))
+            inputs.update(validation_identity(self.args, self.dataset))
         return inputs
 
     def settings(self) -> dict:
