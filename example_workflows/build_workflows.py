@@ -17,6 +17,7 @@ ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 
 from example_workflows.core_nodes import core_nodes  # noqa: E402
+from example_workflows.make_adapter_images import FACE as FACE_IMAGE, REFERENCE as REFERENCE_IMAGE  # noqa: E402
 from example_workflows.make_example_image import NAME as EXAMPLE_IMAGE  # noqa: E402
 from example_workflows.ui_format import is_widget, saved_value_count  # noqa: E402
 from nodes import NODE_CLASS_MAPPINGS  # noqa: E402
@@ -29,6 +30,7 @@ MODEL_URLS = {  # shown by ComfyUI's "missing models" dialog (node property "mod
     "t5xxl_fp16.safetensors":
         "https://huggingface.co/comfyanonymous/flux_text_encoders/resolve/main/t5xxl_fp16.safetensors",
     "ae.safetensors": "https://huggingface.co/black-forest-labs/FLUX.1-dev/resolve/main/ae.safetensors",
+    "ip-adapter.bin": "https://huggingface.co/InstantX/FLUX.1-dev-IP-Adapter/resolve/main/ip-adapter.bin",
 }
 # The published ControlNets, as models/controlnet/<repository folder>/<file> (a folder each: they share a file name).
 # Not in MODEL_URLS: the frontend's missing-models dialog saves a download under its bare name, not in a folder.
@@ -40,6 +42,14 @@ CONTROLNET_FILES = {
 CONTROLNET_REPOS = {"inpainting": "alimama-creative/FLUX.1-dev-Controlnet-Inpainting-Beta",
                     "union": "InstantX/FLUX.1-dev-Controlnet-Union-alpha",
                     "upscaler": "jasperai/Flux.1-dev-Controlnet-Upscaler"}
+
+# The IP-Adapter example's files: InstantX's adapter in models/ipadapter, and its SigLIP encoder as the
+# google/siglip-so400m-patch14-384 folder (config.json + model.safetensors) in models/clip_vision.
+IPADAPTER_FILES = {"ipadapter": "ip-adapter.bin", "image_encoder": "siglip-so400m-patch14-384"}
+# InfiniteYou as ByteDance/InfiniteYou publishes it (infu_flux_v1.0/<variant>/), in models/infinite_you.
+INFINITEYOU_FILES = {"projector": "infu_flux_v1.0/aes_stage2/image_proj_model.bin",
+                     "infusenet": "infu_flux_v1.0/aes_stage2/InfuseNetModel"}
+INPUT_IMAGES = [EXAMPLE_IMAGE, REFERENCE_IMAGE, FACE_IMAGE]   # the images the examples load (ComfyUI/input/)
 
 
 def models_note(dit: str) -> str:
@@ -291,6 +301,61 @@ def finish_with(g: Graph, model, applied, latent, vae, seed, denoise, prefix, x,
     finish(g, model, (applied, 0), (applied, 1), latent, (vae, 0), seed, "fixed", denoise, prefix, x=x, tiled=tiled)
 
 
+def input_image(g: Graph, name: str, note: str, title: str) -> int:
+    g.node("Note", NOTES, [f"Input image: copy {name} from FluxCore's example_workflows folder into ComfyUI's input "
+                           f"folder (ComfyUI/input/), or upload your own image below. {note}"],
+           size=[400, 110], title="Input image")
+    return g.node("LoadImage", NOTES, [name, "image"], size=[400, 360], title=title)
+
+
+def ipadapter_instantx(g: Graph) -> None:
+    """InstantX's FLUX.1-dev IP-Adapter: the reference image's look carried into a new picture (weight 0.7)."""
+    model, te, vae = loaders(g, "flux1-dev.safetensors")
+    g.node("MarkdownNote", NOTES, [
+        "## IP-Adapter files\n\n- `models/ipadapter/ip-adapter.bin` from "
+        "https://huggingface.co/InstantX/FLUX.1-dev-IP-Adapter\n- its image encoder, SigLIP so400m: the "
+        "https://huggingface.co/google/siglip-so400m-patch14-384 folder as "
+        f"`models/clip_vision/{IPADAPTER_FILES['image_encoder']}/` (config.json + model.safetensors), or ComfyUI's "
+        "`sigclip_vision_patch14_384.safetensors` in `models/clip_vision/` (pick it in the loader).\n\nXLabs' "
+        "flux-ip-adapter.safetensors works the same way with CLIP ViT-L (clip_vision_l.safetensors)."],
+        size=[400, 230], title="IP-Adapter files")
+    ipadapter = g.node("FluxCoreIPAdapterLoader", LOADERS, [IPADAPTER_FILES["ipadapter"],
+                                                            IPADAPTER_FILES["image_encoder"], "default"],
+                       models=[(IPADAPTER_FILES["ipadapter"], "ipadapter")])
+    positive, negative = prompts(g, te, "A lighthouse on a rocky coast at night, waves crashing, a sky full of "
+                                        "stars", 3.5)
+    image = input_image(g, REFERENCE_IMAGE, "Its colours and brush strokes steer the new picture; weight sets how "
+                        "much (0.5 to 1).", "Reference image")
+    applied = g.node("FluxCoreApplyIPAdapter", CONDITIONING, [0.7, 0.0, 1.0], positive=(positive, 0),
+                     negative=(negative, 0), ipadapter=(ipadapter, 0), image=(image, 0))
+    latent = g.node("FluxCoreEmptyLatent", PROMPTS, [1024, 1024, 1])
+    finish_with(g, model, applied, latent, vae, 404, 1.0, "FluxCore/ipadapter_instantx", CONDITIONING + 380)
+
+
+def infiniteyou(g: Graph) -> None:
+    """ByteDance's InfiniteYou: a new picture of the person in the face photo (InfuseNet with an all-black control
+    image, guidance 1, as DiffSynth-Studio's example)."""
+    model, te, vae = loaders(g, "flux1-dev.safetensors")
+    g.node("MarkdownNote", NOTES, [
+        "## InfiniteYou files\n\nFrom https://huggingface.co/ByteDance/InfiniteYou download "
+        "`infu_flux_v1.0/aes_stage2/` (image_proj_model.bin and the InfuseNetModel folder) into "
+        "`models/infinite_you/infu_flux_v1.0/aes_stage2/` (`sim_stage1` for more likeness).\n\nThe face photo "
+        "needs `pip install insightface onnxruntime facexlib opencv-python`, the `supports/insightface/models/"
+        "antelopev2/` folder of the same repository in `models/insightface/models/antelopev2/`, and facexlib's "
+        "ArcFace weights. Without them, connect a precomputed embedding (Load Face Embedding) to face_embedding "
+        "instead."], size=[400, 300], title="InfiniteYou files")
+    infu = g.node("FluxCoreInfiniteYouLoader", LOADERS, [INFINITEYOU_FILES["projector"], INFINITEYOU_FILES["infusenet"],
+                                                         "default"])
+    positive, negative = prompts(g, te, "A portrait of the person as an astronaut inside a space station, soft "
+                                        "window light, detailed photograph", 3.5)
+    face = input_image(g, FACE_IMAGE, "Replace it with a photo of one person's face, clearly visible: the drawing "
+                       "shipped here shows where it goes and may not be found as a face.", "Face photo")
+    applied = g.node("FluxCoreApplyInfiniteYou", CONDITIONING, [1.0, 1.0, 0.0, 1.0], positive=(positive, 0),
+                     negative=(negative, 0), infiniteyou=(infu, 0), vae=(vae, 0), face_image=(face, 0))
+    latent = g.node("FluxCoreEmptyLatent", PROMPTS, [1024, 1024, 1])
+    finish_with(g, model, applied, latent, vae, 1111, 1.0, "FluxCore/infiniteyou", CONDITIONING + 380)
+
+
 WORKFLOWS = {
     "fluxcore_text_to_image": text_to_image,
     "fluxcore_image_to_image": image_to_image,
@@ -299,11 +364,13 @@ WORKFLOWS = {
     "fluxcore_controlnet_inpainting": controlnet_inpainting,
     "fluxcore_controlnet_union_canny": controlnet_union_canny,
     "fluxcore_controlnet_upscale": controlnet_upscale,
+    "fluxcore_ipadapter_instantx": ipadapter_instantx,
+    "fluxcore_infiniteyou": infiniteyou,
 }
 
 
 def build(name: str) -> dict:
-    g = Graph({**NODE_CLASS_MAPPINGS, **core_nodes([EXAMPLE_IMAGE])})
+    g = Graph({**NODE_CLASS_MAPPINGS, **core_nodes(INPUT_IMAGES)})
     WORKFLOWS[name](g)
     return g.workflow()
 

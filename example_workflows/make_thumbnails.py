@@ -27,12 +27,17 @@ LABELS = {"FluxCoreDiTLoader": "Load DiT", "FluxCoreTextEncoderLoader": "Load Te
           "FluxCoreTextEncode": "Text Encode", "FluxCoreKontextReference": "Kontext Reference",
           "FluxCoreSampler": "Sampler", "FluxCoreEmptyLatent": "Empty Latent", "FluxCoreVAEDecode": "VAE Decode",
           "FluxCoreVAEEncode": "VAE Encode", "FluxCoreControlNetLoader": "Load ControlNet",
-          "FluxCoreApplyControlNet": "Apply ControlNet", "FluxCoreCannyMap": "Canny Map"}
+          "FluxCoreApplyControlNet": "Apply ControlNet", "FluxCoreCannyMap": "Canny Map",
+          "FluxCoreIPAdapterLoader": "Load IP-Adapter", "FluxCoreApplyIPAdapter": "Apply IP-Adapter",
+          "FluxCoreInfiniteYouLoader": "Load InfiniteYou", "FluxCoreApplyInfiniteYou": "Apply InfiniteYou",
+          "FluxCoreLoadFaceEmbedding": "Load Face Embedding"}
 TITLES = {"fluxcore_text_to_image": "Text to image", "fluxcore_image_to_image": "Image to image",
           "fluxcore_kontext_edit": "Kontext edit", "fluxcore_mixed_native": "Kontext inpaint with core nodes",
           "fluxcore_controlnet_inpainting": "ControlNet inpainting (alimama)",
           "fluxcore_controlnet_union_canny": "Union ControlNet, canny (InstantX)",
-          "fluxcore_controlnet_upscale": "2x upscale, upscaler ControlNet + tiled DiT"}
+          "fluxcore_controlnet_upscale": "2x upscale, upscaler ControlNet + tiled DiT",
+          "fluxcore_ipadapter_instantx": "IP-Adapter, reference image (InstantX)",
+          "fluxcore_infiniteyou": "InfiniteYou, identity from a face photo"}
 SKIP = {"Note", "MarkdownNote", "Reroute", "PrimitiveNode"}
 
 

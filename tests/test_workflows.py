@@ -5,6 +5,7 @@ workflows use and the pack's example image in the input folder. Each result is c
 FluxImagePipeline run standalone with the workflow's settings, and the seed matters."""
 import ast
 import contextlib
+import hashlib
 import json
 from pathlib import Path
 
@@ -13,7 +14,8 @@ import pytest
 import torch
 from PIL import Image
 
-from example_workflows.build_workflows import CONTROLNET_FILES
+from example_workflows.build_workflows import CONTROLNET_FILES, INFINITEYOU_FILES, INPUT_IMAGES, IPADAPTER_FILES
+from example_workflows.make_adapter_images import IMAGES as ADAPTER_IMAGES
 from example_workflows.core_nodes import core_nodes
 from example_workflows.make_example_image import HOLE, NAME as EXAMPLE_IMAGE, SIZE, draw
 from nodes import NODE_CLASS_MAPPINGS
@@ -27,15 +29,17 @@ EXAMPLES = ROOT / "example_workflows"
 WORKFLOWS = sorted(EXAMPLES.glob("*.json"))
 REAL_FILES = {"dit_name": {"flux1-dev.safetensors", "flux1-kontext-dev.safetensors"}, "clip_name": {"clip_l.safetensors"},
               "t5_name": {"t5xxl_fp16.safetensors"}, "vae_name": {"ae.safetensors"},
-              "controlnet_name": set(CONTROLNET_FILES.values())}
+              "controlnet_name": set(CONTROLNET_FILES.values()), "ipadapter_name": {IPADAPTER_FILES["ipadapter"]},
+              "image_encoder_name": {IPADAPTER_FILES["image_encoder"]},
+              "projector_name": {INFINITEYOU_FILES["projector"]}, "infusenet_name": {INFINITEYOU_FILES["infusenet"]}}
 RAW_SHIFT, RAW_SCALE = 0.1159, 0.3611  # FLUX's published latent shift/scale: scaled = (raw - shift) * scale
 
 
-def test_the_seven_examples_exist_each_with_a_thumbnail():
+def test_the_examples_exist_each_with_a_thumbnail():
     names = {p.stem for p in WORKFLOWS}
     assert {"fluxcore_text_to_image", "fluxcore_image_to_image", "fluxcore_kontext_edit",
             "fluxcore_mixed_native", "fluxcore_controlnet_inpainting", "fluxcore_controlnet_union_canny",
-            "fluxcore_controlnet_upscale"} <= names
+            "fluxcore_controlnet_upscale", "fluxcore_ipadapter_instantx", "fluxcore_infiniteyou"} <= names
     for path in WORKFLOWS:
         thumb = path.with_suffix(".jpg")
         assert thumb.is_file(), f"{path.name} has no {thumb.name} beside it"
@@ -54,13 +58,13 @@ def test_example_is_ui_format_with_known_nodes_and_real_model_names(path):
         nodes = {n["id"]: n for n in workflow["nodes"]}
         assert link_id in nodes[src]["outputs"][src_slot]["links"] and nodes[dst]["inputs"][dst_slot]["link"] == link_id
     # Defaults are the real FLUX files a user has, not test models; images are the one the pack ships.
-    prompt = ui_to_api(workflow, specs_from_classes({**NODE_CLASS_MAPPINGS, **core_nodes([EXAMPLE_IMAGE])}))
+    prompt = ui_to_api(workflow, specs_from_classes({**NODE_CLASS_MAPPINGS, **core_nodes(INPUT_IMAGES)}))
     for node in prompt.values():
         for name, allowed in REAL_FILES.items():
             if name in node["inputs"]:
                 assert node["inputs"][name] in allowed, f"{path.name}: {name}={node['inputs'][name]!r}"
         if node["class_type"] == "LoadImage":
-            assert node["inputs"]["image"] == EXAMPLE_IMAGE and (EXAMPLES / EXAMPLE_IMAGE).is_file()
+            assert node["inputs"]["image"] in INPUT_IMAGES and (EXAMPLES / node["inputs"]["image"]).is_file()
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
@@ -78,6 +82,15 @@ def test_the_shipped_example_image_is_what_its_script_draws():
     left, top, right, bottom = HOLE
     assert (alpha[top:bottom, left:right] == 0).all() and (alpha == 0).sum() == (right - left) * (bottom - top)
     assert (EXAMPLES / EXAMPLE_IMAGE).stat().st_size < 64 * 1024
+
+
+@pytest.mark.parametrize("name", sorted(ADAPTER_IMAGES))
+def test_the_shipped_adapter_images_are_what_their_script_draws(name):
+    with Image.open(EXAMPLES / name) as im:
+        assert im.mode == "RGB" and im.size == (256, 256)
+        assert np.array_equal(np.asarray(im), np.asarray(ADAPTER_IMAGES[name]())), \
+            "run python example_workflows/make_adapter_images.py"
+    assert (EXAMPLES / name).stat().st_size < 32 * 1024
 
 
 def test_example_workflows_import_nothing_from_tests():
@@ -103,25 +116,47 @@ def test_core_node_declarations_match_the_stand_ins(tmp_path):
 
 
 # ---------------------------------------------------------------- the examples, run as shipped
+class StandInFaceEmbedder:
+    """flux_core.face_embedding.FaceEmbedder's interface (insightface is not installed here): a unit 512-d vector
+    drawn from a seed that the photo's pixels give, so the same photo gives the same embedding on both sides."""
+
+    def __init__(self, root=None):
+        self.root = root
+
+    def embed(self, image: Image.Image) -> torch.Tensor:
+        seed = int(hashlib.sha256(np.asarray(image.convert("RGB")).tobytes()).hexdigest()[:8], 16)
+        v = torch.randn(512, generator=torch.Generator().manual_seed(seed))
+        return v / v.norm()
+
+
 @pytest.fixture(scope="module")
 def shipped(tmp_path_factory):
-    """A base folder set up as README tells a user (models under the workflows' names, the example image in
-    input/), our nodes with the core-node stand-ins over it, and FluxImagePipeline on the same files."""
+    """A base folder set up as README tells a user (models under the workflows' names, the example images in
+    input/), our nodes with the core-node stand-ins over it, and FluxImagePipeline on the same files. The face
+    embedder is a stand-in (StandInFaceEmbedder) on both sides: insightface is an optional extra, not installed."""
+    from flux_core import face_embedding
     from flux_core.model_config import ModelConfig
     from flux_core.pipeline import FluxImagePipeline
+    from nodes import infiniteyou_nodes
     base = tmp_path_factory.mktemp("comfyui_base")
     files = set_up_like_a_user(base)
     mp = pytest.MonkeyPatch()
     mp.setenv("FLUXCORE_MODELS_DIR", str(base / "models"))
+    mp.setattr(face_embedding, "FaceEmbedder", StandInFaceEmbedder)
+    mp.setattr(infiniteyou_nodes, "_embedders", {})
     classes = {**NODE_CLASS_MAPPINGS, **standins(files["input"], files["output"])}
 
-    def pipeline(dit: str, controlnet_names=()) -> FluxImagePipeline:
-        """The pipeline on the same files; ControlNets by their name in models/controlnet, in controlnet_id order."""
+    def pipeline(dit: str, controlnet_names=(), adapters=()) -> FluxImagePipeline:
+        """The pipeline on the same files; ControlNets by their name in models/controlnet, in controlnet_id order;
+        `adapters`: keys of set_up_like_a_user's paths ("ipadapter", "image_encoder", "projector", "infusenet")."""
         kind = {FILES[k][1]: k for k in ("dit", "kontext_dit")}[dit]
         by_name = {name: files[f"controlnet_{k}"] for k, name in CONTROLNET_FILES.items()}
-        return FluxImagePipeline.from_pretrained(torch_dtype=torch.float32, device="cpu", model_configs=[
+        pipe = FluxImagePipeline.from_pretrained(torch_dtype=torch.float32, device="cpu", model_configs=[
             *(ModelConfig(path=str(files[k])) for k in (kind, "clip", "t5", "vae")),
-            *(ModelConfig(path=str(by_name[name])) for name in controlnet_names)])
+            *(ModelConfig(path=str(by_name[name])) for name in controlnet_names),
+            *(ModelConfig(path=str(files[k])) for k in adapters)])
+        pipe.infinityou_processor = StandInFaceEmbedder()
+        return pipe
 
     yield dict(classes=classes, files=files, pipeline=pipeline)
     mp.undo()
@@ -135,9 +170,9 @@ def upstream(prompt: dict, nid: str, input_name: str) -> str:
     return prompt[nid]["inputs"][input_name][0]
 
 
-def loaded_image(files) -> Image.Image:
-    """The example image as LoadImage gives it (RGB)."""
-    with Image.open(files["input"] / EXAMPLE_IMAGE) as im:
+def loaded_image(files, name: str = EXAMPLE_IMAGE) -> Image.Image:
+    """An input image as LoadImage gives it (RGB); by default the example image."""
+    with Image.open(files["input"] / name) as im:
         return im.convert("RGB")
 
 
@@ -156,10 +191,13 @@ def pipeline_reference(shipped, prompt: dict, seed_offset: int = 0) -> torch.Ten
     sampler = prompt[by_type(prompt, "FluxCoreSampler")[0]]["inputs"]
     encode = prompt[by_type(prompt, "FluxCoreTextEncode")[0]]["inputs"]  # the positive prompt is written first
     applies = by_type(prompt, "FluxCoreApplyControlNet")
-    assert len(applies) <= 1  # one ControlNet per example (chains: tests/test_controlnet_nodes.py)
+    ipadapters, identities = by_type(prompt, "FluxCoreApplyIPAdapter"), by_type(prompt, "FluxCoreApplyInfiniteYou")
+    assert len(applies) + len(ipadapters) + len(identities) <= 1  # one adapter per example (chains: node tests)
     controlnet_names = [prompt[upstream(prompt, a, "control_net")]["inputs"]["controlnet_name"] for a in applies]
+    adapters = (("ipadapter", "image_encoder") if ipadapters else ()) + (("projector", "infusenet") if identities
+                                                                         else ())
     pipe = shipped["pipeline"](prompt[by_type(prompt, "FluxCoreDiTLoader")[0]]["inputs"]["dit_name"],
-                               controlnet_names)
+                               controlnet_names, adapters)
     guidance = encode["guidance"]
     for nid in by_type(prompt, "FluxGuidance"):
         guidance = prompt[nid]["inputs"]["guidance"]
@@ -191,6 +229,21 @@ def pipeline_reference(shipped, prompt: dict, seed_offset: int = 0) -> torch.Ten
         kw.update(tiled=True, tile_size=sampler["tile_size"], tile_stride=sampler["tile_stride"])
     if applies:
         kw["controlnet_inputs"] = [controlnet_input(files, prompt, applies[0], width, height)]
+    for nid in ipadapters:  # the reference image straight from LoadImage
+        inputs = prompt[nid]["inputs"]
+        assert prompt[upstream(prompt, nid, "image")]["class_type"] == "LoadImage"
+        assert (inputs["start_percent"], inputs["end_percent"]) == (0.0, 1.0)  # the pipeline has no IP-Adapter range
+        kw.update(ipadapter_images=[loaded_image(files, prompt[upstream(prompt, nid, "image")]["inputs"]["image"])],
+                  ipadapter_scale=inputs["weight"])
+    for nid in identities:  # InfuseNet (controlnet_id 0) with DiffSynth's all-black control image, the face photo
+        inputs = prompt[nid]["inputs"]
+        assert "control_image" not in inputs and prompt[upstream(prompt, nid, "face_image")]["class_type"] == "LoadImage"
+        from flux_core import ControlNetInput
+        kw["controlnet_inputs"] = [ControlNetInput(controlnet_id=0, image=Image.new("RGB", (width, height)),
+                                                   scale=inputs["strength"], start=1 - inputs["start_percent"],
+                                                   end=1 - inputs["end_percent"], processor_id="None")]
+        kw.update(infinityou_id_image=loaded_image(files, prompt[upstream(prompt, nid, "face_image")]["inputs"]["image"]),
+                  infinityou_guidance=inputs["guidance"])
     if latent_source["class_type"] == "SetLatentNoiseMask":
         # SetLatentNoiseMask: outside the mask (LoadImage's: 1 where transparent) the encoded image, noised to
         # the next sigma, replaces the latent after every step. At 384 -> 128 every latent pixel samples image
@@ -212,17 +265,23 @@ def pipeline_reference(shipped, prompt: dict, seed_offset: int = 0) -> torch.Ten
 
 @contextlib.contextmanager
 def counted_controlnet_calls():
-    """Counts the ControlNet contributions made while the block runs: {"contributed": n}."""
+    """Counts the ControlNet (InfuseNet included) and IP-Adapter contributions made while the block runs:
+    {"contributed": n, "ipadapter": m}."""
     from flux_core.controlnet import ControlNetAdapter
-    count = {"contributed": 0}
-    original = ControlNetAdapter.contribute
+    from flux_core.ipadapter import IPAdapterAdapter
+    count = {"contributed": 0, "ipadapter": 0}
 
-    def contribute(self, inputs, call):
-        out = original(self, inputs, call)
-        count["contributed"] += out is not None
-        return out
+    def counting(cls, key):
+        original = cls.contribute
+
+        def contribute(self, inputs, call):
+            out = original(self, inputs, call)
+            count[key] += out is not None
+            return out
+        return contribute
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(ControlNetAdapter, "contribute", contribute)
+        mp.setattr(ControlNetAdapter, "contribute", counting(ControlNetAdapter, "contributed"))
+        mp.setattr(IPAdapterAdapter, "contribute", counting(IPAdapterAdapter, "ipadapter"))
         yield count
 
 
@@ -291,10 +350,14 @@ def test_example_workflow_runs_as_shipped_and_matches_the_pipeline(shipped, path
     # would still make the latents equal. (Without it the latents differ by 1.1 to 2.2; test_controlnet_nodes and
     # test_controlnet_pipeline check the values of what it adds.)
     steps = prompt[sampler]["inputs"]["steps"]
-    if by_type(prompt, "FluxCoreApplyControlNet"):
+    if by_type(prompt, "FluxCoreApplyControlNet") or by_type(prompt, "FluxCoreApplyInfiniteYou"):
         assert in_workflow["contributed"] == in_pipeline["contributed"] >= steps
     else:
         assert in_workflow["contributed"] == in_pipeline["contributed"] == 0
+    if by_type(prompt, "FluxCoreApplyIPAdapter"):
+        assert in_workflow["ipadapter"] == in_pipeline["ipadapter"] >= steps
+    else:
+        assert in_workflow["ipadapter"] == in_pipeline["ipadapter"] == 0
 
 
 # ---------------------------------------------------------------- the converter's rules, on a hand-made graph

@@ -67,3 +67,36 @@ def write_controlnet_files(models_dir: Path) -> dict[str, Path]:
                     p.mul_(min(1.0, 2.0 / p.shape[-1] ** 0.5))
         paths[kind] = write_lone_file(model, path)
     return paths
+
+
+def write_adapter_files(models_dir: Path) -> dict[str, Path]:
+    """The IP-Adapter and InfiniteYou files of the example workflows, where README tells a user to put them
+    (example_workflows.build_workflows.IPADAPTER_FILES, INFINITEYOU_FILES), shaped for tests/tiny_flux_files.py's
+    DiT (width 128, one double and one single block, text width 32): InstantX's ip-adapter.bin in
+    models/ipadapter/, a SigLIP folder (config.json: the head count of a 24-wide tower is not in its shapes) in
+    models/clip_vision/, and ByteDance's image_proj_model.bin and sharded InfuseNetModel/ in models/infinite_you/.
+    Returns the path of each by key ("ipadapter", "image_encoder", "projector", "infusenet")."""
+    from example_workflows.build_workflows import INFINITEYOU_FILES, IPADAPTER_FILES
+    from tests.tiny_controlnet import make_diffusers_controlnet, write_diffusers_controlnet
+    from tests.tiny_flux_files import CLIP_HIDDEN, T5_DIM
+    from tests.tiny_ipadapter import (instantx_state_dict, make_siglip, projector_state_dict, write_instantx,
+                                      write_projector, write_siglip)
+    models_dir = Path(models_dir)
+    paths = {"ipadapter": models_dir / "ipadapter" / IPADAPTER_FILES["ipadapter"],
+             "image_encoder": models_dir / "clip_vision" / IPADAPTER_FILES["image_encoder"],
+             "projector": models_dir / "infinite_you" / INFINITEYOU_FILES["projector"],
+             "infusenet": models_dir / "infinite_you" / INFINITEYOU_FILES["infusenet"]}
+    for key in ("ipadapter", "projector"):
+        paths[key].parent.mkdir(parents=True, exist_ok=True)
+    write_instantx(instantx_state_dict(seed=41, hidden=128, blocks=2), paths["ipadapter"])
+    write_siglip(make_siglip(seed=42), paths["image_encoder"])
+    write_projector(projector_state_dict(seed=43, output_dim=T5_DIM), paths["projector"])
+    infusenet = make_diffusers_controlnet(seed=44, num_layers=1, num_single_layers=1, attention_head_dim=128,
+                                          num_attention_heads=1, axes_dims_rope=(16, 56, 56),
+                                          joint_attention_dim=T5_DIM, pooled_projection_dim=CLIP_HIDDEN)
+    with torch.no_grad():  # as write_controlnet_files: the trunk scaled for width 128, the heads kept
+        for name, p in infusenet.named_parameters():
+            if p.ndim > 1 and not name.startswith("controlnet_"):
+                p.mul_(min(1.0, 2.0 / p.shape[-1] ** 0.5))
+    write_diffusers_controlnet(infusenet, paths["infusenet"], max_shard_size="400KB")  # sharded, as published
+    return paths

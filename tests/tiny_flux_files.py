@@ -111,13 +111,18 @@ def example_image_source() -> Path:
 def set_up_like_a_user(base: Path) -> dict[str, Path]:
     """A ComfyUI base directory as a user prepares it for the example workflows (README, "Example workflows"):
     the model files in models/<folder>/ under the names the workflows use (the ControlNets in models/controlnet/
-    under their published names), and the pack's example image copied into input/. Returns the component paths
-    (ControlNets as "controlnet_<kind>") plus "input" and "output"."""
-    from tests.tiny_comfy import write_controlnet_files
+    under their published names, the IP-Adapter and InfiniteYou files as tiny_comfy.write_adapter_files puts them),
+    and the pack's example images copied into input/. Returns the component paths (ControlNets as
+    "controlnet_<kind>"; "ipadapter", "image_encoder", "projector", "infusenet") plus "input" and "output"."""
+    from example_workflows.build_workflows import INPUT_IMAGES
+    from example_workflows.make_example_image import HERE
+    from tests.tiny_comfy import write_adapter_files, write_controlnet_files
     base = Path(base)
     paths = write_model_files(base / "models")
     paths.update({f"controlnet_{kind}": path for kind, path in write_controlnet_files(base / "models").items()})
+    paths.update(write_adapter_files(base / "models"))
     (base / "input").mkdir(parents=True, exist_ok=True)
     (base / "output").mkdir(parents=True, exist_ok=True)
-    shutil.copy(example_image_source(), base / "input" / example_image_source().name)
+    for name in INPUT_IMAGES:  # the pack's example images (fluxcore_example.png and the adapters' two)
+        shutil.copy(HERE / name, base / "input" / name)
     return {**paths, "input": base / "input", "output": base / "output"}
