@@ -1,6 +1,8 @@
 """Training: LoRA or full fine-tuning of the FLUX DiT, or full training of a FLUX ControlNet (`--trainable_models
-controlnet`), with DiffSynth-Studio's command line; a DiT LoRA may be trained with ControlNet inputs
-(`--extra_inputs controlnet_image[,controlnet_inpaint_mask|controlnet_processor_id]`).
+controlnet`), an IP-Adapter (`--trainable_models ipadapter`) or InfiniteYou (`--trainable_models
+controlnet,image_proj_model`), with DiffSynth-Studio's command line; a DiT LoRA may be trained with these models'
+inputs (`--extra_inputs controlnet_image[,controlnet_inpaint_mask|controlnet_processor_id]`, `ipadapter_images`,
+`controlnet_image,infinityou_id_image|infinityou_id_embedding[,infinityou_guidance]`).
 
     accelerate launch -m flux_core.train --dataset_base_path data/example_image_dataset \\
         --dataset_metadata_path data/example_image_dataset/metadata.csv --max_pixels 1048576 \\
@@ -11,8 +13,9 @@ controlnet`), with DiffSynth-Studio's command line; a DiT LoRA may be trained wi
         --use_gradient_checkpointing --align_to_opensource_format
 
 args.py (arguments), dataset.py (metadata, images, sizes), loss.py (the flow-matching objective),
-trainable.py (peft LoRA / full DiT / ControlNet, saving), control.py (the ControlNet a run feeds, its columns and
-control inputs), checkpoint.py (atomic, verified resumable states), run_folder.py
+trainable.py (peft LoRA / full DiT / ControlNet / IP-Adapter / InfiniteYou, saving), control.py (the ControlNet a run
+feeds, its columns and control inputs), ipadapter.py (the IP-Adapter's reference images), infiniteyou.py (the faces:
+embedding files, or photos embedded with insightface), checkpoint.py (atomic, verified resumable states), run_folder.py
 (the output folder: writable, one run per folder, no stale temporary files), trainer.py (the loop; FP8 storage
 of frozen models through flux_core.vram), progress.py (JSON events and the terminal progress bar), packages.py
 (the `train` extra), validate.py (validate_lora / validate_full).

@@ -27,8 +27,9 @@ from .args import TrainError
 ID_IMAGE, ID_EMBEDDING, GUIDANCE = "infinityou_id_image", "infinityou_id_embedding", "infinityou_guidance"
 EMBEDDING_EXTENSIONS = (".safetensors", ".npy")
 DEFAULT_GUIDANCE = 1.0   # DiffSynth's default infinityou_guidance
-PRECOMPUTED_HINT = (f"or give precomputed embeddings instead: --extra_inputs {ID_EMBEDDING} with a column of "
-                    f".safetensors/.npy files of {FACE_EMBEDDING_DIM} floats")
+PRECOMPUTED_HINT = (f"To train without face detection, use --extra_inputs {ID_EMBEDDING} (a metadata column of "
+                    f".safetensors/.npy files of the faces' {FACE_EMBEDDING_DIM}-d ArcFace embeddings) instead of "
+                    f"{ID_IMAGE}.")
 
 
 def read_face_embedding(path: Path) -> torch.Tensor:
@@ -89,18 +90,23 @@ def embed_faces(dataset) -> list[torch.Tensor]:
     try:
         embedder = face_embedder()
     except Exception as e:  # noqa: BLE001 - the embedder's own message says which package or folder is missing
-        raise TrainError(f"--extra_inputs {ID_IMAGE}: {e} ({PRECOMPUTED_HINT}).") from None
+        raise TrainError(f"--extra_inputs {ID_IMAGE}: {_sentence(e)} {PRECOMPUTED_HINT}") from None
     out = []
     for index, row in enumerate(rows):
         image, path = dataset.row_image(index, ID_IMAGE)
         try:
             embedding = embedder.embed(image)
         except ImportError as e:
-            raise TrainError(f"--extra_inputs {ID_IMAGE}: {e} ({PRECOMPUTED_HINT}).") from None
+            raise TrainError(f"--extra_inputs {ID_IMAGE}: {_sentence(e)} {PRECOMPUTED_HINT}") from None
         except Exception as e:  # noqa: BLE001 - no face found, a damaged model file, ...: named with the row
-            raise TrainError(f"{row.where}: '{ID_IMAGE}' image {path}: {e} ({PRECOMPUTED_HINT}).") from None
+            raise TrainError(f"{row.where}: '{ID_IMAGE}' image {path}: {_sentence(e)} {PRECOMPUTED_HINT}") from None
         out.append(check_face_embedding(embedding, f"the face embedding of {path.name}").reshape(FACE_EMBEDDING_DIM))
     return out
+
+
+def _sentence(error: Exception) -> str:
+    text = str(error).rstrip()
+    return text if text.endswith((".", "!", "?")) else text + "."
 
 
 def check_infiniteyou_models(args: argparse.Namespace, slots: list[str]) -> None:

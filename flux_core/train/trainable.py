@@ -19,6 +19,12 @@ it: the module's parameters named `pipe.controlnet.models.0.<DiffSynth name>` (`
 `load_state_dict` (its validate_full script), and `load_model(path, kind="controlnet")` reads it (and the
 unstripped prefix) too. The names are our BFL names renamed by the inverse of the loader's own DiffSynth table
 (`flux_core.loading.dit_layouts.DIFFSYNTH_RULES`), so writing and reading cannot drift apart.
+
+A trained IP-Adapter (`--trainable_models ipadapter`) is saved as `pipe.ipadapter.<name>` minus the prefix (our names
+are DiffSynth's: `image_proj.*`, `ipadapter_modules.<i>.to_{k,v}_ip.weight`), InfiniteYou (`--trainable_models
+controlnet,image_proj_model`) as the ControlNet's names above beside `pipe.image_proj_model.<ByteDance name>`; with
+DiffSynth's `--remove_prefix_in_ckpt pipe.ipadapter.` / `pipe.` these are the files its training writes, and
+`load_model` reads them (kinds "ipadapter", "controlnet" and "infiniteyou").
 """
 from __future__ import annotations
 

@@ -7,6 +7,13 @@ ControlNetInput for the one ControlNet of the model flags, turned into a `Contro
 With `--trainable_models controlnet` that ControlNet is the trained (and DDP-wrapped) module and the DiT stays
 frozen; gradients reach the ControlNet through the DiT's blocks, whose residual inputs they are.
 
+IP-Adapter and InfiniteYou. With `--extra_inputs ipadapter_images` the frozen image encoder computes each sample's
+reference features, and the IP-Adapter is bound to them inside the step (its keys and values under autograd when it
+trains). With an identity column (infinityou_id_image / infinityou_id_embedding) the projector's identity tokens
+become the ControlNet adapter's text (InfuseNet's). `--trainable_models ipadapter` and `controlnet,image_proj_model`
+train a `TrainedModules` (trainable.py): one module holding the trained adapters, whose forward runs the whole
+adapted loss, so accelerate's DDP wrapper sees one forward per backward and averages every adapter's gradients.
+
 Data order. Each epoch is a permutation of the (repeated) dataset drawn from (seed, epoch). With P processes
 and G accumulation steps an optimizer step consumes P x G consecutive places of that order: process r takes
 places r, r + P, r + 2P, ... Each sample's timestep and noise come from (seed, epoch, place). So a run
