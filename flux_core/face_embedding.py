@@ -105,11 +105,14 @@ def missing_pieces(root: str | os.PathLike, arcface_weights: str | os.PathLike |
         nested = sorted(p.name for p in (pack / DETECTOR_PACK).glob("*.onnx")) if (pack / DETECTOR_PACK).is_dir() else []
         hint = (f" (found {', '.join(nested)} one folder too deep, in {pack / DETECTOR_PACK}: move them up into {pack})"
                 if nested else "")
+        published = f"supports/insightface/models/{DETECTOR_PACK}"
+        command = f"modelscope download {INFINITEYOU_MODEL_ID} --include '{published}/*' --local-dir"
+        root_path = Path(root)
+        get = (f"`{command} {root_path.parent.parent}`" if root_path.parts[-2:] == ("supports", "insightface")
+               else f"`{command} <folder>` and move <folder>/{published}/ to {pack}")
         missing.append(f"the insightface {DETECTOR_PACK} face detector {DETECTOR_FILE}, looked for at {files.detector}"
                        f"{hint}. Get the {DETECTOR_PACK} folder from {INFINITEYOU_MODEL_ID} (ModelScope or Hugging "
-                       f"Face), supports/insightface/models/{DETECTOR_PACK}/, e.g. `modelscope download "
-                       f"{INFINITEYOU_MODEL_ID} --include 'supports/insightface/models/{DETECTOR_PACK}/*' --local_dir "
-                       f"{Path(root).parent.parent}`, or pass root= (the folder holding models/{DETECTOR_PACK}/)")
+                       f"Face), {published}/: {get}; or pass root= (the folder holding models/{DETECTOR_PACK}/)")
     if files.arcface is None:
         missing.append(f"facexlib's ArcFace weights {ARCFACE_FILE} (looked for in facexlib's weights folder, "
                        f"<facexlib>/weights/, once facexlib is installed; or pass arcface_weights=). Download "

@@ -133,7 +133,9 @@ def test_nothing_installed_lists_every_package_and_weight_at_once(tmp_path):
         assert f"the Python package {piece}" in text
     assert 'pip install "fluxcore[infiniteyou]"' in text
     assert str(tmp_path / "insightface" / "models" / "antelopev2" / DETECTOR_FILE) in text
-    assert "ByteDance/InfiniteYou" in text and "supports/insightface/models/antelopev2" in text
+    assert ("`modelscope download ByteDance/InfiniteYou --include 'supports/insightface/models/antelopev2/*' "
+            f"--local-dir <folder>` and move <folder>/supports/insightface/models/antelopev2/ to "
+            f"{tmp_path / 'insightface' / 'models' / 'antelopev2'}") in text
     assert ARCFACE_FILE in text and "https://github.com/xinntao/facexlib/releases" in text
     assert "infinityou_id_embedding=" in text
 
@@ -173,6 +175,9 @@ def test_default_root_is_diffsynths_and_follows_the_model_path_variable(monkeypa
     with pytest.raises(FaceEmbeddingSetupError) as err:
         FaceEmbedder()
     assert expected in str(err.value)
+    # The published layout under the default root: the download command fills it in place.
+    assert ("`modelscope download ByteDance/InfiniteYou --include 'supports/insightface/models/antelopev2/*' "
+            f"--local-dir {tmp_path / 'm' / 'ByteDance' / 'InfiniteYou'}`") in str(err.value)
 
 
 def test_nothing_optional_is_imported_with_flux_core():
