@@ -11,7 +11,8 @@ the two for any `nn.Module`:
 
 Units: every module that owns parameters or buffers directly (nn.Linear, RMSNorm, Conv2d, Embedding, ...)
 is one unit, except that a module which reads its children's weights itself (T5's feed-forward checks
-`wo.weight.dtype`) is one unit with its whole subtree (`WHOLE_UNITS`). When a stage starts, its models'
+`wo.weight.dtype`; SigLIP's and CLIP's vision embeddings, torch's MultiheadAttention) is one unit with its whole
+subtree (`WHOLE_UNITS`). When a stage starts, its models'
 units are made resident on the compute device, in module order, while their stored bytes fit in the budget
 (first fit); the others are streamed: copied to the compute device for each call and dropped after it. Resident units keep their storage dtype (fp8 stays fp8
 on the device); each call casts to the compute dtype, so a call needs at most one unit's weights in the
