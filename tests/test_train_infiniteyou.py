@@ -481,3 +481,75 @@ def test_two_processes_equal_one_process_with_accumulation(world, tmp_path, mode
     # 2.0e-3 (InfiniteYou) and 1.8e-3 (IP-Adapter).
     for k in a:
         assert torch.allclose(a[k], b[k], atol=1e-5, rtol=0), k
+
+
+# ------------------------------------------------------------------------------------------------ DiffSynth's loss
+def test_infiniteyou_training_loss_equals_diffsynths_flowmatch_sft_loss(world, tmp_path):
+    """One sample's loss with InfiniteYou: ours (trainer._loss) against DiffSynth-Studio's own FlowMatchSFTLoss with
+    its FlowMatchScheduler, model_fn_flux_image (InfuseNet given `id_emb` and `infinityou_guidance`), MultiControlNet
+    and InfiniteYouImageProjector (its converter reading image_proj_model.bin), drawing from the global generator
+    seeded alike; latents and text from diffusers. A DiT of FLUX's 19/38 blocks: DiffSynth spreads the ControlNet's
+    residuals over a literal 19 and 38."""
+    import types
+
+    from tests.diffsynth_ref import diffsynth_flux, diffsynth_infiniteyou, tiny_diffsynth_controlnet, tiny_diffsynth_dit
+    from tests.tiny_controlnet import diffsynth_state_dict as controlnet_diffsynth_sd, make_diffusers_controlnet
+    from tests.tiny_dit import diffsynth_state_dict as dit_diffsynth_sd, make_diffusers_dit, write_diffusers_dit
+    from tests.tiny_pipeline import make_diffusers_pipeline
+
+    model_fn, _, _ = diffsynth_flux()
+    projector_class, converter = diffsynth_infiniteyou()
+    from diffsynth.diffusion.flow_match import FlowMatchScheduler
+    from diffsynth.diffusion.loss import FlowMatchSFTLoss
+    from diffsynth.pipelines.flux_image import ControlNetInput as TheirInput, MultiControlNet
+
+    ref = make_diffusers_pipeline(tmp_path / "ref")   # the same seeds as world's folder: the same weights
+    deep = make_diffusers_dit(seed=21, num_layers=19, num_single_layers=38)
+    folder = world.setup.model
+    models = [str(write_diffusers_dit(deep, tmp_path / "transformer")), str(folder / "vae"),
+              str(folder / "text_encoder"), str(folder / "text_encoder_2"), str(world.infusenet), str(world.projector)]
+    argv = adapter_argv(world, tmp_path / "out", "infiniteyou.csv", (), *FULL, "--extra_inputs", EXTRAS,
+                        "--tokenizer_1_path", str(folder / "tokenizer"), "--tokenizer_2_path", str(folder / "tokenizer_2"))
+    argv[argv.index("--model_paths") + 1] = json.dumps(models)
+    trainer = Trainer(parse_args(argv))
+    trainer.setup()
+    sample = trainer.dataset[2]   # guidance 1.5
+    assert sample["infinityou_guidance"] == 1.5
+    seed = 1234
+    with torch.no_grad():
+        ours = trainer._loss(sample, torch.Generator().manual_seed(seed)).item()
+
+    vae = ref.vae
+
+    def encode(image):
+        pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)[None]
+        return (vae.encode(pixels).latent_dist.mode() - vae.config.shift_factor) * vae.config.scaling_factor
+
+    their_dit = tiny_diffsynth_dit(double=19, single=38)
+    their_dit.load_state_dict(dit_diffsynth_sd(deep), strict=True)
+    infusenet = tiny_diffsynth_controlnet()
+    infusenet.load_state_dict(controlnet_diffsynth_sd(make_diffusers_controlnet(seed=6)), strict=True)
+    projector = projector_class(**PROJECTOR).eval()
+    projector.load_state_dict(converter(torch.load(world.projector, weights_only=True)), strict=True)
+    scheduler = FlowMatchScheduler("FLUX.1")
+    scheduler.set_timesteps(1000, training=True)
+    pipe = types.SimpleNamespace(scheduler=scheduler, torch_dtype=torch.float32, device="cpu", model_fn=model_fn,
+                                 in_iteration_models=("dit", "controlnet"), dit=their_dit,
+                                 controlnet=MultiControlNet([infusenet.eval()]))
+    with torch.no_grad():
+        emb, pooled, _ = ref.encode_prompt(prompt=sample["prompt"], prompt_2=None, max_sequence_length=16)
+        inputs = dict(input_latents=encode(sample["image"]), prompt_emb=emb, pooled_prompt_emb=pooled,
+                      guidance=torch.tensor([1.0]), text_ids=torch.zeros(1, emb.shape[1], 3),
+                      controlnet_inputs=[TheirInput(image=sample["controlnet_image"], processor_id="None")],
+                      controlnet_conditionings=[encode(sample["controlnet_image"])], progress_id=0,
+                      num_inference_steps=1, id_emb=projector(face_embedding(2).reshape(1, 1, 512)),
+                      infinityou_guidance=torch.tensor([1.5]))
+        torch.manual_seed(seed)
+        theirs = FlowMatchSFTLoss(pipe, **inputs).item()
+        torch.manual_seed(seed)   # the same draw with another face: how much the identity moves this loss
+        other = FlowMatchSFTLoss(pipe, **{**inputs, "id_emb": projector(face_embedding(9).reshape(1, 1, 512))}).item()
+    print(f"loss: ours {ours:.6f}, DiffSynth {theirs:.6f}, DiffSynth with another face {other:.6f}")
+    # Measured 4.243216 vs 4.243224 (2e-6 relative, float32 through 19 + 38 blocks); another face moves DiffSynth's
+    # loss by 3.4e-3 relative (34 times the bound).
+    assert ours == pytest.approx(theirs, rel=1e-4)
+    assert abs(theirs - other) > 10 * 1e-4 * abs(theirs)
