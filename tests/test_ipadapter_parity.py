@@ -334,3 +334,53 @@ def test_xlabs_pipeline_run_equals_diffusers(xlabs):
     # Measured 8.0e-7 on pixels in [0, 1]; the reference image changes the result by 0.098.
     assert np.abs(got - expected).max() < 1e-4
     assert np.abs(got - plain).max() > 1e-2
+
+
+# ---- a whole InstantX run against DiffSynth's loop -----------------------------------------------------------------
+
+@pytest.mark.slow
+def test_instantx_pipeline_run_with_cfg_equals_diffsynths_loop(tiny, tmp_path):
+    """FluxImagePipeline(ipadapter_images=two images, cfg_scale=2, negative prompt) loaded from a FLUX folder,
+    ip-adapter.bin and a SigLIP folder, against DiffSynth's own loop: its IP-Adapter unit (positive kwargs, negative
+    from a zero encoding) and model_fn_flux_image per step and branch, Euler steps over the same sigmas, with
+    diffusers' text encoding of the same tiny encoders. ipadapter_scale 1.0: DiffSynth's negative adapter always
+    runs at 1.0 (flux_core.ipadapter applies the scale to both branches)."""
+    from flux_core.model_config import ModelConfig
+    from flux_core.pipeline import FluxImagePipeline
+    from tests.diffsynth_ref import diffsynth_flux, tiny_diffsynth_dit
+    from tests.tiny_dit import diffsynth_state_dict
+    from tests.tiny_pipeline import FOLDER_NAME, make_diffusers_pipeline
+    model_fn, _, _ = diffsynth_flux()
+    ref = make_diffusers_pipeline(tmp_path)
+    tiny.siglip.save_pretrained(tmp_path / "siglip")
+    write_instantx(instantx_state_dict(seed=9), tmp_path / "ip-adapter.bin")   # the file tiny.their_ip was read from
+    ours = FluxImagePipeline.from_pretrained(torch_dtype=F32, device="cpu", model_configs=[
+        ModelConfig(path=str(tmp_path / FOLDER_NAME)), ModelConfig(path=str(tmp_path / "ip-adapter.bin")),
+        ModelConfig(path=str(tmp_path / "siglip"))])
+    images, sigmas = images_of(2), [1.0, 0.75, 0.5, 0.25]
+    latents = torch.randn(1, 16, H, W, generator=torch.Generator().manual_seed(30))
+    run = dict(prompt="a cat on a chair", negative_prompt="blurry", cfg_scale=2.0, height=48, width=64, sigmas=sigmas,
+               latents=latents, embedded_guidance=3.5, t5_sequence_length=16, output_type="latent",
+               progress_bar_cmd=None)
+    got = ours(**run, ipadapter_images=images, ipadapter_scale=1.0)
+    plain = ours(**run)
+
+    their_dit = tiny_diffsynth_dit()
+    their_dit.load_state_dict(diffsynth_state_dict(ref.transformer), strict=True)
+    posi_ip, nega_ip = diffsynth_ipadapter_unit(tiny, images, scale=1.0, cfg_scale=2.0)
+    sides = {}
+    for side, prompt, ip in (("posi", run["prompt"], posi_ip), ("nega", run["negative_prompt"], nega_ip)):
+        emb, pooled, _ = ref.encode_prompt(prompt=prompt, prompt_2=None, max_sequence_length=16)
+        sides[side] = (emb, pooled, ip)
+    x = latents.clone()
+    with torch.no_grad():
+        for step, sigma in enumerate(sigmas):
+            v = {side: model_fn(dit=their_dit, latents=x, timestep=torch.tensor([sigma * 1000]), prompt_emb=emb,
+                                pooled_prompt_emb=pooled, guidance=torch.tensor([3.5]),
+                                text_ids=torch.zeros(1, emb.shape[1], 3), ipadapter_kwargs_list=ip)
+                 for side, (emb, pooled, ip) in sides.items()}
+            x = x + (v["nega"] + 2.0 * (v["posi"] - v["nega"])) * ((sigmas + [0.0])[step + 1] - sigma)
+    # Measured 2.1e-6 (the issue's bound: 1e-4); the reference images move the latents by 0.20. Caught: the negative
+    # branch fed the image's features instead of zeros (0.12), only the first image's tokens used (5.9e-4).
+    assert (got - x).abs().max().item() < 1e-4
+    assert (got - plain).abs().max().item() > 1e-2
