@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from .run_cost import check_run_cost, controlnet_passes, dit_calls_per_step, image_tokens
+from .run_cost import check_run_cost, controlnet_passes, dit_calls_per_step, image_tokens, ipadapter_kv_bytes
 from .image import pil_to_tensor, resize_to_multiple, tensor_to_pil
 from .inputs import (check_callable, check_real, check_device, check_dit_tiling, check_cfg_scale, check_denoising_strength, check_embedded_guidance, check_image,
                      check_images, check_negative_prompts, check_output_type, check_prompts,
@@ -326,7 +326,8 @@ class FluxImagePipeline:
         schedule = (explicit_sigmas(sigmas) if sigmas is not None
                     else flux_sigmas(num_inference_steps, denoising_strength, sigma_shift))
         self._check_cost(batch, height, width, t5_sequence_length, references, len(schedule),
-                         passes=2 if cfg_scale != 1.0 else 1, tiling=dit_tiling, controlnet_items=controlnet_items)
+                         passes=2 if cfg_scale != 1.0 else 1, tiling=dit_tiling, controlnet_items=controlnet_items,
+                         reference_images=len(reference_images))
         self._warn_kontext_without_image(references)
 
         self.last_seed = resolve_seed(seed)
@@ -490,7 +491,7 @@ class FluxImagePipeline:
 
     def _check_cost(self, batch: int, height: int, width: int, text_tokens: int, references: list[Image.Image],
                     steps: int, passes: int, tiling: DiTTiling | None = None,
-                    controlnet_items: Sequence[ControlNetInput] = ()) -> None:
+                    controlnet_items: Sequence[ControlNetInput] = (), reference_images: int = 0) -> None:
         """Refuse a run whose DiT activations cannot fit the compute device, warn when they take most of it, and
         warn before a run that would take very long on a CPU (steps x tiles x CFG passes x batch DiT forwards, the
         ControlNets' forwards counted in DiT forwards)."""
@@ -507,9 +508,15 @@ class FluxImagePipeline:
         work = (f"{steps} steps x {calls} tile(s) x ({passes} pass(es){counted}) x {batch} image(s) at {width}x{height}"
                 if tiling is not None or controlnet_items
                 else f"{steps} steps x {passes} pass(es) x {batch} image(s) at {width}x{height}")
+        held = 0
+        if reference_images and self.ipadapter is not None:  # its keys/values stay on the device for the whole run
+            p = self.ipadapter.params
+            held = ipadapter_kv_bytes(p.num_blocks, p.num_tokens, p.hidden_size, reference_images, passes,
+                                      compute_place(self.ipadapter)[1])
+            what += f", {reference_images} ipadapter_images ({held / GiB:.2f} GiB of IP-Adapter keys/values)"
         # stacklevel 4: the user's line (above __call__ and torch.no_grad's wrapper)
         check_run_cost(self.dit, device, batch, image, text_tokens, steps * calls, passes + extra, what, work,
-                       stacklevel=4)
+                       stacklevel=4, held_bytes=held)
 
     def _warn_kontext_without_image(self, references: list[Image.Image]) -> None:
         source = self.loaded_from.get("dit")

@@ -275,3 +275,17 @@ def test_embeddings_as_arrays_and_batched_shapes_are_accepted(tiny):
     b = pipe(latents=x, controlnet_inputs=[infusenet_input()],
              infinityou_id_embedding=np.asarray(face_embedding(4))[None], **RUN)
     assert torch.equal(a, b)
+
+
+def test_the_ipadapters_keys_and_values_count_in_the_memory_check(tiny, monkeypatch):
+    """The keys/values bound for the whole run are counted with the DiT's activations (flux_core.run_cost
+    .ipadapter_kv_bytes): per block a key and a value of 3 tokens per image at width 32, per CFG branch."""
+    from flux_core import pipeline as pipeline_module
+    seen = []
+    monkeypatch.setattr(pipeline_module, "check_run_cost",
+                        lambda *args, held_bytes=0, **kwargs: seen.append((args[7], held_bytes)))
+    tiny.instantx(latents=noise(), ipadapter_images=[reference_image(1), reference_image(2)], cfg_scale=2.0, **RUN)
+    tiny.instantx(latents=noise(), **RUN)
+    (what, held), (_, none) = seen
+    assert held == 2 * 4 * 3 * 2 * 32 * 2 * 4   # k and v x 4 blocks x 3 tokens x 2 images x width x 2 branches x fp32
+    assert none == 0 and "2 ipadapter_images" in what
