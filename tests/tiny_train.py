@@ -156,3 +156,26 @@ def adapter_argv(world: AdapterSetup, output: Path, metadata: str, models: tuple
     return ["--dataset_base_path", str(world.data), "--dataset_metadata_path", str(world.data / metadata),
             "--model_paths", world.model_paths(*models), "--output_path", str(output), "--torch_dtype", "float32",
             "--t5_sequence_length", "16", *extra]
+
+
+def two_processes_and_one(argv, tmp_path: Path, steps: int = 3) -> tuple[dict, dict]:
+    """Run `argv(output, *extra)` as 2 processes (`accelerate launch --multi_gpu`, gloo on a CPU) and as one process
+    with --gradient_accumulation_steps 2, side by side; returns (one, two): their step-<steps> weights files."""
+    import subprocess
+
+    from safetensors.torch import load_file
+
+    launch = [python(), "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
+              "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "flux_core.train",
+              *argv(tmp_path / "two", "--max_steps", str(steps))]
+    two = subprocess.Popen(launch, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                           encoding="utf-8")
+    one = subprocess.run([python(), "-m", "flux_core.train", *argv(tmp_path / "one", "--max_steps", str(steps),
+                                                                    "--gradient_accumulation_steps", "2")],
+                         env=subprocess_env(), capture_output=True, text=True, encoding="utf-8")
+    _, err = two.communicate(timeout=600)
+    assert two.returncode == 0, err[-3000:]
+    assert one.returncode == 0, one.stderr[-3000:]
+    assert read_log(tmp_path / "two")[0]["num_processes"] == 2
+    return (load_file(tmp_path / "one" / f"step-{steps}.safetensors"),
+            load_file(tmp_path / "two" / f"step-{steps}.safetensors"))

@@ -194,7 +194,7 @@ def controlnet_state_dict(controlnet: nn.Module, remove_prefix: str) -> dict[str
     return out
 
 
-# ------------------------------------------------------------------------------------------------ IP-Adapter, InfiniteYou
+# ---------------------------------------------------------------------------------------- IP-Adapter, InfiniteYou
 # DiffSynth's names of the trained modules (its pipeline attributes): saved as `pipe.<name>.<parameter>`.
 IPADAPTER_CHECKPOINT_PREFIX = "pipe.ipadapter."
 PROJECTOR_CHECKPOINT_PREFIX = "pipe.image_proj_model."
