@@ -72,7 +72,8 @@ def write_controlnet_files(models_dir: Path) -> dict[str, Path]:
 def write_adapter_files(models_dir: Path) -> dict[str, Path]:
     """The IP-Adapter and InfiniteYou files of the example workflows, where README tells a user to put them
     (example_workflows.build_workflows.IPADAPTER_FILES, INFINITEYOU_FILES), shaped for tests/tiny_flux_files.py's
-    DiT (width 128, one double and one single block, text width 32): InstantX's ip-adapter.bin in
+    DiT (width 128, one double and one single block, text width 32; InfuseNet without single blocks: at the
+    workflows' 1024x1024 every block over 4096 tokens is most of the test's time): InstantX's ip-adapter.bin in
     models/ipadapter/, a SigLIP folder (config.json: the head count of a 24-wide tower is not in its shapes) in
     models/clip_vision/, and ByteDance's image_proj_model.bin and sharded InfuseNetModel/ in models/infinite_you/.
     Returns the path of each by key ("ipadapter", "image_encoder", "projector", "infusenet")."""
@@ -91,7 +92,7 @@ def write_adapter_files(models_dir: Path) -> dict[str, Path]:
     write_instantx(instantx_state_dict(seed=41, hidden=128, blocks=2), paths["ipadapter"])
     write_siglip(make_siglip(seed=42), paths["image_encoder"])
     write_projector(projector_state_dict(seed=43, output_dim=T5_DIM), paths["projector"])
-    infusenet = make_diffusers_controlnet(seed=44, num_layers=1, num_single_layers=1, attention_head_dim=128,
+    infusenet = make_diffusers_controlnet(seed=44, num_layers=1, num_single_layers=0, attention_head_dim=128,
                                           num_attention_heads=1, axes_dims_rope=(16, 56, 56),
                                           joint_attention_dim=T5_DIM, pooled_projection_dim=CLIP_HIDDEN)
     with torch.no_grad():  # as write_controlnet_files: the trunk scaled for width 128, the heads kept
