@@ -16,7 +16,7 @@ from flux_core.models.image_encoders import encode_images
 from flux_core.models.infiniteyou import InfiniteYouProjector
 from flux_core.models.ipadapter import INSTANTX, XLABS, FluxIPAdapter, IPAdapterParams
 from flux_core.pipeline_models import detect_components, plan_models
-from tests.tiny_ipadapter import (DOUBLE, HIDDEN, SIGLIP_DIM, SINGLE, TEXT_DIM, instantx_state_dict, make_clip_vision,
+from tests.tiny_ipadapter import (CLIP_PROJECTION_DIM, DOUBLE, HIDDEN, SIGLIP_DIM, SINGLE, TEXT_DIM, instantx_state_dict, make_clip_vision,
                                   make_siglip, projector_state_dict, reference_image, write_comfy_clip_vision,
                                   write_instantx, write_projector, write_siglip, write_xlabs, xlabs_state_dict)
 
@@ -91,7 +91,7 @@ def same_features(encoder, reference, images) -> None:
         theirs = reference(pixel_values=x)
         expected = theirs.pooler_output if hasattr(theirs, "pooler_output") and not hasattr(theirs, "image_embeds") \
             else theirs.image_embeds
-        # Measured up to 3e-7 (tensors read from safetensors are not 64-byte aligned: other CPU kernels); a weight
+        # Measured 0 to 6e-8 (tensors read from safetensors are not 64-byte aligned: other CPU kernels); a weight
         # loaded into the wrong layer or transposed changes features by > 1e-2.
         assert (encode_images(encoder, images) - expected).abs().max().item() < 1e-5
 
@@ -152,6 +152,35 @@ def test_published_vision_configs_from_shapes(family, shapes, expected):
     from flux_core.models.image_encoders import VisionParams
     params = VisionParams.from_state_dict_shapes(family, shapes)
     assert {k: getattr(params, k) for k in expected} == expected
+
+
+def test_whole_clip_folder_gives_text_encoder_and_image_encoder(tmp_path):
+    """openai/clip-vit-large-patch14 as published (CLIPModel: both towers, one config.json with `vision_config`):
+    two components; as the image encoder its vision config is read from the nested `vision_config` and its features
+    equal transformers' CLIPModel.get_image_features."""
+    from transformers import CLIPConfig, CLIPModel
+    from flux_core.models.image_encoders import pixel_values
+    from tests.tiny_ipadapter import VISION
+    torch.manual_seed(5)
+    clip = CLIPModel(CLIPConfig(
+        vision_config=dict(hidden_size=24, **VISION),
+        text_config=dict(hidden_size=16, intermediate_size=24, num_hidden_layers=1, num_attention_heads=2,
+                         vocab_size=64, max_position_embeddings=8),
+        projection_dim=CLIP_PROJECTION_DIM)).eval()
+    with torch.no_grad():
+        for p in clip.parameters():
+            p.normal_(0.0, 0.15)
+    clip.save_pretrained(tmp_path / "clip-vit")
+    assert sorted((c[1], c[3]) for c in detect_components(str(tmp_path / "clip-vit"))) == [("clip", "hf"),
+                                                                                          ("image_encoder", "hf-clip")]
+    encoder = load_model(tmp_path / "clip-vit", kind="image_encoder", torch_dtype=F32)
+    images = [reference_image(4), reference_image(5)]
+    with torch.no_grad():
+        expected = clip.get_image_features(pixel_values=pixel_values(encoder, images))
+        expected = getattr(expected, "pooler_output", expected)
+        # Measured 0 (6e-8 in the SigLIP folder test: unaligned safetensors tensors); a wrong head count or layer
+        # changes them by > 1e-2.
+        assert (encode_images(encoder, images) - expected).abs().max().item() < 1e-5
 
 
 def test_clip_vision_folder_loads(tmp_path):

@@ -54,7 +54,10 @@ def build_image_encoder(sd: StateDict, config: dict):
     shapes = {k[len(prefix):] if k.startswith(prefix) else k: v.shape for k, v in sd.items()}
     config = dict(config)
     if isinstance(config.get("vision_config"), Mapping):  # a whole SiglipConfig / CLIPConfig
-        config = dict(config["vision_config"])
+        # A CLIPConfig keeps the projection width at its top level; its vision_config carries CLIPVisionConfig's
+        # default (512), which is not the width of this file's visual_projection.
+        config = {**config["vision_config"],
+                  **({"projection_dim": config["projection_dim"]} if "projection_dim" in config else {})}
     return build_vision_encoder(VisionParams.from_state_dict_shapes(family, shapes, config))
 
 

@@ -58,7 +58,8 @@ class VisionParams:
         heads = overrides.get("num_attention_heads", KNOWN_HEADS.get(hidden))
         if heads is None:
             raise ValueError(f"the number of attention heads of a {hidden}-wide vision tower is not known; put its "
-                             f"config.json (num_attention_heads) beside the weights")
+                             f"config.json (num_attention_heads) beside the weights, or pass "
+                             f"load_model(..., config={{'num_attention_heads': ...}})")
         inferred = dict(family=family, hidden_size=hidden, patch_size=patch, num_attention_heads=heads,
                         image_size=UNEVEN_IMAGE_SIZES.get((patch, side), side * patch),
                         intermediate_size=shapes["encoder.layers.0.mlp.fc1.weight"][0],
