@@ -42,10 +42,9 @@ INSIGHTFACE_FOLDER = "insightface"         # models/insightface/models/antelopev
 EMBEDDING_EXTENSIONS = (".npy", ".safetensors")
 BLACK = torch.zeros(1, 8, 8, 3)   # InfuseNet's default control image: resized to the latent's size, still black
 
-if hasattr(bridge, "register_model_folder"):  # see /work/notes/requests_nodes.md (1)
-    bridge.register_model_folder(INFINITEYOU_FOLDER)
-    bridge.register_model_folder(FACE_EMBEDDINGS_FOLDER, EMBEDDING_EXTENSIONS)
-    bridge.register_model_folder(INSIGHTFACE_FOLDER)
+bridge.register_model_folder(INFINITEYOU_FOLDER)
+bridge.register_model_folder(FACE_EMBEDDINGS_FOLDER, EMBEDDING_EXTENSIONS)
+bridge.register_model_folder(INSIGHTFACE_FOLDER)
 
 
 @dataclass(eq=False)

@@ -38,8 +38,7 @@ IPADAPTERS_KEY = "fluxcore_ipadapters"   # CONDITIONING key: list of IPAdapterPa
 IPADAPTER_FOLDER = "ipadapter"           # models/ipadapter (the folder ComfyUI_IPAdapter_plus uses too)
 ENCODER_FOLDER = "clip_vision"           # ComfyUI's folder for image encoders
 
-if hasattr(bridge, "register_model_folder"):  # see /work/notes/requests_nodes.md (1)
-    bridge.register_model_folder(IPADAPTER_FOLDER)
+bridge.register_model_folder(IPADAPTER_FOLDER)
 
 
 @dataclass(eq=False)

@@ -33,7 +33,7 @@ from . import comfy_bridge as bridge
 from .conditioning import read_conditioning, warn_unused_entries
 from .controlnet_nodes import controlnet_adapters, payloads_with_branches, place_controlnets
 from .infiniteyou_nodes import with_identities
-from .ipadapter_nodes import IPADAPTERS_KEY, check_ipadapter_payloads, ipadapter_adapters, ipadapter_payloads
+from .ipadapter_nodes import check_ipadapter_payloads, ipadapter_adapters, ipadapter_payloads
 from .handles import DIT_TYPE, DiTHandle
 from .loaders import NodeInputError
 from . import vram_nodes
@@ -171,9 +171,7 @@ class FluxCoreSampler:
         positive_embeds, cond_guidance, references = read_conditioning(node, "positive", positive)
         negative_embeds = read_conditioning(node, "negative", negative)[0] if cfg != 1.0 else None
         sides = {"positive": positive, **({"negative": negative} if cfg != 1.0 else {})}
-        # fluxcore_ipadapters is honoured here; conditioning.HONOURED_KEYS does not list it yet (requested).
-        warn_unused_entries(node, {side: [[t, {k: v for k, v in e.items() if k != IPADAPTERS_KEY}] for t, e in c]
-                                   for side, c in sides.items()})
+        warn_unused_entries(node, sides)
         tiling = dit_tiling(node, model, tiled_dit, tile_size, tile_stride)
         guidance = embedded_guidance if embedded_guidance >= 0 else cond_guidance
 
