@@ -439,12 +439,21 @@ def test_missing_models_are_named_before_any_weights_load(world, tmp_path, monke
                            "ControlNet is loaded")
 
 
-def test_trained_infiniteyou_models_may_not_be_stored_in_fp8(world, tmp_path):
+def test_frozen_infiniteyou_models_may_be_stored_in_fp8_but_not_trained_ones(world, tmp_path):
     text = failing_setup(iy_argv(world, tmp_path / "a", "--fp8_models", str(world.projector)))
     assert text.startswith("--fp8_models names InfiniteYou's image projector, which --trainable_models "
                            "controlnet,image_proj_model trains")
     text = failing_setup(iy_argv(world, tmp_path / "b", "--fp8_models", json.dumps(str(world.infusenet))[1:-1]))
     assert text.startswith("--fp8_models names the ControlNet")
+    # LoRA runs: the frozen projector and InfuseNet stored in float8, computed in the training dtype
+    trainer = Trainer(parse_args(iy_argv(world, tmp_path / "lora", "--fp8_models",
+                                         f"{world.projector},{world.infusenet}", "--max_steps", "2", lora=True)))
+    trainer.setup()
+    for model in (trainer.pipe.image_proj_model, trainer.pipe.controlnet.models[0]):
+        matrices = [p for p in model.parameters() if p.dim() >= 2]
+        assert matrices and all(p.dtype == torch.float8_e4m3fn for p in matrices)
+    assert run_quietly(trainer)["step"] == 2
+    assert all(np.isfinite(e["loss"]) for e in read_log(tmp_path / "lora") if e["event"] == "step")
 
 
 # ------------------------------------------------------------------------------------------------ processes

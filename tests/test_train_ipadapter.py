@@ -326,10 +326,19 @@ def test_a_row_without_its_reference_names_the_row_and_column(world, tmp_path):
     assert "gone.png does not exist" in message
 
 
-def test_the_trained_ipadapter_may_not_be_stored_in_fp8(world, tmp_path):
+def test_a_frozen_ipadapter_may_be_stored_in_fp8_but_not_the_trained_one(world, tmp_path):
     entry = str(world.ipadapter)
     message = failing_setup(ip_argv(world, tmp_path / "a", "--fp8_models", entry))
     assert message.startswith("--fp8_models names the IP-Adapter, which --trainable_models ipadapter trains")
+    # LoRA runs: the frozen IP-Adapter and SigLIP stored in float8, computed in the training dtype
+    trainer = Trainer(parse_args(ip_argv(world, tmp_path / "lora", "--fp8_models", f"{entry},{world.siglip}",
+                                         "--max_steps", "2", lora=True)))
+    trainer.setup()
+    for model in (trainer.pipe.ipadapter, trainer.pipe.ipadapter_image_encoder):
+        matrices = [p for p in model.parameters() if p.dim() >= 2]
+        assert matrices and all(p.dtype == torch.float8_e4m3fn for p in matrices)
+    assert run_quietly(trainer)["step"] == 2
+    assert all(np.isfinite(e["loss"]) for e in read_log(tmp_path / "lora") if e["event"] == "step")
 
 
 # ------------------------------------------------------------------------------------------------ DiffSynth's loss
