@@ -541,3 +541,19 @@ def test_infiniteyou_training_loss_equals_diffsynths_flowmatch_sft_loss(world, t
     # loss by 3.4e-3 relative (34 times the bound).
     assert ours == pytest.approx(theirs, rel=1e-4)
     assert abs(theirs - other) > 10 * 1e-4 * abs(theirs)
+
+
+# ------------------------------------------------------------------------------------------------ memory options
+def test_gradient_checkpointing_gives_infusenet_and_the_projector_the_same_gradients(world, tmp_path):
+    trainer = Trainer(parse_args(iy_argv(world, tmp_path / "out", "--use_gradient_checkpointing")))
+    trainer.setup()
+    net, dit = trainer.pipe.controlnet.models[0], trainer.pipe.dit
+    assert net.gradient_checkpointing and dit.gradient_checkpointing
+    sample = trainer.dataset[1]
+    checkpointed = gradient(trainer, sample)
+    net.gradient_checkpointing = dit.gradient_checkpointing = False
+    plain = gradient(trainer, sample)
+    print(f"checkpointed vs plain: {(checkpointed - plain).abs().max():.2e} (gradient up to {plain.abs().max():.2e})")
+    # Measured 0 (the same kernels run again in the backward pass); an identity lost in InfuseNet's recomputation
+    # would change the gradients far beyond the bound.
+    assert plain.abs().max() > 1e-3 and torch.allclose(checkpointed, plain, atol=1e-6, rtol=0)
