@@ -428,3 +428,25 @@ def test_gradient_checkpointing_gives_the_ipadapter_the_same_gradients(world, tm
     # Measured 0 (the same kernels run again in the backward pass); keys and values lost in the recomputation would
     # zero or change the gradient far beyond the bound.
     assert plain.abs().max() > 1e-3 and torch.allclose(checkpointed, plain, atol=1e-6, rtol=0)
+
+
+def test_the_xlabs_ipadapter_trains_and_reads_back_too(world, tmp_path):
+    """XLabs' IP-Adapter (double blocks only, CLIP ViT-L features, biases) through the same run: it learns, and its
+    file (DiffSynth-style names) loads back as the XLabs family, equal to the trained module."""
+    from tests.tiny_ipadapter import make_clip_vision, write_xlabs, xlabs_state_dict
+    write_xlabs(xlabs_state_dict(seed=8), tmp_path / "flux-ip-adapter.safetensors")
+    make_clip_vision(seed=9).save_pretrained(tmp_path / "clip-vit")   # a transformers folder (its config.json)
+    argv = ip_argv(world, tmp_path / "out", "--max_steps", "3")
+    argv[argv.index("--model_paths") + 1] = json.dumps([str(world.setup.model), str(tmp_path / "clip-vit"),
+                                                        str(tmp_path / "flux-ip-adapter.safetensors")])
+    trainer = Trainer(parse_args(argv))
+    trainer.setup()
+    ip = trainer.pipe.ipadapter
+    assert ip.params.family == "xlabs" and ip.params.num_blocks == 2
+    before = states(ip)
+    result = run_quietly(trainer)
+    trained = ip.state_dict()
+    assert sum(not torch.equal(trained[k], before[k]) for k in trained) == len(trained)
+    loaded = load_model(result["path"], torch_dtype=torch.float32, kind="ipadapter")
+    assert loaded.params == ip.params
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in trained.items())
