@@ -161,8 +161,8 @@ def test_the_identity_reaches_the_projectors_and_infusenets_gradients(world, tmp
     net_base = gradient(trainer, sample, "controlnet.")
     net_guided = gradient(trainer, dict(sample, infinityou_guidance=3.0), "controlnet.")
     print(f"projector gradient: max {base.abs().max():.3e}, another face moves it by "
-          f"{(base - other_face).abs().max():.3e}; InfuseNet gradient: max {net_base.abs().max():.3e}, guidance 3 moves it by "
-          f"{(net_base - net_guided).abs().max():.3e}")
+          f"{(base - other_face).abs().max():.3e}; InfuseNet gradient: max {net_base.abs().max():.3e}, guidance 3 "
+          f"moves it by {(net_base - net_guided).abs().max():.3e}")
     # Measured: projector gradient max 0.93, another face moves it by 0.88; InfuseNet's max 2.8, moved by 2.8 by the
     # guidance. A projector run without autograd has no gradient at all; guidance ignored gives exactly 0.
     assert base.abs().max() > 1e-4 and (base - other_face).abs().max() > 1e-3 * base.abs().max()
@@ -381,7 +381,8 @@ def test_validation_images_get_the_first_rows_identity(world, tmp_path):
     from flux_core.train.validate import run
     common_flags = ["--height", "32", "--width", "32", "--num_inference_steps", "2", "--t5_sequence_length", "16",
                     "--torch_dtype", "float32", "--device", "cpu", "--prompt", "a cat red",
-                    "--embedded_guidance", "3.5", "--model_paths", world.model_paths(), "--controlnet_image", str(world.data / "black 0.png")]
+                    "--embedded_guidance", "3.5", "--model_paths", world.model_paths(),
+                    "--controlnet_image", str(world.data / "black 0.png")]
     checkpoint = str(out / "step-1.safetensors")
     with contextlib.redirect_stdout(io.StringIO()):
         assert main(["validate_full", "--checkpoint", checkpoint, "--output", str(tmp_path / "v.png"),
