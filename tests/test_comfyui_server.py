@@ -28,9 +28,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from example_workflows.build_workflows import INFINITEYOU_FILES, IPADAPTER_FILES
 from example_workflows.make_example_image import NAME as EXAMPLE_IMAGE
 from example_workflows.ui_format import combo_choices
 from nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
+from tests.face_standin import SERVER_SHIM, StandInFaceEmbedder
 from tests.native_standins import standins
 from tests.test_workflows import WORKFLOWS
 from tests.tiny_flux_files import FILES, set_up_like_a_user
@@ -105,6 +107,9 @@ def server(tmp_path_factory):
     # models/<folder>/ under the workflows' names, the example image into input/.
     (base / "custom_nodes").mkdir()
     (base / "custom_nodes" / PACK_NAME).symlink_to(ROOT, target_is_directory=True)
+    # Not what a user does: insightface is an optional extra, absent here, so the InfiniteYou example's face photo is
+    # embedded by the test's stand-in (tests/face_standin.py), put in place by a custom node of its own.
+    (base / "custom_nodes" / "fluxcore_face_standin.py").write_text(SERVER_SHIM, encoding="utf-8")
     files = set_up_like_a_user(base)
 
     port = free_port()
@@ -157,6 +162,12 @@ def test_pack_imports_and_every_node_is_listed(server):
     assert FILES["vae"][1] in combo_choices(spec("FluxCoreVAELoader"), "vae_name")
     assert {FILES["clip"][1], FILES["t5"][1]} <= set(combo_choices(spec("FluxCoreTextEncoderLoader"), "clip_name"))
     assert EXAMPLE_IMAGE in combo_choices(spec("LoadImage"), "image")
+    # Folders ComfyUI itself lacks (models/ipadapter, models/infinite_you) are registered and listed; model folders
+    # (the SigLIP snapshot, the sharded InfuseNetModel/) are offered as one choice each.
+    ipadapter = spec("FluxCoreIPAdapterLoader")
+    assert IPADAPTER_FILES["ipadapter"] in combo_choices(ipadapter, "ipadapter_name")
+    assert IPADAPTER_FILES["image_encoder"] in combo_choices(ipadapter, "image_encoder_name")
+    assert set(INFINITEYOU_FILES.values()) <= set(combo_choices(spec("FluxCoreInfiniteYouLoader"), "infusenet_name"))
 
 
 def test_extension_js_is_served(server):
@@ -178,9 +189,14 @@ def test_example_workflows_and_their_image_are_served_as_templates(server):
 
 @pytest.fixture(scope="module")
 def standalone(server):
-    """Our nodes and the core-node stand-ins outside ComfyUI, over the same base directory."""
+    """Our nodes and the core-node stand-ins outside ComfyUI, over the same base directory (and the same
+    stand-in face embedder)."""
+    from flux_core import face_embedding
+    from nodes import infiniteyou_nodes
     mp = pytest.MonkeyPatch()
     mp.setenv("FLUXCORE_MODELS_DIR", str(server["base"] / "models"))
+    mp.setattr(face_embedding, "FaceEmbedder", StandInFaceEmbedder)  # as the server's shim does
+    mp.setattr(infiniteyou_nodes, "_embedders", {})
     output = server["base"].parent / f"{server['base'].name}_standalone_output"
     yield dict(classes={**NODE_CLASS_MAPPINGS, **standins(server["files"]["input"], output)}, output=output)
     mp.undo()

@@ -5,7 +5,6 @@ workflows use and the pack's example image in the input folder. Each result is c
 FluxImagePipeline run standalone with the workflow's settings, and the seed matters."""
 import ast
 import contextlib
-import hashlib
 import json
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from example_workflows.make_adapter_images import IMAGES as ADAPTER_IMAGES
 from example_workflows.core_nodes import core_nodes
 from example_workflows.make_example_image import HOLE, NAME as EXAMPLE_IMAGE, SIZE, draw
 from nodes import NODE_CLASS_MAPPINGS
+from tests.face_standin import StandInFaceEmbedder
 from tests.native_standins import STANDIN_NAMES, standins
 from tests.tiny_flux_files import FILES, set_up_like_a_user
 from tests.workflow_harness import (WorkflowError, load_workflow, node_types, run_prompt, specs_from_classes,
@@ -116,24 +116,11 @@ def test_core_node_declarations_match_the_stand_ins(tmp_path):
 
 
 # ---------------------------------------------------------------- the examples, run as shipped
-class StandInFaceEmbedder:
-    """flux_core.face_embedding.FaceEmbedder's interface (insightface is not installed here): a unit 512-d vector
-    drawn from a seed that the photo's pixels give, so the same photo gives the same embedding on both sides."""
-
-    def __init__(self, root=None):
-        self.root = root
-
-    def embed(self, image: Image.Image) -> torch.Tensor:
-        seed = int(hashlib.sha256(np.asarray(image.convert("RGB")).tobytes()).hexdigest()[:8], 16)
-        v = torch.randn(512, generator=torch.Generator().manual_seed(seed))
-        return v / v.norm()
-
-
 @pytest.fixture(scope="module")
 def shipped(tmp_path_factory):
     """A base folder set up as README tells a user (models under the workflows' names, the example images in
     input/), our nodes with the core-node stand-ins over it, and FluxImagePipeline on the same files. The face
-    embedder is a stand-in (StandInFaceEmbedder) on both sides: insightface is an optional extra, not installed."""
+    embedder is a stand-in (tests/face_standin.py) on both sides: insightface is an optional extra, not installed."""
     from flux_core import face_embedding
     from flux_core.model_config import ModelConfig
     from flux_core.pipeline import FluxImagePipeline
@@ -142,7 +129,7 @@ def shipped(tmp_path_factory):
     files = set_up_like_a_user(base)
     mp = pytest.MonkeyPatch()
     mp.setenv("FLUXCORE_MODELS_DIR", str(base / "models"))
-    mp.setattr(face_embedding, "FaceEmbedder", StandInFaceEmbedder)
+    mp.setattr(face_embedding, "FaceEmbedder", StandInFaceEmbedder)  # what face_standin.install() does
     mp.setattr(infiniteyou_nodes, "_embedders", {})
     classes = {**NODE_CLASS_MAPPINGS, **standins(files["input"], files["output"])}
 
