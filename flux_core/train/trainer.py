@@ -596,13 +596,13 @@ class Trainer:
                       features: torch.Tensor | None, generator: torch.Generator) -> torch.Tensor:
         """The loss with the IP-Adapter bound to the sample's reference features and InfiniteYou's identity given to
         the ControlNet adapter; each under autograd only when its module trains."""
-        pipe, adapters = self.pipe, list(adapters)
+        pipe, adapters, grad = self.pipe, list(adapters), torch.is_grad_enabled()
         if self.identity:
-            with torch.set_grad_enabled(self.mode == "infiniteyou"):
+            with torch.set_grad_enabled(grad and self.mode == "infiniteyou"):
                 identity = sample_identity(pipe.image_proj_model, sample)
             adapters = [replace(adapter, identity=identity) for adapter in adapters]
         if features is not None:
-            with torch.set_grad_enabled(self.mode == "ipadapter"):
+            with torch.set_grad_enabled(grad and self.mode == "ipadapter"):
                 adapters.append(bind(pipe.ipadapter, features, pipe.dit))
         loss, _ = flow_matching_loss(self.dit_model, x0, prompt, self.schedule, generator, self.guidance, self.dtype,
                                      extras, adapters)
