@@ -306,6 +306,16 @@ def test_face_photos_are_embedded_once_per_row_before_the_models_load(world, tmp
     run_quietly(trainer)
     assert FakeEmbedder.calls == 8   # no more embedding while training
 
+    # --validation_infinityou_id_image: that photo's embedding (computed at setup) for the validation images
+    photo = world.data / "face 5.png"
+    trainer = Trainer(parse_args(argv[:argv.index("--output_path") + 1] + [str(tmp_path / "validation")] +
+                                 argv[argv.index("--output_path") + 2:] +
+                                 ["--validation_prompts", "a cat", "--validation_infinityou_id_image", str(photo)]))
+    trainer.setup()
+    expected = FakeEmbedder.embedding(Image.open(photo).convert("RGB"))
+    assert torch.equal(torch.as_tensor(trainer.validation_inputs["infinityou_id_embedding"]).reshape(512), expected)
+    assert trainer.validation_inputs["infinityou_guidance"] == 1.0
+
     from flux_core.pipeline import FluxImagePipeline
 
     def not_called(*a, **k):

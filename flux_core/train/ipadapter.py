@@ -35,7 +35,7 @@ def check_ipadapter_slots(slots: list[str]) -> None:
                          f"{'them' if len(missing) > 1 else 'it'} to --model_paths or --model_id_with_origin_paths.")
 
 
-def check_ipadapter_fit(args: argparse.Namespace, pipe) -> None:
+def check_ipadapter_fit(pipe) -> None:
     """The loaded IP-Adapter fits the DiT and its image encoder (the pipeline's own check), in the trainer's words."""
     dit = pipe.dit
     try:

@@ -351,7 +351,7 @@ class Trainer:
         if self.control:
             check_controlnet_columns(a, self.pipe, configs)
         if self.reference:
-            check_ipadapter_fit(a, self.pipe)
+            check_ipadapter_fit(self.pipe)
         fp8 = fp8_slots(a, configs, self.pipe)
         trained_slots = {"controlnet": ("controlnet.models.0", "the ControlNet"),
                          "ipadapter": ("ipadapter", "the IP-Adapter"),
