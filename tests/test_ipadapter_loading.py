@@ -183,6 +183,27 @@ def test_whole_clip_folder_gives_text_encoder_and_image_encoder(tmp_path):
         assert (encode_images(encoder, images) - expected).abs().max().item() < 1e-5
 
 
+def test_towers_that_cannot_give_ip_adapter_features_are_refused_by_name(tmp_path):
+    """A SigLIP tower saved without its attention-pooling head gives no pooled output (InstantX's features); a CLIP
+    tower saved without visual_projection gives no image_embeds (XLabs'). Each is recognised as a vision tower and
+    refused with what it lacks, not as 'not a FLUX component'."""
+    siglip, clip = make_siglip(seed=3), make_clip_vision(seed=3)
+    headless = {f"vision_model.{k}": v.contiguous() for k, v in siglip.vision_model.state_dict().items()
+                if not k.startswith("head.") and not k.endswith("position_ids")}
+    save_file(headless, str(tmp_path / "siglip_headless.safetensors"))
+    unprojected = {k: v.contiguous() for k, v in clip.state_dict().items()
+                   if k.startswith("vision_model.") and not k.endswith("position_ids")}
+    save_file(unprojected, str(tmp_path / "clip_vision_model.safetensors"))
+    for name, lacks in (("siglip_headless", r"a SigLIP vision tower without its attention-pooling head \(head\.\*\)"),
+                        ("clip_vision_model", r"a CLIP vision tower without its projection "
+                                              r"\(visual_projection\.weight\)")):
+        path = tmp_path / f"{name}.safetensors"
+        assert [k for k, _ in kinds(path)] == ["image_encoder"]
+        with pytest.raises(CheckpointError, match=rf"{name}.safetensors: cannot build a IP-Adapter image encoder "
+                                                  rf".*: it is {lacks}"):
+            load_model(path, config=TINY_HEADS, torch_dtype=F32)
+
+
 def test_clip_vision_folder_loads(tmp_path):
     clip = make_clip_vision(seed=4)
     clip.save_pretrained(tmp_path / "image_encoder")

@@ -30,6 +30,19 @@ def vision_family_of(sd: Mapping[str, LazyTensor]) -> str | None:
     return None
 
 
+def missing_for_features(sd: Mapping[str, LazyTensor]) -> str | None:
+    """For a flat-named vision tower that cannot give an IP-Adapter's image features: what it lacks and what to use
+    instead; None for anything else."""
+    if _PROBE not in sd or "encoder.layers.0.mlp.fc1.weight" not in sd or vision_family_of(sd) is not None:
+        return None
+    if "embeddings.class_embedding" in sd:
+        return ("a CLIP vision tower without its projection (visual_projection.weight): the XLabs IP-Adapter takes "
+                "the projected image_embeds; use the tower saved with it (CLIPVisionModelWithProjection, as "
+                "openai/clip-vit-large-patch14 and ComfyUI's clip_vision_l.safetensors hold it)")
+    return ("a SigLIP vision tower without its attention-pooling head (head.*): the InstantX IP-Adapter takes the "
+            "pooled output; use google/siglip-so400m-patch14-384 as published (its head included)")
+
+
 def select_image_encoder(sd: Mapping[str, LazyTensor]) -> tuple[str, StateDict] | None:
     for prefix in ("",) + IMAGE_ENCODER_PREFIXES:
         sub = strip_prefix(sd, [prefix]) if prefix else dict(sd)
@@ -40,6 +53,8 @@ def select_image_encoder(sd: Mapping[str, LazyTensor]) -> tuple[str, StateDict] 
         if "visual_projection.weight" in sub:
             tower["visual_projection.weight"] = sub["visual_projection.weight"]
         family = vision_family_of(tower)
+        if family is None and missing_for_features(tower) is not None:   # refused by name when built
+            family = CLIP if "embeddings.class_embedding" in tower else SIGLIP
         if family is not None:
             module_prefix = vision_module_prefix(family)
             tower.pop("embeddings.position_ids", None)  # a buffer (0..n), not a weight
@@ -49,9 +64,11 @@ def select_image_encoder(sd: Mapping[str, LazyTensor]) -> tuple[str, StateDict] 
 
 
 def build_image_encoder(sd: StateDict, config: dict):
-    family = SIGLIP if any(k.endswith("head.probe") for k in sd) else CLIP
-    prefix = vision_module_prefix(family)
-    shapes = {k[len(prefix):] if k.startswith(prefix) else k: v.shape for k, v in sd.items()}
+    shapes = {k.removeprefix("vision_model."): v.shape for k, v in sd.items()}   # select's module names, flat
+    missing = missing_for_features(shapes)
+    if missing:
+        raise ValueError(f"it is {missing}.")
+    family = vision_family_of(shapes)
     config = dict(config)
     if isinstance(config.get("vision_config"), Mapping):  # a whole SiglipConfig / CLIPConfig
         # A CLIPConfig keeps the projection width at its top level; its vision_config carries CLIPVisionConfig's
