@@ -246,8 +246,11 @@ def weight_folders(folder: str) -> list[str]:
 
 
 def list_models_and_folders(folder: str) -> list[str]:
-    """The files of a model folder (as bridge.list_models gives them) and its model folders (weight_folders)."""
-    return sorted(set(bridge.list_models(folder)) | set(weight_folders(folder)))
+    """The model folders of a model folder (weight_folders) and its files (as bridge.list_models gives them) but
+    those inside a model folder: a shard or half of a snapshot is not a model to pick."""
+    folders = weight_folders(folder)
+    files = [f for f in bridge.list_models(folder) if not any(f.startswith(d + "/") for d in folders)]
+    return sorted(set(files) | set(folders))
 
 
 def model_or_folder_path(node: str, input_name: str, folder: str, name: str) -> str:

@@ -130,7 +130,8 @@ def test_the_loader_lists_the_sharded_infusenet_as_one_folder(models):
     choices = FluxCoreInfiniteYouLoader.INPUT_TYPES()["required"]["infusenet_name"][0]
     assert INFUSENET in choices and PROJECTOR in choices
     shards = sorted((models["dir"] / "infinite_you" / INFUSENET).glob("*-of-*.safetensors"))
-    assert len(shards) >= 2   # sharded as published: picking one shard would load half a model
+    assert len(shards) >= 2   # sharded as published: picking one shard would load half a model, so none is offered
+    assert not [c for c in choices if c.startswith(INFUSENET + "/")]
 
 
 # ---------------------------------------------------------------- the same numbers as the pipeline
