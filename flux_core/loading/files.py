@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
 import struct
 from pathlib import Path
@@ -109,7 +110,11 @@ def open_torch_file(path: PathLike) -> dict[str, LazyTensor]:
     path = Path(path)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:  # noqa: BLE001 - any failure means: unreadable as a safe torch file
+    except pickle.UnpicklingError:  # torch's own text advises weights_only=False: never for a file we are given
+        raise CheckpointError(f"{path}: cannot be read as a PyTorch weights file: it holds pickled Python objects, "
+                              f"not only tensors, and FluxCore never unpickles those (they can run code). Prefer "
+                              f"the .safetensors release of this model.") from None
+    except Exception as e:  # noqa: BLE001 - any other failure means: unreadable as a safe torch file
         raise CheckpointError(f"{path}: cannot be read as a PyTorch weights file ({type(e).__name__}: {e}). "
                               f"Prefer the .safetensors release of this model.") from None
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
