@@ -60,6 +60,44 @@ def read_conditioning(node: str, input_name: str, conditioning) -> tuple[PromptE
     return PromptEmbeds(tokens, pooled), guidance, list(extra.get("reference_latents") or [])
 
 
+# The percent widgets of every Apply node that acts on a range of steps (flux_core.adapters.StepRange).
+PERCENT_INPUTS = {
+    "start_percent": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.001, "tooltip":
+                                "First step it acts on, as a fraction of the steps (0 = the first)."}),
+    "end_percent": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.001, "tooltip":
+                              "Last step it acts on, as a fraction of the steps (1 = the last)."}),
+}
+
+
+def with_payload(conditioning, key: str, payload) -> list:
+    """A copy of the conditioning with `payload` appended to every entry's `key` list (an Apply node's output)."""
+    out = []
+    for tokens, extra in conditioning:
+        extra = dict(extra)
+        extra[key] = list(extra.get(key) or []) + [payload]
+        out.append([tokens, extra])
+    return out
+
+
+def payloads_with_branches(node: str, sides: dict, key: str, payload_type: type, maker: str) -> list[tuple]:
+    """Each `payload_type` payload under `key` in the sides' first entries ({"positive": conditioning, "negative":
+    ...}: only the sides the run uses) with the branches it was applied to (one object in both sides: both), positive's
+    order first, then those only in negative. `maker` names the node that makes such entries, for the error."""
+    found: list[tuple[object, set[str]]] = []
+    for side, conditioning in sides.items():
+        items = conditioning[0][1].get(key) if conditioning else None
+        for i, payload in enumerate(items or []):
+            if not isinstance(payload, payload_type):
+                raise NodeInputError(f"{node}, input '{side}': {key}[{i}] is a {type(payload).__name__}; only "
+                                     f"{maker} makes these entries.")
+            known = next((branches for p, branches in found if p is payload), None)
+            if known is None:
+                found.append((payload, {side}))
+            else:
+                known.add(side)
+    return [(p, frozenset(b)) for p, b in found]
+
+
 def unused_keys(conditioning) -> set[str]:
     """The keys of a CONDITIONING's entries that the sampler does not honour (None values are no setting)."""
     return {QUALIFIERS.get(key, key) for _, extra in conditioning or [] for key, value in extra.items()

@@ -31,7 +31,7 @@ from flux_core.vram import GiB, VRAMManager, store_model, stored_compute_dtype
 
 from . import comfy_bridge as bridge
 from . import vram_nodes
-from .conditioning import image_to_model
+from .conditioning import PERCENT_INPUTS, image_to_model, payloads_with_branches, with_payload
 from .handles import CONTROLNET_TYPE, VAE_TYPE, ControlNetHandle, DiTHandle, VAEHandle
 from .loaders import NodeInputError, load_kind, node_error, validate_weight_dtype, weight_dtype_choice
 
@@ -123,10 +123,7 @@ class FluxCoreApplyControlNet:
                                "4, gray 5, lq 6). Other ControlNets: none."}),
                 "strength": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 10.0, "step": 0.01,
                                        "tooltip": "Scale of the ControlNet's residuals; 0 leaves it out."}),
-                "start_percent": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.001, "tooltip":
-                                            "First step it acts on, as a fraction of the steps (0 = the first)."}),
-                "end_percent": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.001, "tooltip":
-                                          "Last step it acts on, as a fraction of the steps (1 = the last)."}),
+                **PERCENT_INPUTS,
             },
             "optional": {
                 "mask": ("MASK", {"tooltip": "Inpainting ControlNets (alimama) only, and required there: 1 where "
@@ -174,36 +171,13 @@ class FluxCoreApplyControlNet:
             controlnet=control_net, image=image, vae=vae, strength=float(strength),
             steps=percent_range(start_percent, end_percent),
             mode=None if union_mode == NO_MODE else union_mode_id(union_mode), mask=mask)
-        return (with_payload(positive, payload), with_payload(negative, payload))
-
-
-def with_payload(conditioning, payload: ControlNetPayload):
-    """A copy of the conditioning with `payload` appended to every entry's `fluxcore_controlnets` list."""
-    out = []
-    for tokens, extra in conditioning:
-        extra = dict(extra)
-        extra[CONTROLNETS_KEY] = list(extra.get(CONTROLNETS_KEY) or []) + [payload]
-        out.append([tokens, extra])
-    return out
+        return (with_payload(positive, CONTROLNETS_KEY, payload), with_payload(negative, CONTROLNETS_KEY, payload))
 
 
 # ---------------------------------------------------------------- sampling
-def payloads_with_branches(node: str, sides: dict) -> list[tuple[ControlNetPayload, frozenset[str]]]:
-    """Each payload of the sides' first entries ({"positive": conditioning, "negative": ...}: only the sides the
-    run uses) with the branches it was applied to: positive's order first, then those only in negative."""
-    found: list[tuple[ControlNetPayload, set[str]]] = []
-    for side, conditioning in sides.items():
-        items = conditioning[0][1].get(CONTROLNETS_KEY) if conditioning else None
-        for i, payload in enumerate(items or []):
-            if not isinstance(payload, ControlNetPayload):
-                raise NodeInputError(f"{node}, input '{side}': {CONTROLNETS_KEY}[{i}] is a "
-                                     f"{type(payload).__name__}; only Apply ControlNet (FluxCore) makes these entries.")
-            known = next((branches for p, branches in found if p is payload), None)
-            if known is None:
-                found.append((payload, {side}))
-            else:
-                known.add(side)
-    return [(p, frozenset(b)) for p, b in found]
+def controlnet_payloads(node: str, sides: dict) -> list[tuple[ControlNetPayload, frozenset[str]]]:
+    """The ControlNet payloads of the run's sides with the branches each was applied to."""
+    return payloads_with_branches(node, sides, CONTROLNETS_KEY, ControlNetPayload, "Apply ControlNet (FluxCore)")
 
 
 def check_payload(node: str, where: str, payload: ControlNetPayload, dit, batch: int) -> None:
@@ -248,7 +222,7 @@ def encode_control(payload: ControlNetPayload, width: int, height: int, name: st
 def controlnet_adapters(node: str, payloads: list[tuple[ControlNetPayload, frozenset[str]]], dit, batch: int, h: int,
                         w: int, vae_tiling: dict, device: torch.device | str = "cpu"
                         ) -> tuple[list[ControlNetAdapter], list[ControlNetHandle]]:
-    """One flux_core ControlNetAdapter per (payload, branches) of `payloads_with_branches`, its control latent
+    """One flux_core ControlNetAdapter per (payload, branches) of `controlnet_payloads`, its control latent
     encoded (and put on `device`), and the ControlNet handles they use (each once). Runs before the DiT is placed."""
     def where(i: int, payload: ControlNetPayload, branches: frozenset[str]) -> str:
         side = "positive" if "positive" in branches else "negative"

@@ -30,7 +30,8 @@ from . import comfy_bridge as bridge
 from .adapter_models import computing
 from .comfy_bridge import ManagedModel
 from .conditioning import image_to_model
-from .controlnet_nodes import ControlNetPayload, percent_range, with_payload
+from .conditioning import PERCENT_INPUTS, with_payload
+from .controlnet_nodes import CONTROLNETS_KEY, ControlNetPayload, percent_range
 from .handles import (FACE_EMBEDDING_TYPE, INFINITEYOU_TYPE, VAE_TYPE, ControlNetHandle, DiTHandle,
                       FaceEmbedding, InfiniteYouHandle)
 from .loaders import (NodeInputError, list_models_and_folders, load_kind, model_or_folder_path, node_error,
@@ -175,10 +176,7 @@ class FluxCoreApplyInfiniteYou:
                                        "sampler's)."}),
                 "strength": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 10.0, "step": 0.01,
                                        "tooltip": "Scale of InfuseNet's residuals; 0 leaves it out."}),
-                "start_percent": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.001, "tooltip":
-                                            "First step it acts on, as a fraction of the steps (0 = the first)."}),
-                "end_percent": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.001, "tooltip":
-                                          "Last step it acts on, as a fraction of the steps (1 = the last)."}),
+                **PERCENT_INPUTS,
             },
             "optional": {
                 "face_image": ("IMAGE", {"tooltip": "A photo of the person (one image; its largest face is used). "
@@ -219,7 +217,7 @@ class FluxCoreApplyInfiniteYou:
             controlnet=infiniteyou.infusenet, image=BLACK if control_image is None else control_image, vae=vae,
             strength=float(strength), steps=percent_range(start_percent, end_percent), mode=None,
             projector=infiniteyou.projector, embedding=embedding, guidance=float(guidance))
-        return (with_payload(positive, payload), with_payload(negative, payload))
+        return (with_payload(positive, CONTROLNETS_KEY, payload), with_payload(negative, CONTROLNETS_KEY, payload))
 
 
 def _is_image(image, count: int | None = None) -> bool:

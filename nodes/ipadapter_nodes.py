@@ -28,7 +28,7 @@ from flux_core.models.image_encoders import encode_images
 
 from . import comfy_bridge as bridge
 from .adapter_models import computing
-from .conditioning import image_to_model
+from .conditioning import PERCENT_INPUTS, image_to_model, payloads_with_branches, with_payload
 from .controlnet_nodes import percent_range
 from .handles import IPADAPTER_TYPE, DiTHandle, IPAdapterHandle
 from .loaders import (NodeInputError, list_models_and_folders, load_kind, model_or_folder_path, node_error,
@@ -122,10 +122,7 @@ class FluxCoreApplyIPAdapter:
                                            "(SigLIP: 384x384; CLIP: shortest side 224, centre crop)."}),
             "weight": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 5.0, "step": 0.01, "tooltip":
                                  "Scale of the image attention (ipadapter_scale); 0 leaves it out."}),
-            "start_percent": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.001, "tooltip":
-                                        "First step it acts on, as a fraction of the steps (0 = the first)."}),
-            "end_percent": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.001, "tooltip":
-                                      "Last step it acts on, as a fraction of the steps (1 = the last)."}),
+            **PERCENT_INPUTS,
         }}
 
     def apply(self, positive, negative, ipadapter, image, weight=1.0, start_percent=0.0, end_percent=1.0):
@@ -144,36 +141,13 @@ class FluxCoreApplyIPAdapter:
             return (positive, negative)
         payload = IPAdapterPayload(ipadapter=ipadapter, images=image, weight=float(weight),
                                    steps=percent_range(start_percent, end_percent))
-        return (with_ipadapter(positive, payload), with_ipadapter(negative, payload))
-
-
-def with_ipadapter(conditioning, payload: IPAdapterPayload):
-    """A copy of the conditioning with `payload` appended to every entry's `fluxcore_ipadapters` list."""
-    out = []
-    for tokens, extra in conditioning:
-        extra = dict(extra)
-        extra[IPADAPTERS_KEY] = list(extra.get(IPADAPTERS_KEY) or []) + [payload]
-        out.append([tokens, extra])
-    return out
+        return (with_payload(positive, IPADAPTERS_KEY, payload), with_payload(negative, IPADAPTERS_KEY, payload))
 
 
 # ---------------------------------------------------------------- sampling
 def ipadapter_payloads(node: str, sides: dict) -> list[tuple[IPAdapterPayload, frozenset[str]]]:
-    """Each payload of the sides' first entries ({"positive": conditioning, "negative": ...}: only the sides the
-    run uses) with the branches it was applied to: positive's order first, then those only in negative."""
-    found: list[tuple[IPAdapterPayload, set[str]]] = []
-    for side, conditioning in sides.items():
-        items = conditioning[0][1].get(IPADAPTERS_KEY) if conditioning else None
-        for i, payload in enumerate(items or []):
-            if not isinstance(payload, IPAdapterPayload):
-                raise NodeInputError(f"{node}, input '{side}': {IPADAPTERS_KEY}[{i}] is a "
-                                     f"{type(payload).__name__}; only Apply IP-Adapter (FluxCore) makes these entries.")
-            known = next((branches for p, branches in found if p is payload), None)
-            if known is None:
-                found.append((payload, {side}))
-            else:
-                known.add(side)
-    return [(p, frozenset(b)) for p, b in found]
+    """The IP-Adapter payloads of the run's sides with the branches each was applied to."""
+    return payloads_with_branches(node, sides, IPADAPTERS_KEY, IPAdapterPayload, "Apply IP-Adapter (FluxCore)")
 
 
 def _where(i: int, payload: IPAdapterPayload, branches: frozenset[str]) -> str:

@@ -31,7 +31,7 @@ from flux_core.tiled_dit import DiTTiling
 
 from . import comfy_bridge as bridge
 from .conditioning import read_conditioning, warn_unused_entries
-from .controlnet_nodes import controlnet_adapters, payloads_with_branches, place_controlnets
+from .controlnet_nodes import controlnet_adapters, controlnet_payloads, place_controlnets
 from .infiniteyou_nodes import with_identities
 from .ipadapter_nodes import check_ipadapter_payloads, ipadapter_adapters, ipadapter_payloads
 from .handles import DIT_TYPE, DiTHandle
@@ -58,7 +58,7 @@ def check_sampler_cost(node: str, dit, batch: int, h: int, w: int, text_tokens: 
     """The pipeline's cost checks for one sampler run (latent sides h, w): refuse what cannot fit the compute
     device, warn when it takes most of it or would take very long on a CPU. With `tiling` one DiT call sees one
     tile (all tiles have one size), and each step makes one call per tile; `controlnets` ((payload, branches) from
-    payloads_with_branches) add their own forwards to the compute, counted in DiT passes
+    controlnet_payloads) add their own forwards to the compute, counted in DiT passes
     (flux_core.run_cost.controlnet_passes)."""
     calls, tile_h, tile_w = dit_calls_per_step(h, w, tiling)
     image = image_tokens(tile_h * 8, tile_w * 8) + reference_tokens
@@ -185,7 +185,7 @@ class FluxCoreSampler:
             raise NodeInputError(f"{node}, input 'positive' (reference_latents): {e}") from None
         sigmas = flux_sigmas(steps, denoise, sigma_shift)
         device = bridge.compute_device()
-        payloads = payloads_with_branches(node, sides)
+        payloads = controlnet_payloads(node, sides)
         reference_tokens = extras.ref_tokens.shape[1] if extras is not None else 0  # odd sides padded: exact
         check_sampler_cost(node, model.model.module, b, h, w, positive_embeds.prompt_emb.shape[1], reference_tokens,
                            len(sigmas), passes=2 if negative_embeds is not None else 1, tiling=tiling,

@@ -17,7 +17,7 @@ from flux_core.pipeline import FluxImagePipeline
 from nodes import comfy_bridge
 from nodes.conditioning import FluxCoreTextEncode
 from nodes.controlnet_nodes import (CONTROLNETS_KEY, FluxCoreApplyControlNet, FluxCoreControlNetLoader,
-                                    payloads_with_branches, percent_range)
+                                    controlnet_payloads, percent_range)
 from nodes.loaders import NodeInputError
 from nodes.sampler import FluxCoreEmptyLatent, FluxCoreSampler
 from tests.tiny_comfy import NAMES, load_node_models, make_models_dir
@@ -145,11 +145,11 @@ def test_a_payload_only_in_positive_runs_only_in_the_positive_branch(models):
     _, image = picture(6)
     pos_cn, neg_cn = apply(models, encode(models, "a cat"), encode(models, ""), "plain", image)
     positive, negative = encode(models, "a cat"), encode(models, "")
-    (payload, branches), = payloads_with_branches("n", {"positive": pos_cn, "negative": negative})
+    (payload, branches), = controlnet_payloads("n", {"positive": pos_cn, "negative": negative})
     assert branches == {"positive"}
-    (_, branches), = payloads_with_branches("n", {"positive": positive, "negative": neg_cn})
+    (_, branches), = controlnet_payloads("n", {"positive": positive, "negative": neg_cn})
     assert branches == {"negative"}
-    (_, branches), = payloads_with_branches("n", {"positive": pos_cn, "negative": neg_cn})
+    (_, branches), = controlnet_payloads("n", {"positive": pos_cn, "negative": neg_cn})
     assert branches == {"positive", "negative"}
     both = sample(models, pos_cn, neg_cn, cfg=2.0)["samples"]
     pos_only = sample(models, pos_cn, negative, cfg=2.0)["samples"]
