@@ -20,7 +20,7 @@ from dataclasses import replace
 import torch
 import torch.nn.functional as F
 
-from flux_core.run_cost import check_run_cost, controlnet_passes, dit_calls_per_step, image_tokens
+from flux_core.run_cost import check_run_cost, controlnet_passes, dit_calls_per_step, image_tokens, ipadapter_kv_bytes
 from flux_core.inputs import SEED_MAX
 from flux_core.lora import clear_lora, load_lora
 from flux_core.model_state import state_of
@@ -28,6 +28,7 @@ from flux_core.models.vae import AutoEncoderParams
 from flux_core.sampling import denoise as run_denoise, guided_velocity, make_noise, reference_extras, tea_cache_extras
 from flux_core.scheduler import add_noise, flux_sigmas, next_sigmas
 from flux_core.tiled_dit import DiTTiling
+from flux_core.vram import GiB, stored_compute_dtype
 
 from . import comfy_bridge as bridge
 from .conditioning import read_conditioning, warn_unused_entries
@@ -54,12 +55,14 @@ def prepare_dit(handle: DiTHandle):
 
 
 def check_sampler_cost(node: str, dit, batch: int, h: int, w: int, text_tokens: int, reference_tokens: int,
-                       steps: int, passes: int, tiling: DiTTiling | None = None, controlnets=()) -> None:
+                       steps: int, passes: int, tiling: DiTTiling | None = None, controlnets=(),
+                       ipadapters=()) -> None:
     """The pipeline's cost checks for one sampler run (latent sides h, w): refuse what cannot fit the compute
     device, warn when it takes most of it or would take very long on a CPU. With `tiling` one DiT call sees one
     tile (all tiles have one size), and each step makes one call per tile; `controlnets` ((payload, branches) from
     controlnet_payloads) add their own forwards to the compute, counted in DiT passes
-    (flux_core.run_cost.controlnet_passes)."""
+    (flux_core.run_cost.controlnet_passes); `ipadapters` ((payload, branches) from ipadapter_payloads) keep their
+    keys/values on the device for the whole run (flux_core.run_cost.ipadapter_kv_bytes)."""
     calls, tile_h, tile_w = dit_calls_per_step(h, w, tiling)
     image = image_tokens(tile_h * 8, tile_w * 8) + reference_tokens
     tiles = f", in {calls} DiT tiles of {tile_w * 8}x{tile_h * 8}" if tiling is not None else ""
@@ -71,10 +74,18 @@ def check_sampler_cost(node: str, dit, batch: int, h: int, w: int, text_tokens: 
     work = (f"{steps} steps x {calls} tile(s) x ({passes} pass(es){counted}) x {batch} image(s) at "
             f"{w * 8}x{h * 8}" if tiling is not None or controlnets
             else f"{steps} steps x {passes} pass(es) x {batch} image(s) at {w * 8}x{h * 8}")
+    held = 0
+    for payload, branches in ipadapters:
+        adapter = payload.ipadapter.adapter.module
+        p = adapter.params
+        held += ipadapter_kv_bytes(p.num_blocks, p.num_tokens, p.hidden_size, payload.images.shape[0],
+                                   min(len(branches), passes), stored_compute_dtype(adapter))
+    if held:
+        what += f", {held / GiB:.2f} GiB of IP-Adapter keys/values ({len(ipadapters)} Apply IP-Adapter)"
     device = vram_nodes.make_compute_device()  # looked up at call time: tests put a SimulatedDevice there
     try:
         check_run_cost(dit, device, batch, image, text_tokens, steps * calls, passes + extra, what, work,
-                       stacklevel=3)
+                       stacklevel=3, held_bytes=held)
     except ValueError as e:
         raise NodeInputError(f"{node}: {e}") from None
 
@@ -186,14 +197,14 @@ class FluxCoreSampler:
         sigmas = flux_sigmas(steps, denoise, sigma_shift)
         device = bridge.compute_device()
         payloads = controlnet_payloads(node, sides)
+        ip_payloads = ipadapter_payloads(node, sides)
+        check_ipadapter_payloads(node, ip_payloads, model.model.module)  # before any image is encoded
         reference_tokens = extras.ref_tokens.shape[1] if extras is not None else 0  # odd sides padded: exact
         check_sampler_cost(node, model.model.module, b, h, w, positive_embeds.prompt_emb.shape[1], reference_tokens,
                            len(sigmas), passes=2 if negative_embeds is not None else 1, tiling=tiling,
-                           controlnets=payloads)
+                           controlnets=payloads, ipadapters=ip_payloads)
         vae_tiling = ({} if tiling is None else
                       dict(tiled=True, tile_size=tiling.tile_size, tile_stride=tiling.tile_stride))
-        ip_payloads = ipadapter_payloads(node, sides)
-        check_ipadapter_payloads(node, ip_payloads, model.model.module)  # before any image is encoded
         adapters, controlnets = controlnet_adapters(node, payloads, model.model.module, b, h, w, vae_tiling, device)
         adapters = with_identities(payloads, adapters, model) + ipadapter_adapters(node, ip_payloads, model)
         mask = latent_mask(latent_image["noise_mask"], b, h, w) if "noise_mask" in latent_image else None

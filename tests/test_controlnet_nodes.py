@@ -320,7 +320,7 @@ def test_cost_check_counts_controlnet_passes_and_tiles(models, monkeypatch):
     from nodes import sampler as sampler_module
     calls = []
     monkeypatch.setattr(sampler_module, "check_run_cost", lambda dit, device, batch, image, text, steps, passes,
-                        what, work, stacklevel: calls.append((image, steps, passes, work)))
+                        what, work, stacklevel, **kwargs: calls.append((image, steps, passes, work)))
     _, image = picture(11)
     positive, negative = apply(models, encode(models, "a"), encode(models, ""), "union", image, "canny")
     sample(models, positive, negative, steps=2, cfg=2.0, tiled_dit=True, tile_size=4, tile_stride=2)

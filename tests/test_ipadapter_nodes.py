@@ -291,3 +291,20 @@ def test_an_fp8_ipadapter_computes_through_a_vram_manager_close_to_full_precisio
     assert (runs[0] - runs[1]).abs().max().item() < 0.25 * (runs[1] - none).abs().max().item()
     assert module.ipadapter_modules[0].to_k_ip.weight.dtype == torch.float8_e4m3fn   # storage kept
     assert state_of(module).compute is None   # the run's manager let it go
+
+
+def test_the_sampler_counts_the_ipadapters_keys_and_values_in_its_memory_check(models, monkeypatch):
+    """As the pipeline: each Apply IP-Adapter's keys/values (per block k and v of its tokens per reference image, per
+    branch it acts in) are counted with the DiT's activations."""
+    from nodes import sampler as sampler_module
+    held = []
+    monkeypatch.setattr(sampler_module, "check_run_cost",
+                        lambda *args, held_bytes=0, **kwargs: held.append((args[7], held_bytes)))
+    _, images = pictures(1, 2)
+    sample(models, *apply(models, "instantx", images), cfg=2.0)
+    sample(models, encode(models, "a cat"), encode(models, ""))
+    (what, bytes_), (_, none) = held
+    p = models["instantx"].adapter.module.params
+    element = next(models["instantx"].adapter.module.parameters()).element_size()
+    assert bytes_ == 2 * p.num_blocks * p.num_tokens * 2 * p.hidden_size * 2 * element  # 2 images, 2 branches
+    assert none == 0 and "GiB of IP-Adapter keys/values (1 Apply IP-Adapter)" in what
