@@ -8,8 +8,8 @@ ByteDance's InfiniteYou compute it (reference notes §3.7):
 3. the crop, scaled from [0, 255] to [-1, 1] and still in BGR order, goes through facexlib's ArcFace (IR-SE50)
    network, which returns a unit-length 512-d vector.
 
-insightface, onnxruntime, facexlib and OpenCV are optional extras (`pip install "fluxcore[infiniteyou]"`), imported
-only when a face is embedded; nothing is ever downloaded. Their weights are the user's to fetch:
+insightface, onnxruntime, facexlib and OpenCV are optional extras (`pip install ".[infiniteyou]"` from a clone),
+imported only when a face is embedded; nothing is ever downloaded. Their weights are the user's to fetch:
 - the antelopev2 detector: `<root>/models/antelopev2/scrfd_10g_bnkps.onnx` (the other antelopev2 files may sit
   beside it; only the detector is used), root by default DiffSynth's `<local model path>/ByteDance/InfiniteYou/
   supports/insightface`, from ModelScope/Hugging Face `ByteDance/InfiniteYou`, `supports/insightface/models/antelopev2/`;
@@ -42,7 +42,7 @@ DETECTION_SIZES = (640, 320, 160)        # DiffSynth's and InfiniteYou's order: 
 ARCFACE_FILE = "recognition_arcface_ir_se50.pth"
 ARCFACE_URL = f"https://github.com/xinntao/facexlib/releases/download/v0.1.0/{ARCFACE_FILE}"
 ALIGNED_SIZE = 112                       # ArcFace's input: the 112x112 template of norm_crop's "arcface" mode
-PIP_EXTRA = 'pip install "fluxcore[infiniteyou]"'
+PIP_EXTRA = 'pip install ".[infiniteyou]"'   # from a clone of FluxCore, as README's other extras
 
 # (import name, pip package) of every optional package the face embedding needs.
 PACKAGES = (("insightface", "insightface"), ("onnxruntime", "onnxruntime (or onnxruntime-gpu)"),
@@ -129,8 +129,8 @@ def check_face_embedding_setup(root: str | os.PathLike, arcface_weights: str | o
     if missing:
         raise FaceEmbeddingSetupError(
             "infinityou_id_image needs a face detector and ArcFace, and these are missing:\n- " + "\n- ".join(missing)
-            + f"\nInstall the packages with `{PIP_EXTRA}` (or `pip install insightface onnxruntime facexlib "
-            f"opencv-python`). Or skip face detection: pass infinityou_id_embedding= (a precomputed 512-d ArcFace "
+            + f"\nInstall the packages into the Python that runs FluxCore: `pip install insightface onnxruntime "
+            f"facexlib opencv-python` (from a clone of FluxCore: `{PIP_EXTRA}`). Or skip face detection: pass infinityou_id_embedding= (a precomputed 512-d ArcFace "
             f"embedding) instead of infinityou_id_image.")
 
 

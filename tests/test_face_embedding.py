@@ -131,7 +131,8 @@ def test_nothing_installed_lists_every_package_and_weight_at_once(tmp_path):
     text = str(err.value)
     for piece in ("insightface", "onnxruntime", "facexlib", "opencv-python"):
         assert f"the Python package {piece}" in text
-    assert 'pip install "fluxcore[infiniteyou]"' in text
+    assert "`pip install insightface onnxruntime facexlib opencv-python`" in text
+    assert 'pip install ".[infiniteyou]"' in text
     assert str(tmp_path / "insightface" / "models" / "antelopev2" / DETECTOR_FILE) in text
     assert ("`modelscope download ByteDance/InfiniteYou --include 'supports/insightface/models/antelopev2/*' "
             f"--local-dir <folder>` and move <folder>/supports/insightface/models/antelopev2/ to "
