@@ -11,12 +11,15 @@ DiffSynth-Studio's semantics (reference notes §3.7):
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
+import numpy as np
 import torch
 
 from .vram import compute_place
 
 FACE_EMBEDDING_DIM = 512
+EMBEDDING_EXTENSIONS = (".safetensors", ".npy")
 
 
 class InfiniteYouWithoutControlNetWarning(UserWarning):
@@ -48,6 +51,38 @@ def check_face_embedding(embedding, name: str = "infinityou_id_embedding") -> to
         raise ValueError(f"{name} must be the {FACE_EMBEDDING_DIM}-d ArcFace embedding of one face (a float tensor "
                          f"of {FACE_EMBEDDING_DIM} values), got {tuple(tensor.shape)} {tensor.dtype}.")
     return tensor.detach().float().reshape(1, 1, FACE_EMBEDDING_DIM)
+
+
+def read_face_embedding(path: Path) -> torch.Tensor:
+    """A face embedding file (a .npy array, read without unpickling, or a .safetensors file holding one tensor) as
+    (1, 1, 512) float32. Raises ValueError saying what is wrong with the file."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in EMBEDDING_EXTENSIONS:
+        raise ValueError(f"{path.name} is not an embedding file; use {' or '.join(EMBEDDING_EXTENSIONS)} (a face "
+                         f"embedding is read from .npy or .safetensors files: one tensor of {FACE_EMBEDDING_DIM} "
+                         f"floats)")
+    if not path.is_file():
+        raise ValueError(f"{path} does not exist")
+    if suffix == ".npy":
+        try:
+            value = torch.from_numpy(np.ascontiguousarray(np.load(path, allow_pickle=False)))
+        except ValueError as e:   # an object array needs unpickling, which is refused
+            raise ValueError(f"{path} is not a plain numeric .npy array and cannot be read without unpickling ({e}); "
+                             f"save a plain float array with numpy.save") from None
+        except OSError as e:
+            raise ValueError(f"{path} is not a .npy file ({e})") from None
+    else:
+        from safetensors.torch import load_file
+        try:
+            tensors = load_file(str(path))
+        except Exception as e:  # noqa: BLE001 - safetensors raises its own error types for every kind of damage
+            raise ValueError(f"{path} is not a readable safetensors file ({e})") from None
+        if len(tensors) != 1:
+            raise ValueError(f"{path} holds {len(tensors)} tensors ({', '.join(sorted(tensors)[:4])}); it must hold "
+                             f"one, the face's {FACE_EMBEDDING_DIM} floats")
+        value, = tensors.values()
+    return check_face_embedding(value, path.name)
 
 
 def identity_tokens(projector: torch.nn.Module, embedding: torch.Tensor, guidance: float = 1.0) -> IdentityTokens:

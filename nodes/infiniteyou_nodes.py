@@ -18,19 +18,17 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from flux_core.controlnet import ControlNetAdapter, is_inpainting
 from flux_core.dtypes import WEIGHT_DTYPES
 from flux_core.image import tensor_to_pil
-from flux_core.infiniteyou import FACE_EMBEDDING_DIM, check_face_embedding, identity_tokens
+from flux_core.infiniteyou import EMBEDDING_EXTENSIONS, check_face_embedding, identity_tokens, read_face_embedding
 
 from . import comfy_bridge as bridge
 from .adapter_models import computing
 from .comfy_bridge import ManagedModel
-from .conditioning import image_to_model
-from .conditioning import PERCENT_INPUTS, with_payload
+from .conditioning import PERCENT_INPUTS, image_to_model, with_payload
 from .controlnet_nodes import CONTROLNETS_KEY, ControlNetPayload, percent_range
 from .handles import (FACE_EMBEDDING_TYPE, INFINITEYOU_TYPE, VAE_TYPE, ControlNetHandle, DiTHandle,
                       FaceEmbedding, InfiniteYouHandle)
@@ -40,7 +38,6 @@ from .loaders import (NodeInputError, list_models_and_folders, load_kind, model_
 INFINITEYOU_FOLDER = "infinite_you"        # models/infinite_you: ByteDance's infu_flux_v1.0/<variant>/ as published
 FACE_EMBEDDINGS_FOLDER = "face_embeddings" # models/face_embeddings: precomputed embeddings (.npy, .safetensors)
 INSIGHTFACE_FOLDER = "insightface"         # models/insightface/models/antelopev2/ (as other ComfyUI face nodes)
-EMBEDDING_EXTENSIONS = (".npy", ".safetensors")
 BLACK = torch.zeros(1, 8, 8, 3)   # InfuseNet's default control image: resized to the latent's size, still black
 
 bridge.register_model_folder(INFINITEYOU_FOLDER)
@@ -129,29 +126,6 @@ class FluxCoreLoadFaceEmbedding:
             return (FaceEmbedding(read_face_embedding(Path(path)), embedding_name),)
         except (FileNotFoundError, ValueError) as e:
             raise node_error(node, "embedding_name", e) from None
-
-
-def read_face_embedding(path: Path) -> torch.Tensor:
-    """A 512-d embedding from .npy (allow_pickle=False) or .safetensors (exactly one tensor), as (1, 1, 512)."""
-    suffix = path.suffix.lower()
-    if suffix == ".npy":
-        try:
-            array = np.load(path, allow_pickle=False)
-        except ValueError as e:  # object arrays need pickle: refused
-            raise ValueError(f"{path}: not a plain numeric .npy array ({e})") from None
-        if not np.issubdtype(array.dtype, np.floating):
-            raise ValueError(f"{path}: holds {array.dtype} values; a face embedding is {FACE_EMBEDDING_DIM} floats")
-        tensor = torch.from_numpy(np.ascontiguousarray(array))
-    elif suffix == ".safetensors":
-        from safetensors.torch import load_file
-        tensors = load_file(str(path))
-        if len(tensors) != 1:
-            raise ValueError(f"{path}: holds {len(tensors)} tensors ({', '.join(sorted(tensors)[:5])}); a face "
-                             f"embedding file holds one, of {FACE_EMBEDDING_DIM} values")
-        tensor, = tensors.values()
-    else:
-        raise ValueError(f"{path}: a face embedding is read from .npy or .safetensors files, not {suffix or 'this'}")
-    return check_face_embedding(tensor, name=str(path))
 
 
 class FluxCoreApplyInfiniteYou:

@@ -22,10 +22,10 @@ import numpy as np
 import torch
 
 from ..infiniteyou import FACE_EMBEDDING_DIM, IdentityTokens, check_face_embedding, identity_tokens
+from ..infiniteyou import read_face_embedding as read_embedding_file
 from .args import TrainError
 
 ID_IMAGE, ID_EMBEDDING, GUIDANCE = "infinityou_id_image", "infinityou_id_embedding", "infinityou_guidance"
-EMBEDDING_EXTENSIONS = (".safetensors", ".npy")
 DEFAULT_GUIDANCE = 1.0   # DiffSynth's default infinityou_guidance
 PRECOMPUTED_HINT = (f"To train without face detection, use --extra_inputs {ID_EMBEDDING} (a metadata column of "
                     f".safetensors/.npy files of the faces' {FACE_EMBEDDING_DIM}-d ArcFace embeddings) instead of "
@@ -33,32 +33,8 @@ PRECOMPUTED_HINT = (f"To train without face detection, use --extra_inputs {ID_EM
 
 
 def read_face_embedding(path: Path) -> torch.Tensor:
-    """A face embedding file -> (512,) float32. Raises ValueError saying what is wrong with the file."""
-    suffix = path.suffix.lower()
-    if suffix not in EMBEDDING_EXTENSIONS:
-        raise ValueError(f"{path.name} is not an embedding file; use {' or '.join(EMBEDDING_EXTENSIONS)} (one "
-                         f"tensor of {FACE_EMBEDDING_DIM} floats)")
-    if not path.is_file():
-        raise ValueError(f"{path} does not exist")
-    if suffix == ".npy":
-        try:
-            value = torch.from_numpy(np.load(path, allow_pickle=False))
-        except ValueError as e:   # an object array needs unpickling, which is refused
-            raise ValueError(f"{path} cannot be read without unpickling ({e}); save a plain float array with "
-                             f"numpy.save") from None
-        except OSError as e:
-            raise ValueError(f"{path} is not a .npy file ({e})") from None
-    else:
-        from safetensors.torch import load_file
-        try:
-            tensors = load_file(str(path))
-        except Exception as e:  # noqa: BLE001 - safetensors raises its own error types for every kind of damage
-            raise ValueError(f"{path} is not a readable safetensors file ({e})") from None
-        if len(tensors) != 1:
-            raise ValueError(f"{path} holds {len(tensors)} tensors ({', '.join(list(tensors)[:4])}); it must hold "
-                             f"one, the face's {FACE_EMBEDDING_DIM} floats")
-        value = next(iter(tensors.values()))
-    return check_face_embedding(value, path.name).reshape(FACE_EMBEDDING_DIM)
+    """A face embedding file (flux_core.infiniteyou.read_face_embedding) as the (512,) a dataset row holds."""
+    return read_embedding_file(path).reshape(FACE_EMBEDDING_DIM)
 
 
 def guidance_value(value, where: str) -> float:
