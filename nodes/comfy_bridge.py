@@ -95,6 +95,18 @@ def _relative(root: Path, path: Path) -> str:
     return str(path.relative_to(root)).replace(os.sep, "/")
 
 
+def weight_folders(folder: str) -> list[str]:
+    """Sub-folders of a model folder that hold one model as a folder (its `config.json` or a shard index beside the
+    weights: a transformers SigLIP / CLIP snapshot, a sharded diffusers ControlNet such as InfiniteYou's
+    InfuseNetModel/). ComfyUI's own listing names files only, so a sharded model would show as its shards."""
+    found = set()
+    for root in folder_paths_for(folder):
+        if root.is_dir():
+            found.update(_relative(root, p) for p in _walk(root)
+                         if p.is_dir() and ((p / "config.json").is_file() or any(p.glob("*.safetensors.index.json"))))
+    return sorted(found)
+
+
 class UnsafeModelName(ValueError):
     """A model file name that would reach outside its model folder (`..`, an absolute path)."""
 

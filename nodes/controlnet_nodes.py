@@ -33,7 +33,7 @@ from . import comfy_bridge as bridge
 from . import vram_nodes
 from .conditioning import PERCENT_INPUTS, image_to_model, payloads_with_branches, with_payload
 from .handles import CONTROLNET_TYPE, VAE_TYPE, ControlNetHandle, DiTHandle, VAEHandle
-from .loaders import NodeInputError, load_kind, node_error, validate_weight_dtype, weight_dtype_choice
+from .loaders import NodeInputError, load_kind, model_file, validate_weight_dtype, weight_dtype_choice
 
 CONTROLNETS_KEY = "fluxcore_controlnets"   # CONDITIONING key: list of ControlNetPayload, in the order applied
 NO_MODE = "none"
@@ -91,10 +91,7 @@ class FluxCoreControlNetLoader:
     def load(self, controlnet_name, weight_dtype="default"):
         node = "FluxCoreControlNetLoader"
         weight_dtype = weight_dtype_choice(node, weight_dtype)
-        try:
-            path = bridge.model_path("controlnet", controlnet_name)
-        except (FileNotFoundError, bridge.UnsafeModelName) as e:
-            raise node_error(node, "controlnet_name", e) from None
+        path = model_file(node, "controlnet_name", "controlnet", controlnet_name)
         module = load_kind(node, "controlnet_name", path, "controlnet", WEIGHT_DTYPES[weight_dtype])
         return (ControlNetHandle(bridge.ManagedModel(module), controlnet_name),)
 

@@ -31,7 +31,7 @@ from .adapter_models import computing
 from .conditioning import PERCENT_INPUTS, image_to_model, payloads_with_branches, with_payload
 from .controlnet_nodes import percent_range
 from .handles import IPADAPTER_TYPE, DiTHandle, IPAdapterHandle
-from .loaders import (NodeInputError, list_models_and_folders, load_kind, model_or_folder_path, node_error,
+from .loaders import (NodeInputError, list_models_and_folders, load_kind, model_file, model_or_folder_path, node_error,
                       validate_weight_dtype, weight_dtype_choice)
 
 IPADAPTERS_KEY = "fluxcore_ipadapters"   # CONDITIONING key: list of IPAdapterPayload, in the order applied
@@ -85,10 +85,7 @@ class FluxCoreIPAdapterLoader:
     def load(self, ipadapter_name, image_encoder_name, weight_dtype="default"):
         node = "FluxCoreIPAdapterLoader"
         weight_dtype = weight_dtype_choice(node, weight_dtype)
-        try:
-            path = bridge.model_path(IPADAPTER_FOLDER, ipadapter_name)
-        except (FileNotFoundError, bridge.UnsafeModelName) as e:
-            raise node_error(node, "ipadapter_name", e) from None
+        path = model_file(node, "ipadapter_name", IPADAPTER_FOLDER, ipadapter_name)
         encoder_path = model_or_folder_path(node, "image_encoder_name", ENCODER_FOLDER, image_encoder_name)
         adapter = load_kind(node, "ipadapter_name", path, "ipadapter", WEIGHT_DTYPES[weight_dtype])
         encoder = load_kind(node, "image_encoder_name", encoder_path, "image_encoder")

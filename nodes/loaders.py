@@ -142,7 +142,7 @@ class FluxCoreDiTLoader:
         if modelscope_id.strip():
             source, label = modelscope_source(node, modelscope_id, "diffusion_models"), modelscope_id.strip()
         else:
-            source, label = _model_file(node, "dit_name", "diffusion_models", dit_name), dit_name
+            source, label = model_file(node, "dit_name", "diffusion_models", dit_name), dit_name
         module = load_kind(node, "modelscope_id" if modelscope_id.strip() else "dit_name", source, "dit",
                            WEIGHT_DTYPES[weight_dtype])
         state_of(module).fp8_on_load = WEIGHT_DTYPES[weight_dtype] is not None
@@ -167,8 +167,8 @@ class FluxCoreTextEncoderLoader:
     def load(self, clip_name, t5_name):
         node = "FluxCoreTextEncoderLoader"
         # The cheap checks first: both names and the tokenizers, before gigabytes of T5 are read.
-        clip_file = _model_file(node, "clip_name", "text_encoders", clip_name)
-        t5_file = _model_file(node, "t5_name", "text_encoders", t5_name)
+        clip_file = model_file(node, "clip_name", "text_encoders", clip_name)
+        t5_file = model_file(node, "t5_name", "text_encoders", t5_name)
         clip_tok, t5_tok = find_tokenizers(node)
         clip = load_kind(node, "clip_name", clip_file, "clip")
         t5 = load_kind(node, "t5_name", t5_file, "t5")
@@ -190,7 +190,7 @@ class FluxCoreVAELoader:
 
     def load(self, vae_name):
         node = "FluxCoreVAELoader"
-        module = load_kind(node, "vae_name", _model_file(node, "vae_name", "vae", vae_name), "vae")
+        module = load_kind(node, "vae_name", model_file(node, "vae_name", "vae", vae_name), "vae")
         return (VAEHandle(bridge.ManagedModel(module), vae_name),)
 
 
@@ -226,29 +226,18 @@ class FluxCoreDiffusersLoader:
                 VAEHandle(parts["vae"], folder))
 
 
-def _model_file(node: str, input_name: str, folder: str, name: str) -> str:
+def model_file(node: str, input_name: str, folder: str, name: str) -> str:
+    """The full path of a model file picked in a loader, or the node's error naming the input."""
     try:
         return bridge.model_path(folder, name)
     except (FileNotFoundError, bridge.UnsafeModelName) as e:
         raise node_error(node, input_name, e) from None
 
 
-def weight_folders(folder: str) -> list[str]:
-    """Sub-folders of a model folder that hold one model as a folder (its `config.json` or a shard index beside the
-    weights: a transformers SigLIP / CLIP snapshot, a sharded diffusers ControlNet such as InfiniteYou's
-    InfuseNetModel/). ComfyUI's own listing names files only, so a sharded model would show as its shards."""
-    found = set()
-    for root in bridge.folder_paths_for(folder):
-        if root.is_dir():
-            found.update(bridge._relative(root, p) for p in bridge._walk(root)
-                         if p.is_dir() and ((p / "config.json").is_file() or any(p.glob("*.safetensors.index.json"))))
-    return sorted(found)
-
-
 def list_models_and_folders(folder: str) -> list[str]:
-    """The model folders of a model folder (weight_folders) and its files (as bridge.list_models gives them) but
+    """The model folders of a model folder (bridge.weight_folders) and its files (as bridge.list_models gives them) but
     those inside a model folder: a shard or half of a snapshot is not a model to pick."""
-    folders = weight_folders(folder)
+    folders = bridge.weight_folders(folder)
     files = [f for f in bridge.list_models(folder) if not any(f.startswith(d + "/") for d in folders)]
     return sorted(set(files) | set(folders))
 

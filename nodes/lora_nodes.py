@@ -8,7 +8,7 @@ from lora_tools import LoraError
 
 from . import comfy_bridge as bridge
 from .handles import DIT_TYPE
-from .loaders import NodeInputError, node_error
+from .loaders import NodeInputError, model_file
 
 
 class FluxCoreLoraLoader:
@@ -30,10 +30,7 @@ class FluxCoreLoraLoader:
 
     def apply(self, model, lora_name, strength=1.0):
         node = "FluxCoreLoraLoader"
-        try:
-            path = bridge.model_path("loras", lora_name)
-        except (FileNotFoundError, bridge.UnsafeModelName) as e:
-            raise node_error(node, "lora_name", e) from None
+        path = model_file(node, "lora_name", "loras", lora_name)
         if strength == 0:
             return (model,)
         try:

@@ -81,7 +81,7 @@ def test_text_encoder_loader_checks_tokenizers_before_reading_the_encoders(model
     (text_encoders / "tokenizer_2").mkdir()
     read = []
     monkeypatch.setattr(loaders, "load_kind", lambda *args, **kwargs: read.append(args) or object())
-    monkeypatch.setattr(loaders, "_model_file", lambda node, name, folder, value: f"{folder}/{value}")
+    monkeypatch.setattr(loaders, "model_file", lambda node, name, folder, value: f"{folder}/{value}")
     with pytest.raises(NodeInputError) as info:
         FluxCoreTextEncoderLoader().load("clip_l.safetensors", "t5xxl.safetensors")
     message = str(info.value)
