@@ -168,9 +168,9 @@ def ipadapter_adapters(node: str, payloads: list[tuple[IPAdapterPayload, frozens
                        ) -> list[IPAdapterAdapter]:
     """One flux_core IPAdapterAdapter per (payload, branches): the reference images encoded (the encoder on the
     device for that moment), then the keys and values of every block made by the IP-Adapter (likewise), for the
-    branches the payload was applied to. Runs before the DiT is placed; checks first (check_ipadapter_payloads)."""
+    branches the payload was applied to. Runs before the DiT is placed, after the sampler's check_ipadapter_payloads
+    (which runs before the cost check and any encoding)."""
     dit = dit_handle.model.module
-    check_ipadapter_payloads(node, payloads, dit)
     adapters = []
     for i, (payload, branches) in enumerate(payloads):
         handle = payload.ipadapter
