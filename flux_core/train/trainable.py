@@ -29,6 +29,7 @@ DiffSynth's `--remove_prefix_in_ckpt pipe.ipadapter.` / `pipe.` these are the fi
 from __future__ import annotations
 
 import warnings
+from typing import Mapping
 
 import torch
 from torch import nn
@@ -159,15 +160,22 @@ def make_fully_trainable(dit: nn.Module) -> None:
     dit.requires_grad_(True)
 
 
-def full_state_dict(dit: nn.Module, remove_prefix: str) -> dict[str, torch.Tensor]:
-    """The DiT's weights named `pipe.dit.<BFL name>` minus --remove_prefix_in_ckpt (default: plain BFL names)."""
+def checkpoint_tensors(named: Mapping[str, torch.Tensor], prefix: str, remove_prefix: str
+                       ) -> dict[str, torch.Tensor]:
+    """Tensors named `prefix + name` (DiffSynth's `pipe.<attribute>.` names), minus --remove_prefix_in_ckpt where a
+    name starts with it, on the CPU: what every full checkpoint writes."""
     out = {}
-    for name, tensor in dit.state_dict().items():
-        key = "pipe.dit." + name
+    for name, tensor in named.items():
+        key = prefix + name
         if remove_prefix and key.startswith(remove_prefix):
             key = key[len(remove_prefix):]
         out[key] = tensor.detach().cpu()
     return out
+
+
+def full_state_dict(dit: nn.Module, remove_prefix: str) -> dict[str, torch.Tensor]:
+    """The DiT's weights named `pipe.dit.<BFL name>` minus --remove_prefix_in_ckpt (default: plain BFL names)."""
+    return checkpoint_tensors(dit.state_dict(), "pipe.dit.", remove_prefix)
 
 
 
@@ -185,13 +193,8 @@ def controlnet_state_dict(controlnet: nn.Module, remove_prefix: str) -> dict[str
     """The ControlNet's weights named `pipe.controlnet.models.0.<DiffSynth name>` minus --remove_prefix_in_ckpt."""
     state = controlnet.state_dict()
     names = bfl_to_diffsynth(list(state))  # flux_core.loading.dit_layouts
-    out = {}
-    for name, tensor in state.items():
-        key = CONTROLNET_CHECKPOINT_PREFIX + names[name]
-        if remove_prefix and key.startswith(remove_prefix):
-            key = key[len(remove_prefix):]
-        out[key] = tensor.detach().cpu()
-    return out
+    return checkpoint_tensors({names[name]: tensor for name, tensor in state.items()}, CONTROLNET_CHECKPOINT_PREFIX,
+                              remove_prefix)
 
 
 # ---------------------------------------------------------------------------------------- IP-Adapter, InfiniteYou
@@ -219,7 +222,7 @@ def make_adapters_trainable(modules: dict[str, nn.Module]) -> TrainedModules:
     return trained
 
 
-def adapters_state_dict(trained: TrainedModules, remove_prefix: str) -> dict[str, torch.Tensor]:
+def adapters_state_dict(trained: Mapping[str, nn.Module], remove_prefix: str) -> dict[str, torch.Tensor]:
     """The trained modules' weights under DiffSynth's names minus --remove_prefix_in_ckpt: `pipe.ipadapter.<name>`
     (its names are DiffSynth's: `image_proj.*`, `ipadapter_modules.<i>.*`), `pipe.image_proj_model.<name>`
     (ByteDance's names, which DiffSynth keeps) and the ControlNet's `pipe.controlnet.models.0.<DiffSynth name>`.
@@ -229,11 +232,7 @@ def adapters_state_dict(trained: TrainedModules, remove_prefix: str) -> dict[str
     for name, module in trained.items():
         if name == "controlnet":
             out.update(controlnet_state_dict(module, remove_prefix))
-            continue
-        prefix = IPADAPTER_CHECKPOINT_PREFIX if name == "ipadapter" else PROJECTOR_CHECKPOINT_PREFIX
-        for key, tensor in module.state_dict().items():
-            key = prefix + key
-            if remove_prefix and key.startswith(remove_prefix):
-                key = key[len(remove_prefix):]
-            out[key] = tensor.detach().cpu()
+        else:
+            prefix = IPADAPTER_CHECKPOINT_PREFIX if name == "ipadapter" else PROJECTOR_CHECKPOINT_PREFIX
+            out.update(checkpoint_tensors(module.state_dict(), prefix, remove_prefix))
     return out

@@ -648,19 +648,14 @@ class Trainer:
                 from lora_tools import save_lora
                 from .trainable import export_lora
                 save_lora(export_lora(dit), path, fmt=self.args.lora_format, dtype=self.dtype)
-            elif self.mode == "controlnet":
-                from .trainable import CONTROLNET_CONFIG_KEY, controlnet_state_dict
-                controlnet = self.trained
-                config = {"axes_dim": list(controlnet.params.axes_dim)}  # the one setting shapes cannot tell
-                save_safetensors(controlnet_state_dict(controlnet, self.args.remove_prefix_in_ckpt), path,
-                                 metadata={"format": "pt", CONTROLNET_CONFIG_KEY: json.dumps(config)})
-            elif self.mode in ("ipadapter", "infiniteyou"):
+            elif self.mode in ("controlnet", "ipadapter", "infiniteyou"):
                 from .trainable import CONTROLNET_CONFIG_KEY, adapters_state_dict
+                modules = {"controlnet": self.trained} if self.mode == "controlnet" else self.trained
                 metadata = {"format": "pt"}
-                if "controlnet" in self.trained:
-                    config = {"axes_dim": list(self.trained["controlnet"].params.axes_dim)}
+                if "controlnet" in modules:  # its RoPE axes: the one setting shapes cannot tell
+                    config = {"axes_dim": list(modules["controlnet"].params.axes_dim)}
                     metadata[CONTROLNET_CONFIG_KEY] = json.dumps(config)
-                save_safetensors(adapters_state_dict(self.trained, self.args.remove_prefix_in_ckpt), path,
+                save_safetensors(adapters_state_dict(modules, self.args.remove_prefix_in_ckpt), path,
                                  metadata=metadata)
             else:
                 from .trainable import DIT_CONFIG_KEY, full_state_dict
