@@ -17,6 +17,7 @@ from flux_core.pipeline import FluxImagePipeline
 from tests.tiny_controlnet import make_diffusers_controlnet, write_diffusers_controlnet
 from tests.tiny_dit import make_diffusers_dit, write_diffusers_dit
 from tests.tiny_pipeline import FOLDER_NAME, make_diffusers_pipeline
+from tests.tiny_vae import reference_encode, reference_encode_image
 
 H, W = 48, 64
 SIGMAS = [1.0, 0.75, 0.5, 0.25]
@@ -96,8 +97,7 @@ def diffsynth_loop(tiny, dit, controlnets, items, cfg_scale, x, negative):
     vae = ref.vae
 
     def encode(image):
-        pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)[None]
-        return (vae.encode(pixels).latent_dist.mode() - vae.config.shift_factor) * vae.config.scaling_factor
+        return reference_encode_image(vae, image)
 
     def text(prompt):
         emb, pooled, _ = ref.encode_prompt(prompt=prompt, prompt_2=None, max_sequence_length=16)
@@ -180,7 +180,7 @@ def test_inpainting_control_latent_is_diffsynths(tiny):
     vae = tiny.ref.vae
 
     def vae_mean(pixels, **kwargs):
-        return (vae.encode(pixels).latent_dist.mode() - vae.config.shift_factor) * vae.config.scaling_factor
+        return reference_encode(vae, pixels)
 
     fake = types.SimpleNamespace(device="cpu", torch_dtype=torch.float32, vae_encoder=vae_mean,
                                  load_models_to_device=lambda names: None)

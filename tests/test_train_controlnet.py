@@ -31,6 +31,7 @@ from flux_core.train.trainer import Trainer, train
 from flux_core.train.validate import saved_controlnet_config
 from tests.tiny_controlnet import make_diffusers_controlnet, write_diffusers_controlnet
 from tests.tiny_train import SIZE, make_train_setup, python, read_log, subprocess_env
+from tests.tiny_vae import reference_encode_image
 
 EXTRAS = {"union": "controlnet_image,controlnet_processor_id", "plain": "controlnet_image",
           "inpaint": "controlnet_image,controlnet_inpaint_mask"}
@@ -310,8 +311,7 @@ def test_conditioned_training_loss_equals_diffsynths_flowmatch_sft_loss(world, t
     vae = ref.vae
 
     def encode(image):
-        pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)[None]
-        return (vae.encode(pixels).latent_dist.mode() - vae.config.shift_factor) * vae.config.scaling_factor
+        return reference_encode_image(vae, image)
 
     their_dit = tiny_diffsynth_dit(double=19, single=38)
     their_dit.load_state_dict(dit_diffsynth_sd(deep), strict=True)

@@ -25,6 +25,7 @@ from flux_core.train.args import TrainError, parse_args
 from flux_core.train.trainer import Trainer, train
 from tests.tiny_ipadapter import PROJECTOR, face_embedding
 from tests.tiny_train import adapter_argv, make_adapter_setup, read_log
+from tests.tiny_vae import reference_encode_image
 
 EXTRAS = "controlnet_image,infinityou_id_embedding,infinityou_guidance"
 FULL = ("--trainable_models", "controlnet,image_proj_model", "--remove_prefix_in_ckpt", "pipe.", "--learning_rate",
@@ -521,8 +522,7 @@ def test_infiniteyou_training_loss_equals_diffsynths_flowmatch_sft_loss(world, t
     vae = ref.vae
 
     def encode(image):
-        pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)[None]
-        return (vae.encode(pixels).latent_dist.mode() - vae.config.shift_factor) * vae.config.scaling_factor
+        return reference_encode_image(vae, image)
 
     their_dit = tiny_diffsynth_dit(double=19, single=38)
     their_dit.load_state_dict(dit_diffsynth_sd(deep), strict=True)

@@ -25,6 +25,7 @@ from flux_core.train.args import TrainError, parse_args
 from flux_core.train.trainer import Trainer, train
 from tests.tiny_ipadapter import reference_image
 from tests.tiny_train import adapter_argv, make_adapter_setup, read_log
+from tests.tiny_vae import reference_encode_image
 
 FULL = ("--trainable_models", "ipadapter", "--extra_inputs", "ipadapter_images", "--remove_prefix_in_ckpt",
         "pipe.ipadapter.", "--learning_rate", "1e-3")
@@ -369,8 +370,7 @@ def test_ipadapter_training_loss_equals_diffsynths_flowmatch_sft_loss(world, tmp
     vae = ref.vae
 
     def encode(image):
-        pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)[None]
-        return (vae.encode(pixels).latent_dist.mode() - vae.config.shift_factor) * vae.config.scaling_factor
+        return reference_encode_image(vae, image)
 
     their_dit = tiny_diffsynth_dit()
     their_dit.load_state_dict(dit_diffsynth_sd(ref.transformer), strict=True)

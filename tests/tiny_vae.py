@@ -10,7 +10,8 @@ attention) with widths (16, 16, 32, 32), 2 res blocks per level and 8 GroupNorm 
 `load_model(path, kind="vae", torch_dtype=torch.float32, config={"norm_groups": TINY_NORM_GROUPS})` when the
 file has no diffusers config.json beside it (norm groups cannot be read from shapes).
 
-`reference_encode` / `reference_decode` give diffusers' answer in the scaled (DiT) latent space.
+`reference_encode` / `reference_decode` give diffusers' answer in the scaled (DiT) latent space
+(`reference_encode_image` for a PIL image).
 """
 from __future__ import annotations
 
@@ -120,6 +121,13 @@ def reference_encode(vae, image: torch.Tensor) -> torch.Tensor:
     """diffusers' scaled latent: `(latent_dist.mean - shift) * scale`."""
     mean = vae.encode(image).latent_dist.mean
     return (mean - vae.config.shift_factor) * vae.config.scaling_factor
+
+
+def reference_encode_image(vae, image) -> torch.Tensor:
+    """`reference_encode` of an RGB PIL image scaled to [-1, 1] as DiffSynth's `preprocess_image` scales it."""
+    import numpy as np
+    pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)[None]
+    return reference_encode(vae, pixels)
 
 
 @torch.no_grad()
