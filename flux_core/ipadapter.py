@@ -20,12 +20,12 @@ import torch
 from .adapters import BRANCHES, Contribution, DiTCall, StepRange
 from .dit_inputs import DiTInputs
 from .models.dit import AfterBlock, BlockSite
-from .models.image_encoders import TITLES, feature_dim, vision_family
-from .models.ipadapter import FAMILIES, INSTANTX, FluxIPAdapter, ip_attention
+from .models.image_encoders import CLIP, SIGLIP, TITLES, feature_dim, vision_family
+from .models.ipadapter import FAMILIES, INSTANTX, XLABS, FluxIPAdapter, ip_attention
 from .vram import compute_place
 
 # The image encoder each family was trained with.
-ENCODER_OF = {INSTANTX: "siglip", "xlabs": "clip"}
+ENCODER_OF = {INSTANTX: SIGLIP, XLABS: CLIP}
 
 
 @dataclass(eq=False)
