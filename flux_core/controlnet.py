@@ -15,7 +15,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -23,7 +22,7 @@ from torch import nn
 
 from .adapters import BRANCHES, Contribution, DiTCall, StepRange
 from .dit_inputs import DiTInputs
-from .image import pil_to_tensor
+from .image import mask_to_tensor, pil_to_tensor
 from .infiniteyou import IdentityTokens
 from .math import pack_latents
 from .models.controlnet import FluxControlNet, spread_residuals, union_mode_id
@@ -101,18 +100,6 @@ class ControlNetAdapter:
             source=self.name,
             double_residuals=spread_residuals([r * self.scale for r in double], self.dit_depth[0]),
             single_residuals=spread_residuals([r * self.scale for r in single], self.dit_depth[1]))
-
-
-def mask_to_tensor(mask: Image.Image | torch.Tensor, name: str) -> torch.Tensor:
-    """An inpaint mask as (1, 1, H, W) float32 in [0, 1] (1 = repaint): a PIL image (its RGB mean, as DiffSynth
-    reads it) or a tensor (H, W), (1, H, W) or (1, 1, H, W) such as a ComfyUI MASK."""
-    if isinstance(mask, Image.Image):
-        array = np.asarray(mask.convert("RGB"), dtype=np.float32) / 255.0
-        return torch.from_numpy(array).mean(dim=-1)[None, None]
-    if isinstance(mask, torch.Tensor) and mask.dim() in (2, 3, 4) and all(s == 1 for s in mask.shape[:-2]):
-        return mask.float().reshape(1, 1, *mask.shape[-2:]).clamp(0, 1)
-    raise TypeError(f"{name} must be a PIL image or a (H, W) tensor in [0, 1] (one mask), got "
-                    f"{type(mask).__name__}{tuple(mask.shape) if isinstance(mask, torch.Tensor) else ''}.")
 
 
 def mask_at_size(mask: Image.Image | torch.Tensor, width: int, height: int, name: str) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Conversions between PIL images and the tensors the models take."""
+"""Conversions between PIL images (and masks) and the tensors the models take."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -17,6 +17,18 @@ def pil_to_tensor(image: Image.Image, name: str = "image") -> torch.Tensor:
                         f"Open files with PIL.Image.open(path).convert('RGB').")
     array = np.asarray(image.convert("RGB"), dtype=np.float32)
     return torch.from_numpy(array).permute(2, 0, 1)[None] / 127.5 - 1.0
+
+
+def mask_to_tensor(mask: Image.Image | torch.Tensor, name: str) -> torch.Tensor:
+    """An inpaint mask as (1, 1, H, W) float32 in [0, 1] (1 = repaint): a PIL image (its RGB mean, as DiffSynth
+    reads it) or a tensor (H, W), (1, H, W) or (1, 1, H, W) such as a ComfyUI MASK."""
+    if isinstance(mask, Image.Image):
+        array = np.asarray(mask.convert("RGB"), dtype=np.float32) / 255.0
+        return torch.from_numpy(array).mean(dim=-1)[None, None]
+    if isinstance(mask, torch.Tensor) and mask.dim() in (2, 3, 4) and all(s == 1 for s in mask.shape[:-2]):
+        return mask.float().reshape(1, 1, *mask.shape[-2:]).clamp(0, 1)
+    raise TypeError(f"{name} must be a PIL image or a (H, W) tensor in [0, 1] (one mask), got "
+                    f"{type(mask).__name__}{tuple(mask.shape) if isinstance(mask, torch.Tensor) else ''}.")
 
 
 def tensor_to_pil(images: torch.Tensor) -> list[Image.Image]:

@@ -347,3 +347,9 @@ def _warn_architecture(dit: nn.Module, lora: LoraFile) -> None:
     warnings.warn(f"{lora.source or 'LoRA'}: its metadata says {MODELSPEC_ARCHITECTURE}={architecture!r}, but the "
                   f"model is a {model}: {why}. It was applied; expect a weak or broken effect, and pick a LoRA made "
                   f"for this model.", LoraArchitectureWarning, stacklevel=3)
+
+
+def enable_lora_merger(dit: nn.Module, patcher: nn.Module) -> None:
+    """LoRA-Fusion (DiffSynth-Studio's enable_lora_merger): several hooked LoRAs on a layer are combined by the
+    patcher's merger for that layer instead of summed. Being built (issue 12)."""
+    raise NotImplementedError("LoRA-Fusion: being built")
