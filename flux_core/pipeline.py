@@ -33,9 +33,11 @@ from .controlnet import (ControlNetAdapter, ControlNetInput, ControlNets, check_
                          is_inpainting, no_mode)
 from .infiniteyou import (IdentityOnOtherControlNetWarning, IdentityTokens, InfiniteYouWithoutControlNetWarning,
                           check_face_embedding, identity_tokens)
+from .eligen import check_entities, eligen_adapter, eligen_mask_bytes, inpaint_region, inpaint_velocity
 from .ipadapter import IPAdapterAdapter, bind_ipadapter, check_ipadapter_models
 from .models.image_encoders import encode_images
-from .lora import LoraReport, clear_lora, load_lora
+from .lora import LoraReport, clear_lora, enable_lora_merger, load_lora
+from .lora_encoder import check_lora_encoder_inputs, lora_encoder_adapter
 from .loading.loader import load_model
 from .model_config import ModelConfig
 from .models.controlnet import union_mode_id
@@ -81,6 +83,8 @@ class FluxImagePipeline:
         # InfiniteYou's face detector + ArcFace (flux_core.face_embedding.FaceEmbedder), made on first use of
         # infinityou_id_image; set it yourself to use another weights folder.
         self.infinityou_processor = None
+        self.lora_encoder = None              # LoRA-Encoder: LoRA files -> conditioning tokens
+        self.lora_patcher = None              # LoRA-Fusion: merges several hooked LoRAs per layer (enable_lora_merger)
         self.last_seed: int | None = None      # the seed of the last call (drawn there when seed=None)
         # What from_pretrained put in each slot, and from which file: {"dit": LoadedModel, ...}.
         self.loaded_from: dict[str, LoadedModel] = {}
@@ -159,7 +163,7 @@ class FluxImagePipeline:
             self.vram.remove_all()
         self.vram = VRAMManager(device, budget)
         for slot in ("text_encoder_1", "text_encoder_2", "ipadapter_image_encoder", "ipadapter", "image_proj_model",
-                     "dit", *self.controlnet_slots(), "vae"):
+                     "lora_encoder", "dit", "lora_patcher", *self.controlnet_slots(), "vae"):
             model = attrgetter(slot)(self)
             if model is None:
                 continue
@@ -222,6 +226,13 @@ class FluxImagePipeline:
             source = lora_config
         return load_lora(module, source, alpha=alpha, hotload=hotload)
 
+    def enable_lora_merger(self) -> None:
+        """LoRA-Fusion (DiffSynth-Studio's `pipe.enable_lora_merger()`): from now on, LoRAs loaded into the DiT with
+        hotload=True are combined per layer by the loaded `lora_patcher` (LoRA-Fusion-Preview) instead of summed."""
+        self._require("lora_patcher", "enable the LoRA merger")
+        self._require("dit", "enable the LoRA merger")
+        enable_lora_merger(self.dit, self.lora_patcher)
+
     def clear_lora(self) -> None:
         """Remove every LoRA from the DiT (fused weights are restored bit for bit)."""
         if self.dit is not None:
@@ -254,6 +265,12 @@ class FluxImagePipeline:
         ipadapter_scale: float = 1.0,
         infinityou_id_image: Image.Image | None = None,
         infinityou_guidance: float = 1.0,
+        eligen_entity_prompts: Sequence[str] | None = None,
+        eligen_entity_masks: Sequence[Image.Image] | None = None,
+        eligen_enable_on_negative: bool = False,
+        eligen_enable_inpaint: bool = False,
+        lora_encoder_inputs=None,
+        lora_encoder_scale: float = 1.0,
         tiled: bool = False,
         tile_size: int = 128,
         tile_stride: int = 64,
@@ -285,6 +302,14 @@ class FluxImagePipeline:
             a face photo (needs insightface, flux_core.face_embedding) or its precomputed 512-d ArcFace embedding;
             the identity tokens become the text of every ControlNet input, so InfuseNet must be loaded and given
             through controlnet_inputs (DiffSynth's example: an all-black control image, processor_id="None").
+        eligen_entity_prompts, eligen_entity_masks: EliGen (flux_core.eligen): one prompt per region, each mask a PIL
+            image (white = the entity) of the output's aspect ratio; load the EliGen LoRA with pipe.load_lora for
+            the trained effect. eligen_enable_on_negative: under true CFG the negative pass gets the entities too,
+            with the negative prompt in each. eligen_enable_inpaint: with input_image, only the entities' regions
+            change (outside them each step heads straight to the input image).
+        lora_encoder_inputs, lora_encoder_scale: LoRA-Encoder (flux_core.lora_encoder): LoRA file(s) (path,
+            ModelConfig or a list) encoded by pipe.lora_encoder into tokens appended to the positive prompt,
+            times lora_encoder_scale.
         `tiled` tiles the VAE and, as in DiffSynth-Studio, the DiT (flux_core.tiled_dit: tile sizes in latent
         pixels; a latent no larger than tile_size is one tile, the same result as untiled). It cannot be combined
         with TeaCache, which follows one call per step.
@@ -320,6 +345,10 @@ class FluxImagePipeline:
         check_real("ipadapter_scale", ipadapter_scale)
         self._check_ipadapter(reference_images)
         self._check_identity(infinityou_id_image, infinityou_id_embedding, infinityou_guidance, controlnet_items)
+        entity_prompts, entity_masks = check_entities(eligen_entity_prompts, eligen_entity_masks, height, width)
+        self._check_eligen_flags(eligen_enable_on_negative, eligen_enable_inpaint, entity_prompts, input_image)
+        encoded_loras = ([] if lora_encoder_inputs is None
+                         else self._check_lora_encoder(lora_encoder_inputs, lora_encoder_scale))
         check_output_type(output_type)
         needs_vae = output_type != "latent" or input_image is not None or bool(references) or bool(controlnet_items)
         self._require_generation_models(needs_vae)
@@ -327,7 +356,7 @@ class FluxImagePipeline:
                     else flux_sigmas(num_inference_steps, denoising_strength, sigma_shift))
         self._check_cost(batch, height, width, t5_sequence_length, references, len(schedule),
                          passes=2 if cfg_scale != 1.0 else 1, tiling=dit_tiling, controlnet_items=controlnet_items,
-                         reference_images=len(reference_images))
+                         reference_images=len(reference_images), entities=len(entity_prompts))
         self._warn_kontext_without_image(references)
 
         self.last_seed = resolve_seed(seed)
@@ -347,18 +376,31 @@ class FluxImagePipeline:
 
         extras = self.kontext_extras(references, batch, **vae_tiling) if references else None
         identity = self.identity(infinityou_id_image, infinityou_id_embedding, infinityou_guidance)
-        adapters = self.controlnet_adapters(controlnet_items, height, width, identity=identity, **vae_tiling)
+        # LoRA-Encoder tokens join the prompt first: ControlNets and EliGen's global segment see them (DiffSynth's order).
+        adapters = []
+        if encoded_loras:
+            self.load_models_to_device(["lora_encoder"])
+            adapters.append(lora_encoder_adapter(self.lora_encoder, encoded_loras, lora_encoder_scale, self.dit))
+        adapters += self.controlnet_adapters(controlnet_items, height, width, identity=identity, **vae_tiling)
         if reference_images:
             adapters.append(self.ipadapter_adapter(reference_images, ipadapter_scale, cfg=negative is not None))
+        if entity_prompts:  # last: ControlNets run on the plain prompt, as in DiffSynth
+            entity_embeds = self.encode_prompt(entity_prompts, t5_sequence_length).prompt_emb
+            on_negative = eligen_enable_on_negative and negative is not None
+            adapters.append(eligen_adapter(entity_embeds, entity_masks, height, width,
+                                           negative.prompt_emb if on_negative else None))
 
         guidance = embedded_guidance if self.dit.params.guidance_embed else None
         extras, negative_extras, tea_stats = tea_cache_extras(extras, len(schedule), tea_cache_l1_thresh,
                                                               cfg=negative is not None)
         self.last_tea_cache_stats = tea_stats or None
 
+        region = inpaint_region(entity_masks, height // 8, width // 8) if eligen_enable_inpaint else None
+
         def velocity(x: torch.Tensor, call) -> torch.Tensor:
-            return guided_velocity(self.dit, x, call, positive, negative, cfg_scale, guidance, extras, negative_extras,
-                                   adapters, dit_tiling)
+            v = guided_velocity(self.dit, x, call, positive, negative, cfg_scale, guidance, extras, negative_extras,
+                                adapters, dit_tiling)
+            return v if region is None else inpaint_velocity(v, x, x0, region, call.sigma)
 
         self.load_models_to_device(["dit", *self.controlnet_slots()])
         final = denoise(start, schedule, velocity, progress_bar_cmd, callback)
@@ -421,6 +463,25 @@ class FluxImagePipeline:
             id_embedding = self.infinityou_processor.embed(id_image)
         self.load_models_to_device(["image_proj_model"])
         return identity_tokens(self.image_proj_model, id_embedding, guidance)
+
+    @staticmethod
+    def _check_eligen_flags(on_negative, inpaint, entity_prompts: list[str], input_image) -> None:
+        for name, value in (("eligen_enable_on_negative", on_negative), ("eligen_enable_inpaint", inpaint)):
+            if not isinstance(value, bool):
+                raise TypeError(f"{name}={value!r}: pass True or False.")
+        if inpaint and not entity_prompts:
+            raise ValueError("eligen_enable_inpaint=True needs eligen_entity_prompts and eligen_entity_masks: the "
+                             "entities' masks are the regions that change.")
+        if inpaint and input_image is None:
+            raise ValueError("eligen_enable_inpaint=True needs input_image: outside the entity masks the result is "
+                             "the input image.")
+
+    def _check_lora_encoder(self, lora_encoder_inputs, scale) -> list:
+        check_real("lora_encoder_scale", scale)
+        if self.lora_encoder is None:
+            raise RuntimeError("lora_encoder_inputs need a LoRA-Encoder, but the pipeline has none: add "
+                               "DiffSynth-Studio/LoRA-Encoder-FLUX.1-Dev's model.safetensors to model_configs.")
+        return check_lora_encoder_inputs(lora_encoder_inputs, self.lora_encoder, self.dit)
 
     def _check_controlnet_inputs(self, controlnet_inputs) -> list[ControlNetInput]:
         if controlnet_inputs is None:
@@ -491,7 +552,8 @@ class FluxImagePipeline:
 
     def _check_cost(self, batch: int, height: int, width: int, text_tokens: int, references: list[Image.Image],
                     steps: int, passes: int, tiling: DiTTiling | None = None,
-                    controlnet_items: Sequence[ControlNetInput] = (), reference_images: int = 0) -> None:
+                    controlnet_items: Sequence[ControlNetInput] = (), reference_images: int = 0,
+                    entities: int = 0) -> None:
         """Refuse a run whose DiT activations cannot fit the compute device, warn when they take most of it, and
         warn before a run that would take very long on a CPU (steps x tiles x CFG passes x batch DiT forwards, the
         ControlNets' forwards counted in DiT forwards)."""
@@ -514,6 +576,11 @@ class FluxImagePipeline:
             held = ipadapter_kv_bytes(p.num_blocks, p.num_tokens, p.hidden_size, reference_images, passes,
                                       compute_place(self.ipadapter)[1])
             what += f", {reference_images} ipadapter_images ({held / GiB:.2f} GiB of IP-Adapter keys/values)"
+        if entities:  # EliGen: the entity prompts lengthen the text; its attention mask stays for the whole run
+            text_tokens *= entities + 1
+            mask = eligen_mask_bytes(text_tokens + image, compute_place(self.dit)[1])
+            held += mask
+            what += f", {entities} EliGen entities ({mask / GiB:.2f} GiB attention mask)"
         # stacklevel 4: the user's line (above __call__ and torch.no_grad's wrapper)
         check_run_cost(self.dit, device, batch, image, text_tokens, steps * calls, passes + extra, what, work,
                        stacklevel=4, held_bytes=held)
