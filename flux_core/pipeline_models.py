@@ -27,7 +27,7 @@ DIFFUSERS_COMPONENTS = {"dit": "transformer", "vae": "vae", "clip": "text_encode
 # of them, go to `pipe.controlnet.models[i]` in model_configs order (slot "controlnet.models.<i>").
 MODEL_SLOTS = {"dit": "dit", "vae": "vae", "clip": "text_encoder_1", "t5": "text_encoder_2",
                "controlnet": "controlnet", "ipadapter": "ipadapter", "image_encoder": "ipadapter_image_encoder",
-               "infiniteyou": "image_proj_model"}
+               "infiniteyou": "image_proj_model", "lora_encoder": "lora_encoder", "lora_patcher": "lora_patcher"}
 # The slots every generation needs filled.
 GENERATION_SLOTS = ("dit", "vae", "text_encoder_1", "text_encoder_2")
 # Kinds of which a pipeline holds a list rather than one model.

@@ -160,3 +160,66 @@ def diffsynth_infiniteyou():
     from diffsynth.models.flux_infiniteyou import InfiniteYouImageProjector
     from diffsynth.utils.state_dict_converters.flux_infiniteyou import FluxInfiniteYouImageProjectorStateDictConverter
     return InfiniteYouImageProjector, FluxInfiniteYouImageProjectorStateDictConverter
+
+
+def diffsynth_lora_models():
+    """(DiffSynth 2.1.12's flux_lora_encoder module, its flux_lora_patcher module, its FluxLoRALoader: the loader its
+    pipeline's LoRA-Encoder unit and load_lora use); skips without diffsynth."""
+    diffsynth_flux()
+    from diffsynth.models import flux_lora_encoder, flux_lora_patcher
+    from diffsynth.utils.lora.flux import FluxLoRALoader
+    return flux_lora_encoder, flux_lora_patcher, FluxLoRALoader
+
+
+def tiny_lora_patterns(depth=2, single=2, hidden=32, mlp_hidden=128) -> list[dict]:
+    """DiffSynth's own LoRA-Encoder site list (LoRAEmbedder.default_lora_patterns: names, order, (in, out), type) for
+    a tiny DiT: its blocks cut to `depth` / `single` and its FLUX widths (3072, 12288 and their multiples) replaced by
+    the tiny ones."""
+    enc, _, _ = diffsynth_lora_models()
+    d, m = hidden, mlp_hidden
+    widths = {3072: d, 12288: m, 9216: 3 * d, 18432: 6 * d, 21504: 3 * d + m, 15360: d + m}
+    out = []
+    for p in enc.LoRAEmbedder.default_lora_patterns(None):
+        group, index = p["name"].split(".")[:2]
+        if int(index) < (depth if group == "blocks" else single):
+            out.append({**p, "dim": tuple(widths[x] for x in p["dim"])})
+    return out
+
+
+def tiny_diffsynth_lora_encoder(lora_patterns, embed_dim=32, intermediate=64, heads=2, head_dim=128, rows=4,
+                                special=1, layers=1) -> torch.nn.Module:
+    """DiffSynth's FluxLoRAEncoder at a tiny size: its __init__ hard-codes FLUX's sites and 32 heads x 128, so this
+    builds the same attributes from DiffSynth's own LoRAEmbedder (which takes the site list) and CLIPEncoderLayer;
+    the forward is DiffSynth's."""
+    enc, _, _ = diffsynth_lora_models()
+
+    class TinyFluxLoRAEncoder(enc.FluxLoRAEncoder):
+        def __init__(self):
+            torch.nn.Module.__init__(self)
+            self.num_embeds_per_lora = rows
+            self.embedder = enc.LoRAEmbedder(lora_patterns, L=rows, out_dim=embed_dim)
+            self.encoders = torch.nn.ModuleList([enc.CLIPEncoderLayer(embed_dim, intermediate, num_heads=heads,
+                                                                      head_dim=head_dim) for _ in range(layers)])
+            self.special_embeds = torch.nn.Parameter(torch.randn(1, special, embed_dim))
+            self.num_special_embeds = special
+            self.final_layer_norm = torch.nn.LayerNorm(embed_dim)
+            self.final_linear = torch.nn.Linear(embed_dim, embed_dim)
+
+    return TinyFluxLoRAEncoder().eval()
+
+
+def tiny_diffsynth_lora_patcher(lora_patterns) -> torch.nn.Module:
+    """DiffSynth's FluxLoraPatcher (it takes its site list) for a tiny DiT: `lora_patterns` as tiny_lora_patterns
+    gives them, each site's width its output size (as its default_lora_patterns has it)."""
+    _, patcher, _ = diffsynth_lora_models()
+    return patcher.FluxLoraPatcher([{"name": p["name"], "dim": p["dim"][1]} for p in lora_patterns]).eval()
+
+
+def lora_model_key_names() -> tuple[dict, dict]:
+    """({name: shape}, {name: shape}) of DiffSynth's real FluxLoRAEncoder and FluxLoraPatcher (built on the meta
+    device): the published checkpoints' names and shapes."""
+    enc, patcher, _ = diffsynth_lora_models()
+    with torch.device("meta"):
+        encoder_sd = {k: tuple(v.shape) for k, v in enc.FluxLoRAEncoder().state_dict().items()}
+        patcher_sd = {k: tuple(v.shape) for k, v in patcher.FluxLoraPatcher().state_dict().items()}
+    return encoder_sd, patcher_sd

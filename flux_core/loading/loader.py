@@ -27,6 +27,8 @@ from .files import CheckpointError, checkpoint_files, open_state_dict
 from .image_encoder_kind import IMAGE_ENCODER_KIND
 from .infiniteyou_kind import INFINITEYOU_KIND
 from .ipadapter_kind import IPADAPTER_KIND
+from .lora_encoder_kind import LORA_ENCODER_KIND
+from .lora_patcher_kind import LORA_PATCHER_KIND
 from .kinds import ModelKind, StateDict
 from .lazy import LazyTensor
 from .text_kinds import CLIP_KIND, T5_KIND
@@ -41,7 +43,7 @@ PROGRESS_MIN_BYTES = 256 * 2**20
 # Every kind load_model recognises, in the order detection tries them. The ControlNet goes first: its trunk has
 # DiT key names (the DiT kind also refuses a state dict with ControlNet heads).
 KINDS: tuple[ModelKind, ...] = (CONTROLNET_KIND, DIT_KIND, VAE_KIND, CLIP_KIND, T5_KIND, IPADAPTER_KIND,
-                                IMAGE_ENCODER_KIND, INFINITEYOU_KIND)
+                                IMAGE_ENCODER_KIND, INFINITEYOU_KIND, LORA_ENCODER_KIND, LORA_PATCHER_KIND)
 
 
 @dataclass(frozen=True)
