@@ -45,6 +45,7 @@ from lora_tools import LoraError, LoraFile, LoraKeyWarning, LoraShapeError, desc
 
 from .dtypes import FLOAT8_DTYPES
 from .model_state import peek_state, state_of
+from .vram import compute_place
 from .loading.files import checkpoint_files, open_state_dict, safetensors_metadata
 
 _MAX_LISTED = 30
@@ -105,12 +106,32 @@ class _Fused:
     factors: list[_Factor] = field(default_factory=list)
 
 
-class _LoraHook:
-    """Forward hook of one nn.Linear: adds each LoRA's low-rank path to the layer's output."""
+@dataclass
+class _LayerMerger:
+    """LoRA-Fusion for one layer: the patcher's merger for it, run in the patcher's compute place."""
+    patcher: nn.Module
+    merger: nn.Module
 
-    def __init__(self):
+    def __call__(self, base: torch.Tensor, loras: torch.Tensor) -> torch.Tensor:
+        device, dtype = compute_place(self.patcher)
+        return self.merger(base.to(device, dtype), loras.to(device, dtype)).to(base.device, base.dtype)
+
+
+@dataclass
+class _Merger:
+    """The enabled LoRA-Fusion patcher (enable_lora_merger): its merger per FluxCore layer."""
+    patcher: nn.Module
+    layers: dict[str, _LayerMerger]
+
+
+class _LoraHook:
+    """Forward hook of one nn.Linear: adds each LoRA's low-rank path to the layer's output, or, with a merger
+    (LoRA-Fusion), hands the base output and each LoRA's output to it."""
+
+    def __init__(self, merger: _LayerMerger | None = None):
         self.factors: list[_Factor] = []
         self.handle = None
+        self.merger = merger
         self._cache: dict[tuple, list[tuple[torch.Tensor, torch.Tensor]]] = {}
 
     def add(self, factor: _Factor) -> None:
@@ -125,6 +146,9 @@ class _LoraHook:
             mats = [(f.down.to(x.device, x.dtype), (f.up.float() * f.weight).to(x.device, x.dtype))
                     for f in self.factors]
             self._cache[key] = mats
+        if self.merger is not None:
+            loras = torch.stack([nn.functional.linear(nn.functional.linear(x, down), up) for down, up in mats])
+            return self.merger(output, loras)
         for down, up in mats:
             output = output + nn.functional.linear(nn.functional.linear(x, down), up).to(output.dtype)
         return output
@@ -135,6 +159,7 @@ class _State:
     fused: dict[str, _Fused] = field(default_factory=dict)
     hooks: dict[str, _LoraHook] = field(default_factory=dict)
     loaded: list[LoraSourceReport] = field(default_factory=list)
+    merger: _Merger | None = None   # LoRA-Fusion (enable_lora_merger); kept by clear_lora, as in DiffSynth
 
 
 def load_lora(dit: nn.Module, source: LoraSource | Sequence[LoraSource], alpha: float | Sequence[float] = 1.0,
@@ -153,7 +178,11 @@ def load_lora(dit: nn.Module, source: LoraSource | Sequence[LoraSource], alpha: 
     loras = [read_lora_for(dit, s) for s in sources]
 
     hook_reason = _hook_reason(dit, [linears[n] for lora in loras for n in lora.layers])
-    use_hooks = bool(hook_reason) if hotload is None else bool(hotload)
+    merging = _merger(dit) is not None
+    if merging and hotload is not None and not hotload:
+        raise LoraError("load_lora(hotload=False): the LoRA merger is enabled (enable_lora_merger), and it merges "
+                        "hooked LoRAs only: load with hotload=True (or None), or call disable_lora_merger first.")
+    use_hooks = (bool(hook_reason) or merging) if hotload is None else bool(hotload)
     if not use_hooks:
         _check_fusable([linears[n] for lora in loras for n in lora.layers])
     mode = "hook" if use_hooks else "fused"
@@ -173,12 +202,15 @@ def load_lora(dit: nn.Module, source: LoraSource | Sequence[LoraSource], alpha: 
         reports.append(report)
         _warn_unmatched(lora)
         _warn_architecture(dit, lora)
+        if merging:
+            _warn_unmerged(lora, state.merger)
     return LoraReport(mode, reports)
 
 
 def clear_lora(dit: nn.Module) -> None:
     """Remove every LoRA: hooks detached, fused layers given back their original weights (bit-exact while
-    the layer's storage dtype and device are unchanged since the LoRA was fused)."""
+    the layer's storage dtype and device are unchanged since the LoRA was fused). An enabled LoRA merger stays
+    enabled for the LoRAs loaded next (DiffSynth's clear_lora keeps it too); `disable_lora_merger` turns it off."""
     state: _State | None = _lora_state(dit)
     if state is None:
         return
@@ -188,7 +220,7 @@ def clear_lora(dit: nn.Module) -> None:
         for name, entry in state.fused.items():
             weight = dit.get_submodule(name).weight
             weight.copy_(entry.original.to(weight.device))
-    state_of(dit).lora = None
+    state_of(dit).lora = _State(merger=state.merger) if state.merger is not None else None
 
 
 def loaded_loras(dit: nn.Module) -> list[LoraSourceReport]:
@@ -204,9 +236,12 @@ def _lora_state(dit: nn.Module) -> "_State | None":
 
 # ---------------------------------------------------------------------------------------------------------
 
-def read_lora_for(dit: nn.Module, source: LoraSource) -> LoraFile:
+def read_lora_for(dit: nn.Module | Mapping[str, tuple[int, int]], source: LoraSource) -> LoraFile:
     """Read and check one LoRA against `dit`'s layers without applying it (a LoRA matching nothing, or made for
-    another model size, is refused here); `load_lora` accepts the result as a source."""
+    another model size, is refused here); `load_lora` accepts the result as a source. `dit` may also be the layer
+    shapes themselves ({FluxCore layer: (out, in)}: a model keyed by DiT layers, such as the LoRA-Encoder)."""
+    if isinstance(dit, Mapping):
+        return _read(source, dict(dit))
     shapes = {name: (m.out_features, m.in_features) for name, m in _linears(dit).items()}
     return _read(source, shapes)
 
@@ -299,7 +334,7 @@ def _fuse(state: _State, name: str, module: nn.Linear, factor: _Factor) -> None:
 def _add_hook(state: _State, name: str, module: nn.Linear, factor: _Factor) -> None:
     hook = state.hooks.get(name)
     if hook is None:
-        hook = _LoraHook()
+        hook = _LoraHook(state.merger.layers.get(name) if state.merger is not None else None)
         hook.handle = module.register_forward_hook(hook)
         state.hooks[name] = hook
     hook.add(factor)
@@ -349,7 +384,70 @@ def _warn_architecture(dit: nn.Module, lora: LoraFile) -> None:
                   f"for this model.", LoraArchitectureWarning, stacklevel=3)
 
 
+class LoraMergerWarning(UserWarning):
+    """Hooked LoRA layers that the enabled LoRA merger has no merger for: their LoRAs are summed."""
+
+
 def enable_lora_merger(dit: nn.Module, patcher: nn.Module) -> None:
-    """LoRA-Fusion (DiffSynth-Studio's enable_lora_merger): several hooked LoRAs on a layer are combined by the
-    patcher's merger for that layer instead of summed. Being built (issue 12)."""
-    raise NotImplementedError("LoRA-Fusion: being built")
+    """LoRA-Fusion (DiffSynth-Studio's `enable_lora_merger`): on every layer the patcher has a merger for
+    (flux_core.models.lora_patcher, its 304 sites in FLUX.1), the hooked LoRAs are combined by that merger instead
+    of summed, for the LoRAs already hooked and those loaded later (`load_lora` then hooks: hotload=None picks hook
+    mode, hotload=False is refused). LoRAs on other layers (img_in, final_layer, ...) are summed, as in DiffSynth,
+    with a LoraMergerWarning naming them. Fused LoRAs cannot be merged: enabling it while any is fused is refused.
+    The patcher must be made for this DiT (the same blocks and widths). `disable_lora_merger` turns it off."""
+    from .models.lora_patcher import FluxLoraPatcher
+    from .models.lora_sites import dit_lora_sites, site_mismatch
+    if not isinstance(patcher, FluxLoraPatcher):
+        raise TypeError(f"enable_lora_merger: patcher is a {type(patcher).__name__}; pass the LoRA-Fusion model "
+                        f"(DiffSynth-Studio/LoRAFusion-preview-FLUX.1-dev, loaded by load_model or from_pretrained).")
+    problems = site_mismatch(patcher.sites, dit_lora_sites(dit), "patcher", out_only=True)
+    if problems:
+        raise LoraShapeError("enable_lora_merger: the LoRA-Fusion patcher does not fit this DiT: " + "; ".join(problems)
+                             + ". It was made for a model of another size; use the patcher made for this DiT.")
+    record = state_of(dit)
+    if record.lora is None:
+        record.lora = _State()
+    state: _State = record.lora
+    if state.fused:
+        names = sorted(state.fused)
+        raise LoraError(f"enable_lora_merger: {len(names)} layers hold fused LoRAs (e.g. {', '.join(names[:3])}), "
+                        f"which cannot be merged: the merger needs each LoRA's own output. Call clear_lora and load "
+                        f"the LoRAs again with hotload=True.")
+    state.merger = _Merger(patcher, {s.layer: _LayerMerger(patcher, patcher.merger(s)) for s in patcher.sites})
+    for name, hook in state.hooks.items():
+        hook.merger = state.merger.layers.get(name)
+    unmerged = sorted(name for name, hook in state.hooks.items() if hook.merger is None)
+    if unmerged:
+        _warn_unmerged_layers(unmerged)
+
+
+def disable_lora_merger(dit: nn.Module) -> None:
+    """Back to the plain sum of hooked LoRAs (the LoRAs stay loaded)."""
+    state = _lora_state(dit)
+    if state is None or state.merger is None:
+        return
+    state.merger = None
+    for hook in state.hooks.values():
+        hook.merger = None
+
+
+def lora_merger_enabled(dit: nn.Module) -> bool:
+    return _merger(dit) is not None
+
+
+def _merger(dit: nn.Module) -> _Merger | None:
+    state = _lora_state(dit)
+    return state.merger if state is not None else None
+
+
+def _warn_unmerged(lora: LoraFile, merger: _Merger) -> None:
+    unmerged = sorted(name for name in lora.layers if name not in merger.layers)
+    if unmerged:
+        _warn_unmerged_layers(unmerged, lora.source or "LoRA")
+
+
+def _warn_unmerged_layers(names: list[str], where: str = "LoRA merger") -> None:
+    listed = ", ".join(names[:_MAX_LISTED]) + (f", ... ({len(names) - _MAX_LISTED} more)"
+                                               if len(names) > _MAX_LISTED else "")
+    warnings.warn(f"{where}: {len(names)} hooked layers have no LoRA-Fusion merger (not among its LoRA sites): "
+                  f"{listed}; their LoRAs are summed, as DiffSynth-Studio does.", LoraMergerWarning, stacklevel=3)
