@@ -16,9 +16,9 @@ blocks), tell how much. On a GPU: `--device cuda --dtype bfloat16 --heads 24 --b
 
 Printed per configuration: the median seconds per step, the overhead ratio against the plain step (median of the
 per-round ratios; on a CPU also of process CPU time, which other processes disturb far less), the FLOP ratio, the
-mask's bytes (flux_core.eligen.eligen_mask_bytes), and the peak memory of one step above the memory held before it:
-on CUDA from torch.cuda.max_memory_allocated, on a CPU the growth of the process's peak resident set (VmHWM) over a
-step run first in a fresh process per configuration.
+mask's bytes (flux_core.eligen.eligen_mask_bytes), and the peak memory of a run's first step (the mask is made in it
+and kept) above the memory held before it: on CUDA from torch.cuda.max_memory_allocated, on a CPU the growth of the
+process's peak resident set (VmHWM) over that step, in a fresh process per configuration.
 """
 from __future__ import annotations
 
@@ -70,21 +70,22 @@ def build(args, entities: int):
     return dit, latent, prompt, adapters
 
 
-def step_fn(args, entities: int):
+def step_fn(args, entities: int, warm: bool = True):
     from flux_core.adapters import DiTCall
     from flux_core.sampling import guided_velocity
     dit, latent, prompt, adapters = build(args, entities)
     call = DiTCall(sigma=SIGMA)
     step = lambda: guided_velocity(dit, latent, call, prompt, None, 1.0, GUIDANCE, adapters=adapters)  # noqa: E731
-    with torch.no_grad():
-        step()  # the mask is made here, once, as in a run
+    if warm:
+        with torch.no_grad():
+            step()  # the mask is made here, once, as in a run
     return step
 
 
 def peak_bytes(args, entities: int, argv: list[str]) -> int:
     """Memory one step needs above what is held before it (see the module docstring)."""
     if args.device.startswith("cuda"):
-        step = step_fn(args, entities)
+        step = step_fn(args, entities, warm=False)
         sync(args.device)
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
@@ -98,7 +99,7 @@ def peak_bytes(args, entities: int, argv: list[str]) -> int:
 
 
 def child_peak(args, entities: int) -> None:
-    step = step_fn(args, entities)
+    step = step_fn(args, entities, warm=False)  # the first step: the mask is made in it, as in a run
     before = status_kb("VmHWM")
     with torch.no_grad():
         step()
