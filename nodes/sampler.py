@@ -8,9 +8,11 @@ ControlNets come in the conditioning (`fluxcore_controlnets`, from Apply Control
 (FluxCore)): one flux_core ControlNetAdapter per payload, in the branches it was applied to (nodes/controlnet_nodes.py;
 InfuseNet's with its identity tokens, nodes/infiniteyou_nodes.py). IP-Adapters come under `fluxcore_ipadapters`
 (Apply IP-Adapter (FluxCore)): one flux_core IPAdapterAdapter per payload, its keys and values made before the DiT is
-placed (nodes/ipadapter_nodes.py). `tiled_dit` runs the
-DiT (and its ControlNets) tile by tile, as FluxImagePipeline's `tiled=True` does (flux_core.tiled_dit); control
-images are then VAE-encoded with the same tiles, as there.
+placed (nodes/ipadapter_nodes.py). EliGen entities come under `fluxcore_eligen_entities` (EliGen Entity
+(FluxCore), already encoded): one flux_core EliGenAdapter per CFG branch with entities, last in the adapter list, as
+the pipeline orders them; `eligen_inpaint` is DiffSynth's eligen_enable_inpaint (nodes/eligen_nodes.py). `tiled_dit`
+runs the DiT (and its ControlNets) tile by tile, as FluxImagePipeline's `tiled=True` does (flux_core.tiled_dit);
+control images are then VAE-encoded with the same tiles, as there.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from dataclasses import replace
 import torch
 import torch.nn.functional as F
 
+from flux_core.eligen import inpaint_velocity
 from flux_core.run_cost import check_run_cost, controlnet_passes, dit_calls_per_step, image_tokens, ipadapter_kv_bytes
 from flux_core.inputs import SEED_MAX
 from flux_core.lora import clear_lora, load_lora
@@ -33,6 +36,8 @@ from flux_core.vram import GiB, stored_compute_dtype
 from . import comfy_bridge as bridge
 from .conditioning import read_conditioning, warn_unused_entries
 from .controlnet_nodes import controlnet_adapters, controlnet_payloads, place_controlnets
+from .eligen_nodes import (check_entities, eligen_adapters, eligen_held_bytes, eligen_inpaint_region,
+                           entities_by_branch, entity_tokens)
 from .infiniteyou_nodes import with_identities
 from .ipadapter_nodes import check_ipadapter_payloads, ipadapter_adapters, ipadapter_payloads
 from .handles import DIT_TYPE, DiTHandle
@@ -56,15 +61,23 @@ def prepare_dit(handle: DiTHandle):
 
 def check_sampler_cost(node: str, dit, batch: int, h: int, w: int, text_tokens: int, reference_tokens: int,
                        steps: int, passes: int, tiling: DiTTiling | None = None, controlnets=(),
-                       ipadapters=()) -> None:
+                       ipadapters=(), entities: dict | None = None, negative_text_tokens: int | None = None) -> None:
     """The pipeline's cost checks for one sampler run (latent sides h, w): refuse what cannot fit the compute
     device, warn when it takes most of it or would take very long on a CPU. With `tiling` one DiT call sees one
     tile (all tiles have one size), and each step makes one call per tile; `controlnets` ((payload, branches) from
     controlnet_payloads) add their own forwards to the compute, counted in DiT passes
     (flux_core.run_cost.controlnet_passes); `ipadapters` ((payload, branches) from ipadapter_payloads) keep their
-    keys/values on the device for the whole run (flux_core.run_cost.ipadapter_kv_bytes)."""
+    keys/values on the device for the whole run (flux_core.run_cost.ipadapter_kv_bytes); `entities` (from
+    entities_by_branch) lengthen their branch's text (`text_tokens` the positive prompt's, `negative_text_tokens` the
+    negative one's) and keep an attention mask per branch (flux_core.eligen.eligen_mask_bytes), as in the pipeline."""
     calls, tile_h, tile_w = dit_calls_per_step(h, w, tiling)
     image = image_tokens(tile_h * 8, tile_w * 8) + reference_tokens
+    eligen_mask = 0
+    if entities:
+        prompts = {"positive": text_tokens, "negative": negative_text_tokens or text_tokens}
+        eligen_mask = eligen_held_bytes(entities, prompts, image, stored_compute_dtype(dit))
+        added = entity_tokens(entities)
+        text_tokens = max(prompts[b] + added.get(b, 0) for b in ("positive", "negative")[:passes])
     tiles = f", in {calls} DiT tiles of {tile_w * 8}x{tile_h * 8}" if tiling is not None else ""
     what = (f"a {w * 8}x{h * 8} latent_image with a batch of {batch} and {reference_tokens} reference tokens "
             f"(ReferenceLatent / Kontext reference in 'positive'), {image + text_tokens} tokens in all{tiles}")
@@ -74,14 +87,17 @@ def check_sampler_cost(node: str, dit, batch: int, h: int, w: int, text_tokens: 
     work = (f"{steps} steps x {calls} tile(s) x ({passes} pass(es){counted}) x {batch} image(s) at "
             f"{w * 8}x{h * 8}" if tiling is not None or controlnets
             else f"{steps} steps x {passes} pass(es) x {batch} image(s) at {w * 8}x{h * 8}")
-    held = 0
+    held = eligen_mask
     for payload, branches in ipadapters:
         adapter = payload.ipadapter.adapter.module
         p = adapter.params
         held += ipadapter_kv_bytes(p.num_blocks, p.num_tokens, p.hidden_size, payload.images.shape[0],
                                    min(len(branches), passes), stored_compute_dtype(adapter))
-    if held:
-        what += f", {held / GiB:.2f} GiB of IP-Adapter keys/values ({len(ipadapters)} Apply IP-Adapter)"
+    if held - eligen_mask:
+        what += f", {(held - eligen_mask) / GiB:.2f} GiB of IP-Adapter keys/values ({len(ipadapters)} Apply IP-Adapter)"
+    if entities:
+        count = " and ".join(f"{len(p)} on '{b}'" for b, p in entities.items())
+        what += f", EliGen entities ({count}: {eligen_mask / GiB:.2f} GiB of attention masks)"
     device = vram_nodes.make_compute_device()  # looked up at call time: tests put a SimulatedDevice there
     try:
         check_run_cost(dit, device, batch, image, text_tokens, steps * calls, passes + extra, what, work,
@@ -166,10 +182,14 @@ class FluxCoreSampler:
                           "With tiled_dit: tile side in latent pixels (x8 in image pixels; 128 = 1024 px); even."}),
             "tile_stride": ("INT", {"default": 64, "min": 8, "max": 512, "step": 2, "tooltip":
                             "With tiled_dit: distance between tiles in latent pixels; overlaps are blended."}),
+            "eligen_inpaint": ("BOOLEAN", {"default": False, "tooltip":
+                               "EliGen inpaint mode (DiffSynth's eligen_enable_inpaint): only the regions of the "
+                               "EliGen Entity nodes on 'positive' change; latent_image must be a VAE-encoded image, "
+                               "kept as it is outside them (denoise 1 redraws the regions from noise)."}),
         }}
 
     def sample(self, model, positive, negative, latent_image, seed, steps, cfg=1.0, embedded_guidance=-1.0,
-               sigma_shift=3.0, denoise=1.0, tiled_dit=False, tile_size=128, tile_stride=64):
+               sigma_shift=3.0, denoise=1.0, tiled_dit=False, tile_size=128, tile_stride=64, eligen_inpaint=False):
         node = "FluxCoreSampler"
         samples = latent_image["samples"]
         if samples.ndim != 4 or samples.shape[1] != 16:
@@ -199,14 +219,19 @@ class FluxCoreSampler:
         payloads = controlnet_payloads(node, sides)
         ip_payloads = ipadapter_payloads(node, sides)
         check_ipadapter_payloads(node, ip_payloads, model.model.module)  # before any image is encoded
+        entities = entities_by_branch(node, sides)
+        check_entities(node, entities, model.model.module, h * 8, w * 8)
+        region = eligen_inpaint_region(node, entities, samples) if eligen_inpaint else None
         reference_tokens = extras.ref_tokens.shape[1] if extras is not None else 0  # odd sides padded: exact
         check_sampler_cost(node, model.model.module, b, h, w, positive_embeds.prompt_emb.shape[1], reference_tokens,
                            len(sigmas), passes=2 if negative_embeds is not None else 1, tiling=tiling,
-                           controlnets=payloads, ipadapters=ip_payloads)
+                           controlnets=payloads, ipadapters=ip_payloads, entities=entities,
+                           negative_text_tokens=None if negative_embeds is None else negative_embeds.prompt_emb.shape[1])
         vae_tiling = ({} if tiling is None else
                       dict(tiled=True, tile_size=tiling.tile_size, tile_stride=tiling.tile_stride))
         adapters, controlnets = controlnet_adapters(node, payloads, model.model.module, b, h, w, vae_tiling, device)
         adapters = with_identities(payloads, adapters, model) + ipadapter_adapters(node, ip_payloads, model)
+        adapters += eligen_adapters(entities, h * 8, w * 8, device)  # last: ControlNets see the plain prompt
         mask = latent_mask(latent_image["noise_mask"], b, h, w) if "noise_mask" in latent_image else None
         x0 = FLUX_LATENT.raw_to_scaled(samples.float()).to(device)
         noise = make_noise(b, h * 8, w * 8, seed, "cpu", device)
@@ -221,9 +246,13 @@ class FluxCoreSampler:
 
         last = {}
 
+        if region is not None:
+            region = region.to(device)
+
         def velocity(x: torch.Tensor, call) -> torch.Tensor:
-            last["v"] = guided_velocity(dit, x, call, positive_embeds, negative_embeds, cfg, guidance, extras,
-                                        negative_extras, adapters, tiling)
+            v = guided_velocity(dit, x, call, positive_embeds, negative_embeds, cfg, guidance, extras,
+                                negative_extras, adapters, tiling)
+            last["v"] = v if region is None else inpaint_velocity(v, x, x0, region, call.sigma)
             return last["v"]
 
         progress, previewer, nexts = bridge.Progress(steps), bridge.latent_previewer(), next_sigmas(sigmas)
