@@ -18,6 +18,7 @@ sys.path.insert(0, str(ROOT))
 
 from example_workflows.core_nodes import core_nodes  # noqa: E402
 from example_workflows.make_adapter_images import FACE as FACE_IMAGE, REFERENCE as REFERENCE_IMAGE  # noqa: E402
+from example_workflows.make_eligen_masks import REGIONS as ELIGEN_REGIONS  # noqa: E402
 from example_workflows.make_example_image import NAME as EXAMPLE_IMAGE  # noqa: E402
 from example_workflows.ui_format import is_widget, saved_value_count  # noqa: E402
 from nodes import NODE_CLASS_MAPPINGS  # noqa: E402
@@ -49,7 +50,7 @@ IPADAPTER_FILES = {"ipadapter": "ip-adapter.bin", "image_encoder": "siglip-so400
 # InfiniteYou as ByteDance/InfiniteYou publishes it (infu_flux_v1.0/<variant>/), in models/infinite_you.
 INFINITEYOU_FILES = {"projector": "infu_flux_v1.0/aes_stage2/image_proj_model.bin",
                      "infusenet": "infu_flux_v1.0/aes_stage2/InfuseNetModel"}
-INPUT_IMAGES = [EXAMPLE_IMAGE, REFERENCE_IMAGE, FACE_IMAGE]   # the images the examples load (ComfyUI/input/)
+INPUT_IMAGES = [EXAMPLE_IMAGE, REFERENCE_IMAGE, FACE_IMAGE, *ELIGEN_REGIONS]  # what the examples load (ComfyUI/input/)
 
 
 def models_note(dit: str) -> str:
@@ -174,7 +175,7 @@ def finish(g: Graph, model, positive, negative, latent, vae, seed, control, deno
     """Sampler, decode and save; `tiled`: the DiT and the decode in 1024-px tiles (128 latent pixels, stride 64).
     positive / negative: a node id (its output 0) or (node id, output slot)."""
     positive, negative = (c if isinstance(c, tuple) else (c, 0) for c in (positive, negative))
-    sampler = g.node("FluxCoreSampler", x, [seed, control, 28, 1.0, -1.0, 3.0, denoise, tiled, 128, 64],
+    sampler = g.node("FluxCoreSampler", x, [seed, control, 28, 1.0, -1.0, 3.0, denoise, tiled, 128, 64, False],
                      model=(model, 0), positive=positive, negative=negative, latent_image=(latent, 0))
     image = g.node("FluxCoreVAEDecode", x, [tiled, 128, 64], samples=(sampler, 0), vae=vae)
     g.node("SaveImage", x + 380, [prefix], size=[520, 560], images=(image, 0))
@@ -356,6 +357,33 @@ def infiniteyou(g: Graph) -> None:
     finish_with(g, model, applied, latent, vae, 1111, 1.0, "FluxCore/infiniteyou", CONDITIONING + 380)
 
 
+def eligen(g: Graph) -> None:
+    """EliGen: one prompt for the whole picture and one per painted region (two EliGen Entity nodes chained onto the
+    prompt), each region LoadImage's mask of a shipped image (its transparent area, as painted in the MaskEditor)."""
+    model, te, vae = loaders(g, "flux1-dev.safetensors")
+    g.node("MarkdownNote", NOTES, [
+        "## EliGen\n\nEach EliGen Entity node adds a prompt that acts only inside its mask; the prompt describes the "
+        "whole picture. Chain one Entity node per region (onto 'negative' for regional negative prompts, used "
+        "when cfg > 1).\n\nFor the trained effect, download `model_bf16.safetensors` from "
+        "https://modelscope.cn/models/DiffSynth-Studio/Eligen into `models/loras/` and put Load FLUX LoRA "
+        "(FluxCore) between Load DiT and the sampler; EliGen runs without it too, with a weaker hold on the "
+        "regions."], size=[400, 250], title="EliGen")
+    positive, negative = prompts(g, te, "A wooden kitchen table in soft morning light, a bowl of fruit and a teapot "
+                                        "on it, photograph", 3.5)
+    regions = []
+    for name, side in zip(ELIGEN_REGIONS, ("left", "right")):
+        regions.append(input_image(g, name, f"Its transparent area is the {side} entity's region: right-click, "
+                                   f"'Open in MaskEditor' and paint another one.", f"Region of the {side} entity"))
+    first = g.node("FluxCoreEliGenEntity", CONDITIONING, ["a wooden bowl full of shiny red apples"], size=[400, 160],
+                   title="Entity: left region", conditioning=(positive, 0), text_encoders=(te, 0),
+                   mask=(regions[0], 1))
+    second = g.node("FluxCoreEliGenEntity", CONDITIONING, ["a blue ceramic teapot with steam rising"], size=[400, 160],
+                    title="Entity: right region", conditioning=(first, 0), text_encoders=(te, 0),
+                    mask=(regions[1], 1))
+    latent = g.node("FluxCoreEmptyLatent", PROMPTS, [1024, 1024, 1])
+    finish(g, model, second, negative, latent, (vae, 0), 2025, "fixed", 1.0, "FluxCore/eligen", x=CONDITIONING + 460)
+
+
 WORKFLOWS = {
     "fluxcore_text_to_image": text_to_image,
     "fluxcore_image_to_image": image_to_image,
@@ -366,6 +394,7 @@ WORKFLOWS = {
     "fluxcore_controlnet_upscale": controlnet_upscale,
     "fluxcore_ipadapter_instantx": ipadapter_instantx,
     "fluxcore_infiniteyou": infiniteyou,
+    "fluxcore_eligen": eligen,
 }
 
 

@@ -30,14 +30,15 @@ LABELS = {"FluxCoreDiTLoader": "Load DiT", "FluxCoreTextEncoderLoader": "Load Te
           "FluxCoreApplyControlNet": "Apply ControlNet", "FluxCoreCannyMap": "Canny Map",
           "FluxCoreIPAdapterLoader": "Load IP-Adapter", "FluxCoreApplyIPAdapter": "Apply IP-Adapter",
           "FluxCoreInfiniteYouLoader": "Load InfiniteYou", "FluxCoreApplyInfiniteYou": "Apply InfiniteYou",
-          "FluxCoreLoadFaceEmbedding": "Load Face Embedding"}
+          "FluxCoreLoadFaceEmbedding": "Load Face Embedding", "FluxCoreEliGenEntity": "EliGen Entity"}
 TITLES = {"fluxcore_text_to_image": "Text to image", "fluxcore_image_to_image": "Image to image",
           "fluxcore_kontext_edit": "Kontext edit", "fluxcore_mixed_native": "Kontext inpaint with core nodes",
           "fluxcore_controlnet_inpainting": "ControlNet inpainting (alimama)",
           "fluxcore_controlnet_union_canny": "Union ControlNet, canny (InstantX)",
           "fluxcore_controlnet_upscale": "2x upscale, upscaler ControlNet + tiled DiT",
           "fluxcore_ipadapter_instantx": "IP-Adapter, reference image (InstantX)",
-          "fluxcore_infiniteyou": "InfiniteYou, identity from a face photo"}
+          "fluxcore_infiniteyou": "InfiniteYou, identity from a face photo",
+          "fluxcore_eligen": "EliGen, one prompt per painted region"}
 SKIP = {"Note", "MarkdownNote", "Reroute", "PrimitiveNode"}
 
 

@@ -306,3 +306,60 @@ def test_entities_encoded_for_another_model_are_refused(models):
     with pytest.raises(NodeInputError, match=r"EliGen Entity \(FluxCore\) #2 \('a cat'\) was encoded to tokens "
                                              r"of width 7"):
         sample(models, positive, encode(models, ""))
+
+
+# ---------------------------------------------------------------- the example workflow
+def test_the_example_workflows_input_images_are_what_their_script_draws():
+    from example_workflows.make_eligen_masks import HERE, REGIONS, draw
+    for name, (left, top, right, bottom) in REGIONS.items():
+        with Image.open(HERE / name) as im:
+            assert im.mode == "RGBA" and np.array_equal(np.asarray(im), np.asarray(draw(REGIONS[name]))), \
+                "run python example_workflows/make_eligen_masks.py"
+            alpha = np.asarray(im.getchannel("A"))
+        assert (alpha[top:bottom, left:right] == 0).all() and (alpha == 0).sum() == (right - left) * (bottom - top)
+        assert (HERE / name).stat().st_size < 16 * 1024
+
+
+def test_the_example_workflow_runs_and_equals_the_pipeline(tmp_path):
+    """fluxcore_eligen.json through the UI -> API conversion and the core-node stand-ins on tiny FLUX-shaped files,
+    made small (256x256, 2 steps, 32 T5 tokens; the file's own settings run in tests/test_workflows.py and
+    tests/test_comfyui_server.py): the same latent as the pipeline given the Entity nodes' prompts and LoadImage's
+    masks of the shipped images (1 where transparent)."""
+    from example_workflows.build_workflows import HERE
+    from tests.tiny_flux_files import set_up_like_a_user
+    from tests.workflow_harness import load_workflow, run_prompt, specs_from_classes, ui_to_api
+    files = set_up_like_a_user(tmp_path)
+    classes = {**NODE_CLASS_MAPPINGS, **standins(files["input"], files["output"])}
+    small = {"FluxCoreSampler": {"steps": 2}, "FluxCoreEmptyLatent": {"width": 256, "height": 256},
+             "FluxCoreTextEncode": {"t5_sequence_length": 32}}
+    prompt = ui_to_api(load_workflow(HERE / "fluxcore_eligen.json"), specs_from_classes(classes), small)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FLUXCORE_MODELS_DIR", str(tmp_path / "models"))
+        result = run_prompt(prompt, classes)
+    sampler, = [nid for nid, n in prompt.items() if n["class_type"] == "FluxCoreSampler"]
+    got = result.outputs[sampler][0]["samples"]
+    # The chain, from the sampler's positive back to the prompt: [first entity, second entity].
+    chain, nid = [], prompt[sampler]["inputs"]["positive"][0]
+    while prompt[nid]["class_type"] == "FluxCoreEliGenEntity":
+        chain.insert(0, prompt[nid]["inputs"])
+        nid = prompt[nid]["inputs"]["conditioning"][0]
+    encode = prompt[nid]["inputs"]
+    assert len(chain) == 2 and encode["text"].startswith("A wooden kitchen table")
+    masks = []
+    for inputs in chain:
+        load = prompt[inputs["mask"][0]]
+        assert load["class_type"] == "LoadImage" and inputs["mask"][1] == 1
+        with Image.open(files["input"] / load["inputs"]["image"]) as im:
+            masks.append(1 - torch.from_numpy(np.asarray(im.getchannel("A"), dtype=np.float32) / 255))
+    pipe = FluxImagePipeline.from_pretrained(torch_dtype=torch.float32, device="cpu", model_configs=[
+        ModelConfig(path=str(files[k])) for k in ("dit", "clip", "t5", "vae")])
+    kw = dict(prompt=encode["text"], embedded_guidance=encode["guidance"], t5_sequence_length=32, height=256,
+              width=256, seed=prompt[sampler]["inputs"]["seed"], num_inference_steps=2, output_type="latent",
+              progress_bar_cmd=None, sigma_shift=prompt[sampler]["inputs"]["sigma_shift"])
+    with torch.no_grad():
+        expected = pipe(eligen_entity_prompts=[c["text"] for c in chain], eligen_entity_masks=masks, **kw)
+        plain = pipe(**kw)
+    raw = pipe.vae.to_comfy_latent
+    # Measured 0 (the same float32 computations, latents up to 68); without the entities it differs by 3.4.
+    assert (got - raw(expected)).abs().max().item() <= 1e-4
+    assert (got - raw(plain)).abs().max().item() > 1e-2
