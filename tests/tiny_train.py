@@ -179,3 +179,50 @@ def two_processes_and_one(argv, tmp_path: Path, steps: int = 3) -> tuple[dict, d
     assert read_log(tmp_path / "two")[0]["num_processes"] == 2
     return (load_file(tmp_path / "one" / f"step-{steps}.safetensors"),
             load_file(tmp_path / "two" / f"step-{steps}.safetensors"))
+
+
+# ------------------------------------------------------------------------------------------------ EliGen
+ELIGEN_SIZE = (64, 48)   # (width, height): a training size of its own (multiples of 16, not square)
+# Per row: two entities, each a colour painted in a box (left, top, right, bottom) of the image, and its prompt.
+ELIGEN_ROWS = [
+    ("a cat and a dog", [("a red cat", "red", (0, 0, 31, 47)), ("a blue dog", "blue", (32, 8, 63, 39))]),
+    ("a horse on the beach", [("a green horse", "green", (8, 0, 47, 23)), ("the yellow beach", "yellow", (0, 24, 63, 47))]),
+    ("a castle and the moon", [("a purple castle", "purple", (0, 16, 39, 47)), ("the white moon", "white", (44, 0, 63, 15))]),
+    ("a woman on a chair", [("a woman", "orange", (16, 0, 47, 31)), ("a black chair", "black", (16, 32, 47, 47))]),
+]
+
+
+def eligen_mask(box, size=ELIGEN_SIZE) -> Image.Image:
+    """A mask image: black, with `box` (left, top, right, bottom, in ELIGEN_SIZE pixels) white, at `size` (the same
+    shape at another resolution scales the box)."""
+    from PIL import ImageDraw
+    sx, sy = size[0] / ELIGEN_SIZE[0], size[1] / ELIGEN_SIZE[1]
+    image = Image.new("RGB", size)
+    left, top, right, bottom = box
+    ImageDraw.Draw(image).rectangle((left * sx, top * sy, (right + 1) * sx - 1, (bottom + 1) * sy - 1), fill="white")
+    return image
+
+
+def make_eligen_data(data: Path) -> Path:
+    """DiffSynth's EliGen layout in `data`: 64x48 images painted with their entities' colours, masks/ with one mask
+    per entity (row 2's at twice the resolution: the same shape), and eligen.json (image, prompt,
+    eligen_entity_prompts, eligen_entity_masks lists). Returns the metadata path."""
+    from PIL import ImageDraw
+    data = Path(data)
+    (data / "masks").mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i, (caption, entities) in enumerate(ELIGEN_ROWS):
+        image = Image.new("RGB", ELIGEN_SIZE, (128, 128, 128))
+        draw = ImageDraw.Draw(image)
+        masks = []
+        for j, (_, colour, box) in enumerate(entities):
+            draw.rectangle(box, fill=COLOURS[colour])
+            size = (ELIGEN_SIZE[0] * 2, ELIGEN_SIZE[1] * 2) if i == 1 else ELIGEN_SIZE
+            eligen_mask(box, size).save(data / "masks" / f"{i} {j}.png")
+            masks.append(f"masks/{i} {j}.png")
+        image.save(data / f"entities {i}.png")
+        rows.append({"image": f"entities {i}.png", "prompt": caption,
+                     "eligen_entity_prompts": [prompt for prompt, _, _ in entities], "eligen_entity_masks": masks})
+    path = data / "eligen.json"
+    path.write_text(json.dumps(rows, indent=1), encoding="utf-8")
+    return path

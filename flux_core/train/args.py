@@ -30,13 +30,16 @@ CONTROLNET_EXTRAS = ("controlnet_image", "controlnet_inpaint_mask", "controlnet_
 IPADAPTER_EXTRAS = ("ipadapter_images",)
 IDENTITY_EXTRAS = ("infinityou_id_image", "infinityou_id_embedding")
 INFINITEYOU_EXTRAS = (*IDENTITY_EXTRAS, "infinityou_guidance")
-EXTRA_INPUTS = ("kontext_images", *CONTROLNET_EXTRAS, *IPADAPTER_EXTRAS, *INFINITEYOU_EXTRAS)
+# EliGen: each row's entity prompts (a list of strings) and their masks (a list of image paths), together.
+ELIGEN_EXTRAS = ("eligen_entity_masks", "eligen_entity_prompts")
+EXTRA_INPUTS = ("kontext_images", *CONTROLNET_EXTRAS, *IPADAPTER_EXTRAS, *INFINITEYOU_EXTRAS, *ELIGEN_EXTRAS)
 IMAGE_EXTRA_INPUTS = ("kontext_images", "controlnet_image", "controlnet_inpaint_mask", "ipadapter_images",
-                      "infinityou_id_image")   # columns of image paths
+                      "infinityou_id_image", "eligen_entity_masks")   # columns of image paths
 # Columns that hold something else than image paths (a mode name, an embedding file, a number).
 NOT_IMAGE_COLUMNS = {"controlnet_processor_id": "a union mode name (canny, depth, ...)",
                      "infinityou_id_embedding": "a face embedding file (.safetensors or .npy), read as numbers",
-                     "infinityou_guidance": "a number (InfuseNet's embedded guidance)"}
+                     "infinityou_guidance": "a number (InfuseNet's embedded guidance)",
+                     "eligen_entity_prompts": "the entity prompts (text)"}
 # --trainable_models: DiffSynth-Studio's pipeline attribute names. One model per run, or InfiniteYou's pair
 # (InfuseNet, the ControlNet, with the image projector), as DiffSynth's InfiniteYou command trains them.
 TRAINABLE_MODELS = ("dit", "controlnet", "ipadapter", "image_proj_model")
@@ -89,7 +92,9 @@ def build_parser(prog: str = "python -m flux_core.train") -> argparse.ArgumentPa
                         "columns form one ControlNetInput per sample for the ControlNet in the model flags), "
                         "ipadapter_images (reference images of the IP-Adapter in the model flags), "
                         "infinityou_id_image (face photos; needs insightface) or infinityou_id_embedding "
-                        "(precomputed 512-d ArcFace embeddings, .safetensors/.npy files), infinityou_guidance")
+                        "(precomputed 512-d ArcFace embeddings, .safetensors/.npy files), infinityou_guidance, "
+                        "eligen_entity_masks,eligen_entity_prompts (EliGen: per row a list of entity prompts and one "
+                        "mask image per prompt, white = the entity's region)")
     m.add_argument("--fp8_models", default=None,
                    help="comma list of frozen models stored in float8_e4m3fn and computed in the training dtype: "
                         "dit (LoRA training only), text_encoder_1 (clip), text_encoder_2 (t5), vae, or an entry of "
@@ -193,6 +198,13 @@ def build_parser(prog: str = "python -m flux_core.train") -> argparse.ArgumentPa
     x.add_argument("--validation_infinityou_guidance", type=float, default=None,
                    help="InfiniteYou runs: InfuseNet's guidance for the validation images (default: the first data "
                         "row's infinityou_guidance, else 1.0)")
+    x.add_argument("--validation_eligen_entity_prompts", nargs="+", default=None,
+                   help="EliGen runs: the entity prompts of the validation images, with "
+                        "--validation_eligen_entity_masks (default: the first data row's entities, cropped to the "
+                        "validation size)")
+    x.add_argument("--validation_eligen_entity_masks", nargs="+", default=None,
+                   help="EliGen runs: one mask image per --validation_eligen_entity_prompts entry (white = the "
+                        "entity), of the validation images' shape")
     return p
 
 
@@ -281,6 +293,7 @@ def check_args(args: argparse.Namespace) -> None:
     if validation_faces and not any(e in extras for e in IDENTITY_EXTRAS):
         raise TrainError(f"{', '.join(validation_faces)}: validation identities are for runs with --extra_inputs "
                          f"infinityou_id_image or infinityou_id_embedding.")
+    check_validation_entities(args, extras)
     if args.validation_infinityou_id_image and args.validation_infinityou_id_embedding:
         raise TrainError("--validation_infinityou_id_image and --validation_infinityou_id_embedding together: give "
                          "one.")
@@ -329,6 +342,11 @@ def check_extra_inputs(extras: list[str], trainable: list[str], args: argparse.N
     if len(identity) > 1:
         problems.append("infinityou_id_image and infinityou_id_embedding together: give one (the embedding is what "
                         "the face photo is turned into)")
+    eligen = [e for e in ELIGEN_EXTRAS if e in extras]
+    if len(eligen) == 1:
+        other = next(e for e in ELIGEN_EXTRAS if e not in extras)
+        problems.append(f"{eligen[0]} without {other}: EliGen takes one mask per entity prompt; list both "
+                        f"(--extra_inputs eligen_entity_masks,eligen_entity_prompts)")
     if "infinityou_guidance" in extras and not identity:
         problems.append("infinityou_guidance without infinityou_id_image or infinityou_id_embedding: the guidance is "
                         "InfuseNet's, used with an identity; add one of them")
@@ -343,6 +361,24 @@ def check_extra_inputs(extras: list[str], trainable: list[str], args: argparse.N
         if key in NOT_IMAGE_COLUMNS:
             raise TrainError(f"--data_file_keys {key}: that column holds {NOT_IMAGE_COLUMNS[key]}, not an image "
                              f"path; leave it out of --data_file_keys.")
+
+
+def check_validation_entities(args: argparse.Namespace, extras: list[str]) -> None:
+    """--validation_eligen_entity_prompts / _masks: for EliGen runs, together, as many masks as prompts, files that
+    exist."""
+    prompts, masks = args.validation_eligen_entity_prompts, args.validation_eligen_entity_masks
+    if prompts is None and masks is None:
+        return
+    if "eligen_entity_prompts" not in extras:
+        raise TrainError("--validation_eligen_entity_prompts / --validation_eligen_entity_masks: validation entities "
+                         "are for runs with --extra_inputs eligen_entity_masks,eligen_entity_prompts.")
+    if prompts is None or masks is None or len(prompts) != len(masks):
+        raise TrainError(f"--validation_eligen_entity_prompts ({len(prompts or [])}) and "
+                         f"--validation_eligen_entity_masks ({len(masks or [])}): give one mask per prompt, in the "
+                         f"same order.")
+    missing = [path for path in masks if not os.path.isfile(path)]
+    if missing:
+        raise TrainError(f"--validation_eligen_entity_masks {' '.join(missing)}: no such file.")
 
 
 def is_controlnet_run(args: argparse.Namespace) -> bool:
@@ -368,6 +404,11 @@ def training_mode(args: argparse.Namespace) -> str:
 def uses_ipadapter(args: argparse.Namespace) -> bool:
     """Whether each sample feeds the IP-Adapter its ipadapter_images."""
     return "ipadapter_images" in comma_list(getattr(args, "extra_inputs", None))
+
+
+def uses_eligen(args: argparse.Namespace) -> bool:
+    """Whether each sample feeds EliGen its entity prompts and masks."""
+    return "eligen_entity_prompts" in comma_list(getattr(args, "extra_inputs", None))
 
 
 def identity_input(args: argparse.Namespace) -> str | None:

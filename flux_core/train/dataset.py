@@ -20,6 +20,10 @@ them (each cropped to its own training size, as DiffSynth does; the image encode
 `infinityou_id_image` one face photo; `infinityou_id_embedding` (FluxCore's addition) a .safetensors/.npy file of
 the face's 512-d embedding, relative to --dataset_base_path like the images; `infinityou_guidance` a number.
 
+EliGen columns (DiffSynth's names): `eligen_entity_prompts` a list of prompts and `eligen_entity_masks` a list of mask
+image paths, one per prompt (a .json metadata holds lists, a .csv cell JSON text); the masks are cropped and resized
+exactly like the row's `image`, and train/eligen.py checks every row's entities together (all problems at once).
+
 `check()` reads every row before training starts: a missing column, a missing or unreadable image, an
 unsupported extension or an image too small for one 16-pixel patch stops the run with the row named.
 """
@@ -42,10 +46,13 @@ METADATA_NAMES = ("metadata.csv", "metadata.json", "metadata.jsonl")
 PROMPT_KEY = "prompt"
 # Image columns cropped and resized like the row's `image` (not by their own size): a ControlNet's control map and
 # mask must cover the training image pixel for pixel.
-PAIRED_KEYS = ("controlnet_image", "controlnet_inpaint_mask")
-SINGLE_KEYS = (*PAIRED_KEYS, "infinityou_id_image")   # image columns that take one path, not a list
+PAIRED_KEYS = ("controlnet_image", "controlnet_inpaint_mask", "eligen_entity_masks")
+SINGLE_KEYS = ("controlnet_image", "controlnet_inpaint_mask", "infinityou_id_image")   # one path, not a list
 MODE_KEY = "controlnet_processor_id"
 EMBEDDING_KEY, GUIDANCE_KEY = "infinityou_id_embedding", "infinityou_guidance"
+ENTITY_PROMPTS_KEY, ENTITY_MASKS_KEY = "eligen_entity_prompts", "eligen_entity_masks"
+# Columns checked together, over all rows, by train/eligen.py (every problem in one message).
+ENTITY_KEYS = (ENTITY_PROMPTS_KEY, ENTITY_MASKS_KEY)
 
 
 @dataclass
@@ -229,6 +236,9 @@ class ImageDataset(Dataset):
         if key == GUIDANCE_KEY:
             from .infiniteyou import guidance_value
             return guidance_value(row.values[key], row.where)
+        if key == ENTITY_PROMPTS_KEY:
+            from .eligen import entity_prompts
+            return entity_prompts(row.values[key], row.where)
         return row.values[key]
 
     def _embedding(self, row: Row):
@@ -257,10 +267,11 @@ class ImageDataset(Dataset):
                                                                  else "") + ".")
             _prompt(row)
             for key in self.value_keys:
-                self._value(row, key)
+                if key not in ENTITY_KEYS:
+                    self._value(row, key)
             image_size = None
             for key in self.file_keys:
-                if key not in row.values or row.values[key] in (None, ""):
+                if key not in row.values or row.values[key] in (None, "") or key in ENTITY_KEYS:
                     continue
                 paths = self._paths(row, key)
                 if key in SINGLE_KEYS and len(paths) != 1:
@@ -271,6 +282,9 @@ class ImageDataset(Dataset):
                     if key == "image":
                         sizes[size] = sizes.get(size, 0) + 1
                         image_size = size
+        if ENTITY_MASKS_KEY in self.file_keys:
+            from .eligen import check_entity_rows
+            check_entity_rows(self)
         return {"rows": len(self.rows), "samples": len(self), "sizes": sizes, "source": self.source}
 
     def _paths(self, row: Row, key: str) -> list[Path]:

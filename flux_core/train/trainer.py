@@ -14,6 +14,11 @@ become the ControlNet adapter's text (InfuseNet's). `--trainable_models ipadapte
 train a `TrainedModules` (trainable.py): one module holding the trained adapters, whose forward runs the whole
 adapted loss, so accelerate's DDP wrapper sees one forward per backward and averages every adapter's gradients.
 
+EliGen. With `--extra_inputs eligen_entity_masks,eligen_entity_prompts` each sample's entity prompts are encoded like
+its caption (frozen text encoders, no gradients) and its masks (cropped like the image by the dataset) become the
+pipeline's own EliGen adapter, added last (as the pipeline adds it: ControlNets see the plain prompt); a LoRA then
+learns through the attention mask that routes each entity prompt to its region (train/eligen.py).
+
 Data order. Each epoch is a permutation of the (repeated) dataset drawn from (seed, epoch). With P processes
 and G accumulation steps an optimizer step consumes P x G consecutive places of that order: process r takes
 places r, r + P, r + 2P, ... Each sample's timestep and noise come from (seed, epoch, place). So a run
@@ -64,10 +69,11 @@ from ..sampling import PromptEmbeds
 from ..vram import ComputeDevice, VRAMManager, store_model
 from . import checkpoint as ckpt
 from .args import (FP8_COMPONENTS, TrainError, comma_list, data_file_keys, identity_input, is_controlnet_run,
-                   is_lora, model_path_entries, torch_dtype, training_mode, uses_ipadapter)
+                   is_lora, model_path_entries, torch_dtype, training_mode, uses_eligen, uses_ipadapter)
 from .control import (check_controlnet_columns, check_controlnet_count, needs_controlnet, sample_control_input,
                       validation_control_input)
 from .dataset import ImageDataset, first_sample
+from .eligen import sample_entities, validation_entities
 from .infiniteyou import ID_EMBEDDING, ID_IMAGE, check_infiniteyou_models, embed_faces, sample_identity
 from .ipadapter import bind, check_ipadapter_fit, check_ipadapter_slots, reference_features
 from .loss import flow_matching_loss, sample_generator, training_attention, training_schedule
@@ -309,6 +315,7 @@ class Trainer:
         self.control = is_controlnet_run(args)   # each sample feeds the ControlNet its controlnet_* columns
         self.reference = uses_ipadapter(args)    # ... the IP-Adapter its ipadapter_images
         self.identity = identity_input(args)     # ... InfuseNet an identity (infinityou_id_image / _embedding)
+        self.eligen = uses_eligen(args)          # ... EliGen its entity prompts and masks
         self.stop = StopFlag()
 
     # -------------------------------------------------------------------- setup
@@ -422,8 +429,9 @@ class Trainer:
         self.validation_inputs = self.validation_adapter_inputs() if a.validation_prompts else {}
 
     def validation_adapter_inputs(self) -> dict:
-        """The validation images' IP-Adapter reference images and InfiniteYou identity: the --validation_* flags',
-        else the first data row's (each face embedded now, not after the first training steps)."""
+        """The validation images' IP-Adapter reference images, InfiniteYou identity and EliGen entities: the
+        --validation_* flags', else the first data row's (each face embedded and the entities checked now, not after
+        the first training steps)."""
         from .infiniteyou import validation_identity
         from .ipadapter import validation_references
         inputs = {}
@@ -431,6 +439,8 @@ class Trainer:
             inputs["ipadapter_images"] = validation_references(self.args, self.dataset)
         if self.identity:
             inputs.update(validation_identity(self.args, self.dataset))
+        if self.eligen:
+            inputs.update(validation_entities(self.args, self.dataset, *validation_size(self.args)))
         return inputs
 
     def settings(self) -> dict:
@@ -588,14 +598,18 @@ class Trainer:
             extras = pipe.kontext_extras(sample["kontext_images"], 1) if "kontext_images" in sample else None
             adapters = self.control_adapters(sample, x0) if self.control else []
             features = reference_features(pipe, sample["ipadapter_images"]) if self.reference else None
+            # EliGen last, as in the pipeline: the ControlNets see the plain prompt
+            entities = ([sample_entities(pipe, sample, self.args.t5_sequence_length, self.dtype, x0.shape[-2] * 8,
+                                         x0.shape[-1] * 8)] if self.eligen else [])
         if self.mode in ("ipadapter", "infiniteyou"):   # the trained modules' whole use, in one (DDP) forward
-            return self.model(self._adapted_loss, sample, x0, prompt, extras, adapters, features, generator)
-        return self._adapted_loss(sample, x0, prompt, extras, adapters, features, generator)
+            return self.model(self._adapted_loss, sample, x0, prompt, extras, adapters, features, generator, entities)
+        return self._adapted_loss(sample, x0, prompt, extras, adapters, features, generator, entities)
 
     def _adapted_loss(self, sample: dict, x0: torch.Tensor, prompt: PromptEmbeds, extras, adapters: list,
-                      features: torch.Tensor | None, generator: torch.Generator) -> torch.Tensor:
+                      features: torch.Tensor | None, generator: torch.Generator, entities: list = ()) -> torch.Tensor:
         """The loss with the IP-Adapter bound to the sample's reference features and InfiniteYou's identity given to
-        the ControlNet adapter; each under autograd only when its module trains."""
+        the ControlNet adapter, each under autograd only when its module trains; EliGen's entities (no trained part)
+        after them."""
         pipe, adapters, grad = self.pipe, list(adapters), torch.is_grad_enabled()
         if self.identity:
             with torch.set_grad_enabled(grad and self.mode == "infiniteyou"):
@@ -604,6 +618,7 @@ class Trainer:
         if features is not None:
             with torch.set_grad_enabled(grad and self.mode == "ipadapter"):
                 adapters.append(bind(pipe.ipadapter, features, pipe.dit))
+        adapters += entities
         loss, _ = flow_matching_loss(self.dit_model, x0, prompt, self.schedule, generator, self.guidance, self.dtype,
                                      extras, adapters)
         return loss

@@ -13,13 +13,19 @@
     python -m flux_core.train validate_full --model_paths '[...]' --checkpoint models/train/iy/epoch-0.safetensors \
         --controlnet_image black.png --infinityou_id_embedding face.npy --prompt "a man" --output image.jpg
 
+    python -m flux_core.train validate_lora --model_paths '[...]' --lora_path models/train/eligen/epoch-4.safetensors \
+        --eligen_entity_prompts "a red hat" "a blue scarf" --eligen_entity_masks hat.png scarf.png \
+        --prompt "a woman" --output image.jpg
+
 The base models are named like the trainer's (--model_paths / --model_id_with_origin_paths, tokenizers).
 validate_lora loads the LoRA (any format) onto the DiT with `flux_core.lora.load_lora`; validate_full loads what the
 checkpoint holds with `load_model` in place of that model of the model flags (which is then not loaded at all): the
 fine-tuned DiT, a trained ControlNet, a trained IP-Adapter, or InfiniteYou's InfuseNet and/or image projector.
 --controlnet_image (with --controlnet_inpaint_mask / --controlnet_processor_id / --controlnet_scale) feeds the
 ControlNet, as `ControlNetInput(image=..., ...)`; --ipadapter_images (--ipadapter_scale) the IP-Adapter;
---infinityou_id_image or --infinityou_id_embedding (--infinityou_guidance) InfiniteYou.
+--infinityou_id_image or --infinityou_id_embedding (--infinityou_guidance) InfiniteYou; --eligen_entity_prompts with
+one --eligen_entity_masks image per prompt (of the output's shape; --eligen_enable_on_negative) EliGen, as DiffSynth's
+EliGen validate script passes them with the trained LoRA loaded.
 """
 from __future__ import annotations
 
@@ -56,6 +62,12 @@ def build_parser(command: str) -> argparse.ArgumentParser:
     p.add_argument("--infinityou_id_embedding", default=None,
                    help="InfiniteYou: the face's 512-d ArcFace embedding (.safetensors or .npy file)")
     p.add_argument("--infinityou_guidance", type=float, default=1.0, help="InfiniteYou: InfuseNet's guidance")
+    p.add_argument("--eligen_entity_prompts", nargs="+", default=None, help="EliGen: one prompt per entity")
+    p.add_argument("--eligen_entity_masks", nargs="+", default=None,
+                   help="EliGen: one mask image per entity prompt, in the same order (white = the entity's region; "
+                        "the output's shape)")
+    p.add_argument("--eligen_enable_on_negative", action="store_true",
+                   help="EliGen: with --cfg_scale above 1 the negative pass gets the entities too")
     p.add_argument("--prompt", default="a dog")
     p.add_argument("--negative_prompt", default="")
     p.add_argument("--cfg_scale", type=float, default=1.0)
@@ -131,6 +143,11 @@ def adapter_inputs(args: argparse.Namespace) -> dict:
             raise TrainError(f"--infinityou_id_embedding: {e}.") from None
     if "infinityou_id_image" in inputs or "infinityou_id_embedding" in inputs:
         inputs["infinityou_guidance"] = args.infinityou_guidance
+    if args.eligen_entity_prompts is not None or args.eligen_entity_masks is not None:
+        inputs.update(eligen_entity_prompts=args.eligen_entity_prompts,
+                      eligen_entity_masks=None if args.eligen_entity_masks is None else
+                      [_read_image("eligen_entity_masks", p) for p in args.eligen_entity_masks],
+                      eligen_enable_on_negative=args.eligen_enable_on_negative)
     return inputs
 
 
@@ -196,10 +213,12 @@ def run(command: str, argv: list[str]) -> Path:
         message = str(e)
         if control and "controlnet_inputs[0]" in message:
             raise TrainError(message.replace("controlnet_inputs[0]: ", "--controlnet_image: ")) from None
-        if adapters and any(name in message for name in ("ipadapter", "infinityou", "InfiniteYou")):
+        if adapters and any(name in message for name in ("ipadapter", "infinityou", "InfiniteYou", "eligen")):
             # the pipeline's parameter names are the flags' names; its model_configs are the model flags
-            raise TrainError(message.replace("model_configs", "--model_paths / --model_id_with_origin_paths")) \
-                from None
+            message = message.replace("model_configs", "--model_paths / --model_id_with_origin_paths")
+            for name in ("eligen_entity_prompts", "eligen_entity_masks"):
+                message = message.replace(name, "--" + name)
+            raise TrainError(message) from None
         raise
     path = save_image(image, Path(args.output))
     print(f"saved {path} (seed {args.seed})")
