@@ -16,9 +16,14 @@ alpha), checked against the DiT's layer shapes, then applied in one of two ways:
   float8 (fusing would round most of the delta away: the "LoRA is weak on fp8" complaint), for weights that
   live elsewhere (meta device), and for offloaded models.
 
+LoRA-Fusion (`enable_lora_merger(dit, patcher)`, DiffSynth-Studio's LoRA-Fusion-Preview): the hooks of the layers the
+patcher has a merger for hand it the base output and each LoRA's own output, and it combines them with learned
+gates instead of summing (flux_core.models.lora_patcher). Hook mode only: fused LoRAs cannot be merged.
+
 `hotload=None` picks hook mode when any target layer's weight is stored in a float8 dtype or on the meta
 device, or when the model is marked offloaded: a VRAM manager that streams weights sets
-`state_of(dit).offloaded` (or that of individual nn.Linear modules; flux_core.model_state). Otherwise it fuses.
+`state_of(dit).offloaded` (or that of individual nn.Linear modules; flux_core.model_state), or while the LoRA
+merger is enabled. Otherwise it fuses.
 `hotload=True` / `False` force the mode.
 
 Reporting (never a silent no-op): a file matching no layer raises LoraFormatError naming what the file looks
