@@ -380,7 +380,8 @@ def eligen(g: Graph) -> None:
     second = g.node("FluxCoreEliGenEntity", CONDITIONING, ["a blue ceramic teapot with steam rising"], size=[400, 160],
                     title="Entity: right region", conditioning=(first, 0), text_encoders=(te, 0),
                     mask=(regions[1], 1))
-    latent = g.node("FluxCoreEmptyLatent", PROMPTS, [1024, 1024, 1])
+    # 768x768 (FLUX works well there) keeps this example's test run short; the masks scale to any square size.
+    latent = g.node("FluxCoreEmptyLatent", PROMPTS, [768, 768, 1])
     finish(g, model, second, negative, latent, (vae, 0), 2025, "fixed", 1.0, "FluxCore/eligen", x=CONDITIONING + 460)
 
 

@@ -7,8 +7,9 @@ MASK output is 1 where an image is transparent, so the transparent region is the
 had been painted in ComfyUI's MaskEditor (right-click the image, "Open in MaskEditor": paint over the region to
 change it). `fluxcore_eligen_left.png` holds the left entity's region, `fluxcore_eligen_right.png` the right one's.
 
-The regions' edges lie on multiples of 16 pixels: at the workflow's 1024x1024 (a factor of 4) they fall on
-multiples of 64 pixels, whole 2x2 patches of the latent, so the masks stay sharp on the tokens FLUX packs.
+The regions' edges lie on multiples of 16 pixels: at the workflow's 768x768 (a factor of 3) they fall on multiples
+of 48 pixels, 6 latent pixels, whole 2x2 patches of the latent (at 1024x1024 likewise, 64 pixels), so the masks stay
+sharp on the tokens FLUX packs.
 Like fluxcore_example.png, copy them into ComfyUI's `input/` folder (README, "Example workflows").
 """
 from __future__ import annotations

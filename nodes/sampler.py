@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from flux_core.eligen import inpaint_velocity
 from flux_core.run_cost import check_run_cost, controlnet_passes, dit_calls_per_step, image_tokens, ipadapter_kv_bytes
 from flux_core.inputs import SEED_MAX
-from flux_core.lora import clear_lora, load_lora
+from flux_core.lora import clear_lora, disable_lora_merger, enable_lora_merger, load_lora
 from flux_core.model_state import state_of
 from flux_core.models.vae import AutoEncoderParams
 from flux_core.sampling import denoise as run_denoise, guided_velocity, make_noise, reference_extras, tea_cache_extras
@@ -40,6 +40,7 @@ from .eligen_nodes import (check_entities, eligen_adapters, eligen_held_bytes, e
                            entities_by_branch, entity_tokens)
 from .infiniteyou_nodes import with_identities
 from .ipadapter_nodes import check_ipadapter_payloads, ipadapter_adapters, ipadapter_payloads
+from .lora_model_nodes import lora_encoder_adapters, lora_fusion_of
 from .handles import DIT_TYPE, DiTHandle
 from .loaders import NodeInputError
 from . import vram_nodes
@@ -49,19 +50,27 @@ FLUX_LATENT = AutoEncoderParams()  # FLUX's latent scale/shift (ComfyUI's latent
 
 
 def prepare_dit(handle: DiTHandle):
-    """The handle's module on the compute device with exactly the handle's LoRAs applied."""
+    """The handle's module on the compute device with exactly the handle's LoRAs applied, combined by its
+    LoRA-Fusion patcher (Fuse LoRAs) or summed. The record of what was applied holds the patcher beside the stack,
+    so a run with another patcher, or none, applies the stack again (the merger needs hooked LoRAs)."""
     dit = place_dit(handle)  # the whole model on the device, or as the VRAM options node says
-    if state_of(dit).applied_loras != handle.loras:
+    fusion = lora_fusion_of(handle)
+    wanted = handle.loras + ((fusion,) if fusion is not None else ())
+    if state_of(dit).applied_loras != wanted:
         clear_lora(dit)
+        disable_lora_merger(dit)  # clear_lora keeps an enabled merger (as DiffSynth's does)
+        if fusion is not None:
+            enable_lora_merger(dit, fusion.model.module)
         for patch in handle.loras:
             load_lora(dit, patch.lora if patch.lora is not None else patch.path, alpha=patch.strength)
-        state_of(dit).applied_loras = handle.loras
+        state_of(dit).applied_loras = wanted
     return dit
 
 
 def check_sampler_cost(node: str, dit, batch: int, h: int, w: int, text_tokens: int, reference_tokens: int,
                        steps: int, passes: int, tiling: DiTTiling | None = None, controlnets=(),
-                       ipadapters=(), entities: dict | None = None, negative_text_tokens: int | None = None) -> None:
+                       ipadapters=(), entities: dict | None = None, negative_text_tokens: int | None = None,
+                       appended_tokens: int = 0) -> None:
     """The pipeline's cost checks for one sampler run (latent sides h, w): refuse what cannot fit the compute
     device, warn when it takes most of it or would take very long on a CPU. With `tiling` one DiT call sees one
     tile (all tiles have one size), and each step makes one call per tile; `controlnets` ((payload, branches) from
@@ -69,8 +78,10 @@ def check_sampler_cost(node: str, dit, batch: int, h: int, w: int, text_tokens: 
     (flux_core.run_cost.controlnet_passes); `ipadapters` ((payload, branches) from ipadapter_payloads) keep their
     keys/values on the device for the whole run (flux_core.run_cost.ipadapter_kv_bytes); `entities` (from
     entities_by_branch) lengthen their branch's text (`text_tokens` the positive prompt's, `negative_text_tokens` the
-    negative one's) and keep an attention mask per branch (flux_core.eligen.eligen_mask_bytes), as in the pipeline."""
+    negative one's) and keep an attention mask per branch (flux_core.eligen.eligen_mask_bytes), as in the pipeline;
+    `appended_tokens` (LoRA-Encoder tokens) lengthen the positive prompt."""
     calls, tile_h, tile_w = dit_calls_per_step(h, w, tiling)
+    text_tokens += appended_tokens
     image = image_tokens(tile_h * 8, tile_w * 8) + reference_tokens
     eligen_mask = 0
     if entities:
@@ -219,6 +230,7 @@ class FluxCoreSampler:
         payloads = controlnet_payloads(node, sides)
         ip_payloads = ipadapter_payloads(node, sides)
         check_ipadapter_payloads(node, ip_payloads, model.model.module)  # before any image is encoded
+        lora_tokens = lora_encoder_adapters(node, sides, model.model.module)
         entities = entities_by_branch(node, sides)
         check_entities(node, entities, model.model.module, h * 8, w * 8)
         region = eligen_inpaint_region(node, entities, samples) if eligen_inpaint else None
@@ -226,11 +238,13 @@ class FluxCoreSampler:
         check_sampler_cost(node, model.model.module, b, h, w, positive_embeds.prompt_emb.shape[1], reference_tokens,
                            len(sigmas), passes=2 if negative_embeds is not None else 1, tiling=tiling,
                            controlnets=payloads, ipadapters=ip_payloads, entities=entities,
-                           negative_text_tokens=None if negative_embeds is None else negative_embeds.prompt_emb.shape[1])
+                           negative_text_tokens=None if negative_embeds is None else negative_embeds.prompt_emb.shape[1],
+                           appended_tokens=sum(a.tokens.shape[1] for a in lora_tokens))
         vae_tiling = ({} if tiling is None else
                       dict(tiled=True, tile_size=tiling.tile_size, tile_stride=tiling.tile_stride))
         adapters, controlnets = controlnet_adapters(node, payloads, model.model.module, b, h, w, vae_tiling, device)
-        adapters = with_identities(payloads, adapters, model) + ipadapter_adapters(node, ip_payloads, model)
+        # LoRA-Encoder tokens join the prompt first: ControlNets and EliGen's global segment see them (the pipeline's order).
+        adapters = lora_tokens + with_identities(payloads, adapters, model) + ipadapter_adapters(node, ip_payloads, model)
         adapters += eligen_adapters(entities, h * 8, w * 8, device)  # last: ControlNets see the plain prompt
         mask = latent_mask(latent_image["noise_mask"], b, h, w) if "noise_mask" in latent_image else None
         x0 = FLUX_LATENT.raw_to_scaled(samples.float()).to(device)
@@ -268,7 +282,8 @@ class FluxCoreSampler:
         release_controlnets = None
         try:
             dit = prepare_dit(model)
-            release_controlnets = place_controlnets(model, controlnets)
+            fusion = lora_fusion_of(model)  # the patcher computes beside the DiT, placed as its ControlNets are
+            release_controlnets = place_controlnets(model, controlnets + ([fusion] if fusion is not None else []))
             with torch.no_grad():
                 final = run_denoise(start, sigmas, velocity, None, after_step)
         finally:  # also after Cancel (raised from after_step), a LoRA that fails to apply, or an error: an
