@@ -226,3 +226,25 @@ def make_eligen_data(data: Path) -> Path:
     path = data / "eligen.json"
     path.write_text(json.dumps(rows, indent=1), encoding="utf-8")
     return path
+
+
+# ------------------------------------------------------------------------------------------------ LoRA-Encoder
+def make_lora_encoder_data(setup: TrainSetup, tmp: Path) -> Path:
+    """The LoRA-Encoder world beside a make_train_setup one: tmp/lora-encoder.safetensors (DiffSynth's own
+    FluxLoRAEncoder at the tiny size, random weights: tests/tiny_lora_models.py), loras/ in the dataset with LoRAs on
+    every site of the tiny DiT (style a: kohya, style b: PEFT/diffusers), and loras.csv (image, prompt,
+    lora_encoder_inputs; even rows style a, odd rows style b). Returns the encoder's path."""
+    from tests.tiny_lora_models import diffsynth_encoder, write_site_lora, write_state_dict
+
+    tmp = Path(tmp)
+    encoder = write_state_dict(diffsynth_encoder(seed=31), tmp / "lora-encoder.safetensors")
+    data = setup.data
+    (data / "loras").mkdir(exist_ok=True)
+    write_site_lora(data / "loras" / "style a.safetensors", "kohya", seed=32, alpha=2.0)
+    write_site_lora(data / "loras" / "style b.safetensors", "diffusers", seed=33)
+    with open(data / "loras.csv", "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["image", "prompt", "lora_encoder_inputs"])
+        for i, (file, caption) in enumerate(setup.captions.items()):
+            writer.writerow([file, caption, f"loras/style {'ab'[i % 2]}.safetensors"])
+    return encoder

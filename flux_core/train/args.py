@@ -32,18 +32,23 @@ IDENTITY_EXTRAS = ("infinityou_id_image", "infinityou_id_embedding")
 INFINITEYOU_EXTRAS = (*IDENTITY_EXTRAS, "infinityou_guidance")
 # EliGen: each row's entity prompts (a list of strings) and their masks (a list of image paths), together.
 ELIGEN_EXTRAS = ("eligen_entity_masks", "eligen_entity_prompts")
-EXTRA_INPUTS = ("kontext_images", *CONTROLNET_EXTRAS, *IPADAPTER_EXTRAS, *INFINITEYOU_EXTRAS, *ELIGEN_EXTRAS)
+# LoRA-Encoder: each row's LoRA file, encoded into tokens appended to the caption's.
+LORA_ENCODER_EXTRAS = ("lora_encoder_inputs",)
+EXTRA_INPUTS = ("kontext_images", *CONTROLNET_EXTRAS, *IPADAPTER_EXTRAS, *INFINITEYOU_EXTRAS, *ELIGEN_EXTRAS,
+                *LORA_ENCODER_EXTRAS)
 IMAGE_EXTRA_INPUTS = ("kontext_images", "controlnet_image", "controlnet_inpaint_mask", "ipadapter_images",
                       "infinityou_id_image", "eligen_entity_masks")   # columns of image paths
 # Columns that hold something else than image paths (a mode name, an embedding file, a number).
 NOT_IMAGE_COLUMNS = {"controlnet_processor_id": "a union mode name (canny, depth, ...)",
                      "infinityou_id_embedding": "a face embedding file (.safetensors or .npy), read as numbers",
                      "infinityou_guidance": "a number (InfuseNet's embedded guidance)",
-                     "eligen_entity_prompts": "the entity prompts (text)"}
+                     "eligen_entity_prompts": "the entity prompts (text)",
+                     "lora_encoder_inputs": "a LoRA file, read as a LoRA"}
 # --trainable_models: DiffSynth-Studio's pipeline attribute names. One model per run, or InfiniteYou's pair
 # (InfuseNet, the ControlNet, with the image projector), as DiffSynth's InfiniteYou command trains them.
-TRAINABLE_MODELS = ("dit", "controlnet", "ipadapter", "image_proj_model")
-TRAINABLE_SETS = ({"dit"}, {"controlnet"}, {"ipadapter"}, {"image_proj_model"}, {"controlnet", "image_proj_model"})
+TRAINABLE_MODELS = ("dit", "controlnet", "ipadapter", "image_proj_model", "lora_encoder")
+TRAINABLE_SETS = ({"dit"}, {"controlnet"}, {"ipadapter"}, {"image_proj_model"}, {"controlnet", "image_proj_model"},
+                  {"lora_encoder"})
 PROGRESS_BAR_MODES = ("auto", "on", "off")
 
 
@@ -94,7 +99,8 @@ def build_parser(prog: str = "python -m flux_core.train") -> argparse.ArgumentPa
                         "infinityou_id_image (face photos; needs insightface) or infinityou_id_embedding "
                         "(precomputed 512-d ArcFace embeddings, .safetensors/.npy files), infinityou_guidance, "
                         "eligen_entity_masks,eligen_entity_prompts (EliGen: per row a list of entity prompts and one "
-                        "mask image per prompt, white = the entity's region)")
+                        "mask image per prompt, white = the entity's region), lora_encoder_inputs (LoRA-Encoder: per "
+                        "row a LoRA file, relative to --dataset_base_path or the current folder)")
     m.add_argument("--fp8_models", default=None,
                    help="comma list of frozen models stored in float8_e4m3fn and computed in the training dtype: "
                         "dit (LoRA training only), text_encoder_1 (clip), text_encoder_2 (t5), vae, or an entry of "
@@ -111,7 +117,8 @@ def build_parser(prog: str = "python -m flux_core.train") -> argparse.ArgumentPa
                         "ComfyUI and flux1-dev.safetensors use), `pipe.controlnet.models.0.<DiffSynth name>` for a "
                         "ControlNet (give \"pipe.controlnet.models.0.\" for the names DiffSynth-Studio's ControlNet "
                         "loads), `pipe.ipadapter.<name>` for an IP-Adapter (give \"pipe.ipadapter.\") and "
-                        "`pipe.image_proj_model.<name>` for InfiniteYou's projector (with InfuseNet: give \"pipe.\"). "
+                        "`pipe.image_proj_model.<name>` for InfiniteYou's projector (with InfuseNet: give \"pipe.\"), "
+                        "`pipe.lora_encoder.<name>` for a LoRA-Encoder (give \"pipe.lora_encoder.\"). "
                         "(LoRA files always use their format's own names)")
     t.add_argument("--save_steps", type=int, default=None,
                    help="save every N optimizer steps (default: at the end of every epoch)")
@@ -121,8 +128,9 @@ def build_parser(prog: str = "python -m flux_core.train") -> argparse.ArgumentPa
                    help="the model trained in full, the others frozen: dit; controlnet (the ControlNet given in "
                         "the model flags; needs --extra_inputs controlnet_image); ipadapter (the IP-Adapter given in "
                         "the model flags; needs --extra_inputs ipadapter_images); image_proj_model (InfiniteYou's "
-                        "projector; needs controlnet_image and infinityou_id_image or infinityou_id_embedding); or "
-                        "InfiniteYou's pair controlnet,image_proj_model")
+                        "projector; needs controlnet_image and infinityou_id_image or infinityou_id_embedding); "
+                        "InfiniteYou's pair controlnet,image_proj_model; or lora_encoder (the LoRA-Encoder given in the "
+                        "model flags; needs --extra_inputs lora_encoder_inputs)")
     t.add_argument("--gradient_accumulation_steps", type=int, default=1)
     t.add_argument("--task", default="sft", choices=["sft"],
                    help="sft (supervised fine-tuning, the only task; DiffSynth's split data_process/train and "
@@ -205,6 +213,9 @@ def build_parser(prog: str = "python -m flux_core.train") -> argparse.ArgumentPa
     x.add_argument("--validation_eligen_entity_masks", nargs="+", default=None,
                    help="EliGen runs: one mask image per --validation_eligen_entity_prompts entry (white = the "
                         "entity), of the validation images' shape")
+    x.add_argument("--validation_lora_encoder_inputs", nargs="+", default=None,
+                   help="LoRA-Encoder runs: the LoRA file(s) encoded into the validation images' prompt (default: "
+                        "the first data row's lora_encoder_inputs)")
     return p
 
 
@@ -250,13 +261,13 @@ def check_args(args: argparse.Namespace) -> None:
     bad = [m for m in trainable if m not in TRAINABLE_MODELS]
     if bad:
         raise TrainError(f"--trainable_models {','.join(bad)}: FluxCore trains the DiT, a ControlNet, an IP-Adapter "
-                         f"or InfiniteYou; use --trainable_models dit (full fine-tuning), controlnet (the ControlNet "
-                         f"in the model flags), ipadapter (the IP-Adapter in the model flags), "
-                         f"controlnet,image_proj_model (InfiniteYou: InfuseNet and its projector) or --lora_base_model "
-                         f"dit (LoRA).")
+                         f"or InfiniteYou, or a LoRA-Encoder; use --trainable_models dit (full fine-tuning), controlnet "
+                         f"(the ControlNet in the model flags), ipadapter (the IP-Adapter in the model flags), "
+                         f"controlnet,image_proj_model (InfiniteYou: InfuseNet and its projector), lora_encoder (the "
+                         f"LoRA-Encoder in the model flags) or --lora_base_model dit (LoRA).")
     if trainable and set(trainable) not in TRAINABLE_SETS:
         raise TrainError(f"--trainable_models {','.join(trainable)}: train one model per run (dit, controlnet, "
-                         f"ipadapter or image_proj_model; the others stay frozen), or InfiniteYou's pair "
+                         f"ipadapter, image_proj_model or lora_encoder; the others stay frozen), or InfiniteYou's pair "
                          f"controlnet,image_proj_model.")
     if lora_base not in (None, "dit"):
         raise TrainError(f"--lora_base_model {lora_base}: FluxCore adds LoRAs to the DiT only; use "
@@ -266,7 +277,7 @@ def check_args(args: argparse.Namespace) -> None:
                          f"full training or a LoRA.")
     if not lora_base and not trainable:
         raise TrainError("nothing to train: give --lora_base_model dit (LoRA) or --trainable_models dit "
-                         "(full fine-tuning), controlnet, ipadapter or controlnet,image_proj_model.")
+                         "(full fine-tuning), controlnet, ipadapter, controlnet,image_proj_model or lora_encoder.")
     if args.lora_checkpoint and not lora_base:
         raise TrainError("--lora_checkpoint needs --lora_base_model dit.")
     if args.lora_checkpoint and not os.path.isfile(args.lora_checkpoint):
@@ -286,6 +297,12 @@ def check_args(args: argparse.Namespace) -> None:
             not args.validation_controlnet_image:
         raise TrainError("--validation_controlnet_inpaint_mask / --validation_controlnet_processor_id go with "
                          "--validation_controlnet_image (without it the first data row's control inputs are used).")
+    if args.validation_lora_encoder_inputs and "lora_encoder_inputs" not in extras:
+        raise TrainError("--validation_lora_encoder_inputs: validation LoRAs are for runs with --extra_inputs "
+                         "lora_encoder_inputs.")
+    for path in args.validation_lora_encoder_inputs or []:
+        if not os.path.isfile(path):
+            raise TrainError(f"--validation_lora_encoder_inputs {path}: no such file.")
     if args.validation_ipadapter_images and "ipadapter_images" not in extras:
         raise TrainError("--validation_ipadapter_images: validation reference images are for runs with "
                          "--extra_inputs ipadapter_images.")
@@ -347,6 +364,9 @@ def check_extra_inputs(extras: list[str], trainable: list[str], args: argparse.N
         other = next(e for e in ELIGEN_EXTRAS if e not in extras)
         problems.append(f"{eligen[0]} without {other}: EliGen takes one mask per entity prompt; list both "
                         f"(--extra_inputs eligen_entity_masks,eligen_entity_prompts)")
+    if "lora_encoder" in trainable and "lora_encoder_inputs" not in extras:
+        problems.append("--trainable_models lora_encoder needs the LoRAs it encodes: add --extra_inputs "
+                        "lora_encoder_inputs (a metadata column with a LoRA file per row)")
     if "infinityou_guidance" in extras and not identity:
         problems.append("infinityou_guidance without infinityou_id_image or infinityou_id_embedding: the guidance is "
                         "InfuseNet's, used with an identity; add one of them")
@@ -391,11 +411,13 @@ def trains_controlnet(args: argparse.Namespace) -> bool:
 
 
 def training_mode(args: argparse.Namespace) -> str:
-    """"lora", "full" (the DiT), "controlnet", "ipadapter" or "infiniteyou" (the image projector, with or without
-    InfuseNet)."""
+    """"lora", "full" (the DiT), "controlnet", "ipadapter", "infiniteyou" (the image projector, with or without
+    InfuseNet) or "lora_encoder"."""
     trainable = set(comma_list(args.trainable_models))
     if is_lora(args):
         return "lora"
+    if "lora_encoder" in trainable:
+        return "lora_encoder"
     if "image_proj_model" in trainable:
         return "infiniteyou"
     return "controlnet" if "controlnet" in trainable else "ipadapter" if "ipadapter" in trainable else "full"
@@ -409,6 +431,11 @@ def uses_ipadapter(args: argparse.Namespace) -> bool:
 def uses_eligen(args: argparse.Namespace) -> bool:
     """Whether each sample feeds EliGen its entity prompts and masks."""
     return "eligen_entity_prompts" in comma_list(getattr(args, "extra_inputs", None))
+
+
+def uses_lora_encoder(args: argparse.Namespace) -> bool:
+    """Whether each sample's LoRA file is encoded by the LoRA-Encoder into prompt tokens."""
+    return "lora_encoder_inputs" in comma_list(getattr(args, "extra_inputs", None))
 
 
 def identity_input(args: argparse.Namespace) -> str | None:

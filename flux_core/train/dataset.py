@@ -24,6 +24,9 @@ EliGen columns (DiffSynth's names): `eligen_entity_prompts` a list of prompts an
 image paths, one per prompt (a .json metadata holds lists, a .csv cell JSON text); the masks are cropped and resized
 exactly like the row's `image`, and train/eligen.py checks every row's entities together (all problems at once).
 
+LoRA-Encoder column (DiffSynth's name): `lora_encoder_inputs` holds a LoRA file path, relative to --dataset_base_path
+(or, as DiffSynth reads it, to the current folder); train/lora_encoder.py reads it (any format lora_tools reads).
+
 `check()` reads every row before training starts: a missing column, a missing or unreadable image, an
 unsupported extension or an image too small for one 16-pixel patch stops the run with the row named.
 """
@@ -53,6 +56,7 @@ EMBEDDING_KEY, GUIDANCE_KEY = "infinityou_id_embedding", "infinityou_guidance"
 ENTITY_PROMPTS_KEY, ENTITY_MASKS_KEY = "eligen_entity_prompts", "eligen_entity_masks"
 # Columns checked together, over all rows, by train/eligen.py (every problem in one message).
 ENTITY_KEYS = (ENTITY_PROMPTS_KEY, ENTITY_MASKS_KEY)
+LORA_KEY = "lora_encoder_inputs"
 
 
 @dataclass
@@ -239,6 +243,8 @@ class ImageDataset(Dataset):
         if key == ENTITY_PROMPTS_KEY:
             from .eligen import entity_prompts
             return entity_prompts(row.values[key], row.where)
+        if key == LORA_KEY:
+            return self._lora_path(row)
         return row.values[key]
 
     def _embedding(self, row: Row):
@@ -253,6 +259,19 @@ class ImageDataset(Dataset):
             return read_face_embedding(path)
         except ValueError as e:
             raise TrainError(f"{row.where}: '{EMBEDDING_KEY}' {e}.") from None
+
+    def _lora_path(self, row: Row) -> str:
+        """A row's lora_encoder_inputs file: relative to --dataset_base_path like the images, else (DiffSynth reads
+        the column as ModelConfig(path=...)) relative to the current folder."""
+        value = row.values[LORA_KEY]
+        if not isinstance(value, str):
+            raise TrainError(f"{row.where}: column '{LORA_KEY}' must hold the path of a LoRA file, got {value!r}.")
+        path = Path(value)
+        for candidate in ([path] if path.is_absolute() else [self.base / path, path]):
+            if candidate.is_file():
+                return str(candidate)
+        where = str(path) if path.is_absolute() else f"{self.base / path} (nor {path.resolve()})"
+        raise TrainError(f"{row.where}: '{LORA_KEY}' file {where} does not exist.")
 
     # -------------------------------------------------------------------- checks
     def check(self) -> dict:

@@ -25,6 +25,11 @@ are DiffSynth's: `image_proj.*`, `ipadapter_modules.<i>.to_{k,v}_ip.weight`), In
 controlnet,image_proj_model`) as the ControlNet's names above beside `pipe.image_proj_model.<ByteDance name>`; with
 DiffSynth's `--remove_prefix_in_ckpt pipe.ipadapter.` / `pipe.` these are the files its training writes, and
 `load_model` reads them (kinds "ipadapter", "controlnet" and "infiniteyou").
+
+A trained LoRA-Encoder (`--trainable_models lora_encoder`) is saved as `pipe.lora_encoder.<name>` minus the prefix (our
+names are DiffSynth's: `embedder.model_dict.*`, `embedder.proj_dict.*`, `encoders.<n>.*`, `special_embeds`, `final_*`);
+with DiffSynth's `--remove_prefix_in_ckpt pipe.lora_encoder.` that is the state dict its validate script loads into
+`pipe.lora_encoder`, and `load_model(path, kind="lora_encoder")` reads it (with or without the prefix).
 """
 from __future__ import annotations
 
@@ -201,6 +206,9 @@ def controlnet_state_dict(controlnet: nn.Module, remove_prefix: str) -> dict[str
 # DiffSynth's names of the trained modules (its pipeline attributes): saved as `pipe.<name>.<parameter>`.
 IPADAPTER_CHECKPOINT_PREFIX = "pipe.ipadapter."
 PROJECTOR_CHECKPOINT_PREFIX = "pipe.image_proj_model."
+LORA_ENCODER_CHECKPOINT_PREFIX = "pipe.lora_encoder."
+ADAPTER_CHECKPOINT_PREFIXES = {"ipadapter": IPADAPTER_CHECKPOINT_PREFIX, "image_proj_model": PROJECTOR_CHECKPOINT_PREFIX,
+                               "lora_encoder": LORA_ENCODER_CHECKPOINT_PREFIX}
 
 
 class TrainedModules(nn.ModuleDict):
@@ -227,12 +235,13 @@ def adapters_state_dict(trained: Mapping[str, nn.Module], remove_prefix: str) ->
     (its names are DiffSynth's: `image_proj.*`, `ipadapter_modules.<i>.*`), `pipe.image_proj_model.<name>`
     (ByteDance's names, which DiffSynth keeps) and the ControlNet's `pipe.controlnet.models.0.<DiffSynth name>`.
     With --remove_prefix_in_ckpt pipe. InfiniteYou's file is DiffSynth's (`controlnet.models.0.*` beside
-    `image_proj_model.*`); with pipe.ipadapter. the IP-Adapter's is the state dict DiffSynth's FluxIpAdapter loads."""
+    `image_proj_model.*`); with pipe.ipadapter. the IP-Adapter's is the state dict DiffSynth's FluxIpAdapter loads, and
+    with pipe.lora_encoder. the LoRA-Encoder's (`pipe.lora_encoder.<name>`, its names DiffSynth's) the one its
+    FluxLoRAEncoder loads."""
     out: dict[str, torch.Tensor] = {}
     for name, module in trained.items():
         if name == "controlnet":
             out.update(controlnet_state_dict(module, remove_prefix))
         else:
-            prefix = IPADAPTER_CHECKPOINT_PREFIX if name == "ipadapter" else PROJECTOR_CHECKPOINT_PREFIX
-            out.update(checkpoint_tensors(module.state_dict(), prefix, remove_prefix))
+            out.update(checkpoint_tensors(module.state_dict(), ADAPTER_CHECKPOINT_PREFIXES[name], remove_prefix))
     return out

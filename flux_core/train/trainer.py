@@ -19,6 +19,11 @@ its caption (frozen text encoders, no gradients) and its masks (cropped like the
 pipeline's own EliGen adapter, added last (as the pipeline adds it: ControlNets see the plain prompt); a LoRA then
 learns through the attention mask that routes each entity prompt to its region (train/eligen.py).
 
+LoRA-Encoder. With `--extra_inputs lora_encoder_inputs` each sample's LoRA file is read and encoded by the LoRA-Encoder
+into tokens appended to the caption's (first among the adapters, as in the pipeline); the LoRA itself is not applied
+to the DiT, as in DiffSynth's training. `--trainable_models lora_encoder` trains the encoder (a `TrainedModules`, like
+the IP-Adapter) with the DiT frozen (train/lora_encoder.py).
+
 Data order. Each epoch is a permutation of the (repeated) dataset drawn from (seed, epoch). With P processes
 and G accumulation steps an optimizer step consumes P x G consecutive places of that order: process r takes
 places r, r + P, r + 2P, ... Each sample's timestep and noise come from (seed, epoch, place). So a run
@@ -69,11 +74,13 @@ from ..sampling import PromptEmbeds
 from ..vram import ComputeDevice, VRAMManager, store_model
 from . import checkpoint as ckpt
 from .args import (FP8_COMPONENTS, TrainError, comma_list, data_file_keys, identity_input, is_controlnet_run,
-                   is_lora, model_path_entries, torch_dtype, training_mode, uses_eligen, uses_ipadapter)
+                   is_lora, model_path_entries, torch_dtype, training_mode, uses_eligen, uses_ipadapter,
+                   uses_lora_encoder)
 from .control import (check_controlnet_columns, check_controlnet_count, needs_controlnet, sample_control_input,
                       validation_control_input)
 from .dataset import ImageDataset, first_sample
 from .eligen import sample_entities, validation_entities
+from .lora_encoder import check_lora_encoder_slots, check_lora_rows, lora_tokens, sample_loras, validation_loras
 from .infiniteyou import ID_EMBEDDING, ID_IMAGE, check_infiniteyou_models, embed_faces, sample_identity
 from .ipadapter import bind, check_ipadapter_fit, check_ipadapter_slots, reference_features
 from .loss import flow_matching_loss, sample_generator, training_attention, training_schedule
@@ -88,10 +95,10 @@ FP8_STORAGE = torch.float8_e4m3fn
 PIPELINE_LOGGERS = ("flux_core.pipeline", "flux_core.pipeline_models")  # what from_pretrained logs through
 # Every model slot starts frozen and in inference mode; the trained one is then made trainable.
 FROZEN_SLOTS = ("dit", "vae", "text_encoder_1", "text_encoder_2", "ipadapter", "ipadapter_image_encoder",
-                "image_proj_model")
+                "image_proj_model", "lora_encoder")
 # How a --resume mismatch names each setting a resumed run must share (the flag that sets it).
-SETTING_NAMES = {"mode": "LoRA, full DiT, ControlNet, IP-Adapter or InfiniteYou training (--lora_base_model / "
-                         "--trainable_models)",
+SETTING_NAMES = {"mode": "LoRA, full DiT, ControlNet, IP-Adapter, InfiniteYou or LoRA-Encoder training "
+                         "(--lora_base_model / --trainable_models)",
                  "lora_rank": "--lora_rank", "targets": "LoRA layers (--lora_target_modules)", "seed": "--seed",
                  "samples": "dataset samples (rows x --dataset_repeat)",
                  "num_processes": "processes (accelerate launch --num_processes)",
@@ -180,7 +187,7 @@ def load_pipeline(args: argparse.Namespace, device: torch.device, skip_kinds: tu
         if skip_kinds:
             sources = [s for s in sources if not set(config_slots(s[2], s[0])) <= set(skip_kinds)]
         # What the adapter columns need, from the files' keys, before any weights load.
-        if needs_controlnet(args) or uses_ipadapter(args) or identity_input(args):
+        if needs_controlnet(args) or uses_ipadapter(args) or identity_input(args) or uses_lora_encoder(args):
             slots = [(entry, config_slots(config, entry)) for entry, _, config in sources]
             if needs_controlnet(args) and "controlnet" not in skip_kinds:
                 check_controlnet_count(args, [entry for entry, held in slots if "controlnet" in held])
@@ -188,6 +195,8 @@ def load_pipeline(args: argparse.Namespace, device: torch.device, skip_kinds: tu
             if uses_ipadapter(args):
                 check_ipadapter_slots(every_slot)
             check_infiniteyou_models(args, every_slot)
+            if uses_lora_encoder(args):
+                check_lora_encoder_slots(every_slot)
         tok1 = ModelConfig(path=args.tokenizer_1_path) if args.tokenizer_1_path else None
         tok2 = ModelConfig(path=args.tokenizer_2_path) if args.tokenizer_2_path else None
         # from_pretrained numbers the configs it was given: its model_configs[i] is sources[i] (after skip_kinds).
@@ -316,6 +325,7 @@ class Trainer:
         self.reference = uses_ipadapter(args)    # ... the IP-Adapter its ipadapter_images
         self.identity = identity_input(args)     # ... InfuseNet an identity (infinityou_id_image / _embedding)
         self.eligen = uses_eligen(args)          # ... EliGen its entity prompts and masks
+        self.encoded = uses_lora_encoder(args)   # ... the LoRA-Encoder its LoRA file
         self.stop = StopFlag()
 
     # -------------------------------------------------------------------- setup
@@ -359,10 +369,13 @@ class Trainer:
             check_controlnet_columns(a, self.pipe, configs)
         if self.reference:
             check_ipadapter_fit(self.pipe)
+        if self.encoded:   # every row's LoRA read once, before the first step
+            check_lora_rows(self.pipe, self.dataset)
         fp8 = fp8_slots(a, configs, self.pipe)
         trained_slots = {"controlnet": ("controlnet.models.0", "the ControlNet"),
                          "ipadapter": ("ipadapter", "the IP-Adapter"),
-                         "image_proj_model": ("image_proj_model", "InfiniteYou's image projector")}
+                         "image_proj_model": ("image_proj_model", "InfiniteYou's image projector"),
+                         "lora_encoder": ("lora_encoder", "the LoRA-Encoder")}
         for model in comma_list(a.trainable_models):
             slot, what = trained_slots.get(model, (None, None))
             if slot in fp8:
@@ -383,7 +396,7 @@ class Trainer:
             self.targets = []
             trained = self.pipe.controlnet.models[0]
             make_controlnet_trainable(trained)
-        elif self.mode in ("ipadapter", "infiniteyou"):
+        elif self.mode in ("ipadapter", "infiniteyou", "lora_encoder"):
             from .trainable import make_adapters_trainable
             self.targets = []
             names = comma_list(a.trainable_models)
@@ -441,6 +454,8 @@ class Trainer:
             inputs.update(validation_identity(self.args, self.dataset))
         if self.eligen:
             inputs.update(validation_entities(self.args, self.dataset, *validation_size(self.args)))
+        if self.encoded:
+            inputs["lora_encoder_inputs"] = validation_loras(self.args, self.dataset, self.pipe)
         return inputs
 
     def settings(self) -> dict:
@@ -483,8 +498,8 @@ class Trainer:
                                  f"--num_epochs, --max_steps, saving and validation options may change).")
         names = {n for n, _ in self.params}
         if set(loaded.trainable) != names:
-            model = {"controlnet": "ControlNet", "ipadapter": "IP-Adapter", "infiniteyou": "InfiniteYou models"
-                     }.get(self.mode, "DiT")
+            model = {"controlnet": "ControlNet", "ipadapter": "IP-Adapter", "infiniteyou": "InfiniteYou models",
+                     "lora_encoder": "LoRA-Encoder"}.get(self.mode, "DiT")
             raise TrainError(f"--resume {folder}: its trained parameters differ from this run's "
                              f"({len(loaded.trainable)} vs {len(names)}); resume with the same {model} "
                              f"(--model_paths / --model_id_with_origin_paths) and --lora_target_modules.")
@@ -601,15 +616,19 @@ class Trainer:
             # EliGen last, as in the pipeline: the ControlNets see the plain prompt
             entities = ([sample_entities(pipe, sample, self.args.t5_sequence_length, self.dtype, x0.shape[-2] * 8,
                                          x0.shape[-1] * 8)] if self.eligen else [])
-        if self.mode in ("ipadapter", "infiniteyou"):   # the trained modules' whole use, in one (DDP) forward
-            return self.model(self._adapted_loss, sample, x0, prompt, extras, adapters, features, generator, entities)
-        return self._adapted_loss(sample, x0, prompt, extras, adapters, features, generator, entities)
+            loras = sample_loras(pipe, sample) if self.encoded else []
+        if self.mode in ("ipadapter", "infiniteyou", "lora_encoder"):   # the trained modules' whole use, in one forward
+            return self.model(self._adapted_loss, sample, x0, prompt, extras, adapters, features, generator, entities,
+                              loras)
+        return self._adapted_loss(sample, x0, prompt, extras, adapters, features, generator, entities, loras)
 
     def _adapted_loss(self, sample: dict, x0: torch.Tensor, prompt: PromptEmbeds, extras, adapters: list,
-                      features: torch.Tensor | None, generator: torch.Generator, entities: list = ()) -> torch.Tensor:
-        """The loss with the IP-Adapter bound to the sample's reference features and InfiniteYou's identity given to
-        the ControlNet adapter, each under autograd only when its module trains; EliGen's entities (no trained part)
-        after them."""
+                      features: torch.Tensor | None, generator: torch.Generator, entities: list = (),
+                      loras: list = ()) -> torch.Tensor:
+        """The loss with the LoRA-Encoder's tokens of the sample's LoRA first (as the pipeline adds them: the ControlNets
+        and EliGen's global prompt see them), the IP-Adapter bound to the sample's reference features and InfiniteYou's
+        identity given to the ControlNet adapter, each under autograd only when its module trains; EliGen's entities (no
+        trained part) after them."""
         pipe, adapters, grad = self.pipe, list(adapters), torch.is_grad_enabled()
         if self.identity:
             with torch.set_grad_enabled(grad and self.mode == "infiniteyou"):
@@ -618,6 +637,9 @@ class Trainer:
         if features is not None:
             with torch.set_grad_enabled(grad and self.mode == "ipadapter"):
                 adapters.append(bind(pipe.ipadapter, features, pipe.dit))
+        if loras:
+            with torch.set_grad_enabled(grad and self.mode == "lora_encoder"):
+                adapters.insert(0, lora_tokens(pipe, loras))
         adapters += entities
         loss, _ = flow_matching_loss(self.dit_model, x0, prompt, self.schedule, generator, self.guidance, self.dtype,
                                      extras, adapters)
@@ -663,7 +685,7 @@ class Trainer:
                 from lora_tools import save_lora
                 from .trainable import export_lora
                 save_lora(export_lora(dit), path, fmt=self.args.lora_format, dtype=self.dtype)
-            elif self.mode in ("controlnet", "ipadapter", "infiniteyou"):
+            elif self.mode in ("controlnet", "ipadapter", "infiniteyou", "lora_encoder"):
                 from .trainable import CONTROLNET_CONFIG_KEY, adapters_state_dict
                 modules = {"controlnet": self.trained} if self.mode == "controlnet" else self.trained
                 metadata = {"format": "pt"}

@@ -16,6 +16,9 @@
     python -m flux_core.train validate_lora --model_paths '[...]' --lora_path models/train/eligen/epoch-4.safetensors \
         --eligen_entity_prompts "a red hat" "a blue scarf" --eligen_entity_masks hat.png scarf.png \
         --prompt "a woman" --output image.jpg
+    python -m flux_core.train validate_full --model_paths '[..., "LoRA-Encoder/model.safetensors"]' \
+        --checkpoint models/train/le/epoch-0.safetensors --lora_encoder_inputs style.safetensors \
+        --lora_path style.safetensors --prompt "a car" --output image.jpg
 
 The base models are named like the trainer's (--model_paths / --model_id_with_origin_paths, tokenizers).
 validate_lora loads the LoRA (any format) onto the DiT with `flux_core.lora.load_lora`; validate_full loads what the
@@ -25,7 +28,9 @@ fine-tuned DiT, a trained ControlNet, a trained IP-Adapter, or InfiniteYou's Inf
 ControlNet, as `ControlNetInput(image=..., ...)`; --ipadapter_images (--ipadapter_scale) the IP-Adapter;
 --infinityou_id_image or --infinityou_id_embedding (--infinityou_guidance) InfiniteYou; --eligen_entity_prompts with
 one --eligen_entity_masks image per prompt (of the output's shape; --eligen_enable_on_negative) EliGen, as DiffSynth's
-EliGen validate script passes them with the trained LoRA loaded.
+EliGen validate script passes them with the trained LoRA loaded; --lora_encoder_inputs (--lora_encoder_scale) the
+LoRA-Encoder (a trained one from --checkpoint, or the one of the model flags), and validate_full's --lora_path applies
+LoRA files to the DiT as well, as DiffSynth's LoRA-Encoder validate script loads the encoded LoRA into the DiT.
 """
 from __future__ import annotations
 
@@ -52,6 +57,9 @@ def build_parser(command: str) -> argparse.ArgumentParser:
         p.add_argument("--lora_alpha", type=float, default=1.0, help="LoRA strength")
     else:
         p.add_argument("--checkpoint", required=True, help="the fine-tuned DiT file")
+        p.add_argument("--lora_path", nargs="+", default=None,
+                       help="LoRA file(s) applied to the DiT too, at strength 1 (DiffSynth's LoRA-Encoder validate "
+                            "script loads the LoRA it encodes into the DiT as well)")
     p.add_argument("--controlnet_image", default=None, help="control image for the ControlNet (0) of the models")
     p.add_argument("--controlnet_inpaint_mask", default=None, help="inpainting ControlNet: the mask image")
     p.add_argument("--controlnet_processor_id", default=None, help="union ControlNet: the mode (canny, depth, ...)")
@@ -68,6 +76,9 @@ def build_parser(command: str) -> argparse.ArgumentParser:
                         "the output's shape)")
     p.add_argument("--eligen_enable_on_negative", action="store_true",
                    help="EliGen: with --cfg_scale above 1 the negative pass gets the entities too")
+    p.add_argument("--lora_encoder_inputs", nargs="+", default=None,
+                   help="LoRA-Encoder: LoRA file(s) encoded into tokens appended to the prompt")
+    p.add_argument("--lora_encoder_scale", type=float, default=1.0, help="LoRA-Encoder: scale of those tokens")
     p.add_argument("--prompt", default="a dog")
     p.add_argument("--negative_prompt", default="")
     p.add_argument("--cfg_scale", type=float, default=1.0)
@@ -101,7 +112,8 @@ def saved_controlnet_config(path: str) -> dict:
 
 
 # Pipeline slots of the adapter kinds a full checkpoint may hold (load_model kind -> pipeline attribute).
-ADAPTER_SLOTS = {"controlnet": "controlnet", "ipadapter": "ipadapter", "infiniteyou": "image_proj_model"}
+ADAPTER_SLOTS = {"controlnet": "controlnet", "ipadapter": "ipadapter", "infiniteyou": "image_proj_model",
+                 "lora_encoder": "lora_encoder"}
 
 
 def adapter_kinds(path: str) -> list[str]:
@@ -148,6 +160,8 @@ def adapter_inputs(args: argparse.Namespace) -> dict:
                       eligen_entity_masks=None if args.eligen_entity_masks is None else
                       [_read_image("eligen_entity_masks", p) for p in args.eligen_entity_masks],
                       eligen_enable_on_negative=args.eligen_enable_on_negative)
+    if args.lora_encoder_inputs:
+        inputs.update(lora_encoder_inputs=list(args.lora_encoder_inputs), lora_encoder_scale=args.lora_encoder_scale)
     return inputs
 
 
@@ -199,11 +213,19 @@ def run(command: str, argv: list[str]) -> Path:
         if "infiniteyou" in kinds and not (args.infinityou_id_image or args.infinityou_id_embedding):
             raise TrainError(f"--checkpoint {args.checkpoint} holds InfiniteYou's image projector: give "
                              f"--infinityou_id_embedding (or --infinityou_id_image) and --controlnet_image.")
+        if "lora_encoder" in kinds and not args.lora_encoder_inputs:
+            raise TrainError(f"--checkpoint {args.checkpoint} is a LoRA-Encoder: give --lora_encoder_inputs (the LoRA "
+                             f"file(s) it encodes; --lora_path applies them to the DiT too).")
     else:
         from ..loading.loader import load_model
         pipe, _ = load_pipeline(args, device, skip_kinds=("dit",))
         pipe.dit = load_model(args.checkpoint, config=saved_dit_config(args.checkpoint),
                               torch_dtype=DTYPES[args.torch_dtype], device=device, kind="dit")
+    if command == "validate_full" and args.lora_path:
+        from ..lora import load_lora
+        report = load_lora(pipe.dit, list(args.lora_path))
+        for lora in report.loras:
+            print(lora.summary(), file=sys.stderr)
     try:
         image = pipe(prompt=args.prompt, negative_prompt=args.negative_prompt, cfg_scale=args.cfg_scale,
                      embedded_guidance=args.embedded_guidance, height=args.height, width=args.width,
@@ -213,10 +235,11 @@ def run(command: str, argv: list[str]) -> Path:
         message = str(e)
         if control and "controlnet_inputs[0]" in message:
             raise TrainError(message.replace("controlnet_inputs[0]: ", "--controlnet_image: ")) from None
-        if adapters and any(name in message for name in ("ipadapter", "infinityou", "InfiniteYou", "eligen")):
+        if adapters and any(name in message for name in ("ipadapter", "infinityou", "InfiniteYou", "eligen",
+                                                          "lora_encoder")):
             # the pipeline's parameter names are the flags' names; its model_configs are the model flags
             message = message.replace("model_configs", "--model_paths / --model_id_with_origin_paths")
-            for name in ("eligen_entity_prompts", "eligen_entity_masks"):
+            for name in ("eligen_entity_prompts", "eligen_entity_masks", "lora_encoder_inputs"):
                 message = message.replace(name, "--" + name)
             raise TrainError(message) from None
         raise

@@ -1,0 +1,82 @@
+"""The LoRA-Encoder side of training (DiffSynth-Studio's semantics, reference notes §3.8): each row's LoRA file is
+encoded by the LoRA-Encoder of the model flags into tokens appended to the caption's T5 tokens (zero position ids),
+and the DiT, frozen, renders the row's image from them.
+
+    --trainable_models lora_encoder --extra_inputs lora_encoder_inputs --remove_prefix_in_ckpt pipe.lora_encoder.
+
+As in DiffSynth's training, the LoRA is NOT applied to the DiT: its weights reach the DiT only as the encoder's tokens,
+so the encoder learns to make tokens that do what the LoRA does (DiffSynth's FLUX training module runs the pipeline's
+LoRA-Encoder unit, which only appends tokens; its loss loads a LoRA into the DiT only for an input named `lora`, which
+the FLUX units never make). The tokens are computed inside the training step, under autograd when the encoder trains;
+the LoRA files are data (read without gradients, every step: a full FLUX LoRA is hundreds of MB, not kept per row).
+
+A LoRA file is read in any format lora_tools reads and must cover every site the encoder reads (all layers of every
+double and single block); every row's file is read and checked once when the run starts, and all bad rows are named
+in one message.
+"""
+from __future__ import annotations
+
+import argparse
+
+from ..lora_encoder import LoraEncoderInputError, check_encoder_fits, check_lora_encoder_inputs, lora_encoder_adapter
+from .args import TrainError
+
+COLUMN = "lora_encoder_inputs"
+_LISTED = 10
+
+
+def check_lora_encoder_slots(slots: list[str]) -> None:
+    """lora_encoder_inputs need a LoRA-Encoder among the model flags (read from the files' keys, before any weights
+    load)."""
+    if "lora_encoder" not in slots:
+        raise TrainError(f"--extra_inputs {COLUMN}: the model flags load no LoRA-Encoder; add it (e.g. "
+                         f"DiffSynth-Studio/LoRA-Encoder-FLUX.1-Dev:model.safetensors) to --model_paths or "
+                         f"--model_id_with_origin_paths.")
+
+
+def check_lora_rows(pipe, dataset) -> None:
+    """The LoRA-Encoder fits the DiT, and every row's LoRA file can be encoded (read, of this DiT, on every site);
+    each distinct file is read once, every bad row named in one message."""
+    try:
+        check_encoder_fits(pipe.lora_encoder, pipe.dit)
+    except LoraEncoderInputError as e:
+        raise TrainError(f"the LoRA-Encoder of --model_paths / --model_id_with_origin_paths: {e}") from None
+    problems, advice, seen = [], "", {}
+    for row in dataset.rows:
+        path = dataset._value(row, COLUMN)
+        if path not in seen:
+            try:
+                check_lora_encoder_inputs(path, pipe.lora_encoder, pipe.dit, param=COLUMN)
+                seen[path] = None
+            except LoraEncoderInputError as e:
+                # "LoRA-Encoder: <what is wrong>. <how to fix>": the fix is said once, after every row
+                what, _, fix = str(e).removeprefix("LoRA-Encoder: ").partition(". ")
+                seen[path], advice = what, fix or advice
+        if seen[path] is not None:
+            problems.append(f"{row.where}: {seen[path]}")
+    if problems:
+        more = f"; ... and {len(problems) - _LISTED} more rows" if len(problems) > _LISTED else ""
+        raise TrainError(f"--extra_inputs {COLUMN}: " + "; ".join(problems[:_LISTED]) + more + ". " + advice)
+
+
+def sample_loras(pipe, sample: dict) -> list:
+    """The sample's LoRA, read (as lora_tools' LoraFile) and checked against the encoder and the DiT."""
+    return check_lora_encoder_inputs(sample[COLUMN], pipe.lora_encoder, pipe.dit)
+
+
+def lora_tokens(pipe, loras: list):
+    """The adapter appending the encoded LoRA's tokens to the prompt (scale 1: DiffSynth's training passes none)."""
+    return lora_encoder_adapter(pipe.lora_encoder, loras, 1.0, pipe.dit)
+
+
+def validation_loras(args: argparse.Namespace, dataset, pipe) -> list[str]:
+    """The validation images' LoRA files: --validation_lora_encoder_inputs (checked now, not after the first training
+    steps), else the first data row's (checked with the data)."""
+    if not args.validation_lora_encoder_inputs:
+        return [dataset[0][COLUMN]]
+    paths = list(args.validation_lora_encoder_inputs)
+    try:
+        check_lora_encoder_inputs(paths, pipe.lora_encoder, pipe.dit, param="--validation_lora_encoder_inputs")
+    except LoraEncoderInputError as e:
+        raise TrainError(str(e)) from None
+    return paths
