@@ -51,12 +51,13 @@ def module_key(name: str) -> str:
 
 
 def _dims(site_type: str, hidden: int, mlp_hidden: int) -> tuple[int, int]:
+    """(in, out) of a site type; the image (a) and text (b) streams of a double block have the same sizes."""
     d, m = hidden, mlp_hidden
-    base = site_type.split(".", 1)[-1] if site_type.startswith("attn.") else site_type
-    return {"a_to_qkv": (d, 3 * d), "b_to_qkv": (d, 3 * d), "a_to_out": (d, d), "b_to_out": (d, d),
-            "ff_a.0": (d, m), "ff_b.0": (d, m), "ff_a.2": (m, d), "ff_b.2": (m, d),
-            "norm1_a.linear": (d, 6 * d), "norm1_b.linear": (d, 6 * d),
-            "to_qkv_mlp": (d, 3 * d + m), "proj_out": (d + m, d), "norm.linear": (d, 3 * d)}[base]
+    double = {"attn.{}_to_qkv": (d, 3 * d), "attn.{}_to_out": (d, d), "ff_{}.0": (d, m), "ff_{}.2": (m, d),
+              "norm1_{}.linear": (d, 6 * d)}
+    sizes = {k.format(stream): v for k, v in double.items() for stream in "ab"}
+    sizes.update({"to_qkv_mlp": (d, 3 * d + m), "proj_out": (d + m, d), "norm.linear": (d, 3 * d)})
+    return sizes[site_type]
 
 
 def lora_sites(depth: int, depth_single: int, hidden: int, mlp_hidden: int) -> tuple[LoraSite, ...]:
