@@ -46,7 +46,9 @@ def check_lora_encoder_inputs(value, encoder, dit, param: str = "lora_encoder_in
     items = list(value) if listed else [value]
     if not items:
         raise LoraEncoderInputError(f"{param}=[]: give at least one LoRA file (or None for no LoRA-Encoder).")
-    shapes = {s.layer: (s.out_features, s.in_features) for s in encoder.sites}
+    # The DiT's layers when there is one (a LoRA only on img_in is then "missing every site", not "not FLUX"); they
+    # include the encoder's sites (check_encoder_fits).
+    shapes = dit if dit is not None else {s.layer: (s.out_features, s.in_features) for s in encoder.sites}
     loras, problems = [], []
     for i, item in enumerate(items):
         where = f"{param}[{i}]" if listed else param

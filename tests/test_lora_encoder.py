@@ -158,6 +158,10 @@ def test_a_lora_missing_sites_and_a_lora_of_another_model_are_named_in_one_error
             f"double_blocks.0.txt_mlp.0, single_blocks.1.linear2") in message
     assert f"lora_encoder_inputs[2]: {big}:" in message and "made for a different model" in message
     assert "lora_encoder_inputs[3]: is a int; pass a LoRA file path, a ModelConfig or a lora_tools.LoraFile" in message
+    outside = write_kohya(tmp_path / "img_in.safetensors", random_pairs({"img_in": (32, 64)}, seed=1))
+    with pytest.raises(LoraEncoderInputError, match=r"img_in.safetensors has LoRAs on 0 of the 26 layers the LoRA-Encoder "
+                                                    r"reads; 26 missing: double_blocks.0.img_attn.qkv, "):
+        check_lora_encoder_inputs(str(outside), tiny.ours, tiny.dit)
     with pytest.raises(LoraEncoderInputError, match=r"lora_encoder_inputs=\[\]: give at least one LoRA file"):
         check_lora_encoder_inputs([], tiny.ours, tiny.dit)
     with pytest.raises(LoraEncoderInputError, match=r"lora_encoder_inputs: .*missing.*no such file"):
