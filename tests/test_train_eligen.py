@@ -241,6 +241,7 @@ def test_every_entity_problem_of_every_row_in_one_message(world, tmp_path):
     edge.paste((255, 255, 255), (0, 0, 3, 48))        # only in the 4 columns the crop cuts away
     edge.save(data / "masks" / "edge.png")
     (data / "masks" / "broken.png").write_bytes(b"not a png")
+    eligen_mask((0, 0, 31, 47)).save(data / "masks" / "left.gif")
     rows = [
         {"image": "entities 0.png", "prompt": "a", "eligen_entity_prompts": ["a cat", "a dog", "a horse"],
          "eligen_entity_masks": ["masks/0 0.png", "masks/0 1.png"]},                              # fewer masks
@@ -252,6 +253,8 @@ def test_every_entity_problem_of_every_row_in_one_message(world, tmp_path):
          "eligen_entity_masks": ["masks/edge.png"]},                                              # empty once cropped
         {"image": "entities 3.png", "prompt": "e", "eligen_entity_prompts": [3],
          "eligen_entity_masks": ["masks/broken.png"]},                                            # not text, not image
+        {"image": "entities 3.png", "prompt": "f", "eligen_entity_prompts": ["a cat"],
+         "eligen_entity_masks": ["masks/left.gif"]},                                              # a type not read
     ]
     message = failing_setup(eligen_argv(world, tmp_path / "out", metadata=write_rows(world, "bad.json", rows)))
     print(message)
@@ -262,7 +265,8 @@ def test_every_entity_problem_of_every_row_in_one_message(world, tmp_path):
                  "bad.json entry 4: eligen_entity_masks[0] edge.png has no white pixel left at the latent resolution "
                  "(8x6) once cropped like the image to 64x48",
                  "bad.json entry 5: column 'eligen_entity_prompts' must hold the entity prompts",
-                 "bad.json entry 5: eligen_entity_masks[0] broken.png: cannot be read as an image"):
+                 "bad.json entry 5: eligen_entity_masks[0] broken.png: cannot be read as an image",
+                 "bad.json entry 6: 'eligen_entity_masks' left.gif is not a supported image type"):
         assert part in message
     # CSV rows hold the lists as JSON text; a row without its masks is named like any missing column
     (data / "bad.csv").write_text('image,prompt,eligen_entity_prompts,eligen_entity_masks\n'

@@ -58,9 +58,10 @@ class TrainError(ValueError):
 
 def build_parser(prog: str = "python -m flux_core.train") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog=prog, description="Train a LoRA on the FLUX DiT, fine-tune the whole DiT, or train a FLUX "
-        "ControlNet, an IP-Adapter or InfiniteYou (DiffSynth-Studio's train.py arguments). Also: `validate_lora` / "
-        "`validate_full` sub-commands render a checkpoint.")
+        prog=prog, description="Train a LoRA on the FLUX DiT (optionally with EliGen's entity prompts and masks), "
+        "fine-tune the whole DiT, or train a FLUX ControlNet, an IP-Adapter, InfiniteYou or a LoRA-Encoder "
+        "(DiffSynth-Studio's train.py arguments). Also: `validate_lora` / `validate_full` sub-commands render a "
+        "checkpoint.")
 
     d = p.add_argument_group("dataset")
     d.add_argument("--dataset_base_path", required=True,

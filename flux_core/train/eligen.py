@@ -98,7 +98,11 @@ def row_problems(dataset, row) -> list[str]:
             problems.append(f"{name} is {size[0]}x{size[1]} but the image is {image_size[0]}x{image_size[1]}: paint "
                             f"the mask on an image of the same shape (another resolution of it is fine)")
             continue
-        mask = dataset._load(path, row, MASKS, train_size)[0]
+        try:
+            mask = dataset._load(path, row, MASKS, train_size)[0]
+        except TrainError as e:   # an extension the dataset does not read
+            problems.append(str(e).rstrip("."))
+            continue
         width, height = train_size
         if not entity_grid(mask, height // 8, width // 8, name).any():
             problems.append(f"{name} has no white pixel left at the latent resolution ({width // 8}x{height // 8}) "
