@@ -60,13 +60,15 @@ def check_lora_rows(pipe, dataset) -> None:
 
 
 def sample_loras(pipe, sample: dict) -> list:
-    """The sample's LoRA, read (as lora_tools' LoraFile) and checked against the encoder and the DiT."""
-    return check_lora_encoder_inputs(sample[COLUMN], pipe.lora_encoder, pipe.dit)
+    """The sample's LoRA, read (as lora_tools' LoraFile) against the encoder's sites. Not against the DiT: check_lora_rows
+    checked the encoder and every file against it at setup, and a DiT LoRA run has since wrapped the DiT's layers
+    (peft), whose names the DiT check would not find."""
+    return check_lora_encoder_inputs(sample[COLUMN], pipe.lora_encoder, None)
 
 
 def lora_tokens(pipe, loras: list):
     """The adapter appending the encoded LoRA's tokens to the prompt (scale 1: DiffSynth's training passes none)."""
-    return lora_encoder_adapter(pipe.lora_encoder, loras, 1.0, pipe.dit)
+    return lora_encoder_adapter(pipe.lora_encoder, loras, 1.0, None)
 
 
 def validation_loras(args: argparse.Namespace, dataset, pipe) -> list[str]:
