@@ -108,7 +108,8 @@ class FluxCoreEncodeLora:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "conditioning": ("CONDITIONING", {"tooltip": "The prompt's conditioning (FluxCore Text Encode or native)."}),
+            "conditioning": ("CONDITIONING", {"tooltip": "The prompt's conditioning (FluxCore Text Encode or "
+                                                         "native)."}),
             "lora_encoder": (LORA_ENCODER_TYPE, {"tooltip": "From Load LoRA-Encoder (FluxCore)."}),
             "lora_name": (bridge.list_models("loras") or ["(none found)"], {
                 "tooltip": "A FLUX LoRA from models/loras (kohya, diffusers/PEFT, DiffSynth, ...) on every double- and "
@@ -147,8 +148,8 @@ class FluxCoreLoraFusionLoader:
     def INPUT_TYPES(cls):
         return {"required": {
             "lora_fusion_name": (bridge.list_models(LORA_FUSION_FOLDER) or ["(none found)"], {
-                "tooltip": "From models/lora_fusion: model.safetensors of DiffSynth-Studio/LoRAFusion-preview-FLUX.1-dev "
-                           "(rename it, e.g. flux_lora_fusion.safetensors)."}),
+                "tooltip": "From models/lora_fusion: model.safetensors of DiffSynth-Studio/"
+                           "LoRAFusion-preview-FLUX.1-dev (rename it, e.g. flux_lora_fusion.safetensors)."}),
         }}
 
     def load(self, lora_fusion_name):
@@ -196,7 +197,8 @@ def lora_encoder_adapters(node: str, sides: dict, dit) -> list[LoraEncoderAdapte
             check_encoder_fits(payload.encoder.model.module, dit)
         except LoraEncoderInputError as e:
             side = "positive" if "positive" in branches else "negative"
-            problems.append(f"input '{side}' ({LORA_ENCODER_KEY}[{i}], {payload.lora_name}): {payload.encoder.name}: {e}")
+            problems.append(f"input '{side}' ({LORA_ENCODER_KEY}[{i}], {payload.lora_name}): "
+                            f"{payload.encoder.name}: {e}")
     if problems:
         raise NodeInputError(f"{node}, " + "; ".join(problems))
     unused = [p.lora_name for p, branches in found if "positive" not in branches]

@@ -238,13 +238,16 @@ class FluxCoreSampler:
         check_sampler_cost(node, model.model.module, b, h, w, positive_embeds.prompt_emb.shape[1], reference_tokens,
                            len(sigmas), passes=2 if negative_embeds is not None else 1, tiling=tiling,
                            controlnets=payloads, ipadapters=ip_payloads, entities=entities,
-                           negative_text_tokens=None if negative_embeds is None else negative_embeds.prompt_emb.shape[1],
+                           negative_text_tokens=(None if negative_embeds is None
+                                                 else negative_embeds.prompt_emb.shape[1]),
                            appended_tokens=sum(a.tokens.shape[1] for a in lora_tokens))
         vae_tiling = ({} if tiling is None else
                       dict(tiled=True, tile_size=tiling.tile_size, tile_stride=tiling.tile_stride))
         adapters, controlnets = controlnet_adapters(node, payloads, model.model.module, b, h, w, vae_tiling, device)
-        # LoRA-Encoder tokens join the prompt first: ControlNets and EliGen's global segment see them (the pipeline's order).
-        adapters = lora_tokens + with_identities(payloads, adapters, model) + ipadapter_adapters(node, ip_payloads, model)
+        # LoRA-Encoder tokens join the prompt first: ControlNets and EliGen's global segment see them (the
+        # pipeline's order).
+        adapters = lora_tokens + with_identities(payloads, adapters, model)
+        adapters += ipadapter_adapters(node, ip_payloads, model)
         adapters += eligen_adapters(entities, h * 8, w * 8, device)  # last: ControlNets see the plain prompt
         mask = latent_mask(latent_image["noise_mask"], b, h, w) if "noise_mask" in latent_image else None
         x0 = FLUX_LATENT.raw_to_scaled(samples.float()).to(device)

@@ -251,7 +251,8 @@ def test_the_entity_node_refuses_what_it_cannot_use_all_at_once(models):
         entity(models, encode(models, PROMPT), "  ", torch.ones(2, H, W), unique_id="12")
     message = str(e.value)
     assert message.startswith("FluxCoreEliGenEntity #12, ")
-    assert "input 'text': empty" in message and "input 'mask': expected one MASK" in message and "(2, 48, 64)" in message
+    assert "input 'text': empty" in message and "input 'mask': expected one MASK" in message
+    assert "(2, 48, 64)" in message
     with pytest.raises(NodeInputError, match="input 'conditioning': empty conditioning"):
         entity(models, [], "a cat", torch.ones(H, W))
 

@@ -36,7 +36,8 @@ def models(tmp_path_factory):
     encoder = write_state_dict(diffsynth_encoder(seed=0), models_dir / "lora_encoders" / ENCODER)
     patcher = write_state_dict(diffsynth_patcher(seed=0), models_dir / "lora_fusion" / FUSION)
     write_state_dict(diffsynth_encoder(seed=1, embed_dim=16), models_dir / "lora_encoders" / "narrow.safetensors")
-    write_state_dict(diffsynth_patcher(seed=1, hidden=16, mlp_hidden=64), models_dir / "lora_fusion" / "small.safetensors")
+    write_state_dict(diffsynth_patcher(seed=1, hidden=16, mlp_hidden=64),
+                     models_dir / "lora_fusion" / "small.safetensors")
     paths = {fmt: write_site_lora(models_dir / "loras" / name, fmt, seed=10 + i, alpha=2.0)
              for i, (fmt, name) in enumerate(LORAS.items())}
     write_site_lora(models_dir / "loras" / "partial.safetensors", "kohya", seed=12,
@@ -185,8 +186,9 @@ def test_fuse_loras_equals_the_pipelines_lora_merger_and_without_it_the_sum(mode
     model = stacked(models)
     fused, = FluxCoreFuseLoras().fuse(model, models["fusion"])
     # Alternating on the one DiT module: each run applies its own way (merger on, then off, then on again).
-    got_fused, got_sum, again = sample(models, encode(models), model=fused), sample(models, encode(models), model=model), \
-        sample(models, encode(models), model=fused)
+    got_fused = sample(models, encode(models), model=fused)
+    got_sum = sample(models, encode(models), model=model)
+    again = sample(models, encode(models), model=fused)
     expected_fused, expected_sum = pipeline_with_loras(models, merger=True), pipeline_with_loras(models, merger=False)
     # Measured 0 and 0 (the same float32 computations, latents up to 15); merged and summed differ by 8.2 here.
     assert (got_fused - expected_fused).abs().max().item() <= 1e-5
