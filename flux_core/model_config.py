@@ -72,7 +72,7 @@ class ModelConfig:
     offload_device: str | None = None
     offload_dtype: torch.dtype | None = None
     # FluxCore addition: the kind of model the file must hold ("dit", "vae", "clip", "t5", "controlnet", "ipadapter",
-    # "image_encoder", "infiniteyou"; flux_core.pipeline_models.MODEL_SLOTS); a file of another
+    # "image_encoder", "infiniteyou", "lora_encoder", "lora_patcher"; flux_core.pipeline_models.MODEL_SLOTS); a file of another
     # kind is refused by name instead of filling the wrong pipeline slot. None: detected from the keys.
     kind: str | None = None
     _skip_set_by_env: bool = field(default=False, init=False, repr=False, compare=False)  # for the error message

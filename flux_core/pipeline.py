@@ -36,7 +36,7 @@ from .infiniteyou import (IdentityOnOtherControlNetWarning, IdentityTokens, Infi
 from .eligen import check_entities, eligen_adapter, eligen_mask_bytes, inpaint_region, inpaint_velocity
 from .ipadapter import IPAdapterAdapter, bind_ipadapter, check_ipadapter_models
 from .models.image_encoders import encode_images
-from .lora import LoraReport, clear_lora, enable_lora_merger, load_lora
+from .lora import LoraReport, clear_lora, disable_lora_merger, enable_lora_merger, load_lora
 from .lora_encoder import check_lora_encoder_inputs, lora_encoder_adapter
 from .loading.loader import load_model
 from .model_config import ModelConfig
@@ -227,11 +227,18 @@ class FluxImagePipeline:
         return load_lora(module, source, alpha=alpha, hotload=hotload)
 
     def enable_lora_merger(self) -> None:
-        """LoRA-Fusion (DiffSynth-Studio's `pipe.enable_lora_merger()`): from now on, LoRAs loaded into the DiT with
-        hotload=True are combined per layer by the loaded `lora_patcher` (LoRA-Fusion-Preview) instead of summed."""
+        """LoRA-Fusion (DiffSynth-Studio's `pipe.enable_lora_merger()`): from now on, the LoRAs hooked into the DiT
+        (those already loaded with hotload=True, and every later load_lora, which then hooks by default) are combined
+        per layer by the loaded `lora_patcher` (LoRA-Fusion-Preview) instead of summed; fused LoRAs cannot be merged.
+        It stays on through clear_lora (as in DiffSynth) until disable_lora_merger."""
         self._require("lora_patcher", "enable the LoRA merger")
         self._require("dit", "enable the LoRA merger")
         enable_lora_merger(self.dit, self.lora_patcher)
+
+    def disable_lora_merger(self) -> None:
+        """Back to the plain sum of hooked LoRAs."""
+        if self.dit is not None:
+            disable_lora_merger(self.dit)
 
     def clear_lora(self) -> None:
         """Remove every LoRA from the DiT (fused weights are restored bit for bit)."""
@@ -402,7 +409,7 @@ class FluxImagePipeline:
                                 adapters, dit_tiling)
             return v if region is None else inpaint_velocity(v, x, x0, region, call.sigma)
 
-        self.load_models_to_device(["dit", *self.controlnet_slots()])
+        self.load_models_to_device(["dit", "lora_patcher", *self.controlnet_slots()])
         final = denoise(start, schedule, velocity, progress_bar_cmd, callback)
         if output_type == "latent":
             self.load_models_to_device([])

@@ -361,7 +361,8 @@ def test_unsupported_controlnets_are_refused_by_name(name, message, tmp_path):
 def test_other_files_still_say_not_a_flux_component(sd, tmp_path):
     path = tmp_path / "other.safetensors"
     save_file(sd, str(path))
-    with pytest.raises(CheckpointError, match=r"not a FLUX component \(DiT, ControlNet, VAE, CLIP-L, T5, IP-Adapter, image encoder or InfiniteYou projector\)"):
+    with pytest.raises(CheckpointError, match=r"not a FLUX component \(none of: FLUX ControlNet, FLUX DiT \(diffusion model\), "
+                                              r"FLUX VAE.*LoRA-Encoder, LoRA-Fusion patcher\)"):
         load_model(path, kind="controlnet")
 
 

@@ -262,6 +262,8 @@ def test_pipeline_run_with_the_merger_matches_diffsynths_loop(tiny, pipeline):
         summed = pipe(latents=x, **RUN)
         pipe.enable_lora_merger()
         got = pipe(latents=x, **RUN)
+        pipe.disable_lora_merger()
+        assert torch.equal(pipe(latents=x, **RUN), summed)  # back to the plain sum
     finally:
         pipe.clear_lora()
         disable_lora_merger(pipe.dit)

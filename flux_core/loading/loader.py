@@ -140,8 +140,9 @@ def detect_components_of(state_dict: Mapping[str, LazyTensor], where: str) -> li
         if unsupported:
             raise CheckpointError(f"{where}: this is {unsupported}")
         sd_keys = list(state_dict)[:5]
-        raise CheckpointError(f"{where}: not a FLUX component (DiT, ControlNet, VAE, CLIP-L, T5, IP-Adapter, image encoder or InfiniteYou projector); its first keys "
-                              f"are {sd_keys}. Check that you picked the right file.")
+        kinds = ", ".join(k.title for k in KINDS)
+        raise CheckpointError(f"{where}: not a FLUX component (none of: {kinds}); its first keys are {sd_keys}. "
+                              f"Check that you picked the right file.")
     return found
 
 
