@@ -1,5 +1,6 @@
-"""flux_core.train with EliGen (DiffSynth-Studio's command for the EliGen row: a DiT LoRA trained with each row's entity
-prompts and masks, `--extra_inputs eligen_entity_masks,eligen_entity_prompts --data_file_keys image,eligen_entity_masks`):
+"""flux_core.train with EliGen (DiffSynth-Studio's command for the EliGen row: a DiT LoRA trained with each row's
+entity prompts and masks, `--extra_inputs eligen_entity_masks,eligen_entity_prompts --data_file_keys
+image,eligen_entity_masks`):
 - the conditioned training loss equals DiffSynth's own FlowMatchSFTLoss with model_fn_flux_image fed its
   EntityControl unit's entity_prompt_emb / entity_masks;
 - a tiny run lowers the loss, the entities reach the LoRA's gradient, the LoRA loads back;
@@ -26,7 +27,8 @@ from tests.tiny_train import (ELIGEN_ROWS, ELIGEN_SIZE, eligen_mask, make_eligen
                               train_argv)
 from tests.tiny_vae import reference_encode_image
 
-EXTRAS = ("--extra_inputs", "eligen_entity_masks,eligen_entity_prompts", "--data_file_keys", "image,eligen_entity_masks")
+EXTRAS = ("--extra_inputs", "eligen_entity_masks,eligen_entity_prompts",
+          "--data_file_keys", "image,eligen_entity_masks")
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -299,8 +301,9 @@ def test_csv_rows_hold_the_lists_as_json_text(world, tmp_path):
      r"eligen_entity_masks without eligen_entity_prompts"),
     (("--extra_inputs", "eligen_entity_masks,eligen_entity_prompts", "--data_file_keys",
       "image,eligen_entity_prompts"), r"--data_file_keys eligen_entity_prompts: that column holds the entity prompts"),
-    (("--validation_prompts", "a cat", "--validation_eligen_entity_prompts", "a cat", "--validation_eligen_entity_masks",
-      "m.png"), r"validation entities are for runs with --extra_inputs eligen_entity_masks,eligen_entity_prompts"),
+    (("--validation_prompts", "a cat", "--validation_eligen_entity_prompts", "a cat",
+      "--validation_eligen_entity_masks", "m.png"),
+     r"validation entities are for runs with --extra_inputs eligen_entity_masks,eligen_entity_prompts"),
 ])
 def test_argument_errors_name_the_flag(world, tmp_path, extra, message):
     with pytest.raises(TrainError, match=message):

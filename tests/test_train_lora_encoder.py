@@ -88,8 +88,8 @@ def test_lora_encoder_training_learns_and_writes_diffsynths_names(world, tmp_pat
     from tests.tiny_lora_models import TINY_ENCODER
     from tests.diffsynth_ref import tiny_diffsynth_lora_encoder, tiny_lora_patterns
 
-    (world.setup.data / "loras one.csv").write_text("image,prompt,lora_encoder_inputs\n"
-                                                   "green é.png,a dog green,loras/style b.safetensors\n", encoding="utf-8")
+    (world.setup.data / "loras one.csv").write_text(
+        "image,prompt,lora_encoder_inputs\ngreen é.png,a dog green,loras/style b.safetensors\n", encoding="utf-8")
     trainer = Trainer(parse_args(le_argv(world, tmp_path / "out", "--learning_rate", "1e-1", "--dataset_repeat", "12",
                                          metadata="loras one.csv")))
     trainer.setup()
@@ -316,7 +316,8 @@ def test_bad_lora_rows_are_named_all_at_once(world, tmp_path):
     (data / "gone lora.csv").write_text("image,prompt,lora_encoder_inputs\nred é.png,a cat,loras/gone.safetensors\n",
                                         encoding="utf-8")
     message = failing_setup(le_argv(world, tmp_path / "b", metadata="gone lora.csv"))
-    assert message.startswith("gone lora.csv row 1 (line 2): 'lora_encoder_inputs' file") and "does not exist" in message
+    assert message.startswith("gone lora.csv row 1 (line 2): 'lora_encoder_inputs' file")
+    assert "does not exist" in message
 
 
 def test_a_frozen_lora_encoder_conditions_a_dit_lora(world, tmp_path):

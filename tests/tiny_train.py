@@ -186,8 +186,10 @@ ELIGEN_SIZE = (64, 48)   # (width, height): a training size of its own (multiple
 # Per row: two entities, each a colour painted in a box (left, top, right, bottom) of the image, and its prompt.
 ELIGEN_ROWS = [
     ("a cat and a dog", [("a red cat", "red", (0, 0, 31, 47)), ("a blue dog", "blue", (32, 8, 63, 39))]),
-    ("a horse on the beach", [("a green horse", "green", (8, 0, 47, 23)), ("the yellow beach", "yellow", (0, 24, 63, 47))]),
-    ("a castle and the moon", [("a purple castle", "purple", (0, 16, 39, 47)), ("the white moon", "white", (44, 0, 63, 15))]),
+    ("a horse on the beach", [("a green horse", "green", (8, 0, 47, 23)),
+                              ("the yellow beach", "yellow", (0, 24, 63, 47))]),
+    ("a castle and the moon", [("a purple castle", "purple", (0, 16, 39, 47)),
+                               ("the white moon", "white", (44, 0, 63, 15))]),
     ("a woman on a chair", [("a woman", "orange", (16, 0, 47, 31)), ("a black chair", "black", (16, 32, 47, 47))]),
 ]
 

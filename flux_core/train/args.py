@@ -130,8 +130,8 @@ def build_parser(prog: str = "python -m flux_core.train") -> argparse.ArgumentPa
                         "the model flags; needs --extra_inputs controlnet_image); ipadapter (the IP-Adapter given in "
                         "the model flags; needs --extra_inputs ipadapter_images); image_proj_model (InfiniteYou's "
                         "projector; needs controlnet_image and infinityou_id_image or infinityou_id_embedding); "
-                        "InfiniteYou's pair controlnet,image_proj_model; or lora_encoder (the LoRA-Encoder given in the "
-                        "model flags; needs --extra_inputs lora_encoder_inputs)")
+                        "InfiniteYou's pair controlnet,image_proj_model; or lora_encoder (the LoRA-Encoder given in "
+                        "the model flags; needs --extra_inputs lora_encoder_inputs)")
     t.add_argument("--gradient_accumulation_steps", type=int, default=1)
     t.add_argument("--task", default="sft", choices=["sft"],
                    help="sft (supervised fine-tuning, the only task; DiffSynth's split data_process/train and "
@@ -262,8 +262,8 @@ def check_args(args: argparse.Namespace) -> None:
     bad = [m for m in trainable if m not in TRAINABLE_MODELS]
     if bad:
         raise TrainError(f"--trainable_models {','.join(bad)}: FluxCore trains the DiT, a ControlNet, an IP-Adapter "
-                         f"or InfiniteYou, or a LoRA-Encoder; use --trainable_models dit (full fine-tuning), controlnet "
-                         f"(the ControlNet in the model flags), ipadapter (the IP-Adapter in the model flags), "
+                         f"or InfiniteYou, or a LoRA-Encoder; use --trainable_models dit (full fine-tuning), "
+                         f"controlnet (the ControlNet in the model flags), ipadapter (the IP-Adapter in the model flags), "
                          f"controlnet,image_proj_model (InfiniteYou: InfuseNet and its projector), lora_encoder (the "
                          f"LoRA-Encoder in the model flags) or --lora_base_model dit (LoRA).")
     if trainable and set(trainable) not in TRAINABLE_SETS:

@@ -61,7 +61,7 @@ def check_entity_rows(dataset) -> None:
         shown = problems[:_LISTED]
         more = f"; ... and {len(problems) - _LISTED} more" if len(problems) > _LISTED else ""
         raise TrainError(f"{FLAGS}: " + "; ".join(shown) + more + ". Each row needs one mask per entity prompt, in "
-                         f"the same order, painted white on an image of the row's image's shape.")
+                         "the same order, painted white on an image of the row's image's shape.")
 
 
 def row_problems(dataset, row) -> list[str]:

@@ -60,9 +60,9 @@ def check_lora_rows(pipe, dataset) -> None:
 
 
 def sample_loras(pipe, sample: dict) -> list:
-    """The sample's LoRA, read (as lora_tools' LoraFile) against the encoder's sites. Not against the DiT: check_lora_rows
-    checked the encoder and every file against it at setup, and a DiT LoRA run has since wrapped the DiT's layers
-    (peft), whose names the DiT check would not find."""
+    """The sample's LoRA, read (as lora_tools' LoraFile) against the encoder's sites. Not against the DiT:
+    check_lora_rows checked the encoder and every file against it at setup, and a DiT LoRA run has since wrapped the
+    DiT's layers (peft), whose names the DiT check would not find."""
     return check_lora_encoder_inputs(sample[COLUMN], pipe.lora_encoder, None)
 
 

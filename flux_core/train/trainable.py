@@ -207,7 +207,8 @@ def controlnet_state_dict(controlnet: nn.Module, remove_prefix: str) -> dict[str
 IPADAPTER_CHECKPOINT_PREFIX = "pipe.ipadapter."
 PROJECTOR_CHECKPOINT_PREFIX = "pipe.image_proj_model."
 LORA_ENCODER_CHECKPOINT_PREFIX = "pipe.lora_encoder."
-ADAPTER_CHECKPOINT_PREFIXES = {"ipadapter": IPADAPTER_CHECKPOINT_PREFIX, "image_proj_model": PROJECTOR_CHECKPOINT_PREFIX,
+ADAPTER_CHECKPOINT_PREFIXES = {"ipadapter": IPADAPTER_CHECKPOINT_PREFIX,
+                               "image_proj_model": PROJECTOR_CHECKPOINT_PREFIX,
                                "lora_encoder": LORA_ENCODER_CHECKPOINT_PREFIX}
 
 

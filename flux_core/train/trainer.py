@@ -80,9 +80,9 @@ from .control import (check_controlnet_columns, check_controlnet_count, needs_co
                       validation_control_input)
 from .dataset import ImageDataset, first_sample
 from .eligen import sample_entities, validation_entities
-from .lora_encoder import check_lora_encoder_slots, check_lora_rows, lora_tokens, sample_loras, validation_loras
 from .infiniteyou import ID_EMBEDDING, ID_IMAGE, check_infiniteyou_models, embed_faces, sample_identity
 from .ipadapter import bind, check_ipadapter_fit, check_ipadapter_slots, reference_features
+from .lora_encoder import check_lora_encoder_slots, check_lora_rows, lora_tokens, sample_loras, validation_loras
 from .loss import flow_matching_loss, sample_generator, training_attention, training_schedule
 from .messages import SLOT_NAMES, ModelEntry, reworded_logs, trainer_message, user_values
 from .packages import require_training_packages
@@ -96,6 +96,8 @@ PIPELINE_LOGGERS = ("flux_core.pipeline", "flux_core.pipeline_models")  # what f
 # Every model slot starts frozen and in inference mode; the trained one is then made trainable.
 FROZEN_SLOTS = ("dit", "vae", "text_encoder_1", "text_encoder_2", "ipadapter", "ipadapter_image_encoder",
                 "image_proj_model", "lora_encoder")
+# Modes whose trained adapters form one TrainedModules (trainable.py), run as one (DDP-wrapped) forward per step.
+ADAPTER_MODES = ("ipadapter", "infiniteyou", "lora_encoder")
 # How a --resume mismatch names each setting a resumed run must share (the flag that sets it).
 SETTING_NAMES = {"mode": "LoRA, full DiT, ControlNet, IP-Adapter, InfiniteYou or LoRA-Encoder training "
                          "(--lora_base_model / --trainable_models)",
@@ -396,7 +398,7 @@ class Trainer:
             self.targets = []
             trained = self.pipe.controlnet.models[0]
             make_controlnet_trainable(trained)
-        elif self.mode in ("ipadapter", "infiniteyou", "lora_encoder"):
+        elif self.mode in ADAPTER_MODES:
             from .trainable import make_adapters_trainable
             self.targets = []
             names = comma_list(a.trainable_models)
@@ -617,7 +619,7 @@ class Trainer:
             entities = ([sample_entities(pipe, sample, self.args.t5_sequence_length, self.dtype, x0.shape[-2] * 8,
                                          x0.shape[-1] * 8)] if self.eligen else [])
             loras = sample_loras(pipe, sample) if self.encoded else []
-        if self.mode in ("ipadapter", "infiniteyou", "lora_encoder"):   # the trained modules' whole use, in one forward
+        if self.mode in ADAPTER_MODES:   # the trained modules' whole use, in one (DDP) forward
             return self.model(self._adapted_loss, sample, x0, prompt, extras, adapters, features, generator, entities,
                               loras)
         return self._adapted_loss(sample, x0, prompt, extras, adapters, features, generator, entities, loras)
@@ -625,10 +627,10 @@ class Trainer:
     def _adapted_loss(self, sample: dict, x0: torch.Tensor, prompt: PromptEmbeds, extras, adapters: list,
                       features: torch.Tensor | None, generator: torch.Generator, entities: list = (),
                       loras: list = ()) -> torch.Tensor:
-        """The loss with the LoRA-Encoder's tokens of the sample's LoRA first (as the pipeline adds them: the ControlNets
-        and EliGen's global prompt see them), the IP-Adapter bound to the sample's reference features and InfiniteYou's
-        identity given to the ControlNet adapter, each under autograd only when its module trains; EliGen's entities (no
-        trained part) after them."""
+        """The loss with the LoRA-Encoder's tokens of the sample's LoRA first (as the pipeline adds them: the
+        ControlNets and EliGen's global prompt see them), the IP-Adapter bound to the sample's reference features and
+        InfiniteYou's identity given to the ControlNet adapter, each under autograd only when its module trains;
+        EliGen's entities (no trained part) after them."""
         pipe, adapters, grad = self.pipe, list(adapters), torch.is_grad_enabled()
         if self.identity:
             with torch.set_grad_enabled(grad and self.mode == "infiniteyou"):
@@ -685,7 +687,7 @@ class Trainer:
                 from lora_tools import save_lora
                 from .trainable import export_lora
                 save_lora(export_lora(dit), path, fmt=self.args.lora_format, dtype=self.dtype)
-            elif self.mode in ("controlnet", "ipadapter", "infiniteyou", "lora_encoder"):
+            elif self.mode == "controlnet" or self.mode in ADAPTER_MODES:
                 from .trainable import CONTROLNET_CONFIG_KEY, adapters_state_dict
                 modules = {"controlnet": self.trained} if self.mode == "controlnet" else self.trained
                 metadata = {"format": "pt"}
