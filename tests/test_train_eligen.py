@@ -395,6 +395,6 @@ def test_gradient_checkpointing_keeps_the_entity_mask(world, tmp_path, offload):
     print(f"checkpointed vs plain: {(checkpointed - plain).abs().max():.2e} (gradient up to {plain.abs().max():.2e}; "
           f"swapped masks move it by {(checkpointed - swapped).abs().max():.2e})")
     # Measured 0 (the same kernels run again in the backward pass), on gradients up to 2.6e-2; a mask lost in the
-    # recomputation moves the gradient about as much as swapped masks do (4.7e-3), far beyond the bound.
+    # recomputation would move the gradient like swapped masks do (4.7e-3, measured), far beyond the bound.
     assert torch.allclose(checkpointed, plain, atol=1e-6, rtol=0)
     assert (checkpointed - swapped).abs().max() > 1e-3
