@@ -343,3 +343,32 @@ def test_two_processes_equal_one_process_with_accumulation(world, tmp_path):
     # Measured 0 (float32, gloo on a CPU); gradients not synchronised would leave each process its own weights.
     for k in a:
         assert torch.allclose(a[k], b[k], atol=1e-5, rtol=0), k
+
+
+def test_a_row_may_hold_a_list_of_loras(world, tmp_path):
+    """A JSON list in the column (a .json row's list, or JSON text in a CSV cell): the LoRAs' tokens one after the
+    other, as DiffSynth's LoRA-Encoder unit encodes a list."""
+    from flux_core.adapters import DiTCall
+    from flux_core.dit_inputs import PromptEmbeds, prepare_dit_inputs
+    from flux_core.lora_encoder import check_lora_encoder_inputs, encode_loras
+    data = world.setup.data
+    (data / "two loras.csv").write_text('image,prompt,lora_encoder_inputs\nred é.png,a cat red,'
+                                        '"[""loras/style a.safetensors"", ""loras/style b.safetensors""]"\n',
+                                        encoding="utf-8")
+    trainer = Trainer(parse_args(le_argv(world, tmp_path / "out", metadata="two loras.csv")))
+    trainer.setup()
+    sample = trainer.dataset[0]
+    paths = [str(data / "loras" / f"style {s}.safetensors") for s in "ab"]
+    assert sample["lora_encoder_inputs"] == paths
+    from flux_core.train.lora_encoder import lora_tokens, sample_loras
+    encoder = trainer.pipe.lora_encoder
+    with torch.no_grad():
+        adapter = lora_tokens(trainer.pipe, sample_loras(trainer.pipe, sample))
+        one_by_one = [encode_loras(encoder, check_lora_encoder_inputs(p, encoder, None)) for p in paths]
+        inputs = prepare_dit_inputs(torch.zeros(1, 16, 4, 4), 0.5, PromptEmbeds(torch.zeros(1, 16, 32),
+                                                                              torch.zeros(1, 32)), 1.0, torch.float32)
+        txt = adapter.contribute(inputs, DiTCall()).txt
+    assert txt.shape == (1, 18, 32)
+    assert torch.equal(txt[:, 16:], torch.cat(one_by_one, dim=1))
+    # the validation images' default is the whole list of the first row
+    assert trainer.validation_adapter_inputs()["lora_encoder_inputs"] == paths

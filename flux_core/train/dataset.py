@@ -24,8 +24,9 @@ EliGen columns (DiffSynth's names): `eligen_entity_prompts` a list of prompts an
 image paths, one per prompt (a .json metadata holds lists, a .csv cell JSON text); the masks are cropped and resized
 exactly like the row's `image`, and train/eligen.py checks every row's entities together (all problems at once).
 
-LoRA-Encoder column (DiffSynth's name): `lora_encoder_inputs` holds a LoRA file path, relative to --dataset_base_path
-(or, as DiffSynth reads it, to the current folder); train/lora_encoder.py reads it (any format lora_tools reads).
+LoRA-Encoder column (DiffSynth's name): `lora_encoder_inputs` holds a LoRA file path (or a JSON list of them), relative
+to --dataset_base_path (or, as DiffSynth reads it, to the current folder); train/lora_encoder.py reads it (any format
+lora_tools reads).
 
 `check()` reads every row before training starts: a missing column, a missing or unreadable image, an
 unsupported extension or an image too small for one 16-pixel patch stops the run with the row named.
@@ -244,7 +245,7 @@ class ImageDataset(Dataset):
             from .eligen import entity_prompts
             return entity_prompts(row.values[key], row.where)
         if key == LORA_KEY:
-            return self._lora_path(row)
+            return self._lora_paths(row)
         return row.values[key]
 
     def _embedding(self, row: Row):
@@ -260,12 +261,26 @@ class ImageDataset(Dataset):
         except ValueError as e:
             raise TrainError(f"{row.where}: '{EMBEDDING_KEY}' {e}.") from None
 
-    def _lora_path(self, row: Row) -> str:
-        """A row's lora_encoder_inputs file: relative to --dataset_base_path like the images, else (DiffSynth reads
-        the column as ModelConfig(path=...)) relative to the current folder."""
+    def _lora_paths(self, row: Row) -> str | list[str]:
+        """A row's lora_encoder_inputs: one LoRA file, or a list of them (a JSON list, or JSON text of one in a CSV
+        cell: their tokens one after the other, as DiffSynth encodes a list). Each path is relative to
+        --dataset_base_path like the images, else (DiffSynth reads the column as ModelConfig(path=...)) to the
+        current folder."""
         value = row.values[LORA_KEY]
-        if not isinstance(value, str):
-            raise TrainError(f"{row.where}: column '{LORA_KEY}' must hold the path of a LoRA file, got {value!r}.")
+        if isinstance(value, str) and value.strip().startswith("["):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as e:
+                raise TrainError(f"{row.where}: column '{LORA_KEY}' looks like a JSON list but is not valid ({e}).") \
+                    from None
+        values = value if isinstance(value, list) else [value]
+        if not values or not all(isinstance(v, str) and v for v in values):
+            raise TrainError(f"{row.where}: column '{LORA_KEY}' must hold the path of a LoRA file (or a list of "
+                             f"them), got {row.values[LORA_KEY]!r}.")
+        paths = [self._lora_file(row, v) for v in values]
+        return paths if isinstance(value, list) else paths[0]
+
+    def _lora_file(self, row: Row, value: str) -> str:
         path = Path(value)
         for candidate in ([path] if path.is_absolute() else [self.base / path, path]):
             if candidate.is_file():

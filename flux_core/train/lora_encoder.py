@@ -10,9 +10,10 @@ LoRA-Encoder unit, which only appends tokens; its loss loads a LoRA into the DiT
 the FLUX units never make). The tokens are computed inside the training step, under autograd when the encoder trains;
 the LoRA files are data (read without gradients, every step: a full FLUX LoRA is hundreds of MB, not kept per row).
 
-A LoRA file is read in any format lora_tools reads and must cover every site the encoder reads (all layers of every
-double and single block); every row's file is read and checked once when the run starts, and all bad rows are named
-in one message.
+A row holds one LoRA file, or a list of them (their tokens one after the other, as DiffSynth encodes a list). A LoRA
+file is read in any format lora_tools reads and must cover every site the encoder reads (all layers of every double and
+single block); every row's files are read and checked once when the run starts, and all bad rows are named in one
+message.
 """
 from __future__ import annotations
 
@@ -43,24 +44,25 @@ def check_lora_rows(pipe, dataset) -> None:
         raise TrainError(f"the LoRA-Encoder of --model_paths / --model_id_with_origin_paths: {e}") from None
     problems, advice, seen = [], "", {}
     for row in dataset.rows:
-        path = dataset._value(row, COLUMN)
-        if path not in seen:
+        paths = dataset._value(row, COLUMN)
+        key = tuple(paths) if isinstance(paths, list) else paths
+        if key not in seen:
             try:
-                check_lora_encoder_inputs(path, pipe.lora_encoder, pipe.dit, param=COLUMN)
-                seen[path] = None
+                check_lora_encoder_inputs(paths, pipe.lora_encoder, pipe.dit, param=COLUMN)
+                seen[key] = None
             except LoraEncoderInputError as e:
                 # "LoRA-Encoder: <what is wrong>. <how to fix>": the fix is said once, after every row
                 what, _, fix = str(e).removeprefix("LoRA-Encoder: ").partition(". ")
-                seen[path], advice = what, fix or advice
-        if seen[path] is not None:
-            problems.append(f"{row.where}: {seen[path]}")
+                seen[key], advice = what, fix or advice
+        if seen[key] is not None:
+            problems.append(f"{row.where}: {seen[key]}")
     if problems:
         more = f"; ... and {len(problems) - _LISTED} more rows" if len(problems) > _LISTED else ""
         raise TrainError(f"--extra_inputs {COLUMN}: " + "; ".join(problems[:_LISTED]) + more + ". " + advice)
 
 
 def sample_loras(pipe, sample: dict) -> list:
-    """The sample's LoRA, read (as lora_tools' LoraFile) against the encoder's sites. Not against the DiT:
+    """The sample's LoRA(s), read (as lora_tools' LoraFile) against the encoder's sites. Not against the DiT:
     check_lora_rows checked the encoder and every file against it at setup, and a DiT LoRA run has since wrapped the
     DiT's layers (peft), whose names the DiT check would not find."""
     return check_lora_encoder_inputs(sample[COLUMN], pipe.lora_encoder, None)
@@ -75,7 +77,8 @@ def validation_loras(args: argparse.Namespace, dataset, pipe) -> list[str]:
     """The validation images' LoRA files: --validation_lora_encoder_inputs (checked now, not after the first training
     steps), else the first data row's (checked with the data)."""
     if not args.validation_lora_encoder_inputs:
-        return [dataset[0][COLUMN]]
+        first = dataset[0][COLUMN]
+        return list(first) if isinstance(first, list) else [first]
     paths = list(args.validation_lora_encoder_inputs)
     try:
         check_lora_encoder_inputs(paths, pipe.lora_encoder, pipe.dit, param="--validation_lora_encoder_inputs")
