@@ -74,14 +74,16 @@ def lora_tokens(pipe, loras: list):
 
 
 def validation_loras(args: argparse.Namespace, dataset, pipe) -> list[str]:
-    """The validation images' LoRA files: --validation_lora_encoder_inputs (checked now, not after the first training
-    steps), else the first data row's (checked with the data)."""
-    if not args.validation_lora_encoder_inputs:
+    """The validation images' LoRA files: --validation_lora_encoder_inputs, else the first data row's; checked now as
+    the pipeline will check them (against the DiT it renders with), not after the first training steps."""
+    if args.validation_lora_encoder_inputs:
+        paths, source = list(args.validation_lora_encoder_inputs), "--validation_lora_encoder_inputs"
+    else:
         first = dataset[0][COLUMN]
-        return list(first) if isinstance(first, list) else [first]
-    paths = list(args.validation_lora_encoder_inputs)
+        paths = list(first) if isinstance(first, list) else [first]
+        source = f"the validation images' {COLUMN} (the first data row's, {dataset.rows[0].where})"
     try:
-        check_lora_encoder_inputs(paths, pipe.lora_encoder, pipe.dit, param="--validation_lora_encoder_inputs")
+        check_lora_encoder_inputs(paths, pipe.lora_encoder, pipe.dit, param=source)
     except LoraEncoderInputError as e:
         raise TrainError(str(e)) from None
     return paths
