@@ -210,3 +210,35 @@ def test_a_patcher_made_for_another_dit_is_refused(models):
     with pytest.raises(NodeInputError, match=r"FluxCoreFuseLoras, input 'lora_fusion': small.safetensors was made "
                                              r"for another model: "):
         FluxCoreFuseLoras().fuse(stacked(models), small)
+
+
+def test_fuse_loras_on_an_offloaded_dit_puts_the_patcher_in_its_vram_manager(models, monkeypatch):
+    """With FLUX VRAM Options (offload, nothing resident) the patcher joins the DiT's VRAM manager for the run, as
+    the DiT's ControlNets do, and leaves it after; the run is the unmanaged one."""
+    from flux_core.vram import SimulatedDevice, VRAMManager
+    from nodes import vram_nodes
+    from nodes.loaders import FluxCoreDiTLoader
+    from nodes.vram_nodes import FluxCoreVRAMOptions
+    device = SimulatedDevice()
+    monkeypatch.setattr(vram_nodes, "make_compute_device", lambda: device)
+    seen = []
+    original = VRAMManager.load_models_to_device
+
+    def load(self, names):
+        names = list(names)
+        seen.append(sorted(self.models))
+        return original(self, names)
+    monkeypatch.setattr(VRAMManager, "load_models_to_device", load)
+    dit, = FluxCoreDiTLoader().load(NAMES["dit"])  # a module of its own: the shared one stays unmanaged
+    offloaded, = FluxCoreVRAMOptions().apply(dit, weight_dtype="default", offload=True, vram_limit=0.0)
+    model = offloaded
+    for name, strength in zip(LORAS.values(), (0.7, -0.4)):
+        model, = FluxCoreLoraLoader().apply(model, name, strength)
+    fused, = FluxCoreFuseLoras().fuse(model, models["fusion"])
+    got = sample(models, encode(models), model=fused)
+    assert any(len(names) == 2 and "dit" in names for names in seen)   # the DiT and the patcher, together
+    from flux_core.model_state import state_of
+    manager = state_of(dit.model.module).vram_placement[1]
+    assert sorted(manager.models) == ["dit"]                            # given back after the run
+    # Measured 0 against the pipeline's merger run (the same float32 computations, streamed layer by layer).
+    assert (got - pipeline_with_loras(models, merger=True)).abs().max().item() <= 1e-5
