@@ -252,7 +252,9 @@ def read_lora_for(dit: nn.Module | Mapping[str, tuple[int, int]], source: LoraSo
 
 
 def _linears(dit: nn.Module) -> dict[str, nn.Linear]:
-    return {name: m for name, m in dit.named_modules() if isinstance(m, nn.Linear)}
+    """The DiT's Linear layers by name; a layer peft wrapped (the trainer's own LoRA) under its own name, not peft's
+    `<name>.base_layer`, so LoRAs are read and applied to a DiT being LoRA-trained too."""
+    return {name.removesuffix(".base_layer"): m for name, m in dit.named_modules() if isinstance(m, nn.Linear)}
 
 
 def _read(source: LoraSource, shapes: dict[str, tuple[int, int]]) -> LoraFile:

@@ -57,8 +57,9 @@ def check_lora_encoder_inputs(value, encoder, dit, param: str = "lora_encoder_in
             source = _source(item)
             lora = read_lora_for(shapes, source)
         except (LoraError, CheckpointError, ModelFileError, TypeError, ValueError) as e:
-            named = isinstance(source, (str, os.PathLike)) and str(source) not in str(e)
-            problems.append(f"{where}: {source}: {e}" if named else f"{where}: {e}")
+            why = str(e).rstrip(".")  # the problems are joined with "; " and end with one period
+            named = isinstance(source, (str, os.PathLike)) and str(source) not in why
+            problems.append(f"{where}: {source}: {why}" if named else f"{where}: {why}")
             continue
         missing = [s.layer for s in encoder.sites if s.layer not in lora.layers]
         if missing:

@@ -328,6 +328,13 @@ def test_a_frozen_lora_encoder_conditions_a_dit_lora(world, tmp_path):
     trainer.setup()
     assert trainer.mode == "lora" and not any(p.requires_grad for p in trainer.pipe.lora_encoder.parameters())
     assert run_quietly(trainer)["step"] == 2
+    # With validation images: the pipeline reads the LoRA against the DiT, whose layers peft has wrapped.
+    validated = Trainer(parse_args(le_argv(world, tmp_path / "val", "--validation_prompts", "a cat",
+                                           "--validation_height", "32", "--validation_width", "32",
+                                           "--validation_num_inference_steps", "2", mode=lora[:-1] + ("1",))))
+    validated.setup()
+    run_quietly(validated)
+    assert (tmp_path / "val" / "validation" / "step-1-0.png").is_file()
     message = failing_setup(le_argv(world, tmp_path / "fp8", "--fp8_models", str(world.encoder)))
     assert message.startswith("--fp8_models names the LoRA-Encoder, which --trainable_models lora_encoder trains")
 
