@@ -108,7 +108,7 @@ def entity_grid(mask, latent_height: int, latent_width: int, name: str = "mask")
 def inpaint_region(masks: Sequence, latent_height: int, latent_width: int) -> torch.Tensor:
     """The union of the entity masks on the latent grid, (1, 1, h, w) bool: where inpaint mode lets the image
     change. Resized as DiffSynth's legacy pipeline does for it (PIL's default resampling, bicubic; a tensor mask
-    bicubic too), a pixel inside when its mean is above one half."""
+    antialiased bicubic, which lands on the same pixels), a pixel inside when its mean is above one half."""
     region = torch.zeros(latent_height, latent_width, dtype=torch.bool)
     for i, mask in enumerate(masks):
         if isinstance(mask, Image.Image):
@@ -116,7 +116,9 @@ def inpaint_region(masks: Sequence, latent_height: int, latent_width: int) -> to
         else:
             grid = mask_to_tensor(mask, f"mask {i}")
             if grid.shape[-2:] != (latent_height, latent_width):
-                grid = F.interpolate(grid, size=(latent_height, latent_width), mode="bicubic", align_corners=False)
+                # antialiased as PIL's bicubic downscale is, so a ComfyUI MASK gives the region its PIL picture gives
+                grid = F.interpolate(grid, size=(latent_height, latent_width), mode="bicubic", align_corners=False,
+                                     antialias=True)
         region |= grid[0, 0] > 0.5
     return region[None, None]
 
