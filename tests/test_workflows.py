@@ -39,7 +39,8 @@ def test_the_examples_exist_each_with_a_thumbnail():
     names = {p.stem for p in WORKFLOWS}
     assert {"fluxcore_text_to_image", "fluxcore_image_to_image", "fluxcore_kontext_edit",
             "fluxcore_mixed_native", "fluxcore_controlnet_inpainting", "fluxcore_controlnet_union_canny",
-            "fluxcore_controlnet_upscale", "fluxcore_ipadapter_instantx", "fluxcore_infiniteyou"} <= names
+            "fluxcore_controlnet_upscale", "fluxcore_ipadapter_instantx", "fluxcore_infiniteyou",
+            "fluxcore_eligen"} <= names
     for path in WORKFLOWS:
         thumb = path.with_suffix(".jpg")
         assert thumb.is_file(), f"{path.name} has no {thumb.name} beside it"
@@ -231,6 +232,20 @@ def pipeline_reference(shipped, prompt: dict, seed_offset: int = 0) -> torch.Ten
                                                    end=1 - inputs["end_percent"], processor_id="None")]
         kw.update(infinityou_id_image=loaded_image(files, prompt[upstream(prompt, nid, "face_image")]["inputs"]["image"]),
                   infinityou_guidance=inputs["guidance"])
+    entities = by_type(prompt, "FluxCoreEliGenEntity")
+    if entities:  # the chain from the sampler's positive back to the prompt; each mask as LoadImage gives it
+        chain, nid = [], sampler["positive"][0]
+        while prompt[nid]["class_type"] == "FluxCoreEliGenEntity":
+            chain.insert(0, prompt[nid]["inputs"])
+            nid = upstream(prompt, nid, "conditioning")
+        assert len(chain) == len(entities) and prompt[nid]["inputs"] == encode
+        masks = []
+        for inputs in chain:  # LoadImage's MASK: 1 where the shipped image is transparent
+            load = prompt[inputs["mask"][0]]
+            assert load["class_type"] == "LoadImage" and inputs["mask"][1] == 1
+            with Image.open(files["input"] / load["inputs"]["image"]) as im:
+                masks.append(1 - torch.from_numpy(np.asarray(im.getchannel("A"), dtype=np.float32) / 255))
+        kw.update(eligen_entity_prompts=[c["text"] for c in chain], eligen_entity_masks=masks)
     if latent_source["class_type"] == "SetLatentNoiseMask":
         # SetLatentNoiseMask: outside the mask (LoadImage's: 1 where transparent) the encoded image, noised to
         # the next sigma, replaces the latent after every step. At 384 -> 128 every latent pixel samples image
@@ -252,11 +267,12 @@ def pipeline_reference(shipped, prompt: dict, seed_offset: int = 0) -> torch.Ten
 
 @contextlib.contextmanager
 def counted_controlnet_calls():
-    """Counts the ControlNet (InfuseNet included) and IP-Adapter contributions made while the block runs:
-    {"contributed": n, "ipadapter": m}."""
+    """Counts the ControlNet (InfuseNet included), IP-Adapter and EliGen contributions made while the block runs:
+    {"contributed": n, "ipadapter": m, "eligen": k}."""
     from flux_core.controlnet import ControlNetAdapter
+    from flux_core.eligen import EliGenAdapter
     from flux_core.ipadapter import IPAdapterAdapter
-    count = {"contributed": 0, "ipadapter": 0}
+    count = {"contributed": 0, "ipadapter": 0, "eligen": 0}
 
     def counting(cls, key):
         original = cls.contribute
@@ -269,6 +285,7 @@ def counted_controlnet_calls():
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(ControlNetAdapter, "contribute", counting(ControlNetAdapter, "contributed"))
         mp.setattr(IPAdapterAdapter, "contribute", counting(IPAdapterAdapter, "ipadapter"))
+        mp.setattr(EliGenAdapter, "contribute", counting(EliGenAdapter, "eligen"))
         yield count
 
 
@@ -317,7 +334,8 @@ def test_example_workflow_runs_as_shipped_and_matches_the_pipeline(shipped, path
     with Image.open(files["output"] / item["subfolder"] / item["filename"]) as im:
         saved = np.asarray(im.convert("RGB"), dtype=np.float32) / 255
     decoded = result.outputs[upstream(prompt, save, "images")][0][0].numpy()
-    size = 768 if path.stem == "fluxcore_controlnet_upscale" else 1024  # the 384-px example image scaled 2x
+    # the 384-px example image scaled 2x; EliGen's example renders 768x768 (a short run)
+    size = {"fluxcore_controlnet_upscale": 768, "fluxcore_eligen": 768}.get(path.stem, 1024)
     assert saved.shape == decoded.shape == (size, size, 3)
     # The file holds the decoded image (8-bit): measured 0.00392, just under 1 / 255, as SaveImage truncates to uint8
     # (ComfyUI's astype(np.uint8)); another output saved, or its channels swapped, differs by order 0.1.
@@ -345,6 +363,10 @@ def test_example_workflow_runs_as_shipped_and_matches_the_pipeline(shipped, path
         assert in_workflow["ipadapter"] == in_pipeline["ipadapter"] >= steps
     else:
         assert in_workflow["ipadapter"] == in_pipeline["ipadapter"] == 0
+    if by_type(prompt, "FluxCoreEliGenEntity"):
+        assert in_workflow["eligen"] == in_pipeline["eligen"] >= steps
+    else:
+        assert in_workflow["eligen"] == in_pipeline["eligen"] == 0
 
 
 # ---------------------------------------------------------------- the converter's rules, on a hand-made graph
