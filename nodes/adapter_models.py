@@ -2,7 +2,7 @@
 per sampler run, before denoising (reference images -> keys and values, a face embedding -> identity tokens), so
 they need the compute device only for that moment.
 
-They go the way the sampler's ControlNets go (nodes/controlnet_nodes.place_controlnets), so their bytes are counted
+They go the way the sampler's ControlNets go (nodes/controlnet_nodes.place_beside_dit), so their bytes are counted
 where the DiT's are:
 - DiT without VRAM options and no FP8-stored model here: ComfyUI's model manager loads them (standalone: moved to
   the compute device). ComfyUI keeps them loaded while there is room and unloads them first when the DiT or another

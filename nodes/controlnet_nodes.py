@@ -242,7 +242,7 @@ def controlnet_adapters(node: str, payloads: list[tuple[ControlNetPayload, froze
     return adapters, list(handles.values())
 
 
-def place_controlnets(dit_handle: DiTHandle, handles: list[ControlNetHandle]) -> Callable[[], None]:
+def place_beside_dit(dit_handle: DiTHandle, handles: list[ControlNetHandle]) -> Callable[[], None]:
     """Put the ControlNets on the compute device for a run, the way the DiT went there (call after
     place_dit); returns what gives their VRAM back after the run.
 

@@ -29,6 +29,7 @@ class DiTHandle:
     loras: tuple[LoraPatch, ...] = ()
     vram: object = None                        # nodes.vram_nodes.VRAMOptions (FP8 storage, offload), or None
     tea_cache_l1_thresh: float | None = None   # TeaCache threshold from FluxCoreTeaCache, None: off
+    lora_fusion: object = field(default=None, compare=False)  # Fuse LoRAs' patcher handle: LoRAs merged, not summed
 
     def with_lora(self, path: str, strength: float, lora=None) -> "DiTHandle":
         return replace(self, loras=self.loras + (LoraPatch(path, strength, lora),))

@@ -15,7 +15,7 @@ models/lora_fusion (DiffSynth-Studio/LoRAFusion-preview-FLUX.1-dev's model.safet
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -25,7 +25,7 @@ from flux_core.models.lora_sites import dit_lora_sites, site_mismatch
 
 from . import comfy_bridge as bridge
 from .conditioning import payloads_with_branches, with_payload
-from .handles import DIT_TYPE, DiTHandle
+from .handles import DIT_TYPE
 from .loaders import NodeInputError, load_kind, model_file
 
 LORA_ENCODER_FOLDER = "lora_encoders"
@@ -54,13 +54,6 @@ class LoraFusionHandle:
     name: str = ""
 
 
-@dataclass(frozen=True)
-class FusedDiTHandle(DiTHandle):
-    """A DiT handle whose LoRA stack the sampler applies with the LoRA-Fusion merger. (Nodes downstream keep the
-    class: LoRA, VRAM and TeaCache nodes derive their handles with dataclasses.replace.)"""
-    lora_fusion: LoraFusionHandle | None = field(default=None, compare=False)
-
-
 @dataclass(eq=False)
 class LoraEncoderPayload:
     """One Encode LoRA into Conditioning (FluxCore): the LoRA's tokens, already scaled."""
@@ -68,11 +61,6 @@ class LoraEncoderPayload:
     lora_name: str
     scale: float
     tokens: torch.Tensor        # (1, n, E) on the CPU
-
-
-def lora_fusion_of(handle: DiTHandle) -> LoraFusionHandle | None:
-    """The LoRA-Fusion a DiT handle's LoRAs are applied with (Fuse LoRAs), or None (the plain sum)."""
-    return handle.lora_fusion if isinstance(handle, FusedDiTHandle) else None
 
 
 # ---------------------------------------------------------------- nodes
@@ -181,8 +169,7 @@ class FluxCoreFuseLoras:
         if problems:
             raise NodeInputError(f"{node}, input 'lora_fusion': {lora_fusion.name} was made for another model: "
                                  + "; ".join(problems) + f". Use the LoRA-Fusion patcher made for {model.name}.")
-        fields = {k: getattr(model, k) for k in DiTHandle.__dataclass_fields__}
-        return (FusedDiTHandle(**fields, lora_fusion=lora_fusion),)
+        return (replace(model, lora_fusion=lora_fusion),)
 
 
 # ---------------------------------------------------------------- sampling

@@ -35,12 +35,12 @@ from flux_core.vram import GiB, stored_compute_dtype
 
 from . import comfy_bridge as bridge
 from .conditioning import read_conditioning, warn_unused_entries
-from .controlnet_nodes import controlnet_adapters, controlnet_payloads, place_controlnets
+from .controlnet_nodes import controlnet_adapters, controlnet_payloads, place_beside_dit
 from .eligen_nodes import (check_entities, eligen_adapters, eligen_held_bytes, eligen_inpaint_region,
                            entities_by_branch, entity_tokens)
 from .infiniteyou_nodes import with_identities
 from .ipadapter_nodes import check_ipadapter_payloads, ipadapter_adapters, ipadapter_payloads
-from .lora_model_nodes import lora_encoder_adapters, lora_fusion_of
+from .lora_model_nodes import lora_encoder_adapters
 from .handles import DIT_TYPE, DiTHandle
 from .loaders import NodeInputError
 from . import vram_nodes
@@ -54,7 +54,7 @@ def prepare_dit(handle: DiTHandle):
     LoRA-Fusion patcher (Fuse LoRAs) or summed. The record of what was applied holds the patcher beside the stack,
     so a run with another patcher, or none, applies the stack again (the merger needs hooked LoRAs)."""
     dit = place_dit(handle)  # the whole model on the device, or as the VRAM options node says
-    fusion = lora_fusion_of(handle)
+    fusion = handle.lora_fusion
     wanted = handle.loras + ((fusion,) if fusion is not None else ())
     if state_of(dit).applied_loras != wanted:
         clear_lora(dit)
@@ -285,8 +285,8 @@ class FluxCoreSampler:
         release_controlnets = None
         try:
             dit = prepare_dit(model)
-            fusion = lora_fusion_of(model)  # the patcher computes beside the DiT, placed as its ControlNets are
-            release_controlnets = place_controlnets(model, controlnets + ([fusion] if fusion is not None else []))
+            fusion = model.lora_fusion  # the patcher computes beside the DiT, placed as its ControlNets are
+            release_controlnets = place_beside_dit(model, controlnets + ([fusion] if fusion is not None else []))
             with torch.no_grad():
                 final = run_denoise(start, sigmas, velocity, None, after_step)
         finally:  # also after Cancel (raised from after_step), a LoRA that fails to apply, or an error: an
