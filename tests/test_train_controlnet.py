@@ -31,19 +31,13 @@ from flux_core.train.trainer import Trainer, train
 from flux_core.train.validate import saved_controlnet_config
 from tests.tiny_controlnet import make_diffusers_controlnet, write_diffusers_controlnet
 from tests.tiny_train import SIZE, make_train_setup, python, read_log, subprocess_env
+from tests.tiny_train import one_thread  # noqa: F401 (a module-wide autouse fixture)
 from tests.tiny_vae import reference_encode_image
 
 EXTRAS = {"union": "controlnet_image,controlnet_processor_id", "plain": "controlnet_image",
           "inpaint": "controlnet_image,controlnet_inpaint_mask"}
 MODES = ["depth", "canny", "2", "pose", "gray", "tile", "lq", "blur"]
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def noise_image(seed: int, size=(SIZE, SIZE)) -> Image.Image:

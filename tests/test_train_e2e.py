@@ -28,19 +28,11 @@ from flux_core.train.loss import flow_matching_loss, sample_generator, training_
 from flux_core.train.trainer import Trainer, train
 from tests.tiny_train import SIZE, make_train_setup, python, read_log, subprocess_env, train_argv
 
+from tests.tiny_train import one_thread  # noqa: F401 (a module-wide autouse fixture)
 pytestmark = pytest.mark.slow
 DOUBLE_AND_SINGLE_NO_LINEAR1 = ("a_to_qkv,b_to_qkv,ff_a.0,ff_a.2,ff_b.0,ff_b.2,a_to_out,b_to_out,norm1_a.linear,"
                                 "norm1_b.linear,proj_out,norm.linear")
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models on a small shared machine: one intra-op thread is many times faster (no spinning threads
-    competing with other processes) and matches the subprocesses (OMP_NUM_THREADS=1)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -24,19 +24,13 @@ from safetensors.torch import load_file
 from flux_core.train.args import TrainError, parse_args
 from flux_core.train.trainer import Trainer, train
 from tests.tiny_train import (ELIGEN_ROWS, ELIGEN_SIZE, eligen_mask, make_eligen_data, make_train_setup, read_log,
-                              train_argv)
+                              train_argv, loss_gradient)
+from tests.tiny_train import one_thread  # noqa: F401 (a module-wide autouse fixture)
 from tests.tiny_vae import reference_encode_image
 
 EXTRAS = ("--extra_inputs", "eligen_entity_masks,eligen_entity_prompts",
           "--data_file_keys", "image,eligen_entity_masks")
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -141,11 +135,7 @@ def test_the_entities_reach_the_loras_gradient(world, tmp_path):
     sample = trainer.dataset[0]
 
     def gradient(s):
-        trainer.optimizer.zero_grad(set_to_none=True)
-        trainer._loss(s, torch.Generator().manual_seed(7)).backward()
-        grads = torch.cat([p.grad.flatten() for _, p in trainer.params])
-        trainer.optimizer.zero_grad(set_to_none=True)
-        return grads
+        return loss_gradient(trainer, s, 7)
 
     base = gradient(sample)
     swapped = gradient(dict(sample, eligen_entity_masks=sample["eligen_entity_masks"][::-1]))
@@ -382,11 +372,7 @@ def test_gradient_checkpointing_keeps_the_entity_mask(world, tmp_path, offload):
     sample = trainer.dataset[0]
 
     def gradient(s):
-        trainer.optimizer.zero_grad(set_to_none=True)
-        trainer._loss(s, torch.Generator().manual_seed(3)).backward()
-        grads = torch.cat([p.grad.flatten() for _, p in trainer.params])
-        trainer.optimizer.zero_grad(set_to_none=True)
-        return grads
+        return loss_gradient(trainer, s, 3)
 
     checkpointed = gradient(sample)
     swapped = gradient(dict(sample, eligen_entity_masks=sample["eligen_entity_masks"][::-1]))

@@ -25,6 +25,7 @@ from flux_core.train.args import TrainError, parse_args
 from flux_core.train.trainer import Trainer, train
 from tests.tiny_ipadapter import PROJECTOR, face_embedding
 from tests.tiny_train import adapter_argv, make_adapter_setup, read_log
+from tests.tiny_train import one_thread  # noqa: F401 (a module-wide autouse fixture)
 from tests.tiny_vae import reference_encode_image
 
 EXTRAS = "controlnet_image,infinityou_id_embedding,infinityou_guidance"
@@ -33,13 +34,6 @@ FULL = ("--trainable_models", "controlnet,image_proj_model", "--remove_prefix_in
 LORA = ("--lora_base_model", "dit", "--lora_rank", "4", "--learning_rate", "1e-2")
 MODELS = ("projector", "infusenet")
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

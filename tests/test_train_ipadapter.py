@@ -24,7 +24,8 @@ from flux_core.loading.loader import load_model
 from flux_core.train.args import TrainError, parse_args
 from flux_core.train.trainer import Trainer, train
 from tests.tiny_ipadapter import reference_image
-from tests.tiny_train import adapter_argv, make_adapter_setup, read_log
+from tests.tiny_train import adapter_argv, make_adapter_setup, read_log, loss_gradient
+from tests.tiny_train import one_thread  # noqa: F401 (a module-wide autouse fixture)
 from tests.tiny_vae import reference_encode_image
 
 FULL = ("--trainable_models", "ipadapter", "--extra_inputs", "ipadapter_images", "--remove_prefix_in_ckpt",
@@ -32,13 +33,6 @@ FULL = ("--trainable_models", "ipadapter", "--extra_inputs", "ipadapter_images",
 LORA = ("--lora_base_model", "dit", "--lora_rank", "4", "--learning_rate", "1e-2", "--extra_inputs", "ipadapter_images")
 MODELS = ("ipadapter", "siglip")
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -134,11 +128,7 @@ def test_the_ipadapter_gets_gradients_only_from_the_reference_features(world, tm
     sample = trainer.dataset[0]
 
     def gradient(s):
-        trainer.optimizer.zero_grad(set_to_none=True)
-        trainer._loss(s, torch.Generator().manual_seed(7)).backward()
-        grads = torch.cat([p.grad.flatten() for _, p in trainer.params])
-        trainer.optimizer.zero_grad(set_to_none=True)
-        return grads
+        return loss_gradient(trainer, s, 7)
 
     base = gradient(sample)
     moved = gradient(dict(sample, ipadapter_images=[reference_image(99, (48, 40))]))
@@ -194,11 +184,7 @@ def test_the_reference_image_reaches_the_loras_gradient(world, tmp_path):
     sample = trainer.dataset[0]
 
     def gradient(s):
-        trainer.optimizer.zero_grad(set_to_none=True)
-        trainer._loss(s, torch.Generator().manual_seed(7)).backward()
-        grads = torch.cat([p.grad.flatten() for _, p in trainer.params])
-        trainer.optimizer.zero_grad(set_to_none=True)
-        return grads
+        return loss_gradient(trainer, s, 7)
 
     base, moved = gradient(sample), gradient(dict(sample, ipadapter_images=[reference_image(99, (48, 40))]))
     assert all(p.grad is None and not p.requires_grad for p in trainer.pipe.ipadapter.parameters())   # frozen

@@ -23,19 +23,13 @@ from safetensors.torch import load_file
 from flux_core.loading.loader import load_model
 from flux_core.train.args import TrainError, parse_args
 from flux_core.train.trainer import Trainer, train
-from tests.tiny_train import make_lora_encoder_data, make_train_setup, read_log
+from tests.tiny_train import make_lora_encoder_data, make_train_setup, read_log, loss_gradient
+from tests.tiny_train import one_thread  # noqa: F401 (a module-wide autouse fixture)
 from tests.tiny_vae import reference_encode_image
 
 FULL = ("--trainable_models", "lora_encoder", "--extra_inputs", "lora_encoder_inputs", "--remove_prefix_in_ckpt",
         "pipe.lora_encoder.", "--learning_rate", "1e-3")
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -146,11 +140,7 @@ def test_the_encoder_gets_gradients_from_the_sample_lora(world, tmp_path):
     sample = trainer.dataset[0]
 
     def gradient(s):
-        trainer.optimizer.zero_grad(set_to_none=True)
-        trainer._loss(s, torch.Generator().manual_seed(7)).backward()
-        grads = torch.cat([p.grad.flatten() for _, p in trainer.params])
-        trainer.optimizer.zero_grad(set_to_none=True)
-        return grads
+        return loss_gradient(trainer, s, 7)
 
     base = gradient(sample)
     other = gradient(trainer.dataset[1])   # the other LoRA (and caption, image)

@@ -13,6 +13,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
+import torch
 from PIL import Image
 
 from tests.tiny_pipeline import FOLDER_NAME, make_diffusers_pipeline
@@ -250,3 +252,23 @@ def make_lora_encoder_data(setup: TrainSetup, tmp: Path) -> Path:
         for i, (file, caption) in enumerate(setup.captions.items()):
             writer.writerow([file, caption, f"loras/style {'ab'[i % 2]}.safetensors"])
     return encoder
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models on a small shared machine: one intra-op thread is many times faster (no spinning threads
+    competing with other processes) and matches the subprocesses (OMP_NUM_THREADS=1). Import it into a test module."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def loss_gradient(trainer, sample: dict, seed: int = 7) -> torch.Tensor:
+    """The gradient of the trained parameters (flattened, in `trainer.params` order) of one sample's loss with the
+    timestep and noise of `seed`, leaving no gradient behind."""
+    trainer.optimizer.zero_grad(set_to_none=True)
+    trainer._loss(sample, torch.Generator().manual_seed(seed)).backward()
+    grads = torch.cat([p.grad.flatten() for _, p in trainer.params])
+    trainer.optimizer.zero_grad(set_to_none=True)
+    return grads
