@@ -30,7 +30,7 @@ from flux_core.train.args import TrainError, parse_args
 from flux_core.train.trainer import Trainer, train
 from flux_core.train.validate import saved_controlnet_config
 from tests.tiny_controlnet import make_diffusers_controlnet, write_diffusers_controlnet
-from tests.tiny_train import SIZE, make_train_setup, python, read_log, subprocess_env
+from tests.tiny_train import SIZE, make_train_setup, python, read_log, subprocess_env, resumed_and_whole
 from tests.tiny_train import one_thread  # noqa: F401 (a module-wide autouse fixture)
 from tests.tiny_vae import reference_encode_image
 
@@ -216,23 +216,11 @@ def test_full_size_controlnets_are_written_with_diffsynths_names_and_shapes(vari
 def test_controlnet_resume_equals_an_uninterrupted_run(world, tmp_path):
     argv = lambda out, *x: cn_argv(world, out, "inpaint", None, "--num_epochs", "2", "--save_steps", "3",  # noqa
                                    "--gradient_accumulation_steps", "2", *x)
-    with contextlib.redirect_stdout(io.StringIO()):
-        whole = train(parse_args(argv(tmp_path / "whole")))
-        train(parse_args(argv(tmp_path / "cut", "--max_steps", "5")))
-        resumed = train(parse_args(argv(tmp_path / "cut", "--resume")))
-    log = read_log(tmp_path / "cut")
-    starts = [e for e in log if e["event"] == "start"]
-    assert starts[-1]["start_step"] == 5 and starts[-1]["mode"] == "controlnet"
-    assert whole["path"].name == resumed["path"].name == "step-8.safetensors"
-    for name in ("step-8.safetensors", "checkpoints/step-8/trainable.safetensors"):
-        a, b = load_file(tmp_path / "whole" / name), load_file(tmp_path / "cut" / name)
-        assert a.keys() == b.keys()
-        for k in a:
-            # Measured 0 (the same computation on one thread); resuming into the wrong data order or without the
-            # optimizer state moves weights by about one step (lr 1e-3).
-            assert torch.equal(a[k], b[k]), (name, k)
-    earlier = load_file(tmp_path / "whole" / "step-6.safetensors")
-    assert any(not torch.equal(earlier[k], a[k]) for k in a)   # the steps after the cut trained
+    start, whole = resumed_and_whole(argv, tmp_path, cut=5)
+    assert start["start_step"] == 5 and start["mode"] == "controlnet"
+    assert whole["path"].name == "step-8.safetensors"
+    earlier, last = (load_file(tmp_path / "whole" / f"step-{n}.safetensors") for n in (6, 8))
+    assert any(not torch.equal(earlier[k], last[k]) for k in last)   # the steps after the cut trained
 
 
 # ------------------------------------------------------------------------------------------------ LoRA + control
