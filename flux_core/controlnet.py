@@ -22,7 +22,7 @@ from torch import nn
 
 from .adapters import BRANCHES, Contribution, DiTCall, StepRange
 from .dit_inputs import DiTInputs
-from .image import mask_to_tensor, pil_to_tensor
+from .image import mask_at_size, mask_to_tensor, pil_to_tensor
 from .infiniteyou import IdentityTokens
 from .math import pack_latents
 from .models.controlnet import FluxControlNet, spread_residuals, union_mode_id
@@ -100,17 +100,6 @@ class ControlNetAdapter:
             source=self.name,
             double_residuals=spread_residuals([r * self.scale for r in double], self.dit_depth[0]),
             single_residuals=spread_residuals([r * self.scale for r in single], self.dit_depth[1]))
-
-
-def mask_at_size(mask: Image.Image | torch.Tensor, width: int, height: int, name: str) -> torch.Tensor:
-    """The mask resized to the control image, (1, 1, H, W): a PIL mask with PIL's default (bicubic) resize, as
-    DiffSynth does, a tensor mask with torch's bicubic interpolation."""
-    if isinstance(mask, Image.Image):
-        return mask_to_tensor(mask if mask.size == (width, height) else mask.resize((width, height)), name)
-    mask = mask_to_tensor(mask, name)
-    if mask.shape[-2:] == (height, width):
-        return mask
-    return F.interpolate(mask, size=(height, width), mode="bicubic", align_corners=False).clamp(0, 1)
 
 
 def black_out_masked(image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -36,7 +36,7 @@ from PIL import Image
 
 from .adapters import Contribution, DiTCall
 from .dit_inputs import DiTInputs
-from .image import mask_to_tensor
+from .image import mask_at_size, mask_to_tensor
 from .math import text_ids
 
 ASPECT_TOLERANCE = 0.02   # a mask may be painted at another resolution, not another shape
@@ -107,19 +107,11 @@ def entity_grid(mask, latent_height: int, latent_width: int, name: str = "mask")
 
 def inpaint_region(masks: Sequence, latent_height: int, latent_width: int) -> torch.Tensor:
     """The union of the entity masks on the latent grid, (1, 1, h, w) bool: where inpaint mode lets the image
-    change. Resized as DiffSynth's legacy pipeline does for it (PIL's default resampling, bicubic; a tensor mask
-    antialiased bicubic, which lands on the same pixels), a pixel inside when its mean is above one half."""
+    change. Resized as DiffSynth's legacy pipeline does for it (PIL's default resampling, bicubic; a tensor mask as
+    its 8-bit picture: flux_core.image.mask_at_size), a pixel inside when its mean is above one half."""
     region = torch.zeros(latent_height, latent_width, dtype=torch.bool)
     for i, mask in enumerate(masks):
-        if isinstance(mask, Image.Image):
-            grid = mask_to_tensor(mask.resize((latent_width, latent_height)), f"mask {i}")
-        else:
-            grid = mask_to_tensor(mask, f"mask {i}")
-            if grid.shape[-2:] != (latent_height, latent_width):
-                # antialiased as PIL's bicubic downscale is, so a ComfyUI MASK gives the region its PIL picture gives
-                grid = F.interpolate(grid, size=(latent_height, latent_width), mode="bicubic", align_corners=False,
-                                     antialias=True)
-        region |= grid[0, 0] > 0.5
+        region |= mask_at_size(mask, latent_width, latent_height, f"eligen_entity_masks[{i}]")[0, 0] > 0.5
     return region[None, None]
 
 

@@ -31,6 +31,20 @@ def mask_to_tensor(mask: Image.Image | torch.Tensor, name: str) -> torch.Tensor:
                     f"{type(mask).__name__}{tuple(mask.shape) if isinstance(mask, torch.Tensor) else ''}.")
 
 
+
+def mask_at_size(mask: Image.Image | torch.Tensor, width: int, height: int, name: str) -> torch.Tensor:
+    """The mask resized to width x height, (1, 1, H, W) in [0, 1], with PIL's default (bicubic) resize, as DiffSynth
+    resizes its PIL masks. A tensor mask (a ComfyUI MASK) is resized as its 8-bit picture (what LoadImage read it
+    from), so a MASK and its PIL picture give the same pixels; torch's bicubic kernel differs from PIL's and would
+    move edge pixels across one half."""
+    if isinstance(mask, torch.Tensor):
+        values = mask_to_tensor(mask, name)[0, 0]
+        if values.shape == (height, width):
+            return values[None, None]
+        mask = Image.fromarray((values * 255).round().to(torch.uint8).numpy(), mode="L")
+    return mask_to_tensor(mask if mask.size == (width, height) else mask.resize((width, height)), name)
+
+
 def tensor_to_pil(images: torch.Tensor) -> list[Image.Image]:
     """(B, 3, H, W) in [-1, 1] -> list of PIL images (rounded to uint8)."""
     array = ((images.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)

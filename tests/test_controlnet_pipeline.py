@@ -198,6 +198,23 @@ def test_inpainting_control_latent_is_diffsynths(tiny):
     assert (from_tensor[:, 16] - expected[:, 16]).abs().max().item() == 0  # the same mask channel
 
 
+
+def test_a_mask_tensor_blacks_out_what_its_picture_does_when_shrunk(tiny):
+    """A mask painted at twice the control image's size: as a ComfyUI MASK tensor it is shrunk as its 8-bit picture
+    (flux_core.image.mask_at_size), so the inpainting ControlNet's blacked-out image is the one of the PIL picture.
+    (Shrunk by torch's bicubic interpolation, with or without antialias, the speckled tensor blacked out other
+    pixels.)"""
+    from flux_core.controlnet import control_latent
+    image = random_image(8)
+    speckle = (np.random.default_rng(1).random((2 * H, 2 * W)) > 0.5).astype(np.uint8) * 255
+    picture = Image.fromarray(speckle).convert("RGB")
+    tensor_mask = torch.from_numpy(speckle.astype(np.float32) / 255)
+    vae = tiny.ref.vae
+    with torch.no_grad():
+        latents = [control_latent(ControlNetInput(image=image, inpaint_mask=m), W, H,
+                                  lambda x: reference_encode(vae, x), "x") for m in (picture, tensor_mask)]
+    assert torch.equal(latents[0][:, :16], latents[1][:, :16])
+
 @pytest.mark.parametrize("items,match", [
     ([ControlNetInput(controlnet_id=2, image=random_image(0))], r"controlnet_inputs\[0\]: controlnet_id=2, but 2 ControlNet"),
     ([ControlNetInput(controlnet_id=0, image=random_image(0))], r"union ControlNet: set processor_id"),

@@ -291,8 +291,8 @@ def test_the_eligen_lora_in_diffsynths_names_loads_like_any_lora(tiny):
 
 
 def test_inpaint_region_of_a_mask_tensor_equals_its_picture():
-    """A ComfyUI MASK (float tensor) and the same picture as a PIL image give the same inpaint region (PIL's bicubic
-    downscale antialiases; without antialias the tensor's region differed on 6 of the 48 latent pixels)."""
+    """A ComfyUI MASK (float tensor) and the same picture as a PIL image give the same inpaint region (the tensor is
+    resized as its 8-bit picture; torch's bicubic interpolation without antialias moved 6 of the 48 latent pixels)."""
     masks = entity_masks()
     tensors = [torch.from_numpy(np.asarray(m.convert("L"), dtype=np.float32) / 255)[None] for m in masks]
     assert torch.equal(inpaint_region(tensors, H // 8, W // 8), inpaint_region(masks, H // 8, W // 8))
