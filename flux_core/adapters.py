@@ -23,24 +23,10 @@ from typing import Protocol, Sequence
 
 import torch
 
-from .dit_inputs import DiTInputs
+from .dit_inputs import DiTCall, DiTInputs  # noqa: F401  (DiTCall: adapters import it from here)
 from .models.dit import AttentionHook
 
 BRANCHES = ("positive", "negative")
-
-
-@dataclass(frozen=True)
-class DiTCall:
-    """Which DiT call this is: step `step` of `num_steps` at noise level `sigma`, for a CFG branch."""
-    step: int = 0
-    num_steps: int = 1
-    sigma: float = 1.0
-    branch: str = "positive"
-
-    @property
-    def progress(self) -> float:
-        """DiffSynth-Studio's progress: 1 at the first step, 0 at the last."""
-        return (self.num_steps - 1 - self.step) / max(self.num_steps - 1, 1)
 
 
 @dataclass(frozen=True)

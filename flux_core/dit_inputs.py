@@ -16,11 +16,35 @@ from .math import image_ids, pack_latents, text_ids, unpack_latents
 from .models.dit import DiTExtras
 
 
+@dataclass(frozen=True)
+class DiTCall:
+    """Which DiT call this is: step `step` of `num_steps` at noise level `sigma`, for a CFG branch."""
+    step: int = 0
+    num_steps: int = 1
+    sigma: float = 1.0
+    branch: str = "positive"
+
+    @property
+    def progress(self) -> float:
+        """DiffSynth-Studio's progress: 1 at the first step, 0 at the last."""
+        return (self.num_steps - 1 - self.step) / max(self.num_steps - 1, 1)
+
+
 @dataclass
 class PromptEmbeds:
-    """One side (positive or negative) of the text conditioning."""
-    prompt_emb: torch.Tensor   # (B, L, 4096) T5 tokens
-    pooled: torch.Tensor       # (B, 768) CLIP pooled
+    """One side (positive or negative) of the text conditioning: what a conditioning encoder
+    (flux_core.text_conditioning) gives the DiT."""
+    prompt_emb: torch.Tensor   # (B, L, 4096) text tokens (T5's, or a Step1X / Nexus-Gen encoder's)
+    pooled: torch.Tensor       # (B, 768) pooled vector (CLIP-L's)
+    text_ids: torch.Tensor | None = None   # (B, L, 3) position ids of the text tokens; None: all zero (T5's)
+
+    @property
+    def tokens(self) -> int:
+        return self.prompt_emb.shape[1]
+
+    def at(self, call: DiTCall) -> "PromptEmbeds":
+        """The conditioning of one DiT call: the same at every call (a timestep-conditioned encoder's changes)."""
+        return self
 
     def repeat_to(self, batch: int) -> "PromptEmbeds":
         if self.prompt_emb.shape[0] == batch:
@@ -28,14 +52,15 @@ class PromptEmbeds:
         if batch % self.prompt_emb.shape[0]:
             raise ValueError(f"cannot spread {self.prompt_emb.shape[0]} prompt(s) over a batch of {batch}.")
         n = batch // self.prompt_emb.shape[0]
-        return PromptEmbeds(self.prompt_emb.repeat_interleave(n, 0), self.pooled.repeat_interleave(n, 0))
+        ids = None if self.text_ids is None else self.text_ids.repeat_interleave(n, 0)
+        return PromptEmbeds(self.prompt_emb.repeat_interleave(n, 0), self.pooled.repeat_interleave(n, 0), ids)
 
 
 @dataclass
 class DiTInputs:
     """The arguments of one DiT forward (compute dtype, on the latents' device) and where its image tokens come from.
 
-    img (B, L, 64) packed latent tokens of a (height, width) latent; img_ids (B, L, 3); txt (B, Lt, 4096) T5 tokens
+    img (B, L, 64) packed latent tokens of a (height, width) latent; img_ids (B, L, 3); txt (B, Lt, 4096) text tokens
     with txt_ids (B, Lt, 3); timesteps: sigma (B,) float32; y: pooled CLIP (B, 768); guidance (B,) float32 or None.
     top, left: where this latent sits in the whole latent, in latent pixels (non-zero for a tile of the tiled DiT).
     """
@@ -68,12 +93,14 @@ def prepare_dit_inputs(latents: torch.Tensor, sigma: float | torch.Tensor, promp
     b, _, h, w = latents.shape
     device = latents.device
     prompt = prompt.repeat_to(b)
+    ids = (text_ids(b, prompt.tokens, device=device) if prompt.text_ids is None
+           else prompt.text_ids.to(device, torch.float32))
     sigmas = torch.as_tensor(sigma, dtype=torch.float32).to(device).expand(b).clone()
     return DiTInputs(
         img=pack_latents(latents).to(dtype),
         img_ids=image_ids(b, h, w, device=device),
         txt=prompt.prompt_emb.to(device, dtype),
-        txt_ids=text_ids(b, prompt.prompt_emb.shape[1], device=device),
+        txt_ids=ids,
         timesteps=sigmas,
         y=prompt.pooled.to(device, dtype),
         guidance=torch.full((b,), guidance, device=device, dtype=torch.float32) if guidance is not None else None,

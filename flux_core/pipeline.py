@@ -42,11 +42,13 @@ from .loading.loader import load_model
 from .model_config import ModelConfig
 from .models.controlnet import union_mode_id
 from .models.dit import DiTExtras
-from .models.text_encoders import encode_prompt, load_clip_tokenizer, load_t5_tokenizer
+from .models.text_encoders import load_clip_tokenizer, load_t5_tokenizer
 from .pipeline_models import LoadedModel, empty_slots, plan_models
 # Re-exported: nodes and the trainer import these names from flux_core.pipeline.
 from .pipeline_models import DIFFUSERS_COMPONENTS, MODEL_SLOTS, TokenizerNotFoundError, tokenizer_folder  # noqa: F401
-from .sampling import PromptEmbeds, denoise, guided_velocity, make_noise, reference_extras, resolve_seed, tea_cache_extras
+from .text_conditioning import ClipT5Encoder, Conditioning, ConditioningEncoder
+from .sampling import (PromptEmbeds, denoise, guided_velocity, make_noise, reference_extras, resolve_seed,
+                       tea_cache_extras, with_references)
 from .scheduler import add_noise, explicit_sigmas, flux_sigmas
 from .math import unpack_latents
 from .teacache import TeaCacheStats
@@ -56,6 +58,10 @@ from .vram import GiB, ComputeDevice, VRAMManager, compute_place, store_model
 logger = logging.getLogger(__name__)
 
 TEXT_ENCODERS = ("text_encoder_1", "text_encoder_2")
+# The models of the Step1X-Edit and Nexus-Gen conditioning encoders (flux_core.text_conditioning).
+VL_SLOTS = ("qwenvl", "step1x_connector", "nexus_gen", "nexus_gen_generation_adapter", "nexus_gen_editing_adapter")
+# The image inputs of the DiT's extra input channels (FLEX.2, FLUX.1-Fill; flux_core.flex).
+CHANNEL_IMAGES = ("flex_inpaint_image", "flex_inpaint_mask", "flex_control_image", "flux_fill_image", "flux_fill_mask")
 
 
 class KontextWithoutImageWarning(UserWarning):
@@ -85,6 +91,14 @@ class FluxImagePipeline:
         self.infinityou_processor = None
         self.lora_encoder = None              # LoRA-Encoder: LoRA files -> conditioning tokens
         self.lora_patcher = None              # LoRA-Fusion: merges several hooked LoRAs per layer (enable_lora_merger)
+        # Conditioning encoders other than CLIP-L + T5 (flux_core.text_conditioning):
+        self.qwenvl = None                    # Step1X-Edit: Qwen2.5-VL (transformers' model)
+        self.qwenvl_processor = None          # its processor (tokenizer + image processor)
+        self.step1x_connector = None          # Step1X-Edit: Qwen2.5-VL states -> DiT tokens, at every step
+        self.nexus_gen = None                 # Nexus-Gen: the autoregressive Qwen2.5-VL with its image-embedding head
+        self.nexus_gen_processor = None       # its processor
+        self.nexus_gen_generation_adapter = None  # Nexus-Gen: 81 image embeddings -> DiT tokens (text-to-image)
+        self.nexus_gen_editing_adapter = None     # Nexus-Gen: target + reference embeddings -> DiT tokens (editing)
         self.last_seed: int | None = None      # the seed of the last call (drawn there when seed=None)
         # What from_pretrained put in each slot, and from which file: {"dit": LoadedModel, ...}.
         self.loaded_from: dict[str, LoadedModel] = {}
@@ -162,8 +176,8 @@ class FluxImagePipeline:
         if self.vram is not None:
             self.vram.remove_all()
         self.vram = VRAMManager(device, budget)
-        for slot in ("text_encoder_1", "text_encoder_2", "ipadapter_image_encoder", "ipadapter", "image_proj_model",
-                     "lora_encoder", "dit", "lora_patcher", *self.controlnet_slots(), "vae"):
+        for slot in ("text_encoder_1", "text_encoder_2", *VL_SLOTS, "ipadapter_image_encoder", "ipadapter",
+                     "image_proj_model", "lora_encoder", "dit", "lora_patcher", *self.controlnet_slots(), "vae"):
             model = attrgetter(slot)(self)
             if model is None:
                 continue
@@ -184,16 +198,58 @@ class FluxImagePipeline:
 
     # ---------------------------------------------------------------- stages
     def encode_prompt(self, prompt: str | list[str], t5_sequence_length: int = 512) -> PromptEmbeds:
-        missing = [n for n in ("text_encoder_1", "text_encoder_2", "tokenizer_1", "tokenizer_2") if getattr(self, n) is None]
-        if missing:
-            raise RuntimeError(f"cannot encode a prompt: the pipeline has no {', '.join(missing)}. Add the CLIP-L "
-                               f"and T5 files to model_configs (text_encoder/, text_encoder_2/) and their tokenizers.")
+        """CLIP-L + T5 embeddings of prompt(s) (the entity prompts of EliGen, the trainer's captions, ...)."""
+        self._require_models(TEXT_ENCODERS + ("tokenizer_1", "tokenizer_2"), "encode a prompt")
         prompts = check_prompts(prompt, "prompt")
         check_t5_sequence_length(t5_sequence_length)
-        self.load_models_to_device(TEXT_ENCODERS)
-        prompt_emb, pooled = encode_prompt(prompts, self.text_encoder_1, self.text_encoder_2, self.tokenizer_1,
-                                           self.tokenizer_2, t5_sequence_length=t5_sequence_length, device=self.device)
-        return PromptEmbeds(prompt_emb, pooled)
+        return self.encode_with(self.clip_t5_encoder(t5_sequence_length), prompts, "positive")
+
+    def clip_t5_encoder(self, t5_sequence_length: int = 512) -> ClipT5Encoder:
+        return ClipT5Encoder(self.text_encoder_1, self.text_encoder_2, self.tokenizer_1, self.tokenizer_2,
+                             t5_sequence_length, self.device)
+
+    def conditioning_encoder(self, t5_sequence_length: int = 512, step1x_reference_image: Image.Image | None = None,
+                             nexus_gen_reference_image: Image.Image | None = None, height: int = 1024,
+                             width: int = 1024) -> ConditioningEncoder:
+        """What turns this request's prompts into the DiT's conditioning (flux_core.text_conditioning): Step1X-Edit's
+        Qwen2.5-VL + connector when a step1x_reference_image is given, Nexus-Gen's model when one is loaded (its
+        negative branch from T5), else CLIP-L + T5. Raises when a model it needs is missing."""
+        self._require_models(self.encoder_slots(step1x_reference_image, nexus_gen_reference_image), "encode a prompt")
+        if step1x_reference_image is not None:
+            from .step1x import step1x_encoder
+            return step1x_encoder(self.qwenvl, self.qwenvl_processor, self.step1x_connector, step1x_reference_image,
+                                  self.device)
+        if self.nexus_gen is not None:
+            from .nexus_gen import nexus_gen_encoder
+            return nexus_gen_encoder(self.nexus_gen, self.nexus_gen_processor, self.nexus_gen_generation_adapter,
+                                     self.nexus_gen_editing_adapter, self.clip_t5_encoder(t5_sequence_length),
+                                     nexus_gen_reference_image, height // 8, width // 8, self.device)
+        return self.clip_t5_encoder(t5_sequence_length)
+
+    def encoder_slots(self, step1x_reference_image=None, nexus_gen_reference_image=None) -> tuple[str, ...]:
+        """The slots (models, tokenizers, processors) the conditioning encoder of a request needs."""
+        clip_t5 = TEXT_ENCODERS + ("tokenizer_1", "tokenizer_2")
+        if step1x_reference_image is not None:
+            return ("qwenvl", "qwenvl_processor", "step1x_connector")
+        if self.nexus_gen is not None:  # the negative branch from T5, the pooled vector from CLIP-L
+            adapter = ("nexus_gen_editing_adapter" if nexus_gen_reference_image is not None
+                       else "nexus_gen_generation_adapter")
+            return ("nexus_gen", "nexus_gen_processor", adapter) + clip_t5
+        if nexus_gen_reference_image is not None:
+            return ("nexus_gen", "nexus_gen_processor", "nexus_gen_editing_adapter") + clip_t5
+        return clip_t5
+
+    def encode_with(self, encoder: ConditioningEncoder, prompts: list[str], branch: str) -> Conditioning:
+        """One branch's conditioning by `encoder`, its models moved onto the device for the encoding."""
+        self.load_models_to_device(encoder.slots)
+        return encoder.encode(prompts, branch)
+
+    def _require_models(self, slots: Sequence[str], what: str) -> None:
+        """Raise one error naming every empty slot of `slots` (models, tokenizers, processors)."""
+        missing = [slot for slot in slots if getattr(self, slot) is None]
+        if missing:
+            raise RuntimeError(f"cannot {what}: the pipeline has no {', '.join(missing)}. Add the missing model "
+                               f"files to model_configs (see README, 'Supported models').")
 
     def encode_image(self, image: torch.Tensor, tiled: bool = False, tile_size: int = 128,
                      tile_stride: int = 64) -> torch.Tensor:
@@ -246,8 +302,7 @@ class FluxImagePipeline:
             clear_lora(self.dit)
 
     def _require(self, slot: str, what: str) -> None:
-        if getattr(self, slot) is None:
-            raise RuntimeError(f"cannot {what}: the pipeline has no {slot}; add its file to model_configs.")
+        self._require_models((slot,), what)
 
     # ---------------------------------------------------------------- generation
     @torch.no_grad()
@@ -278,6 +333,15 @@ class FluxImagePipeline:
         eligen_enable_inpaint: bool = False,
         lora_encoder_inputs=None,
         lora_encoder_scale: float = 1.0,
+        flex_inpaint_image: Image.Image | None = None,
+        flex_inpaint_mask: Image.Image | None = None,
+        flex_control_image: Image.Image | None = None,
+        flex_control_strength: float = 0.5,
+        flex_control_stop: float = 0.5,
+        step1x_reference_image: Image.Image | None = None,
+        nexus_gen_reference_image: Image.Image | None = None,
+        flux_fill_image: Image.Image | None = None,
+        flux_fill_mask: Image.Image | None = None,
         tiled: bool = False,
         tile_size: int = 128,
         tile_stride: int = 64,
@@ -317,6 +381,17 @@ class FluxImagePipeline:
         lora_encoder_inputs, lora_encoder_scale: LoRA-Encoder (flux_core.lora_encoder): LoRA file(s) (path,
             ModelConfig or a list) encoded by pipe.lora_encoder into tokens appended to the positive prompt,
             times lora_encoder_scale.
+        flex_inpaint_image, flex_inpaint_mask, flex_control_image, flex_control_strength, flex_control_stop: FLEX.2
+            (a DiT with 196 input channels, flux_core.flex): the image to keep outside the mask (white = redraw), a
+            control image (its latent times the strength), used until the step at fraction flex_control_stop.
+            Without them a FLEX.2 DiT gets zeros and an all-ones mask (as in DiffSynth-Studio).
+        flux_fill_image, flux_fill_mask: FLUX.1-Fill (a DiT with 384 input channels, flux_core.flex): the image and
+            the mask (white = redraw) of the inpainting; without them the DiT gets zeros and an all-ones mask.
+        step1x_reference_image: Step1X-Edit (flux_core.step1x): the image to edit; the prompts are encoded with it
+            by pipe.qwenvl and the connector, and its latent joins the image tokens (as DiffSynth-Studio does).
+        nexus_gen_reference_image: Nexus-Gen (flux_core.nexus_gen): the image to edit. With Nexus-Gen loaded, the
+            positive prompt goes through its autoregressive model (text-to-image without a reference image), the
+            negative one through T5.
         `tiled` tiles the VAE and, as in DiffSynth-Studio, the DiT (flux_core.tiled_dit: tile sizes in latent
         pixels; a latent no larger than tile_size is one tile, the same result as untiled). It cannot be combined
         with TeaCache, which follows one call per step.
@@ -357,8 +432,20 @@ class FluxImagePipeline:
         encoded_loras = ([] if lora_encoder_inputs is None
                          else self._check_lora_encoder(lora_encoder_inputs, lora_encoder_scale))
         check_output_type(output_type)
-        needs_vae = output_type != "latent" or input_image is not None or bool(references) or bool(controlnet_items)
-        self._require_generation_models(needs_vae)
+        check_image(step1x_reference_image, "step1x_reference_image")
+        check_image(nexus_gen_reference_image, "nexus_gen_reference_image")
+        channel_inputs = dict(flex_inpaint_image=flex_inpaint_image, flex_inpaint_mask=flex_inpaint_mask,
+                              flex_control_image=flex_control_image, flex_control_strength=flex_control_strength,
+                              flex_control_stop=flex_control_stop, flux_fill_image=flux_fill_image,
+                              flux_fill_mask=flux_fill_mask)
+        self._check_channel_inputs(height, width, **channel_inputs)
+        needs_vae = (output_type != "latent" or input_image is not None or bool(references) or bool(controlnet_items)
+                     or step1x_reference_image is not None
+                     or any(channel_inputs[k] is not None for k in CHANNEL_IMAGES))
+        self._require_generation_models(needs_vae, self.encoder_slots(step1x_reference_image,
+                                                                      nexus_gen_reference_image))
+        encoder = self.conditioning_encoder(t5_sequence_length, step1x_reference_image, nexus_gen_reference_image,
+                                            height, width)
         schedule = (explicit_sigmas(sigmas) if sigmas is not None
                     else flux_sigmas(num_inference_steps, denoising_strength, sigma_shift))
         self._check_cost(batch, height, width, t5_sequence_length, references, len(schedule),
@@ -369,8 +456,8 @@ class FluxImagePipeline:
         self.last_seed = resolve_seed(seed)
         noise = self._initial_noise(latents, batch, height, width, rand_device)
 
-        positive = self.encode_prompt(prompts, t5_sequence_length)
-        negative = self.encode_prompt(negatives, t5_sequence_length) if cfg_scale != 1.0 else None
+        positive = self.encode_with(encoder, prompts, "positive")
+        negative = self.encode_with(encoder, negatives, "negative") if cfg_scale != 1.0 else None
         vae_tiling = dict(tiled=tiled, tile_size=tile_size, tile_stride=tile_stride)
 
         if input_image is not None:
@@ -382,6 +469,8 @@ class FluxImagePipeline:
             start = noise
 
         extras = self.kontext_extras(references, batch, **vae_tiling) if references else None
+        if step1x_reference_image is not None:  # the image to edit joins the image tokens at its own positions
+            extras = self.step1x_extras(step1x_reference_image, batch, extras, **vae_tiling)
         identity = self.identity(infinityou_id_image, infinityou_id_embedding, infinityou_guidance)
         # LoRA-Encoder tokens join the prompt first: ControlNets and EliGen's global segment see them (DiffSynth's order).
         adapters = []
@@ -391,6 +480,7 @@ class FluxImagePipeline:
         adapters += self.controlnet_adapters(controlnet_items, height, width, identity=identity, **vae_tiling)
         if reference_images:
             adapters.append(self.ipadapter_adapter(reference_images, ipadapter_scale, cfg=negative is not None))
+        adapters += self.channel_adapters(height, width, batch, schedule, vae_tiling, **channel_inputs)
         if entity_prompts:  # last: ControlNets run on the plain prompt, as in DiffSynth
             entity_embeds = self.encode_prompt(entity_prompts, t5_sequence_length).prompt_emb
             on_negative = eligen_enable_on_negative and negative is not None
@@ -409,7 +499,7 @@ class FluxImagePipeline:
                                 adapters, dit_tiling)
             return v if region is None else inpaint_velocity(v, x, x0, region, call.sigma)
 
-        self.load_models_to_device(["dit", "lora_patcher", *self.controlnet_slots()])
+        self.load_models_to_device(["dit", "lora_patcher", *self.controlnet_slots(), *encoder.step_slots])
         final = denoise(start, schedule, velocity, progress_bar_cmd, callback)
         if output_type == "latent":
             self.load_models_to_device([])
@@ -428,6 +518,33 @@ class FluxImagePipeline:
         latents = [self.encode_image(pil_to_tensor(resize_to_multiple(image), f"kontext_images[{i}]"), **vae_tiling)
                    for i, image in enumerate(check_images(kontext_images, "kontext_images"))]
         return reference_extras(latents, batch)
+
+    def step1x_extras(self, image: Image.Image, batch: int, extras: DiTExtras | None = None, **vae_tiling
+                      ) -> DiTExtras:
+        """Step1X-Edit's reference image as extra image tokens with index 0 (its own positions: DiffSynth-Studio's
+        plain image ids), at its own resolution (shrunk to multiples of 16), after any Kontext references."""
+        latent = self.encode_image(pil_to_tensor(resize_to_multiple(image), "step1x_reference_image"), **vae_tiling)
+        return with_references(extras, [latent], batch, index=0)
+
+    def channel_adapters(self, height: int, width: int, batch: int, sigmas: torch.Tensor, vae_tiling: dict,
+                         **channel_inputs) -> list:
+        """The adapter that fills the extra input channels of a FLEX.2 (196) or FLUX.1-Fill (384) DiT from its
+        inputs (zeros and an all-ones mask when none are given, as DiffSynth-Studio does); none for a 64-channel DiT."""
+        if self.dit.in_channels == 64:
+            return []
+        from .flex import channel_adapter
+
+        def encode(x: torch.Tensor) -> torch.Tensor:
+            return self.encode_image(x, **vae_tiling)
+        return [channel_adapter(self.dit, encode, height, width, batch, sigmas, **channel_inputs)]
+
+    def _check_channel_inputs(self, height: int, width: int, **channel_inputs) -> None:
+        """FLEX.2 / Fill inputs checked before any model runs: each image, the DiT they need, a mask without image."""
+        images = [k for k in CHANNEL_IMAGES if channel_inputs[k] is not None]
+        if self.dit is None or (self.dit.in_channels == 64 and not images):
+            return
+        from .flex import check_channel_inputs
+        check_channel_inputs(self.dit, height, width, **channel_inputs)
 
     def controlnet_adapters(self, items: list[ControlNetInput], height: int, width: int,
                             identity: IdentityTokens | None = None, **vae_tiling) -> list[ControlNetAdapter]:
@@ -545,17 +662,19 @@ class FluxImagePipeline:
         check_dit_tiling(tiled, tile_size, tea_cache_l1_thresh)
         return DiTTiling(tile_size, tile_stride) if tiled else None
 
-    def _require_generation_models(self, needs_vae: bool) -> None:
-        """Every model and tokenizer a generation uses, checked before any of them runs: the message names each
-        empty slot and what each file given to from_pretrained was detected as."""
-        slots = ["dit", "text_encoder_1", "text_encoder_2", "tokenizer_1", "tokenizer_2"] + (["vae"] if needs_vae else [])
+    def _require_generation_models(self, needs_vae: bool, encoder_slots: Sequence[str]) -> None:
+        """Every model and tokenizer a generation uses (`encoder_slots`: its conditioning encoder's), checked before
+        any of them runs: the message names each empty slot and what each file given to from_pretrained was
+        detected as."""
+        slots = ["dit", *encoder_slots] + (["vae"] if needs_vae else [])
         missing = [slot for slot in slots if getattr(self, slot) is None]
         if not missing:
             return
         loaded = "; ".join(entry.describe() for entry in self.loaded_from.values()) or "nothing"
         raise RuntimeError(f"cannot generate: the pipeline has no {', '.join(missing)}. from_pretrained loaded: "
                            f"{loaded}. Add the missing model files to model_configs (a FLUX DiT, the ae VAE, the "
-                           f"CLIP-L text_encoder/ and the T5 text_encoder_2/).")
+                           f"CLIP-L text_encoder/ and the T5 text_encoder_2/; README's 'Supported models' lists what "
+                           f"Step1X-Edit and Nexus-Gen need instead).")
 
     def _check_cost(self, batch: int, height: int, width: int, text_tokens: int, references: list[Image.Image],
                     steps: int, passes: int, tiling: DiTTiling | None = None,

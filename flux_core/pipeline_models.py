@@ -27,7 +27,9 @@ DIFFUSERS_COMPONENTS = {"dit": "transformer", "vae": "vae", "clip": "text_encode
 # of them, go to `pipe.controlnet.models[i]` in model_configs order (slot "controlnet.models.<i>").
 MODEL_SLOTS = {"dit": "dit", "vae": "vae", "clip": "text_encoder_1", "t5": "text_encoder_2",
                "controlnet": "controlnet", "ipadapter": "ipadapter", "image_encoder": "ipadapter_image_encoder",
-               "infiniteyou": "image_proj_model", "lora_encoder": "lora_encoder", "lora_patcher": "lora_patcher"}
+               "infiniteyou": "image_proj_model", "lora_encoder": "lora_encoder", "lora_patcher": "lora_patcher",
+               "qwen_vl": "qwenvl", "step1x_connector": "step1x_connector", "nexus_gen": "nexus_gen",
+               "nexus_gen_adapter": "nexus_gen_generation_adapter", "nexus_gen_merger": "nexus_gen_editing_adapter"}
 # The slots every generation needs filled.
 GENERATION_SLOTS = ("dit", "vae", "text_encoder_1", "text_encoder_2")
 # Kinds of which a pipeline holds a list rather than one model.

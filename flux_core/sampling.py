@@ -14,11 +14,12 @@ import torch.nn.functional as F
 
 from .inputs import check_seed, random_seed
 from .adapters import Adapter, DiTCall, apply_adapters
-from .dit_inputs import PromptEmbeds, prepare_dit_inputs, run_dit
+from .dit_inputs import PromptEmbeds, prepare_dit_inputs, run_dit  # noqa: F401  (PromptEmbeds: re-exported)
 from .math import image_ids, pack_latents
 from .models.dit import DiTExtras, FluxDiT
 from .scheduler import euler_step, next_sigmas
 from .teacache import TeaCache, TeaCacheStats
+from .text_conditioning import Conditioning
 from .tiled_dit import DiTTiling, tiled_forward
 from .vram import compute_place
 
@@ -41,13 +42,15 @@ def make_noise(batch: int, height: int, width: int, seed: int, rand_device: str 
     return noise.to(device)
 
 
-def predict_velocity(dit: FluxDiT, latents: torch.Tensor, call: DiTCall | float, prompt: PromptEmbeds,
+def predict_velocity(dit: FluxDiT, latents: torch.Tensor, call: DiTCall | float, prompt: Conditioning,
                      guidance: float | None, extras: DiTExtras | None = None, adapters: Sequence[Adapter] = (),
                      tiling: DiTTiling | None = None) -> torch.Tensor:
     """The DiT's velocity for unpacked latents (B, C, h, w) in one call (`call`: step, sigma and branch; a float is
     the sigma of a lone call), with each adapter's contribution; with `tiling`, tile by tile (flux_core.tiled_dit)."""
     call = call if isinstance(call, DiTCall) else DiTCall(sigma=float(call))
     dtype = compute_place(dit)[1]  # fp8-stored weights compute in bf16
+
+    prompt = prompt.at(call)  # a timestep-conditioned encoder (Step1X-Edit's connector) runs once per call
 
     def velocity_of(lat: torch.Tensor, top: int = 0, left: int = 0) -> torch.Tensor:
         inputs = prepare_dit_inputs(lat, call.sigma, prompt, guidance, dtype, extras, top, left)
@@ -56,8 +59,8 @@ def predict_velocity(dit: FluxDiT, latents: torch.Tensor, call: DiTCall | float,
     return velocity_of(latents) if tiling is None else tiled_forward(velocity_of, latents, tiling)
 
 
-def guided_velocity(dit: FluxDiT, latents: torch.Tensor, call: DiTCall | float, positive: PromptEmbeds,
-                    negative: PromptEmbeds | None, cfg_scale: float, guidance: float | None,
+def guided_velocity(dit: FluxDiT, latents: torch.Tensor, call: DiTCall | float, positive: Conditioning,
+                    negative: Conditioning | None, cfg_scale: float, guidance: float | None,
                     extras: DiTExtras | None = None, negative_extras: DiTExtras | None = None,
                     adapters: Sequence[Adapter] = (), tiling: DiTTiling | None = None) -> torch.Tensor:
     """True classifier-free guidance when cfg_scale != 1: nega + cfg * (posi - nega), two DiT passes (the second
@@ -107,9 +110,10 @@ def denoise(latents: torch.Tensor, sigmas: torch.Tensor, velocity: Callable[[tor
     return latents
 
 
-def reference_extras(latents: list[torch.Tensor], batch: int) -> DiTExtras:
-    """Kontext references: each (1 or B, 16, h, w) latent packed at its own resolution with ids [1, row, col];
-    all references are appended after the image tokens and dropped from the output by the DiT."""
+def reference_extras(latents: list[torch.Tensor], batch: int, index: int = 1) -> DiTExtras:
+    """Reference images as extra image tokens: each (1 or B, 16, h, w) latent packed at its own resolution with ids
+    [index, row, col] (Kontext: 1; Step1X-Edit: 0, the image's own positions); all references are appended after the
+    image tokens and dropped from the output by the DiT."""
     tokens, ids = [], []
     for i, lat in enumerate(latents):
         if batch % lat.shape[0]:
@@ -121,5 +125,14 @@ def reference_extras(latents: list[torch.Tensor], batch: int) -> DiTExtras:
         lat = F.pad(lat, (0, lat.shape[-1] % 2, 0, lat.shape[-2] % 2), mode="circular")
         _, _, h, w = lat.shape
         tokens.append(pack_latents(lat))
-        ids.append(image_ids(batch, h, w, index=1, device=lat.device))
+        ids.append(image_ids(batch, h, w, index=index, device=lat.device))
     return DiTExtras(ref_tokens=torch.cat(tokens, dim=1), ref_ids=torch.cat(ids, dim=1))
+
+
+def with_references(extras: DiTExtras | None, latents: list[torch.Tensor], batch: int, index: int) -> DiTExtras:
+    """`extras` (or none) with more reference latents appended after its references (`reference_extras`)."""
+    more = reference_extras(latents, batch, index)
+    if extras is None or extras.ref_tokens is None:
+        return more if extras is None else replace(extras, ref_tokens=more.ref_tokens, ref_ids=more.ref_ids)
+    return replace(extras, ref_tokens=torch.cat((extras.ref_tokens, more.ref_tokens), dim=1),
+                   ref_ids=torch.cat((extras.ref_ids, more.ref_ids), dim=1))

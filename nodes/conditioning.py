@@ -7,6 +7,7 @@ ReferenceLatent, ConditioningZeroOut, ...) and ours mix freely.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import torch
 
@@ -14,19 +15,23 @@ from flux_core.image import pil_to_tensor, resize_to_multiple, tensor_to_pil
 from flux_core.inputs import T5_MAX_SEQUENCE_LENGTH
 from flux_core.models.text_encoders import encode_prompt
 from flux_core.sampling import PromptEmbeds
+from flux_core.text_conditioning import Conditioning
 
 from . import comfy_bridge as bridge
 from .handles import TEXT_ENCODERS_TYPE, VAE_TYPE
 from .loaders import NodeInputError
 
 DEFAULT_GUIDANCE = 3.5
+# A conditioning encoder's own output (Step1X-Edit, Nexus-Gen encode nodes), used by the sampler instead of the entry's
+# tokens and pooled_output (EncodedText).
+TEXT_KEY = "fluxcore_text"
 # The CONDITIONING entries FluxCore's sampler honours (`fluxcore_controlnets`: the payloads of Apply ControlNet
 # (FluxCore), nodes/controlnet_nodes.py; `fluxcore_eligen_entities`: EliGen Entity (FluxCore)'s, nodes/eligen_nodes.py;
 # `fluxcore_lora_encoder`: Encode LoRA into Conditioning (FluxCore)'s, nodes/lora_model_nodes.py);
 # anything else (native ControlNet's "control", "mask", "area", "strength",
 # "gligen", "reference_latents_method", ...) it cannot use, and says so (warn_unused_entries).
 HONOURED_KEYS = frozenset({"pooled_output", "guidance", "reference_latents", "fluxcore_controlnets",
-                           "fluxcore_ipadapters", "fluxcore_eligen_entities", "fluxcore_lora_encoder"})
+                           "fluxcore_ipadapters", "fluxcore_eligen_entities", "fluxcore_lora_encoder", TEXT_KEY})
 # Entries that only qualify another one (native Apply ControlNet sets both): warned about under that one.
 QUALIFIERS = {"control_apply_to_uncond": "control"}
 NATIVE_CONTROLNET_HINT = ("it is a ControlNet from ComfyUI's own Apply ControlNet, which FluxCore's sampler cannot run: "
@@ -46,8 +51,23 @@ def model_to_image(x: torch.Tensor) -> torch.Tensor:
     return (x.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu()
 
 
-def read_conditioning(node: str, input_name: str, conditioning) -> tuple[PromptEmbeds, float | None, list]:
-    """(embeds, guidance, raw reference latents) of a native CONDITIONING; only its first entry is used."""
+@dataclass(frozen=True, eq=False)
+class EncodedText:
+    """A conditioning encoder's output (flux_core.text_conditioning) carried in a CONDITIONING entry under
+    `fluxcore_text`. The entry's own tensor and pooled_output hold fixed embeddings for native nodes to read; the
+    sampler uses `conditioning` (which may change per DiT call: Step1X-Edit's connector).
+    step_models: handles of the models `conditioning` runs at every DiT call, placed on the device beside the DiT.
+    reference_latents: scaled latents (1, 16, h, w) that join the image tokens at their own positions (index 0:
+        Step1X-Edit's image to edit)."""
+    conditioning: Conditioning
+    step_models: tuple = ()
+    reference_latents: tuple = ()
+
+
+def read_conditioning(node: str, input_name: str, conditioning
+                      ) -> tuple[Conditioning, float | None, list, EncodedText | None]:
+    """(embeds, guidance, raw reference latents, the encoder's EncodedText or None) of a native CONDITIONING; only
+    its first entry is used."""
     if not conditioning:
         raise NodeInputError(f"{node}, input '{input_name}': empty conditioning.")
     if len(conditioning) > 1:  # e.g. from ConditioningCombine / area conditioning, which FLUX sampling has no use for
@@ -59,7 +79,12 @@ def read_conditioning(node: str, input_name: str, conditioning) -> tuple[PromptE
         raise NodeInputError(f"{node}, input '{input_name}': the conditioning has no pooled_output; FLUX needs "
                              f"CLIP-L's pooled output (use FluxCore Text Encode or CLIPTextEncodeFlux).")
     guidance = extra["guidance"] if "guidance" in extra else DEFAULT_GUIDANCE
-    return PromptEmbeds(tokens, pooled), guidance, list(extra.get("reference_latents") or [])
+    encoded = extra.get(TEXT_KEY)
+    if encoded is not None and not isinstance(encoded, EncodedText):
+        raise NodeInputError(f"{node}, input '{input_name}': {TEXT_KEY} is a {type(encoded).__name__}; only "
+                             f"FluxCore's Step1X-Edit and Nexus-Gen encode nodes make this entry.")
+    embeds = encoded.conditioning if encoded is not None else PromptEmbeds(tokens, pooled)
+    return embeds, guidance, list(extra.get("reference_latents") or []), encoded
 
 
 # The percent widgets of every Apply node that acts on a range of steps (flux_core.adapters.StepRange).

@@ -28,13 +28,16 @@ from flux_core.inputs import SEED_MAX
 from flux_core.lora import clear_lora, disable_lora_merger, enable_lora_merger, load_lora
 from flux_core.model_state import state_of
 from flux_core.models.vae import AutoEncoderParams
-from flux_core.sampling import denoise as run_denoise, guided_velocity, make_noise, reference_extras, tea_cache_extras
+from flux_core.sampling import (denoise as run_denoise, guided_velocity, make_noise, reference_extras, tea_cache_extras,
+                                with_references)
+from flux_core.dit_inputs import DiTCall
+from flux_core.models.dit import DiTExtras
 from flux_core.scheduler import add_noise, flux_sigmas, next_sigmas
 from flux_core.tiled_dit import DiTTiling
 from flux_core.vram import GiB, stored_compute_dtype
 
 from . import comfy_bridge as bridge
-from .conditioning import read_conditioning, warn_unused_entries
+from .conditioning import EncodedText, read_conditioning, warn_unused_entries
 from .controlnet_nodes import controlnet_adapters, controlnet_payloads, place_beside_dit
 from .eligen_nodes import (check_entities, eligen_adapters, eligen_held_bytes, eligen_inpaint_region,
                            entities_by_branch, entity_tokens)
@@ -141,12 +144,22 @@ def latent_mask(noise_mask: torch.Tensor, batch: int, h: int, w: int) -> torch.T
     return m
 
 
+def encoded_reference_extras(extras: DiTExtras | None, encoded: EncodedText | None, batch: int) -> DiTExtras | None:
+    """The reference latents of a conditioning encoder (Step1X-Edit's image to edit, at index 0) after the Kontext
+    references."""
+    if encoded is None or not encoded.reference_latents:
+        return extras
+    return with_references(extras, list(encoded.reference_latents), batch, index=0)
+
+
 def check_conditioning(node: str, dit, batch: int, **sides) -> None:
-    """Conditioning that cannot drive this DiT (another model's, or a batch that does not fit) is refused by name."""
+    """Conditioning that cannot drive this DiT (another model's, or a batch that does not fit) is refused by name.
+    Conditioning made per DiT call (Step1X-Edit's) is checked at its first call."""
     params = dit.params
     for name, embeds in sides.items():
         if embeds is None:
             continue
+        embeds = embeds.at(DiTCall())
         tokens, pooled = embeds.prompt_emb, embeds.pooled
         if tokens.shape[-1] != params.context_in_dim or pooled.shape[-1] != params.vec_in_dim:
             raise NodeInputError(
@@ -210,8 +223,10 @@ class FluxCoreSampler:
         if h % 2 or w % 2:
             raise NodeInputError(f"{node}, input 'latent_image': image size {w * 8}x{h * 8} is not a multiple of 16 "
                                  f"(FLUX packs 2x2 latent patches); use {w // 2 * 16}x{h // 2 * 16}.")
-        positive_embeds, cond_guidance, references = read_conditioning(node, "positive", positive)
-        negative_embeds = read_conditioning(node, "negative", negative)[0] if cfg != 1.0 else None
+        positive_embeds, cond_guidance, references, encoded = read_conditioning(node, "positive", positive)
+        negative_read = read_conditioning(node, "negative", negative) if cfg != 1.0 else None
+        negative_embeds = negative_read[0] if negative_read is not None else None
+        encoded_sides = [e for e in (encoded, negative_read and negative_read[3]) if e is not None]
         sides = {"positive": positive, **({"negative": negative} if cfg != 1.0 else {})}
         warn_unused_entries(node, sides)
         tiling = dit_tiling(node, model, tiled_dit, tile_size, tile_stride)
@@ -223,6 +238,7 @@ class FluxCoreSampler:
         try:
             extras = (reference_extras([FLUX_LATENT.raw_to_scaled(r.float()) for r in references], b)
                       if references else None)
+            extras = encoded_reference_extras(extras, encoded, b)
         except ValueError as e:
             raise NodeInputError(f"{node}, input 'positive' (reference_latents): {e}") from None
         sigmas = flux_sigmas(steps, denoise, sigma_shift)
@@ -235,11 +251,11 @@ class FluxCoreSampler:
         check_entities(node, entities, model.model.module, h * 8, w * 8)
         region = eligen_inpaint_region(node, entities, samples) if eligen_inpaint else None
         reference_tokens = extras.ref_tokens.shape[1] if extras is not None else 0  # odd sides padded: exact
-        check_sampler_cost(node, model.model.module, b, h, w, positive_embeds.prompt_emb.shape[1], reference_tokens,
+        check_sampler_cost(node, model.model.module, b, h, w, positive_embeds.tokens, reference_tokens,
                            len(sigmas), passes=2 if negative_embeds is not None else 1, tiling=tiling,
                            controlnets=payloads, ipadapters=ip_payloads, entities=entities,
                            negative_text_tokens=(None if negative_embeds is None
-                                                 else negative_embeds.prompt_emb.shape[1]),
+                                                 else negative_embeds.tokens),
                            appended_tokens=sum(a.tokens.shape[1] for a in lora_tokens))
         vae_tiling = ({} if tiling is None else
                       dict(tiled=True, tile_size=tiling.tile_size, tile_stride=tiling.tile_stride))
@@ -286,7 +302,9 @@ class FluxCoreSampler:
         try:
             dit = prepare_dit(model)
             fusion = model.lora_fusion  # the patcher computes beside the DiT, placed as its ControlNets are
-            release_controlnets = place_beside_dit(model, controlnets + ([fusion] if fusion is not None else []))
+            step_models = [h for e in encoded_sides for h in e.step_models]  # e.g. Step1X-Edit's connector
+            release_controlnets = place_beside_dit(model, controlnets + ([fusion] if fusion is not None else [])
+                                                   + step_models)
             with torch.no_grad():
                 final = run_denoise(start, sigmas, velocity, None, after_step)
         finally:  # also after Cancel (raised from after_step), a LoRA that fails to apply, or an error: an

@@ -279,7 +279,7 @@ def test_previews_show_the_predicted_clean_latent(models, monkeypatch):
     from nodes.conditioning import read_conditioning
     noise = make_noise(1, H, W, seed=0)
     sigma0 = float(flux_sigmas(3)[0])
-    embeds, guidance, _ = read_conditioning("test", "positive", encode(models, "a cat"))
+    embeds, guidance, _, _ = read_conditioning("test", "positive", encode(models, "a cat"))
     with torch.no_grad():
         v0 = predict_velocity(models["dit"].model.module, noise, sigma0, embeds, guidance)
     # Measured 4.8e-7 (values up to 5.9); the noisy latent instead differs by sigma0 * |v0| (order 1), the x0

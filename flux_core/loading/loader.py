@@ -29,6 +29,9 @@ from .infiniteyou_kind import INFINITEYOU_KIND
 from .ipadapter_kind import IPADAPTER_KIND
 from .lora_encoder_kind import LORA_ENCODER_KIND
 from .lora_patcher_kind import LORA_PATCHER_KIND
+from .nexus_gen_kind import NEXUS_GEN_ADAPTER_KIND, NEXUS_GEN_KIND, NEXUS_GEN_MERGER_KIND
+from .qwen_vl_kind import QWEN_VL_KIND
+from .step1x_connector_kind import STEP1X_CONNECTOR_KIND
 from .kinds import ModelKind, StateDict
 from .lazy import LazyTensor
 from .text_kinds import CLIP_KIND, T5_KIND
@@ -42,8 +45,11 @@ PROGRESS_MIN_BYTES = 256 * 2**20
 
 # Every kind load_model recognises, in the order detection tries them. The ControlNet goes first: its trunk has
 # DiT key names (the DiT kind also refuses a state dict with ControlNet heads).
+# Nexus-Gen's autoregressive model is a Qwen2.5-VL with more heads: it goes before the plain Qwen2.5-VL.
 KINDS: tuple[ModelKind, ...] = (CONTROLNET_KIND, DIT_KIND, VAE_KIND, CLIP_KIND, T5_KIND, IPADAPTER_KIND,
-                                IMAGE_ENCODER_KIND, INFINITEYOU_KIND, LORA_ENCODER_KIND, LORA_PATCHER_KIND)
+                                IMAGE_ENCODER_KIND, INFINITEYOU_KIND, LORA_ENCODER_KIND, LORA_PATCHER_KIND,
+                                NEXUS_GEN_KIND, NEXUS_GEN_ADAPTER_KIND, NEXUS_GEN_MERGER_KIND, QWEN_VL_KIND,
+                                STEP1X_CONNECTOR_KIND)
 
 
 @dataclass(frozen=True)

@@ -72,8 +72,8 @@ def dit_velocity(model: nn.Module, latents: torch.Tensor, sigma: torch.Tensor, p
     """The DiT's velocity (float32, unpacked) for latents (B, 16, h, w) at noise levels `sigma` (B,), with the
     adapters' contributions (one call: a training sample is one step of one branch). `model` may be the DiT or a
     DDP wrapper of it; it computes in `dtype`."""
-    inputs = prepare_dit_inputs(latents, sigma, prompt, guidance, dtype, extras)
     call = DiTCall(sigma=float(sigma.flatten()[0]))
+    inputs = prepare_dit_inputs(latents, sigma, prompt.at(call), guidance, dtype, extras)
     return run_dit(model, apply_adapters(inputs, adapters, call))
 
 
