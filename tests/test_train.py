@@ -190,7 +190,7 @@ def test_cli_reports_a_bad_dataset_before_loading_models(tmp_path, capsys):
     (["--height", "512"], "both --height and --width"),
     (["--trainable_models", "dit"], "--trainable_models dit and --lora_base_model dit together: choose full"),
     (["--lora_base_model", "text_encoder"], "adds LoRAs to the DiT only"),
-    (["--extra_inputs", "step1x_reference_image"], "step1x_reference_image: not supported"),
+    (["--extra_inputs", "insert_anything_ref_image"], "insert_anything_ref_image: not supported"),
     (["--lora_base_model", "", "--trainable_models", "text_encoder"],
      "trains the DiT, a ControlNet, an IP-Adapter or InfiniteYou"),
     (["--lora_base_model", "", "--trainable_models", "dit,controlnet"], "train one model per run"),

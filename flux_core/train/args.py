@@ -34,10 +34,17 @@ INFINITEYOU_EXTRAS = (*IDENTITY_EXTRAS, "infinityou_guidance")
 ELIGEN_EXTRAS = ("eligen_entity_masks", "eligen_entity_prompts")
 # LoRA-Encoder: each row's LoRA file, encoded into tokens appended to the caption's.
 LORA_ENCODER_EXTRAS = ("lora_encoder_inputs",)
+# Step1X-Edit / Nexus-Gen: the image to edit, encoded with the caption by their conditioning encoders.
+ENCODER_EXTRAS = ("step1x_reference_image", "nexus_gen_reference_image")
+# FLEX.2 / FLUX.1-Fill: the images of the DiT's extra input channels, cropped like the row's image.
+# A FLEX.2 control image acts with the pipeline's (DiffSynth's) strength and stop in training, as in DiffSynth.
+FLEX_CONTROL_DEFAULTS = {"flex_control_strength": 0.5, "flex_control_stop": 0.5}
+CHANNEL_EXTRAS = ("flex_inpaint_image", "flex_inpaint_mask", "flex_control_image", "flux_fill_image", "flux_fill_mask")
 EXTRA_INPUTS = ("kontext_images", *CONTROLNET_EXTRAS, *IPADAPTER_EXTRAS, *INFINITEYOU_EXTRAS, *ELIGEN_EXTRAS,
-                *LORA_ENCODER_EXTRAS)
+                *LORA_ENCODER_EXTRAS, *ENCODER_EXTRAS, *CHANNEL_EXTRAS)
 IMAGE_EXTRA_INPUTS = ("kontext_images", "controlnet_image", "controlnet_inpaint_mask", "ipadapter_images",
-                      "infinityou_id_image", "eligen_entity_masks")   # columns of image paths
+                      "infinityou_id_image", "eligen_entity_masks", *ENCODER_EXTRAS,
+                      *CHANNEL_EXTRAS)   # columns of image paths
 # Columns that hold something else than image paths (a mode name, an embedding file, a number).
 NOT_IMAGE_COLUMNS = {"controlnet_processor_id": "a union mode name (canny, depth, ...)",
                      "infinityou_id_embedding": "a face embedding file (.safetensors or .npy), read as numbers",

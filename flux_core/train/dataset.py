@@ -24,6 +24,11 @@ EliGen columns (DiffSynth's names): `eligen_entity_prompts` a list of prompts an
 image paths, one per prompt (a .json metadata holds lists, a .csv cell JSON text); the masks are cropped and resized
 exactly like the row's `image`, and train/eligen.py checks every row's entities together (all problems at once).
 
+Step1X-Edit / Nexus-Gen columns (DiffSynth's names): `step1x_reference_image` / `nexus_gen_reference_image` hold the
+image to edit (one path, cropped to its own training size). FLEX.2 / FLUX.1-Fill columns: `flex_inpaint_image`,
+`flex_inpaint_mask`, `flex_control_image`, `flux_fill_image`, `flux_fill_mask` (one path each), cropped and resized
+exactly like the row's `image`.
+
 LoRA-Encoder column (DiffSynth's name): `lora_encoder_inputs` holds a LoRA file path (or a JSON list of them), relative
 to --dataset_base_path (or, as DiffSynth reads it, to the current folder); train/lora_encoder.py reads it (any format
 lora_tools reads).
@@ -43,15 +48,16 @@ from pathlib import Path
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
-from .args import TrainError
+from .args import CHANNEL_EXTRAS, ENCODER_EXTRAS, TrainError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
 METADATA_NAMES = ("metadata.csv", "metadata.json", "metadata.jsonl")
 PROMPT_KEY = "prompt"
 # Image columns cropped and resized like the row's `image` (not by their own size): a ControlNet's control map and
 # mask must cover the training image pixel for pixel.
-PAIRED_KEYS = ("controlnet_image", "controlnet_inpaint_mask", "eligen_entity_masks")
-SINGLE_KEYS = ("controlnet_image", "controlnet_inpaint_mask", "infinityou_id_image")   # one path, not a list
+PAIRED_KEYS = ("controlnet_image", "controlnet_inpaint_mask", "eligen_entity_masks", *CHANNEL_EXTRAS)
+SINGLE_KEYS = ("controlnet_image", "controlnet_inpaint_mask", "infinityou_id_image", *ENCODER_EXTRAS,
+               *CHANNEL_EXTRAS)   # one path, not a list
 MODE_KEY = "controlnet_processor_id"
 EMBEDDING_KEY, GUIDANCE_KEY = "infinityou_id_embedding", "infinityou_guidance"
 ENTITY_PROMPTS_KEY, ENTITY_MASKS_KEY = "eligen_entity_prompts", "eligen_entity_masks"

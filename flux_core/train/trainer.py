@@ -73,8 +73,8 @@ from ..model_config import ModelConfig, ModelFileError
 from ..sampling import PromptEmbeds
 from ..vram import ComputeDevice, VRAMManager, store_model
 from . import checkpoint as ckpt
-from .args import (FP8_COMPONENTS, TrainError, comma_list, data_file_keys, identity_input, is_controlnet_run,
-                   is_lora, model_path_entries, torch_dtype, training_mode, uses_eligen, uses_ipadapter,
+from .args import (CHANNEL_EXTRAS, ENCODER_EXTRAS, FLEX_CONTROL_DEFAULTS, FP8_COMPONENTS, TrainError, comma_list,
+                   data_file_keys, identity_input, is_controlnet_run, is_lora, model_path_entries, torch_dtype, training_mode, uses_eligen, uses_ipadapter,
                    uses_lora_encoder)
 from .control import (check_controlnet_columns, check_controlnet_count, needs_controlnet, sample_control_input,
                       validation_control_input)
@@ -444,8 +444,9 @@ class Trainer:
         self.validation_inputs = self.validation_adapter_inputs() if a.validation_prompts else {}
 
     def validation_adapter_inputs(self) -> dict:
-        """The validation images' IP-Adapter reference images, InfiniteYou identity and EliGen entities: the
-        --validation_* flags', else the first data row's (each face embedded and the entities checked now, not after
+        """The validation images' IP-Adapter reference images, InfiniteYou identity, EliGen entities, LoRA-Encoder
+        inputs, Step1X-Edit / Nexus-Gen images to edit and FLEX.2 / Fill images: the --validation_* flags', else the
+        first data row's (each face embedded and the entities checked now, not after
         the first training steps)."""
         from .infiniteyou import validation_identity
         from .ipadapter import validation_references
@@ -458,6 +459,9 @@ class Trainer:
             inputs.update(validation_entities(self.args, self.dataset, *validation_size(self.args)))
         if self.encoded:
             inputs["lora_encoder_inputs"] = validation_loras(self.args, self.dataset, self.pipe)
+        for key in (*ENCODER_EXTRAS, *CHANNEL_EXTRAS):  # the image to edit, FLEX.2 / Fill images: the first row's
+            if key in comma_list(self.args.extra_inputs):
+                inputs[key] = self.dataset.row_image(0, key)[0]
         return inputs
 
     def settings(self) -> dict:
@@ -610,10 +614,19 @@ class Trainer:
         pipe = self.pipe
         with torch.no_grad():
             x0 = pipe.encode_image(pil_to_tensor(sample["image"], "image"))
-            emb = pipe.encode_prompt(sample["prompt"], self.args.t5_sequence_length)
-            prompt = PromptEmbeds(emb.prompt_emb.to(self.dtype), emb.pooled.to(self.dtype))
+            height, width = x0.shape[-2] * 8, x0.shape[-1] * 8
+            # The caption through the request's conditioning encoder: CLIP-L + T5, or Step1X-Edit's / Nexus-Gen's with
+            # the row's image to edit.
+            encoder = pipe.conditioning_encoder(self.args.t5_sequence_length, sample.get("step1x_reference_image"),
+                                                sample.get("nexus_gen_reference_image"), height, width)
+            prompt = pipe.encode_with(encoder, [sample["prompt"]], "positive")
             extras = pipe.kontext_extras(sample["kontext_images"], 1) if "kontext_images" in sample else None
+            if "step1x_reference_image" in sample:
+                extras = pipe.step1x_extras(sample["step1x_reference_image"], 1, extras)
             adapters = self.control_adapters(sample, x0) if self.control else []
+            # FLEX.2 / Fill: the DiT's extra input channels (none for a 64-channel DiT)
+            adapters += pipe.channel_adapters(height, width, 1, self.schedule.sigmas, {},
+                                              **{k: sample.get(k) for k in CHANNEL_EXTRAS}, **FLEX_CONTROL_DEFAULTS)
             features = reference_features(pipe, sample["ipadapter_images"]) if self.reference else None
             # EliGen last, as in the pipeline: the ControlNets see the plain prompt
             entities = ([sample_entities(pipe, sample, self.args.t5_sequence_length, self.dtype, x0.shape[-2] * 8,
