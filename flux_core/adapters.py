@@ -7,11 +7,14 @@ each adapter sees the prepared inputs (`DiTInputs`) and the call (`DiTCall`: ste
 
 | slot                              | merged how                      | used by                               |
 | --------------------------------- | ------------------------------- | ------------------------------------- |
-| txt / txt_ids / y (replaced)      | the later adapter sees the new  | Step1X-Edit, Nexus-Gen, LoRA-Encoder  |
+| txt / txt_ids / y (replaced)      | the later adapter sees the new  | LoRA-Encoder (appends to txt)         |
 | extra_channels                    | concatenated                    | FLEX.2, Fill                          |
 | double_residuals/single_residuals | summed per block                | ControlNets, InfiniteYou              |
 | attention_hooks                   | all run, outputs summed         | IP-Adapter                            |
 | attention_mask                    | at most one (two is an error)   | EliGen                                |
+
+The prompt's own conditioning comes before any adapter, from a conditioning encoder (flux_core.text_conditioning:
+CLIP-L + T5, Step1X-Edit, Nexus-Gen).
 
 Every contribution names its source; the names become `DiTExtras.contributors`, which TeaCache compares before
 reusing a residual (flux_core.teacache).
