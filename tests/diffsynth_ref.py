@@ -223,3 +223,13 @@ def lora_model_key_names() -> tuple[dict, dict]:
         encoder_sd = {k: tuple(v.shape) for k, v in enc.FluxLoRAEncoder().state_dict().items()}
         patcher_sd = {k: tuple(v.shape) for k, v in patcher.FluxLoraPatcher().state_dict().items()}
     return encoder_sd, patcher_sd
+
+
+def tiny_diffsynth_channel_dit(input_dim: int, **sizes) -> torch.nn.Module:
+    """DiffSynth's tiny FluxDiT (tiny_diffsynth_dit) with more input channels: FLEX.2's 196 (its real FluxDiT takes
+    `input_dim=196, num_blocks=8`) or FLUX.1-Fill's 384. Its units read `dit.input_dim`; `x_embedder` takes the
+    latent with the extra channels concatenated before patchify."""
+    dit = tiny_diffsynth_dit(**sizes)
+    dit.x_embedder = torch.nn.Linear(input_dim, dit.x_embedder.out_features)
+    dit.input_dim = input_dim
+    return dit.eval()
