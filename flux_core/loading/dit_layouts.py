@@ -7,6 +7,10 @@ Layouts:
 - "diffsynth": DiffSynth-Studio's internal names (`blocks.N.attn.a_to_qkv`, `single_blocks.N.to_qkv_mlp`, ...);
 - "nexus-gen": Nexus-Gen checkpoints: DiffSynth names under `pipe.dit.`, the final AdaLN in (scale, shift) order
   (DiffSynth 2.x's converter swaps those halves when it loads a `pipe.dit.` file).
+
+Step1X-Edit's `step1x-edit-i1258.safetensors` is a "bfl" DiT (no guidance embedder) with its connector beside it under
+`connector.` (DiffSynth-Studio loads that file twice: its BFL DiT converter drops every key it does not rename, and
+its connector converter keeps only `connector.*`); the DiT takes the file without those keys.
 """
 from __future__ import annotations
 
@@ -32,9 +36,13 @@ def detect_dit_layout(sd: Mapping[str, LazyTensor]) -> str | None:
     return None
 
 
+# Other models published in one file with a BFL-layout DiT, by key prefix (Step1X-Edit's connector).
+BESIDE_DIT_PREFIXES = ("connector.",)
+
+
 def dit_to_bfl(sd: Mapping[str, LazyTensor], layout: str) -> dict[str, LazyTensor]:
     if layout == "bfl":
-        return dict(sd)
+        return {k: v for k, v in sd.items() if not k.startswith(BESIDE_DIT_PREFIXES)}
     if layout == "diffusers":
         return _diffusers_to_bfl(sd)
     if layout == "diffsynth":

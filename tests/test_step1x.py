@@ -1,0 +1,352 @@
+"""Step1X-Edit: the connector and the embedding against DiffSynth-Studio 2.1.12's own code, loading by key signature,
+and a whole pipeline run against DiffSynth's model_fn loop.
+
+The real Qwen2.5-VL processor files are not available offline: the processor here is tests/tiny_qwen_vl.py's, built
+in the test (a byte-level tokenizer keeping the real ids of the special tokens and of “ ”). DiffSynth's
+Step1xEditEmbedder runs on it with two adaptations, both outside the math: its model is handed over in the shape it
+reads (`.model` = transformers' Qwen2_5_VLModel, `.config.hidden_size`), and its text-only processor calls go to the
+tokenizer (transformers 5 refuses a text-only processor call holding an image token; the transformers 4 processor
+DiffSynth was written for tokenized such text with its tokenizer).
+"""
+from __future__ import annotations
+
+import types
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from flux_core.loading.loader import load_model
+from flux_core.model_config import ModelConfig
+from flux_core.models.step1x_connector import ConnectorParams, Step1XConnector
+from flux_core.pipeline import FluxImagePipeline
+from flux_core.step1x import MAX_LENGTH, PREFIX_TOKENS, STEP1X_INSTRUCTION, quoted_pieces, step1x_embedding, \
+    step1x_encoder
+from flux_core.dit_inputs import DiTCall
+from tests.diffsynth_ref import diffsynth_flux, tiny_diffsynth_dit
+from tests.tiny_dit import bfl_state_dict, make_diffusers_dit
+from tests.tiny_qwen_vl import make_processor, make_qwen_vl, sample_image, write_qwen_vl_folder
+from tests.tiny_vae import make_diffusers_vae, reference_encode_image, write_bfl_file, TINY_NORM_GROUPS
+
+# A DiT with FLUX's head size (its RoPE axes then need no config), no guidance embedder, CLIP's pooled width 768
+# (the connector's pooled output) and a 32-wide text input (the tiny connector's).
+STEP1X_DIT = dict(guidance_embeds=False, pooled_projection_dim=768, attention_head_dim=128, num_attention_heads=1,
+                  axes_dims_rope=(16, 56, 56))
+PROMPTS = ['make the sign say "OPEN 24/7" in red', "it's a cat, not a dog"]
+
+
+def diffsynth_step1x():
+    """(DiffSynth's Qwen2Connector class, its Step1xEditEmbedder class, its connector converter)."""
+    diffsynth_flux()
+    from diffsynth.models.step1x_connector import Qwen2Connector
+    from diffsynth.models.step1x_text_encoder import Step1xEditEmbedder
+    from diffsynth.utils.state_dict_converters.step1x_connector import Qwen2ConnectorStateDictConverter
+    return Qwen2Connector, Step1xEditEmbedder, Qwen2ConnectorStateDictConverter
+
+
+def tiny_reference_connector(in_channels=16, hidden=32, heads=4, seed=0) -> torch.nn.Module:
+    """DiffSynth's own Qwen2Connector (it takes its sizes; pooled width is its fixed 768), random float32 weights."""
+    connector_cls, _, _ = diffsynth_step1x()
+    torch.manual_seed(seed)
+    ref = connector_cls(in_channels=in_channels, hidden_size=hidden, heads_num=heads, depth=2,
+                        dtype=torch.float32).eval()
+    with torch.no_grad():
+        for p in ref.parameters():  # zero-initialised gates would hide the blocks
+            p.normal_(0.0, 0.2)
+    return ref
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max().detach() / b.abs().max().detach())
+
+
+class _Recorder(torch.nn.Module):
+    """Stands for DiffSynth's QwenImageTextEncoder: `.model` runs transformers' model and records the input ids and
+    the float32 last hidden state DiffSynth slices."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.inner = model
+        self.config = types.SimpleNamespace(hidden_size=model.config.text_config.hidden_size,
+                                            output_attentions=False, output_hidden_states=False)
+        self.calls = []
+        outer = self
+
+        class Model(torch.nn.Module):
+            def forward(self, input_ids=None, **kwargs):
+                out = outer.inner(input_ids=input_ids, attention_mask=kwargs["attention_mask"],
+                                  pixel_values=kwargs["pixel_values"], image_grid_thw=kwargs["image_grid_thw"],
+                                  output_hidden_states=True)
+                outer.calls.append((input_ids.clone(), kwargs["attention_mask"].clone(), out.hidden_states[-1]))
+                return out
+        self.model = Model()
+
+
+class _TextOnlyToTokenizer:
+    """The processor, its text-only calls going to its tokenizer (module docstring)."""
+
+    def __init__(self, processor):
+        self.processor = processor
+
+    def apply_chat_template(self, *args, **kwargs):
+        return self.processor.apply_chat_template(*args, **kwargs)
+
+    def __call__(self, text=None, images=None, videos=None, **kwargs):
+        if images is None:
+            return self.processor.tokenizer(text, **kwargs)
+        return self.processor(text=text, images=images, **kwargs)
+
+
+def diffsynth_embedding(model, processor, prompts, image, max_length=MAX_LENGTH):
+    """DiffSynth's Step1xEditEmbedder on the tiny model: (its bf16 states, its mask, the recorder)."""
+    _, embedder_cls, _ = diffsynth_step1x()
+    recorder = _Recorder(model)
+    embedder = embedder_cls(recorder, _TextOnlyToTokenizer(processor), max_length=max_length)
+    with torch.no_grad():
+        states, mask = embedder(list(prompts), [image] * len(prompts))
+    return states, mask, recorder
+
+
+# ------------------------------------------------------------------------------------------------ connector
+
+def test_connector_matches_diffsynth_and_loads_its_names_strictly():
+    ref = tiny_reference_connector()
+    sd = ref.state_dict()
+    shapes = {k: tuple(v.shape) for k, v in sd.items()}
+    ours = Step1XConnector(ConnectorParams.from_state_dict_shapes(shapes, {"heads_num": 4})).eval()
+    ours.load_state_dict(sd, strict=True)
+    x = torch.randn(2, 12, 16, generator=torch.Generator().manual_seed(1))
+    mask = torch.zeros(2, 12, dtype=torch.long)
+    mask[0, :7], mask[1, :3] = 1, 1
+    for sigma in (1.0, 0.55, 0.02):
+        with torch.no_grad():
+            want_tokens, want_pooled = ref(x, torch.full((2,), sigma), mask)
+            tokens, pooled = ours(x, sigma, mask)
+        # measured 0 (same float32 ops); a wrong head split or mask changes them by > 1e-2
+        assert rel(tokens, want_tokens) <= 1e-4 and rel(pooled, want_pooled) <= 1e-4
+
+
+def test_connector_key_names_are_diffsynths_full_size_ones():
+    connector_cls, _, _ = diffsynth_step1x()
+    with torch.device("meta"):
+        full = connector_cls().state_dict()
+        ours = Step1XConnector(ConnectorParams()).state_dict()
+    assert {k: tuple(v.shape) for k, v in ours.items()} == {k: tuple(v.shape) for k, v in full.items()}
+
+
+def test_connector_heads_default_to_diffsynths_32_and_a_bad_count_is_named():
+    shapes = {k: tuple(v.shape) for k, v in tiny_reference_connector(hidden=64).state_dict().items()}
+    assert ConnectorParams.from_state_dict_shapes(shapes).heads == 32
+    with pytest.raises(ValueError, match="heads_num"):
+        ConnectorParams.from_state_dict_shapes(shapes, {"heads_num": 5})
+
+
+# ------------------------------------------------------------------------------------------------ embedding
+
+def test_quoted_pieces_split_quoted_characters_after_the_instruction():
+    head = "x" * 160
+    assert quoted_pieces(head + 'say "ab" now') == [head + 'say "', "“a”", "“b”", '" now']
+    assert quoted_pieces(head + "it’s") == [head + "it’s"]          # ’ is not a quote
+    assert quoted_pieces(head + "it's") == [head + 'it"', "“s”"]    # an apostrophe is one (as DiffSynth)
+    assert quoted_pieces('"early" ' + head) == ['"early" ' + head]  # quotes of the instruction are plain
+
+
+def test_embedding_matches_diffsynths_embedder():
+    """Ids, states and mask as DiffSynth's Step1xEditEmbedder; with a max_length past the sequence, the padding."""
+    model, processor, image = make_qwen_vl(), make_processor(), sample_image()
+    for max_length in (MAX_LENGTH, 4096):
+        want, want_mask, recorder = diffsynth_embedding(model, processor, PROMPTS, image, max_length)
+        states, mask = step1x_embedding(model, processor, PROMPTS, image, max_length=max_length)
+        assert torch.equal(mask, want_mask)
+        # DiffSynth stores bfloat16: ours rounded the same way is equal (measured 0 difference)
+        assert torch.equal(states.to(torch.bfloat16), want)
+        for i, (_, _, hidden) in enumerate(recorder.calls):
+            n = int(mask[i].sum())
+            assert n == min(max_length, hidden.shape[1] - PREFIX_TOKENS)
+            # float32: DiffSynth's own hidden states sliced at 217 (measured 0; one token off is > 0.1)
+            assert rel(states[i, :n], hidden[0, PREFIX_TOKENS:PREFIX_TOKENS + n]) <= 1e-4
+            assert not states[i, n:].any()
+
+
+def test_embedding_input_ids_are_diffsynths():
+    """The ids the model reads: DiffSynth's (recorded); curly quotes in the prompt are read as straight ones (the
+    processor's own ids keep them as “ ” tokens, ids 2073 / 854)."""
+    model, processor, image = make_qwen_vl(), make_processor(), sample_image()
+    prompt = "write “HI” on it"
+    _, _, recorder = diffsynth_embedding(model, processor, [prompt], image)
+    seen = []
+    original = model.forward
+
+    def spy(input_ids=None, **kwargs):
+        seen.append(input_ids.clone())
+        return original(input_ids=input_ids, **kwargs)
+    model.forward = spy
+    try:
+        step1x_embedding(model, processor, [prompt], image)
+    finally:
+        del model.forward
+    assert torch.equal(seen[0], recorder.calls[0][0])
+    assert 2073 not in seen[0].tolist() and 854 not in seen[0].tolist()
+    straight = processor.tokenizer('"', add_special_tokens=False).input_ids[0]
+    assert seen[0].tolist()[0].count(straight) >= 2
+
+
+def test_prefix_constant_is_the_instruction_length_in_qwen_tokens():
+    """217: the system turn and the instruction up to "User Prompt" in Qwen2.5's tokenizer (measured with the real
+    vocabulary, which is not available here); the constant is what DiffSynth-Studio drops."""
+    assert PREFIX_TOKENS == 217 and STEP1X_INSTRUCTION.endswith("User Prompt:")
+
+
+# ------------------------------------------------------------------------------------------------ encoder
+
+def test_encoder_runs_the_connector_at_each_sigma_with_zero_text_ids():
+    model, processor, image = make_qwen_vl(), make_processor(), sample_image()
+    ref = tiny_reference_connector()
+    ours = Step1XConnector(ConnectorParams.from_state_dict_shapes(
+        {k: tuple(v.shape) for k, v in ref.state_dict().items()}, {"heads_num": 4})).eval()
+    ours.load_state_dict(ref.state_dict())
+    encoder = step1x_encoder(model, processor, ours, image, "cpu")
+    assert encoder.slots == ("qwenvl",) and encoder.step_slots == ("step1x_connector",)
+    positive = encoder.encode(PROMPTS[:1], "positive")
+    states, mask = step1x_embedding(model, processor, PROMPTS[:1], image)
+    for sigma in (0.9, 0.3):
+        embeds = positive.at(DiTCall(sigma=sigma))
+        with torch.no_grad():
+            want_tokens, want_pooled = ref(states, torch.tensor([sigma]), mask)
+        assert rel(embeds.prompt_emb, want_tokens) <= 1e-4 and rel(embeds.pooled, want_pooled) <= 1e-4
+        assert embeds.text_ids is None  # all-zero text ids (flux_core.dit_inputs)
+        assert positive.at(DiTCall(sigma=sigma)) is embeds   # the same call again: cached
+    assert positive.tokens == MAX_LENGTH
+    # a prompt's embedding does not depend on the batch it is encoded with (DiffSynth encodes one by one)
+    both = encoder.encode(PROMPTS, "positive")
+    assert torch.equal(both.states[:1], positive.states)
+
+
+# ------------------------------------------------------------------------------------------------ loading
+
+def step1x_file(path, dit, connector) -> None:
+    """step1x-edit-i1258.safetensors as published: a BFL DiT without guidance embedder, the connector under
+    `connector.`."""
+    sd = {k: v.contiguous() for k, v in bfl_state_dict(dit).items()}
+    sd.update({"connector." + k: v.detach().clone().contiguous() for k, v in connector.state_dict().items()})
+    save_file(sd, str(path))
+
+
+def test_step1x_file_gives_the_dit_and_the_connector(tmp_path):
+    _, _, convert = diffsynth_step1x()
+    dit, ref = make_diffusers_dit(seed=1, **STEP1X_DIT), tiny_reference_connector()
+    step1x_file(tmp_path / "step1x-edit-i1258.safetensors", dit, ref)
+    connector = load_model(tmp_path / "step1x-edit-i1258.safetensors", kind="step1x_connector",
+                           torch_dtype=torch.float32, config={"heads_num": 4})
+    from safetensors.torch import load_file
+    want = convert(load_file(str(tmp_path / "step1x-edit-i1258.safetensors")))   # DiffSynth's converter
+    assert set(connector.state_dict()) == set(want)
+    assert all(torch.equal(connector.state_dict()[k], want[k]) for k in want)
+    loaded = load_model(tmp_path / "step1x-edit-i1258.safetensors", kind="dit", torch_dtype=torch.float32)
+    assert not loaded.params.guidance_embed
+
+
+def test_sharded_qwen_vl_folder_loads_transformers_model(tmp_path):
+    lm = make_qwen_vl(seed=3, conditional_generation=True)
+    folder = write_qwen_vl_folder(lm, tmp_path / "Qwen2.5-VL-tiny", shards=3)
+    ours = load_model(str(folder), torch_dtype=torch.float32)
+    from transformers import Qwen2_5_VLModel
+    assert type(ours) is Qwen2_5_VLModel
+    want = lm.model.state_dict()
+    assert set(ours.state_dict()) == set(want)
+    assert all(torch.equal(ours.state_dict()[k], want[k]) for k in want)
+    # the rotary frequencies (not in the files) are transformers' own
+    assert torch.equal(ours.language_model.rotary_emb.inv_freq, lm.model.language_model.rotary_emb.inv_freq)
+
+
+def test_qwen_vl_without_config_is_refused_with_what_to_add(tmp_path):
+    folder = write_qwen_vl_folder(make_qwen_vl(), tmp_path / "q", with_config=False, with_processor=False)
+    from flux_core.loading.files import CheckpointError
+    with pytest.raises(CheckpointError, match="config.json"):
+        load_model(str(folder), torch_dtype=torch.float32)
+
+
+def test_nexus_gen_ar_model_is_not_a_plain_qwen_vl():
+    from flux_core.loading.qwen_vl_kind import select_qwen_vl
+    from flux_core.loading.lazy import LazyTensor
+    keys = ["model.embed_tokens.weight", "visual.patch_embed.proj.weight", "model.norm.weight"]
+    sd = {k: LazyTensor((2, 2), torch.float32, lambda: torch.zeros(2, 2), k) for k in keys}
+    assert select_qwen_vl(sd) is not None
+    for extra in ("image_prefill_embeds.weight", "vision_head.weight"):
+        assert select_qwen_vl({**sd, extra: sd[keys[0]]}) is None
+
+
+# ------------------------------------------------------------------------------------------------ pipeline
+
+def step1x_models(tmp_path):
+    """Tiny Step1X-Edit files: the DiT+connector file, a Qwen2.5-VL folder, a VAE; and the reference modules."""
+    dit = make_diffusers_dit(seed=1, **STEP1X_DIT)
+    connector = tiny_reference_connector(in_channels=16, hidden=32, heads=32)
+    lm = make_qwen_vl(seed=2, conditional_generation=True)
+    vae = make_diffusers_vae(seed=4)
+    step1x_file(tmp_path / "step1x-edit-i1258.safetensors", dit, connector)
+    write_qwen_vl_folder(lm, tmp_path / "Qwen2.5-VL-7B-Instruct")
+    write_bfl_file(vae, tmp_path / "vae.safetensors")
+    configs = [ModelConfig(path=str(tmp_path / "step1x-edit-i1258.safetensors")),
+               ModelConfig(path=str(tmp_path / "Qwen2.5-VL-7B-Instruct")),
+               ModelConfig(path=str(tmp_path / "vae.safetensors"))]
+    return configs, dict(dit=dit, connector=connector, qwen=lm.model, vae=vae)
+
+
+def load_step1x_pipeline(configs, tmp_path):
+    from flux_core.loading.loader import load_model as load
+    pipe = FluxImagePipeline(device="cpu", torch_dtype=torch.float32)
+    pipe.dit = load(configs[0].path, kind="dit", torch_dtype=torch.float32)
+    pipe.step1x_connector = load(configs[0].path, kind="step1x_connector", torch_dtype=torch.float32)
+    pipe.qwenvl = load(configs[1].path, torch_dtype=torch.float32)
+    pipe.vae = load(configs[2].path, kind="vae", torch_dtype=torch.float32, config={"norm_groups": TINY_NORM_GROUPS})
+    pipe.qwenvl_processor = make_processor()
+    return pipe
+
+
+def diffsynth_run(models, image, prompt, negative, sigmas, noise, cfg_scale):
+    """DiffSynth's Step1X unit and model_fn loop: the embedder's states (its float32 hidden states, sliced as it
+    slices them), its connector and DiT in model_fn_flux_image, true CFG, Euler steps."""
+    model_fn, convert, _ = diffsynth_flux()
+    dit = tiny_diffsynth_dit(dim=128, heads=1, axes=(16, 56, 56), guidance=False, pooled_dim=768)
+    dit.load_state_dict(convert(bfl_state_dict(models["dit"])), strict=True)
+    processor = make_processor()
+    _, mask, recorder = diffsynth_embedding(models["qwen"], processor, [prompt, negative], image)
+    states = torch.zeros(2, MAX_LENGTH, 16)
+    for i, (_, _, hidden) in enumerate(recorder.calls):
+        n = int(mask[i].sum())
+        states[i, :n] = hidden[0, PREFIX_TOKENS:PREFIX_TOKENS + n]
+    reference_latents = reference_encode_image(models["vae"], image)
+    x = noise.clone()
+    with torch.no_grad():
+        for i, sigma in enumerate(sigmas):
+            t = torch.tensor([sigma * 1000.0])
+            common = dict(dit=dit, step1x_connector=models["connector"], latents=x, timestep=t,
+                          step1x_reference_latents=reference_latents)
+            posi = model_fn(**common, step1x_llm_embedding=states[:1], step1x_mask=mask[:1])
+            nega = model_fn(**common, step1x_llm_embedding=states[1:], step1x_mask=mask[1:])
+            v = nega + cfg_scale * (posi - nega)
+            x = x + ((sigmas[i + 1] if i + 1 < len(sigmas) else 0.0) - sigma) * v
+    return x
+
+
+@pytest.mark.slow
+def test_pipeline_matches_diffsynths_step1x_loop(tmp_path):
+    configs, models = step1x_models(tmp_path)
+    pipe = load_step1x_pipeline(configs, tmp_path)
+    image = sample_image(64, 48)   # the size of the output: DiffSynth keeps the first half of the tokens
+    sigmas = [1.0, 0.6, 0.3]
+    noise = torch.randn(1, 16, 6, 8, generator=torch.Generator().manual_seed(5))
+    ours = pipe(prompt=PROMPTS[0], negative_prompt="blurry", cfg_scale=6.0, step1x_reference_image=image,
+                height=48, width=64, latents=noise, sigmas=sigmas, output_type="latent", progress_bar_cmd=None)
+    want = diffsynth_run(models, image, PROMPTS[0], "blurry", sigmas, noise, 6.0)
+    # measured ~1e-6 (float32 op order); the reference tokens at index 1 instead of 0 change it by > 1e-2
+    assert rel(ours, want) <= 1e-4
+
+
+def test_step1x_request_without_its_vl_model_names_the_slots(tmp_path):
+    configs, _ = step1x_models(tmp_path)
+    pipe = load_step1x_pipeline(configs, tmp_path)
+    pipe.qwenvl = pipe.qwenvl_processor = pipe.step1x_connector = None
+    with pytest.raises(RuntimeError, match="qwenvl, qwenvl_processor, step1x_connector"):
+        pipe(prompt="x", step1x_reference_image=sample_image(), height=48, width=64, output_type="latent")
