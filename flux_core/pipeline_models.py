@@ -30,8 +30,10 @@ MODEL_SLOTS = {"dit": "dit", "vae": "vae", "clip": "text_encoder_1", "t5": "text
                "infiniteyou": "image_proj_model", "lora_encoder": "lora_encoder", "lora_patcher": "lora_patcher",
                "qwen_vl": "qwenvl", "step1x_connector": "step1x_connector", "nexus_gen": "nexus_gen",
                "nexus_gen_adapter": "nexus_gen_generation_adapter", "nexus_gen_merger": "nexus_gen_editing_adapter"}
-# The slots every generation needs filled.
+# The slots every generation needs filled: the DiT, the VAE and one conditioning encoder's models (CLIP-L + T5, or
+# Step1X-Edit's Qwen2.5-VL + connector when either of those is loaded: such a pipeline needs no CLIP-L / T5).
 GENERATION_SLOTS = ("dit", "vae", "text_encoder_1", "text_encoder_2")
+STEP1X_SLOTS = ("qwenvl", "step1x_connector")
 # Kinds of which a pipeline holds a list rather than one model.
 LISTED_KINDS = frozenset({"controlnet"})
 # Tokenizer folder -> (what it is, the from_pretrained parameter that names it).
@@ -167,7 +169,11 @@ def plan_models(model_configs: Sequence[ModelConfig], tokenizer_configs: dict[st
 
 
 def empty_slots(loaded: dict[str, LoadedModel]) -> list[str]:
-    return [slot for slot in GENERATION_SLOTS if slot not in loaded]
+    """The generation slots (GENERATION_SLOTS, or Step1X-Edit's instead of CLIP-L + T5) that nothing filled."""
+    slots = GENERATION_SLOTS
+    if any(slot in loaded for slot in STEP1X_SLOTS):
+        slots = ("dit", "vae") + STEP1X_SLOTS
+    return [slot for slot in slots if slot not in loaded]
 
 
 def detect_components(paths: str | list[str]) -> list[tuple[str | list[str], str, str, str]]:
@@ -247,6 +253,98 @@ def tokenizer_folders(configs: dict[str, ModelConfig | None], roots: list[Path],
     if missing:
         raise TokenizerNotFoundError("\n".join(messages), missing)
     return found
+
+
+# ------------------------------------------------------------------------------ vision-language processors
+
+@dataclass(frozen=True)
+class ProcessorSpec:
+    """A processor (tokenizer + image processor) a vision-language model reads its input with, and where to find it:
+    the from_pretrained parameter naming it, `subfolder` beside the model's files ("" for the model's own folder),
+    DiffSynth-Studio's default model id (only `download_patterns` are fetched from it) and the image processor's
+    arguments."""
+    title: str
+    parameter: str
+    model_id: str
+    subfolder: str
+    download_patterns: tuple[str, ...]
+    image_kwargs: tuple[tuple[str, int], ...] = ()
+
+
+# Step1X-Edit: Qwen2.5-VL-7B-Instruct's own processor files; DiffSynth-Studio's pixel bounds (256..324 image tokens).
+STEP1X_PROCESSOR = ProcessorSpec(
+    "Qwen2.5-VL processor (Step1X-Edit)", "step1x_processor_config", "Qwen/Qwen2.5-VL-7B-Instruct", "",
+    ("preprocessor_config.json", "tokenizer_config.json", "tokenizer.json", "vocab.json", "merges.txt",
+     "chat_template.json"),
+    (("min_pixels", 256 * 28 * 28), ("max_pixels", 324 * 28 * 28)))
+# Nexus-Gen: the processor/ folder of DiffSynth-Studio/Nexus-GenV2.
+NEXUS_GEN_PROCESSOR = ProcessorSpec("Nexus-Gen processor", "nexus_gen_processor_config",
+                                    "DiffSynth-Studio/Nexus-GenV2", "processor/", ("processor/",))
+
+
+class ProcessorNotFoundError(ModelFileError):
+    """No folder holds a processor's files. `searched` lists every folder looked at."""
+
+    def __init__(self, message: str, searched: list[str]):
+        super().__init__(message)
+        self.searched = searched
+
+
+def missing_processor_files(folder: str | Path) -> list[str]:
+    """The processor files a folder lacks: preprocessor_config.json, tokenizer_config.json and the tokenizer
+    (tokenizer.json, or vocab.json + merges.txt)."""
+    folder = Path(folder)
+    missing = [f for f in ("preprocessor_config.json", "tokenizer_config.json") if not (folder / f).is_file()]
+    if not (folder / "tokenizer.json").is_file() and not all((folder / f).is_file() for f in ("vocab.json", "merges.txt")):
+        missing.append("tokenizer.json (or vocab.json + merges.txt)")
+    return missing
+
+
+def processor_folder(spec: ProcessorSpec, config: ModelConfig | None, model_paths: str | list[str] | None,
+                     local_model_path: str, allow_download: bool = True) -> str:
+    """The folder of a processor: the config's (it must hold the files), else `<root>/<spec.subfolder>` for the first
+    of the model's search roots (its folder, parent, grandparent) that holds them, else the spec's default model's
+    files under `local_model_path` (downloaded unless skip_download or `allow_download=False`). Raises
+    ProcessorNotFoundError naming every folder searched, what each lacks and the parameter that fixes it."""
+    searched: list[str] = []
+    if config is not None:
+        candidates = [_folder_of(config.resolve())]
+    else:
+        roots = _unique(search_roots(model_paths)) if model_paths else []
+        candidates = [str(root / spec.subfolder) if spec.subfolder else str(root) for root in roots]
+    for folder in candidates:
+        missing = missing_processor_files(folder)
+        if not missing:
+            return folder
+        searched.append(f"{folder} (no {', '.join(missing)})")
+    if config is None:
+        fallback = ModelConfig(model_id=spec.model_id, origin_file_pattern=list(spec.download_patterns),
+                               local_model_path=local_model_path)
+        if not allow_download:
+            fallback.skip_download = True
+        folder = str(Path(local_model_path, spec.model_id, spec.subfolder).resolve())
+        try:
+            resolved = fallback.resolve()
+            folder = _folder_of(resolved) if not spec.subfolder else folder
+            missing = missing_processor_files(folder)
+            if not missing:
+                return folder
+            why = f"no {', '.join(missing)}"
+        except ModelFileError as e:
+            why = "skip_download is set, so it was not downloaded" if fallback.skip_download else f"fetching failed: {e}"
+        searched.append(f"{folder} ({spec.model_id}'s {spec.subfolder or 'files'} through ModelScope: {why})")
+    raise ProcessorNotFoundError(
+        f"the {spec.title} was not found. Searched: {'; '.join(searched)}. Fix: pass {spec.parameter}="
+        f"ModelConfig(path='...') naming a folder with preprocessor_config.json, tokenizer_config.json and "
+        f"tokenizer.json (or vocab.json + merges.txt), or put those files "
+        f"{'in ' + spec.subfolder + ' ' if spec.subfolder else ''}beside the model files.", searched)
+
+
+def load_processor(spec: ProcessorSpec, config: ModelConfig | None, model_paths: str | list[str] | None,
+                   local_model_path: str):
+    """transformers' processor from `processor_folder` (flux_core.vl_processor), with the spec's image arguments."""
+    from .vl_processor import load_vl_processor
+    return load_vl_processor(processor_folder(spec, config, model_paths, local_model_path), **dict(spec.image_kwargs))
 
 
 def _folder_of(resolved: str | list[str]) -> str:

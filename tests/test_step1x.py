@@ -350,3 +350,47 @@ def test_step1x_request_without_its_vl_model_names_the_slots(tmp_path):
     pipe.qwenvl = pipe.qwenvl_processor = pipe.step1x_connector = None
     with pytest.raises(RuntimeError, match="qwenvl, qwenvl_processor, step1x_connector"):
         pipe(prompt="x", step1x_reference_image=sample_image(), height=48, width=64, output_type="latent")
+
+
+# ------------------------------------------------------------------------------------------------ processor
+
+def test_processor_is_found_beside_the_qwen_model(tmp_path):
+    from flux_core.pipeline_models import STEP1X_PROCESSOR, load_processor
+    folder = write_qwen_vl_folder(make_qwen_vl(), tmp_path / "Qwen2.5-VL-7B-Instruct")
+    shards = sorted(str(p) for p in folder.glob("model-*.safetensors"))
+    processor = load_processor(STEP1X_PROCESSOR, None, shards, str(tmp_path / "models"))
+    assert processor.image_processor.size.shortest_edge == 256 * 28 * 28   # DiffSynth's min_pixels / max_pixels
+    assert processor.image_processor.size.longest_edge == 324 * 28 * 28
+    assert processor.tokenizer("“", add_special_tokens=False).input_ids == [2073]
+
+
+def test_missing_processor_files_are_a_clear_error(tmp_path, monkeypatch):
+    from flux_core.pipeline_models import STEP1X_PROCESSOR, ProcessorNotFoundError, processor_folder
+    monkeypatch.setenv("DIFFSYNTH_SKIP_DOWNLOAD", "true")
+    folder = write_qwen_vl_folder(make_qwen_vl(), tmp_path / "q", with_processor=False)
+    with pytest.raises(ProcessorNotFoundError) as e:
+        processor_folder(STEP1X_PROCESSOR, None, str(folder), str(tmp_path / "models"))
+    message = str(e.value)
+    assert "step1x_processor_config=" in message and str(folder) in message
+    assert "preprocessor_config.json" in message and "Qwen/Qwen2.5-VL-7B-Instruct" in message
+    assert "skip_download" in message
+    assert len(e.value.searched) == 4   # the model's folder, its parent, grandparent, the default model
+
+
+def test_a_step1x_pipeline_does_not_warn_about_clip_and_t5():
+    from flux_core.pipeline_models import empty_slots
+    loaded = {slot: object() for slot in ("dit", "vae", "qwenvl", "step1x_connector")}
+    assert empty_slots(loaded) == []
+    assert empty_slots({"dit": 1, "vae": 1, "qwenvl": 1}) == ["step1x_connector"]
+    assert empty_slots({"dit": 1, "vae": 1}) == ["text_encoder_1", "text_encoder_2"]
+
+
+def test_from_pretrained_finds_the_dit_and_the_connector_in_one_file(tmp_path):
+    """What from_pretrained's plan detects in step1x-edit-i1258.safetensors and in a Qwen2.5-VL folder's shards."""
+    from flux_core.pipeline_models import MODEL_SLOTS, detect_components
+    configs, _ = step1x_models(tmp_path)
+    found = {kind: layout for _, kind, _, layout in detect_components(configs[0].path)}
+    assert found == {"dit": "bfl", "step1x_connector": "step1x"}
+    shards = sorted(str(p) for p in (tmp_path / "Qwen2.5-VL-7B-Instruct").glob("model-*.safetensors"))
+    assert [(k, layout) for _, k, _, layout in detect_components(shards)] == [("qwen_vl", "hf")]
+    assert MODEL_SLOTS["qwen_vl"] == "qwenvl" and MODEL_SLOTS["step1x_connector"] == "step1x_connector"
