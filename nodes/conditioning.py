@@ -27,11 +27,14 @@ DEFAULT_GUIDANCE = 3.5
 TEXT_KEY = "fluxcore_text"
 # The CONDITIONING entries FluxCore's sampler honours (`fluxcore_controlnets`: the payloads of Apply ControlNet
 # (FluxCore), nodes/controlnet_nodes.py; `fluxcore_eligen_entities`: EliGen Entity (FluxCore)'s, nodes/eligen_nodes.py;
-# `fluxcore_lora_encoder`: Encode LoRA into Conditioning (FluxCore)'s, nodes/lora_model_nodes.py);
+# `fluxcore_lora_encoder`: Encode LoRA into Conditioning (FluxCore)'s, nodes/lora_model_nodes.py; `fluxcore_flex`:
+# FLEX.2 Inputs (FluxCore)'s and native InpaintModelConditioning's `concat_latent_image` / `concat_mask` for FLUX.1-Fill,
+# nodes/channel_nodes.py; `fluxcore_text`: the Step1X-Edit / Nexus-Gen encode nodes' EncodedText);
 # anything else (native ControlNet's "control", "mask", "area", "strength",
 # "gligen", "reference_latents_method", ...) it cannot use, and says so (warn_unused_entries).
 HONOURED_KEYS = frozenset({"pooled_output", "guidance", "reference_latents", "fluxcore_controlnets",
-                           "fluxcore_ipadapters", "fluxcore_eligen_entities", "fluxcore_lora_encoder", TEXT_KEY})
+                           "fluxcore_ipadapters", "fluxcore_eligen_entities", "fluxcore_lora_encoder", TEXT_KEY,
+                           "fluxcore_flex", "concat_latent_image", "concat_mask"})
 # Entries that only qualify another one (native Apply ControlNet sets both): warned about under that one.
 QUALIFIERS = {"control_apply_to_uncond": "control"}
 NATIVE_CONTROLNET_HINT = ("it is a ControlNet from ComfyUI's own Apply ControlNet, which FluxCore's sampler cannot run: "

@@ -37,6 +37,7 @@ from flux_core.tiled_dit import DiTTiling
 from flux_core.vram import GiB, stored_compute_dtype
 
 from . import comfy_bridge as bridge
+from .channel_nodes import channel_adapters
 from .conditioning import EncodedText, read_conditioning, warn_unused_entries
 from .controlnet_nodes import controlnet_adapters, controlnet_payloads, place_beside_dit
 from .eligen_nodes import (check_entities, eligen_adapters, eligen_held_bytes, eligen_inpaint_region,
@@ -264,6 +265,8 @@ class FluxCoreSampler:
         # pipeline's order).
         adapters = lora_tokens + with_identities(payloads, adapters, model)
         adapters += ipadapter_adapters(node, ip_payloads, model)
+        # FLEX.2 / Fill: the DiT's extra input channels (their images VAE-encoded here, before the DiT is placed)
+        adapters += channel_adapters(node, sides, model.model.module, b, h, w, sigmas, vae_tiling, device)
         adapters += eligen_adapters(entities, h * 8, w * 8, device)  # last: ControlNets see the plain prompt
         mask = latent_mask(latent_image["noise_mask"], b, h, w) if "noise_mask" in latent_image else None
         x0 = FLUX_LATENT.raw_to_scaled(samples.float()).to(device)
