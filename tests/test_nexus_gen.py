@@ -11,6 +11,7 @@ byte-level tokenizer built in the test with Qwen's special-token ids, transforme
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,8 @@ from safetensors.torch import load_file, save_file
 
 from flux_core.loading.files import CheckpointError
 from flux_core.loading.loader import load_model, load_models
+from flux_core.loading.nexus_gen_kind import HEAD_KEYS
+from flux_core.math import pack_latents
 from flux_core.model_config import ModelConfig
 from flux_core.models.nexus_gen import (NexusGenAdapter, NexusGenAdapterParams, NexusGenAutoregressiveModel,
                                         NexusGenImageEmbeddingMerger, NexusGenMergerParams, merger_position_ids)
@@ -33,7 +36,7 @@ from tests.diffsynth_nexus_gen_ref import (diffsynth_editing_text_ids, diffsynth
 from tests.tiny_dit import write_nexus_gen_dit
 from tests.tiny_pipeline import FOLDER_NAME, make_diffusers_pipeline
 from tests.tiny_qwen_vl import (PREPROCESSOR_CONFIG, TINY_TEXT, make_processor, published_state_dict, sample_image,
-                                tiny_qwen_vl_config, write_qwen_vl_folder)
+                                tiny_qwen_vl_config, write_processor, write_qwen_vl_folder)
 
 # The tiny AR model (tests/tiny_qwen_vl.py): hidden 16, heads of 8 with multimodal-RoPE sections 1 + 1 + 2. The tiny
 # DiT (tests/tiny_dit.py) reads text tokens of width 32.
@@ -44,6 +47,8 @@ MERGER_SIZES = dict(hidden=AR_HIDDEN, heads=2, kv_heads=1, intermediate=32, mrop
 PARITY = 1e-4
 H, W = 48, 64
 SIGMAS = [1.0, 0.75, 0.5, 0.25]
+# Image bound (pixels in [0, 1]) against diffusers, as tests/test_pipeline.py's: there measured 8e-7 to 7e-6.
+IMAGE_TOLERANCE = 5e-5
 
 
 def randomised(module: torch.nn.Module, seed: int) -> torch.nn.Module:
@@ -161,3 +166,202 @@ def test_target_embeddings_match_diffsynth(ar, processor, editing):
     assert reference.shape == expected_ref.shape == (28 if editing else 0, AR_HIDDEN)
     if editing:
         assert relative(reference, expected_ref) <= PARITY  # measured 0
+
+
+# -------------------------------------------------------------------------------------------- request preparation
+def test_reference_image_bound_with_qwens_smart_resize_rounding():
+    """Literal sizes worked out from qwen_vl_utils' documented rounding (nearest multiple of 28; floor after scaling
+    down to 262640 pixels; ceiling after scaling up to 3136), and agreement with transformers' own smart_resize."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize as transformers_resize
+    assert smart_resize(512, 512) == (504, 504)       # 18.3 -> 18 multiples; 254016 <= 262640
+    assert smart_resize(768, 1024) == (420, 588)      # 783216 > max: beta 1.7304, 443.8 -> 420, 591.8 -> 588
+    assert smart_resize(1024, 1024) == (504, 504)     # beta 1.9746: 518.6 -> 504
+    assert smart_resize(20, 30) == (56, 84)           # 28 x 28 < 3136: beta 2.29, 45.8 -> 56, 68.6 -> 84
+    for h, w in [(512, 512), (768, 1024), (1080, 1920), (333, 777), (64, 900), (20, 30), (3000, 200)]:
+        assert smart_resize(h, w) == transformers_resize(h, w, factor=28, min_pixels=3136, max_pixels=262640)
+        rh, rw = smart_resize(h, w)
+        assert rh % 28 == rw % 28 == 0 and rh * rw <= REFERENCE_MAX_PIXELS
+    assert bound_image(sample_image(1024, 768)).size == (588, 420)
+    with pytest.raises(ValueError, match="nexus_gen_reference_image: its aspect ratio 250"):
+        smart_resize(10, 2500)
+
+
+def test_messages_are_diffsynths():
+    for prompt in ("a cat", "put <image> on a beach"):
+        assert editing_messages(prompt) == diffsynth_messages(prompt, True)
+        assert generation_messages(prompt) == diffsynth_messages(prompt, False)
+
+
+@pytest.mark.parametrize("latent, target, ref", [((6, 8), (1, 18, 18), (1, 14, 22)), ((64, 64), (1, 18, 18),
+                                                                                    (1, 36, 36))])
+def test_editing_text_ids_are_diffsynths(latent, target, ref):
+    """Against FluxImageUnit_NexusGen.get_editing_text_ids itself (float32 latents, batch 2)."""
+    latents = torch.zeros(2, 16, *latent)
+    expected = diffsynth_editing_text_ids(latents, target, ref)
+    got = editing_text_ids(latent[0], latent[1], target, ref, batch=2)
+    assert got.dtype == torch.float32 and torch.equal(got, expected)
+    assert got[0, -1, 0] == 1 and got[0, 0, 0] == 0   # reference tokens at index 1, target tokens at 0
+
+
+# ------------------------------------------------------------------------------------------------------ loading
+def decoder_state_dict(dit, extra: dict[str, torch.Tensor], tmp: Path) -> dict[str, torch.Tensor]:
+    """A Nexus-Gen decoder's keys: the DiT under `pipe.dit.` (tests/tiny_dit.py's Nexus-Gen writer) plus the
+    adapter's keys."""
+    sd = load_file(str(write_nexus_gen_dit(dit, tmp / "_dit.safetensors")))
+    sd = {k: v.clone() for k, v in sd.items() if k.startswith("pipe.dit.")}
+    return {**sd, **{k: v.detach().clone().contiguous() for k, v in extra.items()}}
+
+
+def write_decoder(path: Path, sd: dict[str, torch.Tensor]) -> Path:
+    if path.suffix == ".bin":
+        torch.save(sd, path)
+    else:
+        save_file(sd, str(path))
+    return path
+
+
+def write_ar_folder(ar, folder: Path) -> Path:
+    """Nexus-GenV2's layout: the AR model's shards and config.json, its processor in processor/."""
+    write_qwen_vl_folder(ar, folder, with_processor=False)
+    write_processor(folder / "processor")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory, ar):
+    """A tiny Nexus-Gen as published: the AR model's folder (shards, config.json, processor files), the generation
+    and editing decoders (.bin, with DiffSynth's adapter / merger keys), FLUX.1-dev's VAE and text encoders."""
+    tmp = tmp_path_factory.mktemp("nexus")
+    ref = make_diffusers_pipeline(tmp)
+    p, _, _ = diffsynth_nexus_gen()
+    adapter = randomised(p.NexusGenAdapter(AR_HIDDEN, TEXT_DIM), 5)
+    merger = randomised(tiny_diffsynth_merger(**MERGER_SIZES), 6)
+    # DiffSynth's adapter converter keeps the file's `adapter.*` keys as they are: its NexusGenAdapter's own names.
+    generation = decoder_state_dict(ref.transformer, adapter.state_dict(), tmp)
+    editing = decoder_state_dict(ref.transformer, {f"embedding_merger.{k}": v
+                                                   for k, v in merger.state_dict().items()}, tmp)
+    # What the tiny decoders' shapes cannot tell (the published sizes need none of it): the DiT's RoPE axes for its
+    # 16-wide heads, the merger's head count and rotary sections for its 8-wide heads.
+    decoders = tmp / "decoders"
+    decoders.mkdir()
+    (decoders / "config.json").write_text(json.dumps({"axes_dims_rope": [4, 6, 6], "num_heads": 2,
+                                                      "mrope_section": list(MROPE)}))
+    out = dict(tmp=tmp, ref=ref, adapter=adapter, merger=merger, ar_folder=write_ar_folder(ar, tmp / "Nexus-Gen"),
+               generation=write_decoder(decoders / "generation_decoder.bin", generation),
+               editing=write_decoder(decoders / "edit_decoder.bin", editing),
+               generation_st=write_decoder(decoders / "generation_decoder.safetensors", generation),
+               editing_st=write_decoder(decoders / "edit_decoder.safetensors", editing))
+    out["flux"] = [ModelConfig(path=str(tmp / FOLDER_NAME / sub)) for sub in ("vae", "text_encoder", "text_encoder_2")]
+    return out
+
+
+@pytest.mark.parametrize("suffix", ["", "_st"])
+def test_decoders_as_published_load_the_dit_and_their_adapter(files, suffix):
+    """Each decoder holds the DiT (`pipe.dit.*`) and its adapter; DiffSynth's converters pick the same adapter
+    weights from the same file (its NexusGen*StateDictConverter functions)."""
+    from diffsynth.utils.state_dict_converters.nexus_gen_projector import (NexusGenAdapterStateDictConverter,
+                                                                           NexusGenMergerStateDictConverter)
+    generation = load_models(files["generation" + suffix], torch_dtype=torch.float32)
+    editing = load_models(files["editing" + suffix], torch_dtype=torch.float32)
+    assert set(generation) == {"dit", "nexus_gen_adapter"} and set(editing) == {"dit", "nexus_gen_merger"}
+    raw = (torch.load(files["generation"], weights_only=True), torch.load(files["editing"], weights_only=True))
+    adapter_sd, merger_sd = NexusGenAdapterStateDictConverter(raw[0]), NexusGenMergerStateDictConverter(raw[1])
+    for ours, theirs in ((generation["nexus_gen_adapter"], adapter_sd), (editing["nexus_gen_merger"], merger_sd)):
+        got = ours.state_dict()
+        assert set(got) == set(theirs) and all(torch.equal(got[k], theirs[k]) for k in got)
+    assert editing["nexus_gen_merger"].params.num_heads == 2 and editing["nexus_gen_merger"].params.mrope_section == MROPE
+
+
+def test_ar_model_as_published_loads_as_nexus_gen_not_as_plain_qwen_vl(files, ar):
+    from flux_core.loading.loader import detect
+    from flux_core.loading.files import open_state_dict
+    assert [d.kind.name for d in detect(open_state_dict(files["ar_folder"]))] == ["nexus_gen"]
+    loaded = load_model(files["ar_folder"], torch_dtype=torch.float32)
+    assert type(loaded) is NexusGenAutoregressiveModel and loaded.num_image_tokens == 81
+    expected = ar.state_dict()
+    got = loaded.state_dict()
+    assert set(got) == set(expected) and all(torch.equal(got[k], expected[k]) for k in got)
+    for name, buffer in ar.named_buffers():  # rotary frequencies re-created after the meta build
+        assert torch.equal(dict(loaded.named_buffers())[name], buffer)
+    stored = set().union(*(load_file(str(f)) for f in files["ar_folder"].glob("model-*.safetensors")))
+    assert {"visual.patch_embed.proj.weight", "model.embed_tokens.weight", "lm_head.weight", *HEAD_KEYS} <= stored
+
+
+# ----------------------------------------------------------------------------------------------------- pipeline
+@pytest.fixture(scope="module")
+def pipes(files):
+    """FluxImagePipelines as a user loads Nexus-Gen: one decoder (its DiT and adapter), the AR model's folder (its
+    processor in processor/ beside it), FLUX.1-dev's VAE and text encoders."""
+    def load(decoder):
+        pipe = FluxImagePipeline.from_pretrained(
+            torch_dtype=torch.float32, device="cpu",
+            model_configs=[ModelConfig(path=str(decoder)), ModelConfig(path=str(files["ar_folder"])), *files["flux"]])
+        if pipe.nexus_gen_processor is None:  # until from_pretrained loads it (requests_nexus.md)
+            from flux_core.pipeline_models import NEXUS_GEN_PROCESSOR, load_processor
+            pipe.nexus_gen_processor = load_processor(NEXUS_GEN_PROCESSOR, None, str(files["ar_folder"]), "./models")
+        return pipe
+    return {"generation": load(files["generation"]), "editing": load(files["editing"])}
+
+
+def noise(seed=0):
+    return torch.randn(1, 16, H // 8, W // 8, generator=torch.Generator().manual_seed(seed))
+
+
+def dit_inputs_of(pipe, monkeypatch) -> list[dict]:
+    """Records the keyword arguments of every DiT call of the pipeline."""
+    calls = []
+    forward = pipe.dit.forward
+    monkeypatch.setattr(pipe.dit, "forward", lambda **kw: calls.append(kw) or forward(**kw))
+    return calls
+
+
+def test_text_to_image_matches_diffusers_given_diffsynths_conditioning(files, pipes, ar):
+    """The whole run against diffusers' FluxPipeline (true CFG) fed what DiffSynth computes: prompt tokens =
+    DiffSynth's adapter on DiffSynth's target embeddings (text ids 0), pooled = CLIP-L of the prompt, negative =
+    CLIP-L + T5 of the negative prompt. Mistakes it catches (measured in pixels): the negative branch through
+    Nexus-Gen too 0.32, the positive side's pooled vector of another prompt (the empty one) 0.27."""
+    pipe, ref = pipes["generation"], files["ref"]
+    prompt, negative = "a red fox in the snow", "blurry"
+    target, _, _ = diffsynth_target_embeddings(ar, ar.vision_head, ar.image_prefill_embeds, pipe.nexus_gen_processor,
+                                               [white()], diffsynth_messages(prompt, False))
+    with torch.no_grad():
+        prompt_emb = files["adapter"](target[None])
+        _, pooled, _ = ref.encode_prompt(prompt, prompt_2=None, max_sequence_length=16)
+    x = noise()
+    expected = ref(prompt_embeds=prompt_emb, pooled_prompt_embeds=pooled, negative_prompt=negative,
+                   true_cfg_scale=2.0, height=H, width=W, sigmas=SIGMAS, num_inference_steps=len(SIGMAS),
+                   latents=pack_latents(x), guidance_scale=3.5, max_sequence_length=16, output_type="np").images
+    got = pipe(prompt=prompt, negative_prompt=negative, cfg_scale=2.0, height=H, width=W, sigmas=SIGMAS, latents=x,
+               t5_sequence_length=16, output_type="np", progress_bar_cmd=None)
+    assert np.abs(got - expected).max() <= IMAGE_TOLERANCE  # measured 1e-6
+    other = pipe(prompt="a blue car", negative_prompt=negative, cfg_scale=2.0, height=H, width=W, sigmas=SIGMAS,
+                 latents=x, t5_sequence_length=16, output_type="np", progress_bar_cmd=None)
+    assert np.abs(got - other).max() > 1e-2  # the prompt matters through the AR model
+
+
+def test_editing_gives_the_dit_diffsynths_merger_tokens_and_text_ids(files, pipes, ar, monkeypatch):
+    """Editing: the positive DiT calls get DiffSynth's merger output on DiffSynth's target and reference embeddings,
+    with DiffSynth's get_editing_text_ids; the negative calls T5 of the negative prompt at text ids 0; both the
+    pooled CLIP-L vector of their own prompt (as DiffSynth's prompt unit computes before Nexus-Gen replaces the
+    positive tokens). Text ids left at 0 (no get_editing_text_ids) fail the ids check."""
+    pipe, ref = pipes["editing"], files["ref"]
+    prompt, negative, image = "make it snow", "blurry", sample_image(200, 120)
+    calls = dit_inputs_of(pipe, monkeypatch)
+    pipe(prompt=prompt, negative_prompt=negative, cfg_scale=2.0, nexus_gen_reference_image=image, height=H, width=W,
+         sigmas=SIGMAS[:2], latents=noise(), t5_sequence_length=16, output_type="latent", progress_bar_cmd=None)
+    assert len(calls) == 4  # 2 steps x (positive, negative)
+    target, reference, grids = diffsynth_target_embeddings(ar, ar.vision_head, ar.image_prefill_embeds,
+                                                           pipe.nexus_gen_processor, [bound_image(image), white()],
+                                                           diffsynth_messages(prompt, True))
+    with torch.no_grad():
+        tokens = files["merger"](target[None], grids[1:2], reference[None], grids[0:1])
+        _, pooled, _ = ref.encode_prompt(prompt, prompt_2=None, max_sequence_length=16)
+        negative_emb, negative_pooled, _ = ref.encode_prompt(negative, prompt_2=None, max_sequence_length=16)
+    ids = diffsynth_editing_text_ids(torch.zeros(1, 16, H // 8, W // 8), grids[1].tolist(), grids[0].tolist())
+    positive, nega = calls[0], calls[1]
+    assert positive["txt"].shape == (1, 81 + 28, TEXT_DIM)
+    assert relative(positive["txt"], tokens) <= PARITY  # measured 0
+    assert torch.equal(positive["txt_ids"], ids)
+    assert relative(positive["y"], pooled) <= PARITY
+    assert relative(nega["txt"], negative_emb) <= PARITY and not nega["txt_ids"].any()
+    assert relative(nega["y"], negative_pooled) <= PARITY
