@@ -43,7 +43,8 @@ from .model_config import ModelConfig
 from .models.controlnet import union_mode_id
 from .models.dit import DiTExtras
 from .models.text_encoders import load_clip_tokenizer, load_t5_tokenizer
-from .pipeline_models import LoadedModel, empty_slots, plan_models
+from .pipeline_models import (NEXUS_GEN_PROCESSOR, STEP1X_PROCESSOR, LoadedModel, empty_slots, load_processor,
+                              plan_models)
 # Re-exported: nodes and the trainer import these names from flux_core.pipeline.
 from .pipeline_models import DIFFUSERS_COMPONENTS, MODEL_SLOTS, TokenizerNotFoundError, tokenizer_folder  # noqa: F401
 from .text_conditioning import ClipT5Encoder, Conditioning, ConditioningEncoder
@@ -110,11 +111,15 @@ class FluxImagePipeline:
     @classmethod
     def from_pretrained(cls, torch_dtype: torch.dtype = torch.bfloat16, device: str | torch.device | None = None,
                         model_configs: Sequence[ModelConfig] = (), tokenizer_1_config: ModelConfig | None = None,
-                        tokenizer_2_config: ModelConfig | None = None) -> "FluxImagePipeline":
+                        tokenizer_2_config: ModelConfig | None = None,
+                        nexus_gen_processor_config: ModelConfig | None = None,
+                        step1x_processor_config: ModelConfig | None = None) -> "FluxImagePipeline":
         """Load every model the configs name; each file's kind (DiT, VAE, CLIP-L, T5) is detected from its keys
         (a config's `kind` states it, and a file of another kind is refused). A config may also name a whole
         diffusers FLUX folder. Tokenizers come from the configs given, else from `tokenizer/` and `tokenizer_2/`
-        beside the loaded models, else from FLUX.1-dev through ModelScope.
+        beside the loaded models, else from FLUX.1-dev through ModelScope. The processors of the vision-language
+        models (Step1X-Edit's Qwen2.5-VL, Nexus-Gen's) come from step1x_processor_config / nexus_gen_processor_config,
+        else from beside the model files, else from their ModelScope repositories (DiffSynth-Studio's defaults).
 
         Before any weights are read, every config is resolved and every file's kind detected; all missing files,
         missing tokenizers, files of the wrong kind and second models for a filled slot are reported at once.
@@ -126,10 +131,17 @@ class FluxImagePipeline:
         torch_dtype) and computes on `device` in `torch_dtype`, moved in only for the stages that need it."""
         check_device("device", device)  # before anything is resolved, downloaded or read
         pipe = cls(device=device, torch_dtype=torch_dtype)
-        plan = plan_models(model_configs, {"tokenizer": tokenizer_1_config, "tokenizer_2": tokenizer_2_config})
+        local_model_path = (model_configs[0] if model_configs else ModelConfig()).local_model_path  # env-aware
+        plan = plan_models(model_configs, {"tokenizer": tokenizer_1_config, "tokenizer_2": tokenizer_2_config},
+                           local_model_path)
         # Tokenizers first: a folder without the tokenizer's files is refused before minutes of loading.
         pipe.tokenizer_1 = load_clip_tokenizer(plan.tokenizers["tokenizer"])
         pipe.tokenizer_2 = load_t5_tokenizer(plan.tokenizers["tokenizer_2"])
+        for slot, spec, config in (("qwenvl", STEP1X_PROCESSOR, step1x_processor_config),
+                                   ("nexus_gen", NEXUS_GEN_PROCESSOR, nexus_gen_processor_config)):
+            source = next((source for _, source, entry in plan.entries if entry.slot == slot), None)
+            if source is not None:  # also before any weights are read
+                setattr(pipe, f"{slot}_processor", load_processor(spec, config, source, local_model_path))
         for config, source, entry in plan.entries:
             offloaded = config.offload_device is not None or config.offload_dtype is not None
             place = pipe.device if config.offload_device is None else torch.device(config.offload_device)
