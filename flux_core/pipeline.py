@@ -135,8 +135,11 @@ class FluxImagePipeline:
         plan = plan_models(model_configs, {"tokenizer": tokenizer_1_config, "tokenizer_2": tokenizer_2_config},
                            local_model_path)
         # Tokenizers first: a folder without the tokenizer's files is refused before minutes of loading.
-        pipe.tokenizer_1 = load_clip_tokenizer(plan.tokenizers["tokenizer"])
-        pipe.tokenizer_2 = load_t5_tokenizer(plan.tokenizers["tokenizer_2"])
+        # (A plan without CLIP-L / T5 models, e.g. Step1X-Edit's, may come without their tokenizers.)
+        if "tokenizer" in plan.tokenizers:
+            pipe.tokenizer_1 = load_clip_tokenizer(plan.tokenizers["tokenizer"])
+        if "tokenizer_2" in plan.tokenizers:
+            pipe.tokenizer_2 = load_t5_tokenizer(plan.tokenizers["tokenizer_2"])
         for slot, spec, config in (("qwenvl", STEP1X_PROCESSOR, step1x_processor_config),
                                    ("nexus_gen", NEXUS_GEN_PROCESSOR, nexus_gen_processor_config)):
             source = next((source for _, source, entry in plan.entries if entry.slot == slot), None)
