@@ -30,7 +30,6 @@ from flux_core.models.nexus_gen import (NexusGenAdapter, NexusGenAdapterParams, 
 from flux_core.nexus_gen import (REFERENCE_MAX_PIXELS, bound_image, editing_messages, editing_text_ids,
                                  generation_messages, model_inputs, nexus_gen_encoder, smart_resize)
 from flux_core.pipeline import FluxImagePipeline
-from flux_core.vl_processor import load_vl_processor
 from tests.diffsynth_nexus_gen_ref import (diffsynth_editing_text_ids, diffsynth_messages, diffsynth_nexus_gen,
                                            diffsynth_target_embeddings, merger_key_shapes, tiny_diffsynth_merger)
 from tests.tiny_dit import write_nexus_gen_dit
@@ -287,19 +286,23 @@ def test_ar_model_as_published_loads_as_nexus_gen_not_as_plain_qwen_vl(files, ar
     assert {"visual.patch_embed.proj.weight", "model.embed_tokens.weight", "lm_head.weight", *HEAD_KEYS} <= stored
 
 
+def test_ar_weights_of_other_sizes_without_their_config_are_refused_saying_what_to_add(tmp_path, ar):
+    path = tmp_path / "model.safetensors"
+    save_file(published_state_dict(ar), str(path))
+    with pytest.raises(CheckpointError, match=r"cannot build a Nexus-Gen autoregressive model .* not Qwen2.5-VL-7B's "
+                                              r"3584 / 1280.* config.json beside the weights"):
+        load_model(path)
+
+
 # ----------------------------------------------------------------------------------------------------- pipeline
 @pytest.fixture(scope="module")
 def pipes(files):
     """FluxImagePipelines as a user loads Nexus-Gen: one decoder (its DiT and adapter), the AR model's folder (its
     processor in processor/ beside it), FLUX.1-dev's VAE and text encoders."""
     def load(decoder):
-        pipe = FluxImagePipeline.from_pretrained(
+        return FluxImagePipeline.from_pretrained(
             torch_dtype=torch.float32, device="cpu",
             model_configs=[ModelConfig(path=str(decoder)), ModelConfig(path=str(files["ar_folder"])), *files["flux"]])
-        if pipe.nexus_gen_processor is None:  # until from_pretrained loads it (requests_nexus.md)
-            from flux_core.pipeline_models import NEXUS_GEN_PROCESSOR, load_processor
-            pipe.nexus_gen_processor = load_processor(NEXUS_GEN_PROCESSOR, None, str(files["ar_folder"]), "./models")
-        return pipe
     return {"generation": load(files["generation"]), "editing": load(files["editing"])}
 
 
@@ -365,3 +368,28 @@ def test_editing_gives_the_dit_diffsynths_merger_tokens_and_text_ids(files, pipe
     assert relative(positive["y"], pooled) <= PARITY
     assert relative(nega["txt"], negative_emb) <= PARITY and not nega["txt_ids"].any()
     assert relative(nega["y"], negative_pooled) <= PARITY
+
+
+# ------------------------------------------------------------------------------------------------- missing models
+def test_a_nexus_gen_request_without_its_models_names_every_missing_slot(files, pipes):
+    kwargs = dict(height=H, width=W, sigmas=SIGMAS[:1], t5_sequence_length=16, output_type="latent",
+                  progress_bar_cmd=None)
+    # Editing with the generation decoder's pipeline: no merger.
+    with pytest.raises(RuntimeError, match=r"the pipeline has no nexus_gen_editing_adapter\. "):
+        pipes["generation"](prompt="x", nexus_gen_reference_image=sample_image(), **kwargs)
+    # Text-to-image with the editing decoder's pipeline: no generation adapter.
+    with pytest.raises(RuntimeError, match=r"the pipeline has no nexus_gen_generation_adapter\. "):
+        pipes["editing"](prompt="x", **kwargs)
+    # A reference image without Nexus-Gen loaded at all: every Nexus-Gen slot is named at once.
+    plain = FluxImagePipeline.from_pretrained(torch_dtype=torch.float32, device="cpu",
+                                              model_configs=[ModelConfig(path=str(files["generation"])), *files["flux"]])
+    with pytest.raises(RuntimeError, match=r"has no nexus_gen, nexus_gen_processor, nexus_gen_editing_adapter\. "):
+        plain(prompt="x", nexus_gen_reference_image=sample_image(), **kwargs)
+
+
+def test_nexus_gen_encoder_names_what_it_lacks(ar):
+    with pytest.raises(ValueError, match=r"editing \(a reference image is given\) needs nexus_gen_processor, "
+                                         r"editing_adapter, clip_t5"):
+        nexus_gen_encoder(ar, None, torch.nn.Identity(), None, None, sample_image(), 6, 8)
+    with pytest.raises(ValueError, match=r"text-to-image needs generation_adapter"):
+        nexus_gen_encoder(ar, object(), None, torch.nn.Identity(), object(), None, 6, 8)
