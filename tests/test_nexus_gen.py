@@ -11,13 +11,10 @@ byte-level tokenizer built in the test with Qwen's special-token ids, transforme
 """
 from __future__ import annotations
 
-import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from flux_core.loading.files import CheckpointError
@@ -32,15 +29,11 @@ from flux_core.nexus_gen import (REFERENCE_MAX_PIXELS, bound_image, editing_mess
 from flux_core.pipeline import FluxImagePipeline
 from tests.diffsynth_nexus_gen_ref import (diffsynth_editing_text_ids, diffsynth_messages, diffsynth_nexus_gen,
                                            diffsynth_target_embeddings, merger_key_shapes, tiny_diffsynth_merger)
-from tests.tiny_dit import write_nexus_gen_dit
+from tests.tiny_nexus_gen import (AR_HIDDEN, MERGER_SIZES, MROPE, TEXT_DIM, make_ar, randomised, white,
+                                   write_nexus_gen_files)
 from tests.tiny_pipeline import FOLDER_NAME, make_diffusers_pipeline
-from tests.tiny_qwen_vl import (PREPROCESSOR_CONFIG, TINY_TEXT, make_processor, published_state_dict, sample_image,
-                                tiny_qwen_vl_config, write_processor, write_qwen_vl_folder)
+from tests.tiny_qwen_vl import PREPROCESSOR_CONFIG, make_processor, published_state_dict, sample_image
 
-# The tiny AR model (tests/tiny_qwen_vl.py): hidden 16, heads of 8 with multimodal-RoPE sections 1 + 1 + 2. The tiny
-# DiT (tests/tiny_dit.py) reads text tokens of width 32.
-AR_HIDDEN, TEXT_DIM, MROPE = TINY_TEXT["hidden_size"], 32, (1, 1, 2)
-MERGER_SIZES = dict(hidden=AR_HIDDEN, heads=2, kv_heads=1, intermediate=32, mrope=MROPE, out_channel=TEXT_DIM)
 # Parity bound (relative to the output's largest magnitude): measured 0 (AR model) to 3.3e-7 (merger); every
 # mistake tried moves the outputs by more than 1e-2 (see each test).
 PARITY = 1e-4
@@ -50,24 +43,8 @@ SIGMAS = [1.0, 0.75, 0.5, 0.25]
 IMAGE_TOLERANCE = 5e-5
 
 
-def randomised(module: torch.nn.Module, seed: int) -> torch.nn.Module:
-    """Random weights everywhere (norm scales around 1), so every path matters."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            if p.ndim == 1 and "norm" in name or name.endswith("ln_q.weight"):
-                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g))
-            else:
-                p.copy_(0.3 * torch.randn(p.shape, generator=g))
-    return module.eval()
-
-
 def relative(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).abs().max() / b.abs().max()).item()
-
-
-def make_ar(seed: int = 0) -> NexusGenAutoregressiveModel:
-    return randomised(NexusGenAutoregressiveModel(tiny_qwen_vl_config()), seed)
 
 
 @pytest.fixture(scope="module")
@@ -80,10 +57,6 @@ def processor():
 @pytest.fixture(scope="module")
 def ar():
     return make_ar()
-
-
-def white(side=252):
-    return Image.new("RGB", (side, side), (255, 255, 255))
 
 
 # ------------------------------------------------------------------------------------------------------ adapters
@@ -203,53 +176,13 @@ def test_editing_text_ids_are_diffsynths(latent, target, ref):
 
 
 # ------------------------------------------------------------------------------------------------------ loading
-def decoder_state_dict(dit, extra: dict[str, torch.Tensor], tmp: Path) -> dict[str, torch.Tensor]:
-    """A Nexus-Gen decoder's keys: the DiT under `pipe.dit.` (tests/tiny_dit.py's Nexus-Gen writer) plus the
-    adapter's keys."""
-    sd = load_file(str(write_nexus_gen_dit(dit, tmp / "_dit.safetensors")))
-    sd = {k: v.clone() for k, v in sd.items() if k.startswith("pipe.dit.")}
-    return {**sd, **{k: v.detach().clone().contiguous() for k, v in extra.items()}}
-
-
-def write_decoder(path: Path, sd: dict[str, torch.Tensor]) -> Path:
-    if path.suffix == ".bin":
-        torch.save(sd, path)
-    else:
-        save_file(sd, str(path))
-    return path
-
-
-def write_ar_folder(ar, folder: Path) -> Path:
-    """Nexus-GenV2's layout: the AR model's shards and config.json, its processor in processor/."""
-    write_qwen_vl_folder(ar, folder, with_processor=False)
-    write_processor(folder / "processor")
-    return folder
-
-
 @pytest.fixture(scope="module")
 def files(tmp_path_factory, ar):
     """A tiny Nexus-Gen as published: the AR model's folder (shards, config.json, processor files), the generation
     and editing decoders (.bin, with DiffSynth's adapter / merger keys), FLUX.1-dev's VAE and text encoders."""
     tmp = tmp_path_factory.mktemp("nexus")
     ref = make_diffusers_pipeline(tmp)
-    p, _, _ = diffsynth_nexus_gen()
-    adapter = randomised(p.NexusGenAdapter(AR_HIDDEN, TEXT_DIM), 5)
-    merger = randomised(tiny_diffsynth_merger(**MERGER_SIZES), 6)
-    # DiffSynth's adapter converter keeps the file's `adapter.*` keys as they are: its NexusGenAdapter's own names.
-    generation = decoder_state_dict(ref.transformer, adapter.state_dict(), tmp)
-    editing = decoder_state_dict(ref.transformer, {f"embedding_merger.{k}": v
-                                                   for k, v in merger.state_dict().items()}, tmp)
-    # What the tiny decoders' shapes cannot tell (the published sizes need none of it): the DiT's RoPE axes for its
-    # 16-wide heads, the merger's head count and rotary sections for its 8-wide heads.
-    decoders = tmp / "decoders"
-    decoders.mkdir()
-    (decoders / "config.json").write_text(json.dumps({"axes_dims_rope": [4, 6, 6], "num_heads": 2,
-                                                      "mrope_section": list(MROPE)}))
-    out = dict(tmp=tmp, ref=ref, adapter=adapter, merger=merger, ar_folder=write_ar_folder(ar, tmp / "Nexus-Gen"),
-               generation=write_decoder(decoders / "generation_decoder.bin", generation),
-               editing=write_decoder(decoders / "edit_decoder.bin", editing),
-               generation_st=write_decoder(decoders / "generation_decoder.safetensors", generation),
-               editing_st=write_decoder(decoders / "edit_decoder.safetensors", editing))
+    out = dict(tmp=tmp, ref=ref, **write_nexus_gen_files(tmp / "decoders", ref.transformer, tmp / "Nexus-Gen", ar))
     out["flux"] = [ModelConfig(path=str(tmp / FOLDER_NAME / sub)) for sub in ("vae", "text_encoder", "text_encoder_2")]
     return out
 
