@@ -18,6 +18,7 @@ from nodes.channel_nodes import (CHANNEL_KEYS, FLEX_KEY, FlexPayload, FluxCoreFl
 from nodes.loaders import FluxCoreDiTLoader, NodeInputError
 from tests.tiny_comfy import load_node_models, make_models_dir
 from tests.tiny_dit import make_diffusers_dit
+from tests.tiny_train import one_thread  # noqa: F401 (module-wide autouse: tiny models run faster on one thread)
 
 H, W = 48, 64
 SIGMAS = flux_sigmas(5)

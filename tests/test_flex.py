@@ -23,6 +23,7 @@ from flux_core.scheduler import flux_sigmas
 from flux_core.tiled_dit import DiTTiling
 from tests.tiny_dit import make_diffusers_dit, write_bfl_dit, write_diffusers_dit
 from tests.tiny_pipeline import make_components
+from tests.tiny_train import one_thread  # noqa: F401 (module-wide autouse: tiny models run faster on one thread)
 from tests.tiny_vae import reference_encode
 
 H, W = 48, 64                       # latent 6x8
