@@ -125,6 +125,7 @@ def test_the_inputs_reach_the_loras_gradient_and_the_dit_trains_without_them(wor
     sample = trainer.dataset[0]
     base = loss_gradient(trainer, sample, 2024)
     other = loss_gradient(trainer, dict(sample, flex_inpaint_image=picture(99)), 2024)
+    # Measured 5.6e-2 of the gradient's size; a trainer that left the FLEX inputs out would give 0.
     assert (base - other).norm() > 1e-3 * base.norm()
     plain = flex_trainer(world, tmp_path / "plain", with_inputs=False)   # the folder's captions, no FLEX columns
     loss = plain._loss(plain.dataset[0], torch.Generator().manual_seed(1))
