@@ -32,6 +32,7 @@ from tests.tiny_vae import make_diffusers_vae, reference_encode_image, write_bfl
 # (the connector's pooled output) and a 32-wide text input (the tiny connector's).
 STEP1X_DIT = dict(guidance_embeds=False, pooled_projection_dim=768, attention_head_dim=128, num_attention_heads=1,
                   axes_dims_rope=(16, 56, 56))
+DIFFSYNTH_PREFIX = 217   # what Step1xEditEmbedder drops (its literal `emb[0, 217:]`), for slicing its hidden states
 PROMPTS = ['make the sign say "OPEN 24/7" in red', "it's a cat, not a dog"]
 
 
@@ -162,9 +163,9 @@ def test_embedding_matches_diffsynths_embedder():
         assert torch.equal(states.to(torch.bfloat16), want)
         for i, (_, _, hidden) in enumerate(recorder.calls):
             n = int(mask[i].sum())
-            assert n == min(max_length, hidden.shape[1] - PREFIX_TOKENS)
+            assert n == min(max_length, hidden.shape[1] - DIFFSYNTH_PREFIX)
             # float32: DiffSynth's own hidden states sliced at 217 (measured 0; one token off is > 0.1)
-            assert rel(states[i, :n], hidden[0, PREFIX_TOKENS:PREFIX_TOKENS + n]) <= 1e-4
+            assert rel(states[i, :n], hidden[0, DIFFSYNTH_PREFIX:DIFFSYNTH_PREFIX + n]) <= 1e-4
             assert not states[i, n:].any()
 
 
@@ -194,7 +195,7 @@ def test_embedding_input_ids_are_diffsynths():
 def test_prefix_constant_is_the_instruction_length_in_qwen_tokens():
     """217: the system turn and the instruction up to "User Prompt" in Qwen2.5's tokenizer (measured with the real
     vocabulary, which is not available here); the constant is what DiffSynth-Studio drops."""
-    assert PREFIX_TOKENS == 217 and STEP1X_INSTRUCTION.endswith("User Prompt:")
+    assert PREFIX_TOKENS == DIFFSYNTH_PREFIX and STEP1X_INSTRUCTION.endswith("User Prompt:")
 
 
 # ------------------------------------------------------------------------------------------------ encoder
@@ -315,7 +316,7 @@ def diffsynth_run(models, image, prompt, negative, sigmas, noise, cfg_scale):
     states = torch.zeros(2, MAX_LENGTH, 16)
     for i, (_, _, hidden) in enumerate(recorder.calls):
         n = int(mask[i].sum())
-        states[i, :n] = hidden[0, PREFIX_TOKENS:PREFIX_TOKENS + n]
+        states[i, :n] = hidden[0, DIFFSYNTH_PREFIX:DIFFSYNTH_PREFIX + n]
     reference_latents = reference_encode_image(models["vae"], image)
     x = noise.clone()
     with torch.no_grad():
