@@ -245,3 +245,15 @@ def test_diffsynth_layouts_match_diffsynths_own_forward(layout, reference, tmp_p
     # Measured 1.4e-6 on outputs up to 4.0 (DiffSynth's float32 kernel order differs from ours). The final layer's
     # shift/scale halves left in the Nexus-Gen order moves it by 4.5, RoPE rows/columns swapped by 2.5e-2.
     assert (out - expected).abs().max().item() <= 1e-5
+
+
+def test_a_transformers_config_json_beside_a_dit_file_is_not_read_as_the_dits(reference, tmp_path):
+    """Nexus-Gen's folder holds its Qwen2.5-VL's config.json beside the decoders that carry a DiT: the DiT is built from
+    its own shapes (and the explicit config), not from that file's hidden_size / num_attention_heads."""
+    from tests.tiny_dit import write_nexus_gen_dit
+    path = write_nexus_gen_dit(reference, tmp_path / "generation_decoder.safetensors")
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen2_5_vl", "hidden_size": 3584,
+                                                      "num_attention_heads": 28, "num_hidden_layers": 28}))
+    dit = load_model(path, config={"axes_dim": (4, 6, 6)}, torch_dtype=torch.float32, kind="dit")
+    assert dit.params.hidden_size == reference.config.num_attention_heads * reference.config.attention_head_dim
+    assert dit.params.depth == reference.config.num_layers

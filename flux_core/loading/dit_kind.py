@@ -45,4 +45,10 @@ def build_dit(sd: StateDict, config: dict) -> FluxDiT:
     return FluxDiT(FluxParams.from_state_dict_shapes(shapes, dit_overrides(config)))
 
 
-DIT_KIND = ModelKind(name="dit", title="FLUX DiT (diffusion model)", select=select_dit, build=build_dit)
+def is_dit_config(config: dict) -> bool:
+    """A diffusers transformer's config.json (`_class_name`), not a transformers model's (`model_type`)."""
+    return "model_type" not in config
+
+
+DIT_KIND = ModelKind(name="dit", title="FLUX DiT (diffusion model)", select=select_dit, build=build_dit,
+                     reads_config=is_dit_config)

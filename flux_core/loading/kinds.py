@@ -24,3 +24,6 @@ class ModelKind:
     build: Callable[[StateDict, dict], nn.Module]
     # Runs after the weights are assigned: re-create non-persistent buffers, tie weights.
     finalize: Callable[[nn.Module], None] | None = None
+    # Whether a config.json beside the weights describes this kind of model (None: always). A folder may hold another
+    # model's: Nexus-Gen's holds its Qwen2.5-VL's config.json beside the decoders that carry a DiT.
+    reads_config: Callable[[dict], bool] | None = None

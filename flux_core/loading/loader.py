@@ -88,6 +88,11 @@ def read_config_json(source: PathLike | Sequence[PathLike]) -> dict:
         raise CheckpointError(f"{path}: not valid JSON ({e}).") from None
 
 
+def config_json_for(kind: ModelKind, config: dict) -> dict:
+    """The config.json beside the weights if it describes `kind`'s model, else {}."""
+    return config if kind.reads_config is None or kind.reads_config(config) else {}
+
+
 def load_model(source: PathLike | Sequence[PathLike], config: Mapping | None = None,
                torch_dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu",
                kind: str | None = None, weight_dtype: torch.dtype | None = None,
@@ -115,7 +120,7 @@ def load_model(source: PathLike | Sequence[PathLike], config: Mapping | None = N
     else:
         raise CheckpointError(f"{where}: holds several components ({', '.join(d.kind.name for d in found)}); "
                               f"pass kind= one of them, or use load_models() to load them all.")
-    overrides = {**read_config_json(source), **dict(config or {})}
+    overrides = {**config_json_for(chosen.kind, read_config_json(source)), **dict(config or {})}
     return _build_and_load(chosen, overrides, torch_dtype, device, where, weight_dtype, progress)
 
 
@@ -125,7 +130,8 @@ def load_models(source: PathLike | Sequence[PathLike], torch_dtype: torch.dtype 
     """Every component a file holds, by kind name (for all-in-one checkpoints)."""
     where = describe_source(source)
     overrides = read_config_json(source)
-    return {d.kind.name: _build_and_load(d, overrides, torch_dtype, device, where, weight_dtype, progress)
+    return {d.kind.name: _build_and_load(d, config_json_for(d.kind, overrides), torch_dtype, device, where,
+                                         weight_dtype, progress)
             for d in _detect_source(source)}
 
 
