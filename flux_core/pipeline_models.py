@@ -36,6 +36,8 @@ GENERATION_SLOTS = ("dit", "vae", "text_encoder_1", "text_encoder_2")
 STEP1X_SLOTS = ("qwenvl", "step1x_connector")
 # Kinds of which a pipeline holds a list rather than one model.
 LISTED_KINDS = frozenset({"controlnet"})
+# The kind of model each tokenizer folder serves.
+TOKENIZER_KINDS = {"tokenizer": "clip", "tokenizer_2": "t5"}
 # Tokenizer folder -> (what it is, the from_pretrained parameter that names it).
 TOKENIZERS = {"tokenizer": ("CLIP-L tokenizer", "tokenizer_1_config"),
               "tokenizer_2": ("T5 tokenizer", "tokenizer_2_config")}
@@ -73,7 +75,8 @@ class LoadedModel:
 @dataclass
 class ModelPlan:
     """What to load: one entry per model, each with the config and the resolved path(s) it came from, and the
-    tokenizer folders ({"tokenizer": folder, "tokenizer_2": folder})."""
+    tokenizer folders ({"tokenizer": folder, "tokenizer_2": folder}; a Step1X-Edit plan without CLIP-L / T5 has
+    none of theirs: `tokenizer_unused`)."""
     entries: list[tuple[ModelConfig, str | list[str], LoadedModel]]
     tokenizers: dict[str, str]
 
@@ -114,6 +117,9 @@ def find_files(model_configs: Sequence[ModelConfig], tokenizer_configs: dict[str
         errors.append(f"model_configs{not_fetched} were not downloaded: fix the files above first (nothing is "
                       f"fetched while a local file is missing).")
     roots = [root for paths in resolved if paths is not None for root in search_roots(paths)]
+    kinds = None if errors else planned_kinds(resolved)
+    tokenizer_configs = {folder: config for folder, config in tokenizer_configs.items()
+                         if config is not None or not tokenizer_unused(folder, kinds)}
     missing_tokenizers = 0
     try:
         tokenizers = tokenizer_folders(tokenizer_configs, roots, local_model_path, allow_download=not errors)
@@ -127,6 +133,22 @@ def find_files(model_configs: Sequence[ModelConfig], tokenizer_configs: dict[str
         raise ModelFileError(f"{len(missing)} of {len(model_configs)} model_configs name files that are not "
                              f"there{tokenizers_note}:\n- " + "\n- ".join(errors))
     return resolved, tokenizers
+
+
+def planned_kinds(resolved: list[str | list[str]]) -> set[str] | None:
+    """The kinds of model the resolved paths hold (headers only); None when one of them is not a FLUX component
+    (plan_models names it)."""
+    try:
+        return {kind for paths in resolved for _, kind, _, _ in detect_components(paths)}
+    except CheckpointError:
+        return None
+
+
+def tokenizer_unused(folder: str, kinds: set[str] | None) -> bool:
+    """Whether a plan can go without a tokenizer: it holds no model that reads it, and Step1X-Edit's Qwen2.5-VL
+    encodes its prompts instead (a plan of a DiT alone still gets FLUX.1-dev's tokenizers, for CLIP-L / T5 added
+    later). Unknown kinds (None): the tokenizer is looked for."""
+    return kinds is not None and TOKENIZER_KINDS[folder] not in kinds and "qwen_vl" in kinds
 
 
 def plan_models(model_configs: Sequence[ModelConfig], tokenizer_configs: dict[str, ModelConfig | None] | None = None,

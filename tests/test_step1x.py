@@ -417,3 +417,39 @@ def test_vram_managed_pipeline_gives_the_same_step1x_result(tmp_path, vram_limit
     # measured 0 (the same float32 weights, only moved); the connector at the wrong sigma changes it by > 1e-2
     assert (managed - unmanaged).abs().max() <= 1e-5
     assert device.live_bytes == 0   # everything moved out after the run
+
+
+@pytest.mark.slow
+def test_from_pretrained_loads_a_step1x_pipeline_and_it_runs(tmp_path, monkeypatch, caplog):
+    """The published files through from_pretrained: the DiT and the connector from one file, Qwen2.5-VL with the
+    processor beside it, the VAE (here a diffusers folder: the tiny one's norm groups are in its config.json); no
+    CLIP-L / T5 and no warning about them; the run equals the hand-assembled pipeline's."""
+    import logging
+    from tests.tiny_vae import write_diffusers_folder
+    monkeypatch.setenv("DIFFSYNTH_SKIP_DOWNLOAD", "true")   # nothing may be fetched
+    configs, models = step1x_models(tmp_path)
+    write_diffusers_folder(models["vae"], tmp_path / "vae")
+    with caplog.at_level(logging.WARNING, logger="flux_core.pipeline"):
+        pipe = FluxImagePipeline.from_pretrained(torch_dtype=torch.float32, device="cpu", model_configs=[
+            configs[0], configs[1], ModelConfig(path=str(tmp_path / "vae"))])
+    assert not [r for r in caplog.records if "no model for" in r.getMessage()]
+    assert {s: type(getattr(pipe, s)).__name__ for s in ("dit", "step1x_connector", "qwenvl")} == {
+        "dit": "FluxDiT", "step1x_connector": "Step1XConnector", "qwenvl": "Qwen2_5_VLModel"}
+    assert pipe.qwenvl_processor.image_processor.size.shortest_edge == 256 * 28 * 28
+    args = dict(prompt=PROMPTS[0], negative_prompt="blurry", cfg_scale=6.0, step1x_reference_image=sample_image(64, 48),
+                height=48, width=64, latents=torch.randn(1, 16, 6, 8, generator=torch.Generator().manual_seed(5)),
+                sigmas=[1.0, 0.5], output_type="latent", progress_bar_cmd=None)
+    assert torch.equal(pipe(**args), load_step1x_pipeline(configs, tmp_path)(**args))
+
+
+def test_a_plan_with_qwen_vl_and_no_clip_t5_needs_no_tokenizers_but_one_with_t5_does(tmp_path, monkeypatch):
+    from flux_core.model_config import ModelFileError
+    from flux_core.pipeline_models import plan_models
+    from tests.tiny_text import make_t5, write_t5
+    monkeypatch.setenv("DIFFSYNTH_SKIP_DOWNLOAD", "true")
+    configs, _ = step1x_models(tmp_path)
+    assert plan_models(configs[:2], local_model_path=str(tmp_path / "models")).tokenizers == {}
+    t5 = write_t5(make_t5(), tmp_path / "t5", "hf_sharded")
+    with pytest.raises(ModelFileError, match="T5 tokenizer") as e:
+        plan_models(configs[:2] + [ModelConfig(path=str(t5))], local_model_path=str(tmp_path / "models"))
+    assert "CLIP-L tokenizer" not in str(e.value)
