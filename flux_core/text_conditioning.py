@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from .dit_inputs import DiTCall, PromptEmbeds
-from .models.text_encoders import encode_prompt
+from .models.text_encoders import clip_pooled, encode_prompt
 
 
 @runtime_checkable
@@ -66,4 +66,9 @@ class ClipT5Encoder:
         prompt_emb, pooled = encode_prompt(list(prompts), self.clip, self.t5, self.clip_tokenizer, self.t5_tokenizer,
                                            t5_sequence_length=self.t5_sequence_length, device=self.device)
         return PromptEmbeds(prompt_emb, pooled)
+
+    def pooled(self, prompts: Sequence[str]) -> torch.Tensor:
+        """CLIP-L's pooled vector alone (Nexus-Gen takes it beside its own tokens), on `device`."""
+        pooled = clip_pooled(list(prompts), self.clip, self.clip_tokenizer)
+        return pooled if self.device is None else pooled.to(self.device)
 

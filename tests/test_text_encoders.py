@@ -11,6 +11,7 @@ from flux_core.loading.files import CheckpointError, open_state_dict
 from flux_core.loading.loader import detect, load_model
 from flux_core.model_state import state_of
 from flux_core.loading.text_kinds import clip_overrides
+from flux_core.text_conditioning import ClipT5Encoder
 from flux_core.models.text_encoders import (ClipParams, T5Params, TokenizerFilesError, encode_prompt,
                                             load_clip_tokenizer, load_t5_tokenizer, load_tokenizers)
 from tests.tiny_text import (CLIP_LAYOUTS, CLIP_SINGLE_FILE_CONFIG, T5_LAYOUTS, make_clip, make_t5,
@@ -204,6 +205,11 @@ def test_encode_prompt_matches_flux_pipeline(clip, t5, tokenizers):
     assert max_diff(emb, want_emb) <= TOL and max_diff(pooled, want_pooled) <= TOL
     emb, pooled = encode_prompt("a cat", clip, t5, clip_tok, t5_tok)  # FLUX.1-dev's default: 512 T5 tokens
     assert emb.shape == (1, 512, 32) and pooled.shape == (1, 32)
+    # The conditioning encoder gives the same, and CLIP's pooled vector alone (Nexus-Gen's pooled input) as well.
+    encoder = ClipT5Encoder(clip, t5, clip_tok, t5_tok, t5_sequence_length=64)
+    embeds = encoder.encode(prompts, "positive")
+    assert max_diff(embeds.prompt_emb, want_emb) <= TOL and max_diff(embeds.pooled, want_pooled) <= TOL
+    assert embeds.text_ids is None and max_diff(encoder.pooled(prompts), want_pooled) <= TOL
 
 
 def test_encode_prompt_keeps_the_encoders_dtype(clip, t5, tokenizers, tmp_path):

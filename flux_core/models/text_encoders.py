@@ -226,6 +226,12 @@ def _tokenize(tokenizer, prompts: list[str], max_length: int, name: str) -> torc
 
 
 @torch.no_grad()
+def clip_pooled(prompts: list[str], clip: nn.Module, clip_tokenizer) -> torch.Tensor:
+    """CLIP-L's pooled output (B, d_clip) of prompts padded and truncated to 77 tokens, on CLIP's device and dtype."""
+    clip_ids = _tokenize(clip_tokenizer, prompts, CLIP_MAX_LENGTH, "CLIP")
+    return clip(clip_ids.to(_device_of(clip)), output_hidden_states=False).pooler_output.to(_dtype_of(clip))
+
+
 def encode_prompt(prompts: str | list[str], clip: nn.Module, t5: nn.Module, clip_tokenizer, t5_tokenizer,
                   t5_sequence_length: int = 512, device: str | torch.device | None = None
                   ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -238,8 +244,7 @@ def encode_prompt(prompts: str | list[str], clip: nn.Module, t5: nn.Module, clip
     (The text position ids are zeros and are the pipeline's business, not this function's.)
     """
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-    clip_ids = _tokenize(clip_tokenizer, prompts, CLIP_MAX_LENGTH, "CLIP")
-    pooled = clip(clip_ids.to(_device_of(clip)), output_hidden_states=False).pooler_output.to(_dtype_of(clip))
+    pooled = clip_pooled(prompts, clip, clip_tokenizer)
     if t5_sequence_length < 1:
         raise ValueError(f"t5_sequence_length={t5_sequence_length}: use a positive number of T5 tokens "
                          f"(512 for FLUX.1-dev).")
