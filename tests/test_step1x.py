@@ -453,3 +453,23 @@ def test_a_plan_with_qwen_vl_and_no_clip_t5_needs_no_tokenizers_but_one_with_t5_
     with pytest.raises(ModelFileError, match="T5 tokenizer") as e:
         plan_models(configs[:2] + [ModelConfig(path=str(t5))], local_model_path=str(tmp_path / "models"))
     assert "CLIP-L tokenizer" not in str(e.value)
+
+
+def test_fp8_stored_qwen_vl_encodes_under_the_vram_manager(tmp_path):
+    """FP8 storage (offload_dtype=torch.float8_e4m3fn) of transformers' Qwen2.5-VL, every layer streamed: it runs, the
+    patch embedding computes from bf16 pixels, and the states stay near the bf16 model's."""
+    from flux_core.vram import SimulatedDevice, VRAMManager
+    folder = write_qwen_vl_folder(make_qwen_vl(seed=6, conditional_generation=True), tmp_path / "q")
+    processor, image = make_processor(), sample_image()
+    plain = load_model(str(folder), torch_dtype=torch.bfloat16)
+    stored = load_model(str(folder), torch_dtype=torch.bfloat16, weight_dtype=torch.float8_e4m3fn)
+    assert stored.language_model.layers[0].mlp.up_proj.weight.dtype == torch.float8_e4m3fn
+    assert stored.visual.patch_embed.proj.weight.dtype == torch.bfloat16   # its values are FP8's (finalize)
+    vram = VRAMManager(SimulatedDevice(), budget=0)
+    vram.add("qwenvl", stored, torch.bfloat16)
+    vram.load_models_to_device(["qwenvl"])
+    want, _ = step1x_embedding(plain, processor, PROMPTS[:1], image)
+    got, _ = step1x_embedding(stored, processor, PROMPTS[:1], image)
+    # measured 0.12 relative (FP8's 3-bit mantissa on every weight of a random tiny model); the pixels cast to FP8
+    # instead fail in the convolution
+    assert float((got.float() - want.float()).norm() / want.float().norm()) < 0.25

@@ -22,6 +22,8 @@ from typing import Mapping
 import torch
 from torch import nn
 
+from ..dtypes import FLOAT8_DTYPES
+from ..vram import stored_compute_dtype
 from .kinds import ModelKind, StateDict
 from .lazy import LazyTensor
 
@@ -95,11 +97,17 @@ def build_qwen_vl(sd: StateDict, config: dict) -> nn.Module:
 
 def finalize_qwen_vl(module: nn.Module) -> None:
     """Re-create the rotary embeddings' inverse frequencies (non-persistent buffers the meta-device build leaves
-    unset), on the weights' device, in float32 as transformers keeps them."""
+    unset), on the weights' device, in float32 as transformers keeps them. Under FP8 storage, the patch embedding's
+    weight goes back to the compute dtype (its FP8 values, 1.5 M of them in the 7B): transformers casts the pixels to
+    that weight's dtype (`visual.dtype` is it, and the embedding casts to it again), and FP8 pixels would lose all
+    but 3 bits and then fail in the convolution."""
     device = next(module.parameters()).device
     with torch.device(device):
         module.language_model.rotary_emb = type(module.language_model.rotary_emb)(module.language_model.config)
         module.visual.rotary_pos_emb = type(module.visual.rotary_pos_emb)(module.visual.config)
+    proj = module.visual.patch_embed.proj
+    if proj.weight.dtype in FLOAT8_DTYPES:
+        proj.weight = nn.Parameter(proj.weight.to(stored_compute_dtype(module)), requires_grad=False)
 
 
 QWEN_VL_KIND = ModelKind(name="qwen_vl", title="Qwen2.5-VL", select=select_qwen_vl, build=build_qwen_vl,
