@@ -473,3 +473,32 @@ def test_fp8_stored_qwen_vl_encodes_under_the_vram_manager(tmp_path):
     # measured 0.12 relative (FP8's 3-bit mantissa on every weight of a random tiny model); the pixels cast to FP8
     # instead fail in the convolution
     assert float((got.float() - want.float()).norm() / want.float().norm()) < 0.25
+
+
+def test_the_published_7b_builds_from_its_shapes_as_diffsynths_config_says():
+    """Without config.json: the 7B's shapes give DiffSynth-Studio's QwenImageTextEncoder config (its literal copy of
+    Qwen2.5-VL-7B-Instruct's), and its size: 7.75 G parameters, 14.4 GiB in bf16, 7.2 GiB with FP8 weight matrices."""
+    diffsynth_flux()
+    from diffsynth.models.qwen_image_text_encoder import QwenImageTextEncoder
+    from flux_core.loading.qwen_vl_kind import qwen_vl_config, select_qwen_vl
+    from flux_core.loading.lazy import LazyTensor
+    with torch.device("meta"):
+        theirs = QwenImageTextEncoder()
+    sd = {k: LazyTensor(tuple(v.shape), v.dtype, None, k) for k, v in theirs.state_dict().items()}
+    layout, ours_sd = select_qwen_vl(sd)
+    assert layout == "transformers5"
+    ours = qwen_vl_config({k: v.shape for k, v in ours_sd.items()}, {})
+    want = theirs.config
+    for field in ("hidden_size", "num_attention_heads", "num_key_value_heads", "intermediate_size", "num_hidden_layers",
+                  "vocab_size", "rms_norm_eps"):
+        assert getattr(ours.text_config, field) == getattr(want.text_config, field), field
+    assert ours.text_config.rope_parameters["mrope_section"] == want.text_config.rope_parameters["mrope_section"]
+    assert ours.text_config.rope_parameters["rope_theta"] == want.text_config.rope_parameters["rope_theta"]
+    for field in ("depth", "hidden_size", "num_heads", "intermediate_size", "out_hidden_size", "window_size",
+                  "fullatt_block_indexes", "patch_size", "spatial_merge_size", "temporal_patch_size"):
+        assert getattr(ours.vision_config, field) == getattr(want.vision_config, field), field
+    params = [v for k, v in ours_sd.items()]
+    total = sum(v.numel() for v in params)
+    matrices = sum(v.numel() for v in params if len(v.shape) >= 2)
+    assert round(total / 1e9, 2) == 7.75
+    assert round(2 * total / 2**30, 1) == 14.4 and round((matrices + 2 * (total - matrices)) / 2**30, 1) == 7.2
