@@ -413,7 +413,13 @@ def test_vram_managed_pipeline_gives_the_same_step1x_result(tmp_path, vram_limit
     device = SimulatedDevice()
     vram = pipe.enable_vram_management(vram_limit=vram_limit, vram_buffer=0.0, device=device)
     assert {"qwenvl", "step1x_connector"} <= set(vram.models)
-    managed = pipe(**args)
+    during_steps = []
+
+    def callback(step, total, latents):   # what is resident while the DiT denoises
+        during_steps.append((bool(vram.models["qwenvl"].resident), bool(vram.models["step1x_connector"].resident)))
+    managed = pipe(**args, callback=callback)
+    # Qwen2.5-VL moved out after encoding; the connector resident with the DiT (when the budget allows any)
+    assert during_steps == [(False, vram_limit is None)] * 2
     # measured 0 (the same float32 weights, only moved); the connector at the wrong sigma changes it by > 1e-2
     assert (managed - unmanaged).abs().max() <= 1e-5
     assert device.live_bytes == 0   # everything moved out after the run
