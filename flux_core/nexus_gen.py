@@ -23,6 +23,7 @@ from PIL import Image
 
 from .dit_inputs import PromptEmbeds
 from .text_conditioning import ClipT5Encoder
+from .vram import compute_place
 
 # DiffSynth's bound on the reference image's pixels (NexusGenAutoregressiveModel.max_pixels).
 REFERENCE_MAX_PIXELS = 262640
@@ -116,11 +117,6 @@ def editing_text_ids(latent_height: int, latent_width: int, target_grid: Sequenc
     return torch.cat([grid_ids(target_grid, 0.0), grid_ids(ref_grid, 1.0)], dim=1).repeat(batch, 1, 1)
 
 
-def _dtype_device(module: torch.nn.Module) -> tuple[torch.dtype, torch.device]:
-    weight = next(module.parameters())
-    return weight.dtype, weight.device
-
-
 @dataclass
 class NexusGenEncoder:
     """Nexus-Gen's ConditioningEncoder (see the module doc). `reference_image` None: text-to-image."""
@@ -140,7 +136,7 @@ class NexusGenEncoder:
         prompts = list(prompts)
         if branch == "negative":
             return self.clip_t5.encode(prompts, "negative")
-        pooled = self.clip_t5.encode(prompts, "positive").pooled
+        pooled = self.clip_t5.pooled(prompts)
         tokens, ids = zip(*(self.encode_one(p) for p in prompts))
         text_ids = None if ids[0] is None else torch.cat(ids)
         return PromptEmbeds(torch.cat(tokens), pooled, text_ids)
@@ -148,11 +144,11 @@ class NexusGenEncoder:
     @torch.no_grad()
     def encode_one(self, prompt: str) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(DiT tokens (1, L, 4096), text ids (1, L, 3) or None) of one prompt."""
-        _, device = _dtype_device(self.nexus_gen)
+        device, _ = compute_place(self.nexus_gen)   # where it computes (a VRAM-managed model rests elsewhere)
         inputs = {k: v.to(device) for k, v in model_inputs(self.processor, prompt, self.reference_image,
                                                            self.nexus_gen.num_image_tokens).items()}
         target, reference = self.nexus_gen.target_embeddings(**inputs)
-        dtype, device = _dtype_device(self.adapter)
+        device, dtype = compute_place(self.adapter)
         target = target[None].to(device, dtype)
         if self.reference_image is None:
             return self.adapter(target).to(self.device), None

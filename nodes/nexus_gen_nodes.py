@@ -146,7 +146,7 @@ class FluxCoreNexusGenEncode:
         if width % 16 or height % 16:
             raise NodeInputError(f"{node}, inputs 'width'/'height': {width}x{height} must be multiples of 16.")
         reference = tensor_to_pil(image_to_model(image[:1]))[0] if image is not None else None
-        bridge.ready(nexus_gen.model, adapter.model, text_encoders.clip, text_encoders.t5)
+        bridge.ready(nexus_gen.model, adapter.model, text_encoders.clip)   # CLIP-L only: T5 is the negative's
         device = bridge.compute_device()
         clip_t5 = ClipT5Encoder(text_encoders.clip.module, text_encoders.t5.module, text_encoders.clip_tokenizer,
                                 text_encoders.t5_tokenizer, device=device)

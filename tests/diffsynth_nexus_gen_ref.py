@@ -126,7 +126,10 @@ class DiffSynthARView:
         self.config = vl_model.config
         self.model = vl_model.model.language_model
         self._visual = vl_model.model.visual
-        self.lm_head = vl_model.lm_head
+        # FluxCore's model keeps no LM head; DiffSynth's forward computes logits (unused for the image embeddings)
+        # with one: a random one of the right shape.
+        text = vl_model.config.text_config
+        self.lm_head = vl_model.lm_head or nn.Linear(text.hidden_size, text.vocab_size, bias=False)
         self.vision_head = vision_head
         self.image_prefill_embeds = image_prefill_embeds
         self.rope_deltas = None

@@ -37,8 +37,11 @@ _PUBLISHED_TO_TRANSFORMERS = ((re.compile(r"^visual\."), "model.visual."),
 
 
 def select_nexus_gen(sd: Mapping[str, LazyTensor]) -> tuple[str, StateDict] | None:
+    """The AR model's keys in transformers 5.x names; the language-model head (`lm_head.weight`) is left out: the
+    model does not keep it (flux_core.models.nexus_gen.NexusGenAutoregressiveModel)."""
     if not all(k in sd for k in HEAD_KEYS):
         return None
+    sd = {k: v for k, v in sd.items() if k != "lm_head.weight"}
     if "model.language_model.embed_tokens.weight" in sd and any(k.startswith("model.visual.") for k in sd):
         return "transformers", dict(sd)
     if "model.embed_tokens.weight" in sd and any(k.startswith("visual.") for k in sd):
@@ -100,9 +103,20 @@ def finalize_merger(module: nn.Module) -> None:
     module.reset_rotary()
 
 
+def is_qwen_vl_config(config: dict) -> bool:
+    return config.get("model_type") == "qwen2_5_vl"
+
+
+def is_not_transformers_config(config: dict) -> bool:
+    """The merger's few settings (num_heads, mrope_section) beside a decoder; a Qwen2.5-VL config.json there is the
+    AR model's."""
+    return "model_type" not in config
+
+
 NEXUS_GEN_KIND = ModelKind(name="nexus_gen", title="Nexus-Gen autoregressive model", select=select_nexus_gen,
-                           build=build_nexus_gen, finalize=finalize_nexus_gen)
+                           build=build_nexus_gen, finalize=finalize_nexus_gen, reads_config=is_qwen_vl_config)
 NEXUS_GEN_ADAPTER_KIND = ModelKind(name="nexus_gen_adapter", title="Nexus-Gen generation adapter",
                                    select=select_adapter, build=build_adapter)
 NEXUS_GEN_MERGER_KIND = ModelKind(name="nexus_gen_merger", title="Nexus-Gen editing adapter (embedding merger)",
-                                  select=select_merger, build=build_merger, finalize=finalize_merger)
+                                  select=select_merger, build=build_merger, finalize=finalize_merger,
+                                  reads_config=is_not_transformers_config)

@@ -179,11 +179,15 @@ class NexusGenImageEmbeddingMerger(nn.Module):
 
 # ---------------------------------------------------------------------------------------- the autoregressive model
 class NexusGenAutoregressiveModel(Qwen2_5_VLForConditionalGeneration):
-    """transformers' Qwen2.5-VL with Nexus-Gen's image-embedding head. Key names: transformers' own plus
-    `vision_head.weight` and `image_prefill_embeds.weight`."""
+    """transformers' Qwen2.5-VL with Nexus-Gen's image-embedding head instead of its language-model head. Key names:
+    transformers' own (`model.visual.*`, `model.language_model.*`) plus `vision_head.weight` and
+    `image_prefill_embeds.weight`."""
 
     def __init__(self, config: Qwen2_5_VLConfig, num_image_tokens: int = 81):
         super().__init__(config)
+        # The language-model head is not kept: Nexus-Gen's image embeddings come from vision_head, and the 7B's
+        # lm_head is 1.0 GiB in bfloat16 (its file's `lm_head.weight` is left unread).
+        self.lm_head = None
         hidden = config.text_config.hidden_size
         self.vision_head = nn.Linear(hidden, hidden, bias=False)
         self.image_prefill_embeds = nn.Embedding(num_image_tokens, hidden)
@@ -215,7 +219,8 @@ class NexusGenAutoregressiveModel(Qwen2_5_VLForConditionalGeneration):
             raise ValueError(f"the placeholder image has {int(is_target.sum())} image tokens; Nexus-Gen's head "
                              f"writes {n}: the processor's patch or merge size differs from the model's")
         inputs_embeds = inputs_embeds.masked_scatter(is_reference[..., None].expand_as(inputs_embeds), reference)
-        prefill = self.image_prefill_embeds.weight.to(inputs_embeds.dtype)
+        # Through the module's forward (as DiffSynth does), so a VRAM manager's hooks place its weights.
+        prefill = self.image_prefill_embeds(torch.arange(n, device=input_ids.device)).to(inputs_embeds.dtype)
         inputs_embeds = inputs_embeds.masked_scatter(is_target[..., None].expand_as(inputs_embeds), prefill)
         position_ids, _ = self.model.get_rope_index(input_ids, mm_token_type_ids=image_tokens.int(),
                                                     image_grid_thw=image_grid_thw, attention_mask=attention_mask)
