@@ -317,7 +317,8 @@ def missing_processor_files(folder: str | Path) -> list[str]:
     (tokenizer.json, or vocab.json + merges.txt)."""
     folder = Path(folder)
     missing = [f for f in ("preprocessor_config.json", "tokenizer_config.json") if not (folder / f).is_file()]
-    if not (folder / "tokenizer.json").is_file() and not all((folder / f).is_file() for f in ("vocab.json", "merges.txt")):
+    bpe_files = all((folder / f).is_file() for f in ("vocab.json", "merges.txt"))
+    if not (folder / "tokenizer.json").is_file() and not bpe_files:
         missing.append("tokenizer.json (or vocab.json + merges.txt)")
     return missing
 
@@ -353,7 +354,8 @@ def processor_folder(spec: ProcessorSpec, config: ModelConfig | None, model_path
                 return folder
             why = f"no {', '.join(missing)}"
         except ModelFileError as e:
-            why = "skip_download is set, so it was not downloaded" if fallback.skip_download else f"fetching failed: {e}"
+            why = ("skip_download is set, so it was not downloaded" if fallback.skip_download
+                   else f"fetching failed: {e}")
         searched.append(f"{folder} ({spec.model_id}'s {spec.subfolder or 'files'} through ModelScope: {why})")
     raise ProcessorNotFoundError(
         f"the {spec.title} was not found. Searched: {'; '.join(searched)}. Fix: pass {spec.parameter}="

@@ -60,9 +60,9 @@ class FluxCoreQwenVLLoader:
     def INPUT_TYPES(cls):
         return {"required": {
             "qwen_vl_name": (list_models_and_folders(QWEN_VL_FOLDER) or ["(none found)"], {
-                "tooltip": "From models/text_encoders: the Qwen2.5-VL-7B-Instruct folder as published (model-*.safetensors, "
-                           "config.json, preprocessor_config.json, tokenizer files), or a file with those files "
-                           "beside it."}),
+                "tooltip": "From models/text_encoders: the Qwen2.5-VL-7B-Instruct folder as published "
+                           "(model-*.safetensors, config.json, preprocessor_config.json, tokenizer files), or a file "
+                           "with those files beside it."}),
         }}
 
     def load(self, qwen_vl_name):

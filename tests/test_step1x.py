@@ -10,6 +10,7 @@ DiffSynth was written for tokenized such text with its tokenizer).
 """
 from __future__ import annotations
 
+import json
 import types
 
 import pytest
@@ -25,7 +26,8 @@ from flux_core.step1x import MAX_LENGTH, PREFIX_TOKENS, STEP1X_INSTRUCTION, quot
 from flux_core.dit_inputs import DiTCall
 from tests.diffsynth_ref import diffsynth_flux, tiny_diffsynth_dit
 from tests.tiny_dit import bfl_state_dict, make_diffusers_dit
-from tests.tiny_qwen_vl import make_processor, make_qwen_vl, sample_image, write_qwen_vl_folder
+from tests.tiny_qwen_vl import (flat_config, make_processor, make_qwen_vl, published_state_dict, sample_image,
+                                write_qwen_vl_folder)
 from tests.tiny_vae import make_diffusers_vae, reference_encode_image, write_bfl_file, TINY_NORM_GROUPS
 
 # A DiT with FLUX's head size (its RoPE axes then need no config), no guidance embedder, CLIP's pooled width 768
@@ -508,3 +510,27 @@ def test_the_published_7b_builds_from_its_shapes_as_diffsynths_config_says():
     matrices = sum(v.numel() for v in params if len(v.shape) >= 2)
     assert round(total / 1e9, 2) == 7.75
     assert round(2 * total / 2**30, 1) == 14.4 and round((matrices + 2 * (total - matrices)) / 2**30, 1) == 7.2
+
+
+def test_comfyui_scaled_fp8_single_file_loads_dequantized(tmp_path):
+    """ComfyUI's text_encoders/qwen_2.5_vl_7b_fp8_scaled.safetensors form: one file, the published names without the LM
+    head, weight matrices as fp8(w / s) with their `scale_weight` s and the `scaled_fp8` marker."""
+    lm = make_qwen_vl(seed=4, conditional_generation=True)
+    sd = {k: v for k, v in published_state_dict(lm).items() if k != "lm_head.weight"}
+    stored, want = {"scaled_fp8": torch.zeros(2, dtype=torch.float8_e4m3fn)}, {}
+    for k, v in sd.items():
+        if k.endswith(".weight") and v.ndim == 2:
+            scale = (v.abs().max().float() / 448.0).reshape(())
+            stored[k], stored[k[:-len("weight")] + "scale_weight"] = (v / scale).to(torch.float8_e4m3fn), scale
+            want[k] = stored[k].float() * scale
+        else:
+            stored[k], want[k] = v, v
+    save_file({k: v.contiguous() for k, v in stored.items()}, str(tmp_path / "qwen_2.5_vl_7b_fp8_scaled.safetensors"))
+    (tmp_path / "config.json").write_text(json.dumps(flat_config()))
+    ours = load_model(tmp_path / "qwen_2.5_vl_7b_fp8_scaled.safetensors", torch_dtype=torch.float32)
+    from flux_core.model_state import state_of
+    assert state_of(ours).layout == "hf+scaled-fp8"
+    got = ours.state_dict()
+    for k, v in want.items():
+        name = ("language_model." + k[len("model."):]) if k.startswith("model.") else k
+        assert torch.equal(got[name], v.float()), k

@@ -101,10 +101,10 @@ def test_step1x_training_loss_equals_diffsynths_flowmatch_sft_loss(world, tmp_pa
     n = int(mask[0].sum())
     states[0, :n] = hidden[0, DIFFSYNTH_PREFIX:DIFFSYNTH_PREFIX + n]
     with torch.no_grad():
+        reference = pipe.preprocess_image(sample["step1x_reference_image"])
         inputs = dict(input_latents=reference_encode(ref.vae, pipe.preprocess_image(sample["image"])),
                       step1x_llm_embedding=states, step1x_mask=mask,
-                      step1x_reference_latents=reference_encode(ref.vae,
-                                                                 pipe.preprocess_image(sample["step1x_reference_image"])))
+                      step1x_reference_latents=reference_encode(ref.vae, reference))
         torch.manual_seed(seed)
         theirs = FlowMatchSFTLoss(pipe, **inputs).item()
         torch.manual_seed(seed)   # the same draw without the reference tokens: how much they move this loss

@@ -55,7 +55,8 @@ STEP1X_MIN_PIXELS, STEP1X_MAX_PIXELS = 256 * 28 * 28, 324 * 28 * 28
 
 def _byte_symbols() -> list[str]:
     """The byte-level alphabet (GPT-2 / Qwen): printable Latin-1 bytes stand for themselves, the rest for 256+."""
-    keep = set(range(ord("!"), ord("~") + 1)) | set(range(ord("¡"), ord("¬") + 1)) | set(range(ord("®"), ord("ÿ") + 1))
+    keep = (set(range(ord("!"), ord("~") + 1)) | set(range(ord("¡"), ord("¬") + 1))
+            | set(range(ord("®"), ord("ÿ") + 1)))
     out, extra = [], 0
     for b in range(256):
         if b in keep:

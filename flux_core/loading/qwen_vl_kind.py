@@ -8,6 +8,8 @@ Layouts:
 - "transformers5": `model.language_model.*`, `model.visual.*`, `lm_head.weight` (transformers 5's
   Qwen2_5_VLForConditionalGeneration.save_pretrained, DiffSynth-Studio's QwenImageTextEncoder names);
 - "base": `language_model.*`, `visual.*` (a saved Qwen2_5_VLModel).
+Any of them may be one file (ComfyUI's `text_encoders/qwen_2.5_vl_7b.safetensors`, the "hf" names without the LM
+head) and ComfyUI "scaled fp8" (`*_fp8_scaled.safetensors`: dequantized while loading, as for the DiT).
 Nexus-Gen's autoregressive model is a Qwen2.5-VL with an image head (`vision_head`, `image_prefill_embeds`): it is
 the Nexus-Gen kind's, never this one's.
 
@@ -26,6 +28,7 @@ from ..dtypes import FLOAT8_DTYPES
 from ..vram import stored_compute_dtype
 from .kinds import ModelKind, StateDict
 from .lazy import LazyTensor
+from .scaled_fp8 import dequantize_scaled_fp8
 
 NEXUS_GEN_KEYS = ("image_prefill_embeds", "vision_head")
 _LAYOUTS = (  # (layout, language model prefix, vision tower prefix)
@@ -55,6 +58,8 @@ def select_qwen_vl(sd: Mapping[str, LazyTensor]) -> tuple[str, StateDict] | None
         return None
     for layout, text, vision in _LAYOUTS:
         if text + _TEXT_PROBE in sd and vision + _VISION_PROBE in sd:
+            sd, scaled = dequantize_scaled_fp8(sd)   # ComfyUI's qwen_2.5_vl_7b_fp8_scaled.safetensors
+            layout += "+scaled-fp8" if scaled else ""
             out = {}
             for k, v in sd.items():
                 if k.startswith(vision):
