@@ -108,7 +108,8 @@ def step1x_embedding(model: nn.Module, processor, prompts: Sequence[str], image:
     """(states (B, max_length, hidden) in the model's dtype, mask (B, max_length) long) of each prompt with the
     reference image (module docstring). `model`: transformers' Qwen2_5_VLModel (a Qwen2_5_VLForConditionalGeneration's
     `.model` is taken); it runs where it computes (flux_core.vram), the results go to `device`."""
-    model = getattr(model, "model", model) if not hasattr(model, "language_model") else model
+    if hasattr(model, "lm_head"):   # a Qwen2_5_VLForConditionalGeneration: its base model gives the states
+        model = model.model
     run_device, dtype = compute_place(model)
     hidden = model.config.text_config.hidden_size
     states = torch.zeros(len(prompts), max_length, hidden, dtype=dtype)

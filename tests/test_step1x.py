@@ -220,6 +220,10 @@ def test_encoder_runs_the_connector_at_each_sigma_with_zero_text_ids():
         assert embeds.text_ids is None  # all-zero text ids (flux_core.dit_inputs)
         assert positive.at(DiTCall(sigma=sigma)) is embeds   # the same call again: cached
     assert positive.tokens == MAX_LENGTH
+    # transformers' Qwen2_5_VLForConditionalGeneration given instead: its base model's states
+    lm = make_qwen_vl(conditional_generation=True)
+    assert torch.equal(step1x_embedding(lm, processor, PROMPTS[:1], image)[0],
+                       step1x_embedding(lm.model, processor, PROMPTS[:1], image)[0])
     # a prompt's embedding does not depend on the batch it is encoded with (DiffSynth encodes one by one)
     both = encoder.encode(PROMPTS, "positive")
     assert torch.equal(both.states[:1], positive.states)
