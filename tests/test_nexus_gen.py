@@ -240,6 +240,10 @@ def pipes(files):
     return {"generation": load(files["generation"]), "editing": load(files["editing"])}
 
 
+EDIT_ARGS = dict(prompt="make it snow", negative_prompt="blurry", cfg_scale=2.0, height=H, width=W, sigmas=SIGMAS[:2],
+                 t5_sequence_length=16, output_type="latent", progress_bar_cmd=None)
+
+
 def noise(seed=0):
     return torch.randn(1, 16, H // 8, W // 8, generator=torch.Generator().manual_seed(seed))
 
@@ -304,6 +308,21 @@ def test_editing_gives_the_dit_diffsynths_merger_tokens_and_text_ids(files, pipe
     assert relative(nega["y"], negative_pooled) <= PARITY
 
 
+def test_a_batch_of_prompts_is_encoded_prompt_by_prompt(pipes):
+    """Two prompts: each through the AR model on its own (DiffSynth encodes one); the first image equals its single
+    run, the editing text ids repeat per image."""
+    pipe = pipes["editing"]
+    args = {**EDIT_ARGS, "nexus_gen_reference_image": sample_image(200, 120), "cfg_scale": 1.0}
+    del args["prompt"]
+    both = pipe(prompt=["make it snow", "make it rain"], latents=torch.cat([noise(5), noise(6)]), **args)
+    first = pipe(prompt="make it snow", latents=noise(5), **args)
+    assert (both[:1] - first).abs().max() <= 1e-5     # measured 0
+    assert (both[0] - both[1]).abs().max() > 1e-2
+    encoder = pipe.conditioning_encoder(16, None, sample_image(200, 120), H, W)
+    embeds = encoder.encode(["make it snow", "make it rain"], "positive")
+    assert embeds.prompt_emb.shape == (2, 81 + 28, TEXT_DIM) and torch.equal(embeds.text_ids[0], embeds.text_ids[1])
+
+
 # ------------------------------------------------------------------------------------------------- missing models
 def test_a_nexus_gen_request_without_its_models_names_every_missing_slot(files, pipes):
     kwargs = dict(height=H, width=W, sigmas=SIGMAS[:1], t5_sequence_length=16, output_type="latent",
@@ -336,8 +355,6 @@ def load_editing_pipeline(files, **ar_options) -> FluxImagePipeline:
         *files["flux"]])
 
 
-EDIT_ARGS = dict(prompt="make it snow", negative_prompt="blurry", cfg_scale=2.0, height=H, width=W, sigmas=SIGMAS[:2],
-                 t5_sequence_length=16, output_type="latent", progress_bar_cmd=None)
 
 
 @pytest.mark.parametrize("vram_limit", [None, 0])
