@@ -175,6 +175,23 @@ def test_editing_text_ids_are_diffsynths(latent, target, ref):
     assert got[0, -1, 0] == 1 and got[0, 0, 0] == 0   # reference tokens at index 1, target tokens at 0
 
 
+def test_editing_ids_are_rounded_to_the_pipelines_dtype_as_diffsynths_are(ar, processor):
+    """DiffSynth makes the ids in the latents' dtype (the pipeline's torch_dtype): with a bfloat16 merger the encoder's
+    ids equal get_editing_text_ids on bfloat16 latents (row 3 of an 18-row grid over 6 latent rows: 1.0 exactly, row
+    1: 0.333984 instead of 0.333333)."""
+    from flux_core.nexus_gen import NexusGenEncoder
+    merger = NexusGenImageEmbeddingMerger(NexusGenMergerParams.from_state_dict_shapes(
+        {k: tuple(v.shape) for k, v in tiny_diffsynth_merger(**MERGER_SIZES).state_dict().items()},
+        {"num_heads": 2, "mrope_section": MROPE})).to(torch.bfloat16)
+    encoder = NexusGenEncoder(ar, processor, merger, None, sample_image(200, 120), H // 8, W // 8)
+    tokens, ids = encoder.encode_one("make it snow")
+    expected = diffsynth_editing_text_ids(torch.zeros(1, 16, H // 8, W // 8, dtype=torch.bfloat16), (1, 18, 18),
+                                          (1, 8, 14))
+    assert tokens.dtype == torch.bfloat16 and ids.dtype == torch.float32
+    assert torch.equal(ids, expected.float())
+    assert not torch.equal(ids, editing_text_ids(H // 8, W // 8, (1, 18, 18), (1, 8, 14)))
+
+
 # ------------------------------------------------------------------------------------------------------ loading
 @pytest.fixture(scope="module")
 def files(tmp_path_factory, ar):
