@@ -21,6 +21,7 @@ from flux_core.loading.files import CheckpointError
 from flux_core.loading.loader import load_model, load_models
 from flux_core.loading.nexus_gen_kind import HEAD_KEYS
 from flux_core.math import pack_latents
+from flux_core.model_state import state_of
 from flux_core.model_config import ModelConfig
 from flux_core.models.nexus_gen import (NexusGenAdapter, NexusGenAdapterParams, NexusGenAutoregressiveModel,
                                         NexusGenImageEmbeddingMerger, NexusGenMergerParams, merger_position_ids)
@@ -235,6 +236,18 @@ def test_ar_model_as_published_loads_as_nexus_gen_not_as_plain_qwen_vl(files, ar
         assert torch.equal(dict(loaded.named_buffers())[name], buffer)
     stored = set().union(*(load_file(str(f)) for f in files["ar_folder"].glob("model-*.safetensors")))
     assert {"visual.patch_embed.proj.weight", "model.embed_tokens.weight", "lm_head.weight", *HEAD_KEYS} <= stored
+
+
+def test_ar_model_in_transformers_5_names_loads_too(files, ar, tmp_path):
+    """A state dict saved from transformers 5 (`model.visual.*`, `model.language_model.*`) with the head, beside the
+    AR folder's config.json."""
+    import shutil
+    shutil.copy(files["ar_folder"] / "config.json", tmp_path / "config.json")
+    save_file({k: v.contiguous() for k, v in ar.state_dict().items()}, str(tmp_path / "model.safetensors"))
+    loaded = load_model(tmp_path / "model.safetensors", torch_dtype=torch.float32)
+    assert state_of(loaded).layout == "transformers"
+    got, expected = loaded.state_dict(), ar.state_dict()
+    assert set(got) == set(expected) and all(torch.equal(got[k], expected[k]) for k in got)
 
 
 def test_ar_weights_of_other_sizes_without_their_config_are_refused_saying_what_to_add(tmp_path, ar):
