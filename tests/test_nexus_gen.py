@@ -11,7 +11,6 @@ byte-level tokenizer built in the test with Qwen's special-token ids, transforme
 """
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 import torch
@@ -21,8 +20,8 @@ from flux_core.loading.files import CheckpointError
 from flux_core.loading.loader import load_model, load_models
 from flux_core.loading.nexus_gen_kind import HEAD_KEYS
 from flux_core.math import pack_latents
-from flux_core.model_state import state_of
 from flux_core.model_config import ModelConfig
+from flux_core.model_state import state_of
 from flux_core.models.nexus_gen import (NexusGenAdapter, NexusGenAdapterParams, NexusGenAutoregressiveModel,
                                         NexusGenImageEmbeddingMerger, NexusGenMergerParams, merger_position_ids)
 from flux_core.nexus_gen import (REFERENCE_MAX_PIXELS, bound_image, editing_messages, editing_text_ids,
