@@ -218,7 +218,8 @@ def test_decoders_as_published_load_the_dit_and_their_adapter(files, suffix):
     for ours, theirs in ((generation["nexus_gen_adapter"], adapter_sd), (editing["nexus_gen_merger"], merger_sd)):
         got = ours.state_dict()
         assert set(got) == set(theirs) and all(torch.equal(got[k], theirs[k]) for k in got)
-    assert editing["nexus_gen_merger"].params.num_heads == 2 and editing["nexus_gen_merger"].params.mrope_section == MROPE
+    merger_params = editing["nexus_gen_merger"].params
+    assert merger_params.num_heads == 2 and merger_params.mrope_section == MROPE
 
 
 def test_ar_model_as_published_loads_as_nexus_gen_not_as_plain_qwen_vl(files, ar):
@@ -363,8 +364,8 @@ def test_a_nexus_gen_request_without_its_models_names_every_missing_slot(files, 
     with pytest.raises(RuntimeError, match=r"the pipeline has no nexus_gen_generation_adapter\. "):
         pipes["editing"](prompt="x", **kwargs)
     # A reference image without Nexus-Gen loaded at all: every Nexus-Gen slot is named at once.
-    plain = FluxImagePipeline.from_pretrained(torch_dtype=torch.float32, device="cpu",
-                                              model_configs=[ModelConfig(path=str(files["generation"])), *files["flux"]])
+    plain = FluxImagePipeline.from_pretrained(
+        torch_dtype=torch.float32, device="cpu", model_configs=[ModelConfig(path=str(files["generation"])), *files["flux"]])
     with pytest.raises(RuntimeError, match=r"has no nexus_gen, nexus_gen_processor, nexus_gen_editing_adapter\. "):
         plain(prompt="x", nexus_gen_reference_image=sample_image(), **kwargs)
 

@@ -1,6 +1,6 @@
 """A tiny Nexus-Gen for tests, laid out as DiffSynth-Studio/Nexus-GenV2 publishes it:
 
-    ar = make_ar()                                        # NexusGenAutoregressiveModel on tests/tiny_qwen_vl.py's config
+    ar = make_ar()    # NexusGenAutoregressiveModel on tests/tiny_qwen_vl.py's config
     files = write_nexus_gen_files(tmp / "decoders", dit, ar_folder=tmp / "Nexus-Gen", ar=ar)
 
 - the AR model's folder: `model-0000i-of-00002.safetensors` shards in the published (transformers 4.49) names with
