@@ -364,8 +364,9 @@ def test_a_nexus_gen_request_without_its_models_names_every_missing_slot(files, 
     with pytest.raises(RuntimeError, match=r"the pipeline has no nexus_gen_generation_adapter\. "):
         pipes["editing"](prompt="x", **kwargs)
     # A reference image without Nexus-Gen loaded at all: every Nexus-Gen slot is named at once.
-    plain = FluxImagePipeline.from_pretrained(
-        torch_dtype=torch.float32, device="cpu", model_configs=[ModelConfig(path=str(files["generation"])), *files["flux"]])
+    plain = FluxImagePipeline.from_pretrained(torch_dtype=torch.float32, device="cpu",
+                                              model_configs=[ModelConfig(path=str(files["generation"])),
+                                                             *files["flux"]])
     with pytest.raises(RuntimeError, match=r"has no nexus_gen, nexus_gen_processor, nexus_gen_editing_adapter\. "):
         plain(prompt="x", nexus_gen_reference_image=sample_image(), **kwargs)
 
