@@ -16,7 +16,7 @@ subtree (`WHOLE_UNITS`). When a stage starts, its models'
 units are made resident on the compute device, in module order, while their stored bytes fit in the budget
 (first fit); the others are streamed: copied to the compute device for each call and dropped after it. Resident units keep their storage dtype (fp8 stays fp8
 on the device); each call casts to the compute dtype, so a call needs at most one unit's weights in the
-compute dtype on top of what is resident. At rest (outside a call) a module's tensors are always its
+compute dtype on top of what is resident (floating buffers, e.g. float32 rotary frequencies, keep their dtype). At rest (outside a call) a module's tensors are always its
 stored ones, so `state_dict()`, LoRA shape checks and `weight.dtype` see the storage. Block-quantized weights
 (flux_core.quantized.QuantizedLinear, from GGUF files) are uint8 tensors to the manager: moved as they are, never
 cast, so the budget counts quantized bytes; the layer dequantizes them on the compute device in its call.
@@ -251,6 +251,13 @@ class PlacedModel:
     stored: dict[int, torch.Tensor] = field(default_factory=dict)     # id(tensor) -> its stored data
     resident: dict[int, torch.Tensor] = field(default_factory=dict)   # id(tensor) -> copy on the compute device
     marked: list[nn.Module] = field(default_factory=list)             # modules this manager marked offloaded
+    # ids of the model's buffers: they keep their stored dtype in a call (the float32 rotary frequencies of
+    # transformers' Qwen2.5-VL: in bf16 they move its rotary angles by up to a radian at ~900 tokens).
+    buffers: set[int] = field(default_factory=set)
+
+    def call_dtype(self, t: torch.Tensor, home: torch.Tensor) -> torch.dtype:
+        """The dtype of `t` in a call: parameters in the compute dtype, buffers and integers as stored."""
+        return self.compute_dtype if home.is_floating_point() and id(t) not in self.buffers else home.dtype
 
     @property
     def streamed(self) -> list[str]:
@@ -281,6 +288,7 @@ class VRAMManager:
         if name in self.models:
             self.remove(name)
         managed = PlacedModel(name, model, compute_dtype, persistent_params)
+        managed.buffers = {id(b) for b in model.buffers()}
         for unit_name, module, tensors in _units(model):
             owns = [t for t in tensors if id(t) not in managed.stored]
             managed.stored.update((id(t), t.data) for t in owns)
@@ -358,7 +366,7 @@ class VRAMManager:
         for t in unit.uses:
             home = managed.resident.get(id(t))
             home = managed.stored[id(t)] if home is None else home
-            view = self.device.put(home, managed.compute_dtype if home.is_floating_point() else home.dtype)
+            view = self.device.put(home, managed.call_dtype(t, home))
             if view is not home:  # a copy made for this call
                 new += view.untyped_storage().nbytes()
             t.data = view
@@ -390,8 +398,7 @@ class VRAMManager:
         for name, managed in self.models.items():
             if names is None or name in names:
                 for u in managed.units:
-                    size = sum(t.numel() * (managed.compute_dtype.itemsize if t.is_floating_point()
-                                            else t.element_size()) for t in u.uses)
+                    size = sum(t.numel() * managed.call_dtype(t, t).itemsize for t in u.uses)
                     if isinstance(u.module, QuantizedLinear):  # its call also dequantizes the weight
                         size += u.module.in_features * u.module.out_features * managed.compute_dtype.itemsize
                     out = max(out, size)

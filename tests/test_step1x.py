@@ -538,3 +538,21 @@ def test_comfyui_scaled_fp8_single_file_loads_dequantized(tmp_path):
     for k, v in want.items():
         name = ("language_model." + k[len("model."):]) if k.startswith("model.") else k
         assert torch.equal(got[name], v.float()), k
+
+
+def test_bf16_qwen_vl_under_the_vram_manager_keeps_its_float32_rotary_frequencies(tmp_path):
+    """A managed bf16 Qwen2.5-VL (every layer streamed) gives the unmanaged model's states exactly: its float32 rotary
+    `inv_freq` buffers stay float32 in each call (cast to bf16 they moved the states by 0.0625 here, and the rotary
+    angles by up to a radian at the 7B's ~900 Step1X tokens)."""
+    from flux_core.vram import SimulatedDevice, VRAMManager
+    folder = write_qwen_vl_folder(make_qwen_vl(seed=7, conditional_generation=True), tmp_path / "q")
+    processor, image = make_processor(), sample_image()
+    plain = load_model(str(folder), torch_dtype=torch.bfloat16)
+    managed = load_model(str(folder), torch_dtype=torch.bfloat16)
+    assert any(b.dtype == torch.float32 for b in managed.buffers())
+    vram = VRAMManager(SimulatedDevice(), budget=0)
+    vram.add("qwenvl", managed, torch.bfloat16)
+    vram.load_models_to_device(["qwenvl"])
+    want, want_mask = step1x_embedding(plain, processor, PROMPTS[:1], image)
+    got, mask = step1x_embedding(managed, processor, PROMPTS[:1], image)
+    assert torch.equal(mask, want_mask) and torch.equal(got, want)
