@@ -48,9 +48,8 @@ def world(tmp_path_factory):
         rows.append({"image": file, "prompt": caption, "step1x_reference_image": f"before {i}.png"})
     metadata = setup.data / "step1x.json"
     metadata.write_text(json.dumps(rows), encoding="utf-8")
-    # The FLUX folder's CLIP-L and T5 too: the trainer's setup asks for them (unused by a Step1X-Edit loss).
-    model_paths = json.dumps([str(step1x), str(qwen), str(setup.model / "vae"), str(setup.model / "text_encoder"),
-                              str(setup.model / "text_encoder_2")])
+    # No CLIP-L / T5: a Step1X-Edit run encodes its captions with Qwen2.5-VL and the connector only.
+    model_paths = json.dumps([str(step1x), str(qwen), str(setup.model / "vae")])
     return types.SimpleNamespace(setup=setup, metadata=metadata, model_paths=model_paths, connector=connector,
                                  qwen=lm.model)
 
@@ -128,3 +127,14 @@ def test_the_reference_image_reaches_the_loras_gradient(world, tmp_path):
     base = loss_gradient(trainer, sample, 2024)
     other = loss_gradient(trainer, dict(sample, step1x_reference_image=picture(99)), 2024)
     assert (base - other).norm() > 1e-3 * base.norm()
+
+
+def test_a_step1x_run_without_qwen_vl_names_what_is_missing(world, tmp_path):
+    """--extra_inputs step1x_reference_image needs Qwen2.5-VL and the connector, not CLIP-L / T5: the message says so."""
+    from flux_core.train.args import TrainError
+    argv = train_argv(world.setup, tmp_path / "out", *EXTRAS)
+    argv[argv.index("--dataset_metadata_path") + 1] = str(world.metadata)
+    argv[argv.index("--model_paths") + 1] = json.dumps(json.loads(world.model_paths)[::2])  # the DiT file, the VAE
+    with pytest.raises(TrainError, match=r"hold no Qwen2\.5-VL; training needs DiT, VAE, Qwen2\.5-VL, Step1X-Edit "
+                                         r"connector"):
+        Trainer(parse_args(argv)).setup()

@@ -19,7 +19,10 @@ from ..model_config import DEFAULT_LOCAL_MODEL_PATH, ENV_MODEL_BASE_PATH, ENV_SK
 SEARCHED_LEVELS = 3
 MODEL_FLAGS = ("--model_paths", "--model_id_with_origin_paths")
 # Pipeline slots in words.
-SLOT_NAMES = {"dit": "DiT", "vae": "VAE", "text_encoder_1": "CLIP-L text encoder", "text_encoder_2": "T5 text encoder"}
+SLOT_NAMES = {"dit": "DiT", "vae": "VAE", "text_encoder_1": "CLIP-L text encoder", "text_encoder_2": "T5 text encoder",
+              "qwenvl": "Qwen2.5-VL", "step1x_connector": "Step1X-Edit connector", "nexus_gen": "Nexus-Gen model",
+              "nexus_gen_generation_adapter": "Nexus-Gen generation adapter",
+              "nexus_gen_editing_adapter": "Nexus-Gen editing adapter"}
 
 
 @dataclass(frozen=True)

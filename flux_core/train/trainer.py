@@ -210,12 +210,16 @@ def load_pipeline(args: argparse.Namespace, device: torch.device, skip_kinds: tu
     except (CheckpointError, ModelFileError, TokenizerFilesError) as e:
         raise TrainError(trainer_message(str(e), [entry for entry, _, _ in sources], values)) from None
     configs = [(spec, config) for _, spec, config in sources]
-    missing = [slot for slot in ("dit", "vae", "text_encoder_1", "text_encoder_2")
-               if slot not in skip_kinds and getattr(pipe, slot) is None]
+    # The captions' conditioning encoder: CLIP-L + T5, or Step1X-Edit's / Nexus-Gen's models (their images to edit)
+    extras = comma_list(args.extra_inputs)
+    encoder_slots = pipe.encoder_slots(True if "step1x_reference_image" in extras else None,
+                                       True if "nexus_gen_reference_image" in extras else None)
+    needed = ("dit", "vae", *(slot for slot in encoder_slots if slot in SLOT_NAMES))
+    missing = [slot for slot in needed if slot not in skip_kinds and getattr(pipe, slot) is None]
     if missing:
         raise TrainError(f"the models of --model_paths / --model_id_with_origin_paths hold no "
-                         f"{', '.join(SLOT_NAMES[m] for m in missing)}; training needs the DiT, the VAE and both text "
-                         f"encoders (CLIP-L, T5): add the missing files there.")
+                         f"{', '.join(SLOT_NAMES[m] for m in missing)}; training needs "
+                         f"{', '.join(SLOT_NAMES[m] for m in needed)}: add the missing files there.")
     for module in [getattr(pipe, slot) for slot in FROZEN_SLOTS] + list(pipe.controlnet.models):
         if module is not None:
             module.eval().requires_grad_(False)
