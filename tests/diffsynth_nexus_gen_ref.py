@@ -169,3 +169,16 @@ def diffsynth_editing_text_ids(latents, target_grid, ref_grid) -> torch.Tensor:
     return unit().get_editing_text_ids(latents, target_grid[1], target_grid[2], ref_grid[1], ref_grid[2])
 
 
+
+
+def diffsynth_ar_config() -> dict:
+    """The Qwen2_5_VLConfig keywords DiffSynth's NexusGenAutoregressiveModel hard-codes (Nexus-GenV2's config), read
+    from its source (its __init__ imports the AR file, which fails on transformers 5.x)."""
+    _, ar_class, _ = diffsynth_nexus_gen()
+    import diffsynth
+    tree = ast.parse((Path(diffsynth.__file__).parent / "models" / "nexus_gen.py").read_text())
+    cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == ar_class.__name__)
+    init = next(n for n in cls.body if isinstance(n, ast.FunctionDef) and n.name == "__init__")
+    call = next(n for n in ast.walk(init)
+                if isinstance(n, ast.Call) and getattr(n.func, "id", "") == "Qwen2_5_VLConfig")
+    return ast.literal_eval(call.keywords[0].value)   # Qwen2_5_VLConfig(**{...})

@@ -27,8 +27,9 @@ from flux_core.models.nexus_gen import (NexusGenAdapter, NexusGenAdapterParams, 
 from flux_core.nexus_gen import (REFERENCE_MAX_PIXELS, bound_image, editing_messages, editing_text_ids,
                                  generation_messages, model_inputs, nexus_gen_encoder, smart_resize)
 from flux_core.pipeline import FluxImagePipeline
-from tests.diffsynth_nexus_gen_ref import (diffsynth_editing_text_ids, diffsynth_messages, diffsynth_nexus_gen,
-                                           diffsynth_target_embeddings, merger_key_shapes, tiny_diffsynth_merger)
+from tests.diffsynth_nexus_gen_ref import (diffsynth_ar_config, diffsynth_editing_text_ids, diffsynth_messages,
+                                           diffsynth_nexus_gen, diffsynth_target_embeddings, merger_key_shapes,
+                                           tiny_diffsynth_merger)
 from tests.tiny_nexus_gen import (AR_HIDDEN, MERGER_SIZES, MROPE, TEXT_DIM, make_ar, randomised, white,
                                    write_nexus_gen_files)
 from tests.tiny_pipeline import FOLDER_NAME, make_diffusers_pipeline
@@ -236,6 +237,34 @@ def test_ar_model_as_published_loads_as_nexus_gen_not_as_plain_qwen_vl(files, ar
         assert torch.equal(dict(loaded.named_buffers())[name], buffer)
     stored = set().union(*(load_file(str(f)) for f in files["ar_folder"].glob("model-*.safetensors")))
     assert {"visual.patch_embed.proj.weight", "model.embed_tokens.weight", "lm_head.weight", *HEAD_KEYS} <= stored
+
+
+def test_nexus_gen_v2s_published_ar_model_builds_without_its_config_json():
+    """DiffSynth's hard-coded Nexus-GenV2 config (read from its source), built on transformers 5 on the meta device,
+    its weights named as published (transformers 4.49's names): our kind, without a config.json (a ModelScope
+    download of `model*.safetensors` has none), builds the same names and shapes, heads, rotary sections and windows."""
+    from types import SimpleNamespace
+    from transformers import Qwen2_5_VLConfig
+    from flux_core.loading.nexus_gen_kind import build_nexus_gen, select_nexus_gen
+    config = Qwen2_5_VLConfig(**diffsynth_ar_config())
+    with torch.device("meta"):
+        theirs = NexusGenAutoregressiveModel(config)
+    shapes = {k: tuple(v.shape) for k, v in theirs.state_dict().items()}
+    published = {("model." + k[len("model.language_model."):] if k.startswith("model.language_model.")
+                  else k.removeprefix("model.")): SimpleNamespace(shape=v) for k, v in shapes.items()}
+    published["lm_head.weight"] = SimpleNamespace(shape=(config.text_config.vocab_size, config.text_config.hidden_size))
+    layout, sd = select_nexus_gen(published)
+    with torch.device("meta"):
+        ours = build_nexus_gen(sd, {})
+    assert layout == "published" and {k: tuple(v.shape) for k, v in ours.state_dict().items()} == shapes
+    for part in ("text_config", "vision_config"):
+        a, b = getattr(ours.config, part).to_dict(), getattr(config, part).to_dict()
+        for key in ("num_attention_heads", "num_key_value_heads", "rms_norm_eps", "num_heads", "window_size",
+                    "fullatt_block_indexes", "patch_size", "spatial_merge_size", "tokens_per_second"):
+            assert a.get(key) == b.get(key), (part, key)
+    rope = [{k: c.text_config.rope_parameters[k] for k in ("rope_type", "rope_theta", "mrope_section")}
+            for c in (ours.config, config)]
+    assert rope[0] == rope[1]
 
 
 def test_ar_model_in_transformers_5_names_loads_too(files, ar, tmp_path):
