@@ -19,7 +19,7 @@ sys.path.insert(0, str(ROOT))
 from example_workflows.core_nodes import core_nodes  # noqa: E402
 from example_workflows.make_adapter_images import FACE as FACE_IMAGE, REFERENCE as REFERENCE_IMAGE  # noqa: E402
 from example_workflows.make_eligen_masks import REGIONS as ELIGEN_REGIONS  # noqa: E402
-from example_workflows.make_example_image import NAME as EXAMPLE_IMAGE  # noqa: E402
+from example_workflows.make_example_image import INPAINT_NAME as INPAINT_IMAGE, NAME as EXAMPLE_IMAGE  # noqa: E402
 from example_workflows.ui_format import is_widget, saved_value_count  # noqa: E402
 from nodes import NODE_CLASS_MAPPINGS  # noqa: E402
 
@@ -32,6 +32,11 @@ MODEL_URLS = {  # shown by ComfyUI's "missing models" dialog (node property "mod
         "https://huggingface.co/comfyanonymous/flux_text_encoders/resolve/main/t5xxl_fp16.safetensors",
     "ae.safetensors": "https://huggingface.co/black-forest-labs/FLUX.1-dev/resolve/main/ae.safetensors",
     "ip-adapter.bin": "https://huggingface.co/InstantX/FLUX.1-dev-IP-Adapter/resolve/main/ip-adapter.bin",
+    "flux1-fill-dev.safetensors":
+        "https://huggingface.co/black-forest-labs/FLUX.1-Fill-dev/resolve/main/flux1-fill-dev.safetensors",
+    "Flex.2-preview.safetensors": "https://huggingface.co/ostris/Flex.2-preview/resolve/main/Flex.2-preview.safetensors",
+    "step1x-edit-i1258.safetensors":
+        "https://huggingface.co/stepfun-ai/Step1X-Edit/resolve/main/step1x-edit-i1258.safetensors",
 }
 # The published ControlNets, as models/controlnet/<repository folder>/<file> (a folder each: they share a file name).
 # Not in MODEL_URLS: the frontend's missing-models dialog saves a download under its bare name, not in a folder.
@@ -50,7 +55,10 @@ IPADAPTER_FILES = {"ipadapter": "ip-adapter.bin", "image_encoder": "siglip-so400
 # InfiniteYou as ByteDance/InfiniteYou publishes it (infu_flux_v1.0/<variant>/), in models/infinite_you.
 INFINITEYOU_FILES = {"projector": "infu_flux_v1.0/aes_stage2/image_proj_model.bin",
                      "infusenet": "infu_flux_v1.0/aes_stage2/InfuseNetModel"}
-INPUT_IMAGES = [EXAMPLE_IMAGE, REFERENCE_IMAGE, FACE_IMAGE, *ELIGEN_REGIONS]  # what the examples load (ComfyUI/input/)
+# Step1X-Edit's prompt encoder: the Qwen/Qwen2.5-VL-7B-Instruct folder as published, in models/text_encoders.
+QWEN_VL_FOLDER = "Qwen2.5-VL-7B-Instruct"
+INPUT_IMAGES = [EXAMPLE_IMAGE, INPAINT_IMAGE, REFERENCE_IMAGE, FACE_IMAGE, *ELIGEN_REGIONS]  # what the examples load
+# (ComfyUI/input/)
 
 
 def models_note(dit: str) -> str:
@@ -171,11 +179,11 @@ def load_image(g: Graph, title: str | None = None) -> int:
 
 
 def finish(g: Graph, model, positive, negative, latent, vae, seed, control, denoise, prefix, x=CONDITIONING,
-           tiled=False):
+           tiled=False, cfg=1.0):
     """Sampler, decode and save; `tiled`: the DiT and the decode in 1024-px tiles (128 latent pixels, stride 64).
     positive / negative: a node id (its output 0) or (node id, output slot)."""
     positive, negative = (c if isinstance(c, tuple) else (c, 0) for c in (positive, negative))
-    sampler = g.node("FluxCoreSampler", x, [seed, control, 28, 1.0, -1.0, 3.0, denoise, tiled, 128, 64, False],
+    sampler = g.node("FluxCoreSampler", x, [seed, control, 28, cfg, -1.0, 3.0, denoise, tiled, 128, 64, False],
                      model=(model, 0), positive=positive, negative=negative, latent_image=(latent, 0))
     image = g.node("FluxCoreVAEDecode", x, [tiled, 128, 64], samples=(sampler, 0), vae=vae)
     g.node("SaveImage", x + 380, [prefix], size=[520, 560], images=(image, 0))
@@ -385,6 +393,99 @@ def eligen(g: Graph) -> None:
     finish(g, model, second, negative, latent, (vae, 0), 2025, "fixed", 1.0, "FluxCore/eligen", x=CONDITIONING + 460)
 
 
+INPAINT_NOTE = ("Its transparent rectangle is the mask (1 = redraw): right-click the image, 'Open in MaskEditor', "
+                "paint another area and save. The image's size is the output's (512x512 here).")
+
+
+def flux_fill(g: Graph) -> None:
+    """FLUX.1-Fill-dev with ComfyUI's own InpaintModelConditioning (and its VAE): the image with the masked area
+    greyed and the mask go into the conditioning (concat_latent_image, concat_mask), which FluxCore's sampler feeds
+    to the Fill DiT's extra input channels; noise_mask keeps the rest of the image. Guidance 30, as BFL recommends."""
+    g.node("MarkdownNote", NOTES, [
+        "## Model files\n\nPut these into ComfyUI's model folders:\n\n"
+        "- `models/diffusion_models/flux1-fill-dev.safetensors` from "
+        "https://huggingface.co/black-forest-labs/FLUX.1-Fill-dev\n"
+        "- `models/text_encoders/clip_l.safetensors` and `t5xxl_fp16.safetensors`\n"
+        "- `models/vae/ae.safetensors` (FLUX.1's VAE)\n\n"
+        "The VAE is loaded by ComfyUI's own Load VAE: InpaintModelConditioning and VAE Decode are core nodes. "
+        "FluxCore's sampler reads the conditioning they make (concat_latent_image, concat_mask) as ComfyUI's "
+        "Flux model does, and the latent's noise_mask. BFL recommends guidance 30 for Fill."],
+        size=[400, 330], title="Model files")
+    model = g.node("FluxCoreDiTLoader", LOADERS, ["flux1-fill-dev.safetensors", "default", ""],
+                   models=[("flux1-fill-dev.safetensors", "diffusion_models")])
+    te = g.node("FluxCoreTextEncoderLoader", LOADERS, ["clip_l.safetensors", "t5xxl_fp16.safetensors"],
+                models=LOADER_MODELS)
+    vae = g.node("VAELoader", LOADERS, ["ae.safetensors"], models=[("ae.safetensors", "vae")])
+    positive, negative = prompts(g, te, "A bouquet of sunflowers in a blue vase on a wooden table", 30.0)
+    image = input_image(g, INPAINT_IMAGE, INPAINT_NOTE, "Image (paint the area to fill in the MaskEditor)")
+    inpaint = g.node("InpaintModelConditioning", CONDITIONING, [True], positive=(positive, 0),
+                     negative=(negative, 0), vae=(vae, 0), pixels=(image, 0), mask=(image, 1))
+    x = CONDITIONING + 380
+    sampler = g.node("FluxCoreSampler", x, [512, "fixed", 28, 1.0, -1.0, 3.0, 1.0, False, 128, 64, False],
+                     model=(model, 0), positive=(inpaint, 0), negative=(inpaint, 1), latent_image=(inpaint, 2))
+    decoded = g.node("VAEDecode", x, [], samples=(sampler, 0), vae=(vae, 0))
+    g.node("SaveImage", x + 380, ["FluxCore/flux_fill"], size=[520, 560], images=(decoded, 0))
+
+
+def flex2(g: Graph) -> None:
+    """FLEX.2-preview: inpainting and control built into the DiT's input (FLEX.2 Inputs (FluxCore)): the image and
+    its mask, and the image's canny edges as the control image (strength 0.5 for the first half of the steps)."""
+    g.node("MarkdownNote", NOTES, [
+        models_note("Flex.2-preview.safetensors").replace(
+            "`models/diffusion_models/Flex.2-preview.safetensors`",
+            "`models/diffusion_models/Flex.2-preview.safetensors` from https://huggingface.co/ostris/Flex.2-preview")
+        + "\n\nFLEX.2 Inputs (FluxCore): inpaint_image + inpaint_mask (1 = redraw) and/or a control image (line "
+          "art, depth, pose); control_strength scales it, control_stop is the fraction of the steps it acts for."],
+        size=[400, 400], title="Model files")
+    model = g.node("FluxCoreDiTLoader", LOADERS, ["Flex.2-preview.safetensors", "default", ""],
+                   models=[("Flex.2-preview.safetensors", "diffusion_models")])
+    te = g.node("FluxCoreTextEncoderLoader", LOADERS, ["clip_l.safetensors", "t5xxl_fp16.safetensors"],
+                models=LOADER_MODELS)
+    vae = g.node("FluxCoreVAELoader", LOADERS, ["ae.safetensors"], models=[("ae.safetensors", "vae")])
+    positive, negative = prompts(g, te, "A basket of red apples on a wooden table in a sunny garden", 3.5)
+    image = input_image(g, INPAINT_IMAGE, INPAINT_NOTE, "Image (paint the area to redraw in the MaskEditor)")
+    edges = g.node("FluxCoreCannyMap", PROMPTS, [100, 200, 0.0], image=(image, 0))
+    g.node("PreviewImage", PROMPTS, [], size=[320, 320], title="Canny edges (control image)", images=(edges, 0))
+    flex = g.node("FluxCoreFlexInputs", CONDITIONING, [0.5, 0.5], positive=(positive, 0), negative=(negative, 0),
+                  vae=(vae, 0), inpaint_image=(image, 0), inpaint_mask=(image, 1), control_image=(edges, 0))
+    latent = g.node("FluxCoreEmptyLatent", PROMPTS, [512, 512, 1])
+    finish(g, model, (flex, 0), (flex, 1), latent, (vae, 0), 202, "fixed", 1.0, "FluxCore/flex2",
+           x=CONDITIONING + 380)
+
+
+def step1x_edit(g: Graph) -> None:
+    """Step1X-Edit: Qwen2.5-VL reads the instruction with the image; its connector makes the DiT's text at each step
+    and the image's latent joins the image tokens. True CFG 6 with an empty negative instruction (same image), as
+    DiffSynth-Studio's example."""
+    dit = "step1x-edit-i1258.safetensors"
+    g.node("MarkdownNote", NOTES, [
+        "## Model files\n\nFrom https://huggingface.co/stepfun-ai/Step1X-Edit:\n\n"
+        f"- `models/diffusion_models/{dit}` (the DiT and the connector: both loaders take this file)\n"
+        f"- `models/text_encoders/{QWEN_VL_FOLDER}/`: the whole https://huggingface.co/Qwen/Qwen2.5-VL-7B-Instruct "
+        "folder (model-*.safetensors, config.json and the processor files: preprocessor_config.json, "
+        "tokenizer.json, tokenizer_config.json, chat_template.json, ...)\n"
+        "- `models/vae/ae.safetensors` (FLUX.1's VAE; Step1X-Edit's vae.safetensors is the same autoencoder)\n\n"
+        "No CLIP or T5. DiffSynth-Studio's example renders 832x1248 with cfg 6; this one renders 512x512: "
+        "give the image to edit at the Empty Latent's size (Scale) for other sizes."],
+        size=[400, 330], title="Model files")
+    model = g.node("FluxCoreDiTLoader", LOADERS, [dit, "default", ""], models=[(dit, "diffusion_models")])
+    connector = g.node("FluxCoreStep1XConnectorLoader", LOADERS, [dit])
+    qwen = g.node("FluxCoreQwenVLLoader", LOADERS, [QWEN_VL_FOLDER])
+    vae = g.node("FluxCoreVAELoader", LOADERS, ["ae.safetensors"], models=[("ae.safetensors", "vae")])
+    image = input_image(g, REFERENCE_IMAGE, "Step1X-Edit changes it as the instruction says.", "Image to edit")
+    scaled = g.node("ImageScale", LOADERS, ["lanczos", 512, 512, "center"], title="Scale to 512x512",
+                    image=(image, 0))
+    sources = dict(qwen_vl=(qwen, 0), connector=(connector, 0), vae=(vae, 0), image=(scaled, 0))
+    positive = g.node("FluxCoreStep1XEncode", PROMPTS, ["Turn the night into a sunny afternoon with a blue sky, "
+                                                        "keep the hills, the cypress and the village"],
+                      size=[400, 200], title="Edit instruction", **sources)
+    negative = g.node("FluxCoreStep1XEncode", PROMPTS, [""], size=[400, 160],
+                      title="Negative instruction (same image; cfg 6)", **sources)
+    latent = g.node("FluxCoreEmptyLatent", PROMPTS, [512, 512, 1])
+    finish(g, model, positive, negative, latent, (vae, 0), 1258, "fixed", 1.0, "FluxCore/step1x_edit",
+           x=CONDITIONING, cfg=6.0)
+
+
 WORKFLOWS = {
     "fluxcore_text_to_image": text_to_image,
     "fluxcore_image_to_image": image_to_image,
@@ -396,6 +497,9 @@ WORKFLOWS = {
     "fluxcore_ipadapter_instantx": ipadapter_instantx,
     "fluxcore_infiniteyou": infiniteyou,
     "fluxcore_eligen": eligen,
+    "fluxcore_flux_fill": flux_fill,
+    "fluxcore_flex2": flex2,
+    "fluxcore_step1x_edit": step1x_edit,
 }
 
 

@@ -14,8 +14,9 @@ def _node(inputs: dict, outputs: tuple = (), names: tuple | None = None) -> type
                                  "RETURN_NAMES": names or outputs})
 
 
-def core_nodes(input_files: list[str]) -> dict[str, type]:
-    """Interface classes by node id; `input_files` are LoadImage's choices (the files in ComfyUI's input/)."""
+def core_nodes(input_files: list[str], vae_files: list[str] = ("ae.safetensors",)) -> dict[str, type]:
+    """Interface classes by node id; `input_files` are LoadImage's choices (the files in ComfyUI's input/),
+    `vae_files` VAELoader's (the files in models/vae/; ComfyUI adds "pixel_space" and any TAESD it finds)."""
     return {
         "LoadImage": _node({"required": {"image": (sorted(input_files), {"image_upload": True})}}, ("IMAGE", "MASK")),
         "SaveImage": _node({"required": {"images": ("IMAGE",), "filename_prefix": ("STRING", {"default": "ComfyUI"})},
@@ -36,4 +37,10 @@ def core_nodes(input_files: list[str]) -> dict[str, type]:
         "ConditioningZeroOut": _node({"required": {"conditioning": ("CONDITIONING",)}}, ("CONDITIONING",)),
         "ReferenceLatent": _node({"required": {"conditioning": ("CONDITIONING",)}, "optional": {"latent": ("LATENT",)}},
                                  ("CONDITIONING",)),
+        "VAELoader": _node({"required": {"vae_name": ([*vae_files, "pixel_space"],)}}, ("VAE",)),
+        "VAEDecode": _node({"required": {"samples": ("LATENT",), "vae": ("VAE",)}}, ("IMAGE",)),
+        "InpaintModelConditioning": _node({"required": {
+            "positive": ("CONDITIONING",), "negative": ("CONDITIONING",), "vae": ("VAE",), "pixels": ("IMAGE",),
+            "mask": ("MASK",), "noise_mask": ("BOOLEAN", {"default": True})}},
+            ("CONDITIONING", "CONDITIONING", "LATENT"), ("positive", "negative", "latent")),
     }

@@ -11,6 +11,12 @@ mask LoadImage gives (1 where transparent) marks the area the inpainting example
 the MaskEditor. The rectangle's edges lie on multiples of 48 pixels, so its mask stays sharp (0 or 1) when it is
 resized to the latent of the 1024x1024 image (a factor of 3 at 384 pixels: every latent pixel samples one image
 pixel) and on the 2x2 patches FLUX packs.
+
+`fluxcore_inpaint.png`: the same scene at 512x512 (Lanczos) with the hole scaled to (128, 256, 384, 448), for the
+FLUX.1-Fill and FLEX.2 examples, which take the image and its mask at the output's size (512x512): native
+InpaintModelConditioning resizes the mask to the image bilinearly, which would blur the 384-pixel mask's edges at 512,
+and FLUX.1-Fill reads that mask as it is. Edges on multiples of 64 pixels keep it 0 or 1 on the latent (8 pixels)
+and on the packed 2x2 patches.
 """
 from __future__ import annotations
 
@@ -22,6 +28,8 @@ HERE = Path(__file__).resolve().parent
 NAME = "fluxcore_example.png"
 SIZE = 384
 HOLE = (96, 192, 288, 336)  # left, top, right, bottom of the transparent (to inpaint) area
+INPAINT_NAME, INPAINT_SIZE = "fluxcore_inpaint.png", 512
+INPAINT_HOLE = tuple(v * INPAINT_SIZE // SIZE for v in HOLE)  # (128, 256, 384, 448)
 
 
 def draw() -> Image.Image:
@@ -43,10 +51,21 @@ def draw() -> Image.Image:
     return image
 
 
+def draw_inpaint() -> Image.Image:
+    """The scene at INPAINT_SIZE, transparent (alpha 0) exactly inside INPAINT_HOLE."""
+    image = draw().convert("RGB").resize((INPAINT_SIZE, INPAINT_SIZE), Image.LANCZOS).convert("RGBA")
+    alpha = Image.new("L", image.size, 255)
+    left, top, right, bottom = INPAINT_HOLE
+    ImageDraw.Draw(alpha).rectangle((left, top, right - 1, bottom - 1), fill=0)
+    image.putalpha(alpha)
+    return image
+
+
 def main() -> None:
-    path = HERE / NAME
-    draw().save(path, optimize=True)
-    print("wrote", path, path.stat().st_size, "bytes")
+    for name, picture in ((NAME, draw), (INPAINT_NAME, draw_inpaint)):
+        path = HERE / name
+        picture().save(path, optimize=True)
+        print("wrote", path, path.stat().st_size, "bytes")
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ OURS, CORE = (38, 84, 140), (74, 74, 80)
 LINK_COLOURS = {"IMAGE": (100, 181, 246), "MASK": (129, 199, 132), "LATENT": (255, 156, 249),  # ComfyUI's
                 "CONDITIONING": (255, 169, 49), "FLUXCORE_DIT": (179, 157, 219),               # link colours
                 "FLUXCORE_TEXT_ENCODERS": (255, 213, 0), "FLUXCORE_VAE": (255, 110, 110),
-                "FLUXCORE_CONTROLNET": (0, 214, 122)}
+                "FLUXCORE_CONTROLNET": (0, 214, 122), "VAE": (255, 110, 110)}
 LABELS = {"FluxCoreDiTLoader": "Load DiT", "FluxCoreTextEncoderLoader": "Load Text Encoders",
           "FluxCoreVAELoader": "Load VAE", "FluxCoreDiffusersLoader": "Load Diffusers Folder",
           "FluxCoreTextEncode": "Text Encode", "FluxCoreKontextReference": "Kontext Reference",
@@ -30,7 +30,10 @@ LABELS = {"FluxCoreDiTLoader": "Load DiT", "FluxCoreTextEncoderLoader": "Load Te
           "FluxCoreApplyControlNet": "Apply ControlNet", "FluxCoreCannyMap": "Canny Map",
           "FluxCoreIPAdapterLoader": "Load IP-Adapter", "FluxCoreApplyIPAdapter": "Apply IP-Adapter",
           "FluxCoreInfiniteYouLoader": "Load InfiniteYou", "FluxCoreApplyInfiniteYou": "Apply InfiniteYou",
-          "FluxCoreLoadFaceEmbedding": "Load Face Embedding", "FluxCoreEliGenEntity": "EliGen Entity"}
+          "FluxCoreLoadFaceEmbedding": "Load Face Embedding", "FluxCoreEliGenEntity": "EliGen Entity",
+          "FluxCoreFlexInputs": "FLEX.2 Inputs", "FluxCoreQwenVLLoader": "Load Qwen2.5-VL",
+          "FluxCoreStep1XConnectorLoader": "Load Step1X Connector", "FluxCoreStep1XEncode": "Step1X-Edit Encode",
+          "InpaintModelConditioning": "Inpaint Model Conditioning"}
 TITLES = {"fluxcore_text_to_image": "Text to image", "fluxcore_image_to_image": "Image to image",
           "fluxcore_kontext_edit": "Kontext edit", "fluxcore_mixed_native": "Kontext inpaint with core nodes",
           "fluxcore_controlnet_inpainting": "ControlNet inpainting (alimama)",
@@ -38,7 +41,10 @@ TITLES = {"fluxcore_text_to_image": "Text to image", "fluxcore_image_to_image": 
           "fluxcore_controlnet_upscale": "2x upscale, upscaler ControlNet + tiled DiT",
           "fluxcore_ipadapter_instantx": "IP-Adapter, reference image (InstantX)",
           "fluxcore_infiniteyou": "InfiniteYou, identity from a face photo",
-          "fluxcore_eligen": "EliGen, one prompt per painted region"}
+          "fluxcore_eligen": "EliGen, one prompt per painted region",
+          "fluxcore_flux_fill": "FLUX.1-Fill inpainting, native InpaintModelConditioning",
+          "fluxcore_flex2": "FLEX.2-preview: inpainting + canny control",
+          "fluxcore_step1x_edit": "Step1X-Edit: edit by instruction (Qwen2.5-VL)"}
 SKIP = {"Note", "MarkdownNote", "Reroute", "PrimitiveNode"}
 
 

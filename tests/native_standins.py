@@ -7,6 +7,10 @@ CONDITIONING is a list of [tokens, {options}].
 
 Each class keeps the native node's id, input names, widget order and RETURN_TYPES, because the workflow
 harness maps saved widget values by that order.
+
+VAE is ComfyUI's VAE object as the core nodes use it (`encode`: IMAGE -> raw latent, `decode`: raw latent -> IMAGE),
+here over flux_core's FLUX autoencoder read from the same file (VAELoader reads models/vae/ as FluxCore's loaders do,
+FLUXCORE_MODELS_DIR standalone).
 """
 from __future__ import annotations
 
@@ -31,6 +35,31 @@ def _set_values(conditioning, values: dict, append: bool = False):
             extra[key] = old + value if append and old is not None else value
         out.append([tokens, extra])
     return out
+
+
+class NativeVAE:
+    """ComfyUI's VAE object over FLUX's autoencoder (flux_core's module), float32 as ComfyUI runs a VAE on the CPU.
+    encode: IMAGE (B, H, W, 3) in [0, 1], cut to multiples of 8 around the centre, times 2 minus 1 -> the encoder's
+    mean, unscaled (a LATENT's samples); decode: raw latent -> (x + 1) / 2 clamped to [0, 1], channels last."""
+
+    def __init__(self, module):
+        self.module = module
+
+    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        h, w = pixels.shape[1] // 8 * 8, pixels.shape[2] // 8 * 8
+        top, left = (pixels.shape[1] % 8) // 2, (pixels.shape[2] % 8) // 2
+        pixels = pixels[:, top:top + h, left:left + w]
+        # Contiguous: ComfyUI hands its encoder the channels-last view movedim makes, on which this machine's CPU
+        # convolutions lose precision (measured 0.012 from a float64 encoding of the inpainting example, contiguous
+        # 2e-5); the same math in the layout FluxImagePipeline uses.
+        x = (pixels.movedim(-1, 1) * 2.0 - 1.0).contiguous()
+        with torch.no_grad():
+            return self.module.encode_raw(x.to(self.module.dtype)).float()
+
+    def decode(self, samples: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            image = self.module.decode_raw(samples.to(self.module.dtype)).float()
+        return ((image + 1.0) / 2.0).clamp(0.0, 1.0).movedim(1, -1)
 
 
 def standins(input_dir: str | Path, output_dir: str | Path, temp_dir: str | Path | None = None) -> dict[str, type]:
@@ -213,10 +242,75 @@ def standins(input_dir: str | Path, output_dir: str | Path, temp_dir: str | Path
             _, h, w, _ = image.shape
             return ImageScale().upscale(image, upscale_method, round(w * scale_by), round(h * scale_by), "disabled")
 
+    class VAELoader:
+        """A VAE file from models/vae/ ("pixel_space", ComfyUI's identity VAE, is listed but not offered here)."""
+        CATEGORY = "loaders"
+        RETURN_TYPES = ("VAE",)
+        FUNCTION = "load_vae"
+
+        @classmethod
+        def INPUT_TYPES(cls):
+            from nodes import comfy_bridge
+            return {"required": {"vae_name": ([*comfy_bridge.list_models("vae"), "pixel_space"],)}}
+
+        def load_vae(self, vae_name):
+            from flux_core.loading.loader import load_model
+            from nodes import comfy_bridge
+            if vae_name == "pixel_space":
+                raise NotImplementedError("the stand-in VAELoader loads FLUX VAE files only")
+            return (NativeVAE(load_model(comfy_bridge.model_path("vae", vae_name), kind="vae",
+                                         torch_dtype=torch.float32)),)
+
+    class VAEDecode:
+        """Decodes a LATENT's samples with the VAE into an IMAGE."""
+        CATEGORY = "latent"
+        RETURN_TYPES = ("IMAGE",)
+        FUNCTION = "decode"
+
+        @classmethod
+        def INPUT_TYPES(cls):
+            return {"required": {"samples": ("LATENT",), "vae": ("VAE",)}}
+
+        def decode(self, vae, samples):
+            return (vae.decode(samples["samples"]),)
+
+    class InpaintModelConditioning:
+        """Inputs for inpainting models (FLUX.1-Fill): the mask resized (bilinear) to the picture, both cut to
+        multiples of 8 around the centre; the picture with the pixels where the rounded mask is 1 set to grey (0.5)
+        is encoded into `concat_latent_image`, the resized mask (not rounded) goes in as `concat_mask`, on both
+        conditionings. The LATENT holds the whole picture's encoding and, with noise_mask, the mask as its
+        `noise_mask`."""
+        CATEGORY = "conditioning/inpaint"
+        RETURN_TYPES = ("CONDITIONING", "CONDITIONING", "LATENT")
+        RETURN_NAMES = ("positive", "negative", "latent")
+        FUNCTION = "encode"
+
+        @classmethod
+        def INPUT_TYPES(cls):
+            return {"required": {"positive": ("CONDITIONING",), "negative": ("CONDITIONING",), "vae": ("VAE",),
+                                 "pixels": ("IMAGE",), "mask": ("MASK",), "noise_mask": ("BOOLEAN", {"default": True})}}
+
+        def encode(self, positive, negative, pixels, vae, mask, noise_mask=True):
+            height, width = pixels.shape[1], pixels.shape[2]
+            mask = F.interpolate(mask.reshape(-1, 1, mask.shape[-2], mask.shape[-1]), size=(height, width),
+                                 mode="bilinear")
+            h, w = height // 8 * 8, width // 8 * 8
+            top, left = (height % 8) // 2, (width % 8) // 2
+            cut = pixels[:, top:top + h, left:left + w].clone()
+            mask = mask[:, :, top:top + h, left:left + w]
+            keep = (1.0 - mask.round()).squeeze(1)[..., None]
+            greyed = (cut - 0.5) * keep + 0.5
+            concat = vae.encode(greyed)
+            latent = {"samples": vae.encode(pixels)}
+            if noise_mask:
+                latent["noise_mask"] = mask
+            values = {"concat_latent_image": concat, "concat_mask": mask}
+            return _set_values(positive, values), _set_values(negative, values), latent
+
     classes = [LoadImage, SaveImage, PreviewImage, ImageScale, ImageScaleBy, SetLatentNoiseMask, FluxGuidance,
-               ConditioningZeroOut, ReferenceLatent]
+               ConditioningZeroOut, ReferenceLatent, VAELoader, VAEDecode, InpaintModelConditioning]
     return {c.__name__: c for c in classes}
 
 
 STANDIN_NAMES = ("LoadImage", "SaveImage", "PreviewImage", "ImageScale", "ImageScaleBy", "SetLatentNoiseMask", "FluxGuidance",
-                 "ConditioningZeroOut", "ReferenceLatent")
+                 "ConditioningZeroOut", "ReferenceLatent", "VAELoader", "VAEDecode", "InpaintModelConditioning")

@@ -13,21 +13,26 @@ import pytest
 import torch
 from PIL import Image
 
-from example_workflows.build_workflows import CONTROLNET_FILES, INFINITEYOU_FILES, INPUT_IMAGES, IPADAPTER_FILES
+from example_workflows.build_workflows import (CONTROLNET_FILES, INFINITEYOU_FILES, INPUT_IMAGES, IPADAPTER_FILES,
+                                               QWEN_VL_FOLDER)
 from example_workflows.make_adapter_images import IMAGES as ADAPTER_IMAGES
 from example_workflows.core_nodes import core_nodes
-from example_workflows.make_example_image import HOLE, NAME as EXAMPLE_IMAGE, SIZE, draw
+from example_workflows.make_example_image import (HOLE, INPAINT_HOLE, INPAINT_NAME as INPAINT_IMAGE, INPAINT_SIZE,
+                                                  NAME as EXAMPLE_IMAGE, SIZE, draw, draw_inpaint)
 from nodes import NODE_CLASS_MAPPINGS
 from tests.face_standin import StandInFaceEmbedder
 from tests.native_standins import STANDIN_NAMES, standins
-from tests.tiny_flux_files import FILES, set_up_like_a_user
+from tests.tiny_flux_files import EDIT_FILES, FILES, set_up_like_a_user
 from tests.workflow_harness import (WorkflowError, load_workflow, node_types, run_prompt, specs_from_classes,
                                     ui_to_api)
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "example_workflows"
 WORKFLOWS = sorted(EXAMPLES.glob("*.json"))
-REAL_FILES = {"dit_name": {"flux1-dev.safetensors", "flux1-kontext-dev.safetensors"}, "clip_name": {"clip_l.safetensors"},
+REAL_FILES = {"dit_name": {"flux1-dev.safetensors", "flux1-kontext-dev.safetensors", "flux1-fill-dev.safetensors",
+                           "Flex.2-preview.safetensors", "step1x-edit-i1258.safetensors"},
+              "connector_name": {"step1x-edit-i1258.safetensors"}, "qwen_vl_name": {QWEN_VL_FOLDER},
+              "clip_name": {"clip_l.safetensors"},
               "t5_name": {"t5xxl_fp16.safetensors"}, "vae_name": {"ae.safetensors"},
               "controlnet_name": set(CONTROLNET_FILES.values()), "ipadapter_name": {IPADAPTER_FILES["ipadapter"]},
               "image_encoder_name": {IPADAPTER_FILES["image_encoder"]},
@@ -40,7 +45,7 @@ def test_the_examples_exist_each_with_a_thumbnail():
     assert {"fluxcore_text_to_image", "fluxcore_image_to_image", "fluxcore_kontext_edit",
             "fluxcore_mixed_native", "fluxcore_controlnet_inpainting", "fluxcore_controlnet_union_canny",
             "fluxcore_controlnet_upscale", "fluxcore_ipadapter_instantx", "fluxcore_infiniteyou",
-            "fluxcore_eligen"} <= names
+            "fluxcore_eligen", "fluxcore_flux_fill", "fluxcore_flex2", "fluxcore_step1x_edit"} <= names
     for path in WORKFLOWS:
         thumb = path.with_suffix(".jpg")
         assert thumb.is_file(), f"{path.name} has no {thumb.name} beside it"
@@ -85,6 +90,18 @@ def test_the_shipped_example_image_is_what_its_script_draws():
     assert (EXAMPLES / EXAMPLE_IMAGE).stat().st_size < 64 * 1024
 
 
+def test_the_shipped_inpainting_image_is_what_its_script_draws():
+    with Image.open(EXAMPLES / INPAINT_IMAGE) as im:
+        assert im.mode == "RGBA" and im.size == (INPAINT_SIZE, INPAINT_SIZE)
+        assert np.array_equal(np.asarray(im), np.asarray(draw_inpaint())), \
+            "run python example_workflows/make_example_image.py"
+        alpha = np.asarray(im.getchannel("A"))
+    left, top, right, bottom = INPAINT_HOLE
+    assert (alpha[top:bottom, left:right] == 0).all() and (alpha == 0).sum() == (right - left) * (bottom - top)
+    assert set(np.unique(alpha)) == {0, 255} and all(v % 64 == 0 for v in INPAINT_HOLE)  # sharp at every scale
+    assert (EXAMPLES / INPAINT_IMAGE).stat().st_size < 64 * 1024
+
+
 @pytest.mark.parametrize("name", sorted(ADAPTER_IMAGES))
 def test_the_shipped_adapter_images_are_what_their_script_draws(name):
     with Image.open(EXAMPLES / name) as im:
@@ -102,9 +119,12 @@ def test_example_workflows_import_nothing_from_tests():
             assert not any(n == "tests" or n.startswith("tests.") for n in names), f"{path.name} imports {names}"
 
 
-def test_core_node_declarations_match_the_stand_ins(tmp_path):
+def test_core_node_declarations_match_the_stand_ins(tmp_path, monkeypatch):
     (tmp_path / EXAMPLE_IMAGE).write_bytes(b"")
-    declared, runnable = core_nodes([EXAMPLE_IMAGE]), standins(tmp_path, tmp_path)
+    (tmp_path / "models" / "vae").mkdir(parents=True)
+    (tmp_path / "models" / "vae" / "ae.safetensors").write_bytes(b"")
+    monkeypatch.setenv("FLUXCORE_MODELS_DIR", str(tmp_path / "models"))
+    declared, runnable = core_nodes([EXAMPLE_IMAGE], ["ae.safetensors"]), standins(tmp_path, tmp_path)
     assert set(declared) == set(runnable) == set(STANDIN_NAMES)
     for name, cls in declared.items():
         assert cls.RETURN_TYPES == runnable[name].RETURN_TYPES, name
@@ -136,11 +156,14 @@ def shipped(tmp_path_factory):
 
     def pipeline(dit: str, controlnet_names=(), adapters=()) -> FluxImagePipeline:
         """The pipeline on the same files; ControlNets by their name in models/controlnet, in controlnet_id order;
-        `adapters`: keys of set_up_like_a_user's paths ("ipadapter", "image_encoder", "projector", "infusenet")."""
-        kind = {FILES[k][1]: k for k in ("dit", "kontext_dit")}[dit]
+        `adapters`: keys of set_up_like_a_user's paths ("ipadapter", "image_encoder", "projector", "infusenet").
+        Step1X-Edit's file (DiT and connector) comes with the Qwen2.5-VL folder (its processor beside it) instead
+        of CLIP-L and T5."""
+        kind = {name: k for k, (_, name) in {**FILES, **EDIT_FILES}.items() if k.endswith("dit")}[dit]
+        encoders = ("qwen_vl",) if kind == "step1x_dit" else ("clip", "t5")
         by_name = {name: files[f"controlnet_{k}"] for k, name in CONTROLNET_FILES.items()}
         pipe = FluxImagePipeline.from_pretrained(torch_dtype=torch.float32, device="cpu", model_configs=[
-            *(ModelConfig(path=str(files[k])) for k in (kind, "clip", "t5", "vae")),
+            *(ModelConfig(path=str(files[k])) for k in (kind, *encoders, "vae")),
             *(ModelConfig(path=str(by_name[name])) for name in controlnet_names),
             *(ModelConfig(path=str(files[k])) for k in adapters)])
         pipe.infinityou_processor = StandInFaceEmbedder()
@@ -164,10 +187,16 @@ def loaded_image(files, name: str = EXAMPLE_IMAGE) -> Image.Image:
         return im.convert("RGB")
 
 
-def image_scaled(files, width: int, height: int) -> Image.Image:
+def loaded_mask(files, name: str) -> torch.Tensor:
+    """LoadImage's MASK of an input image, (H, W): 1 where it is transparent."""
+    with Image.open(files["input"] / name) as im:
+        return 1 - torch.from_numpy(np.asarray(im.getchannel("A"), dtype=np.float32) / 255)
+
+
+def image_scaled(files, width: int, height: int, name: str = EXAMPLE_IMAGE) -> Image.Image:
     """What LoadImage -> ImageScale(lanczos, no crop needed: the image is square) hands on: ComfyUI's lanczos
     goes through 8-bit PIL images (x * 255 truncated), then PIL's LANCZOS."""
-    rgb = np.asarray(loaded_image(files), dtype=np.float32) / 255
+    rgb = np.asarray(loaded_image(files, name), dtype=np.float32) / 255
     return Image.fromarray((rgb * 255).clip(0, 255).astype(np.uint8)).resize((width, height), Image.LANCZOS)
 
 
@@ -177,7 +206,8 @@ def pipeline_reference(shipped, prompt: dict, seed_offset: int = 0) -> torch.Ten
     from flux_core.scheduler import flux_sigmas, next_sigmas
     files = shipped["files"]
     sampler = prompt[by_type(prompt, "FluxCoreSampler")[0]]["inputs"]
-    encode = prompt[by_type(prompt, "FluxCoreTextEncode")[0]]["inputs"]  # the positive prompt is written first
+    step1x = by_type(prompt, "FluxCoreStep1XEncode")
+    encode = prompt[(step1x or by_type(prompt, "FluxCoreTextEncode"))[0]]["inputs"]  # the positive is written first
     applies = by_type(prompt, "FluxCoreApplyControlNet")
     ipadapters, identities = by_type(prompt, "FluxCoreApplyIPAdapter"), by_type(prompt, "FluxCoreApplyInfiniteYou")
     assert len(applies) + len(ipadapters) + len(identities) <= 1  # one adapter per example (chains: node tests)
@@ -186,12 +216,16 @@ def pipeline_reference(shipped, prompt: dict, seed_offset: int = 0) -> torch.Ten
                                                                          else ())
     pipe = shipped["pipeline"](prompt[by_type(prompt, "FluxCoreDiTLoader")[0]]["inputs"]["dit_name"],
                                controlnet_names, adapters)
-    guidance = encode["guidance"]
+    guidance = encode.get("guidance", 3.5)  # Step1X-Edit's DiT has no guidance embedder
     for nid in by_type(prompt, "FluxGuidance"):
         guidance = prompt[nid]["inputs"]["guidance"]
     latent_source = prompt[sampler["latent_image"][0]]
     if latent_source["class_type"] == "FluxCoreEmptyLatent":
         width, height = latent_source["inputs"]["width"], latent_source["inputs"]["height"]
+    elif latent_source["class_type"] == "InpaintModelConditioning":  # the picture's size (LoadImage's)
+        assert sampler["latent_image"][1] == 2
+        width, height = loaded_image(files, prompt[upstream(prompt, sampler["latent_image"][0], "pixels")]
+                                     ["inputs"]["image"]).size
     elif by_type(prompt, "ImageScaleBy"):
         factor = prompt[by_type(prompt, "ImageScaleBy")[0]]["inputs"]["scale_by"]
         width = height = round(SIZE * factor)
@@ -199,10 +233,35 @@ def pipeline_reference(shipped, prompt: dict, seed_offset: int = 0) -> torch.Ten
         scale = prompt[by_type(prompt, "ImageScale")[0]]["inputs"]
         width, height = scale["width"], scale["height"]
     seed = sampler["seed"] + seed_offset
-    kw = dict(prompt=encode["text"], embedded_guidance=guidance, t5_sequence_length=encode["t5_sequence_length"],
-              height=height, width=width, seed=seed, num_inference_steps=sampler["steps"], cfg_scale=sampler["cfg"],
-              sigma_shift=sampler["sigma_shift"], output_type="latent", progress_bar_cmd=None)
-    assert sampler["cfg"] == 1.0 and sampler["embedded_guidance"] == -1.0  # what the settings below assume
+    kw = dict(prompt=encode["text"], embedded_guidance=guidance, height=height, width=width, seed=seed,
+              num_inference_steps=sampler["steps"], cfg_scale=sampler["cfg"], sigma_shift=sampler["sigma_shift"],
+              output_type="latent", progress_bar_cmd=None)
+    if "t5_sequence_length" in encode:
+        kw["t5_sequence_length"] = encode["t5_sequence_length"]
+    assert sampler["embedded_guidance"] == -1.0  # the conditioning's guidance, as `guidance` above
+    if sampler["cfg"] != 1.0:  # true CFG: the negative prompt's node is the sampler's negative input
+        negative = prompt[sampler["negative"][0]]
+        assert negative["class_type"] in ("FluxCoreTextEncode", "FluxCoreStep1XEncode")
+        kw["negative_prompt"] = negative["inputs"]["text"]
+    for nid in step1x:  # both encode nodes read the same image: LoadImage -> ImageScale
+        scale = prompt[upstream(prompt, nid, "image")]
+        load = prompt[upstream(prompt, upstream(prompt, nid, "image"), "image")]
+        assert scale["class_type"] == "ImageScale" and load["class_type"] == "LoadImage"
+        assert (scale["inputs"]["width"], scale["inputs"]["height"]) == (width, height)
+        kw["step1x_reference_image"] = image_scaled(files, width, height, load["inputs"]["image"])
+    for nid in by_type(prompt, "FluxCoreFlexInputs"):  # FLEX.2: the image and its MASK from LoadImage, the control
+        inputs = prompt[nid]["inputs"]                # image its canny edges (FluxCoreCannyMap)
+        load = prompt[upstream(prompt, nid, "inpaint_image")]
+        assert load["class_type"] == "LoadImage" and inputs["inpaint_mask"] == [inputs["inpaint_image"][0], 1]
+        canny = prompt[upstream(prompt, nid, "control_image")]
+        assert canny["class_type"] == "FluxCoreCannyMap" and canny["inputs"]["image"] == inputs["inpaint_image"]
+        from flux_core import control_maps
+        picture = loaded_image(files, load["inputs"]["image"])
+        kw.update(flex_inpaint_image=picture, flex_inpaint_mask=loaded_mask(files, load["inputs"]["image"]),
+                  flex_control_image=control_maps.canny(picture, low_threshold=canny["inputs"]["low_threshold"],
+                                                        high_threshold=canny["inputs"]["high_threshold"],
+                                                        sigma=canny["inputs"]["sigma"]),
+                  flex_control_strength=inputs["control_strength"], flex_control_stop=inputs["control_stop"])
     if by_type(prompt, "FluxCoreKontextReference"):
         kw["kontext_images"] = loaded_image(files)
     if by_type(prompt, "ReferenceLatent"):
@@ -246,16 +305,30 @@ def pipeline_reference(shipped, prompt: dict, seed_offset: int = 0) -> torch.Ten
             with Image.open(files["input"] / load["inputs"]["image"]) as im:
                 masks.append(1 - torch.from_numpy(np.asarray(im.getchannel("A"), dtype=np.float32) / 255))
         kw.update(eligen_entity_prompts=[c["text"] for c in chain], eligen_entity_masks=masks)
-    if latent_source["class_type"] == "SetLatentNoiseMask":
-        # SetLatentNoiseMask: outside the mask (LoadImage's: 1 where transparent) the encoded image, noised to
-        # the next sigma, replaces the latent after every step. At 384 -> 128 every latent pixel samples image
-        # pixel 3i + 1, so the mask stays exactly 0/1 there.
-        alpha = np.asarray(Image.open(files["input"] / EXAMPLE_IMAGE).getchannel("A"), dtype=np.float32) / 255
-        step = SIZE // (height // 8)
-        mask = torch.from_numpy(1 - alpha[step // 2::step, step // 2::step].copy())[None, None]
+    if latent_source["class_type"] == "InpaintModelConditioning":
+        # FLUX.1-Fill from InpaintModelConditioning: the picture and the mask at the output's size, the mask sharp
+        # (0 or 1) there, so ComfyUI's unrounded concat_mask is the pipeline's binarised one.
+        inputs = latent_source["inputs"]
+        load = prompt[inputs["pixels"][0]]
+        assert load["class_type"] == "LoadImage" and inputs["mask"] == [inputs["pixels"][0], 1]
+        mask = loaded_mask(files, load["inputs"]["image"])
+        assert mask.shape == (height, width) and set(mask.unique().tolist()) == {0.0, 1.0}
+        kw.update(flux_fill_image=loaded_image(files, load["inputs"]["image"]), flux_fill_mask=mask)
+    if latent_source["class_type"] in ("SetLatentNoiseMask", "InpaintModelConditioning"):
+        # The latent's noise_mask: outside the mask (LoadImage's: 1 where transparent) the encoded image, noised
+        # to the next sigma, replaces the latent after every step. The sampler resizes the mask bilinearly to the
+        # latent: at 384 -> 128 every latent pixel samples image pixel 3i + 1; at 512 -> 64 it averages pixels
+        # 8i + 3 and 8i + 4, of one 8x8 block. Either way the mask stays exactly 0/1 there.
+        name = (prompt[latent_source["inputs"]["mask"][0]] if latent_source["class_type"] == "SetLatentNoiseMask"
+                else load)["inputs"]["image"]
+        picture = image_scaled(files, width, height) if name == EXAMPLE_IMAGE else loaded_image(files, name)
+        full = loaded_mask(files, name)
+        step = full.shape[0] // (height // 8)
+        start = step // 2 if step % 2 else step // 2 - 1
+        mask = full[start::step, start::step].clone()[None, None]
         assert mask.shape[-2:] == (height // 8, width // 8) and set(mask.unique().tolist()) == {0.0, 1.0}
         from flux_core.image import pil_to_tensor
-        x0 = pipe.encode_image(pil_to_tensor(image_scaled(files, width, height)))
+        x0 = pipe.encode_image(pil_to_tensor(picture))
         noise = make_noise(1, height, width, seed)
         sigmas = next_sigmas(flux_sigmas(sampler["steps"], sampler["denoise"], sampler["sigma_shift"]))
         kw["latents"] = noise
@@ -267,25 +340,31 @@ def pipeline_reference(shipped, prompt: dict, seed_offset: int = 0) -> torch.Ten
 
 @contextlib.contextmanager
 def counted_controlnet_calls():
-    """Counts the ControlNet (InfuseNet included), IP-Adapter and EliGen contributions made while the block runs:
-    {"contributed": n, "ipadapter": m, "eligen": k}."""
+    """Counts the ControlNet (InfuseNet included), IP-Adapter and EliGen contributions made while the block runs, and
+    the FLEX.2 / Fill extra channels made from an image (their mask channel is not the default's all-ones):
+    {"contributed": n, "ipadapter": m, "eligen": k, "channels": c}."""
     from flux_core.controlnet import ControlNetAdapter
     from flux_core.eligen import EliGenAdapter
+    from flux_core.flex import ChannelAdapter
     from flux_core.ipadapter import IPAdapterAdapter
-    count = {"contributed": 0, "ipadapter": 0, "eligen": 0}
+    count = {"contributed": 0, "ipadapter": 0, "eligen": 0, "channels": 0}
 
     def counting(cls, key):
         original = cls.contribute
 
         def contribute(self, inputs, call):
             out = original(self, inputs, call)
-            count[key] += out is not None
+            if key == "channels":  # channel 16: FLEX.2's mask, or the first of Fill's 64 mask channels
+                count[key] += out is not None and bool((self.condition[:, 16] < 1).any())
+            else:
+                count[key] += out is not None
             return out
         return contribute
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(ControlNetAdapter, "contribute", counting(ControlNetAdapter, "contributed"))
         mp.setattr(IPAdapterAdapter, "contribute", counting(IPAdapterAdapter, "ipadapter"))
         mp.setattr(EliGenAdapter, "contribute", counting(EliGenAdapter, "eligen"))
+        mp.setattr(ChannelAdapter, "contribute", counting(ChannelAdapter, "channels"))
         yield count
 
 
@@ -334,8 +413,9 @@ def test_example_workflow_runs_as_shipped_and_matches_the_pipeline(shipped, path
     with Image.open(files["output"] / item["subfolder"] / item["filename"]) as im:
         saved = np.asarray(im.convert("RGB"), dtype=np.float32) / 255
     decoded = result.outputs[upstream(prompt, save, "images")][0][0].numpy()
-    # the 384-px example image scaled 2x; EliGen's example renders 768x768 (a short run)
-    size = {"fluxcore_controlnet_upscale": 768, "fluxcore_eligen": 768}.get(path.stem, 1024)
+    # the 384-px example image scaled 2x; EliGen's example renders 768x768, issue 13's 512x512 (short runs)
+    size = {"fluxcore_controlnet_upscale": 768, "fluxcore_eligen": 768, "fluxcore_flux_fill": 512,
+            "fluxcore_flex2": 512, "fluxcore_step1x_edit": 512}.get(path.stem, 1024)
     assert saved.shape == decoded.shape == (size, size, 3)
     # The file holds the decoded image (8-bit): measured 0.00392, just under 1 / 255, as SaveImage truncates to uint8
     # (ComfyUI's astype(np.uint8)); another output saved, or its channels swapped, differs by order 0.1.
@@ -367,6 +447,12 @@ def test_example_workflow_runs_as_shipped_and_matches_the_pipeline(shipped, path
         assert in_workflow["eligen"] == in_pipeline["eligen"] >= steps
     else:
         assert in_workflow["eligen"] == in_pipeline["eligen"] == 0
+    # FLEX.2 / Fill: the picture's channels reached every step on both sides (the default channels on both would
+    # also give equal latents).
+    if by_type(prompt, "FluxCoreFlexInputs") or by_type(prompt, "InpaintModelConditioning"):
+        assert in_workflow["channels"] == in_pipeline["channels"] >= steps
+    else:
+        assert in_workflow["channels"] == in_pipeline["channels"] == 0
 
 
 # ---------------------------------------------------------------- the converter's rules, on a hand-made graph

@@ -29,15 +29,27 @@ FILES = {
     "t5": ("text_encoders", "t5xxl_fp16.safetensors"),
     "vae": ("vae", "ae.safetensors"),
 }
+# The models of the FLUX.1-Fill, FLEX.2 and Step1X-Edit examples (write_edit_model_files), by their published names.
+EDIT_FILES = {
+    "fill_dit": ("diffusion_models", "flux1-fill-dev.safetensors"),
+    "flex_dit": ("diffusion_models", "Flex.2-preview.safetensors"),
+    "step1x_dit": ("diffusion_models", "step1x-edit-i1258.safetensors"),   # the DiT and the connector
+    "qwen_vl": ("text_encoders", "Qwen2.5-VL-7B-Instruct"),                # a folder, as published
+}
 CLIP_HIDDEN, T5_DIM = 64, 32
 VAE_WIDTHS = (32, 32, 32, 32)
+# Step1X-Edit's connector: Qwen2.5-VL's width in (tests/tiny_qwen_vl.py: 16), the DiT's text width out. 32 heads
+# (DiffSynth's heads_num, which the shapes do not hold) of width 1; 2 refiner blocks and an MLP 4x wide, as published.
+CONNECTOR = dict(in_channels=16, hidden=T5_DIM, heads=32, depth=2, mlp_hidden=4 * T5_DIM)
 
 
-def make_flux_shaped_dit(seed: int):
-    """A diffusers FluxTransformer2DModel with FLUX's head size (128) and RoPE axes, one block of each kind."""
-    return make_diffusers_dit(seed=seed, num_layers=1, num_single_layers=1, attention_head_dim=128,
-                              num_attention_heads=1, axes_dims_rope=(16, 56, 56), joint_attention_dim=T5_DIM,
-                              pooled_projection_dim=CLIP_HIDDEN)
+def make_flux_shaped_dit(seed: int, **overrides):
+    """A diffusers FluxTransformer2DModel with FLUX's head size (128) and RoPE axes, one block of each kind
+    (`overrides`: other input channels, no guidance embedder, another text or pooled width)."""
+    return make_diffusers_dit(seed=seed, **{**dict(num_layers=1, num_single_layers=1, attention_head_dim=128,
+                                                   num_attention_heads=1, axes_dims_rope=(16, 56, 56),
+                                                   joint_attention_dim=T5_DIM, pooled_projection_dim=CLIP_HIDDEN),
+                                            **overrides})
 
 
 def _randomise(model: torch.nn.Module, seed: int) -> None:
@@ -103,6 +115,42 @@ def write_model_files(models_dir: Path) -> dict[str, Path]:
     return paths
 
 
+def make_step1x_connector(seed: int):
+    """Step1X-Edit's connector (flux_core's module, DiffSynth's names and the published layout) with random weights:
+    N(0, 0.2) everywhere, so the zero-initialised gates of a fresh one do not hide its refiner blocks."""
+    from flux_core.models.step1x_connector import ConnectorParams, Step1XConnector
+    connector = Step1XConnector(ConnectorParams(**CONNECTOR)).eval()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in connector.parameters():
+            p.copy_(0.2 * torch.randn(p.shape, generator=g))
+    return connector
+
+
+def write_edit_model_files(models_dir: Path) -> dict[str, Path]:
+    """The files of the FLUX.1-Fill, FLEX.2 and Step1X-Edit examples under their published names (EDIT_FILES): the
+    Fill DiT (384 input channels) and FLEX.2's (196; one double block here, 8 published), FLUX-shaped as
+    write_model_files' DiT; step1x-edit-i1258.safetensors as published (a DiT without guidance embedder, pooled
+    width 768, and its connector under `connector.`); the Qwen2.5-VL-7B-Instruct folder (sharded weights,
+    config.json and the processor files of tests/tiny_qwen_vl.py)."""
+    from safetensors.torch import save_file
+    from tests.tiny_dit import bfl_state_dict
+    from tests.tiny_qwen_vl import make_qwen_vl, write_qwen_vl_folder
+    models_dir = Path(models_dir)
+    paths = {kind: models_dir / folder / name for kind, (folder, name) in EDIT_FILES.items()}
+    for path in paths.values():
+        path.parent.mkdir(parents=True, exist_ok=True)
+    write_bfl_dit(make_flux_shaped_dit(seed=51, in_channels=384, out_channels=64), paths["fill_dit"])
+    write_bfl_dit(make_flux_shaped_dit(seed=52, in_channels=196, out_channels=64), paths["flex_dit"])
+    step1x = make_flux_shaped_dit(seed=53, guidance_embeds=False, pooled_projection_dim=768)
+    sd = {k: v.contiguous() for k, v in bfl_state_dict(step1x).items()}
+    sd.update({"connector." + k: v.detach().clone().contiguous()
+               for k, v in make_step1x_connector(seed=54).state_dict().items()})
+    save_file(sd, str(paths["step1x_dit"]))
+    write_qwen_vl_folder(make_qwen_vl(seed=55, conditional_generation=True), paths["qwen_vl"])
+    return paths
+
+
 def example_image_source() -> Path:
     from example_workflows.make_example_image import HERE, NAME
     return HERE / NAME
@@ -111,14 +159,17 @@ def example_image_source() -> Path:
 def set_up_like_a_user(base: Path) -> dict[str, Path]:
     """A ComfyUI base directory as a user prepares it for the example workflows (README, "Example workflows"):
     the model files in models/<folder>/ under the names the workflows use (the ControlNets in models/controlnet/
-    under their published names, the IP-Adapter and InfiniteYou files as tiny_comfy.write_adapter_files puts them),
+    under their published names, the IP-Adapter and InfiniteYou files as tiny_comfy.write_adapter_files puts them,
+    the Fill, FLEX.2 and Step1X-Edit files of write_edit_model_files),
     and the pack's example images copied into input/. Returns the component paths (ControlNets as
-    "controlnet_<kind>"; "ipadapter", "image_encoder", "projector", "infusenet") plus "input" and "output"."""
+    "controlnet_<kind>"; "ipadapter", "image_encoder", "projector", "infusenet"; EDIT_FILES' keys) plus "input" and
+    "output"."""
     from example_workflows.build_workflows import INPUT_IMAGES
     from example_workflows.make_example_image import HERE
     from tests.tiny_comfy import write_adapter_files, write_controlnet_files
     base = Path(base)
     paths = write_model_files(base / "models")
+    paths.update(write_edit_model_files(base / "models"))
     paths.update({f"controlnet_{kind}": path for kind, path in write_controlnet_files(base / "models").items()})
     paths.update(write_adapter_files(base / "models"))
     (base / "input").mkdir(parents=True, exist_ok=True)
