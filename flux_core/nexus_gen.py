@@ -132,6 +132,16 @@ class NexusGenEncoder:
     slots: tuple[str, ...] = ()
     step_slots: tuple[str, ...] = ()
 
+    @property
+    def max_tokens(self) -> int:
+        """The positive branch's 81 tokens (+ the bounded reference image's merged 28-pixel patches when editing), or
+        the negative branch's T5 tokens."""
+        tokens = self.nexus_gen.num_image_tokens
+        if self.reference_image is not None:
+            height, width = smart_resize(self.reference_image.height, self.reference_image.width)
+            tokens += (height // SMART_RESIZE_FACTOR) * (width // SMART_RESIZE_FACTOR)
+        return max(tokens, self.clip_t5.max_tokens)
+
     def encode(self, prompts: Sequence[str], branch: str = "positive") -> PromptEmbeds:
         prompts = list(prompts)
         if branch == "negative":

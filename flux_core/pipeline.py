@@ -463,7 +463,10 @@ class FluxImagePipeline:
                                             height, width)
         schedule = (explicit_sigmas(sigmas) if sigmas is not None
                     else flux_sigmas(num_inference_steps, denoising_strength, sigma_shift))
-        self._check_cost(batch, height, width, t5_sequence_length, references, len(schedule),
+        # Step1X-Edit's image to edit joins the image tokens as the Kontext references do
+        cost_references = references + ([resize_to_multiple(step1x_reference_image)] if step1x_reference_image
+                                         is not None else [])
+        self._check_cost(batch, height, width, encoder.max_tokens, cost_references, len(schedule),
                          passes=2 if cfg_scale != 1.0 else 1, tiling=dit_tiling, controlnet_items=controlnet_items,
                          reference_images=len(reference_images), entities=len(entity_prompts))
         self._warn_kontext_without_image(references)

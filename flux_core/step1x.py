@@ -169,6 +169,10 @@ class Step1XEncoder:
     slots: tuple[str, ...] = ("qwenvl",)
     step_slots: tuple[str, ...] = ("step1x_connector",)
 
+    @property
+    def max_tokens(self) -> int:
+        return self.max_length
+
     def encode(self, prompts: Sequence[str], branch: str = "positive") -> Step1XConditioning:
         states, mask = step1x_embedding(self.qwenvl, self.processor, list(prompts), self.reference_image,
                                         self.max_length, self.prefix_tokens, self.device)

@@ -40,10 +40,15 @@ Conditioning = Union[PromptEmbeds, StepConditioning]
 class ConditioningEncoder(Protocol):
     """Turns prompts into conditioning. `slots` are the pipeline slots it runs while encoding (moved onto the
     device for that stage, and named when one is empty); `step_slots` those its conditioning runs at every DiT
-    call (kept on the device with the DiT)."""
+    call (kept on the device with the DiT); `max_tokens` the most text tokens a branch gives the DiT (the run's
+    memory estimate counts them before anything is encoded)."""
     name: str
     slots: tuple[str, ...]
     step_slots: tuple[str, ...]
+
+    @property
+    def max_tokens(self) -> int:
+        """The most text tokens one branch's conditioning holds."""
 
     def encode(self, prompts: Sequence[str], branch: str) -> Conditioning:
         """The conditioning of `prompts` (one per image of the batch) for CFG branch "positive" or "negative"."""
@@ -61,6 +66,10 @@ class ClipT5Encoder:
     name: str = "CLIP-L + T5"
     slots: tuple[str, ...] = ("text_encoder_1", "text_encoder_2")
     step_slots: tuple[str, ...] = ()
+
+    @property
+    def max_tokens(self) -> int:
+        return self.t5_sequence_length
 
     def encode(self, prompts: Sequence[str], branch: str = "positive") -> PromptEmbeds:
         prompt_emb, pooled = encode_prompt(list(prompts), self.clip, self.t5, self.clip_tokenizer, self.t5_tokenizer,

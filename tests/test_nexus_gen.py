@@ -365,6 +365,9 @@ def test_editing_gives_the_dit_diffsynths_merger_tokens_and_text_ids(files, pipe
     assert relative(positive["y"], pooled) <= PARITY
     assert relative(nega["txt"], negative_emb) <= PARITY and not nega["txt_ids"].any()
     assert relative(nega["y"], negative_pooled) <= PARITY
+    # The run's memory estimate counts what the DiT got: 81 + 28 tokens (the longer branch: T5's are 16 here).
+    assert pipe.conditioning_encoder(16, None, image, H, W).max_tokens == 81 + 28
+    assert pipes["generation"].conditioning_encoder(16, None, None, H, W).max_tokens == 81
 
 
 def test_a_batch_of_prompts_is_encoded_prompt_by_prompt(pipes):

@@ -556,3 +556,17 @@ def test_bf16_qwen_vl_under_the_vram_manager_keeps_its_float32_rotary_frequencie
     want, want_mask = step1x_embedding(plain, processor, PROMPTS[:1], image)
     got, mask = step1x_embedding(managed, processor, PROMPTS[:1], image)
     assert torch.equal(mask, want_mask) and torch.equal(got, want)
+
+
+def test_the_memory_check_counts_step1x_tokens(tmp_path, monkeypatch):
+    """The run's activation estimate counts the DiT's real sequence: 640 Qwen text tokens (not T5's 512) and the image
+    to edit's tokens beside the image's."""
+    from flux_core import pipeline as pipeline_module
+    configs, _ = step1x_models(tmp_path)
+    pipe = load_step1x_pipeline(configs, tmp_path)
+    seen = []
+    monkeypatch.setattr(pipeline_module, "check_run_cost", lambda *args, **kwargs: seen.append(args[3:5]))
+    pipe(prompt=PROMPTS[0], step1x_reference_image=sample_image(64, 48), height=48, width=64,
+         num_inference_steps=1, output_type="latent", progress_bar_cmd=None)
+    (image_tokens, text_tokens), = seen
+    assert text_tokens == MAX_LENGTH == 640 and image_tokens == 2 * (48 // 16) * (64 // 16)
