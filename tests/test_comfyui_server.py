@@ -9,8 +9,10 @@ giving the same image as the same workflow run standalone (our nodes with stand-
 
 The server runs with $COMFYUI_PYTHON (default: the interpreter running pytest), which needs ComfyUI's
 requirements and this repository's. Nothing is written into $COMFYUI_DIR: the base directory (custom_nodes/,
-models/, input/, output/, temp/, user/) is a temp dir. The tiny models run the workflows' 1024x1024, 28-step
-settings on the CPU; RUN_S (default 1800, env FLUXCORE_COMFYUI_RUN_S) bounds each workflow.
+models/, input/, output/, temp/, user/) is a temp dir. The tiny models run the workflows' own sizes and 28 steps
+on the CPU; RUN_S (default 1800, env FLUXCORE_COMFYUI_RUN_S) bounds each workflow. Two custom nodes are test-only:
+the stand-in face embedder (insightface is an optional extra) and SERVER_VAE_SHIM (ComfyUI's VAE loader builds FLUX
+VAEs at full width; the tiny test VAE is narrower).
 """
 import importlib.util
 import json
@@ -44,6 +46,42 @@ COMFYUI_DIR = os.environ.get("COMFYUI_DIR")
 SERVER_PYTHON = os.environ.get("COMFYUI_PYTHON", sys.executable)
 SERVER_DEPS = ("aiohttp", "yaml", "torchsde", "alembic", "sqlalchemy", "comfyui_frontend_package")
 STARTUP_S, RUN_S = 240, float(os.environ.get("FLUXCORE_COMFYUI_RUN_S", 1800))
+
+# A custom node that lets ComfyUI's own VAE loader (VAELoader: the FLUX.1-Fill example's InpaintModelConditioning and
+# VAEDecode take ComfyUI's VAE) read the test's tiny FLUX VAE. ComfyUI builds every LDM-layout VAE 128 channels wide
+# with two res blocks per level; for a narrower file this builds ComfyUI's own Encoder / Decoder at the file's widths
+# (read from its shapes) instead. Nothing else changes: the real FLUX VAE (128 wide) takes ComfyUI's path untouched.
+SERVER_VAE_SHIM = '''"""Test-only: ComfyUI's VAE classes built at the widths of FluxCore's tiny test VAE."""
+import comfy.sd
+from comfy.ldm.modules.diffusionmodules import model as _ldm
+
+_original_init = comfy.sd.VAE.__init__
+
+
+def _sizes(sd):
+    ch = sd["encoder.conv_in.weight"].shape[0]
+    levels = sorted({int(k.split(".")[2]) for k in sd if k.startswith("encoder.down.")})
+    mult = [sd[f"encoder.down.{i}.block.0.conv1.weight"].shape[0] // ch for i in levels]
+    blocks = 1 + max(int(k.split(".")[4]) for k in sd if k.startswith("encoder.down.0.block."))
+    return dict(ch=ch, ch_mult=mult, num_res_blocks=blocks)
+
+
+def _init(self, sd=None, device=None, config=None, dtype=None, metadata=None):
+    conv_in = None if sd is None or config is not None else sd.get("encoder.conv_in.weight")
+    if conv_in is None or conv_in.shape[0] >= 128 or "decoder.conv_in.weight" not in sd:
+        return _original_init(self, sd=sd, device=device, config=config, dtype=dtype, metadata=metadata)
+    sizes, encoder, decoder = _sizes(sd), _ldm.Encoder, _ldm.Decoder
+    _ldm.Encoder = lambda **params: encoder(**{**params, **sizes})
+    _ldm.Decoder = lambda **params: decoder(**{**params, **sizes})
+    try:
+        _original_init(self, sd=sd, device=device, config=config, dtype=dtype, metadata=metadata)
+    finally:
+        _ldm.Encoder, _ldm.Decoder = encoder, decoder
+
+
+comfy.sd.VAE.__init__ = _init
+NODE_CLASS_MAPPINGS = {}
+'''
 
 pytestmark = [
     pytest.mark.comfyui,
@@ -110,6 +148,8 @@ def server(tmp_path_factory):
     # Not what a user does: insightface is an optional extra, absent here, so the InfiniteYou example's face photo is
     # embedded by the test's stand-in (tests/face_standin.py), put in place by a custom node of its own.
     (base / "custom_nodes" / "fluxcore_face_standin.py").write_text(SERVER_SHIM, encoding="utf-8")
+    # Nor is this: the tiny VAE file read by ComfyUI's own VAE loader (SERVER_VAE_SHIM above).
+    (base / "custom_nodes" / "fluxcore_tiny_vae.py").write_text(SERVER_VAE_SHIM, encoding="utf-8")
     files = set_up_like_a_user(base)
 
     port = free_port()
@@ -232,8 +272,10 @@ def test_example_workflow_runs_as_shipped_in_comfyui(server, standalone, path):
     item, = entry["outputs"][save]["images"]
     with Image.open(server["base"] / "output" / item["subfolder"] / item["filename"]) as im:
         got = np.asarray(im.convert("RGB"), dtype=np.int16)
-    # The upscale example doubles the shipped 384x384 image, EliGen's renders 768x768; the others 1024x1024.
-    size = {"fluxcore_controlnet_upscale": 768, "fluxcore_eligen": 768}.get(path.stem, 1024)
+    # The upscale example doubles the shipped 384x384 image, EliGen's renders 768x768, issue 13's (Fill, FLEX.2,
+    # Step1X-Edit) 512x512; the others 1024x1024.
+    size = {"fluxcore_controlnet_upscale": 768, "fluxcore_eligen": 768, "fluxcore_flux_fill": 512,
+            "fluxcore_flex2": 512, "fluxcore_step1x_edit": 512}.get(path.stem, 1024)
     assert got.shape == (size, size, 3)
     assert got.std() > 0.05 * 255 and np.ptp(got) > 0.3 * 255, "a blank or constant image"
     # The same file run standalone (our nodes, stand-ins for the core nodes) gives the same picture.
