@@ -570,3 +570,15 @@ def test_the_memory_check_counts_step1x_tokens(tmp_path, monkeypatch):
          num_inference_steps=1, output_type="latent", progress_bar_cmd=None)
     (image_tokens, text_tokens), = seen
     assert text_tokens == MAX_LENGTH == 640 and image_tokens == 2 * (48 // 16) * (64 // 16)
+
+
+def test_transformers_4_is_refused_naming_the_version_to_install(tmp_path, monkeypatch):
+    """Qwen2.5-VL is built on transformers 5's classes: on 4.x the load says which version to install (not a failure
+    deep inside transformers)."""
+    import transformers
+    from flux_core.loading.files import CheckpointError
+    folder = write_qwen_vl_folder(make_qwen_vl(seed=1, conditional_generation=True), tmp_path / "q")
+    monkeypatch.setattr(transformers, "__version__", "4.49.0")
+    with pytest.raises(CheckpointError, match=r"need transformers 5 or newer, and 4\.49\.0 is installed: pip install "
+                                              r"-U \"transformers>=5\""):
+        load_model(str(folder), torch_dtype=torch.float32)

@@ -70,9 +70,20 @@ def select_qwen_vl(sd: Mapping[str, LazyTensor]) -> tuple[str, StateDict] | None
     return None
 
 
+def require_transformers_5() -> None:
+    """FluxCore builds Qwen2.5-VL (Step1X-Edit's encoder, Nexus-Gen's model) on transformers 5's classes, whose module
+    layout (`language_model`, `visual` inside the base model) and rotary embeddings 4.x lacks."""
+    import transformers
+    major = int(transformers.__version__.split(".")[0])
+    if major < 5:
+        raise ValueError(f"Qwen2.5-VL models need transformers 5 or newer, and {transformers.__version__} is "
+                         f"installed: pip install -U \"transformers>=5\" (FLUX.1's own models work with either).")
+
+
 def qwen_vl_config(sd: Mapping[str, LazyTensor] | Mapping[str, tuple], config: Mapping):
     """transformers' Qwen2_5_VLConfig: from `config` (a config.json, flat or with text_config) when it is a
     Qwen2.5-VL one, else from the shapes of the published 7B. Raises ValueError naming what to add."""
+    require_transformers_5()
     from transformers import Qwen2_5_VLConfig
     config = dict(config)
     if config.get("model_type") == "qwen2_5_vl":
