@@ -57,6 +57,9 @@ INFINITEYOU_FILES = {"projector": "infu_flux_v1.0/aes_stage2/image_proj_model.bi
                      "infusenet": "infu_flux_v1.0/aes_stage2/InfuseNetModel"}
 # Step1X-Edit's prompt encoder: the Qwen/Qwen2.5-VL-7B-Instruct folder as published, in models/text_encoders.
 QWEN_VL_FOLDER = "Qwen2.5-VL-7B-Instruct"
+# Nexus-Gen (DiffSynth-Studio/Nexus-GenV2): its generation decoder (DiT + adapter) in models/diffusion_models, its
+# autoregressive model's folder (shards, config.json, processor/) in models/text_encoders.
+NEXUS_GEN_FILES = {"decoder": "generation_decoder.bin", "model": "Nexus-GenV2"}
 INPUT_IMAGES = [EXAMPLE_IMAGE, INPAINT_IMAGE, REFERENCE_IMAGE, FACE_IMAGE, *ELIGEN_REGIONS]  # what the examples load
 # (ComfyUI/input/)
 
@@ -486,6 +489,37 @@ def step1x_edit(g: Graph) -> None:
            x=CONDITIONING, cfg=6.0)
 
 
+def nexus_gen(g: Graph) -> None:
+    """Nexus-Gen text-to-image: the prompt through the autoregressive Qwen2.5-VL and the generation decoder's adapter
+    (the pooled vector from CLIP-L), the negative prompt through T5 as DiffSynth-Studio does; true CFG 2.0, as its
+    example."""
+    decoder, ar = NEXUS_GEN_FILES["decoder"], NEXUS_GEN_FILES["model"]
+    g.node("MarkdownNote", NOTES, [
+        "## Model files\n\nFrom DiffSynth-Studio/Nexus-GenV2 (https://modelscope.cn/models/DiffSynth-Studio/"
+        "Nexus-GenV2):\n\n"
+        f"- `models/diffusion_models/{decoder}` (the DiT and the generation adapter: both loaders take this file; "
+        "`edit_decoder.bin` is the editing one, used with an image on Nexus-Gen Encode's `image`)\n"
+        f"- `models/text_encoders/{ar}/`: the autoregressive model (model-*.safetensors with their index, "
+        "config.json) and its `processor/` folder\n"
+        "- `models/text_encoders/clip_l.safetensors` and `t5xxl_fp16.safetensors` (CLIP-L's pooled vector; T5 "
+        "encodes the negative prompt)\n- `models/vae/ae.safetensors`\n\nDiffSynth-Studio's example samples with "
+        "cfg 2.0; this one renders 512x512."], size=[400, 360], title="Model files")
+    model = g.node("FluxCoreDiTLoader", LOADERS, [decoder, "default", ""])
+    adapter = g.node("FluxCoreNexusGenAdapterLoader", LOADERS, [decoder])
+    ar_model = g.node("FluxCoreNexusGenLoader", LOADERS, [ar])
+    te = g.node("FluxCoreTextEncoderLoader", LOADERS, ["clip_l.safetensors", "t5xxl_fp16.safetensors"],
+                models=LOADER_MODELS)
+    vae = g.node("FluxCoreVAELoader", LOADERS, ["ae.safetensors"], models=[("ae.safetensors", "vae")])
+    positive = g.node("FluxCoreNexusGenEncode", PROMPTS, ["A red fox sitting in fresh snow at sunrise, soft golden "
+                                                          "light, detailed fur", 3.5, 512, 512],
+                      size=[400, 240], title="Prompt (Nexus-Gen)", nexus_gen=(ar_model, 0), adapter=(adapter, 0),
+                      text_encoders=(te, 0))
+    negative = g.node("FluxCoreTextEncode", PROMPTS, ["", 3.5, 512], size=[400, 160],
+                      title="Negative prompt (T5; cfg 2)", text_encoders=(te, 0))
+    latent = g.node("FluxCoreEmptyLatent", PROMPTS, [512, 512, 1])
+    finish(g, model, positive, negative, latent, (vae, 0), 81, "fixed", 1.0, "FluxCore/nexus_gen", cfg=2.0)
+
+
 WORKFLOWS = {
     "fluxcore_text_to_image": text_to_image,
     "fluxcore_image_to_image": image_to_image,
@@ -500,6 +534,7 @@ WORKFLOWS = {
     "fluxcore_flux_fill": flux_fill,
     "fluxcore_flex2": flex2,
     "fluxcore_step1x_edit": step1x_edit,
+    "fluxcore_nexus_gen": nexus_gen,
 }
 
 

@@ -33,7 +33,8 @@ LABELS = {"FluxCoreDiTLoader": "Load DiT", "FluxCoreTextEncoderLoader": "Load Te
           "FluxCoreLoadFaceEmbedding": "Load Face Embedding", "FluxCoreEliGenEntity": "EliGen Entity",
           "FluxCoreFlexInputs": "FLEX.2 Inputs", "FluxCoreQwenVLLoader": "Load Qwen2.5-VL",
           "FluxCoreStep1XConnectorLoader": "Load Step1X Connector", "FluxCoreStep1XEncode": "Step1X-Edit Encode",
-          "InpaintModelConditioning": "Inpaint Model Conditioning"}
+          "InpaintModelConditioning": "Inpaint Model Conditioning", "FluxCoreNexusGenLoader": "Load Nexus-Gen",
+          "FluxCoreNexusGenAdapterLoader": "Load Nexus-Gen Adapter", "FluxCoreNexusGenEncode": "Nexus-Gen Encode"}
 TITLES = {"fluxcore_text_to_image": "Text to image", "fluxcore_image_to_image": "Image to image",
           "fluxcore_kontext_edit": "Kontext edit", "fluxcore_mixed_native": "Kontext inpaint with core nodes",
           "fluxcore_controlnet_inpainting": "ControlNet inpainting (alimama)",
@@ -44,7 +45,8 @@ TITLES = {"fluxcore_text_to_image": "Text to image", "fluxcore_image_to_image": 
           "fluxcore_eligen": "EliGen, one prompt per painted region",
           "fluxcore_flux_fill": "FLUX.1-Fill inpainting, native InpaintModelConditioning",
           "fluxcore_flex2": "FLEX.2-preview: inpainting + canny control",
-          "fluxcore_step1x_edit": "Step1X-Edit: edit by instruction (Qwen2.5-VL)"}
+          "fluxcore_step1x_edit": "Step1X-Edit: edit by instruction (Qwen2.5-VL)",
+          "fluxcore_nexus_gen": "Nexus-Gen: text to image through Qwen2.5-VL"}
 SKIP = {"Note", "MarkdownNote", "Reroute", "PrimitiveNode"}
 
 

@@ -273,9 +273,9 @@ def test_example_workflow_runs_as_shipped_in_comfyui(server, standalone, path):
     with Image.open(server["base"] / "output" / item["subfolder"] / item["filename"]) as im:
         got = np.asarray(im.convert("RGB"), dtype=np.int16)
     # The upscale example doubles the shipped 384x384 image, EliGen's renders 768x768, issue 13's (Fill, FLEX.2,
-    # Step1X-Edit) 512x512; the others 1024x1024.
+    # Step1X-Edit, Nexus-Gen) 512x512; the others 1024x1024.
     size = {"fluxcore_controlnet_upscale": 768, "fluxcore_eligen": 768, "fluxcore_flux_fill": 512,
-            "fluxcore_flex2": 512, "fluxcore_step1x_edit": 512}.get(path.stem, 1024)
+            "fluxcore_flex2": 512, "fluxcore_step1x_edit": 512, "fluxcore_nexus_gen": 512}.get(path.stem, 1024)
     assert got.shape == (size, size, 3)
     assert got.std() > 0.05 * 255 and np.ptp(got) > 0.3 * 255, "a blank or constant image"
     # The same file run standalone (our nodes, stand-ins for the core nodes) gives the same picture.

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from example_workflows.build_workflows import (CONTROLNET_FILES, INFINITEYOU_FILES, INPUT_IMAGES, IPADAPTER_FILES,
-                                               QWEN_VL_FOLDER)
+                                               NEXUS_GEN_FILES, QWEN_VL_FOLDER)
 from example_workflows.make_adapter_images import IMAGES as ADAPTER_IMAGES
 from example_workflows.core_nodes import core_nodes
 from example_workflows.make_example_image import (HOLE, INPAINT_HOLE, INPAINT_NAME as INPAINT_IMAGE, INPAINT_SIZE,
@@ -30,7 +30,9 @@ ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "example_workflows"
 WORKFLOWS = sorted(EXAMPLES.glob("*.json"))
 REAL_FILES = {"dit_name": {"flux1-dev.safetensors", "flux1-kontext-dev.safetensors", "flux1-fill-dev.safetensors",
-                           "Flex.2-preview.safetensors", "step1x-edit-i1258.safetensors"},
+                           "Flex.2-preview.safetensors", "step1x-edit-i1258.safetensors",
+                           NEXUS_GEN_FILES["decoder"]},
+              "decoder_name": {NEXUS_GEN_FILES["decoder"]}, "model_name": {NEXUS_GEN_FILES["model"]},
               "connector_name": {"step1x-edit-i1258.safetensors"}, "qwen_vl_name": {QWEN_VL_FOLDER},
               "clip_name": {"clip_l.safetensors"},
               "t5_name": {"t5xxl_fp16.safetensors"}, "vae_name": {"ae.safetensors"},
@@ -45,7 +47,8 @@ def test_the_examples_exist_each_with_a_thumbnail():
     assert {"fluxcore_text_to_image", "fluxcore_image_to_image", "fluxcore_kontext_edit",
             "fluxcore_mixed_native", "fluxcore_controlnet_inpainting", "fluxcore_controlnet_union_canny",
             "fluxcore_controlnet_upscale", "fluxcore_ipadapter_instantx", "fluxcore_infiniteyou",
-            "fluxcore_eligen", "fluxcore_flux_fill", "fluxcore_flex2", "fluxcore_step1x_edit"} <= names
+            "fluxcore_eligen", "fluxcore_flux_fill", "fluxcore_flex2", "fluxcore_step1x_edit",
+            "fluxcore_nexus_gen"} <= names
     for path in WORKFLOWS:
         thumb = path.with_suffix(".jpg")
         assert thumb.is_file(), f"{path.name} has no {thumb.name} beside it"
@@ -158,9 +161,11 @@ def shipped(tmp_path_factory):
         """The pipeline on the same files; ControlNets by their name in models/controlnet, in controlnet_id order;
         `adapters`: keys of set_up_like_a_user's paths ("ipadapter", "image_encoder", "projector", "infusenet").
         Step1X-Edit's file (DiT and connector) comes with the Qwen2.5-VL folder (its processor beside it) instead
-        of CLIP-L and T5."""
-        kind = {name: k for k, (_, name) in {**FILES, **EDIT_FILES}.items() if k.endswith("dit")}[dit]
-        encoders = ("qwen_vl",) if kind == "step1x_dit" else ("clip", "t5")
+        of CLIP-L and T5; Nexus-Gen's decoder (DiT and adapter) with its AR model's folder besides them."""
+        kind = {name: k for k, (_, name) in {**FILES, **EDIT_FILES}.items()
+                if k.endswith("dit") or k == "nexus_gen_decoder"}[dit]
+        encoders = {"step1x_dit": ("qwen_vl",), "nexus_gen_decoder": ("nexus_gen", "clip", "t5")}.get(kind,
+                                                                                                  ("clip", "t5"))
         by_name = {name: files[f"controlnet_{k}"] for k, name in CONTROLNET_FILES.items()}
         pipe = FluxImagePipeline.from_pretrained(torch_dtype=torch.float32, device="cpu", model_configs=[
             *(ModelConfig(path=str(files[k])) for k in (kind, *encoders, "vae")),
@@ -206,8 +211,8 @@ def pipeline_reference(shipped, prompt: dict, seed_offset: int = 0) -> torch.Ten
     from flux_core.scheduler import flux_sigmas, next_sigmas
     files = shipped["files"]
     sampler = prompt[by_type(prompt, "FluxCoreSampler")[0]]["inputs"]
-    step1x = by_type(prompt, "FluxCoreStep1XEncode")
-    encode = prompt[(step1x or by_type(prompt, "FluxCoreTextEncode"))[0]]["inputs"]  # the positive is written first
+    step1x, nexus = by_type(prompt, "FluxCoreStep1XEncode"), by_type(prompt, "FluxCoreNexusGenEncode")
+    encode = prompt[(step1x or nexus or by_type(prompt, "FluxCoreTextEncode"))[0]]["inputs"]  # the positive first
     applies = by_type(prompt, "FluxCoreApplyControlNet")
     ipadapters, identities = by_type(prompt, "FluxCoreApplyIPAdapter"), by_type(prompt, "FluxCoreApplyInfiniteYou")
     assert len(applies) + len(ipadapters) + len(identities) <= 1  # one adapter per example (chains: node tests)
@@ -233,7 +238,8 @@ def pipeline_reference(shipped, prompt: dict, seed_offset: int = 0) -> torch.Ten
         scale = prompt[by_type(prompt, "ImageScale")[0]]["inputs"]
         width, height = scale["width"], scale["height"]
     seed = sampler["seed"] + seed_offset
-    kw = dict(prompt=encode["text"], embedded_guidance=guidance, height=height, width=width, seed=seed,
+    kw = dict(prompt=encode["prompt" if nexus else "text"], embedded_guidance=guidance, height=height, width=width,
+              seed=seed,
               num_inference_steps=sampler["steps"], cfg_scale=sampler["cfg"], sigma_shift=sampler["sigma_shift"],
               output_type="latent", progress_bar_cmd=None)
     if "t5_sequence_length" in encode:
@@ -243,6 +249,9 @@ def pipeline_reference(shipped, prompt: dict, seed_offset: int = 0) -> torch.Ten
         negative = prompt[sampler["negative"][0]]
         assert negative["class_type"] in ("FluxCoreTextEncode", "FluxCoreStep1XEncode")
         kw["negative_prompt"] = negative["inputs"]["text"]
+        if nexus:  # Nexus-Gen's negative branch is T5's (DiffSynth's): its sequence length from that node
+            assert negative["class_type"] == "FluxCoreTextEncode" and "image" not in encode
+            kw["t5_sequence_length"] = negative["inputs"]["t5_sequence_length"]
     for nid in step1x:  # both encode nodes read the same image: LoadImage -> ImageScale
         scale = prompt[upstream(prompt, nid, "image")]
         load = prompt[upstream(prompt, upstream(prompt, nid, "image"), "image")]
@@ -415,7 +424,7 @@ def test_example_workflow_runs_as_shipped_and_matches_the_pipeline(shipped, path
     decoded = result.outputs[upstream(prompt, save, "images")][0][0].numpy()
     # the 384-px example image scaled 2x; EliGen's example renders 768x768, issue 13's 512x512 (short runs)
     size = {"fluxcore_controlnet_upscale": 768, "fluxcore_eligen": 768, "fluxcore_flux_fill": 512,
-            "fluxcore_flex2": 512, "fluxcore_step1x_edit": 512}.get(path.stem, 1024)
+            "fluxcore_flex2": 512, "fluxcore_step1x_edit": 512, "fluxcore_nexus_gen": 512}.get(path.stem, 1024)
     assert saved.shape == decoded.shape == (size, size, 3)
     # The file holds the decoded image (8-bit): measured 0.00392, just under 1 / 255, as SaveImage truncates to uint8
     # (ComfyUI's astype(np.uint8)); another output saved, or its channels swapped, differs by order 0.1.

@@ -29,12 +29,15 @@ FILES = {
     "t5": ("text_encoders", "t5xxl_fp16.safetensors"),
     "vae": ("vae", "ae.safetensors"),
 }
-# The models of the FLUX.1-Fill, FLEX.2 and Step1X-Edit examples (write_edit_model_files), by their published names.
+# The models of the FLUX.1-Fill, FLEX.2, Step1X-Edit and Nexus-Gen examples (write_edit_model_files), by their
+# published names.
 EDIT_FILES = {
     "fill_dit": ("diffusion_models", "flux1-fill-dev.safetensors"),
     "flex_dit": ("diffusion_models", "Flex.2-preview.safetensors"),
     "step1x_dit": ("diffusion_models", "step1x-edit-i1258.safetensors"),   # the DiT and the connector
     "qwen_vl": ("text_encoders", "Qwen2.5-VL-7B-Instruct"),                # a folder, as published
+    "nexus_gen_decoder": ("diffusion_models", "generation_decoder.bin"),  # the DiT and the generation adapter
+    "nexus_gen": ("text_encoders", "Nexus-GenV2"),                         # the AR model's folder, processor/ in it
 }
 CLIP_HIDDEN, T5_DIM = 64, 32
 VAE_WIDTHS = (32, 32, 32, 32)
@@ -132,9 +135,11 @@ def write_edit_model_files(models_dir: Path) -> dict[str, Path]:
     Fill DiT (384 input channels) and FLEX.2's (196; one double block here, 8 published), FLUX-shaped as
     write_model_files' DiT; step1x-edit-i1258.safetensors as published (a DiT without guidance embedder, pooled
     width 768, and its connector under `connector.`); the Qwen2.5-VL-7B-Instruct folder (sharded weights,
-    config.json and the processor files of tests/tiny_qwen_vl.py)."""
+    config.json and the processor files of tests/tiny_qwen_vl.py); Nexus-GenV2's generation_decoder.bin
+    (write_nexus_gen_decoder) and its AR model's folder (tests/tiny_nexus_gen.py's layout, processor/ inside)."""
     from safetensors.torch import save_file
     from tests.tiny_dit import bfl_state_dict
+    from tests.tiny_nexus_gen import make_ar, write_ar_folder
     from tests.tiny_qwen_vl import make_qwen_vl, write_qwen_vl_folder
     models_dir = Path(models_dir)
     paths = {kind: models_dir / folder / name for kind, (folder, name) in EDIT_FILES.items()}
@@ -148,7 +153,31 @@ def write_edit_model_files(models_dir: Path) -> dict[str, Path]:
                for k, v in make_step1x_connector(seed=54).state_dict().items()})
     save_file(sd, str(paths["step1x_dit"]))
     write_qwen_vl_folder(make_qwen_vl(seed=55, conditional_generation=True), paths["qwen_vl"])
+    write_nexus_gen_decoder(make_flux_shaped_dit(seed=56), paths["nexus_gen_decoder"], seed=57)
+    write_ar_folder(make_ar(seed=58), paths["nexus_gen"])
     return paths
+
+
+def write_nexus_gen_decoder(dit, path: Path, seed: int) -> Path:
+    """Nexus-GenV2's generation_decoder.bin (a torch pickle): the DiT in DiffSynth-Studio's names under `pipe.dit.`,
+    its final AdaLN halves in Nexus-Gen's (scale, shift) order, and the generation adapter's `adapter.*` (Qwen's
+    width in, the DiT's text width out) at random weights. The DiffSynth names come from flux_core's own table (its
+    Nexus-Gen loading is checked against DiffSynth-Studio's converter in tests/test_nexus_gen.py); here the file
+    only has to be one both the workflow and the pipeline read."""
+    from flux_core.loading.dit_layouts import DIFFSYNTH_RULES
+    from flux_core.loading.files import invert_rules, rename_keys
+    from flux_core.models.nexus_gen import NexusGenAdapter, NexusGenAdapterParams
+    from tests.tiny_dit import bfl_state_dict
+    from tests.tiny_nexus_gen import AR_HIDDEN, randomised
+    bfl = bfl_state_dict(dit)
+    for key in ("final_layer.adaLN_modulation.1.weight", "final_layer.adaLN_modulation.1.bias"):
+        shift, scale = bfl[key].chunk(2)
+        bfl[key] = torch.cat((scale, shift))
+    sd = {"pipe.dit." + k: v.contiguous() for k, v in rename_keys(bfl, invert_rules(DIFFSYNTH_RULES)).items()}
+    adapter = randomised(NexusGenAdapter(NexusGenAdapterParams(input_dim=AR_HIDDEN, output_dim=T5_DIM)), seed)
+    sd.update({k: v.detach().clone() for k, v in adapter.state_dict().items()})
+    torch.save(sd, path)
+    return Path(path)
 
 
 def example_image_source() -> Path:
