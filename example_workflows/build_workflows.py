@@ -34,7 +34,8 @@ MODEL_URLS = {  # shown by ComfyUI's "missing models" dialog (node property "mod
     "ip-adapter.bin": "https://huggingface.co/InstantX/FLUX.1-dev-IP-Adapter/resolve/main/ip-adapter.bin",
     "flux1-fill-dev.safetensors":
         "https://huggingface.co/black-forest-labs/FLUX.1-Fill-dev/resolve/main/flux1-fill-dev.safetensors",
-    "Flex.2-preview.safetensors": "https://huggingface.co/ostris/Flex.2-preview/resolve/main/Flex.2-preview.safetensors",
+    "Flex.2-preview.safetensors":
+        "https://huggingface.co/ostris/Flex.2-preview/resolve/main/Flex.2-preview.safetensors",
     "step1x-edit-i1258.safetensors":
         "https://huggingface.co/stepfun-ai/Step1X-Edit/resolve/main/step1x-edit-i1258.safetensors",
 }
