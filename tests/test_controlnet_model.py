@@ -362,7 +362,7 @@ def test_other_files_still_say_not_a_flux_component(sd, tmp_path):
     path = tmp_path / "other.safetensors"
     save_file(sd, str(path))
     with pytest.raises(CheckpointError, match=r"not a FLUX component \(none of: FLUX ControlNet, FLUX DiT \(diffusion model\), "
-                                              r"FLUX VAE.*LoRA-Encoder, LoRA-Fusion patcher\)"):
+                                              r"FLUX VAE.*LoRA-Encoder, LoRA-Fusion patcher, .*Qwen2\.5-VL, Step1X-Edit connector\)"):
         load_model(path, kind="controlnet")
 
 

@@ -211,7 +211,7 @@ def load_pipeline(args: argparse.Namespace, device: torch.device, skip_kinds: tu
         raise TrainError(trainer_message(str(e), [entry for entry, _, _ in sources], values)) from None
     configs = [(spec, config) for _, spec, config in sources]
     # The captions' conditioning encoder: CLIP-L + T5, or Step1X-Edit's / Nexus-Gen's models (their images to edit)
-    extras = comma_list(args.extra_inputs)
+    extras = comma_list(vars(args).get("extra_inputs"))   # the validate scripts have no --extra_inputs
     encoder_slots = pipe.encoder_slots(True if "step1x_reference_image" in extras else None,
                                        True if "nexus_gen_reference_image" in extras else None)
     needed = ("dit", "vae", *(slot for slot in encoder_slots if slot in SLOT_NAMES))
