@@ -26,7 +26,7 @@ from flux_core.step1x import step1x_encoder
 from . import comfy_bridge as bridge
 from .conditioning import DEFAULT_GUIDANCE, TEXT_KEY, EncodedText, image_to_model
 from .handles import VAE_TYPE
-from .loaders import NodeInputError, list_models_and_folders, load_kind, model_file, node_error
+from .loaders import NodeInputError, list_models_and_folders, load_kind, model_file, model_or_folder_path, node_error
 
 QWEN_VL_FOLDER = "text_encoders"      # ComfyUI's own folder for text encoders (Qwen2.5-VL included)
 CONNECTOR_FOLDER = "diffusion_models"  # the connector is in the Step1X-Edit DiT file
@@ -67,7 +67,7 @@ class FluxCoreQwenVLLoader:
 
     def load(self, qwen_vl_name):
         node = "FluxCoreQwenVLLoader"
-        path = model_file(node, "qwen_vl_name", QWEN_VL_FOLDER, qwen_vl_name)
+        path = model_or_folder_path(node, "qwen_vl_name", QWEN_VL_FOLDER, qwen_vl_name)
         try:  # the processor first: a folder without it is refused before gigabytes are read
             processor = load_processor(STEP1X_PROCESSOR, None, path, str(bridge.folder_paths_for(QWEN_VL_FOLDER)[0]))
         except (ModelFileError, OSError, ValueError) as e:
