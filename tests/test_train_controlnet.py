@@ -30,7 +30,7 @@ from flux_core.train.args import TrainError, parse_args
 from flux_core.train.trainer import Trainer, train
 from flux_core.train.validate import saved_controlnet_config
 from tests.tiny_controlnet import make_diffusers_controlnet, write_diffusers_controlnet
-from tests.tiny_train import SIZE, make_train_setup, python, read_log, subprocess_env, resumed_and_whole
+from tests.tiny_train import SIZE, make_train_setup, nonzero_lora, python, read_log, subprocess_env, resumed_and_whole
 from tests.tiny_train import one_thread  # noqa: F401 (a module-wide autouse fixture)
 from tests.tiny_vae import reference_encode_image
 
@@ -228,10 +228,7 @@ def test_controlnet_resume_equals_an_uninterrupted_run(world, tmp_path):
 def lora_trainer(world, tmp_path_factory):
     trainer = Trainer(parse_args(cn_argv(world, tmp_path_factory.mktemp("lora") / "out", "union", lora=True)))
     trainer.setup()
-    with torch.no_grad():  # a LoRA that is not zero, so its gradient depends on everything after it
-        for name, p in trainer.params:
-            if "lora_B" in name:
-                p.normal_(0, 0.05, generator=torch.Generator().manual_seed(len(name)))
+    nonzero_lora(trainer)
     return trainer
 
 

@@ -23,7 +23,7 @@ from PIL import Image
 from flux_core.train.args import TrainError, parse_args
 from flux_core.train.trainer import Trainer
 from tests.tiny_train import (ELIGEN_ROWS, ELIGEN_SIZE, eligen_mask, loss_gradient, make_eligen_data, make_train_setup,
-                              resumed_and_whole, train_argv)
+                              nonzero_lora, resumed_and_whole, train_argv)
 from tests.tiny_train import one_thread  # noqa: F401 (a module-wide autouse fixture)
 from tests.tiny_vae import reference_encode_image
 
@@ -127,10 +127,7 @@ def test_eligen_training_loss_equals_diffsynths_flowmatch_sft_loss(world, tmp_pa
 def test_the_entities_reach_the_loras_gradient(world, tmp_path):
     trainer = Trainer(parse_args(eligen_argv(world, tmp_path / "out")))
     trainer.setup()
-    with torch.no_grad():   # a LoRA that is not zero, so its gradient depends on everything after it
-        for name, p in trainer.params:
-            if "lora_B" in name:
-                p.normal_(0, 0.05, generator=torch.Generator().manual_seed(len(name)))
+    nonzero_lora(trainer)
     sample = trainer.dataset[0]
 
     def gradient(s):
@@ -351,10 +348,7 @@ def test_gradient_checkpointing_keeps_the_entity_mask(world, tmp_path, offload):
     flag = "--use_gradient_checkpointing_offload" if offload else "--use_gradient_checkpointing"
     trainer = Trainer(parse_args(eligen_argv(world, tmp_path / "out", flag)))
     trainer.setup()
-    with torch.no_grad():
-        for name, p in trainer.params:
-            if "lora_B" in name:
-                p.normal_(0, 0.05, generator=torch.Generator().manual_seed(len(name)))
+    nonzero_lora(trainer)
     dit = trainer.pipe.dit
     assert dit.gradient_checkpointing and dit.gradient_checkpointing_offload == offload
     sample = trainer.dataset[0]

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import types
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -15,17 +14,13 @@ from PIL import Image
 from flux_core.train.args import parse_args
 from flux_core.train.trainer import Trainer
 from tests.tiny_dit import make_diffusers_dit
-from tests.tiny_train import SIZE, loss_gradient, make_train_setup, train_argv
+from tests.tiny_train import SIZE, loss_gradient, make_train_setup, noise_picture, nonzero_lora, train_argv
 from tests.tiny_train import one_thread  # noqa: F401 (a module-wide autouse fixture)
 from tests.tiny_vae import reference_encode
 
 COLUMNS = ("flex_inpaint_image", "flex_inpaint_mask", "flex_control_image")
 EXTRAS = ("--extra_inputs", ",".join(COLUMNS), "--data_file_keys", ",".join(("image", *COLUMNS)))
 FLEX_DIT = dict(seed=5, in_channels=196, out_channels=64, num_layers=8)
-
-
-def picture(seed):
-    return Image.fromarray(np.random.default_rng(seed).integers(0, 255, (SIZE, SIZE, 3), dtype=np.uint8))
 
 
 def box_mask():
@@ -41,8 +36,8 @@ def world(tmp_path_factory):
     make_diffusers_dit(**FLEX_DIT).save_pretrained(setup.model / "transformer")   # the folder's DiT: FLEX.2's
     rows = []
     for i, (file, caption) in enumerate(list(setup.captions.items())[:2]):
-        picture(10 + i).save(setup.data / f"inpaint {i}.png")
-        picture(20 + i).save(setup.data / f"control {i}.png")
+        noise_picture(10 + i).save(setup.data / f"inpaint {i}.png")
+        noise_picture(20 + i).save(setup.data / f"control {i}.png")
         box_mask().save(setup.data / f"mask {i}.png")
         rows.append({"image": file, "prompt": caption, "flex_inpaint_image": f"inpaint {i}.png",
                      "flex_inpaint_mask": f"mask {i}.png", "flex_control_image": f"control {i}.png"})
@@ -118,13 +113,10 @@ def test_flex_training_loss_equals_diffsynths_flowmatch_sft_loss(world, tmp_path
 
 def test_the_inputs_reach_the_loras_gradient_and_the_dit_trains_without_them(world, tmp_path):
     trainer = flex_trainer(world, tmp_path / "out")
-    with torch.no_grad():   # a LoRA that is not zero, so its gradient depends on everything after it
-        for name, p in trainer.params:
-            if "lora_B" in name:
-                p.normal_(0, 0.05, generator=torch.Generator().manual_seed(len(name)))
+    nonzero_lora(trainer)
     sample = trainer.dataset[0]
     base = loss_gradient(trainer, sample, 2024)
-    other = loss_gradient(trainer, dict(sample, flex_inpaint_image=picture(99)), 2024)
+    other = loss_gradient(trainer, dict(sample, flex_inpaint_image=noise_picture(99)), 2024)
     # Measured 5.6e-2 of the gradient's size; a trainer that left the FLEX inputs out would give 0.
     assert (base - other).norm() > 1e-3 * base.norm()
     plain = flex_trainer(world, tmp_path / "plain", with_inputs=False)   # the folder's captions, no FLEX columns

@@ -24,7 +24,7 @@ from flux_core.loading.loader import load_model
 from flux_core.train.args import TrainError, parse_args
 from flux_core.train.trainer import Trainer
 from tests.tiny_ipadapter import PROJECTOR, face_embedding
-from tests.tiny_train import adapter_argv, make_adapter_setup, read_log, resumed_and_whole
+from tests.tiny_train import adapter_argv, make_adapter_setup, nonzero_lora, read_log, resumed_and_whole
 from tests.tiny_train import one_thread  # noqa: F401 (a module-wide autouse fixture)
 from tests.tiny_vae import reference_encode_image
 
@@ -193,10 +193,7 @@ def test_infiniteyou_resume_across_an_epoch_equals_an_uninterrupted_run(world, t
 def test_the_identity_reaches_the_loras_gradient(world, tmp_path):
     trainer = Trainer(parse_args(iy_argv(world, tmp_path / "out", lora=True)))
     trainer.setup()
-    with torch.no_grad():   # a LoRA that is not zero, so its gradient depends on everything after it
-        for name, p in trainer.params:
-            if "lora_B" in name:
-                p.normal_(0, 0.05, generator=torch.Generator().manual_seed(len(name)))
+    nonzero_lora(trainer)
     sample = trainer.dataset[0]
     base, moved = gradient(trainer, sample), gradient(trainer, dict(sample, infinityou_id_embedding=face_embedding(77)))
     assert not any(p.requires_grad for p in trainer.pipe.image_proj_model.parameters())

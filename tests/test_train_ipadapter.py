@@ -24,7 +24,8 @@ from flux_core.loading.loader import load_model
 from flux_core.train.args import TrainError, parse_args
 from flux_core.train.trainer import Trainer
 from tests.tiny_ipadapter import reference_image
-from tests.tiny_train import adapter_argv, make_adapter_setup, read_log, loss_gradient, resumed_and_whole
+from tests.tiny_train import (adapter_argv, loss_gradient, make_adapter_setup, nonzero_lora, read_log,
+                              resumed_and_whole)
 from tests.tiny_train import one_thread  # noqa: F401 (a module-wide autouse fixture)
 from tests.tiny_vae import reference_encode_image
 
@@ -166,10 +167,7 @@ def test_two_processes_equal_one_process_with_accumulation(world, tmp_path):
 def test_the_reference_image_reaches_the_loras_gradient(world, tmp_path):
     trainer = Trainer(parse_args(ip_argv(world, tmp_path / "out", lora=True)))
     trainer.setup()
-    with torch.no_grad():   # a LoRA that is not zero, so its gradient depends on everything after it
-        for name, p in trainer.params:
-            if "lora_B" in name:
-                p.normal_(0, 0.05, generator=torch.Generator().manual_seed(len(name)))
+    nonzero_lora(trainer)
     sample = trainer.dataset[0]
 
     def gradient(s):

@@ -13,10 +13,8 @@ from __future__ import annotations
 import json
 import types
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from flux_core.nexus_gen import bound_image
 from flux_core.train.args import parse_args
@@ -24,15 +22,11 @@ from flux_core.train.trainer import Trainer
 from tests.diffsynth_nexus_gen_ref import diffsynth_editing_text_ids, diffsynth_messages, diffsynth_target_embeddings
 from tests.tiny_dit import make_diffusers_dit
 from tests.tiny_nexus_gen import make_ar, white, write_nexus_gen_files
-from tests.tiny_train import SIZE, loss_gradient, make_train_setup, train_argv
+from tests.tiny_train import loss_gradient, make_train_setup, noise_picture, nonzero_lora, train_argv
 from tests.tiny_train import one_thread  # noqa: F401 (a module-wide autouse fixture)
 from tests.tiny_vae import reference_encode_image
 
 EDITING = ("--extra_inputs", "nexus_gen_reference_image", "--data_file_keys", "image,nexus_gen_reference_image")
-
-
-def picture(seed):
-    return Image.fromarray(np.random.default_rng(seed).integers(0, 255, (SIZE, SIZE, 3), dtype=np.uint8))
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +38,7 @@ def world(tmp_path_factory):
     files = write_nexus_gen_files(tmp / "decoders", make_diffusers_dit(seed=1), tmp / "Nexus-GenV2", ar)
     rows = []
     for i, (file, caption) in enumerate(list(setup.captions.items())[:2]):
-        picture(10 + i).save(setup.data / f"before {i}.png")
+        noise_picture(10 + i).save(setup.data / f"before {i}.png")
         rows.append({"image": file, "prompt": caption, "nexus_gen_reference_image": f"before {i}.png"})
     metadata = setup.data / "nexus_gen.json"
     metadata.write_text(json.dumps(rows), encoding="utf-8")
@@ -125,11 +119,8 @@ def test_nexus_gen_training_loss_equals_diffsynths_flowmatch_sft_loss(world, tmp
 
 def test_the_image_to_edit_reaches_the_loras_gradient(world, tmp_path):
     trainer = nexus_trainer(world, tmp_path / "out", "editing")
-    with torch.no_grad():   # a LoRA that is not zero, so its gradient depends on everything after it
-        for name, p in trainer.params:
-            if "lora_B" in name:
-                p.normal_(0, 0.05, generator=torch.Generator().manual_seed(len(name)))
+    nonzero_lora(trainer)
     sample = trainer.dataset[0]
     base = loss_gradient(trainer, sample, 2024)
-    other = loss_gradient(trainer, dict(sample, nexus_gen_reference_image=picture(99)), 2024)
+    other = loss_gradient(trainer, dict(sample, nexus_gen_reference_image=noise_picture(99)), 2024)
     assert (base - other).norm() > 1e-3 * base.norm()

@@ -11,10 +11,8 @@ from __future__ import annotations
 import json
 import types
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from flux_core.train.args import parse_args
 from flux_core.train.trainer import Trainer
@@ -22,15 +20,11 @@ from tests.test_step1x import (DIFFSYNTH_PREFIX, MAX_LENGTH, STEP1X_DIT, diffsyn
                                tiny_reference_connector)
 from tests.tiny_dit import make_diffusers_dit
 from tests.tiny_qwen_vl import make_processor, make_qwen_vl, write_qwen_vl_folder
-from tests.tiny_train import SIZE, loss_gradient, make_train_setup, train_argv
+from tests.tiny_train import loss_gradient, make_train_setup, noise_picture, nonzero_lora, train_argv
 from tests.tiny_train import one_thread  # noqa: F401 (a module-wide autouse fixture)
 from tests.tiny_vae import reference_encode
 
 EXTRAS = ("--extra_inputs", "step1x_reference_image", "--data_file_keys", "image,step1x_reference_image")
-
-
-def picture(seed):
-    return Image.fromarray(np.random.default_rng(seed).integers(0, 255, (SIZE, SIZE, 3), dtype=np.uint8))
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +38,7 @@ def world(tmp_path_factory):
     qwen = write_qwen_vl_folder(lm, tmp / "Qwen2.5-VL-7B-Instruct")
     rows = []
     for i, (file, caption) in enumerate(list(setup.captions.items())[:2]):
-        picture(10 + i).save(setup.data / f"before {i}.png")
+        noise_picture(10 + i).save(setup.data / f"before {i}.png")
         rows.append({"image": file, "prompt": caption, "step1x_reference_image": f"before {i}.png"})
     metadata = setup.data / "step1x.json"
     metadata.write_text(json.dumps(rows), encoding="utf-8")
@@ -119,13 +113,10 @@ def test_step1x_training_loss_equals_diffsynths_flowmatch_sft_loss(world, tmp_pa
 @pytest.mark.slow
 def test_the_reference_image_reaches_the_loras_gradient(world, tmp_path):
     trainer = step1x_trainer(world, tmp_path / "out")
-    with torch.no_grad():   # a LoRA that is not zero, so its gradient depends on everything after it
-        for name, p in trainer.params:
-            if "lora_B" in name:
-                p.normal_(0, 0.05, generator=torch.Generator().manual_seed(len(name)))
+    nonzero_lora(trainer)
     sample = trainer.dataset[0]
     base = loss_gradient(trainer, sample, 2024)
-    other = loss_gradient(trainer, dict(sample, step1x_reference_image=picture(99)), 2024)
+    other = loss_gradient(trainer, dict(sample, step1x_reference_image=noise_picture(99)), 2024)
     assert (base - other).norm() > 1e-3 * base.norm()
 
 

@@ -13,6 +13,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -262,6 +263,20 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def noise_picture(seed: int, size: int = SIZE) -> Image.Image:
+    """A size x size RGB picture of uniform noise (an image to edit, an inpaint or control image of a data row)."""
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 255, (size, size, 3), dtype=np.uint8))
+
+
+def nonzero_lora(trainer) -> None:
+    """Give the LoRA's up projections (zero at the start) random values, so that its gradient depends on every input
+    the loss reads after it (a zero LoRA's B gradient ignores most of them)."""
+    with torch.no_grad():
+        for name, p in trainer.params:
+            if "lora_B" in name:
+                p.normal_(0, 0.05, generator=torch.Generator().manual_seed(len(name)))
 
 
 def loss_gradient(trainer, sample: dict, seed: int = 7) -> torch.Tensor:
