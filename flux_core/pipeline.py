@@ -457,6 +457,9 @@ class FluxImagePipeline:
         needs_vae = (output_type != "latent" or input_image is not None or bool(references) or bool(controlnet_items)
                      or step1x_reference_image is not None
                      or any(channel_inputs[k] is not None for k in CHANNEL_IMAGES))
+        if step1x_reference_image is None and self.qwenvl is not None and self.text_encoder_2 is None:
+            raise ValueError("The pipeline holds Step1X-Edit's Qwen2.5-VL and no T5: Step1X-Edit edits an image; pass "
+                             "step1x_reference_image=<the image to edit> (its prompts are read with it).")
         self._require_generation_models(needs_vae, self.encoder_slots(step1x_reference_image,
                                                                       nexus_gen_reference_image))
         encoder = self.conditioning_encoder(t5_sequence_length, step1x_reference_image, nexus_gen_reference_image,

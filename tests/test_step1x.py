@@ -359,6 +359,13 @@ def test_step1x_request_without_its_vl_model_names_the_slots(tmp_path):
         pipe(prompt="x", step1x_reference_image=sample_image(), height=48, width=64, output_type="latent")
 
 
+def test_a_step1x_pipeline_called_without_the_image_to_edit_says_so(tmp_path):
+    configs, _ = step1x_models(tmp_path)
+    pipe = load_step1x_pipeline(configs, tmp_path)
+    with pytest.raises(ValueError, match=r"Step1X-Edit's Qwen2\.5-VL and no T5: .* pass step1x_reference_image="):
+        pipe(prompt="x", height=48, width=64, output_type="latent")
+
+
 # ------------------------------------------------------------------------------------------------ processor
 
 def test_processor_is_found_beside_the_qwen_model(tmp_path):
