@@ -33,11 +33,13 @@ from .controlnet import (ControlNetAdapter, ControlNetInput, ControlNets, check_
                          is_inpainting, no_mode)
 from .infiniteyou import (IdentityOnOtherControlNetWarning, IdentityTokens, InfiniteYouWithoutControlNetWarning,
                           check_face_embedding, identity_tokens)
+from .flex import channel_adapter, check_channel_inputs
 from .eligen import check_entities, eligen_adapter, eligen_mask_bytes, inpaint_region, inpaint_velocity
 from .ipadapter import IPAdapterAdapter, bind_ipadapter, check_ipadapter_models
 from .models.image_encoders import encode_images
 from .lora import LoraReport, clear_lora, disable_lora_merger, enable_lora_merger, load_lora
 from .lora_encoder import check_lora_encoder_inputs, lora_encoder_adapter
+from .nexus_gen import nexus_gen_encoder
 from .loading.loader import load_model
 from .model_config import ModelConfig
 from .models.controlnet import union_mode_id
@@ -51,6 +53,7 @@ from .text_conditioning import ClipT5Encoder, Conditioning, ConditioningEncoder
 from .sampling import (PromptEmbeds, denoise, guided_velocity, make_noise, reference_extras, resolve_seed,
                        tea_cache_extras, with_references)
 from .scheduler import add_noise, explicit_sigmas, flux_sigmas
+from .step1x import step1x_encoder
 from .math import unpack_latents
 from .teacache import TeaCacheStats
 from .tiled_dit import DiTTiling
@@ -231,11 +234,9 @@ class FluxImagePipeline:
         negative branch from T5), else CLIP-L + T5. Raises when a model it needs is missing."""
         self._require_models(self.encoder_slots(step1x_reference_image, nexus_gen_reference_image), "encode a prompt")
         if step1x_reference_image is not None:
-            from .step1x import step1x_encoder
             return step1x_encoder(self.qwenvl, self.qwenvl_processor, self.step1x_connector, step1x_reference_image,
                                   self.device)
         if self.nexus_gen is not None:
-            from .nexus_gen import nexus_gen_encoder
             return nexus_gen_encoder(self.nexus_gen, self.nexus_gen_processor, self.nexus_gen_generation_adapter,
                                      self.nexus_gen_editing_adapter, self.clip_t5_encoder(t5_sequence_length),
                                      nexus_gen_reference_image, height // 8, width // 8, self.device)
@@ -553,7 +554,6 @@ class FluxImagePipeline:
         inputs (zeros and an all-ones mask when none are given, as DiffSynth-Studio does); none for a 64-channel DiT."""
         if self.dit.in_channels == 64:
             return []
-        from .flex import channel_adapter
 
         def encode(x: torch.Tensor) -> torch.Tensor:
             return self.encode_image(x, **vae_tiling)
@@ -564,7 +564,6 @@ class FluxImagePipeline:
         images = [k for k in CHANNEL_IMAGES if channel_inputs[k] is not None]
         if self.dit is None or (self.dit.in_channels == 64 and not images):
             return
-        from .flex import check_channel_inputs
         check_channel_inputs(self.dit, height, width, **channel_inputs)
 
     def controlnet_adapters(self, items: list[ControlNetInput], height: int, width: int,
