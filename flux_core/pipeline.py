@@ -233,10 +233,11 @@ class FluxImagePipeline:
         Qwen2.5-VL + connector when a step1x_reference_image is given, Nexus-Gen's model when one is loaded (its
         negative branch from T5), else CLIP-L + T5. Raises when a model it needs is missing."""
         self._require_models(self.encoder_slots(step1x_reference_image, nexus_gen_reference_image), "encode a prompt")
-        if step1x_reference_image is not None:
+        kind = self._encoder_kind(step1x_reference_image, nexus_gen_reference_image)
+        if kind == "step1x":
             return step1x_encoder(self.qwenvl, self.qwenvl_processor, self.step1x_connector, step1x_reference_image,
                                   self.device)
-        if self.nexus_gen is not None:
+        if kind == "nexus_gen":
             return nexus_gen_encoder(self.nexus_gen, self.nexus_gen_processor, self.nexus_gen_generation_adapter,
                                      self.nexus_gen_editing_adapter, self.clip_t5_encoder(t5_sequence_length),
                                      nexus_gen_reference_image, height // 8, width // 8, self.device)
@@ -245,15 +246,23 @@ class FluxImagePipeline:
     def encoder_slots(self, step1x_reference_image=None, nexus_gen_reference_image=None) -> tuple[str, ...]:
         """The slots (models, tokenizers, processors) the conditioning encoder of a request needs."""
         clip_t5 = TEXT_ENCODERS + ("tokenizer_1", "tokenizer_2")
-        if step1x_reference_image is not None:
+        kind = self._encoder_kind(step1x_reference_image, nexus_gen_reference_image)
+        if kind == "step1x":
             return ("qwenvl", "qwenvl_processor", "step1x_connector")
-        if self.nexus_gen is not None:  # the negative branch from T5, the pooled vector from CLIP-L
+        if kind == "nexus_gen":  # the negative branch from T5, the pooled vector from CLIP-L
             adapter = ("nexus_gen_editing_adapter" if nexus_gen_reference_image is not None
                        else "nexus_gen_generation_adapter")
             return ("nexus_gen", "nexus_gen_processor", adapter) + clip_t5
-        if nexus_gen_reference_image is not None:
-            return ("nexus_gen", "nexus_gen_processor", "nexus_gen_editing_adapter") + clip_t5
         return clip_t5
+
+    def _encoder_kind(self, step1x_reference_image, nexus_gen_reference_image) -> str:
+        """Which encoder a request uses: "step1x" with an image for Step1X-Edit, "nexus_gen" with Nexus-Gen's model
+        loaded or its image given (then its models are required), else "clip_t5"."""
+        if step1x_reference_image is not None:
+            return "step1x"
+        if self.nexus_gen is not None or nexus_gen_reference_image is not None:
+            return "nexus_gen"
+        return "clip_t5"
 
     def encode_with(self, encoder: ConditioningEncoder, prompts: list[str], branch: str) -> Conditioning:
         """One branch's conditioning by `encoder`, its models moved onto the device for the encoding."""

@@ -13,7 +13,7 @@ returns itself.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol, Sequence, Union, runtime_checkable
+from typing import Protocol, Sequence, Union
 
 import torch
 from torch import nn
@@ -22,7 +22,6 @@ from .dit_inputs import DiTCall, PromptEmbeds
 from .models.text_encoders import clip_pooled, encode_prompt
 
 
-@runtime_checkable
 class StepConditioning(Protocol):
     """Text conditioning that depends on the DiT call (its noise level): `at(call)` makes the call's embeddings."""
 

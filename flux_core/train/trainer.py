@@ -70,12 +70,12 @@ from lora_tools.io import atomic_write
 from ..image import pil_to_tensor
 from ..loading.files import save_safetensors
 from ..model_config import ModelConfig, ModelFileError
-from ..sampling import PromptEmbeds
+from ..text_conditioning import Conditioning
 from ..vram import ComputeDevice, VRAMManager, store_model
 from . import checkpoint as ckpt
 from .args import (CHANNEL_EXTRAS, ENCODER_EXTRAS, FLEX_CONTROL_DEFAULTS, FP8_COMPONENTS, TrainError, comma_list,
-                   data_file_keys, identity_input, is_controlnet_run, is_lora, model_path_entries, torch_dtype, training_mode, uses_eligen, uses_ipadapter,
-                   uses_lora_encoder)
+                   data_file_keys, identity_input, is_controlnet_run, is_lora, model_path_entries, torch_dtype,
+                   training_mode, uses_eligen, uses_ipadapter, uses_lora_encoder)
 from .control import (check_controlnet_columns, check_controlnet_count, needs_controlnet, sample_control_input,
                       validation_control_input)
 from .dataset import ImageDataset, first_sample
@@ -450,8 +450,7 @@ class Trainer:
     def validation_adapter_inputs(self) -> dict:
         """The validation images' IP-Adapter reference images, InfiniteYou identity, EliGen entities, LoRA-Encoder
         inputs, Step1X-Edit / Nexus-Gen images to edit and FLEX.2 / Fill images: the --validation_* flags', else the
-        first data row's (each face embedded and the entities checked now, not after
-        the first training steps)."""
+        first data row's (each face embedded and the entities checked now, not after the first training steps)."""
         from .infiniteyou import validation_identity
         from .ipadapter import validation_references
         inputs = {}
@@ -463,8 +462,9 @@ class Trainer:
             inputs.update(validation_entities(self.args, self.dataset, *validation_size(self.args)))
         if self.encoded:
             inputs["lora_encoder_inputs"] = validation_loras(self.args, self.dataset, self.pipe)
+        extras = comma_list(self.args.extra_inputs)
         for key in (*ENCODER_EXTRAS, *CHANNEL_EXTRAS):  # the image to edit, FLEX.2 / Fill images: the first row's
-            if key in comma_list(self.args.extra_inputs):
+            if key in extras:
                 inputs[key] = self.dataset.row_image(0, key)[0]
         return inputs
 
@@ -633,15 +633,15 @@ class Trainer:
                                               **{k: sample.get(k) for k in CHANNEL_EXTRAS}, **FLEX_CONTROL_DEFAULTS)
             features = reference_features(pipe, sample["ipadapter_images"]) if self.reference else None
             # EliGen last, as in the pipeline: the ControlNets see the plain prompt
-            entities = ([sample_entities(pipe, sample, self.args.t5_sequence_length, self.dtype, x0.shape[-2] * 8,
-                                         x0.shape[-1] * 8)] if self.eligen else [])
+            entities = ([sample_entities(pipe, sample, self.args.t5_sequence_length, self.dtype, height, width)]
+                        if self.eligen else [])
             loras = sample_loras(pipe, sample) if self.encoded else []
         if self.mode in ADAPTER_MODES:   # the trained modules' whole use, in one (DDP) forward
             return self.model(self._adapted_loss, sample, x0, prompt, extras, adapters, features, generator, entities,
                               loras)
         return self._adapted_loss(sample, x0, prompt, extras, adapters, features, generator, entities, loras)
 
-    def _adapted_loss(self, sample: dict, x0: torch.Tensor, prompt: PromptEmbeds, extras, adapters: list,
+    def _adapted_loss(self, sample: dict, x0: torch.Tensor, prompt: Conditioning, extras, adapters: list,
                       features: torch.Tensor | None, generator: torch.Generator, entities: list = (),
                       loras: list = ()) -> torch.Tensor:
         """The loss with the LoRA-Encoder's tokens of the sample's LoRA first (as the pipeline adds them: the
