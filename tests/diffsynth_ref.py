@@ -37,6 +37,23 @@ def diffsynth_flux():
     return model_fn_flux_image, FluxDiTStateDictConverter, flux_dit
 
 
+def diffsynth_training_pipe(model_fn, in_iteration_models: tuple[str, ...] = ("dit",),
+                            **models) -> types.SimpleNamespace:
+    """What DiffSynth-Studio's FlowMatchSFTLoss and its units read of a FluxImagePipeline in training: its FLUX.1
+    FlowMatchScheduler with the 1000 training timesteps, float32 on the CPU, `model_fn` (model_fn_flux_image, from
+    diffsynth_flux()), the models the loss runs each step and the modules it reads (`dit=...`, `controlnet=...`, ...),
+    BasePipeline's `preprocess_image`, and no device moves."""
+    from diffsynth.diffusion.base_pipeline import BasePipeline
+    from diffsynth.diffusion.flow_match import FlowMatchScheduler
+    scheduler = FlowMatchScheduler("FLUX.1")
+    scheduler.set_timesteps(1000, training=True)
+    pipe = types.SimpleNamespace(scheduler=scheduler, torch_dtype=torch.float32, device="cpu", model_fn=model_fn,
+                                 in_iteration_models=tuple(in_iteration_models),
+                                 load_models_to_device=lambda names: None, **models)
+    pipe.preprocess_image = types.MethodType(BasePipeline.preprocess_image, pipe)
+    return pipe
+
+
 def _build_trunk(module, m, dim, heads, axes, text_dim, pooled_dim, double, single, guidance) -> None:
     """The embedders and blocks DiffSynth's FluxDiT and FluxControlNet share, from DiffSynth's own modules."""
     module.pos_embedder = m.RoPEEmbedding(dim, 10000, list(axes))

@@ -262,13 +262,13 @@ def test_conditioned_training_loss_equals_diffsynths_flowmatch_sft_loss(world, t
     generator) against DiffSynth-Studio's own FlowMatchSFTLoss with its FlowMatchScheduler, model_fn_flux_image and
     MultiControlNet, drawing from the global generator seeded alike; latents, control latent and text from diffusers.
     A DiT of FLUX's 19/38 blocks: DiffSynth spreads the ControlNet's residuals over a literal 19 and 38."""
-    from tests.diffsynth_ref import diffsynth_flux, tiny_diffsynth_controlnet, tiny_diffsynth_dit
+    from tests.diffsynth_ref import (diffsynth_flux, diffsynth_training_pipe, tiny_diffsynth_controlnet,
+                                     tiny_diffsynth_dit)
     from tests.tiny_controlnet import diffsynth_state_dict as controlnet_diffsynth_sd
     from tests.tiny_dit import diffsynth_state_dict as dit_diffsynth_sd, make_diffusers_dit, write_diffusers_dit
     from tests.tiny_pipeline import make_diffusers_pipeline
 
     model_fn, _, _ = diffsynth_flux()
-    from diffsynth.diffusion.flow_match import FlowMatchScheduler
     from diffsynth.diffusion.loss import FlowMatchSFTLoss
     from diffsynth.pipelines.flux_image import ControlNetInput as TheirInput, MultiControlNet
 
@@ -296,11 +296,8 @@ def test_conditioned_training_loss_equals_diffsynths_flowmatch_sft_loss(world, t
     their_dit.load_state_dict(dit_diffsynth_sd(deep), strict=True)
     union = tiny_diffsynth_controlnet(num_mode=10)
     union.load_state_dict(controlnet_diffsynth_sd(world.nets["union"]), strict=True)
-    scheduler = FlowMatchScheduler("FLUX.1")
-    scheduler.set_timesteps(1000, training=True)
-    pipe = types.SimpleNamespace(scheduler=scheduler, torch_dtype=torch.float32, device="cpu", model_fn=model_fn,
-                                 in_iteration_models=("dit", "controlnet"), dit=their_dit,
-                                 controlnet=MultiControlNet([union.eval()]))
+    pipe = diffsynth_training_pipe(model_fn, ("dit", "controlnet"), dit=their_dit,
+                                   controlnet=MultiControlNet([union.eval()]))
     with torch.no_grad():
         emb, pooled, _ = ref.encode_prompt(prompt=sample["prompt"], prompt_2=None, max_sequence_length=16)
         inputs = dict(input_latents=encode(sample["image"]), prompt_emb=emb, pooled_prompt_emb=pooled,

@@ -74,13 +74,11 @@ def test_eligen_training_loss_equals_diffsynths_flowmatch_sft_loss(world, tmp_pa
     its FlowMatchScheduler and model_fn_flux_image, its EntityControl unit's mask preprocessing of the mask files
     (read as its LoadImage reads them) and the entity prompts encoded by diffusers, on the same weights, drawing from
     the global generator seeded alike."""
-    from tests.diffsynth_ref import diffsynth_flux, tiny_diffsynth_dit
+    from tests.diffsynth_ref import diffsynth_flux, diffsynth_training_pipe, tiny_diffsynth_dit
     from tests.tiny_dit import diffsynth_state_dict
     from tests.tiny_pipeline import make_diffusers_pipeline
 
     model_fn, _, _ = diffsynth_flux()
-    from diffsynth.diffusion.base_pipeline import BasePipeline
-    from diffsynth.diffusion.flow_match import FlowMatchScheduler
     from diffsynth.diffusion.loss import FlowMatchSFTLoss
     from diffsynth.pipelines.flux_image import FluxImageUnit_EntityControl
 
@@ -94,11 +92,7 @@ def test_eligen_training_loss_equals_diffsynths_flowmatch_sft_loss(world, tmp_pa
     ref = make_diffusers_pipeline(tmp_path / "ref")   # the same seeds as world's folder: the same weights
     their_dit = tiny_diffsynth_dit()
     their_dit.load_state_dict(diffsynth_state_dict(ref.transformer), strict=True)
-    scheduler = FlowMatchScheduler("FLUX.1")
-    scheduler.set_timesteps(1000, training=True)
-    pipe = types.SimpleNamespace(scheduler=scheduler, torch_dtype=torch.float32, device="cpu", model_fn=model_fn,
-                                 in_iteration_models=("dit",), dit=their_dit)
-    pipe.preprocess_image = types.MethodType(BasePipeline.preprocess_image, pipe)
+    pipe = diffsynth_training_pipe(model_fn, dit=their_dit)
     width, height = ELIGEN_SIZE
     files = json.loads(world.metadata.read_text(encoding="utf-8"))[0]["eligen_entity_masks"]
     masks = [Image.open(world.setup.data / f).convert("RGB") for f in files]

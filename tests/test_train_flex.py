@@ -61,13 +61,11 @@ def test_flex_training_loss_equals_diffsynths_flowmatch_sft_loss(world, tmp_path
     FlowMatchScheduler (1000 timesteps), its FluxImageUnit_Flex on the row's pictures (strength and stop 0.5, the
     pipeline's defaults, which the trainer uses) and model_fn_flux_image, diffusers' text encoding and VAE, drawing
     from the global generator seeded alike."""
-    from tests.diffsynth_ref import diffsynth_flux, tiny_diffsynth_channel_dit
+    from tests.diffsynth_ref import diffsynth_flux, diffsynth_training_pipe, tiny_diffsynth_channel_dit
     from tests.tiny_dit import diffsynth_state_dict
     from tests.tiny_pipeline import make_diffusers_pipeline
 
     model_fn, _, _ = diffsynth_flux()
-    from diffsynth.diffusion.base_pipeline import BasePipeline
-    from diffsynth.diffusion.flow_match import FlowMatchScheduler
     from diffsynth.diffusion.loss import FlowMatchSFTLoss
     from diffsynth.pipelines.flux_image import FluxImageUnit_Flex
 
@@ -79,13 +77,7 @@ def test_flex_training_loss_equals_diffsynths_flowmatch_sft_loss(world, tmp_path
     ref = make_diffusers_pipeline(tmp_path / "ref")   # the same seeds as world's folder: the same text encoders, VAE
     their_dit = tiny_diffsynth_channel_dit(196, double=8)
     their_dit.load_state_dict(diffsynth_state_dict(make_diffusers_dit(**FLEX_DIT)), strict=True)
-    scheduler = FlowMatchScheduler("FLUX.1")
-    scheduler.set_timesteps(1000, training=True)
-    pipe = types.SimpleNamespace(scheduler=scheduler, torch_dtype=torch.float32, device="cpu", model_fn=model_fn,
-                                 in_iteration_models=("dit",), dit=their_dit,
-                                 vae_encoder=lambda x, **kw: reference_encode(ref.vae, x),
-                                 load_models_to_device=lambda names: None)
-    pipe.preprocess_image = types.MethodType(BasePipeline.preprocess_image, pipe)
+    pipe = diffsynth_training_pipe(model_fn, dit=their_dit, vae_encoder=lambda x, **kw: reference_encode(ref.vae, x))
     with torch.no_grad():
         input_latents = reference_encode(ref.vae, pipe.preprocess_image(sample["image"]))
         flex = FluxImageUnit_Flex().process(pipe, input_latents, sample["flex_inpaint_image"],

@@ -469,16 +469,14 @@ def test_infiniteyou_training_loss_equals_diffsynths_flowmatch_sft_loss(world, t
     and InfiniteYouImageProjector (its converter reading image_proj_model.bin), drawing from the global generator
     seeded alike; latents and text from diffusers. A DiT of FLUX's 19/38 blocks: DiffSynth spreads the ControlNet's
     residuals over a literal 19 and 38."""
-    import types
-
-    from tests.diffsynth_ref import diffsynth_flux, diffsynth_infiniteyou, tiny_diffsynth_controlnet, tiny_diffsynth_dit
+    from tests.diffsynth_ref import (diffsynth_flux, diffsynth_infiniteyou, diffsynth_training_pipe,
+                                     tiny_diffsynth_controlnet, tiny_diffsynth_dit)
     from tests.tiny_controlnet import diffsynth_state_dict as controlnet_diffsynth_sd, make_diffusers_controlnet
     from tests.tiny_dit import diffsynth_state_dict as dit_diffsynth_sd, make_diffusers_dit, write_diffusers_dit
     from tests.tiny_pipeline import make_diffusers_pipeline
 
     model_fn, _, _ = diffsynth_flux()
     projector_class, converter = diffsynth_infiniteyou()
-    from diffsynth.diffusion.flow_match import FlowMatchScheduler
     from diffsynth.diffusion.loss import FlowMatchSFTLoss
     from diffsynth.pipelines.flux_image import ControlNetInput as TheirInput, MultiControlNet
 
@@ -510,11 +508,8 @@ def test_infiniteyou_training_loss_equals_diffsynths_flowmatch_sft_loss(world, t
     infusenet.load_state_dict(controlnet_diffsynth_sd(make_diffusers_controlnet(seed=6)), strict=True)
     projector = projector_class(**PROJECTOR).eval()
     projector.load_state_dict(converter(torch.load(world.projector, weights_only=True)), strict=True)
-    scheduler = FlowMatchScheduler("FLUX.1")
-    scheduler.set_timesteps(1000, training=True)
-    pipe = types.SimpleNamespace(scheduler=scheduler, torch_dtype=torch.float32, device="cpu", model_fn=model_fn,
-                                 in_iteration_models=("dit", "controlnet"), dit=their_dit,
-                                 controlnet=MultiControlNet([infusenet.eval()]))
+    pipe = diffsynth_training_pipe(model_fn, ("dit", "controlnet"), dit=their_dit,
+                                   controlnet=MultiControlNet([infusenet.eval()]))
     with torch.no_grad():
         emb, pooled, _ = ref.encode_prompt(prompt=sample["prompt"], prompt_2=None, max_sequence_length=16)
         inputs = dict(input_latents=encode(sample["image"]), prompt_emb=emb, pooled_prompt_emb=pooled,

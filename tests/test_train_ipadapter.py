@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import types
 
 import numpy as np
 import pytest
@@ -322,13 +321,13 @@ def test_ipadapter_training_loss_equals_diffsynths_flowmatch_sft_loss(world, tmp
     the global generator seeded alike; latents and text from diffusers, SigLIP's pooled features from transformers
     (DiffSynth's preprocessing: bicubic resize to the encoder's size, [-1, 1]; the tiny tower takes 28, not 384)."""
 
-    from tests.diffsynth_ref import diffsynth_flux, diffsynth_ipadapter, tiny_diffsynth_dit, tiny_diffsynth_ipadapter
+    from tests.diffsynth_ref import (diffsynth_flux, diffsynth_ipadapter, diffsynth_training_pipe, tiny_diffsynth_dit,
+                                     tiny_diffsynth_ipadapter)
     from tests.tiny_dit import diffsynth_state_dict as dit_diffsynth_sd
     from tests.tiny_pipeline import make_diffusers_pipeline
 
     model_fn, _, _ = diffsynth_flux()
     _, converter = diffsynth_ipadapter()
-    from diffsynth.diffusion.flow_match import FlowMatchScheduler
     from diffsynth.diffusion.loss import FlowMatchSFTLoss
     from transformers import SiglipModel
 
@@ -354,10 +353,7 @@ def test_ipadapter_training_loss_equals_diffsynths_flowmatch_sft_loss(world, tmp
     pixels = torch.cat([torch.from_numpy(np.asarray(i.convert("RGB").resize((size, size), resample=3),
                                                     dtype=np.float32)).permute(2, 0, 1)[None] / 255 * 2 - 1
                         for i in sample["ipadapter_images"]])
-    scheduler = FlowMatchScheduler("FLUX.1")
-    scheduler.set_timesteps(1000, training=True)
-    pipe = types.SimpleNamespace(scheduler=scheduler, torch_dtype=torch.float32, device="cpu", model_fn=model_fn,
-                                 in_iteration_models=("dit",), dit=their_dit)
+    pipe = diffsynth_training_pipe(model_fn, dit=their_dit)
     with torch.no_grad():
         emb, pooled, _ = ref.encode_prompt(prompt=sample["prompt"], prompt_2=None, max_sequence_length=16)
         features = siglip(pixel_values=pixels).pooler_output

@@ -158,13 +158,13 @@ def test_lora_encoder_training_loss_equals_diffsynths_flowmatch_sft_loss(world, 
     """One sample's loss: ours against DiffSynth-Studio 2.1.12's FlowMatchSFTLoss with its model_fn_flux_image, the
     prompt extended by its FluxImageUnit_LoRAEncode (its FluxLoRAEncoder and FluxLoRALoader on the file), on the same
     weights, drawing from the global generator seeded alike."""
-    from tests.diffsynth_ref import diffsynth_flux, tiny_diffsynth_dit, tiny_diffsynth_lora_encoder, tiny_lora_patterns
+    from tests.diffsynth_ref import (diffsynth_flux, diffsynth_training_pipe, tiny_diffsynth_dit,
+                                     tiny_diffsynth_lora_encoder, tiny_lora_patterns)
     from tests.tiny_dit import diffsynth_state_dict
     from tests.tiny_lora_models import TINY_ENCODER
     from tests.tiny_pipeline import make_diffusers_pipeline
 
     model_fn, _, _ = diffsynth_flux()
-    from diffsynth.diffusion.flow_match import FlowMatchScheduler
     from diffsynth.diffusion.loss import FlowMatchSFTLoss
     from diffsynth.pipelines.flux_image import FluxImageUnit_LoRAEncode
 
@@ -180,11 +180,7 @@ def test_lora_encoder_training_loss_equals_diffsynths_flowmatch_sft_loss(world, 
     their_dit.load_state_dict(diffsynth_state_dict(ref.transformer), strict=True)
     their_encoder = tiny_diffsynth_lora_encoder(tiny_lora_patterns(), **TINY_ENCODER)
     their_encoder.load_state_dict({k: v.clone() for k, v in load_file(str(world.encoder)).items()}, strict=True)
-    scheduler = FlowMatchScheduler("FLUX.1")
-    scheduler.set_timesteps(1000, training=True)
-    pipe = types.SimpleNamespace(scheduler=scheduler, torch_dtype=torch.float32, device="cpu", model_fn=model_fn,
-                                 in_iteration_models=("dit",), dit=their_dit, lora_encoder=their_encoder,
-                                 load_models_to_device=lambda names: None)
+    pipe = diffsynth_training_pipe(model_fn, dit=their_dit, lora_encoder=their_encoder)
     with torch.no_grad():
         emb, pooled, _ = ref.encode_prompt(prompt=sample["prompt"], prompt_2=None, max_sequence_length=16)
         _, posi, _ = FluxImageUnit_LoRAEncode().process(pipe, {"lora_encoder_inputs": sample["lora_encoder_inputs"]},

@@ -63,13 +63,11 @@ def test_nexus_gen_training_loss_equals_diffsynths_flowmatch_sft_loss(world, tmp
     FlowMatchScheduler and model_fn_flux_image on its DiT, fed prompt_emb = its adapter (text-to-image) or merger
     (editing) on its get_target_embeddings, text_ids 0 or its get_editing_text_ids, pooled = CLIP-L of the caption
     (diffusers), guidance 1 (the trainer's default), drawing from the global generator seeded alike."""
-    from tests.diffsynth_ref import diffsynth_flux, tiny_diffsynth_dit
+    from tests.diffsynth_ref import diffsynth_flux, diffsynth_training_pipe, tiny_diffsynth_dit
     from tests.tiny_dit import diffsynth_state_dict
     from tests.tiny_pipeline import make_diffusers_pipeline
 
     model_fn, _, _ = diffsynth_flux()
-    from diffsynth.diffusion.base_pipeline import BasePipeline
-    from diffsynth.diffusion.flow_match import FlowMatchScheduler
     from diffsynth.diffusion.loss import FlowMatchSFTLoss
 
     trainer = nexus_trainer(world, tmp_path / "out", task)
@@ -81,11 +79,7 @@ def test_nexus_gen_training_loss_equals_diffsynths_flowmatch_sft_loss(world, tmp
     ref = make_diffusers_pipeline(tmp_path / "ref")   # the same seeds as world's folder: the same weights
     their_dit = tiny_diffsynth_dit()
     their_dit.load_state_dict(diffsynth_state_dict(ref.transformer), strict=True)
-    scheduler = FlowMatchScheduler("FLUX.1")
-    scheduler.set_timesteps(1000, training=True)
-    pipe = types.SimpleNamespace(scheduler=scheduler, torch_dtype=torch.float32, device="cpu", model_fn=model_fn,
-                                 in_iteration_models=("dit",), dit=their_dit)
-    pipe.preprocess_image = types.MethodType(BasePipeline.preprocess_image, pipe)
+    pipe = diffsynth_training_pipe(model_fn, dit=their_dit)
     editing = task == "editing"
     images = [bound_image(sample["nexus_gen_reference_image"]), white()] if editing else [white()]
     ar = world.ar

@@ -64,13 +64,11 @@ def test_step1x_training_loss_equals_diffsynths_flowmatch_sft_loss(world, tmp_pa
     FlowMatchScheduler (1000 timesteps), model_fn_flux_image with its DiT and connector (in_iteration_models), the
     states of its Step1xEditEmbedder (float32, sliced as it slices them) and the reference latents as its Step1x unit
     makes them (diffusers' VAE), drawing from the global generator seeded alike."""
-    from tests.diffsynth_ref import diffsynth_flux, tiny_diffsynth_dit
+    from tests.diffsynth_ref import diffsynth_flux, diffsynth_training_pipe, tiny_diffsynth_dit
     from tests.tiny_dit import bfl_state_dict
     from tests.tiny_pipeline import make_diffusers_pipeline
 
     model_fn, convert, _ = diffsynth_flux()
-    from diffsynth.diffusion.base_pipeline import BasePipeline
-    from diffsynth.diffusion.flow_match import FlowMatchScheduler
     from diffsynth.diffusion.loss import FlowMatchSFTLoss
 
     trainer = step1x_trainer(world, tmp_path / "out")
@@ -81,12 +79,8 @@ def test_step1x_training_loss_equals_diffsynths_flowmatch_sft_loss(world, tmp_pa
     ref = make_diffusers_pipeline(tmp_path / "ref")   # the same seeds as world's folder: the same VAE
     their_dit = tiny_diffsynth_dit(dim=128, heads=1, axes=(16, 56, 56), guidance=False, pooled_dim=768)
     their_dit.load_state_dict(convert(bfl_state_dict(make_diffusers_dit(seed=1, **STEP1X_DIT))), strict=True)
-    scheduler = FlowMatchScheduler("FLUX.1")
-    scheduler.set_timesteps(1000, training=True)
-    pipe = types.SimpleNamespace(scheduler=scheduler, torch_dtype=torch.float32, device="cpu", model_fn=model_fn,
-                                 in_iteration_models=("dit", "step1x_connector"), dit=their_dit,
-                                 step1x_connector=world.connector)
-    pipe.preprocess_image = types.MethodType(BasePipeline.preprocess_image, pipe)
+    pipe = diffsynth_training_pipe(model_fn, ("dit", "step1x_connector"), dit=their_dit,
+                                   step1x_connector=world.connector)
     _, mask, recorder = diffsynth_embedding(world.qwen, make_processor(), [sample["prompt"]],
                                             sample["step1x_reference_image"])
     hidden = recorder.calls[0][2]
@@ -121,7 +115,8 @@ def test_the_reference_image_reaches_the_loras_gradient(world, tmp_path):
 
 
 def test_a_step1x_run_without_qwen_vl_names_what_is_missing(world, tmp_path):
-    """--extra_inputs step1x_reference_image needs Qwen2.5-VL and the connector, not CLIP-L / T5: the message says so."""
+    """--extra_inputs step1x_reference_image needs Qwen2.5-VL and the connector, not CLIP-L / T5: the message says
+    so."""
     from flux_core.train.args import TrainError
     argv = train_argv(world.setup, tmp_path / "out", *EXTRAS)
     argv[argv.index("--dataset_metadata_path") + 1] = str(world.metadata)
