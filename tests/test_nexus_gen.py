@@ -30,10 +30,9 @@ from flux_core.pipeline import FluxImagePipeline
 from tests.diffsynth_nexus_gen_ref import (diffsynth_ar_config, diffsynth_editing_text_ids, diffsynth_messages,
                                            diffsynth_nexus_gen, diffsynth_target_embeddings, merger_key_shapes,
                                            tiny_diffsynth_merger)
-from tests.tiny_nexus_gen import (AR_HIDDEN, MERGER_SIZES, MROPE, TEXT_DIM, make_ar, randomised, white,
-                                   write_nexus_gen_files)
+from tests.tiny_nexus_gen import AR_HIDDEN, MERGER_SIZES, MROPE, TEXT_DIM, make_ar, white, write_nexus_gen_files
 from tests.tiny_pipeline import FOLDER_NAME, make_diffusers_pipeline
-from tests.tiny_qwen_vl import PREPROCESSOR_CONFIG, make_processor, published_state_dict, sample_image
+from tests.tiny_qwen_vl import PREPROCESSOR_CONFIG, make_processor, published_state_dict, randomised, sample_image
 
 # Parity bound (relative to the output's largest magnitude): measured 0 (AR model) to 3.3e-7 (merger); every
 # mistake tried moves the outputs by more than 1e-2 (see each test).
@@ -63,7 +62,7 @@ def ar():
 # ------------------------------------------------------------------------------------------------------ adapters
 def test_generation_adapter_matches_diffsynth_and_loads_its_names_strictly():
     p, _, _ = diffsynth_nexus_gen()
-    reference = randomised(p.NexusGenAdapter(AR_HIDDEN, TEXT_DIM), 1)
+    reference = randomised(p.NexusGenAdapter(AR_HIDDEN, TEXT_DIM), 1, scale=0.3)
     shapes = {k: tuple(v.shape) for k, v in reference.state_dict().items()}
     ours = NexusGenAdapter(NexusGenAdapterParams.from_state_dict_shapes(shapes)).eval()
     ours.load_state_dict(reference.state_dict(), strict=True)
@@ -83,7 +82,7 @@ def test_editing_merger_matches_diffsynth(with_reference):
     strictly from DiffSynth's names. Mistakes it catches (measured): positions on the image's
     own grid instead of the 72x72 base grid 0.16, a causal layer 0.51, the reference's positions equal to the
     target's 0.035."""
-    reference = randomised(tiny_diffsynth_merger(**MERGER_SIZES), 3)
+    reference = randomised(tiny_diffsynth_merger(**MERGER_SIZES), 3, scale=0.3)
     shapes = {k: tuple(v.shape) for k, v in reference.state_dict().items()}
     params = NexusGenMergerParams.from_state_dict_shapes(shapes, {"num_heads": 2, "mrope_section": MROPE})
     ours = NexusGenImageEmbeddingMerger(params).eval()

@@ -168,13 +168,15 @@ def write_nexus_gen_decoder(dit, path: Path, seed: int) -> Path:
     from flux_core.loading.files import invert_rules, rename_keys
     from flux_core.models.nexus_gen import NexusGenAdapter, NexusGenAdapterParams
     from tests.tiny_dit import bfl_state_dict
-    from tests.tiny_nexus_gen import AR_HIDDEN, randomised
+    from tests.tiny_nexus_gen import AR_HIDDEN
+    from tests.tiny_qwen_vl import randomised
     bfl = bfl_state_dict(dit)
     for key in ("final_layer.adaLN_modulation.1.weight", "final_layer.adaLN_modulation.1.bias"):
         shift, scale = bfl[key].chunk(2)
         bfl[key] = torch.cat((scale, shift))
     sd = {"pipe.dit." + k: v.contiguous() for k, v in rename_keys(bfl, invert_rules(DIFFSYNTH_RULES)).items()}
-    adapter = randomised(NexusGenAdapter(NexusGenAdapterParams(input_dim=AR_HIDDEN, output_dim=T5_DIM)), seed)
+    adapter = NexusGenAdapter(NexusGenAdapterParams(input_dim=AR_HIDDEN, output_dim=T5_DIM))
+    adapter = randomised(adapter, seed, scale=0.3)
     sd.update({k: v.detach().clone() for k, v in adapter.state_dict().items()})
     torch.save(sd, path)
     return Path(path)

@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from flux_core.models.nexus_gen import NexusGenAutoregressiveModel
 from tests.diffsynth_nexus_gen_ref import diffsynth_nexus_gen, tiny_diffsynth_merger
 from tests.tiny_dit import write_nexus_gen_dit
-from tests.tiny_qwen_vl import TINY_TEXT, tiny_qwen_vl_config, write_processor, write_qwen_vl_folder
+from tests.tiny_qwen_vl import TINY_TEXT, randomised, tiny_qwen_vl_config, write_processor, write_qwen_vl_folder
 
 # The tiny AR model (tests/tiny_qwen_vl.py): hidden 16, heads of 8 with multimodal-RoPE sections 1 + 1 + 2. The tiny
 # DiT (tests/tiny_dit.py) reads text tokens of width 32.
@@ -32,20 +32,8 @@ MERGER_SIZES = dict(hidden=AR_HIDDEN, heads=2, kv_heads=1, intermediate=32, mrop
 DECODER_CONFIG = {"axes_dims_rope": [4, 6, 6], "num_heads": 2, "mrope_section": list(MROPE)}
 
 
-def randomised(module: torch.nn.Module, seed: int) -> torch.nn.Module:
-    """Random weights everywhere (norm scales around 1), so every path matters."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            if p.ndim == 1 and "norm" in name or name.endswith("ln_q.weight"):
-                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g))
-            else:
-                p.copy_(0.3 * torch.randn(p.shape, generator=g))
-    return module.eval()
-
-
 def make_ar(seed: int = 0) -> NexusGenAutoregressiveModel:
-    return randomised(NexusGenAutoregressiveModel(tiny_qwen_vl_config()), seed)
+    return randomised(NexusGenAutoregressiveModel(tiny_qwen_vl_config()), seed, scale=0.3)
 
 
 def white(side: int = 252) -> Image.Image:
@@ -83,8 +71,8 @@ def write_nexus_gen_files(decoders: Path, dit, ar_folder: Path, ar, seed: int = 
     decoders = Path(decoders)
     decoders.mkdir(parents=True, exist_ok=True)
     p, _, _ = diffsynth_nexus_gen()
-    adapter = randomised(p.NexusGenAdapter(AR_HIDDEN, TEXT_DIM), seed)
-    merger = randomised(tiny_diffsynth_merger(**MERGER_SIZES), seed + 1)
+    adapter = randomised(p.NexusGenAdapter(AR_HIDDEN, TEXT_DIM), seed, scale=0.3)
+    merger = randomised(tiny_diffsynth_merger(**MERGER_SIZES), seed + 1, scale=0.3)
     # DiffSynth's adapter converter keeps the file's `adapter.*` keys as they are: its NexusGenAdapter's own names.
     generation = decoder_state_dict(dit, adapter.state_dict(), decoders)
     editing = decoder_state_dict(dit, {f"embedding_merger.{k}": v for k, v in merger.state_dict().items()}, decoders)

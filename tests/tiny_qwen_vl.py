@@ -24,6 +24,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from tests.tiny_text import byte_chars
+
 # The ids of the real Qwen2.5 tokenizer for the tokens the Step1X-Edit / Nexus-Gen code names by number.
 SPECIAL_TOKENS = {"<|endoftext|>": 151643, "<|im_start|>": 151644, "<|im_end|>": 151645,
                   "<|object_ref_start|>": 151646, "<|object_ref_end|>": 151647, "<|box_start|>": 151648,
@@ -53,24 +55,10 @@ CHAT_TEMPLATE = (
 STEP1X_MIN_PIXELS, STEP1X_MAX_PIXELS = 256 * 28 * 28, 324 * 28 * 28
 
 
-def _byte_symbols() -> list[str]:
-    """The byte-level alphabet (GPT-2 / Qwen): printable Latin-1 bytes stand for themselves, the rest for 256+."""
-    keep = (set(range(ord("!"), ord("~") + 1)) | set(range(ord("¡"), ord("¬") + 1))
-            | set(range(ord("®"), ord("ÿ") + 1)))
-    out, extra = [], 0
-    for b in range(256):
-        if b in keep:
-            out.append(chr(b))
-        else:
-            out.append(chr(256 + extra))
-            extra += 1
-    return out
-
-
 @lru_cache(maxsize=None)
 def _tokenizer_json() -> str:
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
-    symbols = _byte_symbols()
+    symbols = byte_chars()
     vocab = {s: i for i, s in enumerate(symbols)}
     merges = []
     for char, token_id in (("“", OPEN_QUOTE_ID), ("”", CLOSE_QUOTE_ID)):
@@ -161,15 +149,19 @@ def make_qwen_vl(seed: int = 0, conditional_generation: bool = False, **text_ove
     from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLModel
     cls = Qwen2_5_VLForConditionalGeneration if conditional_generation else Qwen2_5_VLModel
     torch.manual_seed(seed)
-    model = cls(tiny_qwen_vl_config(**text_overrides)).eval()
+    return randomised(cls(tiny_qwen_vl_config(**text_overrides)), seed, scale=0.2)
+
+
+def randomised(module: torch.nn.Module, seed: int, scale: float) -> torch.nn.Module:
+    """Random weights everywhere (norm scales around 1, the rest of std `scale`), so every path matters; eval mode."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for name, p in module.named_parameters():
             if p.ndim == 1 and "norm" in name or name.endswith("ln_q.weight"):
                 p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g))
             else:
-                p.copy_(0.2 * torch.randn(p.shape, generator=g))
-    return model
+                p.copy_(scale * torch.randn(p.shape, generator=g))
+    return module.eval()
 
 
 def published_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -40,8 +40,9 @@ _CORPUS = ("a photo of a cat sitting on a red chair in the sun a dog running on 
 
 # -------------------------------------------------------------------------------------------- tokenizers
 
-def _byte_chars() -> list[str]:
-    """CLIP's byte-level alphabet: printable Latin-1 bytes stand for themselves, the others get code points 256+."""
+def byte_chars() -> list[str]:
+    """The byte-level alphabet of CLIP's, GPT-2's and Qwen's BPE: printable Latin-1 bytes stand for themselves, the
+    others get code points 256+."""
     keep = set(range(ord("!"), ord("~") + 1)) | set(range(ord("¡"), ord("¬") + 1)) | set(range(ord("®"), ord("ÿ") + 1))
     out, extra = [], 0
     for b in range(256):
@@ -82,7 +83,7 @@ def clip_vocab() -> tuple[dict[str, int], tuple[tuple[str, str], ...]]:
         best = max(pairs, key=lambda p: (pairs[p], p))
         merges.append(best)
         seqs = {w: _merge(seq, best) for w, seq in seqs.items()}
-    chars = _byte_chars()
+    chars = byte_chars()
     tokens = chars + [c + "</w>" for c in chars] + [a + b for a, b in merges] + ["<|startoftext|>", "<|endoftext|>"]
     return {t: i for i, t in enumerate(tokens)}, tuple(merges)
 
