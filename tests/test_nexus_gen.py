@@ -11,6 +11,8 @@ byte-level tokenizer built in the test with Qwen's special-token ids, transforme
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -103,6 +105,12 @@ def test_merger_has_nexus_gen_v2s_names_and_shapes_and_sizes_come_from_them():
     with torch.device("meta"):
         ours = {k: tuple(v.shape) for k, v in NexusGenImageEmbeddingMerger().state_dict().items()}
     assert ours == full
+    # The sizes README quotes: the merger 359 M parameters (0.67 GiB in bf16), the generation adapter 31.5 M (60 MiB).
+    merger = sum(math.prod(shape) for shape in full.values())
+    with torch.device("meta"):
+        adapter = sum(p.numel() for p in NexusGenAdapter().parameters())
+    assert round(merger / 1e6) == 359 and round(2 * merger / 2**30, 2) == 0.67
+    assert round(adapter / 1e6, 1) == 31.5 and round(2 * adapter / 2**20) == 60
     tiny = {k: tuple(v.shape) for k, v in tiny_diffsynth_merger(**MERGER_SIZES).state_dict().items()}
     with pytest.raises(ValueError, match="mrope_section"):  # a head size other than 128 needs its sections
         NexusGenMergerParams.from_state_dict_shapes(tiny, {"num_heads": 2})
@@ -264,6 +272,12 @@ def test_nexus_gen_v2s_published_ar_model_builds_without_its_config_json():
     rope = [{k: c.text_config.rope_parameters[k] for k in ("rope_type", "rope_theta", "mrope_section")}
             for c in (ours.config, config)]
     assert rope[0] == rope[1]
+    # Its size, as README quotes it (the LM head is not loaded): 7.76 G parameters, 14.5 GiB in bf16, 7.2 GiB with FP8
+    # weight matrices.
+    params = list(ours.parameters())
+    total, matrices = sum(v.numel() for v in params), sum(v.numel() for v in params if v.dim() >= 2)
+    assert round(total / 1e9, 2) == 7.76
+    assert round(2 * total / 2**30, 1) == 14.5 and round((matrices + 2 * (total - matrices)) / 2**30, 1) == 7.2
 
 
 def test_ar_model_in_transformers_5_names_loads_too(files, ar, tmp_path):
