@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from tests.tiny_text import byte_chars
+from flux_core.demo.tokenizers import byte_chars
 
 # The ids of the real Qwen2.5 tokenizer for the tokens the Step1X-Edit / Nexus-Gen code names by number.
 SPECIAL_TOKENS = {"<|endoftext|>": 151643, "<|im_start|>": 151644, "<|im_end|>": 151645,

@@ -16,13 +16,14 @@ from __future__ import annotations
 import copy
 import json
 import re
-from collections import Counter
 from functools import lru_cache
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+from flux_core.demo.tokenizers import clip_bpe, t5_pieces, write_clip_tokenizer, write_t5_tokenizer
 
 CLIP_HEADS = 2
 CLIP_SINGLE_FILE_CONFIG = {"num_attention_heads": CLIP_HEADS}
@@ -40,94 +41,23 @@ _CORPUS = ("a photo of a cat sitting on a red chair in the sun a dog running on 
 
 # -------------------------------------------------------------------------------------------- tokenizers
 
-def byte_chars() -> list[str]:
-    """The byte-level alphabet of CLIP's, GPT-2's and Qwen's BPE: printable Latin-1 bytes stand for themselves, the
-    others get code points 256+."""
-    keep = set(range(ord("!"), ord("~") + 1)) | set(range(ord("¡"), ord("¬") + 1)) | set(range(ord("®"), ord("ÿ") + 1))
-    out, extra = [], 0
-    for b in range(256):
-        if b in keep:
-            out.append(chr(b))
-        else:
-            out.append(chr(256 + extra))
-            extra += 1
-    return out
-
-
-def _merge(seq: tuple[str, ...], pair: tuple[str, str]) -> tuple[str, ...]:
-    out, i = [], 0
-    while i < len(seq):
-        if i + 1 < len(seq) and (seq[i], seq[i + 1]) == pair:
-            out.append(seq[i] + seq[i + 1])
-            i += 2
-        else:
-            out.append(seq[i])
-            i += 1
-    return tuple(out)
+def clip_vocab() -> tuple[dict[str, int], tuple[tuple[str, str], ...]]:
+    """(vocab, merges) of the tiny CLIP BPE, laid out like the real one (flux_core.demo.tokenizers.clip_bpe)."""
+    return _clip_bpe()
 
 
 @lru_cache(maxsize=None)
-def clip_vocab() -> tuple[dict[str, int], tuple[tuple[str, str], ...]]:
-    """(vocab, merges) of the tiny CLIP BPE, laid out like the real one: 256 byte chars, the same with </w>, one
-    token per merge (learned on a small corpus, most frequent pair first), then <|startoftext|>, <|endoftext|>."""
-    words = Counter(_CORPUS.split())
-    seqs = {w: tuple(w[:-1]) + (w[-1] + "</w>",) for w in words}
-    merges = []
-    while True:
-        pairs = Counter()
-        for w, seq in seqs.items():
-            for pair in zip(seq, seq[1:]):
-                pairs[pair] += words[w]
-        if not pairs:
-            break
-        best = max(pairs, key=lambda p: (pairs[p], p))
-        merges.append(best)
-        seqs = {w: _merge(seq, best) for w, seq in seqs.items()}
-    chars = byte_chars()
-    tokens = chars + [c + "</w>" for c in chars] + [a + b for a, b in merges] + ["<|startoftext|>", "<|endoftext|>"]
-    return {t: i for i, t in enumerate(tokens)}, tuple(merges)
-
-
-def t5_pieces() -> list[tuple[str, float]]:
-    """The tiny T5 Unigram vocabulary: <pad> 0, </s> 1, <unk> 2 (as T5's), "▁", whole corpus words, single chars."""
-    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
-    pieces += [("▁" + w, -5.0) for w in dict.fromkeys(_CORPUS.split())]
-    pieces += [(c, -8.0) for c in "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789,.!?'-"]
-    assert len(pieces) <= T5_VOCAB
-    return pieces
+def _clip_bpe():
+    return clip_bpe(_CORPUS)
 
 
 def write_tokenizers(folder: Path) -> tuple[Path, Path]:
     """Write working `tokenizer/` (CLIP: vocab.json + merges.txt) and `tokenizer_2/` (T5: tokenizer.json)
     folders shaped like FLUX.1-dev's; returns (clip_dir, t5_dir)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
-
-    clip_dir, t5_dir = Path(folder) / "tokenizer", Path(folder) / "tokenizer_2"
-    clip_dir.mkdir(parents=True, exist_ok=True)
-    t5_dir.mkdir(parents=True, exist_ok=True)
-
-    vocab, merges = clip_vocab()
-    (clip_dir / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
-    (clip_dir / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges), encoding="utf-8")
-    special = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>",
-               "unk_token": "<|endoftext|>"}
-    (clip_dir / "special_tokens_map.json").write_text(json.dumps(special))
-    (clip_dir / "tokenizer_config.json").write_text(json.dumps({
-        **special, "tokenizer_class": "CLIPTokenizer", "model_max_length": 77, "do_lower_case": True,
-        "errors": "replace", "add_prefix_space": False, "clean_up_tokenization_spaces": True}))
-
-    tok = Tokenizer(models.Unigram(t5_pieces(), unk_id=2, byte_fallback=False))
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(),
-                                                 pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")])
-    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
-    tok.post_processor = processors.TemplateProcessing(single=["$A", "</s>"], pair=["$A", "</s>", "$B", "</s>"],
-                                                       special_tokens=[("</s>", 1)])
-    tok.save(str(t5_dir / "tokenizer.json"))
-    special = {"eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>"}
-    (t5_dir / "special_tokens_map.json").write_text(json.dumps(special))
-    (t5_dir / "tokenizer_config.json").write_text(json.dumps({
-        **special, "tokenizer_class": "T5Tokenizer", "model_max_length": 512, "extra_ids": 0}))
-    return clip_dir, t5_dir
+    pieces = t5_pieces(_CORPUS)
+    assert len(pieces) <= T5_VOCAB
+    return (write_clip_tokenizer(Path(folder) / "tokenizer", _CORPUS),
+            write_t5_tokenizer(Path(folder) / "tokenizer_2", pieces))
 
 
 # ------------------------------------------------------------------------------------------------ models
