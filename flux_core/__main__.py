@@ -1,7 +1,11 @@
 """Command line.
 
+    python -m flux_core generate --demo --prompt "a red circle on a blue background" --output demo.png  # offline
     python -m flux_core download --model-id black-forest-labs/FLUX.1-dev    # fetch the files once (ModelScope)
     python -m flux_core generate --prompt "a cat" --output cat.png
+
+`--demo` runs the bundled demo model (flux_core.demo: tiny, trained on coloured shapes, shipped in the package):
+no download, its 128x128 size and float32 unless --height/--width/--dtype say otherwise.
 
 By default the models are FLUX.1-dev's, fetched through ModelScope into ./models exactly as the
 DiffSynth-Studio example does (local files are used when already there). `--model-id` picks Krea-dev or
@@ -29,6 +33,11 @@ from .model_config import FLUX_DEV, ModelConfig
 
 # The separate-file flags, named after the kind of model each file must hold, in the pipeline's load order.
 MODEL_KINDS = ("dit", "clip", "t5", "vae")
+# The options that pick the model's files (argparse names): --demo brings its own, so they cannot go with it.
+MODEL_SOURCE_OPTIONS = ("model_id", "model_dir", "local_model_path", *MODEL_KINDS, "tokenizer", "tokenizer_2")
+DEMO_PROMPT = "a red circle on a blue background"
+DEMO_COMMAND = f'python -m flux_core generate --demo --prompt "{DEMO_PROMPT}" --output demo.png'
+DEFAULT_DTYPE, DEMO_DTYPE = "bfloat16", "float32"
 
 
 class UsageError(ValueError):
@@ -50,11 +59,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "written atomically")
     g.add_argument("--cfg-scale", type=float, default=1.0, help="true CFG when above 1 (uses the negative prompt)")
     g.add_argument("--embedded-guidance", type=float, default=3.5)
-    g.add_argument("--t5-sequence-length", type=int, default=512)
+    g.add_argument("--t5-sequence-length", type=int, default=None,
+                   help="T5 tokens per prompt (default: the T5 tokenizer's model_max_length, at most 512: FLUX.1-dev "
+                        "512, --demo 32)")
     g.add_argument("--input-image", help="image-to-image start image")
     g.add_argument("--denoising-strength", type=float, default=1.0)
-    g.add_argument("--height", type=int, default=1024)
-    g.add_argument("--width", type=int, default=1024)
+    g.add_argument("--height", type=int, default=None, help="default 1024 (--demo: 128, its trained size)")
+    g.add_argument("--width", type=int, default=None, help="default 1024 (--demo: 128, its trained size)")
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--rand-device", default="cpu")
     g.add_argument("--sigma-shift", type=float, default=None)
@@ -74,7 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                    "before loading")
     g.add_argument("--quiet", action="store_true", help="do not print what each model file was detected as and "
                                                        "the memory/compute estimates (warnings are still shown)")
-    g.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16", help="compute dtype")
+    g.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                   help=f"compute dtype (default {DEFAULT_DTYPE}; --demo: {DEMO_DTYPE})")
     memory = g.add_argument_group("memory")
     storage = memory.add_mutually_exclusive_group()
     storage.add_argument("--weight-dtype", choices=list(WEIGHT_DTYPES), default="default",
@@ -86,7 +98,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="offload: keep at most GB (GiB, minus 0.5 of headroom) of weights on the device and "
                              "stream the rest layer by layer; 0 streams everything")
     src = g.add_argument_group("models")
-    src.add_argument("--model-id", default=FLUX_DEV, help=f"ModelScope id: {', '.join(DIT_FILES)}")
+    src.add_argument("--demo", action="store_true",
+                     help="the bundled demo model (tiny, trained on coloured shapes; no download, runs in seconds on "
+                          "a CPU); not with the other model flags")
+    src.add_argument("--model-id", default=None, help=f"ModelScope id: {', '.join(DIT_FILES)} (default {FLUX_DEV})")
     src.add_argument("--model-dir", help="local folder: a diffusers FLUX folder, or the layout `download` makes")
     _add_modelscope_options(src)
     for kind in MODEL_KINDS:
@@ -146,9 +161,10 @@ def model_configs_for(args) -> tuple[list[ModelConfig], ModelConfig, ModelConfig
         if absent:
             raise UsageError(f"--model-dir {args.model_dir}: has no {', '.join(absent)}; add the files to it or pass "
                              f"{' '.join(f'--{k} PATH' for k in absent)}.")
-    if "dit" not in local and args.model_id not in DIT_FILES:
-        raise UsageError(f"--model-id {args.model_id}: unknown; use one of {', '.join(DIT_FILES)} or give --dit FILE.")
-    needed = {f.slot: f for f in needed_files(FLUX_DEV if "dit" in local else args.model_id)}
+    model_id = args.model_id or FLUX_DEV
+    if "dit" not in local and model_id not in DIT_FILES:
+        raise UsageError(f"--model-id {model_id}: unknown; use one of {', '.join(DIT_FILES)} or give --dit FILE.")
+    needed = {f.slot: f for f in needed_files(FLUX_DEV if "dit" in local else model_id)}
     storage = WEIGHT_DTYPES[args.weight_dtype]
     configs = []
     for kind in MODEL_KINDS:
@@ -228,6 +244,7 @@ def check_generate_args(args) -> dict:
     from PIL import Image
 
     problems, images = [], {}
+    problems += _demo_problems(args)
     problems += _output_problems(Path(args.output))
     for flag, paths, key in (("--input-image", [args.input_image] if args.input_image else [], "input_image"),
                              ("--kontext-image", args.kontext_image or [], "kontext_images")):
@@ -251,6 +268,39 @@ def check_generate_args(args) -> dict:
         raise UsageError("\n  ".join(["the command line has problems:", *problems]))
     return {"input_image": images["input_image"][0] if images["input_image"] else None,
             "kontext_images": images["kontext_images"] or None}
+
+
+def _demo_problems(args) -> list[str]:
+    """--demo: no flag that picks other model files beside it, and the demo files present in this installation."""
+    if not args.demo:
+        return []
+    from . import demo
+    from .pipeline import demo_files_missing_message
+
+    given = [f"--{name.replace('_', '-')}" for name in MODEL_SOURCE_OPTIONS if getattr(args, name) is not None]
+    problems = []
+    if given:
+        problems.append(f"--demo runs the bundled demo model, so it cannot be combined with {', '.join(given)} "
+                        f"(which pick other model files); leave {'that flag' if len(given) == 1 else 'those flags'} "
+                        f"out, or leave out --demo to run that model.")
+    missing = demo.missing_files()
+    if missing:
+        problems.append(demo_files_missing_message(missing))
+    return problems
+
+
+def image_size(args) -> tuple[int, int]:
+    """(height, width): the flags', else the demo's trained size with --demo, else FLUX.1's 1024x1024."""
+    from . import demo
+    from .inputs import DEFAULT_SIZE
+
+    default = (demo.HEIGHT, demo.WIDTH) if args.demo else DEFAULT_SIZE
+    return (default[0] if args.height is None else args.height, default[1] if args.width is None else args.width)
+
+
+def compute_dtype(args) -> str:
+    """--dtype, else float32 with --demo (tiny models: fast on a CPU, which bfloat16 is not) or bfloat16."""
+    return args.dtype or (DEMO_DTYPE if args.demo else DEFAULT_DTYPE)
 
 
 def _output_problems(output: Path) -> list[str]:
@@ -291,7 +341,7 @@ def _pipeline_input_problems(args) -> list[str]:
     checks = [
         lambda: inputs.check_device("device", args.device),
         lambda: None if args.sigmas is None else scheduler.explicit_sigmas(args.sigmas),
-        lambda: inputs.check_size(args.height, args.width), lambda: inputs.check_cfg_scale(args.cfg_scale),
+        lambda: inputs.check_size(*image_size(args)), lambda: inputs.check_cfg_scale(args.cfg_scale),
         lambda: inputs.check_seed(args.seed), lambda: inputs.check_t5_sequence_length(args.t5_sequence_length),
         lambda: inputs.check_steps(args.num_inference_steps),
         lambda: inputs.check_denoising_strength(args.denoising_strength),
@@ -317,9 +367,13 @@ def build_pipeline(args):
     """The pipeline the command line describes: models loaded, LoRAs applied, VRAM management on if asked."""
     from .pipeline import FluxImagePipeline
 
-    configs, tok1, tok2 = model_configs_for(args)
-    pipe = FluxImagePipeline.from_pretrained(torch_dtype=DTYPES[args.dtype], device=args.device,
-                                             model_configs=configs, tokenizer_1_config=tok1, tokenizer_2_config=tok2)
+    dtype = DTYPES[compute_dtype(args)]
+    if args.demo:
+        pipe = FluxImagePipeline.from_demo(torch_dtype=dtype, device=args.device)
+    else:
+        configs, tok1, tok2 = model_configs_for(args)
+        pipe = FluxImagePipeline.from_pretrained(torch_dtype=dtype, device=args.device, model_configs=configs,
+                                                 tokenizer_1_config=tok1, tokenizer_2_config=tok2)
     for path, scale in args.lora:
         report = pipe.load_lora(pipe.dit, path, alpha=scale)
         print(f"LoRA {path} at scale {scale}: {len(report.layers)} DiT layers ({report.mode})")
@@ -331,12 +385,13 @@ def build_pipeline(args):
 def generate(args) -> tuple[Path, int]:
     """Run the pipeline with the command-line options; returns (image path, seed used)."""
     images = check_generate_args(args)
+    height, width = image_size(args)
     pipe = build_pipeline(args)
     image = pipe(
         prompt=args.prompt, negative_prompt=args.negative_prompt, cfg_scale=args.cfg_scale,
         embedded_guidance=args.embedded_guidance, t5_sequence_length=args.t5_sequence_length,
         input_image=images["input_image"],
-        denoising_strength=args.denoising_strength, height=args.height, width=args.width, seed=args.seed,
+        denoising_strength=args.denoising_strength, height=height, width=width, seed=args.seed,
         rand_device=args.rand_device, sigma_shift=args.sigma_shift, num_inference_steps=args.num_inference_steps,
         kontext_images=images["kontext_images"], sigmas=args.sigmas,
         tiled=args.tiled, tile_size=args.tile_size, tile_stride=args.tile_stride,
@@ -374,6 +429,8 @@ def download(args) -> None:
 # `name=` or bare snake_case name that is one of the command's options (or a renamed pipeline parameter).
 _PHRASES = [
     (r"^from_pretrained: ", ""),
+    (r"FluxImagePipeline\.from_demo\(\): ", "--demo: "),
+    (re.escape("FluxImagePipeline.from_demo()"), lambda m: f"`{DEMO_COMMAND}`"),
     (r"(\d+) of (\d+) model_configs name files that are not there", r"\1 of \2 models have no files"),
     # generate passes one config per kind, in MODEL_KINDS order: config i is the model of flag --MODEL_KINDS[i].
     (r"\bmodel_configs\[(\d+)\]", lambda m: f"--{MODEL_KINDS[int(m.group(1))]}"
@@ -393,6 +450,7 @@ _PHRASES = [
     # None is "leave the flag out" on a command line.
     (r", or None for a random seed \(then read it from pipe\.last_seed\)", ", or leave it out for a random seed"),
     (r"use None \(off\) or", "leave it out (off) or use"),
+    (r", or None for the T5 tokenizer's own", ", or leave it out for the T5 tokenizer's own"),
     (r"\(None: 3, FLUX's default\)", "(left out: 3, FLUX's default)"),
     # Warnings' and estimates' advice (flux_core.pipeline, flux_core.run_cost): one image per command.
     (r"kontext_images=PIL\.Image\.open\(path\)\.convert\('RGB'\)", "--kontext-image PATH"),

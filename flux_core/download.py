@@ -16,7 +16,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from .model_config import FLUX_DEV, INCOMPLETE_SUFFIX, ModelConfig
+from .messages import DEMO_HINT
+from .model_config import FLUX_DEV, INCOMPLETE_SUFFIX, ModelConfig, ModelFileError
 
 # The DiT file of each model id FluxCore knows (the ModelScope repositories of Black Forest Labs).
 DIT_FILES = {
@@ -61,7 +62,7 @@ class FetchedModel:
 def download_models(model_id: str = FLUX_DEV, local_model_path: str | None = None) -> list[FetchedModel]:
     """Fetch every file `needed_files(model_id)` names into `<local_model_path>/<repository id>/` (default
     ./models or $DIFFSYNTH_MODEL_BASE_PATH), requesting only patterns without complete local files.
-    Raises `ModelFileError` naming what could not be fetched."""
+    Raises `ModelFileError` naming what could not be fetched (and the demo model, which needs no download)."""
     by_repo: dict[str, list[str]] = {}
     for f in needed_files(model_id):
         by_repo.setdefault(f.model_id, []).append(f.pattern)
@@ -70,7 +71,10 @@ def download_models(model_id: str = FLUX_DEV, local_model_path: str | None = Non
         where = {} if local_model_path is None else {"local_model_path": local_model_path}
         config = ModelConfig(model_id=repo, origin_file_pattern=patterns, skip_download=False, **where)
         requested = config.missing_patterns()
-        config.resolve()  # downloads the missing patterns only, then checks every pattern has its files
+        try:
+            config.resolve()  # downloads the missing patterns only, then checks every pattern has its files
+        except ModelFileError as e:
+            raise ModelFileError(f"{e}\n{DEMO_HINT}") from e
         fetched.append(FetchedModel(repo, config.model_folder(), patterns, requested))
     return fetched
 

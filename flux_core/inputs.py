@@ -4,7 +4,7 @@ message that names the parameter, the value given and what to pass instead.
 
     prompts = check_prompts(prompt, "prompt")             # -> list[str]
     check_seed(seed); seed = seed if seed is not None else random_seed()
-    check_t5_sequence_length(n)                           # 1..T5_MAX_SEQUENCE_LENGTH
+    check_t5_sequence_length(n)                           # None or 1..T5_MAX_SEQUENCE_LENGTH
 """
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from PIL import Image
 SIZE_MULTIPLE = 16                 # 8x VAE downscale, then 2x2 packing
 SEED_MAX = 2**64 - 1               # seeds are 0..2**64-1, ComfyUI's range (torch.Generator takes 64 bits)
 T5_MAX_SEQUENCE_LENGTH = 512       # FLUX.1 was trained with at most 512 T5 tokens (dev 512, schnell 256)
+DEFAULT_SIZE = (1024, 1024)        # (height, width) of a FLUX.1 image when none is given (pipe.default_size)
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 
 
@@ -119,8 +120,12 @@ def random_seed() -> int:
     return random.randint(0, SEED_MAX)
 
 
-def check_t5_sequence_length(length: Any) -> int:
-    hint = f" (T5 tokens: 1..{T5_MAX_SEQUENCE_LENGTH}; FLUX.1-dev 512, schnell 256)"
+def check_t5_sequence_length(length: Any) -> int | None:
+    """None (the T5 tokenizer's own length: flux_core.models.text_encoders.t5_sequence_length_of) or an int in
+    1..T5_MAX_SEQUENCE_LENGTH."""
+    if length is None:
+        return None
+    hint = f" (T5 tokens: 1..{T5_MAX_SEQUENCE_LENGTH}; FLUX.1-dev 512, schnell 256), or None for the T5 tokenizer's own"
     value = check_int("t5_sequence_length", length, 1, hint)
     if value > T5_MAX_SEQUENCE_LENGTH:
         raise ValueError(f"t5_sequence_length={value} is above {T5_MAX_SEQUENCE_LENGTH}, the longest prompt FLUX.1 was "

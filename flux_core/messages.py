@@ -63,3 +63,10 @@ def rename_parameters(message: str, table: Sequence[tuple[str, Replacement]],
 
 
 _PLACEHOLDERS = 0xF0000  # Unicode's supplementary private use area: characters no library message contains
+
+
+# Added to the errors of a real model whose files are missing and could not be downloaded (offline, skip_download,
+# no modelscope): the bundled demo model runs without any download. Front ends reword the call
+# (`python -m flux_core generate --demo ...` on the command line).
+DEMO_HINT = ("To see FluxCore work without any download, try the bundled demo model: "
+             "FluxImagePipeline.from_demo().")

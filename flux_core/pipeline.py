@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from .run_cost import check_run_cost, controlnet_passes, dit_calls_per_step, image_tokens, ipadapter_kv_bytes
 from .image import pil_to_tensor, resize_to_multiple, tensor_to_pil
-from .inputs import (check_callable, check_real, check_device, check_dit_tiling, check_cfg_scale, check_denoising_strength, check_embedded_guidance, check_image,
+from .inputs import (DEFAULT_SIZE, check_callable, check_real, check_device, check_dit_tiling, check_cfg_scale, check_denoising_strength, check_embedded_guidance, check_image,
                      check_images, check_negative_prompts, check_output_type, check_prompts,
                      check_rand_device, check_seed, check_sigma_shift, check_size, check_steps,
                      check_t5_sequence_length, check_tea_cache_threshold, check_tiling)
@@ -41,10 +41,10 @@ from .lora import LoraReport, clear_lora, disable_lora_merger, enable_lora_merge
 from .lora_encoder import check_lora_encoder_inputs, lora_encoder_adapter
 from .nexus_gen import nexus_gen_encoder
 from .loading.loader import load_model
-from .model_config import ModelConfig
+from .model_config import ModelConfig, ModelFileError
 from .models.controlnet import union_mode_id
 from .models.dit import DiTExtras
-from .models.text_encoders import load_clip_tokenizer, load_t5_tokenizer
+from .models.text_encoders import load_clip_tokenizer, load_t5_tokenizer, t5_sequence_length_of
 from .pipeline_models import (NEXUS_GEN_PROCESSOR, STEP1X_PROCESSOR, LoadedModel, empty_slots, load_processor,
                               plan_models)
 # Re-exported: nodes and the trainer import these names from flux_core.pipeline.
@@ -70,6 +70,14 @@ CHANNEL_IMAGES = ("flex_inpaint_image", "flex_inpaint_mask", "flex_control_image
 
 class KontextWithoutImageWarning(UserWarning):
     """A FLUX.1 Kontext DiT called without kontext_images (it then generates from the text alone)."""
+
+
+def demo_files_missing_message(missing: Sequence[str]) -> str:
+    """The error of a demo model whose files this installation lacks (an install that dropped package data)."""
+    return (f"FluxImagePipeline.from_demo(): the bundled demo model's files are missing from this installation: "
+            f"{', '.join(missing)}. Reinstall FluxCore with its package data (from a checkout: `pip install "
+            f"--force-reinstall .`; the ComfyUI node pack: update or clone it again), or regenerate them with "
+            f"`python -m flux_core.demo.build`.")
 
 
 def default_device() -> str:
@@ -104,6 +112,8 @@ class FluxImagePipeline:
         self.nexus_gen_generation_adapter = None  # Nexus-Gen: 81 image embeddings -> DiT tokens (text-to-image)
         self.nexus_gen_editing_adapter = None     # Nexus-Gen: target + reference embeddings -> DiT tokens (editing)
         self.last_seed: int | None = None      # the seed of the last call (drawn there when seed=None)
+        # (height, width) of a call without them: FLUX.1's 1024x1024; from_demo sets the demo model's trained size.
+        self.default_size: tuple[int, int] = DEFAULT_SIZE
         # What from_pretrained put in each slot, and from which file: {"dit": LoadedModel, ...}.
         self.loaded_from: dict[str, LoadedModel] = {}
         self.vram: VRAMManager | None = None   # set when a model has an offload place or VRAM management is on
@@ -168,6 +178,22 @@ class FluxImagePipeline:
                            ", ".join(f"pipe.{slot}" for slot in empty), plan.describe())
         return pipe
 
+    @classmethod
+    def from_demo(cls, torch_dtype: torch.dtype = torch.float32, device: str | torch.device | None = None
+                  ) -> "FluxImagePipeline":
+        """The bundled demo model (flux_core.demo): FLUX.1's architecture at tiny widths, trained on coloured shapes
+        ("a red circle on the left, blue background"), shipped inside the package, so it runs offline in seconds on a
+        CPU. It loads through from_pretrained like any model (its tokenizers sit beside its text encoders); calls
+        without height/width make its trained size (`pipe.default_size`: flux_core.demo.HEIGHT x WIDTH), and its
+        T5 tokenizer says how many T5 tokens it was trained with (32)."""
+        from . import demo
+        missing = demo.missing_files()
+        if missing:
+            raise ModelFileError(demo_files_missing_message(missing))
+        pipe = cls.from_pretrained(torch_dtype=torch_dtype, device=device, model_configs=demo.model_configs())
+        pipe.default_size = (demo.HEIGHT, demo.WIDTH)
+        return pipe
+
     # ---------------------------------------------------------------- memory
     def enable_vram_management(self, num_persistent_param_in_dit: int | None = None, vram_limit: float | None = None,
                                vram_buffer: float = 0.5, *, device: ComputeDevice | None = None) -> VRAMManager:
@@ -215,23 +241,32 @@ class FluxImagePipeline:
             self.vram.load_models_to_device(names)
 
     # ---------------------------------------------------------------- stages
-    def encode_prompt(self, prompt: str | list[str], t5_sequence_length: int = 512) -> PromptEmbeds:
-        """CLIP-L + T5 embeddings of prompt(s) (the entity prompts of EliGen, the trainer's captions, ...)."""
+    def encode_prompt(self, prompt: str | list[str], t5_sequence_length: int | None = None) -> PromptEmbeds:
+        """CLIP-L + T5 embeddings of prompt(s) (the entity prompts of EliGen, the trainer's captions, ...);
+        t5_sequence_length None: the T5 tokenizer's (`t5_sequence_length`)."""
         self._require_models(TEXT_ENCODERS + ("tokenizer_1", "tokenizer_2"), "encode a prompt")
         prompts = check_prompts(prompt, "prompt")
         check_t5_sequence_length(t5_sequence_length)
         return self.encode_with(self.clip_t5_encoder(t5_sequence_length), prompts, "positive")
 
-    def clip_t5_encoder(self, t5_sequence_length: int = 512) -> ClipT5Encoder:
+    def t5_sequence_length(self, t5_sequence_length: int | None = None) -> int:
+        """The T5 tokens of a prompt: `t5_sequence_length` when given, else pipe.tokenizer_2's model_max_length
+        capped at 512 (FLUX.1-dev: 512, the demo model: 32; flux_core.models.text_encoders.t5_sequence_length_of)."""
+        return t5_sequence_length_of(self.tokenizer_2, t5_sequence_length)
+
+    def clip_t5_encoder(self, t5_sequence_length: int | None = None) -> ClipT5Encoder:
         return ClipT5Encoder(self.text_encoder_1, self.text_encoder_2, self.tokenizer_1, self.tokenizer_2,
                              t5_sequence_length, self.device)
 
-    def conditioning_encoder(self, t5_sequence_length: int = 512, step1x_reference_image: Image.Image | None = None,
-                             nexus_gen_reference_image: Image.Image | None = None, height: int = 1024,
-                             width: int = 1024) -> ConditioningEncoder:
+    def conditioning_encoder(self, t5_sequence_length: int | None = None,
+                             step1x_reference_image: Image.Image | None = None,
+                             nexus_gen_reference_image: Image.Image | None = None, height: int | None = None,
+                             width: int | None = None) -> ConditioningEncoder:
         """What turns this request's prompts into the DiT's conditioning (flux_core.text_conditioning): Step1X-Edit's
         Qwen2.5-VL + connector when a step1x_reference_image is given, Nexus-Gen's model when one is loaded (its
-        negative branch from T5), else CLIP-L + T5. Raises when a model it needs is missing."""
+        negative branch from T5), else CLIP-L + T5. Raises when a model it needs is missing. None:
+        t5_sequence_length the T5 tokenizer's, height/width pipe.default_size's."""
+        height, width = self.image_size(height, width)
         self._require_models(self.encoder_slots(step1x_reference_image, nexus_gen_reference_image), "encode a prompt")
         kind = self._encoder_kind(step1x_reference_image, nexus_gen_reference_image)
         if kind == "step1x":
@@ -268,6 +303,11 @@ class FluxImagePipeline:
         """One branch's conditioning by `encoder`, its models moved onto the device for the encoding."""
         self.load_models_to_device(encoder.slots)
         return encoder.encode(prompts, branch)
+
+    def image_size(self, height: int | None = None, width: int | None = None) -> tuple[int, int]:
+        """(height, width) of a request: each given one, else pipe.default_size's."""
+        return (self.default_size[0] if height is None else height,
+                self.default_size[1] if width is None else width)
 
     def _require_models(self, slots: Sequence[str], what: str) -> None:
         """Raise one error naming every empty slot of `slots` (models, tokenizers, processors)."""
@@ -337,11 +377,11 @@ class FluxImagePipeline:
         negative_prompt: str | list[str] = "",
         cfg_scale: float = 1.0,
         embedded_guidance: float = 3.5,
-        t5_sequence_length: int = 512,
+        t5_sequence_length: int | None = None,
         input_image: Image.Image | None = None,
         denoising_strength: float = 1.0,
-        height: int = 1024,
-        width: int = 1024,
+        height: int | None = None,
+        width: int | None = None,
         seed: int | None = None,
         rand_device: str = "cpu",
         sigma_shift: float | None = None,
@@ -378,7 +418,10 @@ class FluxImagePipeline:
         tea_cache_l1_thresh: float | None = None,
         infinityou_id_embedding: torch.Tensor | None = None,
     ):
-        """Generate image(s). Parameters and defaults are DiffSynth-Studio's; in addition:
+        """Generate image(s). Parameters and defaults are DiffSynth-Studio's, except two defaults that follow the
+        loaded models: height/width None is `pipe.default_size` (1024x1024; the demo model's 128x128 after
+        from_demo), t5_sequence_length None the T5 tokenizer's model_max_length capped at 512 (FLUX.1-dev: 512,
+        DiffSynth's default; the demo model: 32). In addition:
         latents: the initial noise, (B, 16, H/8, W/8) or packed (B, H*W/256, 64), instead of drawing it from seed;
         sigmas: an explicit decreasing schedule in (0, 1] instead of num_inference_steps/sigma_shift/strength;
         output_type: "pil" (one image for a prompt string, a list for a list of prompts), "np" ((B, H, W, 3) float in [0, 1]),
@@ -423,7 +466,7 @@ class FluxImagePipeline:
 
         Every argument is checked (flux_core.inputs) before any model runs: prompts are strings, cfg_scale >= 1,
         seed in 0..2**64-1 or None (random over that range, kept in `pipe.last_seed`), t5_sequence_length
-        1..512, 1 <= tile_stride <= tile_size, ... . The DiT's activation memory is estimated
+        None or 1..512, 1 <= tile_stride <= tile_size, ... . The DiT's activation memory is estimated
         (flux_core.run_cost) and the run refused if it exceeds the compute device's memory."""
         prompts = check_prompts(prompt, "prompt")
         batch = len(prompts)
@@ -431,11 +474,13 @@ class FluxImagePipeline:
         check_cfg_scale(cfg_scale)
         check_embedded_guidance(embedded_guidance)
         check_t5_sequence_length(t5_sequence_length)
+        t5_sequence_length = self.t5_sequence_length(t5_sequence_length)
         check_image(input_image, "input_image")
         check_denoising_strength(denoising_strength)
         if denoising_strength < 1.0 and input_image is None:
             raise ValueError("denoising_strength < 1 needs an input_image to start from; pass input_image=... "
                              "or leave denoising_strength at 1.0.")
+        height, width = self.image_size(height, width)
         check_size(height, width)
         check_seed(seed)
         check_rand_device(rand_device)

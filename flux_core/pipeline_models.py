@@ -17,12 +17,15 @@ from typing import Sequence
 
 from .loading.files import CheckpointError, checkpoint_files, open_state_dict
 from .loading.loader import describe_source, detect_components_of
+from .messages import DEMO_HINT
 from .model_config import FLUX_DEV, ModelConfig, ModelFileError
 
 logger = logging.getLogger(__name__)
 
 # Component folders of a diffusers FLUX pipeline folder, by the kind of model they hold.
 DIFFUSERS_COMPONENTS = {"dit": "transformer", "vae": "vae", "clip": "text_encoder", "t5": "text_encoder_2"}
+# The models of a FLUX.1 text-to-image pipeline (None: a config whose kind is detected from its file).
+BASE_KINDS = (None, "dit", "vae", "clip", "t5")
 # The pipeline attribute that holds each kind of model (DiffSynth-Studio's attribute names). ControlNets, any number
 # of them, go to `pipe.controlnet.models[i]` in model_configs order (slot "controlnet.models.<i>").
 MODEL_SLOTS = {"dit": "dit", "vae": "vae", "clip": "text_encoder_1", "t5": "text_encoder_2",
@@ -130,8 +133,11 @@ def find_files(model_configs: Sequence[ModelConfig], tokenizer_configs: dict[str
         missing_tokenizers = len(e.missing)
     if errors:
         tokenizers_note = f", and {missing_tokenizers} tokenizer(s) were not found" if missing_tokenizers else ""
+        # A ModelScope model that is neither here nor downloadable: the demo model needs no download.
+        hint = f"\n{DEMO_HINT}" if any(model_configs[i].path is None and model_configs[i].kind in BASE_KINDS
+                                       for i in missing) else ""
         raise ModelFileError(f"{len(missing)} of {len(model_configs)} model_configs name files that are not "
-                             f"there{tokenizers_note}:\n- " + "\n- ".join(errors))
+                             f"there{tokenizers_note}:\n- " + "\n- ".join(errors) + hint)
     return resolved, tokenizers
 
 

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from .dit_inputs import DiTCall, PromptEmbeds
-from .models.text_encoders import clip_pooled, encode_prompt
+from .models.text_encoders import clip_pooled, encode_prompt, t5_sequence_length_of
 
 
 class StepConditioning(Protocol):
@@ -55,16 +55,21 @@ class ConditioningEncoder(Protocol):
 
 @dataclass
 class ClipT5Encoder:
-    """FLUX.1's own: CLIP-L's pooled vector, T5's tokens (padded to t5_sequence_length), zero text ids."""
+    """FLUX.1's own: CLIP-L's pooled vector, T5's tokens (padded to t5_sequence_length), zero text ids.
+    t5_sequence_length None: the T5 tokenizer's model_max_length, capped at 512 (`t5_sequence_length_of`), resolved
+    when the encoder is made."""
     clip: nn.Module
     t5: nn.Module
     clip_tokenizer: object
     t5_tokenizer: object
-    t5_sequence_length: int = 512
+    t5_sequence_length: int | None = None
     device: torch.device | str | None = None
     name: str = "CLIP-L + T5"
     slots: tuple[str, ...] = ("text_encoder_1", "text_encoder_2")
     step_slots: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        self.t5_sequence_length = t5_sequence_length_of(self.t5_tokenizer, self.t5_sequence_length)
 
     @property
     def max_tokens(self) -> int:

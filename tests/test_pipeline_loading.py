@@ -127,7 +127,9 @@ def test_missing_model_files_and_tokenizers_are_listed_together(tmp_path, monkey
     assert lines[0] == "1 of 1 model_configs name files that are not there, and 2 tokenizer(s) were not found:"
     assert lines[1].startswith("- model_configs[0]: ") and "'flux1-dev.safetensors'" in lines[1]
     assert lines[2].startswith("- the CLIP-L tokenizer (tokenizer/) was not found")
-    assert lines[3].startswith("- the T5 tokenizer (tokenizer_2/) was not found") and len(lines) == 4
+    assert lines[3].startswith("- the T5 tokenizer (tokenizer_2/) was not found") and len(lines) == 5
+    # a ModelScope model neither here nor downloadable: the demo model needs no download
+    assert lines[4] == "To see FluxCore work without any download, try the bundled demo model: FluxImagePipeline.from_demo()."
 
 
 def test_missing_tokenizers_name_the_tokenizer_every_place_searched_and_the_fix(folder, tmp_path, monkeypatch):

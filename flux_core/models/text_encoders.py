@@ -17,6 +17,7 @@ from typing import Mapping, Sequence
 import torch
 from torch import nn
 
+from ..inputs import T5_MAX_SEQUENCE_LENGTH
 from ..model_config import FLUX_DEV
 from ..vram import compute_place
 from .shapes import count_blocks
@@ -201,6 +202,20 @@ def load_t5_tokenizer(path: str | os.PathLike):
     return T5TokenizerFast.from_pretrained(str(folder), local_files_only=True)
 
 
+def t5_sequence_length_of(t5_tokenizer, t5_sequence_length: int | None = None) -> int:
+    """The number of T5 tokens prompts are padded and truncated to: `t5_sequence_length` when given, else the
+    T5 tokenizer's `model_max_length` (the prompt length the model was trained with: FLUX.1-dev's tokenizer_2/ says
+    512, the bundled demo's 32), capped at T5_MAX_SEQUENCE_LENGTH (512). A tokenizer that sets no limit reports
+    transformers' VERY_LARGE_INTEGER (about 1e30), and no tokenizer (a pipeline without T5) gives 512: FLUX.1-dev's
+    length either way."""
+    if t5_sequence_length is not None:
+        return t5_sequence_length
+    limit = getattr(t5_tokenizer, "model_max_length", None)
+    if not isinstance(limit, (int, float)) or isinstance(limit, bool) or not limit >= 1:
+        return T5_MAX_SEQUENCE_LENGTH
+    return int(min(limit, T5_MAX_SEQUENCE_LENGTH))
+
+
 def load_tokenizers(clip_path: str | os.PathLike, t5_path: str | os.PathLike):
     """(CLIP tokenizer, T5 tokenizer) from FLUX.1-dev's `tokenizer/` and `tokenizer_2/` folders."""
     return load_clip_tokenizer(clip_path), load_t5_tokenizer(t5_path)
@@ -233,18 +248,20 @@ def clip_pooled(prompts: list[str], clip: nn.Module, clip_tokenizer) -> torch.Te
 
 
 def encode_prompt(prompts: str | list[str], clip: nn.Module, t5: nn.Module, clip_tokenizer, t5_tokenizer,
-                  t5_sequence_length: int = 512, device: str | torch.device | None = None
+                  t5_sequence_length: int | None = None, device: str | torch.device | None = None
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """(prompt_emb (B, t5_sequence_length, d_t5), pooled (B, d_clip)) exactly as FLUX / diffusers' FluxPipeline.
 
     CLIP: padded ("max_length") and truncated to 77 tokens, pooled output = final-LayerNorm state at the first
-    <|endoftext|>. T5: padded and truncated to `t5_sequence_length` (512 for dev, 256 for schnell) and run
+    <|endoftext|>. T5: padded and truncated to `t5_sequence_length` (512 for dev, 256 for schnell; None: the T5
+    tokenizer's own length, `t5_sequence_length_of`) and run
     without an attention mask, so padding tokens are attended to - the models were trained that way. Each encoder
     runs where its weights are; outputs keep the encoders' dtypes and go to `device` when it is given.
     (The text position ids are zeros and are the pipeline's business, not this function's.)
     """
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     pooled = clip_pooled(prompts, clip, clip_tokenizer)
+    t5_sequence_length = t5_sequence_length_of(t5_tokenizer, t5_sequence_length)
     if t5_sequence_length < 1:
         raise ValueError(f"t5_sequence_length={t5_sequence_length}: use a positive number of T5 tokens "
                          f"(512 for FLUX.1-dev).")

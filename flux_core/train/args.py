@@ -184,7 +184,9 @@ def build_parser(prog: str = "python -m flux_core.train") -> argparse.ArgumentPa
     x.add_argument("--seed", type=int, default=0, help="seed of the LoRA init, data order, timesteps and noise")
     x.add_argument("--torch_dtype", default="bfloat16", choices=list(DTYPES),
                    help="dtype of the models (LoRA weights and their optimizer state are kept in float32)")
-    x.add_argument("--t5_sequence_length", type=int, default=512, help="T5 tokens per caption")
+    x.add_argument("--t5_sequence_length", type=int, default=None,
+                   help="T5 tokens per caption (default: the T5 tokenizer's model_max_length, at most 512: FLUX.1-dev "
+                        "512, the demo model 32)")
     x.add_argument("--embedded_guidance", type=float, default=1.0,
                    help="guidance value fed to the DiT's guidance embedder while training (DiffSynth: 1)")
     x.add_argument("--validation_prompts", nargs="+", default=None,
@@ -256,7 +258,7 @@ def check_args(args: argparse.Namespace) -> None:
         raise TrainError(f"--max_pixels {args.max_pixels}: must be at least 256 (one 16x16 patch).")
     for name in ("dataset_repeat", "num_epochs", "gradient_accumulation_steps", "lora_rank", "keep_checkpoints",
                  "t5_sequence_length", "validation_num_inference_steps"):
-        if getattr(args, name) < 1:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             raise TrainError(f"--{name} must be at least 1, got {getattr(args, name)}.")
     for name in ("save_steps", "max_steps", "validation_steps"):
         if getattr(args, name) is not None and getattr(args, name) < 1:

@@ -371,6 +371,9 @@ class Trainer:
         resumable = self.find_resumable() if a.resume else None  # verified before any model loads
 
         self.pipe, configs = load_pipeline(a, acc.device)
+        # T5 tokens per prompt (captions, EliGen entities, validation images): the flag's, else the T5 tokenizer's
+        # model_max_length (FLUX.1-dev 512, the demo model 32), resolved once for the whole run.
+        self.t5_sequence_length = self.pipe.t5_sequence_length(a.t5_sequence_length)
         if self.control:
             check_controlnet_columns(a, self.pipe, configs)
         if self.reference:
@@ -548,7 +551,7 @@ class Trainer:
                  samples=plan.samples, dataset_rows=self.data_summary["rows"], mode=self.mode,
                  trainable_parameters=sum(p.numel() for _, p in self.params), lora_layers=len(self.targets),
                  resumed_from=self.resumed_from, skipped_checkpoints=self.skipped_checkpoints,
-                 output_path=str(self.output))
+                 t5_sequence_length=self.t5_sequence_length, output_path=str(self.output))
         self.log.start_bar(a.progress_bar, plan.total_steps, self.step)
         try:
             return self._loop()
@@ -621,7 +624,7 @@ class Trainer:
             height, width = x0.shape[-2] * 8, x0.shape[-1] * 8
             # The caption through the request's conditioning encoder: CLIP-L + T5, or Step1X-Edit's / Nexus-Gen's with
             # the row's image to edit.
-            encoder = pipe.conditioning_encoder(self.args.t5_sequence_length, sample.get("step1x_reference_image"),
+            encoder = pipe.conditioning_encoder(self.t5_sequence_length, sample.get("step1x_reference_image"),
                                                 sample.get("nexus_gen_reference_image"), height, width)
             prompt = pipe.encode_with(encoder, [sample["prompt"]], "positive")
             extras = pipe.kontext_extras(sample["kontext_images"], 1) if "kontext_images" in sample else None
@@ -633,7 +636,7 @@ class Trainer:
                                               **{k: sample.get(k) for k in CHANNEL_EXTRAS}, **FLEX_CONTROL_DEFAULTS)
             features = reference_features(pipe, sample["ipadapter_images"]) if self.reference else None
             # EliGen last, as in the pipeline: the ControlNets see the plain prompt
-            entities = ([sample_entities(pipe, sample, self.args.t5_sequence_length, self.dtype, height, width)]
+            entities = ([sample_entities(pipe, sample, self.t5_sequence_length, self.dtype, height, width)]
                         if self.eligen else [])
             loras = sample_loras(pipe, sample) if self.encoded else []
         if self.mode in ADAPTER_MODES:   # the trained modules' whole use, in one (DDP) forward
@@ -745,7 +748,7 @@ class Trainer:
                 image = self.pipe(prompt=prompt, height=height, width=width, seed=a.validation_seed,
                                   num_inference_steps=a.validation_num_inference_steps,
                                   embedded_guidance=a.validation_embedded_guidance,
-                                  t5_sequence_length=a.t5_sequence_length, progress_bar_cmd=None, **control)
+                                  t5_sequence_length=self.t5_sequence_length, progress_bar_cmd=None, **control)
                 path = save_image(image, self.output / "validation" / f"step-{self.step}-{i}.png")
                 paths.append(str(path))
             self.trained.train()

@@ -1,0 +1,42 @@
+"""A demo-shaped model folder for tests of FluxImagePipeline.from_demo and `generate --demo` that must not depend on
+the trained, shipped files: the demo's layout and widths (flux_core.demo.build's own writers: tokenizers learned
+from the demo's prompts with a 32-token T5, CLIP-L / T5 single files, a BFL DiT with its config.json), untrained.
+
+    root = write_demo_folder(tmp_path / "models")
+    monkeypatch.setattr(flux_core.demo, "MODELS_DIR", root)   # flux_core.demo's paths now point there
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from flux_core import demo
+from flux_core.demo.build import CLIP, T5, VAE, init_dit, write_text_encoders
+from lora_tools.io import write_state_dict
+
+T5_LENGTH = 32   # the demo tokenizer's model_max_length
+
+
+def write_demo_folder(root: Path, seed: int = 0) -> Path:
+    """Every file flux_core.demo.FILES names (and the LoRA and tokenizer folders missing_files() looks for) under
+    `root`, laid out as flux_core/demo/models is."""
+    from flux_core.models.vae import AutoEncoderParams, FluxVAE
+
+    root = Path(root)
+    paths = {slot: root / name for slot, name in demo.FILES.items()}
+    write_text_encoders(paths["clip"].parent, T5_LENGTH, seed)
+    paths["dit"].parent.mkdir(parents=True, exist_ok=True)
+    init_dit(paths["dit"].parent, CLIP["hidden_size"], T5["d_model"], seed)
+    torch.manual_seed(seed)
+    vae = FluxVAE(AutoEncoderParams(**VAE, scale_factor=1.0, shift_factor=0.0))
+    paths["vae"].parent.mkdir(parents=True, exist_ok=True)
+    write_state_dict(vae.state_dict(), paths["vae"])
+    (paths["vae"].parent / "config.json").write_text(json.dumps({
+        "_class_name": "AutoencoderKL", "latent_channels": 16, "norm_num_groups": VAE["norm_groups"],
+        "scaling_factor": 1.0, "shift_factor": 0.0}))
+    lora = root / demo.LORA_FILE
+    lora.parent.mkdir(parents=True, exist_ok=True)
+    lora.write_bytes(b"")   # present for missing_files(); from_demo does not load it
+    return root
