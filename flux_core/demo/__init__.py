@@ -1,0 +1,56 @@
+"""FluxCore's bundled demo model: FLUX.1's architecture at tiny widths, trained by `python -m flux_core.demo.build`
+(dataset, VAE, DiT through `python -m flux_core.train`, the stripes LoRA) on coloured shapes (flux_core.demo.scenes).
+It ships inside the package and loads through the normal loaders:
+
+    pipe = FluxImagePipeline.from_demo()
+    pipe(prompt="a red circle on a blue background", seed=0).save("demo.png")
+
+The files sit in ComfyUI's folder names under `models/`, which the node pack registers as extra model folders:
+
+    models/diffusion_models/fluxcore_demo_dit.safetensors + config.json   (RoPE axes: the shapes cannot tell them)
+    models/vae/fluxcore_demo_vae.safetensors + config.json                (GroupNorm groups, latent scale and shift)
+    models/text_encoders/fluxcore_demo_clip_l.safetensors, fluxcore_demo_t5.safetensors, tokenizer/, tokenizer_2/
+    models/loras/fluxcore_demo_stripes.safetensors                        (kohya format: draws shapes striped)
+    datasets/fluxcore_demo_stripes/                                       (the LoRA's images + metadata.csv)
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+MODELS_DIR = HERE / "models"
+DATASETS_DIR = HERE / "datasets"
+# slot -> file under MODELS_DIR (ComfyUI's folder name first)
+FILES = {"dit": "diffusion_models/fluxcore_demo_dit.safetensors",
+         "vae": "vae/fluxcore_demo_vae.safetensors",
+         "clip": "text_encoders/fluxcore_demo_clip_l.safetensors",
+         "t5": "text_encoders/fluxcore_demo_t5.safetensors"}
+LORA_FILE = "loras/fluxcore_demo_stripes.safetensors"
+STRIPES_DATASET = "fluxcore_demo_stripes"
+# The size the demo DiT was trained at (flux_core.demo.scenes.SIZE): its pictures at other sizes are not trained.
+HEIGHT = WIDTH = 128
+
+
+def model_path(slot: str) -> Path:
+    return MODELS_DIR / FILES[slot]
+
+
+def lora_path() -> Path:
+    return MODELS_DIR / LORA_FILE
+
+
+def stripes_dataset() -> Path:
+    return DATASETS_DIR / STRIPES_DATASET
+
+
+def missing_files() -> list[str]:
+    """The demo files this installation lacks (an install that dropped package data), as paths."""
+    wanted = [model_path(slot) for slot in FILES] + [lora_path(), MODELS_DIR / "text_encoders" / "tokenizer",
+                                                     MODELS_DIR / "text_encoders" / "tokenizer_2"]
+    return [str(p) for p in wanted if not p.exists()]
+
+
+def model_configs():
+    """The demo's ModelConfigs for FluxImagePipeline.from_pretrained (each states its kind)."""
+    from ..model_config import ModelConfig
+    return [ModelConfig(path=str(model_path(slot)), kind=slot) for slot in FILES]
