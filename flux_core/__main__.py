@@ -479,6 +479,12 @@ def cli_message(text: str, options=None) -> str:
     # hides them from every rule below.
     table = [("(?m)" + pattern if pattern.startswith("^") else pattern, replacement)
              for pattern, replacement in _PHRASES]
+    if options.get("demo"):
+        # --demo loads flux_core.demo.model_configs(), in its own order: config i is the demo's model of that kind.
+        from . import demo
+        kinds = [config.kind for config in demo.model_configs()]
+        table.insert(0, (r"\bmodel_configs\[(\d+)\]", lambda m: f"--demo {kinds[int(m.group(1))]}"
+                         if int(m.group(1)) < len(kinds) else m.group(0)))
     if not options.get("skip_download"):
         # Skipping came from $DIFFSYNTH_SKIP_DOWNLOAD (the flag was not given); say both.
         table.append((r"(?<![\w./'=&?-])skip_download(?![\w=/'-])( is set)?"

@@ -40,7 +40,9 @@ def test_demo_generates_at_its_size_in_float32(demo_here, tmp_path, capsys):
     assert rc == 0, capsys.readouterr().err
     assert image.size == (demo.WIDTH, demo.HEIGHT) == (128, 128)
     err = capsys.readouterr().err
-    assert str(demo_here / demo.FILES["dit"]) in err            # what was loaded is printed, from the demo folder
+    # what was loaded is printed in the command line's words, each from the demo folder
+    assert f"--demo dit {demo_here / demo.FILES['dit']}: detected FLUX DiT" in err, err
+    assert f"--demo vae {demo_here / demo.FILES['vae']}: detected FLUX VAE" in err, err
     args = build_parser().parse_args(["generate", "--demo", "--prompt", "x"])
     pipe = build_pipeline(args)
     assert pipe.torch_dtype == torch.float32 and pipe.default_size == (128, 128)

@@ -1,0 +1,37 @@
+"""bench/demo.py runs end to end with the shipped demo files at one step, so it cannot rot: its size table adds up to
+the files on disk and covers every shipped demo file, and it returns every number it prints. No timing is asserted."""
+from __future__ import annotations
+
+import importlib
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+from flux_core import demo
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    sys.path.insert(0, str(BENCH))  # the bench scripts import their helpers as `_measure`
+    try:
+        yield importlib.import_module("demo")
+    finally:
+        sys.path.remove(str(BENCH))
+
+
+def test_demo_bench_runs_in_one_step(bench, capsys):
+    result = bench.main(["--steps", "1", "--runs", "1", "--threads", "1"])
+    shipped = [p for folder in (demo.MODELS_DIR, demo.DATASETS_DIR) for p in folder.rglob("*") if p.is_file()]
+    assert len(result["files"]) == len(shipped) and result["total_bytes"] == sum(p.stat().st_size for p in shipped)
+    assert sum(result["rows"].values()) == result["total_bytes"]
+    for slot in demo.FILES:   # each model file has its own row
+        assert result["rows"]["models/" + demo.FILES[slot]] == demo.model_path(slot).stat().st_size
+    assert result["rows"]["datasets/" + demo.STRIPES_DATASET + "/"] > 0
+    assert all(math.isfinite(result[k]) and result[k] > 0 for k in ("load_s", "first_s", "steady_s"))
+    assert (result["steps"], result["size"], result["threads"]) == (1, (demo.HEIGHT, demo.WIDTH), 1)
+    printed = capsys.readouterr().out
+    assert f"total ({len(shipped)} files)" in printed and "steady image" in printed and "1 threads" in printed
