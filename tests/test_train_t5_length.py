@@ -1,6 +1,6 @@
 """`python -m flux_core.train` without --t5_sequence_length trains (and renders its validation images) at the T5
 tokenizer's own length, resolved once from the loaded pipeline's tokenizer_2 (the demo-shaped models: 32 tokens;
-FLUX.1-dev's tokenizer says 512); a given --t5_sequence_length wins."""
+FLUX.1-dev's tokenizer says 512), and `validate_lora` renders at it; a given --t5_sequence_length wins."""
 from __future__ import annotations
 
 import csv
@@ -56,3 +56,13 @@ def test_training_uses_the_tokenizers_t5_length_unless_given(world, tmp_path, mo
     start = next(e for e in events if e["event"] == "start")
     assert start["t5_sequence_length"] == length
     assert any(e["event"] == "validation" for e in events)
+
+    # validate_lora renders the trained LoRA at the same length: its --t5_sequence_length defaults likewise
+    models, _ = world
+    lengths.clear()
+    validate = ["validate_lora", "--model_paths", json.dumps([str(models / demo.FILES[s]) for s in demo.FILES]),
+                "--lora_path", str(output / "step-1.safetensors"), "--prompt", "a red circle", "--height", "32",
+                "--width", "32", "--num_inference_steps", "1", "--torch_dtype", "float32", "--device", "cpu",
+                "--output", str(tmp_path / "validated.png"), *flags]
+    assert main(validate) == 0
+    assert lengths == [length] and (tmp_path / "validated.png").is_file()

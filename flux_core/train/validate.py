@@ -83,8 +83,8 @@ def build_parser(command: str) -> argparse.ArgumentParser:
     p.add_argument("--negative_prompt", default="")
     p.add_argument("--cfg_scale", type=float, default=1.0)
     p.add_argument("--embedded_guidance", type=float, default=3.5)
-    p.add_argument("--height", type=int, default=None, help="default 1024 (FLUX.1's size)")
-    p.add_argument("--width", type=int, default=None, help="default 1024 (FLUX.1's size)")
+    p.add_argument("--height", type=int, default=1024)
+    p.add_argument("--width", type=int, default=1024)
     p.add_argument("--num_inference_steps", type=int, default=30)
     p.add_argument("--t5_sequence_length", type=int, default=None,
                    help="T5 tokens of the prompt (default: the T5 tokenizer's model_max_length, at most 512)")
