@@ -450,7 +450,7 @@ _PHRASES = [
     # None is "leave the flag out" on a command line.
     (r", or None for a random seed \(then read it from pipe\.last_seed\)", ", or leave it out for a random seed"),
     (r"use None \(off\) or", "leave it out (off) or use"),
-    (r", or None for the T5 tokenizer's own", ", or leave it out for the T5 tokenizer's own"),
+    (r", or None for the T5 tokenizer's own length", ", or leave it out for the T5 tokenizer's own length"),
     (r"\(None: 3, FLUX's default\)", "(left out: 3, FLUX's default)"),
     # Warnings' and estimates' advice (flux_core.pipeline, flux_core.run_cost): one image per command.
     (r"kontext_images=PIL\.Image\.open\(path\)\.convert\('RGB'\)", "--kontext-image PATH"),

@@ -125,11 +125,13 @@ def check_t5_sequence_length(length: Any) -> int | None:
     1..T5_MAX_SEQUENCE_LENGTH."""
     if length is None:
         return None
-    hint = f" (T5 tokens: 1..{T5_MAX_SEQUENCE_LENGTH}; FLUX.1-dev 512, schnell 256), or None for the T5 tokenizer's own"
+    hint = (f" (T5 tokens: 1..{T5_MAX_SEQUENCE_LENGTH}; FLUX.1-dev 512, schnell 256), or None for the T5 tokenizer's "
+            f"own length")
     value = check_int("t5_sequence_length", length, 1, hint)
     if value > T5_MAX_SEQUENCE_LENGTH:
         raise ValueError(f"t5_sequence_length={value} is above {T5_MAX_SEQUENCE_LENGTH}, the longest prompt FLUX.1 was "
-                         f"trained on; use {T5_MAX_SEQUENCE_LENGTH} (FLUX.1-dev) or 256 (schnell).")
+                         f"trained on; use {T5_MAX_SEQUENCE_LENGTH} (FLUX.1-dev) or 256 (schnell), or None for the T5 "
+                         f"tokenizer's own length.")
     return value
 
 

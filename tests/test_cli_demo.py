@@ -83,6 +83,13 @@ def test_demo_with_model_flags_is_refused_naming_them(demo_here, tmp_path, monke
     assert rc == 2 and "cannot be combined with --model-dir" in err and "leave that flag out" in err, err
 
 
+def test_t5_length_messages_say_leave_it_out(capsys):
+    for value, said in (("0", "--t5-sequence-length 0 is below 1"), ("600", "--t5-sequence-length 600 is above 512")):
+        assert main(["generate", "--prompt", "x", "--t5-sequence-length", value, "--skip-download"]) == 2
+        err = capsys.readouterr().err
+        assert said in err and "or leave it out for the T5 tokenizer's own length" in err and "None" not in err, err
+
+
 def test_demo_files_missing_from_the_installation(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(demo, "MODELS_DIR", tmp_path / "dropped")
     rc, image = generate(tmp_path, "--height", "50")
