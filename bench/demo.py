@@ -102,16 +102,15 @@ def main(argv: list[str] | None = None) -> dict:
     first = image()
     steady = [image() for _ in range(args.runs)]
     height, width = pipe.default_size
-    result = {"files": files, "rows": rows, "total_bytes": sum(files.values()), "load_s": load, "reload_s": reload, "first_s": first,
-              "steady_s": statistics.median(steady), "steps": args.steps, "size": (height, width),
+    result = {"files": files, "rows": rows, "total_bytes": sum(files.values()), "load_s": load, "reload_s": reload,
+              "first_s": first, "steady_s": statistics.median(steady), "steps": args.steps, "size": (height, width),
               "threads": torch.get_num_threads(), "t5_tokens": pipe.t5_sequence_length()}
     print(f"\nGenerate on the CPU (float32, {width}x{height}, {args.steps} steps, {result['t5_tokens']} T5 tokens, "
           f"{result['threads']} threads, torch {torch.__version__}):")
-    print(f"  load (from_demo)        {load:8.3f} s")
-    print(f"  load again (warm)       {reload:8.3f} s")
-    print(f"  first image             {first:8.3f} s")
-    print(f"  steady image (median of {args.runs}) {result['steady_s']:8.3f} s   "
-          f"({result['steady_s'] / args.steps * 1000:.1f} ms per step, VAE decode and text encoding included)")
+    for label, seconds in (("load (from_demo)", load), ("load again (warm)", reload), ("first image", first),
+                           (f"steady image (median of {args.runs})", result["steady_s"])):
+        print(f"  {label:30} {seconds:8.3f} s")
+    print(f"  ({result['steady_s'] / args.steps * 1000:.1f} ms per step, the text encoding and the VAE decode included)")
     return result
 
 

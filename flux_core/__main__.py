@@ -5,7 +5,7 @@
     python -m flux_core generate --prompt "a cat" --output cat.png
 
 `--demo` runs the bundled demo model (flux_core.demo: tiny, trained on coloured shapes, shipped in the package):
-no download, its 128x128 size and float32 unless --height/--width/--dtype say otherwise.
+no download, its trained size (128x128) and float32 unless --height/--width/--dtype say otherwise.
 
 By default the models are FLUX.1-dev's, fetched through ModelScope into ./models exactly as the
 DiffSynth-Studio example does (local files are used when already there). `--model-id` picks Krea-dev or
@@ -25,6 +25,7 @@ import tempfile
 import warnings
 from pathlib import Path
 
+from . import demo
 from .download import DIT_FILES, NeededFile, download_models, layout_tree, needed_files
 from .dtypes import DTYPES, WEIGHT_DTYPES
 from .image import save_image, saving_format
@@ -64,8 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "512, --demo 32)")
     g.add_argument("--input-image", help="image-to-image start image")
     g.add_argument("--denoising-strength", type=float, default=1.0)
-    g.add_argument("--height", type=int, default=None, help="default 1024 (--demo: 128, its trained size)")
-    g.add_argument("--width", type=int, default=None, help="default 1024 (--demo: 128, its trained size)")
+    g.add_argument("--height", type=int, default=None, help=f"default 1024 (--demo: {demo.HEIGHT}, its trained size)")
+    g.add_argument("--width", type=int, default=None, help=f"default 1024 (--demo: {demo.WIDTH}, its trained size)")
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--rand-device", default="cpu")
     g.add_argument("--sigma-shift", type=float, default=None)
@@ -274,7 +275,6 @@ def _demo_problems(args) -> list[str]:
     """--demo: no flag that picks other model files beside it, and the demo files present in this installation."""
     if not args.demo:
         return []
-    from . import demo
     from .pipeline import demo_files_missing_message
 
     given = [f"--{name.replace('_', '-')}" for name in MODEL_SOURCE_OPTIONS if getattr(args, name) is not None]
@@ -291,7 +291,6 @@ def _demo_problems(args) -> list[str]:
 
 def image_size(args) -> tuple[int, int]:
     """(height, width): the flags', else the demo's trained size with --demo, else FLUX.1's 1024x1024."""
-    from . import demo
     from .inputs import DEFAULT_SIZE
 
     default = (demo.HEIGHT, demo.WIDTH) if args.demo else DEFAULT_SIZE
@@ -481,7 +480,6 @@ def cli_message(text: str, options=None) -> str:
              for pattern, replacement in _PHRASES]
     if options.get("demo"):
         # --demo loads flux_core.demo.model_configs(), in its own order: config i is the demo's model of that kind.
-        from . import demo
         kinds = [config.kind for config in demo.model_configs()]
         table.insert(0, (r"\bmodel_configs\[(\d+)\]", lambda m: f"--demo {kinds[int(m.group(1))]}"
                          if int(m.group(1)) < len(kinds) else m.group(0)))

@@ -24,7 +24,8 @@ from tqdm import tqdm
 
 from .run_cost import check_run_cost, controlnet_passes, dit_calls_per_step, image_tokens, ipadapter_kv_bytes
 from .image import pil_to_tensor, resize_to_multiple, tensor_to_pil
-from .inputs import (DEFAULT_SIZE, check_callable, check_real, check_device, check_dit_tiling, check_cfg_scale, check_denoising_strength, check_embedded_guidance, check_image,
+from .inputs import DEFAULT_SIZE
+from .inputs import (check_callable, check_real, check_device, check_dit_tiling, check_cfg_scale, check_denoising_strength, check_embedded_guidance, check_image,
                      check_images, check_negative_prompts, check_output_type, check_prompts,
                      check_rand_device, check_seed, check_sigma_shift, check_size, check_steps,
                      check_t5_sequence_length, check_tea_cache_threshold, check_tiling)

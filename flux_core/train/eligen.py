@@ -118,7 +118,8 @@ def source_size(path: Path) -> tuple[int, int]:
 
 def sample_entities(pipe, sample: dict, t5_sequence_length: int, dtype, height: int, width: int):
     """The sample's EliGen adapter: entity prompts encoded as the pipeline encodes them (without gradients), at the
-    run's T5 length (the trainer's resolved --t5_sequence_length), masks cropped like the image (the dataset did that)."""
+    run's T5 length (the trainer's resolved --t5_sequence_length), masks cropped like the image (the dataset did
+    that)."""
     prompts, masks = check_entities(sample[PROMPTS], sample[MASKS], height, width)
     embeds = pipe.encode_prompt(prompts, t5_sequence_length).prompt_emb.to(dtype)
     return eligen_adapter(embeds, masks, height, width)
