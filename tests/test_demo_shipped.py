@@ -47,3 +47,15 @@ def test_the_readme_demo_command_runs_offline_from_any_folder(tmp_path):
     with Image.open(tmp_path / "demo.png") as image:
         assert image.size == (demo.WIDTH, demo.HEIGHT)
     assert "saved demo.png" in done.stdout
+
+
+def test_package_data_covers_every_shipped_demo_file():
+    """pyproject's package-data globs (what `pip install .` ships, checked once by hand with a fresh venv) match every
+    file under flux_core/demo/models and datasets: a new kind of demo file must be added to them."""
+    tomllib = pytest.importorskip("tomllib")
+    setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    patterns = setuptools["package-data"]["flux_core.demo"]
+    here = demo.MODELS_DIR.parent
+    shipped = {p for folder in (demo.MODELS_DIR, demo.DATASETS_DIR) for p in folder.rglob("*") if p.is_file()}
+    covered = {p for pattern in patterns for p in here.glob(pattern) if p.is_file()}
+    assert shipped and shipped <= covered, sorted(str(p) for p in shipped - covered)
