@@ -21,6 +21,7 @@ from example_workflows.make_adapter_images import FACE as FACE_IMAGE, REFERENCE 
 from example_workflows.make_eligen_masks import REGIONS as ELIGEN_REGIONS  # noqa: E402
 from example_workflows.make_example_image import INPAINT_NAME as INPAINT_IMAGE, NAME as EXAMPLE_IMAGE  # noqa: E402
 from example_workflows.ui_format import is_widget, saved_value_count  # noqa: E402
+from flux_core import demo  # noqa: E402
 from nodes import NODE_CLASS_MAPPINGS  # noqa: E402
 
 MODEL_URLS = {  # shown by ComfyUI's "missing models" dialog (node property "models")
@@ -61,6 +62,11 @@ QWEN_VL_FOLDER = "Qwen2.5-VL-7B-Instruct"
 # Nexus-Gen (DiffSynth-Studio/Nexus-GenV2): its generation decoder (DiT + adapter) in models/diffusion_models, its
 # autoregressive model's folder (shards, config.json, processor/) in models/text_encoders.
 NEXUS_GEN_FILES = {"decoder": "generation_decoder.bin", "model": "Nexus-GenV2"}
+# The bundled demo model's files (flux_core.demo), listed by the loaders from the pack's own folders, and its
+# LoRA's training set (flux_core/demo/datasets/), which the trainer node finds by name.
+DEMO_FILES = {slot: Path(name).name for slot, name in demo.FILES.items()}
+DEMO_DATASET = demo.STRIPES_DATASET
+DEMO_LORA = Path(demo.LORA_FILE).name
 INPUT_IMAGES = [EXAMPLE_IMAGE, INPAINT_IMAGE, REFERENCE_IMAGE, FACE_IMAGE, *ELIGEN_REGIONS]  # what the examples load
 # (ComfyUI/input/)
 
@@ -167,9 +173,9 @@ def loaders(g: Graph, dit: str) -> tuple[int, int, int]:
 
 
 def prompts(g: Graph, text_encoders: int, text: str, guidance: float) -> tuple[int, int]:
-    positive = g.node("FluxCoreTextEncode", PROMPTS, [text, guidance, 512], size=[400, 200], title="Prompt",
+    positive = g.node("FluxCoreTextEncode", PROMPTS, [text, guidance, 0], size=[400, 200], title="Prompt",
                       text_encoders=(text_encoders, 0))
-    negative = g.node("FluxCoreTextEncode", PROMPTS, ["", guidance, 512], size=[400, 160],
+    negative = g.node("FluxCoreTextEncode", PROMPTS, ["", guidance, 0], size=[400, 160],
                       title="Negative prompt (used when cfg > 1)", text_encoders=(text_encoders, 0))
     return positive, negative
 
@@ -515,13 +521,75 @@ def nexus_gen(g: Graph) -> None:
                                                           "light, detailed fur", 3.5, 512, 512],
                       size=[400, 240], title="Prompt (Nexus-Gen)", nexus_gen=(ar_model, 0), adapter=(adapter, 0),
                       text_encoders=(te, 0))
-    negative = g.node("FluxCoreTextEncode", PROMPTS, ["", 3.5, 512], size=[400, 160],
+    negative = g.node("FluxCoreTextEncode", PROMPTS, ["", 3.5, 0], size=[400, 160],
                       title="Negative prompt (T5; cfg 2)", text_encoders=(te, 0))
     latent = g.node("FluxCoreEmptyLatent", PROMPTS, [512, 512, 1])
     finish(g, model, positive, negative, latent, (vae, 0), 81, "fixed", 1.0, "FluxCore/nexus_gen", cfg=2.0)
 
 
+DEMO_NOTE = ("## The bundled demo model\n\nNothing to download: FluxCore ships a tiny model with FLUX.1's "
+             "architecture (its own DiT, VAE, CLIP-L and T5 at small widths), trained on pictures of one coloured "
+             "shape on a plain background. The loaders list its files (`fluxcore_demo_*`) from the pack's own "
+             "folder.\n\nPrompts in its style: *a red circle on the left, blue background*; shapes circle, square, "
+             "triangle, star; colours red, green, blue, yellow, white, black; on the left / right, at the top / "
+             "bottom, in the center. It draws 128x128 (its training size) in a few seconds on a CPU; it has no "
+             "guidance embedder, so `guidance` does nothing (like FLUX.1-schnell).")
+
+
+def demo_loaders(g: Graph) -> tuple[int, int, int]:
+    model = g.node("FluxCoreDiTLoader", LOADERS, [DEMO_FILES["dit"], "default", ""])
+    text_encoders = g.node("FluxCoreTextEncoderLoader", LOADERS, [DEMO_FILES["clip"], DEMO_FILES["t5"]])
+    vae = g.node("FluxCoreVAELoader", LOADERS, [DEMO_FILES["vae"]])
+    return model, text_encoders, vae
+
+
+def demo_finish(g: Graph, model, text_encoders, vae, text: str, seed: int, prefix: str, x=CONDITIONING) -> None:
+    """The demo's prompt (T5 length 0: its tokenizer's 32), an empty negative, 128x128, 30 steps, cfg 1."""
+    positive = g.node("FluxCoreTextEncode", PROMPTS, [text, 3.5, 0], size=[400, 200], title="Prompt",
+                      text_encoders=(text_encoders, 0))
+    negative = g.node("FluxCoreTextEncode", PROMPTS, ["", 3.5, 0], size=[400, 160],
+                      title="Negative prompt (used when cfg > 1)", text_encoders=(text_encoders, 0))
+    latent = g.node("FluxCoreEmptyLatent", PROMPTS, [demo.WIDTH, demo.HEIGHT, 1])
+    sampler = g.node("FluxCoreSampler", x, [seed, "randomize", 30, 1.0, -1.0, 3.0, 1.0, False, 128, 64, False],
+                     model=(model, 0), positive=(positive, 0), negative=(negative, 0), latent_image=(latent, 0))
+    image = g.node("FluxCoreVAEDecode", x, [False, 128, 64], samples=(sampler, 0), vae=(vae, 0))
+    g.node("SaveImage", x + 380, [prefix], size=[320, 380], images=(image, 0))
+
+
+def demo_text_to_image(g: Graph) -> None:
+    g.node("MarkdownNote", NOTES, [DEMO_NOTE], size=[400, 330], title="Demo model")
+    model, te, vae = demo_loaders(g)
+    demo_finish(g, model, te, vae, "a red circle on the left, blue background", 7, "FluxCore/demo_text_to_image")
+
+
+def demo_lora(g: Graph) -> None:
+    """The trainer node end to end on the demo model: a LoRA on the demo's striped circles (rank 8, 150 steps: well
+    under a minute on a CPU), then loaded (trained_lora) and drawn with a prompt of another colour and background."""
+    g.node("MarkdownNote", NOTES, [
+        "## Train a LoRA on the demo model\n\nRuns as it is on any machine, nothing to download. Train FLUX LoRA "
+        f"(FluxCore) trains on `{DEMO_DATASET}` (48 pictures of circles drawn with horizontal stripes and their "
+        "captions, shipped with the pack; a relative `dataset_path` is looked up in ComfyUI's input folder, then "
+        "among the pack's demo datasets) with the demo model, in a separate process: progress and the loss curve "
+        "show on the node. The LoRA goes to `models/loras/` and straight into Load FLUX LoRA's `trained_lora` input "
+        "(which wins over its `lora_name`), and the sampler draws a circle the training set never had, striped.\n\n"
+        "Queue it again: the sampler's seed changes, the LoRA is not trained again (its inputs did not change). "
+        f"Set `strength` to 0 to see the demo model without it. `{DEMO_LORA}` in lora_name is the demo's own LoRA "
+        "(used when trained_lora is not connected)."],
+        size=[400, 400], title="Demo LoRA")
+    model, te, vae = demo_loaders(g)
+    trainer = g.node("FluxCoreTrainLoRA", PROMPTS, [
+        DEMO_FILES["dit"], DEMO_FILES["clip"], DEMO_FILES["t5"], DEMO_FILES["vae"], DEMO_DATASET,
+        "my_demo_stripes", 8, 1e-3, 1, 1000, 1024 * 1024, 0, "", 0, False, False, True, 0, "fixed", 1,
+        150, "", 300],
+        size=[400, 640], title="Train the LoRA (float32 on a CPU, bf16 on a GPU)")
+    lora = g.node("FluxCoreLoraLoader", CONDITIONING, [DEMO_LORA, 1.0], model=(model, 0), trained_lora=(trainer, 0))
+    demo_finish(g, lora, te, vae, "a green circle on the left, white background", 3, "FluxCore/demo_lora",
+                x=CONDITIONING + 380)
+
+
 WORKFLOWS = {
+    "fluxcore_demo_text_to_image": demo_text_to_image,
+    "fluxcore_demo_lora": demo_lora,
     "fluxcore_text_to_image": text_to_image,
     "fluxcore_image_to_image": image_to_image,
     "fluxcore_kontext_edit": kontext_edit,

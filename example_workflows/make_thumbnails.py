@@ -34,7 +34,8 @@ LABELS = {"FluxCoreDiTLoader": "Load DiT", "FluxCoreTextEncoderLoader": "Load Te
           "FluxCoreFlexInputs": "FLEX.2 Inputs", "FluxCoreQwenVLLoader": "Load Qwen2.5-VL",
           "FluxCoreStep1XConnectorLoader": "Load Step1X Connector", "FluxCoreStep1XEncode": "Step1X-Edit Encode",
           "InpaintModelConditioning": "Inpaint Model Conditioning", "FluxCoreNexusGenLoader": "Load Nexus-Gen",
-          "FluxCoreNexusGenAdapterLoader": "Load Nexus-Gen Adapter", "FluxCoreNexusGenEncode": "Nexus-Gen Encode"}
+          "FluxCoreNexusGenAdapterLoader": "Load Nexus-Gen Adapter", "FluxCoreNexusGenEncode": "Nexus-Gen Encode",
+          "FluxCoreTrainLoRA": "Train LoRA", "FluxCoreLoraLoader": "Load LoRA"}
 TITLES = {"fluxcore_text_to_image": "Text to image", "fluxcore_image_to_image": "Image to image",
           "fluxcore_kontext_edit": "Kontext edit", "fluxcore_mixed_native": "Kontext inpaint with core nodes",
           "fluxcore_controlnet_inpainting": "ControlNet inpainting (alimama)",
@@ -46,7 +47,9 @@ TITLES = {"fluxcore_text_to_image": "Text to image", "fluxcore_image_to_image": 
           "fluxcore_flux_fill": "FLUX.1-Fill inpainting, native InpaintModelConditioning",
           "fluxcore_flex2": "FLEX.2-preview: inpainting + canny control",
           "fluxcore_step1x_edit": "Step1X-Edit: edit by instruction (Qwen2.5-VL)",
-          "fluxcore_nexus_gen": "Nexus-Gen: text to image through Qwen2.5-VL"}
+          "fluxcore_nexus_gen": "Nexus-Gen: text to image through Qwen2.5-VL",
+          "fluxcore_demo_text_to_image": "Demo model: text to image, nothing to download",
+          "fluxcore_demo_lora": "Demo model: train a LoRA, then use it"}
 SKIP = {"Note", "MarkdownNote", "Reroute", "PrimitiveNode"}
 
 

@@ -4,7 +4,8 @@ Inside ComfyUI: model folders through `folder_paths`, devices and memory through
 (our models are wrapped in `ModelPatcher`s, so "Unload models" and ComfyUI's memory manager move them like
 native ones, and `--cpu` is honoured), progress and previews through `comfy.utils.ProgressBar`, Cancel
 through `throw_exception_if_processing_interrupted`. Standalone (tests, scripts): model folders under
-$FLUXCORE_MODELS_DIR (default ./models), CUDA if available, no progress UI, and an interrupt flag tests set.
+$FLUXCORE_MODELS_DIR (default ./models) and the folders a test puts into `standalone_extra_folders`, the input
+folder $FLUXCORE_INPUT_DIR (default ./input), CUDA if available, no progress UI, and an interrupt flag tests set.
 """
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ from pathlib import Path
 
 import torch
 from torch import nn
+
+from flux_core import demo
 
 try:  # ComfyUI present?
     import comfy.model_management as _mm
@@ -29,6 +32,12 @@ MODEL_EXTENSIONS = (".safetensors", ".sft", ".bin", ".pt", ".pth", ".ckpt", ".gg
 # Files FluxCore reads that ComfyUI's own listing of a folder leaves out (its extension list has no .gguf; the
 # folder's registration is not changed, so native loaders never offer a file they cannot read).
 EXTRA_EXTENSIONS = {"diffusion_models": (".gguf",)}
+# The model folders of the bundled demo model (flux_core.demo.MODELS_DIR/<name>), registered as extra paths.
+DEMO_FOLDERS = ("diffusion_models", "vae", "text_encoders", "loras")
+# Standalone stand-in for ComfyUI's extra model paths: folder name -> folders read after models_dir()/<name>. Empty,
+# so a test sees exactly its own files; a test of the demo puts demo_folders() here, as register_demo_folders does
+# inside ComfyUI.
+standalone_extra_folders: dict[str, list[Path]] = {}
 
 
 class Interrupted(Exception):
@@ -53,6 +62,21 @@ def register_model_folder(folder: str, extensions: tuple[str, ...] = MODEL_EXTEN
     _folder_paths.folder_names_and_paths[folder] = ([os.path.join(_folder_paths.models_dir, folder)], set(extensions))
 
 
+def demo_folders() -> dict[str, Path]:
+    """The bundled demo model's folders by ComfyUI model folder name (its files: flux_core.demo.FILES)."""
+    return {name: demo.MODELS_DIR / name for name in DEMO_FOLDERS}
+
+
+def register_demo_folders() -> None:
+    """The demo model's folders as extra paths of ComfyUI's model folders, after the user's own (not the default
+    path: downloads and trained LoRAs still go to the user's folders), so its files show in the loaders' lists
+    without being copied; native loaders list them too. Standalone: nothing (see standalone_extra_folders)."""
+    if not IN_COMFYUI:
+        return
+    for name, path in demo_folders().items():
+        _folder_paths.add_model_folder_path(name, str(path), is_default=False)
+
+
 def models_dir() -> Path:
     return Path(os.environ.get("FLUXCORE_MODELS_DIR", "models"))
 
@@ -64,11 +88,12 @@ def list_models(folder: str) -> list[str]:
         for root in _folder_paths.get_folder_paths(folder):
             names.update(_files_in(Path(root), EXTRA_EXTENSIONS.get(folder, ())))
         return sorted(names)
-    root = models_dir() / folder
-    if not root.is_dir():
-        return []
-    return sorted(set(_files_in(root, MODEL_EXTENSIONS))
-                  | {_relative(root, p) for p in _walk(root) if p.is_dir() and (p / "config.json").is_file()})
+    names = set()
+    for root in folder_paths_for(folder):
+        if root.is_dir():
+            names.update(_files_in(root, MODEL_EXTENSIONS))
+            names.update(_relative(root, p) for p in _walk(root) if p.is_dir() and (p / "config.json").is_file())
+    return sorted(names)
 
 
 def _walk(root: Path):
@@ -137,17 +162,17 @@ def model_path(folder: str, name: str) -> str:
             raise FileNotFoundError(f"{name} not found in the {folder!r} model folders "
                                     f"({', '.join(_folder_paths.get_folder_paths(folder))})")
         return full
-    root = models_dir() / folder
-    path = root / relative
-    if not path.exists():
-        raise FileNotFoundError(f"{name} not found in {root}")
+    roots = folder_paths_for(folder)
+    path = next((root / relative for root in roots if (root / relative).exists()), None)
+    if path is None:
+        raise FileNotFoundError(f"{name} not found in {', '.join(str(root) for root in roots)}")
     return str(path)
 
 
 def folder_paths_for(folder: str) -> list[Path]:
     if IN_COMFYUI:
         return [Path(p) for p in _folder_paths.get_folder_paths(folder)]
-    return [models_dir() / folder]
+    return [models_dir() / folder, *standalone_extra_folders.get(folder, ())]
 
 
 def list_diffusers_folders() -> list[str]:
@@ -169,6 +194,12 @@ def output_directory() -> Path:
     if IN_COMFYUI:
         return Path(_folder_paths.get_output_directory())
     return Path(os.environ.get("FLUXCORE_OUTPUT_DIR", "output"))
+
+
+def input_directory() -> Path:
+    if IN_COMFYUI:
+        return Path(_folder_paths.get_input_directory())
+    return Path(os.environ.get("FLUXCORE_INPUT_DIR", "input"))
 
 
 def comfy_tokenizer_dirs() -> tuple[Path | None, Path | None]:

@@ -163,16 +163,19 @@ class FluxCoreTextEncode:
             "text": ("STRING", {"multiline": True, "dynamicPrompts": True, "tooltip": "The prompt."}),
             "guidance": ("FLOAT", {"default": DEFAULT_GUIDANCE, "min": 0.0, "max": 100.0, "step": 0.1,
                                    "tooltip": "Embedded (distilled) guidance of FLUX.1-dev; 2.5 is usual for Kontext."}),
-            "t5_sequence_length": ("INT", {"default": 512, "min": 16, "max": T5_MAX_SEQUENCE_LENGTH, "step": 16,
-                                           "tooltip": "T5 tokens the prompt is padded/truncated to (FLUX.1-dev: 512)."}),
+            "t5_sequence_length": ("INT", {"default": 0, "min": 0, "max": T5_MAX_SEQUENCE_LENGTH, "step": 16,
+                                           "tooltip": "T5 tokens the prompt is padded/truncated to; 0: the T5 "
+                                                      "tokenizer's own length, the one its model was trained with "
+                                                      "(FLUX.1-dev: 512, the bundled demo: 32)."}),
         }}
 
-    def encode(self, text_encoders, text, guidance=DEFAULT_GUIDANCE, t5_sequence_length=512):
+    def encode(self, text_encoders, text, guidance=DEFAULT_GUIDANCE, t5_sequence_length=0):
         bridge.ready(text_encoders.clip, text_encoders.t5)
-        with torch.no_grad():
+        with torch.no_grad():  # None: encode_prompt takes the tokenizer's length (t5_sequence_length_of)
             prompt_emb, pooled = encode_prompt([text], text_encoders.clip.module, text_encoders.t5.module,
                                                text_encoders.clip_tokenizer, text_encoders.t5_tokenizer,
-                                               t5_sequence_length=t5_sequence_length, device=bridge.compute_device())
+                                               t5_sequence_length=t5_sequence_length or None,
+                                               device=bridge.compute_device())
         return ([[prompt_emb.cpu(), {"pooled_output": pooled.cpu(), "guidance": guidance}]],)
 
 

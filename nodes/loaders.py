@@ -15,6 +15,7 @@ from flux_core.pipeline_models import DIFFUSERS_COMPONENTS, TokenizerNotFoundErr
 from . import comfy_bridge as bridge
 from .handles import DIT_TYPE, TEXT_ENCODERS_TYPE, VAE_TYPE, DiTHandle, TextEncodersHandle, VAEHandle
 
+bridge.register_demo_folders()  # the bundled demo model in every loader's list (flux_core.demo)
 
 
 class NodeInputError(ValueError):
@@ -84,21 +85,35 @@ def modelscope_source(node: str, spec: str, folder: str) -> str | list[str]:
                              f"into {base} and pick it in the file list.") from None
 
 
-def find_tokenizers(node: str) -> tuple[object, object]:
-    """FLUX's tokenizers: `tokenizer/` and `tokenizer_2/` in a text_encoders folder, else the copies bundled with
-    ComfyUI, else FLUX.1-dev's from ModelScope (downloaded once into the text_encoders folder)."""
-    folders = bridge.folder_paths_for("text_encoders")
-    bundled = dict(zip(("tokenizer", "tokenizer_2"), bridge.comfy_tokenizer_dirs()))
+def tokenizer_dirs(clip_file: str | Path, t5_file: str | Path) -> tuple[Path | None, Path | None]:
+    """FLUX's tokenizer folders for a CLIP-L and a T5 file (or model folder), each the first found of:
+    tokenizer/ beside the CLIP file and tokenizer_2/ beside the T5 file (the model's own: the bundled demo's sit
+    beside its encoders, its T5 tokenizer 32 tokens long); tokenizer/ and tokenizer_2/ in a text_encoders folder,
+    never the demo's (its tokenizers fit only its own encoders, found beside them); the copies inside ComfyUI.
+    None: none here (the caller fetches FLUX.1-dev's from ModelScope)."""
+    demo_folder = bridge.demo_folders()["text_encoders"].resolve()
+    folders = [f for f in bridge.folder_paths_for("text_encoders") if f.resolve() != demo_folder]
+    found = []
+    for sub, model, bundled in zip(("tokenizer", "tokenizer_2"), (clip_file, t5_file), bridge.comfy_tokenizer_dirs()):
+        own = Path(model).parent / sub
+        found.append(own if own.is_dir() else next((f / sub for f in folders if (f / sub).is_dir()), bundled))
+    return found[0], found[1]
 
-    local = {sub: next((f / sub for f in folders if (f / sub).is_dir()), None) or bundled[sub]
-             for sub in ("tokenizer", "tokenizer_2")}
+
+def find_tokenizers(node: str, clip_file: str | Path, t5_file: str | Path) -> tuple[object, object]:
+    """The tokenizers for a CLIP-L and a T5 file (tokenizer_dirs), else FLUX.1-dev's from ModelScope (downloaded
+    once into the first text_encoders folder)."""
+    folders = bridge.folder_paths_for("text_encoders")
+    local = dict(zip(("tokenizer", "tokenizer_2"), tokenizer_dirs(clip_file, t5_file)))
     try:  # the ones found nowhere here, in one request (and one message naming both)
         fetched = tokenizer_folders({sub: None for sub, path in local.items() if path is None}, [], str(folders[0]))
         paths = {sub: str(path) if path else fetched[sub] for sub, path in local.items()}
         return load_clip_tokenizer(paths["tokenizer"]), load_t5_tokenizer(paths["tokenizer_2"])
     except TokenizerNotFoundError as e:  # nowhere here, and the ModelScope fallback failed too
+        beside = {"tokenizer": Path(clip_file).parent, "tokenizer_2": Path(t5_file).parent}
         where = ", ".join(str(f) for f in folders)
-        places = "; ".join(f"{sub}/ is in none of {where}, nor at {', '.join(searched)}" for sub, _, searched in e.missing)
+        places = "; ".join(f"{sub}/ is neither beside the file ({beside[sub]}) nor in any of {where}, nor at "
+                           f"{', '.join(searched)}" for sub, _, searched in e.missing)
         raise NodeInputError(f"{node}: FLUX tokenizers not found: {places}. Put FLUX.1-dev's tokenizer/ and "
                              f"tokenizer_2/ folders into {folders[0]}, or let the node download them (network).") from None
     except TokenizerFilesError as e:  # a tokenizer folder without the files a tokenizer needs
@@ -169,7 +184,7 @@ class FluxCoreTextEncoderLoader:
         # The cheap checks first: both names and the tokenizers, before gigabytes of T5 are read.
         clip_file = model_file(node, "clip_name", "text_encoders", clip_name)
         t5_file = model_file(node, "t5_name", "text_encoders", t5_name)
-        clip_tok, t5_tok = find_tokenizers(node)
+        clip_tok, t5_tok = find_tokenizers(node, clip_file, t5_file)
         clip = load_kind(node, "clip_name", clip_file, "clip")
         t5 = load_kind(node, "t5_name", t5_file, "t5")
         return (TextEncodersHandle(bridge.ManagedModel(clip), bridge.ManagedModel(t5), clip_tok, t5_tok,

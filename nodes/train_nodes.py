@@ -27,27 +27,18 @@ from pathlib import Path
 
 import torch
 
+from flux_core.demo import DATASETS_DIR
 from flux_core.train.packages import missing_packages_message, missing_training_packages
 from flux_core.train.run_folder import earlier_run
 from lora_tools.io import atomic_write
 
 from . import comfy_bridge as bridge
-from .loaders import NodeInputError
+from .loaders import NodeInputError, tokenizer_dirs
 
 ROOT = Path(__file__).resolve().parents[1]   # the pack: flux_core is importable from here
 EVENT = "fluxcore.train"
 RUNS_FOLDER = "fluxcore_train"
 STOP_FILE = "STOP"
-
-
-def tokenizer_dirs() -> tuple[Path | None, Path | None]:
-    """FLUX's tokenizer folders as the loader nodes find them: tokenizer/ and tokenizer_2/ in a text_encoders
-    folder, else the copies inside ComfyUI (None: the trainer fetches FLUX.1-dev's from ModelScope)."""
-    folders = bridge.folder_paths_for("text_encoders")
-    clip = next((f / "tokenizer" for f in folders if (f / "tokenizer").is_dir()), None)
-    t5 = next((f / "tokenizer_2" for f in folders if (f / "tokenizer_2").is_dir()), None)
-    bundled_clip, bundled_t5 = bridge.comfy_tokenizer_dirs()
-    return clip or bundled_clip, t5 or bundled_t5
 
 
 def require_training_packages() -> None:
@@ -67,6 +58,27 @@ def build_command(train_args: list[str], num_processes: int) -> list[str]:
     if num_processes > 1:
         launch.append("--multi_gpu")
     return [*launch, "-m", "flux_core.train", *train_args]
+
+
+def demo_datasets() -> list[str]:
+    """The datasets that ship with the pack (flux_core.demo.DATASETS_DIR: fluxcore_demo_stripes)."""
+    return sorted(p.name for p in DATASETS_DIR.iterdir() if p.is_dir()) if DATASETS_DIR.is_dir() else []
+
+
+def dataset_folder(node: str, dataset_path: str) -> Path:
+    """The training set's folder: a full path as given; a relative one in ComfyUI's input folder, else among the
+    pack's demo datasets (so a workflow can name "fluxcore_demo_stripes" on any machine)."""
+    text = dataset_path.strip().strip('"')
+    given = Path(text).expanduser()
+    places = [given] if given.is_absolute() else [bridge.input_directory() / given, DATASETS_DIR / given]
+    found = next((p for p in places if p.is_dir()), None) if text else None
+    if found is None:
+        where = ("" if given.is_absolute() or not text else
+                 f" (a relative path is looked up in ComfyUI's input folder, {bridge.input_directory()}, then among "
+                 f"FluxCore's demo datasets in {DATASETS_DIR}: {', '.join(demo_datasets()) or 'none installed'})")
+        raise NodeInputError(f"{node}, input 'dataset_path': '{dataset_path}' is not a folder{where}; give the folder "
+                             f"holding the images and their captions.")
+    return found
 
 
 class TrainingProcess:
@@ -159,7 +171,8 @@ class FluxCoreTrainLoRA:
                 "vae_name": (models("vae"), {"tooltip": "FLUX VAE (ae.safetensors) from models/vae."}),
                 "dataset_path": ("STRING", {"default": "", "tooltip": "Folder of images (jpg/png/webp) with "
                                             "captions: a metadata.csv (image,prompt columns) or one same-name .txt "
-                                            "per image."}),
+                                            "per image. A full path, or a folder name in ComfyUI's input folder, "
+                                            "else among FluxCore's demo datasets (fluxcore_demo_stripes)."}),
                 "output_name": ("STRING", {"default": "my_flux_lora", "tooltip": "Name of the LoRA file in "
                                            "models/loras and of the run folder in output/fluxcore_train."}),
                 "lora_rank": ("INT", {"default": 32, "min": 1, "max": 256, "tooltip": "LoRA rank (alpha = rank)."}),
@@ -216,10 +229,7 @@ class FluxCoreTrainLoRA:
                 paths.append(bridge.model_path(folder, name))
             except (FileNotFoundError, bridge.UnsafeModelName) as e:
                 raise NodeInputError(f"{node}, input '{input_name}': {e}") from None
-        dataset = Path(dataset_path.strip().strip('"')).expanduser()
-        if not dataset_path.strip() or not dataset.is_dir():
-            raise NodeInputError(f"{node}, input 'dataset_path': '{dataset_path}' is not a folder; give the folder "
-                                 f"holding the images and their captions.")
+        dataset = dataset_folder(node, dataset_path)
         name = output_name.strip()
         if not name or any(c in name for c in '/\\:*?"<>|') or name in (".", ".."):
             raise NodeInputError(f"{node}, input 'output_name': '{output_name}' cannot be a file name; use letters, "
@@ -235,7 +245,7 @@ class FluxCoreTrainLoRA:
                 "--learning_rate", repr(float(learning_rate)), "--num_epochs", str(num_epochs),
                 "--dataset_repeat", str(dataset_repeat), "--max_pixels", str(max_pixels), "--seed", str(seed),
                 "--torch_dtype", "bfloat16" if torch.cuda.is_available() else "float32"]
-        clip_tok, t5_tok = tokenizer_dirs()
+        clip_tok, t5_tok = tokenizer_dirs(paths[1], paths[2])  # the loader node's rule
         if clip_tok is not None:
             args += ["--tokenizer_1_path", str(clip_tok)]
         if t5_tok is not None:

@@ -30,7 +30,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from example_workflows.build_workflows import INFINITEYOU_FILES, IPADAPTER_FILES
+from example_workflows.build_workflows import DEMO_FILES, DEMO_LORA, INFINITEYOU_FILES, IPADAPTER_FILES
 from example_workflows.make_example_image import NAME as EXAMPLE_IMAGE
 from example_workflows.ui_format import combo_choices
 from nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
@@ -208,6 +208,13 @@ def test_pack_imports_and_every_node_is_listed(server):
     assert IPADAPTER_FILES["ipadapter"] in combo_choices(ipadapter, "ipadapter_name")
     assert IPADAPTER_FILES["image_encoder"] in combo_choices(ipadapter, "image_encoder_name")
     assert set(INFINITEYOU_FILES.values()) <= set(combo_choices(spec("FluxCoreInfiniteYouLoader"), "infusenet_name"))
+    # The bundled demo model's files, from the pack's own folders (nothing of them in the base folder's models/).
+    assert not any(p.name.startswith("fluxcore_demo") for p in (server["base"] / "models").rglob("*"))
+    assert DEMO_FILES["dit"] in combo_choices(spec("FluxCoreDiTLoader"), "dit_name")
+    assert DEMO_FILES["vae"] in combo_choices(spec("FluxCoreVAELoader"), "vae_name")
+    assert {DEMO_FILES["clip"], DEMO_FILES["t5"]} <= set(combo_choices(spec("FluxCoreTextEncoderLoader"), "t5_name"))
+    assert DEMO_LORA in combo_choices(spec("FluxCoreLoraLoader"), "lora_name")
+    assert DEMO_FILES["dit"] in combo_choices(spec("FluxCoreTrainLoRA"), "dit_name")
 
 
 def test_extension_js_is_served(server):
@@ -232,12 +239,16 @@ def standalone(server):
     """Our nodes and the core-node stand-ins outside ComfyUI, over the same base directory (and the same
     stand-in face embedder)."""
     from flux_core import face_embedding
-    from nodes import infiniteyou_nodes
+    from nodes import comfy_bridge, infiniteyou_nodes
+    output = server["base"].parent / f"{server['base'].name}_standalone_output"
     mp = pytest.MonkeyPatch()
     mp.setenv("FLUXCORE_MODELS_DIR", str(server["base"] / "models"))
+    mp.setenv("FLUXCORE_INPUT_DIR", str(server["files"]["input"]))
+    mp.setenv("FLUXCORE_OUTPUT_DIR", str(output))  # the trainer node's runs (the LoRA: the same models/loras)
+    # the demo's folders after the base folder's, as register_demo_folders adds them in ComfyUI
+    mp.setattr(comfy_bridge, "standalone_extra_folders", {k: [v] for k, v in comfy_bridge.demo_folders().items()})
     mp.setattr(face_embedding, "FaceEmbedder", StandInFaceEmbedder)  # as the server's shim does
     mp.setattr(infiniteyou_nodes, "_embedders", {})
-    output = server["base"].parent / f"{server['base'].name}_standalone_output"
     yield dict(classes={**NODE_CLASS_MAPPINGS, **standins(server["files"]["input"], output)}, output=output)
     mp.undo()
 
@@ -273,9 +284,10 @@ def test_example_workflow_runs_as_shipped_in_comfyui(server, standalone, path):
     with Image.open(server["base"] / "output" / item["subfolder"] / item["filename"]) as im:
         got = np.asarray(im.convert("RGB"), dtype=np.int16)
     # The upscale example doubles the shipped 384x384 image, EliGen's renders 768x768, issue 13's (Fill, FLEX.2,
-    # Step1X-Edit, Nexus-Gen) 512x512; the others 1024x1024.
+    # Step1X-Edit, Nexus-Gen) 512x512, the demo model's 128x128; the others 1024x1024.
     size = {"fluxcore_controlnet_upscale": 768, "fluxcore_eligen": 768, "fluxcore_flux_fill": 512,
-            "fluxcore_flex2": 512, "fluxcore_step1x_edit": 512, "fluxcore_nexus_gen": 512}.get(path.stem, 1024)
+            "fluxcore_flex2": 512, "fluxcore_step1x_edit": 512, "fluxcore_nexus_gen": 512,
+            "fluxcore_demo_text_to_image": 128, "fluxcore_demo_lora": 128}.get(path.stem, 1024)
     assert got.shape == (size, size, 3)
     assert got.std() > 0.05 * 255 and np.ptp(got) > 0.3 * 255, "a blank or constant image"
     # The same file run standalone (our nodes, stand-ins for the core nodes) gives the same picture.

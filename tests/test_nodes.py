@@ -305,7 +305,8 @@ def test_tokenizers_are_fetched_from_modelscope_when_no_folder_has_them(models, 
                 shutil.copytree(models["dir"] / "text_encoders" / sub, f"{local_dir}/{sub}")
 
     monkeypatch.setattr(model_config, "download_from_modelscope", fake_download)
-    clip_tok, t5_tok = find_tokenizers("FluxCoreTextEncoderLoader")
+    clip_tok, t5_tok = find_tokenizers("FluxCoreTextEncoderLoader", bare / "text_encoders" / "clip_l.safetensors",
+                                       bare / "text_encoders" / "t5xxl_fp16.safetensors")
     assert clip_tok("a cat").input_ids and t5_tok("a cat").input_ids
     assert [c[0] for c in calls] == ["black-forest-labs/FLUX.1-dev"] * 2
 
@@ -318,10 +319,12 @@ def test_missing_tokenizers_are_named_with_every_place_looked(tmp_path, monkeypa
     monkeypatch.setenv("FLUXCORE_MODELS_DIR", str(bare))
     monkeypatch.setenv("DIFFSYNTH_SKIP_DOWNLOAD", "true")
     with pytest.raises(NodeInputError) as info:
-        find_tokenizers("FluxCoreTextEncoderLoader")
+        find_tokenizers("FluxCoreTextEncoderLoader", bare / "text_encoders" / "clip_l.safetensors",
+                        bare / "text_encoders" / "t5xxl_fp16.safetensors")
     message = str(info.value)
-    assert message.startswith("FluxCoreTextEncoderLoader: FLUX tokenizers not found: tokenizer/ is in none of ")
-    assert "tokenizer_2/ is in none of" in message and str(bare / "text_encoders") in message
+    assert message.startswith("FluxCoreTextEncoderLoader: FLUX tokenizers not found: tokenizer/ is neither beside the "
+                              f"file ({bare / 'text_encoders'}) nor in any of {bare / 'text_encoders'}, nor at ")
+    assert "tokenizer_2/ is neither beside" in message
     assert "tokenizer_1_config" not in message  # the Python parameter means nothing in a node
 
 # ---------------------------------------------------------------- model names stay inside their folders

@@ -3,16 +3,21 @@ names the example workflows name, so that the workflows run exactly as shipped:
 
     files = write_model_files(tmp / "models")   # models/diffusion_models/flux1-dev.safetensors, ... (see FILES)
 
-Nothing beside a file says its config, so every size a loader cannot read from the weights' shapes takes FLUX's
-own value: DiT head dim 128 (RoPE axes 16/56/56), CLIP-L head size 64, 77 CLIP positions, VAE widths that are
-multiples of 32 (FLUX's 32 GroupNorm groups). Everything else is as small as that allows (one head, one block
-of each kind). The tokenizers of tests/tiny_text.py go beside the text encoders (text_encoders/tokenizer and
-tokenizer_2), where the text-encoder loader node and FluxImagePipeline both look for them.
+The DiTs (and the ControlNets, IP-Adapter and InfuseNet made for them) attend with one head of 16 (RoPE axes 4/6/6),
+which the weights cannot tell: a diffusers-style config.json with `axes_dims_rope` lies beside them, as beside the
+bundled demo DiT. (At the workflows' 1024x1024 every block attends over 4608 tokens; with FLUX's head of 128
+attention was ~75 % of a workflow test.) Every other size a loader cannot read from the weights' shapes takes
+FLUX's own value: CLIP-L head size 64, 77 CLIP positions, VAE widths that are multiples of 32 (FLUX's 32 GroupNorm
+groups; ComfyUI's own VAE code has no other). Everything else is as small as that allows (one block of each kind).
+The tokenizers of tests/tiny_text.py go beside the text encoders (text_encoders/tokenizer and tokenizer_2), where
+the text-encoder loader node and FluxImagePipeline both look for them.
 """
 from __future__ import annotations
 
 import shutil
 from pathlib import Path
+
+import json
 
 import torch
 from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
@@ -40,6 +45,10 @@ EDIT_FILES = {
     "nexus_gen": ("text_encoders", "Nexus-GenV2"),                         # the AR model's folder, processor/ in it
 }
 CLIP_HIDDEN, T5_DIM = 64, 32
+# The DiTs' attention: one head of 16 and its RoPE axes (in the config.json beside them: write_dit_config).
+HEAD_DIM, AXES_DIMS_ROPE = 16, (4, 6, 6)
+DIT_SHAPE = dict(num_layers=1, num_single_layers=1, attention_head_dim=HEAD_DIM, num_attention_heads=1,
+                 axes_dims_rope=AXES_DIMS_ROPE, joint_attention_dim=T5_DIM, pooled_projection_dim=CLIP_HIDDEN)
 VAE_WIDTHS = (32, 32, 32, 32)
 # Step1X-Edit's connector: Qwen2.5-VL's width in (tests/tiny_qwen_vl.py: 16), the DiT's text width out. 32 heads
 # (DiffSynth's heads_num, which the shapes do not hold) of width 1; 2 refiner blocks and an MLP 4x wide, as published.
@@ -47,12 +56,19 @@ CONNECTOR = dict(in_channels=16, hidden=T5_DIM, heads=32, depth=2, mlp_hidden=4 
 
 
 def make_flux_shaped_dit(seed: int, **overrides):
-    """A diffusers FluxTransformer2DModel with FLUX's head size (128) and RoPE axes, one block of each kind
-    (`overrides`: other input channels, no guidance embedder, another text or pooled width)."""
-    return make_diffusers_dit(seed=seed, **{**dict(num_layers=1, num_single_layers=1, attention_head_dim=128,
-                                                   num_attention_heads=1, axes_dims_rope=(16, 56, 56),
-                                                   joint_attention_dim=T5_DIM, pooled_projection_dim=CLIP_HIDDEN),
-                                            **overrides})
+    """A diffusers FluxTransformer2DModel with one head of HEAD_DIM, one block of each kind (`overrides`: other
+    input channels, no guidance embedder, another text or pooled width)."""
+    return make_diffusers_dit(seed=seed, **{**DIT_SHAPE, **overrides})
+
+
+def write_dit_config(folder: Path) -> Path:
+    """config.json beside the DiT files of a folder: diffusers' class name and the RoPE axes, nothing the shapes
+    tell (one config.json serves the Fill, FLEX.2 and Step1X-Edit DiTs beside flux1-dev's; a full diffusers config
+    would give them all its in_channels, and Step1X-Edit's connector reads in_channels from a config too)."""
+    path = Path(folder) / "config.json"
+    path.write_text(json.dumps({"_class_name": "FluxTransformer2DModel", "axes_dims_rope": list(AXES_DIMS_ROPE)}),
+                    encoding="utf-8")
+    return path
 
 
 def _randomise(model: torch.nn.Module, seed: int) -> None:
@@ -108,6 +124,7 @@ def write_model_files(models_dir: Path) -> dict[str, Path]:
         path.parent.mkdir(parents=True, exist_ok=True)
     write_bfl_dit(make_flux_shaped_dit(seed=11), paths["dit"])
     write_bfl_dit(make_flux_shaped_dit(seed=12), paths["kontext_dit"])
+    write_dit_config(paths["dit"].parent)
     text = paths["clip"].parent
     scratch = text / "_written"
     shutil.move(write_clip(make_flux_shaped_clip(seed=13), scratch, "clip_l"), paths["clip"])
@@ -145,6 +162,7 @@ def write_edit_model_files(models_dir: Path) -> dict[str, Path]:
     paths = {kind: models_dir / folder / name for kind, (folder, name) in EDIT_FILES.items()}
     for path in paths.values():
         path.parent.mkdir(parents=True, exist_ok=True)
+    write_dit_config(paths["fill_dit"].parent)
     write_bfl_dit(make_flux_shaped_dit(seed=51, in_channels=384, out_channels=64), paths["fill_dit"])
     write_bfl_dit(make_flux_shaped_dit(seed=52, in_channels=196, out_channels=64), paths["flex_dit"])
     step1x = make_flux_shaped_dit(seed=53, guidance_embeds=False, pooled_projection_dim=768)
@@ -182,6 +200,52 @@ def write_nexus_gen_decoder(dit, path: Path, seed: int) -> Path:
     return Path(path)
 
 
+def write_controlnet_files(models_dir: Path) -> dict[str, Path]:
+    """Tiny ControlNets as published (config.json + diffusion_pytorch_model.safetensors) in the folders the example
+    workflows name (example_workflows.build_workflows.CONTROLNET_FILES), shaped for the DiTs above (one head of
+    HEAD_DIM; their RoPE axes in config.json): alimama's inpainting (68-wide input), InstantX's union (10 modes) and
+    jasperai's upscaler. Alimama's and jasperai's have no single blocks, as published; the union one keeps one.
+    Returns the path of each weights file by kind."""
+    from example_workflows.build_workflows import CONTROLNET_FILES
+    from tests.tiny_controlnet import make_diffusers_controlnet, write_diffusers_controlnet
+    variants = {"inpainting": dict(seed=31, extra_condition_channels=4, num_single_layers=0),
+                "union": dict(seed=32, num_mode=10), "upscaler": dict(seed=33, num_single_layers=0)}
+    paths = {}
+    for kind, name in CONTROLNET_FILES.items():
+        path = Path(models_dir) / "controlnet" / name
+        model = make_diffusers_controlnet(**{**DIT_SHAPE, **variants[kind]})
+        write_diffusers_controlnet(model, path.parent)
+        assert path.is_file(), f"diffusers wrote no {path.name}"
+        paths[kind] = path
+    return paths
+
+
+def write_adapter_files(models_dir: Path) -> dict[str, Path]:
+    """The IP-Adapter and InfiniteYou files of the example workflows, where README tells a user to put them
+    (example_workflows.build_workflows.IPADAPTER_FILES, INFINITEYOU_FILES), shaped for the DiTs above (width
+    HEAD_DIM, one double and one single block, text width T5_DIM; InfuseNet without single blocks): InstantX's
+    ip-adapter.bin in models/ipadapter/, a SigLIP folder (config.json: the head count of a 24-wide tower is not in
+    its shapes) in models/clip_vision/, and ByteDance's image_proj_model.bin and sharded InfuseNetModel/ in
+    models/infinite_you/. Returns the path of each by key ("ipadapter", "image_encoder", "projector", "infusenet")."""
+    from example_workflows.build_workflows import INFINITEYOU_FILES, IPADAPTER_FILES
+    from tests.tiny_controlnet import make_diffusers_controlnet, write_diffusers_controlnet
+    from tests.tiny_ipadapter import (instantx_state_dict, make_siglip, projector_state_dict, write_instantx,
+                                      write_projector, write_siglip)
+    models_dir = Path(models_dir)
+    paths = {"ipadapter": models_dir / "ipadapter" / IPADAPTER_FILES["ipadapter"],
+             "image_encoder": models_dir / "clip_vision" / IPADAPTER_FILES["image_encoder"],
+             "projector": models_dir / "infinite_you" / INFINITEYOU_FILES["projector"],
+             "infusenet": models_dir / "infinite_you" / INFINITEYOU_FILES["infusenet"]}
+    for key in ("ipadapter", "projector"):
+        paths[key].parent.mkdir(parents=True, exist_ok=True)
+    write_instantx(instantx_state_dict(seed=41, hidden=HEAD_DIM, blocks=2), paths["ipadapter"])
+    write_siglip(make_siglip(seed=42), paths["image_encoder"])
+    write_projector(projector_state_dict(seed=43, output_dim=T5_DIM), paths["projector"])
+    infusenet = make_diffusers_controlnet(seed=44, **{**DIT_SHAPE, "num_single_layers": 0})
+    write_diffusers_controlnet(infusenet, paths["infusenet"], max_shard_size="40KB")  # sharded, as published
+    return paths
+
+
 def example_image_source() -> Path:
     from example_workflows.make_example_image import HERE, NAME
     return HERE / NAME
@@ -190,14 +254,13 @@ def example_image_source() -> Path:
 def set_up_like_a_user(base: Path) -> dict[str, Path]:
     """A ComfyUI base directory as a user prepares it for the example workflows (README, "Example workflows"):
     the model files in models/<folder>/ under the names the workflows use (the ControlNets in models/controlnet/
-    under their published names, the IP-Adapter and InfiniteYou files as tiny_comfy.write_adapter_files puts them,
+    under their published names, the IP-Adapter and InfiniteYou files as write_adapter_files puts them,
     the Fill, FLEX.2 and Step1X-Edit files of write_edit_model_files),
     and the pack's example images copied into input/. Returns the component paths (ControlNets as
     "controlnet_<kind>"; "ipadapter", "image_encoder", "projector", "infusenet"; EDIT_FILES' keys) plus "input" and
     "output"."""
     from example_workflows.build_workflows import INPUT_IMAGES
     from example_workflows.make_example_image import HERE
-    from tests.tiny_comfy import write_adapter_files, write_controlnet_files
     base = Path(base)
     paths = write_model_files(base / "models")
     paths.update(write_edit_model_files(base / "models"))
