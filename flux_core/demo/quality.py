@@ -13,14 +13,14 @@ from dataclasses import dataclass
 from PIL import Image
 
 from . import HEIGHT, WIDTH
-from .scenes import TEMPLATES, Scene, agrees, held_out_scenes
+from .scenes import Scene, agrees, held_out_scenes
 
 STEPS = 30
 
 
 def test_prompt(scene: Scene, index: int) -> str:
-    """The prompt a held-out scene is asked with: the templates in turn, a centred shape named or not in turn."""
-    return scene.prompt(index % len(TEMPLATES), say_center=index % 2 == 0)
+    """The prompt a held-out scene is asked with: a centred shape named or not in turn."""
+    return scene.prompt(say_center=index % 2 == 0)
 
 
 @dataclass
@@ -46,5 +46,5 @@ def prompt_agreement(pipe, scenes: list[Scene] | None = None, shift: int = 0, se
     for start in range(0, len(prompts), batch):
         chunk = prompts[start:start + batch]
         images += pipe(prompt=chunk, seed=seed + start, num_inference_steps=num_inference_steps, height=HEIGHT,
-                       width=WIDTH, t5_sequence_length=pipe.tokenizer_2.model_max_length, progress_bar_cmd=None)
+                       width=WIDTH, progress_bar_cmd=None)
     return Agreement(scenes, prompts, images, [agrees(image, scene) for image, scene in zip(images, scenes)])
