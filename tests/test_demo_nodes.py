@@ -186,3 +186,16 @@ def test_the_demo_dataset_is_found_by_its_name():
         pytest.skip(f"the demo build has not written {demo.stripes_dataset()} yet")
     assert dataset_folder("FluxCoreTrainLoRA", demo.STRIPES_DATASET) == demo.stripes_dataset()
     assert (demo.stripes_dataset() / "metadata.csv").is_file()
+
+
+# ---------------------------------------------------------------- the trained LoRA into the loader
+def test_the_lora_loader_takes_the_trainers_output_over_lora_name(folders):
+    from nodes.lora_nodes import FluxCoreLoraLoader
+    from nodes.train_nodes import FluxCoreTrainLoRA as Trainer
+    spec = FluxCoreLoraLoader.INPUT_TYPES()["optional"]["trained_lora"]
+    assert spec[0] == Trainer.RETURN_TYPES[0] == "STRING" and spec[1]["forceInput"]  # a socket, linkable from it
+    with pytest.raises(NodeInputError, match=r"^FluxCoreLoraLoader, input 'trained_lora': gone\.safetensors not "
+                                             r"found in "):
+        FluxCoreLoraLoader().apply(None, "(none found)", 1.0, trained_lora="gone.safetensors")
+    with pytest.raises(NodeInputError, match=r"^FluxCoreLoraLoader, input 'lora_name': \(none found\) not found"):
+        FluxCoreLoraLoader().apply(None, "(none found)", 1.0)
