@@ -22,6 +22,7 @@ from example_workflows.make_eligen_masks import REGIONS as ELIGEN_REGIONS  # noq
 from example_workflows.make_example_image import INPAINT_NAME as INPAINT_IMAGE, NAME as EXAMPLE_IMAGE  # noqa: E402
 from example_workflows.ui_format import is_widget, saved_value_count  # noqa: E402
 from flux_core import demo  # noqa: E402
+from flux_core.demo.scenes import COLOURS, POSITION_WORDS, SHAPES, Scene  # noqa: E402
 from nodes import NODE_CLASS_MAPPINGS  # noqa: E402
 
 MODEL_URLS = {  # shown by ComfyUI's "missing models" dialog (node property "models")
@@ -67,6 +68,10 @@ NEXUS_GEN_FILES = {"decoder": "generation_decoder.bin", "model": "Nexus-GenV2"}
 DEMO_FILES = {slot: Path(name).name for slot, name in demo.FILES.items()}
 DEMO_DATASET = demo.STRIPES_DATASET
 DEMO_LORA = Path(demo.LORA_FILE).name
+# The demo's prompts in the wording it was trained with (flux_core.demo.scenes): a plain one, and a circle the LoRA's
+# striped training set does not hold.
+DEMO_PROMPT = Scene("circle", "red", "left", "blue").prompt()
+DEMO_LORA_PROMPT = Scene("circle", "green", "left", "white").prompt()
 INPUT_IMAGES = [EXAMPLE_IMAGE, INPAINT_IMAGE, REFERENCE_IMAGE, FACE_IMAGE, *ELIGEN_REGIONS]  # what the examples load
 # (ComfyUI/input/)
 
@@ -530,10 +535,10 @@ def nexus_gen(g: Graph) -> None:
 DEMO_NOTE = ("## The bundled demo model\n\nNothing to download: FluxCore ships a tiny model with FLUX.1's "
              "architecture (its own DiT, VAE, CLIP-L and T5 at small widths), trained on pictures of one coloured "
              "shape on a plain background. The loaders list its files (`fluxcore_demo_*`) from the pack's own "
-             "folder.\n\nPrompts in its style: *a red circle on the left, blue background*; shapes circle, square, "
-             "triangle, star; colours red, green, blue, yellow, white, black; on the left / right, at the top / "
-             "bottom, in the center. It draws 128x128 (its training size) in a few seconds on a CPU; it has no "
-             "guidance embedder, so `guidance` does nothing (like FLUX.1-schnell).")
+             f"folder.\n\nPrompts in the wording it was trained with: *{DEMO_PROMPT}*; shapes "
+             f"{', '.join(SHAPES)}; colours {', '.join(COLOURS)}; places {' / '.join(POSITION_WORDS.values())}. It "
+             f"draws {demo.WIDTH}x{demo.HEIGHT} (its training size) in a few seconds on a CPU; it has no guidance "
+             "embedder, so `guidance` does nothing (like FLUX.1-schnell).")
 
 
 def demo_loaders(g: Graph) -> tuple[int, int, int]:
@@ -559,7 +564,7 @@ def demo_finish(g: Graph, model, text_encoders, vae, text: str, seed: int, prefi
 def demo_text_to_image(g: Graph) -> None:
     g.node("MarkdownNote", NOTES, [DEMO_NOTE], size=[400, 330], title="Demo model")
     model, te, vae = demo_loaders(g)
-    demo_finish(g, model, te, vae, "a red circle on the left, blue background", 7, "FluxCore/demo_text_to_image")
+    demo_finish(g, model, te, vae, DEMO_PROMPT, 7, "FluxCore/demo_text_to_image")
 
 
 def demo_lora(g: Graph) -> None:
@@ -567,7 +572,7 @@ def demo_lora(g: Graph) -> None:
     under a minute on a CPU), then loaded (trained_lora) and drawn with a prompt of another colour and background."""
     g.node("MarkdownNote", NOTES, [
         "## Train a LoRA on the demo model\n\nRuns as it is on any machine, nothing to download. Train FLUX LoRA "
-        f"(FluxCore) trains on `{DEMO_DATASET}` (48 pictures of circles drawn with horizontal stripes and their "
+        f"(FluxCore) trains on `{DEMO_DATASET}` (pictures of circles drawn with horizontal stripes and their "
         "captions, shipped with the pack; a relative `dataset_path` is looked up in ComfyUI's input folder, then "
         "among the pack's demo datasets) with the demo model, in a separate process: progress and the loss curve "
         "show on the node. The LoRA goes to `models/loras/` and straight into Load FLUX LoRA's `trained_lora` input "
@@ -583,7 +588,7 @@ def demo_lora(g: Graph) -> None:
         150, "", 300],
         size=[400, 640], title="Train the LoRA (float32 on a CPU, bf16 on a GPU)")
     lora = g.node("FluxCoreLoraLoader", CONDITIONING, [DEMO_LORA, 1.0], model=(model, 0), trained_lora=(trainer, 0))
-    demo_finish(g, lora, te, vae, "a green circle on the left, white background", 3, "FluxCore/demo_lora",
+    demo_finish(g, lora, te, vae, DEMO_LORA_PROMPT, 3, "FluxCore/demo_lora",
                 x=CONDITIONING + 380)
 
 
