@@ -569,14 +569,14 @@ def demo_text_to_image(g: Graph) -> None:
 
 def demo_lora(g: Graph) -> None:
     """The trainer node end to end on the demo model: a LoRA on the demo's striped circles (rank 8, 150 steps: well
-    under a minute on a CPU), then loaded (trained_lora) and drawn with a prompt of another colour and background."""
+    under a minute on a CPU), then loaded (trained_lora) and drawn: a green circle on a white background, striped."""
     g.node("MarkdownNote", NOTES, [
         "## Train a LoRA on the demo model\n\nRuns as it is on any machine, nothing to download. Train FLUX LoRA "
         f"(FluxCore) trains on `{DEMO_DATASET}` (pictures of circles drawn with horizontal stripes and their "
         "captions, shipped with the pack; a relative `dataset_path` is looked up in ComfyUI's input folder, then "
         "among the pack's demo datasets) with the demo model, in a separate process: progress and the loss curve "
         "show on the node. The LoRA goes to `models/loras/` and straight into Load FLUX LoRA's `trained_lora` input "
-        "(which wins over its `lora_name`), and the sampler draws a circle the training set never had, striped.\n\n"
+        "(which wins over its `lora_name`), and the sampler draws a green circle, striped.\n\n"
         "Queue it again: the sampler's seed changes, the LoRA is not trained again (its inputs did not change). "
         f"Set `strength` to 0 to see the demo model without it. `{DEMO_LORA}` in lora_name is the demo's own LoRA "
         "(used when trained_lora is not connected)."],
