@@ -57,6 +57,16 @@ def write_state_dict(tensors: Mapping[str, torch.Tensor], path: str | os.PathLik
 TEMP_SUFFIX = ".tmp"
 
 
+def _umask() -> int:
+    """The process's umask, read without changing it (os.umask can only set it, and setting it is not thread-safe);
+    0o022 where /proc does not tell."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            return next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        return 0o022
+
+
 def temp_path(path: Path) -> Path:
     """The hidden temporary name `atomic_write` uses beside `path` (one per process)."""
     return path.with_name(f".{path.name}.{os.getpid()}{TEMP_SUFFIX}")
@@ -73,6 +83,9 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], object]) -> Pa
         write(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
+        # A new file's usual mode (0666 less the umask): safetensors creates its files 0600, which left LoRAs written
+        # into a shared ComfyUI models folder unreadable to other users.
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     finally:
         if tmp.exists():

@@ -474,3 +474,15 @@ def test_shape_mismatch_is_an_error_naming_key_and_shapes(kind, dit, tmp_path):
     for text in [key, *shapes_text]:
         assert text in str(e.value)
     assert all(torch.equal(p, before[n]) for n, p in dit.named_parameters())
+
+
+def test_written_files_get_the_usual_mode_not_safetensors_0600(tmp_path):
+    """safetensors creates its files 0600; a LoRA in a shared ComfyUI folder must be readable like any new file."""
+    import os
+    import stat
+
+    from lora_tools.io import write_state_dict
+    path = write_state_dict({"a": torch.zeros(2)}, tmp_path / "lora.safetensors")
+    mask = os.umask(0)
+    os.umask(mask)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~mask
