@@ -12,20 +12,9 @@ from flux_core.__main__ import DEMO_COMMAND, build_parser, build_pipeline, main
 from flux_core.model_config import download_from_modelscope as real_download  # tests.offline replaces it
 from flux_core.pipeline import FluxImagePipeline
 from tests.offline import no_network  # noqa: F401 (autouse: no download in these tests)
-from tests.tiny_demo import write_demo_folder
+from tests.tiny_demo import demo_folder, demo_here  # noqa: F401 (fixtures)
 
 FAST = ["--steps", "1", "--device", "cpu", "--seed", "0"]
-
-
-@pytest.fixture(scope="module")
-def demo_folder(tmp_path_factory):
-    return write_demo_folder(tmp_path_factory.mktemp("cli_demo") / "models")
-
-
-@pytest.fixture
-def demo_here(demo_folder, monkeypatch):
-    monkeypatch.setattr(demo, "MODELS_DIR", demo_folder)
-    return demo_folder
 
 
 def generate(tmp_path, *flags, name="demo.png") -> tuple[int, Image.Image | None]:

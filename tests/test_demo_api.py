@@ -19,21 +19,9 @@ from flux_core.model_config import FLUX_DEV, ModelConfig, ModelFileError
 from flux_core.models.text_encoders import encode_prompt, t5_sequence_length_of
 from flux_core.pipeline import FluxImagePipeline
 from flux_core.text_conditioning import ClipT5Encoder
-from tests.tiny_demo import T5_LENGTH, write_demo_folder
+from tests.tiny_demo import T5_LENGTH, demo_folder, demo_here  # noqa: F401 (fixtures)
 
 PROMPT = "a red circle on a blue background"
-
-
-@pytest.fixture(scope="module")
-def demo_folder(tmp_path_factory):
-    return write_demo_folder(tmp_path_factory.mktemp("demo") / "models")
-
-
-@pytest.fixture
-def demo_here(demo_folder, monkeypatch):
-    """flux_core.demo's paths point at the demo-shaped folder."""
-    monkeypatch.setattr(demo, "MODELS_DIR", demo_folder)
-    return demo_folder
 
 
 @pytest.fixture(scope="module")

@@ -4,12 +4,15 @@ from the demo's prompts with a 32-token T5, CLIP-L / T5 single files, a BFL DiT 
 
     root = write_demo_folder(tmp_path / "models")
     monkeypatch.setattr(flux_core.demo, "MODELS_DIR", root)   # flux_core.demo's paths now point there
+
+or, in a test module, `from tests.tiny_demo import demo_folder, demo_here` and ask for the `demo_here` fixture.
 """
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
 from flux_core import demo
@@ -40,3 +43,15 @@ def write_demo_folder(root: Path, seed: int = 0) -> Path:
     lora.parent.mkdir(parents=True, exist_ok=True)
     lora.write_bytes(b"")   # present for missing_files(); from_demo does not load it
     return root
+
+
+@pytest.fixture(scope="module")
+def demo_folder(tmp_path_factory):
+    return write_demo_folder(tmp_path_factory.mktemp("demo") / "models")
+
+
+@pytest.fixture
+def demo_here(demo_folder, monkeypatch):
+    """flux_core.demo's paths point at the demo-shaped folder."""
+    monkeypatch.setattr(demo, "MODELS_DIR", demo_folder)
+    return demo_folder
