@@ -3,7 +3,6 @@ demo's models, size and dtype unless flags say otherwise, refused beside flags t
 when the installation lacks the demo files; and the real model's offline errors point at `--demo`."""
 from __future__ import annotations
 
-import pytest
 import torch
 from PIL import Image
 
