@@ -568,8 +568,9 @@ def demo_text_to_image(g: Graph) -> None:
 
 
 def demo_lora(g: Graph) -> None:
-    """The trainer node end to end on the demo model: a LoRA on the demo's striped circles (rank 8, 150 steps: well
-    under a minute on a CPU), then loaded (trained_lora) and drawn: a green circle on a white background, striped."""
+    """The trainer node end to end on the demo model: a LoRA on the demo's striped circles (rank 8, 1000 steps, as
+    flux_core.demo.build trains the shipped one: about a minute on a CPU), then loaded (trained_lora) and drawn: a
+    green circle on a white background, striped."""
     g.node("MarkdownNote", NOTES, [
         "## Train a LoRA on the demo model\n\nRuns as it is on any machine, nothing to download. Train FLUX LoRA "
         f"(FluxCore) trains on `{DEMO_DATASET}` (pictures of circles drawn with horizontal stripes and their "
@@ -585,7 +586,7 @@ def demo_lora(g: Graph) -> None:
     trainer = g.node("FluxCoreTrainLoRA", PROMPTS, [
         DEMO_FILES["dit"], DEMO_FILES["clip"], DEMO_FILES["t5"], DEMO_FILES["vae"], DEMO_DATASET,
         "my_demo_stripes", 8, 1e-3, 1, 1000, 1024 * 1024, 0, "", 0, False, False, True, 0, "fixed", 1,
-        150, "", 300],
+        1000, "", 300],
         size=[400, 640], title="Train the LoRA (float32 on a CPU, bf16 on a GPU)")
     lora = g.node("FluxCoreLoraLoader", CONDITIONING, [DEMO_LORA, 1.0], model=(model, 0), trained_lora=(trainer, 0))
     demo_finish(g, lora, te, vae, DEMO_LORA_PROMPT, 3, "FluxCore/demo_lora",

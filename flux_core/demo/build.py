@@ -1,6 +1,6 @@
 """Regenerate the bundled demo model from a seed: dataset, tokenizers, text encoders, VAE, DiT and the stripes LoRA.
 
-    python -m flux_core.demo.build                       # into flux_core/demo/models (+ datasets/), ~45 min, 2 cores
+    python -m flux_core.demo.build --threads 1           # into flux_core/demo/models (+ datasets/), ~30 min, 2 cores
     python -m flux_core.demo.build --out /tmp/demo --dit_steps 200 --vae_steps 50   # a quick, barely trained set
 
 Stages (each logged with its time into <out>/build_log.json):
@@ -9,7 +9,8 @@ Stages (each logged with its time into <out>/build_log.json):
    PNG files + metadata.csv in <work>/dataset (not shipped).
 2. tokenizers learned from the prompts' words (flux_core.demo.tokenizers; T5's model_max_length = --t5_length, the
    prompt length the DiT trains and generates with) and the text encoders: CLIP-L and T5 v1.1 at small widths,
-   random (seeded) and frozen: the DiT learns to read them. Written in ComfyUI's single-file layouts.
+   random (seeded; T5's position bias set to look at the neighbouring words, `look_at_neighbours`) and frozen: the
+   DiT learns to read them. Written in ComfyUI's single-file layouts.
 3. VAE: FLUX.1's autoencoder at small widths trained here as an autoencoder (pixel L1 + MSE, latent noise so the
    decoder tolerates the DiT's errors) on the dataset's pictures and striped ones (the LoRA's look must be
    decodable); its latent scale and shift measured on the dataset, into its config.json.
@@ -274,7 +275,7 @@ def main(argv: list[str] | None = None) -> None:
                    help="continue the DiT's training in <work>/dit_run from its newest checkpoint up to --dit_steps "
                         "(the trainer's resume: the same result as one uninterrupted run); the DiT file it started "
                         "from must still be in <out>/models")
-    p.add_argument("--lora_steps", type=int, default=150)
+    p.add_argument("--lora_steps", type=int, default=1000)
     p.add_argument("--t5_length", type=int, default=32, help="T5 tokens per prompt (the tokenizer's model_max_length)")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads of every stage (default: torch's, one per core); 1 when other work shares the cores")
