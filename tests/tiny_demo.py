@@ -9,15 +9,13 @@ or, in a test module, `from tests.tiny_demo import demo_folder, demo_here` and a
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 import torch
 
 from flux_core import demo
-from flux_core.demo.build import CLIP, T5, VAE, init_dit, write_text_encoders
-from lora_tools.io import write_state_dict
+from flux_core.demo.build import CLIP, T5, VAE, init_dit, write_text_encoders, write_vae
 
 T5_LENGTH = 32   # the demo tokenizer's model_max_length
 
@@ -34,11 +32,7 @@ def write_demo_folder(root: Path, seed: int = 0) -> Path:
     init_dit(paths["dit"].parent, CLIP["hidden_size"], T5["d_model"], seed)
     torch.manual_seed(seed)
     vae = FluxVAE(AutoEncoderParams(**VAE, scale_factor=1.0, shift_factor=0.0))
-    paths["vae"].parent.mkdir(parents=True, exist_ok=True)
-    write_state_dict(vae.state_dict(), paths["vae"])
-    (paths["vae"].parent / "config.json").write_text(json.dumps({
-        "_class_name": "AutoencoderKL", "latent_channels": 16, "norm_num_groups": VAE["norm_groups"],
-        "scaling_factor": 1.0, "shift_factor": 0.0}))
+    write_vae(paths["vae"].parent, vae.state_dict(), scale=1.0, shift=0.0)
     lora = root / demo.LORA_FILE
     lora.parent.mkdir(parents=True, exist_ok=True)
     lora.write_bytes(b"")   # present for missing_files(); from_demo does not load it

@@ -183,10 +183,15 @@ def train_vae(folder: Path, steps: int, seed: int) -> dict:
     # The encoder's second half (the log-variance) is not trained here and FluxCore never reads it: zero it.
     for name in ("encoder.conv_out.weight", "encoder.conv_out.bias"):
         sd[name][sd[name].shape[0] // 2:] = 0
-    write_state_dict(sd, folder / Path(FILES["vae"]).name)
+    write_vae(folder, sd, scale, shift)
+    return {"reconstruction_l1": round(error, 5), "scaling_factor": scale, "shift_factor": shift}
+
+
+def write_vae(folder: Path, state_dict: dict[str, torch.Tensor], scale: float, shift: float) -> None:
+    """The VAE file and the config.json its shapes cannot tell (GroupNorm groups, latent scale and shift)."""
+    write_state_dict(state_dict, folder / Path(FILES["vae"]).name)
     write_json({"_class_name": "AutoencoderKL", "latent_channels": 16, "norm_num_groups": VAE["norm_groups"],
                 "scaling_factor": round(scale, 6), "shift_factor": round(shift, 6)}, folder / "config.json")
-    return {"reconstruction_l1": round(error, 5), "scaling_factor": scale, "shift_factor": shift}
 
 
 # ------------------------------------------------------------------------------------------------ DiT
