@@ -219,7 +219,7 @@ def run_trainer(args: list[str]) -> None:
     command = [sys.executable, "-m", "flux_core.train", *args, "--progress_bar", "off"]
     log("running " + " ".join(command))
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    subprocess.run(command, check=True, env=env, stdout=subprocess.DEVNULL if os.environ.get("QUIET") else None)
+    subprocess.run(command, check=True, env=env)
 
 
 def newest_checkpoint(run: Path) -> Path:

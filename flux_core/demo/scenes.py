@@ -169,7 +169,7 @@ def agrees(image: Image.Image, scene: Scene, share: float = 0.5) -> bool:
 def stripe_strength(image: Image.Image, scene: Scene) -> float:
     """How striped a circle is: the standard deviation, in grey levels, of the brightness down the circle's middle
     (STRIPE_WINDOW rows either side of its position, which the smallest circle covers whatever its jitter). A flat
-    circle gives about 0; a drawn striped one 25 to 60 (its colour against its stripe shade)."""
+    circle gives 0; a drawn striped one 24 to 60 (its colour against its stripe shade)."""
     gray = np.asarray(image.convert("L"), dtype=np.float32)
     scale = image.width / SIZE
     cx, cy = (int(v * scale) for v in POSITIONS[scene.position])
