@@ -29,6 +29,7 @@ from . import demo
 from .download import DIT_FILES, NeededFile, download_models, layout_tree, needed_files
 from .dtypes import DTYPES, WEIGHT_DTYPES
 from .image import save_image, saving_format
+from .inputs import DEFAULT_SIZE
 from .messages import rename_parameters
 from .model_config import FLUX_DEV, ModelConfig
 
@@ -275,8 +276,6 @@ def _demo_problems(args) -> list[str]:
     """--demo: no flag that picks other model files beside it, and the demo files present in this installation."""
     if not args.demo:
         return []
-    from .pipeline import demo_files_missing_message
-
     given = [f"--{name.replace('_', '-')}" for name in MODEL_SOURCE_OPTIONS if getattr(args, name) is not None]
     problems = []
     if given:
@@ -285,14 +284,12 @@ def _demo_problems(args) -> list[str]:
                         f"out, or leave out --demo to run that model.")
     missing = demo.missing_files()
     if missing:
-        problems.append(demo_files_missing_message(missing))
+        problems.append(demo.missing_files_message(missing))
     return problems
 
 
 def image_size(args) -> tuple[int, int]:
     """(height, width): the flags', else the demo's trained size with --demo, else FLUX.1's 1024x1024."""
-    from .inputs import DEFAULT_SIZE
-
     default = (demo.HEIGHT, demo.WIDTH) if args.demo else DEFAULT_SIZE
     return (default[0] if args.height is None else args.height, default[1] if args.width is None else args.width)
 

@@ -24,8 +24,7 @@ from tqdm import tqdm
 
 from .run_cost import check_run_cost, controlnet_passes, dit_calls_per_step, image_tokens, ipadapter_kv_bytes
 from .image import pil_to_tensor, resize_to_multiple, tensor_to_pil
-from .inputs import DEFAULT_SIZE
-from .inputs import (check_callable, check_real, check_device, check_dit_tiling, check_cfg_scale, check_denoising_strength, check_embedded_guidance, check_image,
+from .inputs import (DEFAULT_SIZE, check_callable, check_real, check_device, check_dit_tiling, check_cfg_scale, check_denoising_strength, check_embedded_guidance, check_image,
                      check_images, check_negative_prompts, check_output_type, check_prompts,
                      check_rand_device, check_seed, check_sigma_shift, check_size, check_steps,
                      check_t5_sequence_length, check_tea_cache_threshold, check_tiling)
@@ -71,14 +70,6 @@ CHANNEL_IMAGES = ("flex_inpaint_image", "flex_inpaint_mask", "flex_control_image
 
 class KontextWithoutImageWarning(UserWarning):
     """A FLUX.1 Kontext DiT called without kontext_images (it then generates from the text alone)."""
-
-
-def demo_files_missing_message(missing: Sequence[str]) -> str:
-    """The error of a demo model whose files this installation lacks (an install that dropped package data)."""
-    return (f"FluxImagePipeline.from_demo(): the bundled demo model's files are missing from this installation: "
-            f"{', '.join(missing)}. Reinstall FluxCore with its package data (from a checkout: `pip install "
-            f"--force-reinstall .`; the ComfyUI node pack: update or clone it again), or regenerate them with "
-            f"`python -m flux_core.demo.build`.")
 
 
 def default_device() -> str:
@@ -190,7 +181,7 @@ class FluxImagePipeline:
         from . import demo
         missing = demo.missing_files()
         if missing:
-            raise ModelFileError(demo_files_missing_message(missing))
+            raise ModelFileError(demo.missing_files_message(missing))
         pipe = cls.from_pretrained(torch_dtype=torch_dtype, device=device, model_configs=demo.model_configs())
         pipe.default_size = (demo.HEIGHT, demo.WIDTH)
         return pipe

@@ -54,3 +54,11 @@ def model_configs():
     """The demo's ModelConfigs for FluxImagePipeline.from_pretrained (each states its kind)."""
     from ..model_config import ModelConfig
     return [ModelConfig(path=str(model_path(slot)), kind=slot) for slot in FILES]
+
+
+def missing_files_message(missing: list[str]) -> str:
+    """The error of a demo model whose files this installation lacks (an install that dropped package data)."""
+    return (f"FluxImagePipeline.from_demo(): the bundled demo model's files are missing from this installation: "
+            f"{', '.join(missing)}. Reinstall FluxCore with its package data (from a checkout: `pip install "
+            f"--force-reinstall .`; the ComfyUI node pack: update or clone it again), or regenerate them with "
+            f"`python -m flux_core.demo.build`.")
