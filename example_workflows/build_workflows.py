@@ -68,8 +68,8 @@ NEXUS_GEN_FILES = {"decoder": "generation_decoder.bin", "model": "Nexus-GenV2"}
 DEMO_FILES = {slot: Path(name).name for slot, name in demo.FILES.items()}
 DEMO_DATASET = demo.STRIPES_DATASET
 DEMO_LORA = Path(demo.LORA_FILE).name
-# The demo's prompts in the wording it was trained with (flux_core.demo.scenes): a plain one, and a circle the LoRA's
-# striped training set does not hold.
+# The demo's prompts in the wording it was trained with (flux_core.demo.scenes): a red circle, and a green circle for
+# the stripes LoRA (trained on striped circles).
 DEMO_PROMPT = Scene("circle", "red", "left", "blue").prompt()
 DEMO_LORA_PROMPT = Scene("circle", "green", "left", "white").prompt()
 INPUT_IMAGES = [EXAMPLE_IMAGE, INPAINT_IMAGE, REFERENCE_IMAGE, FACE_IMAGE, *ELIGEN_REGIONS]  # what the examples load

@@ -26,6 +26,7 @@ import warnings
 from pathlib import Path
 
 from . import demo
+from .demo import DEMO_COMMAND
 from .download import DIT_FILES, NeededFile, download_models, layout_tree, needed_files
 from .dtypes import DTYPES, WEIGHT_DTYPES
 from .image import save_image, saving_format
@@ -37,8 +38,6 @@ from .model_config import FLUX_DEV, ModelConfig
 MODEL_KINDS = ("dit", "clip", "t5", "vae")
 # The options that pick the model's files (argparse names): --demo brings its own, so they cannot go with it.
 MODEL_SOURCE_OPTIONS = ("model_id", "model_dir", "local_model_path", *MODEL_KINDS, "tokenizer", "tokenizer_2")
-DEMO_PROMPT = "a red circle on a blue background"
-DEMO_COMMAND = f'python -m flux_core generate --demo --prompt "{DEMO_PROMPT}" --output demo.png'
 DEFAULT_DTYPE, DEMO_DTYPE = "bfloat16", "float32"
 
 

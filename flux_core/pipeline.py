@@ -174,7 +174,7 @@ class FluxImagePipeline:
     def from_demo(cls, torch_dtype: torch.dtype = torch.float32, device: str | torch.device | None = None
                   ) -> "FluxImagePipeline":
         """The bundled demo model (flux_core.demo): FLUX.1's architecture at tiny widths, trained on coloured shapes
-        ("a red circle on the left, blue background"), shipped inside the package, so it runs offline in seconds on a
+        ("a red circle on the left on a blue background"), shipped inside the package, so it runs offline in seconds on a
         CPU. It loads through from_pretrained like any model (its tokenizers sit beside its text encoders); calls
         without height/width make its trained size (`pipe.default_size`: flux_core.demo.HEIGHT x WIDTH), and its
         T5 tokenizer says how many T5 tokens it was trained with (32)."""

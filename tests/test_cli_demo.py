@@ -42,16 +42,17 @@ def test_demo_follows_size_dtype_and_t5_flags(demo_here, tmp_path, monkeypatch, 
     assert image.size == (48, 32)
     args = build_parser().parse_args(["generate", "--demo", "--prompt", "x", "--dtype", "bfloat16"])
     assert build_pipeline(args).dit.img_in.weight.dtype == torch.bfloat16
-    lengths = []
-    call = FluxImagePipeline.__call__
+    lengths = []   # T5 tokens in each encoded prompt (one positive branch per run at cfg 1)
+    encode_with = FluxImagePipeline.encode_with
 
-    def record(pipe, **kwargs):
-        lengths.append((kwargs["t5_sequence_length"], pipe.t5_sequence_length(kwargs["t5_sequence_length"])))
-        return call(pipe, **kwargs)
-    monkeypatch.setattr(FluxImagePipeline, "__call__", record)
+    def record(pipe, encoder, prompts, branch):
+        out = encode_with(pipe, encoder, prompts, branch)
+        lengths.append(out.prompt_emb.shape[1])
+        return out
+    monkeypatch.setattr(FluxImagePipeline, "encode_with", record)
     assert generate(tmp_path, "--height", "32", "--width", "32")[0] == 0
     assert generate(tmp_path, "--height", "32", "--width", "32", "--t5-sequence-length", "16")[0] == 0
-    assert lengths == [(None, 32), (16, 16)]   # left out: the demo tokenizer's 32
+    assert lengths == [32, 16]   # left out: the demo tokenizer's 32
 
 
 def test_demo_with_model_flags_is_refused_naming_them(demo_here, tmp_path, monkeypatch, capsys):

@@ -145,15 +145,18 @@ def test_from_demo_names_every_missing_file(demo_folder, tmp_path, monkeypatch):
     with pytest.raises(ModelFileError) as e:
         FluxImagePipeline.from_demo()
     message = str(e.value)
-    assert all(path in message for path in demo.missing_files()) and len(demo.missing_files()) == 7
+    assert all(path in message for path in demo.missing_files()) and len(demo.missing_files()) == 9
     assert "pip install --force-reinstall ." in message and "python -m flux_core.demo.build" in message
     partial = tmp_path / "partial"
     shutil.copytree(demo_folder, partial)
     (partial / demo.FILES["vae"]).unlink()
+    dit_config = (partial / demo.FILES["dit"]).parent / "config.json"   # its RoPE axes: without it the load fails
+    dit_config.unlink()
     monkeypatch.setattr(demo, "MODELS_DIR", partial)
     with pytest.raises(ModelFileError, match="missing from this installation") as e:
         FluxImagePipeline.from_demo()
-    assert str(partial / demo.FILES["vae"]) in str(e.value) and demo.FILES["dit"] not in str(e.value)
+    assert str(partial / demo.FILES["vae"]) in str(e.value) and str(dit_config) in str(e.value)
+    assert demo.FILES["dit"] not in str(e.value)
 
 
 # ------------------------------------------------------------------------------------------------ hints

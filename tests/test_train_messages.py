@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from flux_core.demo import DEMO_COMMAND
 from flux_core.messages import python_name, rename_parameters
 from flux_core.train.__main__ import main
 from flux_core.train.args import TrainError, parse_args
@@ -101,6 +102,7 @@ def test_missing_files_name_entries_the_environment_and_keep_every_path(setup, o
                f"{offline / 'black-forest-labs/FLUX.1-dev'}; $DIFFSYNTH_SKIP_DOWNLOAD is set, so nothing was " \
                f"downloaded." in line
         assert "give local files in --model_paths, or set $DIFFSYNTH_MODEL_BASE_PATH to the folder" in line
+    assert lines[-1] == f"To see FluxCore work without any download, try the bundled demo model: `{DEMO_COMMAND}`."
     assert_no_python_names(message, setup.tricky, offline)
 
 

@@ -21,7 +21,7 @@ T5_LENGTH = 32   # the demo tokenizer's model_max_length
 
 
 def write_demo_folder(root: Path, seed: int = 0) -> Path:
-    """Every file flux_core.demo.FILES names (and the LoRA and tokenizer folders missing_files() looks for) under
+    """Every file flux_core.demo.FILES names (and the LoRA, configs and tokenizers missing_files() looks for) under
     `root`, laid out as flux_core/demo/models is."""
     from flux_core.models.vae import AutoEncoderParams, FluxVAE
 

@@ -27,6 +27,8 @@ FILES = {"dit": "diffusion_models/fluxcore_demo_dit.safetensors",
          "t5": "text_encoders/fluxcore_demo_t5.safetensors"}
 LORA_FILE = "loras/fluxcore_demo_stripes.safetensors"
 STRIPES_DATASET = "fluxcore_demo_stripes"
+# The command line that shows FluxCore working with nothing downloaded (offline errors name it).
+DEMO_COMMAND = 'python -m flux_core generate --demo --prompt "a red circle on a blue background" --output demo.png'
 # The size the demo DiT was trained at (flux_core.demo.scenes.SIZE): its pictures at other sizes are not trained.
 HEIGHT = WIDTH = 128
 
@@ -45,8 +47,10 @@ def stripes_dataset() -> Path:
 
 def missing_files() -> list[str]:
     """The demo files this installation lacks (an install that dropped package data), as paths."""
-    wanted = [model_path(slot) for slot in FILES] + [lora_path(), MODELS_DIR / "text_encoders" / "tokenizer",
-                                                     MODELS_DIR / "text_encoders" / "tokenizer_2"]
+    text = MODELS_DIR / "text_encoders"
+    wanted = [model_path(slot) for slot in FILES] + [
+        lora_path(), model_path("dit").parent / "config.json", model_path("vae").parent / "config.json",
+        text / "tokenizer" / "tokenizer_config.json", text / "tokenizer_2" / "tokenizer_config.json"]
     return [str(p) for p in wanted if not p.exists()]
 
 

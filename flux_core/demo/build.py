@@ -81,9 +81,9 @@ def write_dataset(folder: Path, scenes: list[Scene], per_scene: int, rng: random
 
 
 def corpus() -> str:
-    """Every word a training prompt can hold (commas apart)."""
+    """Every word a training prompt can hold."""
     from .scenes import COLOURS, POSITION_WORDS, SHAPES
-    words = TEMPLATE.replace(",", " ").replace("{colour}", " ").replace("{shape}", " ")
+    words = TEMPLATE.replace("{colour}", " ").replace("{shape}", " ")
     words = words.replace("{where}", " ").replace("{background}", " ")
     return " ".join([words, *SHAPES, *COLOURS, *POSITION_WORDS.values()])
 
@@ -265,6 +265,12 @@ def train_lora(models: Path, dataset: Path, work: Path, steps: int, seed: int, t
 
 # ------------------------------------------------------------------------------------------------ main
 
+# The arguments each stage reads (recorded with its time in build_log.json).
+STAGE_ARGUMENTS = {"dataset": ("seed", "images_per_scene"), "text": ("seed", "t5_length"),
+                   "vae": ("seed", "vae_steps"), "dit": ("seed", "dit_steps", "t5_length", "resume"),
+                   "lora": ("seed", "lora_steps", "t5_length")}
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m flux_core.demo.build", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default=str(MODELS_DIR.parent), help="folder receiving models/ and datasets/ "
@@ -293,10 +299,11 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
         os.environ["OMP_NUM_THREADS"] = str(args.threads)   # the trainer's processes
     log_path = out / "build_log.json"
+    # A partial rebuild (--stages) updates its stages' entries and keeps the others', so each stage records the
+    # arguments it ran with beside its time.
     record = json.loads(log_path.read_text()) if log_path.is_file() else {}
-    record.update({"seed": args.seed, "arguments": vars(args), "torch": torch.__version__,
-                   "threads": torch.get_num_threads()})
     record.setdefault("seconds", {})
+    record.setdefault("stages", {})
 
     def stage(name: str, fn) -> None:
         if name not in stages:
@@ -307,6 +314,8 @@ def main(argv: list[str] | None = None) -> None:
         if name == "dit" and args.resume:   # the interrupted run's time counts too
             elapsed += record["seconds"].get(name, 0.0)
         record["seconds"][name] = round(elapsed, 1)
+        record["stages"][name] = {"arguments": {key: getattr(args, key) for key in STAGE_ARGUMENTS[name]},
+                                  "torch": torch.__version__, "threads": torch.get_num_threads()}
         if isinstance(result, dict):
             record[name] = result
         log(f"{name}: {record['seconds'][name]} s")

@@ -36,9 +36,10 @@ JITTER = 4                 # pixels the centre moves around its position
 STRIPE_PERIOD = 16         # pixels per stripe pair (the demo LoRA's look): 8-pixel stripes, one latent pixel each;
                            # 4-pixel ones were lost by the demo VAE (a latent pixel spans 8)
 STRIPE_WINDOW = RADIUS[0] - JITTER - 2   # rows either side of a circle's position that stay inside it
-# Measurement: the shape's region is a disc around its position that every shape covers whatever its size
-# (a star's inner radius is 0.45 x its outer one, over 9 pixels, minus the jitter); the background is everything
-# farther than any shape reaches (27 + 4 pixels, with a margin).
+# Measurement: the shape's region is a small disc around its position that every shape covers for the most part
+# (a star's inner radius is 0.45 x its outer one, 9 pixels or more, minus up to 5.7 pixels of diagonal jitter:
+# `agrees` asks for more than half of the disc); the background is everything farther than any shape reaches
+# (27 + 4 pixels, with a margin).
 SHAPE_REGION_RADIUS = 6
 BACKGROUND_MIN_DISTANCE = 38
 
@@ -62,7 +63,7 @@ class Scene:
         where = POSITION_WORDS[self.position] if self.position != "center" or say_center else ""
         text = TEMPLATE.format(colour=self.colour, shape=self.shape, where=where,
                                           background=self.background)
-        return " ".join(text.replace(" ,", ",").split())
+        return " ".join(text.split())
 
 
 def all_scenes() -> list[Scene]:

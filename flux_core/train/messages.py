@@ -12,6 +12,7 @@ import re
 from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
 
+from ..demo import DEMO_COMMAND
 from ..messages import path_forms, python_name, rename_parameters
 from ..model_config import DEFAULT_LOCAL_MODEL_PATH, ENV_MODEL_BASE_PATH, ENV_SKIP_DOWNLOAD
 
@@ -63,6 +64,7 @@ def trainer_message(message: str, entries: Sequence[ModelEntry], protected_value
 
     table = [
         (r"^from_pretrained: ", ""),
+        (re.escape("FluxImagePipeline.from_demo()"), lambda m: f"`{DEMO_COMMAND}`"),
         (r"(\d+) of (\d+) model_configs name files", rf"\1 of \2 entries of {flags} name files"),
         (r"(?<![\w./\\])model_configs\[(\d+(?:, *\d+)*)\]", configs),
         (r"ModelConfig\(path=\.\.\.\): ", ""),
