@@ -297,4 +297,11 @@ def test_example_workflow_runs_as_shipped_in_comfyui(server, standalone, path):
     with Image.open(standalone["output"] / mine["subfolder"] / mine["filename"]) as im:
         want = np.asarray(im.convert("RGB"), dtype=np.int16)
     # Equal computations in float32 on the same files; 2 levels allow for 8-bit rounding of values at a .5 edge.
-    assert np.abs(got - want).max() <= 2, f"{path.name}: ComfyUI and standalone images differ"
+    # The FLUX.1-Fill example encodes and decodes with ComfyUI's own VAE classes in ComfyUI (VAELoader) and with
+    # FluxCore's VAE standalone: two implementations' float32 rounding, carried through the sampler, measured at
+    # most 1 level (mean 0.02) with 2 threads and 3 (mean 0.06, 2 pixels of 786432 at 3) with one.
+    difference = np.abs(got - want)
+    if path.stem == "fluxcore_flux_fill":
+        assert difference.max() <= 4 and difference.mean() <= 0.1, (path.name, difference.max(), difference.mean())
+    else:
+        assert difference.max() <= 2, f"{path.name}: ComfyUI and standalone images differ"
