@@ -11,7 +11,7 @@ from flux_core.__main__ import DEMO_COMMAND, build_parser, build_pipeline, main
 from flux_core.model_config import download_from_modelscope as real_download  # tests.offline replaces it
 from flux_core.pipeline import FluxImagePipeline
 from tests.offline import no_network  # noqa: F401 (autouse: no download in these tests)
-from tests.tiny_demo import demo_folder, demo_here  # noqa: F401 (fixtures)
+from tests.tiny_demo import demo_folder, demo_here, recorded_t5_lengths  # noqa: F401 (fixtures)
 
 FAST = ["--steps", "1", "--device", "cpu", "--seed", "0"]
 
@@ -42,14 +42,7 @@ def test_demo_follows_size_dtype_and_t5_flags(demo_here, tmp_path, monkeypatch, 
     assert image.size == (48, 32)
     args = build_parser().parse_args(["generate", "--demo", "--prompt", "x", "--dtype", "bfloat16"])
     assert build_pipeline(args).dit.img_in.weight.dtype == torch.bfloat16
-    lengths = []   # T5 tokens in each encoded prompt (one positive branch per run at cfg 1)
-    encode_with = FluxImagePipeline.encode_with
-
-    def record(pipe, encoder, prompts, branch):
-        out = encode_with(pipe, encoder, prompts, branch)
-        lengths.append(out.prompt_emb.shape[1])
-        return out
-    monkeypatch.setattr(FluxImagePipeline, "encode_with", record)
+    lengths = recorded_t5_lengths(monkeypatch)   # one positive branch per run at cfg 1
     assert generate(tmp_path, "--height", "32", "--width", "32")[0] == 0
     assert generate(tmp_path, "--height", "32", "--width", "32", "--t5-sequence-length", "16")[0] == 0
     assert lengths == [32, 16]   # left out: the demo tokenizer's 32

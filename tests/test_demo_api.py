@@ -19,7 +19,7 @@ from flux_core.model_config import FLUX_DEV, ModelConfig, ModelFileError
 from flux_core.models.text_encoders import encode_prompt, t5_sequence_length_of
 from flux_core.pipeline import FluxImagePipeline
 from flux_core.text_conditioning import ClipT5Encoder
-from tests.tiny_demo import T5_LENGTH, demo_folder, demo_here  # noqa: F401 (fixtures)
+from tests.tiny_demo import T5_LENGTH, demo_folder, demo_here, recorded_t5_lengths  # noqa: F401 (fixtures)
 
 PROMPT = "a red circle on a blue background"
 
@@ -33,19 +33,6 @@ def pipe(demo_folder):
 
 def t5_tokenizer(folder, model_max_length):
     return T5TokenizerFast.from_pretrained(str(write_t5_tokenizer(folder, t5_pieces(PROMPT), model_max_length)))
-
-
-def recorded_conditioning(pipe, monkeypatch) -> list:
-    """The text-token count of every conditioning the pipeline encodes from now on."""
-    lengths = []
-    encode_with = pipe.encode_with
-
-    def record(encoder, prompts, branch):
-        out = encode_with(encoder, prompts, branch)
-        lengths.append(out.prompt_emb.shape[1])
-        return out
-    monkeypatch.setattr(pipe, "encode_with", record)
-    return lengths
 
 
 def recorded_costs(monkeypatch) -> list:
@@ -94,7 +81,7 @@ def test_encode_prompt_and_encoder_pad_to_the_tokenizers_length(pipe, tmp_path):
 
 
 def test_a_call_without_t5_sequence_length_uses_the_tokenizers(pipe, monkeypatch):
-    lengths, costs = recorded_conditioning(pipe, monkeypatch), recorded_costs(monkeypatch)
+    lengths, costs = recorded_t5_lengths(monkeypatch), recorded_costs(monkeypatch)
     run = dict(prompt=PROMPT, height=32, width=32, num_inference_steps=1, seed=0, output_type="latent",
                progress_bar_cmd=None)
     pipe(**run)

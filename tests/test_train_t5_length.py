@@ -10,9 +10,8 @@ import pytest
 from PIL import Image
 
 from flux_core import demo
-from flux_core.pipeline import FluxImagePipeline
 from flux_core.train.__main__ import main
-from tests.tiny_demo import T5_LENGTH, write_demo_folder
+from tests.tiny_demo import T5_LENGTH, recorded_t5_lengths, write_demo_folder
 
 
 @pytest.fixture(scope="module")
@@ -41,14 +40,7 @@ def argv(world, output, *extra):
 
 @pytest.mark.parametrize("flags, length", [((), T5_LENGTH), (("--t5_sequence_length", "16"), 16)])
 def test_training_uses_the_tokenizers_t5_length_unless_given(world, tmp_path, monkeypatch, flags, length):
-    lengths = []
-    encode_with = FluxImagePipeline.encode_with
-
-    def record(pipe, encoder, prompts, branch):
-        out = encode_with(pipe, encoder, prompts, branch)
-        lengths.append(out.prompt_emb.shape[1])
-        return out
-    monkeypatch.setattr(FluxImagePipeline, "encode_with", record)
+    lengths = recorded_t5_lengths(monkeypatch)
     output = tmp_path / "run"
     assert main(argv(world, output, *flags)) == 0
     assert len(lengths) >= 2 and set(lengths) == {length}   # the caption of the step and the validation image

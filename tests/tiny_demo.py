@@ -16,6 +16,7 @@ import torch
 
 from flux_core import demo
 from flux_core.demo.build import CLIP, T5, VAE, init_dit, write_text_encoders, write_vae
+from flux_core.pipeline import FluxImagePipeline
 
 T5_LENGTH = 32   # the demo tokenizer's model_max_length
 
@@ -49,3 +50,16 @@ def demo_here(demo_folder, monkeypatch):
     """flux_core.demo's paths point at the demo-shaped folder."""
     monkeypatch.setattr(demo, "MODELS_DIR", demo_folder)
     return demo_folder
+
+
+def recorded_t5_lengths(monkeypatch) -> list[int]:
+    """The T5 token count of every conditioning a FluxImagePipeline encodes from now on (each prompt branch)."""
+    lengths = []
+    encode_with = FluxImagePipeline.encode_with
+
+    def record(pipe, encoder, prompts, branch):
+        out = encode_with(pipe, encoder, prompts, branch)
+        lengths.append(out.prompt_emb.shape[1])
+        return out
+    monkeypatch.setattr(FluxImagePipeline, "encode_with", record)
+    return lengths
