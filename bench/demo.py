@@ -30,17 +30,13 @@ sys.path.insert(0, str(ROOT))
 from flux_core import demo  # noqa: E402
 
 MB = 1e6
-PROMPT = "a red circle on a blue background"
 
 
 def package_files() -> dict[str, int]:
     """{path relative to flux_core/demo: bytes} of every shipped demo file (models and datasets)."""
     here = demo.MODELS_DIR.parent
-    files = {}
-    for folder in (demo.MODELS_DIR, demo.DATASETS_DIR):
-        for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-            files[path.relative_to(here).as_posix() if path.is_relative_to(here) else str(path)] = path.stat().st_size
-    return files
+    return {path.relative_to(here).as_posix() if path.is_relative_to(here) else str(path): path.stat().st_size
+            for path in demo.shipped_files()}
 
 
 def size_report(files: dict[str, int]) -> tuple[list[str], dict[str, int]]:
@@ -67,7 +63,7 @@ def parse(argv: list[str] | None):
     ap.add_argument("--steps", type=int, default=30, help="denoising steps per image (the pipeline's default)")
     ap.add_argument("--runs", type=int, default=3, help="steady-state images timed after the first")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    ap.add_argument("--prompt", default=PROMPT)
+    ap.add_argument("--prompt", default=demo.PROMPT)
     ap.add_argument("--seed", type=int, default=0)
     return ap.parse_args(argv)
 
@@ -81,7 +77,7 @@ def main(argv: list[str] | None = None) -> dict:
         torch.set_num_threads(args.threads)
     missing = demo.missing_files()
     if missing:
-        raise SystemExit(f"the demo files are missing: {', '.join(missing)}; run `python -m flux_core.demo.build`.")
+        raise SystemExit(demo.missing_files_message(missing))
     files = package_files()
     lines, rows = size_report(files)
     print("Demo model package size (flux_core/demo/models and datasets):")

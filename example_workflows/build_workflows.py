@@ -194,14 +194,14 @@ def load_image(g: Graph, title: str | None = None) -> int:
 
 
 def finish(g: Graph, model, positive, negative, latent, vae, seed, control, denoise, prefix, x=CONDITIONING,
-           tiled=False, cfg=1.0):
+           tiled=False, cfg=1.0, steps=28, save_size=(520, 560)):
     """Sampler, decode and save; `tiled`: the DiT and the decode in 1024-px tiles (128 latent pixels, stride 64).
     positive / negative: a node id (its output 0) or (node id, output slot)."""
     positive, negative = (c if isinstance(c, tuple) else (c, 0) for c in (positive, negative))
-    sampler = g.node("FluxCoreSampler", x, [seed, control, 28, cfg, -1.0, 3.0, denoise, tiled, 128, 64, False],
+    sampler = g.node("FluxCoreSampler", x, [seed, control, steps, cfg, -1.0, 3.0, denoise, tiled, 128, 64, False],
                      model=(model, 0), positive=positive, negative=negative, latent_image=(latent, 0))
     image = g.node("FluxCoreVAEDecode", x, [tiled, 128, 64], samples=(sampler, 0), vae=vae)
-    g.node("SaveImage", x + 380, [prefix], size=[520, 560], images=(image, 0))
+    g.node("SaveImage", x + 380, [prefix], size=list(save_size), images=(image, 0))
 
 
 def text_to_image(g: Graph) -> None:
@@ -550,15 +550,10 @@ def demo_loaders(g: Graph) -> tuple[int, int, int]:
 
 def demo_finish(g: Graph, model, text_encoders, vae, text: str, seed: int, prefix: str, x=CONDITIONING) -> None:
     """The demo's prompt (T5 length 0: its tokenizer's 32), an empty negative, 128x128, 30 steps, cfg 1."""
-    positive = g.node("FluxCoreTextEncode", PROMPTS, [text, 3.5, 0], size=[400, 200], title="Prompt",
-                      text_encoders=(text_encoders, 0))
-    negative = g.node("FluxCoreTextEncode", PROMPTS, ["", 3.5, 0], size=[400, 160],
-                      title="Negative prompt (used when cfg > 1)", text_encoders=(text_encoders, 0))
+    positive, negative = prompts(g, text_encoders, text, 3.5)
     latent = g.node("FluxCoreEmptyLatent", PROMPTS, [demo.WIDTH, demo.HEIGHT, 1])
-    sampler = g.node("FluxCoreSampler", x, [seed, "randomize", 30, 1.0, -1.0, 3.0, 1.0, False, 128, 64, False],
-                     model=(model, 0), positive=(positive, 0), negative=(negative, 0), latent_image=(latent, 0))
-    image = g.node("FluxCoreVAEDecode", x, [False, 128, 64], samples=(sampler, 0), vae=(vae, 0))
-    g.node("SaveImage", x + 380, [prefix], size=[320, 380], images=(image, 0))
+    finish(g, model, positive, negative, latent, (vae, 0), seed, "randomize", 1.0, prefix, x=x, steps=30,
+           save_size=(320, 380))
 
 
 def demo_text_to_image(g: Graph) -> None:

@@ -32,8 +32,9 @@ MODEL_EXTENSIONS = (".safetensors", ".sft", ".bin", ".pt", ".pth", ".ckpt", ".gg
 # Files FluxCore reads that ComfyUI's own listing of a folder leaves out (its extension list has no .gguf; the
 # folder's registration is not changed, so native loaders never offer a file they cannot read).
 EXTRA_EXTENSIONS = {"diffusion_models": (".gguf",)}
-# The model folders of the bundled demo model (flux_core.demo.MODELS_DIR/<name>), registered as extra paths.
-DEMO_FOLDERS = ("diffusion_models", "vae", "text_encoders", "loras")
+# The model folders of the bundled demo model (flux_core.demo.MODELS_DIR/<name>: the first part of each of its
+# files' paths), registered as extra paths.
+DEMO_FOLDERS = tuple(dict.fromkeys(Path(name).parts[0] for name in (*demo.FILES.values(), demo.LORA_FILE)))
 # Standalone stand-in for ComfyUI's extra model paths: folder name -> folders read after models_dir()/<name>. Empty,
 # so a test sees exactly its own files; a test of the demo puts demo_folders() here, as register_demo_folders does
 # inside ComfyUI.

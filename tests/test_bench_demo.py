@@ -25,7 +25,7 @@ def bench():
 
 def test_demo_bench_runs_in_one_step(bench, capsys):
     result = bench.main(["--steps", "1", "--runs", "1", "--threads", "1"])
-    shipped = [p for folder in (demo.MODELS_DIR, demo.DATASETS_DIR) for p in folder.rglob("*") if p.is_file()]
+    shipped = demo.shipped_files()
     assert len(result["files"]) == len(shipped) and result["total_bytes"] == sum(p.stat().st_size for p in shipped)
     assert sum(result["rows"].values()) == result["total_bytes"]
     for slot in demo.FILES:   # each model file has its own row

@@ -75,8 +75,7 @@ def test_the_stripes_lora_draws_stripes_at_strength_one_and_nothing_at_zero(pipe
 
 
 def test_the_demo_files_fit_the_package_budget():
-    files = [p for folder in (demo.MODELS_DIR, demo.DATASETS_DIR) for p in folder.rglob("*") if p.is_file()]
-    assert sum(p.stat().st_size for p in files) <= 25e6   # the "at most 25 MB in all"
+    assert sum(p.stat().st_size for p in demo.shipped_files()) <= 25e6   # the "at most 25 MB in all"
     assert not demo.missing_files()
 
 

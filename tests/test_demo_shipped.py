@@ -56,6 +56,6 @@ def test_package_data_covers_every_shipped_demo_file():
     setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
     patterns = setuptools["package-data"]["flux_core.demo"]
     here = demo.MODELS_DIR.parent
-    shipped = {p for folder in (demo.MODELS_DIR, demo.DATASETS_DIR) for p in folder.rglob("*") if p.is_file()}
+    shipped = set(demo.shipped_files())
     covered = {p for pattern in patterns for p in here.glob(pattern) if p.is_file()}
     assert shipped and shipped <= covered, sorted(str(p) for p in shipped - covered)

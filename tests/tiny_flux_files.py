@@ -14,10 +14,9 @@ the text-encoder loader node and FluxImagePipeline both look for them.
 """
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
-
-import json
 
 import torch
 from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel

@@ -27,8 +27,9 @@ FILES = {"dit": "diffusion_models/fluxcore_demo_dit.safetensors",
          "t5": "text_encoders/fluxcore_demo_t5.safetensors"}
 LORA_FILE = "loras/fluxcore_demo_stripes.safetensors"
 STRIPES_DATASET = "fluxcore_demo_stripes"
-# The command line that shows FluxCore working with nothing downloaded (offline errors name it).
-DEMO_COMMAND = 'python -m flux_core generate --demo --prompt "a red circle on a blue background" --output demo.png'
+# The prompt and command line that show FluxCore working with nothing downloaded (README; offline errors name it).
+PROMPT = "a red circle on a blue background"
+DEMO_COMMAND = f'python -m flux_core generate --demo --prompt "{PROMPT}" --output demo.png'
 # The size the demo DiT was trained at (flux_core.demo.scenes.SIZE): its pictures at other sizes are not trained.
 HEIGHT = WIDTH = 128
 
@@ -43,6 +44,11 @@ def lora_path() -> Path:
 
 def stripes_dataset() -> Path:
     return DATASETS_DIR / STRIPES_DATASET
+
+
+def shipped_files() -> list[Path]:
+    """Every file the package ships for the demo: the models and the datasets (pyproject's package-data)."""
+    return sorted(p for folder in (MODELS_DIR, DATASETS_DIR) for p in folder.rglob("*") if p.is_file())
 
 
 def missing_files() -> list[str]:

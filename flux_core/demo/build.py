@@ -40,7 +40,7 @@ from safetensors.torch import load_file
 from lora_tools.io import atomic_write, write_state_dict
 
 from . import FILES, LORA_FILE, MODELS_DIR, STRIPES_DATASET
-from .scenes import SIZE, TEMPLATE, Scene, draw, training_scenes
+from .scenes import COLOURS, POSITION_WORDS, SHAPES, SIZE, TEMPLATE, Scene, draw, training_scenes
 from .tokenizers import t5_pieces, write_clip_tokenizer, write_t5_tokenizer
 
 # Sizes. The DiT: 2 heads of 64 (RoPE axes 8/28/28 over FLUX's 3 position axes), 3 double + 3 single blocks.
@@ -82,9 +82,7 @@ def write_dataset(folder: Path, scenes: list[Scene], per_scene: int, rng: random
 
 def corpus() -> str:
     """Every word a training prompt can hold."""
-    from .scenes import COLOURS, POSITION_WORDS, SHAPES
-    words = TEMPLATE.replace("{colour}", " ").replace("{shape}", " ")
-    words = words.replace("{where}", " ").replace("{background}", " ")
+    words = TEMPLATE.format(colour="", shape="", where="", background="")
     return " ".join([words, *SHAPES, *COLOURS, *POSITION_WORDS.values()])
 
 
@@ -229,23 +227,24 @@ def newest_checkpoint(run: Path) -> Path:
     return files[-1]
 
 
-def model_paths(models: Path, slots: tuple[str, ...] = ("dit", "vae", "clip", "t5")) -> str:
-    return json.dumps([str(models / FILES[slot]) for slot in slots])
-
-
-def tokenizer_args(models: Path) -> list[str]:
+def trainer_args(models: Path, dataset: Path, run: Path, steps: int, save_steps: int, seed: int,
+                 t5_length: int) -> list[str]:
+    """What the DiT's and the LoRA's training runs share: the demo's files and tokenizers, its size, float32,
+    learning rate 1e-3, and the dataset repeated so `steps` optimizer steps fit in one epoch."""
     text = models / "text_encoders"
-    return ["--tokenizer_1_path", str(text / "tokenizer"), "--tokenizer_2_path", str(text / "tokenizer_2")]
+    return ["--dataset_base_path", str(dataset),
+            "--model_paths", json.dumps([str(models / FILES[slot]) for slot in ("dit", "vae", "clip", "t5")]),
+            "--tokenizer_1_path", str(text / "tokenizer"), "--tokenizer_2_path", str(text / "tokenizer_2"),
+            "--height", str(SIZE), "--width", str(SIZE), "--torch_dtype", "float32", "--learning_rate", "1e-3",
+            "--dataset_repeat", "1000", "--max_steps", str(steps), "--save_steps", str(save_steps),
+            "--t5_sequence_length", str(t5_length), "--seed", str(seed), "--output_path", str(run)]
 
 
 def train_dit(models: Path, dataset: Path, work: Path, steps: int, seed: int, t5_length: int, save_steps: int,
               resume: bool = False) -> None:
     run = work / "dit_run"
-    run_trainer(["--dataset_base_path", str(dataset), "--model_paths", model_paths(models), *tokenizer_args(models),
-                 "--trainable_models", "dit", "--height", str(SIZE), "--width", str(SIZE), "--torch_dtype", "float32",
-                 "--learning_rate", "1e-3", "--weight_decay", "0", "--gradient_accumulation_steps", "4",
-                 "--dataset_repeat", "1000", "--max_steps", str(steps), "--save_steps", str(save_steps),
-                 "--t5_sequence_length", str(t5_length), "--seed", str(seed), "--output_path", str(run),
+    run_trainer([*trainer_args(models, dataset, run, steps, save_steps, seed, t5_length),
+                 "--trainable_models", "dit", "--weight_decay", "0", "--gradient_accumulation_steps", "4",
                  "--resume" if resume else "--overwrite"])
     trained = load_file(str(newest_checkpoint(run)))
     write_state_dict(trained, models / FILES["dit"])
@@ -253,11 +252,8 @@ def train_dit(models: Path, dataset: Path, work: Path, steps: int, seed: int, t5
 
 def train_lora(models: Path, dataset: Path, work: Path, steps: int, seed: int, t5_length: int) -> None:
     run = work / "lora_run"
-    run_trainer(["--dataset_base_path", str(dataset), "--model_paths", model_paths(models), *tokenizer_args(models),
-                 "--lora_base_model", "dit", "--lora_rank", "8", "--height", str(SIZE), "--width", str(SIZE),
-                 "--torch_dtype", "float32", "--learning_rate", "1e-3", "--dataset_repeat", "1000",
-                 "--max_steps", str(steps), "--save_steps", str(steps), "--t5_sequence_length", str(t5_length),
-                 "--seed", str(seed), "--output_path", str(run), "--overwrite"])
+    run_trainer([*trainer_args(models, dataset, run, steps, steps, seed, t5_length),
+                 "--lora_base_model", "dit", "--lora_rank", "8", "--overwrite"])
     target = models / LORA_FILE
     target.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(newest_checkpoint(run), target)

@@ -1,5 +1,5 @@
 """Does the demo draw what its prompt says? Generates one picture per held-out scene and measures each
-(flux_core.demo.scenes.agrees): the acceptance test, the build's log and bench/demo.py all ask it this way.
+(flux_core.demo.scenes.agrees), as the acceptance test (tests/test_demo_quality.py) asks it.
 
     pipe = FluxImagePipeline.from_demo()
     result = prompt_agreement(pipe)              # the held-out scenes, their prompts
