@@ -2,23 +2,16 @@
 steps agree (the bench refuses to time otherwise) and it returns every number it prints. No timing is asserted."""
 from __future__ import annotations
 
-import importlib
 import math
-import sys
-from pathlib import Path
 
 import pytest
-
-BENCH = Path(__file__).resolve().parents[1] / "bench"
+from tests.bench_scripts import bench_script
 
 
 @pytest.fixture(scope="module")
 def bench():
-    sys.path.insert(0, str(BENCH))  # the bench scripts import their helpers as `_measure`
-    try:
-        yield importlib.import_module("controlnet_step")
-    finally:
-        sys.path.remove(str(BENCH))
+    with bench_script("controlnet_step") as module:
+        yield module
 
 
 TINY = ["--heads", "1", "--blocks", "2", "4", "--union-blocks", "1", "2", "--upscaler-blocks", "1", "0",

@@ -2,25 +2,18 @@
 the files on disk and covers every shipped demo file, and it returns every number it prints. No timing is asserted."""
 from __future__ import annotations
 
-import importlib
 import math
-import sys
-from pathlib import Path
 
 import pytest
 
 from flux_core import demo
-
-BENCH = Path(__file__).resolve().parents[1] / "bench"
+from tests.bench_scripts import bench_script
 
 
 @pytest.fixture(scope="module")
 def bench():
-    sys.path.insert(0, str(BENCH))  # the bench scripts import their helpers as `_measure`
-    try:
-        yield importlib.import_module("demo")
-    finally:
-        sys.path.remove(str(BENCH))
+    with bench_script("demo") as module:
+        yield module
 
 
 def test_demo_bench_runs_in_one_step(bench, capsys):

@@ -3,24 +3,18 @@ pipeline binds it and moves the output (the bench refuses to time otherwise), th
 and it returns every number it prints. No timing is asserted."""
 from __future__ import annotations
 
-import importlib
 import math
-import sys
-from pathlib import Path
 
 import pytest
+from tests.bench_scripts import bench_script
 
-BENCH = Path(__file__).resolve().parents[1] / "bench"
 TINY = ["--blocks", "1", "1", "--tokens", "16", "8", "--entities", "2", "3", "--runs", "1", "--threads", "1"]
 
 
 @pytest.fixture(scope="module")
 def bench():
-    sys.path.insert(0, str(BENCH))  # the bench scripts import their helpers as `_measure`
-    try:
-        yield importlib.import_module("eligen_step")
-    finally:
-        sys.path.remove(str(BENCH))
+    with bench_script("eligen_step") as module:
+        yield module
 
 
 def test_eligen_step_bench_runs_at_a_tiny_size(bench, capsys):

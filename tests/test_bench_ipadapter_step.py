@@ -3,25 +3,19 @@ the pipeline binds it and moves the output (the bench refuses to time otherwise)
 prints, the encoder memory at the published shapes included. No timing is asserted."""
 from __future__ import annotations
 
-import importlib
 import math
-import sys
-from pathlib import Path
 
 import pytest
+from tests.bench_scripts import bench_script
 
-BENCH = Path(__file__).resolve().parents[1] / "bench"
 TINY = ["--heads", "1", "--blocks", "2", "2", "--infusenet-blocks", "1", "1", "--tokens", "16", "8", "--runs", "1",
         "--threads", "1"]
 
 
 @pytest.fixture(scope="module")
 def bench():
-    sys.path.insert(0, str(BENCH))  # the bench scripts import their helpers as `_measure`
-    try:
-        yield importlib.import_module("ipadapter_step")
-    finally:
-        sys.path.remove(str(BENCH))
+    with bench_script("ipadapter_step") as module:
+        yield module
 
 
 def test_ipadapter_step_bench_runs_at_a_tiny_size(bench, capsys):
