@@ -3,6 +3,7 @@
     python -m flux_core generate --demo --prompt "a red circle on a blue background" --output demo.png  # offline
     python -m flux_core download --model-id black-forest-labs/FLUX.1-dev    # fetch the files once (ModelScope)
     python -m flux_core generate --prompt "a cat" --output cat.png
+    accelerate launch -m flux_core generate --prompts-file prompts.txt --output images  # a line, an image; all GPUs
 
 `--demo` runs the bundled demo model (flux_core.demo: tiny, trained on coloured shapes, shipped in the package):
 no download, its trained size (128x128) and float32 unless --height/--width/--dtype say otherwise.
@@ -23,6 +24,7 @@ import re
 import sys
 import tempfile
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import demo
@@ -30,7 +32,7 @@ from .demo import DEMO_COMMAND
 from .download import DIT_FILES, NeededFile, download_models, layout_tree, needed_files
 from .dtypes import DTYPES, WEIGHT_DTYPES
 from .image import save_image, saving_format
-from .inputs import DEFAULT_SIZE
+from .inputs import DEFAULT_SIZE, SEED_MAX
 from .messages import rename_parameters
 from .model_config import FLUX_DEV, ModelConfig
 
@@ -39,6 +41,9 @@ MODEL_KINDS = ("dit", "clip", "t5", "vae")
 # The options that pick the model's files (argparse names): --demo brings its own, so they cannot go with it.
 MODEL_SOURCE_OPTIONS = ("model_id", "model_dir", "local_model_path", *MODEL_KINDS, "tokenizer", "tokenizer_2")
 DEFAULT_DTYPE, DEMO_DTYPE = "bfloat16", "float32"
+DEFAULT_OUTPUT, DEFAULT_OUTPUT_FOLDER = "image.png", "images"
+# --prompts-file: image k's file name, zero-padded to at least this many digits (sorted order = prompt order).
+NAME_DIGITS = 5
 
 
 class UsageError(ValueError):
@@ -52,12 +57,19 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    g = sub.add_parser("generate", help="generate an image")
-    g.add_argument("--prompt", required=True)
+    g = sub.add_parser("generate", help="generate an image (or one per line of --prompts-file)")
+    what = g.add_mutually_exclusive_group(required=True)
+    what.add_argument("--prompt")
+    what.add_argument("--prompts-file", metavar="FILE",
+                      help="UTF-8 text, one prompt per line (blank lines skipped, each line stripped of surrounding "
+                           "spaces): image k (0-based, counting prompts) is OUTPUT/NNNNN.png with seed --seed + k "
+                           "(--seed left out: 0); images already there are skipped (rerun to resume); under "
+                           "`accelerate launch` each process generates its share (process r: prompts r, r+P, ...)")
     g.add_argument("--negative-prompt", default="")
-    g.add_argument("--output", default="image.png",
+    g.add_argument("--output", default=None,
                    help="image path, in the format its extension names (.png, .jpg, .webp, ...: any PIL can write); "
-                        "written atomically")
+                        f"written atomically (default {DEFAULT_OUTPUT}); with --prompts-file a folder (default "
+                        f"{DEFAULT_OUTPUT_FOLDER}/)")
     g.add_argument("--cfg-scale", type=float, default=1.0, help="true CFG when above 1 (uses the negative prompt)")
     g.add_argument("--embedded-guidance", type=float, default=3.5)
     g.add_argument("--t5-sequence-length", type=int, default=None,
@@ -246,7 +258,16 @@ def check_generate_args(args) -> dict:
 
     problems, images = [], {}
     problems += _demo_problems(args)
-    problems += _output_problems(Path(args.output))
+    if args.prompts_file is None:
+        problems += _output_problems(output_path(args))
+    else:
+        prompts, file_problems = read_prompts(args.prompts_file)
+        problems += file_problems + _output_folder_problems(output_path(args))
+        # (a --seed outside 0..2**64-1 itself is _pipeline_input_problems' to report)
+        if args.seed is not None and 0 <= args.seed <= SEED_MAX < args.seed + len(prompts) - 1:
+            problems.append(f"--seed {args.seed}: image {len(prompts) - 1} of --prompts-file would get seed "
+                            f"{args.seed + len(prompts) - 1}, above 2**64-1; use a seed at most "
+                            f"{SEED_MAX - len(prompts) + 1}.")
     for flag, paths, key in (("--input-image", [args.input_image] if args.input_image else [], "input_image"),
                              ("--kontext-image", args.kontext_image or [], "kontext_images")):
         opened = []
@@ -285,6 +306,41 @@ def _demo_problems(args) -> list[str]:
     if missing:
         problems.append(demo.missing_files_message(missing))
     return problems
+
+
+def output_path(args) -> Path:
+    """--output, else image.png (one prompt) or the folder images/ (--prompts-file)."""
+    if args.output is not None:
+        return Path(args.output)
+    return Path(DEFAULT_OUTPUT_FOLDER if args.prompts_file is not None else DEFAULT_OUTPUT)
+
+
+def read_prompts(path: str) -> tuple[list[str], list[str]]:
+    """(prompts, problems) of a --prompts-file: UTF-8 (a BOM is dropped), one prompt per line, each stripped of
+    surrounding whitespace (editors add trailing spaces unseen; a prompt's meaning never hangs on them), blank
+    lines skipped, so image k is the k-th non-blank line."""
+    flag = f"--prompts-file {path}"
+    file = Path(path)
+    if not file.exists():
+        return [], [f"{flag}: does not exist; give a text file with one prompt per line."]
+    if not file.is_file():
+        return [], [f"{flag}: is not a file; give a text file with one prompt per line."]
+    try:
+        text = file.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        return [], [f"{flag}: is not UTF-8 text ({e}); save it as UTF-8."]
+    except OSError as e:
+        return [], [f"{flag}: cannot be read ({e.strerror or e})."]
+    prompts = [line.strip() for line in text.splitlines() if line.strip()]
+    if not prompts:
+        return [], [f"{flag}: holds no prompt (every line is blank); write one prompt per line."]
+    return prompts, []
+
+
+def image_name(index: int, count: int) -> str:
+    """Image `index`'s file name among `count` prompts: zero-padded to NAME_DIGITS digits, or as many as the
+    largest index needs, so the names sort in prompt order."""
+    return f"{index:0{max(NAME_DIGITS, len(str(count - 1)))}d}.png"
 
 
 def image_size(args) -> tuple[int, int]:
@@ -329,6 +385,27 @@ def _output_problems(output: Path) -> list[str]:
     return []
 
 
+def _output_folder_problems(folder: Path) -> list[str]:
+    """--output with --prompts-file: a folder that exists or can be created, and can be written to (folders made
+    for the test are removed again; generating makes them)."""
+    if folder.exists() and not folder.is_dir():
+        return [f"--output {folder}: is a file, and with --prompts-file --output names the folder the images go "
+                f"into; give a folder (default {DEFAULT_OUTPUT_FOLDER}/)."]
+    folder = folder.absolute()
+    created = [p for p in (folder, *folder.parents) if not p.exists()]
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        return [f"--output {folder}: cannot write into it ({e.strerror or e}); pick a folder you can write to."]
+    finally:
+        for made in created:   # deepest first
+            with contextlib.suppress(OSError):
+                made.rmdir()
+    return []
+
+
 def _pipeline_input_problems(args) -> list[str]:
     """The pipeline's own input checks (flux_core.inputs), run on the command line's values before loading."""
     from . import inputs, scheduler
@@ -358,16 +435,18 @@ def _pipeline_input_problems(args) -> list[str]:
     return problems
 
 
-def build_pipeline(args):
-    """The pipeline the command line describes: models loaded, LoRAs applied, VRAM management on if asked."""
+def build_pipeline(args, device: str | None = None):
+    """The pipeline the command line describes: models loaded, LoRAs applied, VRAM management on if asked.
+    `device`: where it runs when not --device (generate_prompts_file: this process's device)."""
     from .pipeline import FluxImagePipeline
 
     dtype = DTYPES[compute_dtype(args)]
+    device = device or args.device
     if args.demo:
-        pipe = FluxImagePipeline.from_demo(torch_dtype=dtype, device=args.device)
+        pipe = FluxImagePipeline.from_demo(torch_dtype=dtype, device=device)
     else:
         configs, tok1, tok2 = model_configs_for(args)
-        pipe = FluxImagePipeline.from_pretrained(torch_dtype=dtype, device=args.device, model_configs=configs,
+        pipe = FluxImagePipeline.from_pretrained(torch_dtype=dtype, device=device, model_configs=configs,
                                                  tokenizer_1_config=tok1, tokenizer_2_config=tok2)
     for path, scale in args.lora:
         report = pipe.load_lora(pipe.dit, path, alpha=scale)
@@ -378,15 +457,21 @@ def build_pipeline(args):
 
 
 def generate(args) -> tuple[Path, int]:
-    """Run the pipeline with the command-line options; returns (image path, seed used)."""
+    """Run the pipeline with the command-line options (one --prompt); returns (image path, seed used)."""
     images = check_generate_args(args)
-    height, width = image_size(args)
     pipe = build_pipeline(args)
+    image = _run(pipe, args, images, args.prompt, args.seed)
+    return save_image(image, output_path(args)), pipe.last_seed
+
+
+def _run(pipe, args, images: dict, prompt: str, seed: int | None):
+    """One image of `prompt` at `seed`, every other pipeline argument from the command line."""
+    height, width = image_size(args)
     image = pipe(
-        prompt=args.prompt, negative_prompt=args.negative_prompt, cfg_scale=args.cfg_scale,
+        prompt=prompt, negative_prompt=args.negative_prompt, cfg_scale=args.cfg_scale,
         embedded_guidance=args.embedded_guidance, t5_sequence_length=args.t5_sequence_length,
         input_image=images["input_image"],
-        denoising_strength=args.denoising_strength, height=height, width=width, seed=args.seed,
+        denoising_strength=args.denoising_strength, height=height, width=width, seed=seed,
         rand_device=args.rand_device, sigma_shift=args.sigma_shift, num_inference_steps=args.num_inference_steps,
         kontext_images=images["kontext_images"], sigmas=args.sigmas,
         tiled=args.tiled, tile_size=args.tile_size, tile_stride=args.tile_stride,
@@ -394,7 +479,71 @@ def generate(args) -> tuple[Path, int]:
     )
     for stats in (pipe.last_tea_cache_stats or {}).values():
         print(stats)
-    return save_image(image, Path(args.output)), pipe.last_seed
+    return image
+
+
+@dataclass
+class PromptsRun:
+    """What one process of `generate --prompts-file` did: its share of the prompts' indices (process r of P
+    takes r, r+P, r+2P, ...: fixed by the prompt count and P alone, so the processes never disagree, and a
+    rerun with another P still finds every image by its name), which of them it wrote and which were there."""
+    folder: Path
+    count: int                 # prompts in the file
+    process: int
+    num_processes: int
+    written: list[int] = field(default_factory=list)
+    skipped: list[int] = field(default_factory=list)
+
+
+def generate_prompts_file(args) -> PromptsRun:
+    """One image per prompt of --prompts-file into the --output folder, this process's share of them (every
+    process loads the pipeline once). Image k is `image_name(k)`, seed `--seed + k` (--seed left out: 0, so the
+    images do not depend on the process count and a rerun resumes the same run), written atomically; an image
+    already there is skipped. Under `accelerate launch` the processes wait for each other at the end (the only
+    collective), then the main process prints the summary."""
+    images = check_generate_args(args)
+    prompts, _ = read_prompts(args.prompts_file)
+    folder = output_path(args)
+    from .train.distributed import process_state
+
+    state = process_state()
+    run = PromptsRun(folder, len(prompts), state.process_index, state.num_processes)
+    mine = range(run.process, run.count, run.num_processes)
+    todo = [k for k in mine if not (folder / image_name(k, run.count)).exists()]
+    run.skipped = [k for k in mine if k not in todo]
+    if todo:
+        pipe = build_pipeline(args, device=_process_device(args, state))
+        base = 0 if args.seed is None else args.seed
+        for k in todo:
+            path = save_image(_run(pipe, args, images, prompts[k], base + k), folder / image_name(k, run.count))
+            run.written.append(k)
+            _say(f"saved {path} (seed {base + k}; process {run.process} of {run.num_processes})")
+    _say(f"process {run.process} of {run.num_processes}: wrote {len(run.written)}, skipped {len(run.skipped)} "
+         f"already there")
+    state.wait_for_everyone()
+    return run
+
+
+def _say(line: str) -> None:
+    """A line on stdout in one write: the processes share the launcher's stdout, and print() writes the text and
+    its newline separately, so two processes' lines could run together."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
+def _process_device(args, state) -> str | None:
+    """--device, except that a bare `cuda` (or none given) under several processes means this process's own GPU,
+    cuda:LOCAL_RANK (accelerate's device for it); a device with an index is used as given."""
+    if state.num_processes > 1 and args.device in (None, "cuda") and state.device.type == "cuda":
+        return str(state.device)
+    return args.device
+
+
+def prompts_summary(run: PromptsRun) -> str:
+    """The main process's line after every process finished: how many images the folder now holds."""
+    there = sum((run.folder / image_name(k, run.count)).exists() for k in range(run.count))
+    return (f"{there} of {run.count} images in {run.folder} ({run.num_processes} process"
+            f"{'es' if run.num_processes > 1 else ''}; rerun the same command to add any missing)")
 
 
 # ------------------------------------------------------------------------------------------------ download
@@ -556,6 +705,10 @@ def main(argv: list[str] | None = None) -> int:
         with _cli_output(vars(args), quiet=getattr(args, "quiet", False)):
             if args.command == "download":
                 download(args)
+            elif args.prompts_file is not None:
+                run = generate_prompts_file(args)
+                if run.process == 0:
+                    print(prompts_summary(run))
             else:
                 out, seed = generate(args)
                 print(f"saved {out} (seed {seed})")
