@@ -315,3 +315,24 @@ def resumed_and_whole(argv, tmp_path: Path, cut: int) -> tuple[dict, dict]:
             # without the optimizer state moves weights by about one step.
             assert torch.equal(a[k], b[k]), (name, k)
     return [e for e in read_log(tmp_path / "cut") if e["event"] == "start"][-1], whole
+
+
+# ------------------------------------------------------------------------------------------------ split training
+def data_process_argv(setup: TrainSetup, cache: Path, *extra: str) -> list[str]:
+    """argv of `--task data_process` writing the tiny dataset's cache into `cache` (the flags of train_argv)."""
+    return train_argv(setup, cache, "--task", "data_process", *extra)
+
+
+def cached_argv(setup: TrainSetup, cache: Path, output: Path, *extra: str) -> list[str]:
+    """argv of `--task sft:train` from the cache in `cache`: train_argv with the cache as --dataset_base_path and no
+    --dataset_metadata_path (DiffSynth's convention), so the same run as train_argv(setup, output, *extra)."""
+    argv = train_argv(setup, output, "--task", "sft:train", *extra)
+    at = argv.index("--dataset_metadata_path")
+    del argv[at:at + 2]
+    argv[argv.index("--dataset_base_path") + 1] = str(cache)
+    return argv
+
+
+def step_losses(output: Path) -> list[float]:
+    """The logged loss of every optimizer step of the run in `output`, in order."""
+    return [e["loss"] for e in read_log(output) if e["event"] == "step"]

@@ -18,7 +18,8 @@ feeds, its columns and control inputs), ipadapter.py (the IP-Adapter's reference
 embedding files, or photos embedded with insightface), checkpoint.py (atomic, verified resumable states), run_folder.py
 (the output folder: writable, one run per folder, no stale temporary files), trainer.py (the loop; FP8 storage
 of frozen models through flux_core.vram), progress.py (JSON events and the terminal progress bar), packages.py
-(the `train` extra), validate.py (validate_lora / validate_full).
+(the `train` extra), validate.py (validate_lora / validate_full), cache.py (split training: --task data_process writes the rows'
+encodings, --task sft:train trains from them without the VAE and text encoders).
 """
 from .args import TrainError, build_parser, parse_args
 

@@ -57,6 +57,12 @@ TRAINABLE_MODELS = ("dit", "controlnet", "ipadapter", "image_proj_model", "lora_
 TRAINABLE_SETS = ({"dit"}, {"controlnet"}, {"ipadapter"}, {"image_proj_model"}, {"controlnet", "image_proj_model"},
                   {"lora_encoder"})
 PROGRESS_BAR_MODES = ("auto", "on", "off")
+# --task: DiffSynth's names. data_process and sft:data_process both write the cache (train/cache.py).
+TASKS = ("sft", "data_process", "sft:data_process", "sft:train")
+DATA_PROCESS_TASKS = ("data_process", "sft:data_process")
+CACHED_TASK = "sft:train"
+# The extra inputs a cache holds (their encodings need no trained model); every other one is refused by the split tasks.
+CACHED_EXTRAS = ("kontext_images",)
 
 
 class TrainError(ValueError):
@@ -140,9 +146,14 @@ def build_parser(prog: str = "python -m flux_core.train") -> argparse.ArgumentPa
                         "InfiniteYou's pair controlnet,image_proj_model; or lora_encoder (the LoRA-Encoder given in "
                         "the model flags; needs --extra_inputs lora_encoder_inputs)")
     t.add_argument("--gradient_accumulation_steps", type=int, default=1)
-    t.add_argument("--task", default="sft", choices=["sft"],
-                   help="sft (supervised fine-tuning, the only task; DiffSynth's split data_process/train and "
-                        "distillation tasks are not implemented)")
+    t.add_argument("--task", default="sft", choices=list(TASKS),
+                   help="sft: train, encoding each sample's image (VAE) and caption (CLIP-L + T5) at every step. "
+                        "data_process (= sft:data_process): encode every row once (VAE, CLIP-L, T5; the DiT is not "
+                        "loaded) into a cache in --output_path, then stop. sft:train: train from such a cache, given "
+                        "as --dataset_base_path without --dataset_metadata_path: the VAE and text encoders are not "
+                        "loaded, and the losses and weights are those of sft over the same data. The cache holds "
+                        "images, captions and kontext_images; other extra inputs and validation images need --task "
+                        "sft (DiffSynth's distillation tasks are not implemented)")
 
     lo = p.add_argument_group("LoRA")
     lo.add_argument("--lora_base_model", default=None, help="model the LoRA is added to: dit")
@@ -285,7 +296,8 @@ def check_args(args: argparse.Namespace) -> None:
     if lora_base and trainable:
         raise TrainError(f"--trainable_models {','.join(trainable)} and --lora_base_model dit together: choose "
                          f"full training or a LoRA.")
-    if not lora_base and not trainable:
+    check_task(args, trainable)
+    if not lora_base and not trainable and args.task not in DATA_PROCESS_TASKS:
         raise TrainError("nothing to train: give --lora_base_model dit (LoRA) or --trainable_models dit "
                          "(full fine-tuning), controlnet, ipadapter, controlnet,image_proj_model or lora_encoder.")
     if args.lora_checkpoint and not lora_base:
@@ -338,6 +350,35 @@ def check_args(args: argparse.Namespace) -> None:
                          "--overwrite deletes it; choose one.")
     if args.resume not in (None, "latest") and not os.path.isdir(args.resume):
         raise TrainError(f"--resume {args.resume}: no such checkpoint folder.")
+
+
+def check_task(args: argparse.Namespace, trainable: list[str]) -> None:
+    """The split tasks (data_process, sft:train): what a cache cannot hold, and sft:train's data and validation
+    flags; every problem in one message that points to --task sft."""
+    if args.task == "sft":
+        return
+    problems = []
+    uncached = [e for e in comma_list(args.extra_inputs) if e not in CACHED_EXTRAS]
+    if uncached:
+        problems.append(f"--extra_inputs {','.join(uncached)}: a cache holds the image, the caption and "
+                        f"{', '.join(CACHED_EXTRAS)}; these columns need their models (VAE, image or text encoders, "
+                        f"ControlNets, adapters) at every step")
+    adapters = [m for m in trainable if m != "dit"]
+    if adapters:
+        problems.append(f"--trainable_models {','.join(adapters)}: trains on inputs a cache does not hold")
+    if args.task == CACHED_TASK:
+        if args.dataset_metadata_path:
+            problems.append(f"--dataset_metadata_path {args.dataset_metadata_path}: sft:train reads the cache that "
+                            f"--task data_process wrote; give its folder as --dataset_base_path and no metadata "
+                            f"(DiffSynth's convention)")
+        if args.validation_prompts:
+            problems.append("--validation_prompts: validation images need the text encoders and the VAE, which "
+                            "sft:train does not load; check a saved LoRA with `python -m flux_core generate --prompt "
+                            "... --lora <output_path>/step-N.safetensors` (or `python -m flux_core.train "
+                            "validate_lora ...`)")
+    if problems:
+        raise TrainError(f"--task {args.task}: " + "; ".join(problems) + ". Use --task sft for these (it encodes "
+                         "every input at each step).")
 
 
 def check_extra_inputs(extras: list[str], trainable: list[str], args: argparse.Namespace) -> None:

@@ -24,6 +24,11 @@ into tokens appended to the caption's (first among the adapters, as in the pipel
 to the DiT, as in DiffSynth's training. `--trainable_models lora_encoder` trains the encoder (a `TrainedModules`, like
 the IP-Adapter) with the DiT frozen (train/lora_encoder.py).
 
+Split training (DiffSynth's two-stage training, cache.py). `--task data_process` writes each row's image latent,
+caption conditioning and Kontext reference tokens (what `_loss` computes before the DiT, by the same function,
+`encode_inputs`) to a cache folder; `--task sft:train` trains from it with the VAE and the text encoders never loaded.
+Order, timesteps and noise are those of `--task sft`, so the losses and weights are the same.
+
 Data order. Each epoch is a permutation of the (repeated) dataset drawn from (seed, epoch). With P processes
 and G accumulation steps an optimizer step consumes P x G consecutive places of that order: process r takes
 places r, r + P, r + 2P, ... Each sample's timestep and noise come from (seed, epoch, place). So a run
@@ -67,15 +72,15 @@ import torch
 
 from lora_tools.io import atomic_write
 
-from ..image import pil_to_tensor
 from ..loading.files import save_safetensors
 from ..model_config import ModelConfig, ModelFileError
 from ..text_conditioning import Conditioning
 from ..vram import ComputeDevice, VRAMManager, store_model
 from . import checkpoint as ckpt
-from .args import (CHANNEL_EXTRAS, ENCODER_EXTRAS, FLEX_CONTROL_DEFAULTS, FP8_COMPONENTS, TrainError, comma_list,
-                   data_file_keys, identity_input, is_controlnet_run, is_lora, model_path_entries, torch_dtype,
-                   training_mode, uses_eligen, uses_ipadapter, uses_lora_encoder)
+from .args import (CACHED_TASK, CHANNEL_EXTRAS, ENCODER_EXTRAS, FLEX_CONTROL_DEFAULTS, FP8_COMPONENTS, TrainError,
+                   comma_list, data_file_keys, identity_input, is_controlnet_run, is_lora, model_path_entries,
+                   torch_dtype, training_mode, uses_eligen, uses_ipadapter, uses_lora_encoder)
+from .cache import CACHED, ENCODER_SLOTS, CachedDataset, cached_inputs, encode_inputs
 from .control import (check_controlnet_columns, check_controlnet_count, needs_controlnet, sample_control_input,
                       validation_control_input)
 from .dataset import ImageDataset, first_sample
@@ -187,7 +192,7 @@ def load_pipeline(args: argparse.Namespace, device: torch.device, skip_kinds: tu
                          [args.tokenizer_1_path, args.tokenizer_2_path])
     try:
         if skip_kinds:
-            sources = [s for s in sources if not set(config_slots(s[2], s[0])) <= set(skip_kinds)]
+            sources = without_slots(sources, skip_kinds)
         # What the adapter columns need, from the files' keys, before any weights load.
         if needs_controlnet(args) or uses_ipadapter(args) or identity_input(args) or uses_lora_encoder(args):
             slots = [(entry, config_slots(config, entry)) for entry, _, config in sources]
@@ -226,6 +231,27 @@ def load_pipeline(args: argparse.Namespace, device: torch.device, skip_kinds: tu
     return pipe, configs
 
 
+def without_slots(sources: list[tuple[ModelEntry, str, ModelConfig]], skip: tuple[str, ...]
+                  ) -> list[tuple[ModelEntry, str, ModelConfig]]:
+    """The sources without the models of the `skip` slots, none of which is then read: a config holding only such
+    models is left out; one holding others too (a diffusers FLUX folder, an all-in-one checkpoint) becomes one config
+    per model it keeps (`ModelConfig.kind`), each with the entry and spec of the flag it came from."""
+    from ..pipeline_models import MODEL_SLOTS, detect_components
+
+    out = []
+    for entry, spec, config in sources:
+        try:
+            kinds = [config.kind] if config.kind else [kind for _, kind, _, _ in detect_components(config.resolve())]
+        except ModelFileError as e:
+            raise ModelFileError(f"{entry.describe()}: {e}") from None
+        kept = [kind for kind in kinds if MODEL_SLOTS[kind] not in skip]
+        if len(kept) == len(kinds):
+            out.append((entry, spec, config))
+        else:
+            out += [(entry, spec, replace(config, kind=kind)) for kind in dict.fromkeys(kept)]
+    return out
+
+
 def config_slots(config: ModelConfig, entry: ModelEntry | None = None) -> list[str]:
     """Pipeline slots (dit, vae, text_encoder_1, text_encoder_2) a model config holds, from its keys only.
     `entry`: where the config came from, named when its files cannot be found."""
@@ -249,11 +275,12 @@ def fp8_slots(args: argparse.Namespace, configs: list[tuple[str, ModelConfig]], 
             found = [FP8_COMPONENTS[entry]]
         else:
             # spec is what the user wrote: a --model_id_with_origin_paths item, or a --model_paths entry as JSON
-            index = next((i for i, (spec, _) in enumerate(configs) if spec in (entry, json.dumps(entry))), None)
-            if index is None:
+            # (one entry may have become several configs: load_pipeline's without_slots)
+            indices = [i for i, (spec, _) in enumerate(configs) if spec in (entry, json.dumps(entry))]
+            if not indices:
                 raise TrainError(f"--fp8_models {entry}: neither a model name ({', '.join(FP8_COMPONENTS)}) nor "
                                  f"an entry of --model_paths / --model_id_with_origin_paths.")
-            found = [e.slot for e in pipe.loaded_from.values() if e.config_index == index]
+            found = [e.slot for e in pipe.loaded_from.values() if e.config_index in indices]
         slots += [s for s in found if s not in slots]
     return slots
 
@@ -332,11 +359,16 @@ class Trainer:
         self.identity = identity_input(args)     # ... InfuseNet an identity (infinityou_id_image / _embedding)
         self.eligen = uses_eligen(args)          # ... EliGen its entity prompts and masks
         self.encoded = uses_lora_encoder(args)   # ... the LoRA-Encoder its LoRA file
+        self.cached = args.task == CACHED_TASK   # sft:train: the rows' encodings come from a data_process cache
         self.stop = StopFlag()
 
     # -------------------------------------------------------------------- setup
-    def prepare_data(self) -> ImageDataset:
+    def prepare_data(self) -> ImageDataset | CachedDataset:
         a = self.args
+        if self.cached:
+            dataset = CachedDataset(a.dataset_base_path, a.dataset_repeat)
+            self.data_summary = dataset.check(a)
+            return dataset
         dataset = ImageDataset(a.dataset_base_path, a.dataset_metadata_path, data_file_keys(a), a.height, a.width,
                                a.max_pixels, a.dataset_repeat, required_keys=comma_list(a.extra_inputs))
         self.data_summary = dataset.check()
@@ -370,17 +402,23 @@ class Trainer:
         self.log = Log(self.output / LOG_FILE, acc.is_main_process)
         resumable = self.find_resumable() if a.resume else None  # verified before any model loads
 
-        self.pipe, configs = load_pipeline(a, acc.device)
+        # sft:train: the VAE and the text encoders are never loaded (the cache holds what they would compute).
+        self.pipe, configs = load_pipeline(a, acc.device, skip_kinds=ENCODER_SLOTS if self.cached else ())
         # T5 tokens per prompt (captions, EliGen entities, validation images): the flag's, else the T5 tokenizer's
-        # model_max_length (FLUX.1-dev 512, the demo model 32), resolved once for the whole run.
-        self.t5_sequence_length = self.pipe.t5_sequence_length(a.t5_sequence_length)
+        # model_max_length (FLUX.1-dev 512, the demo model 32), resolved once for the whole run; the cache's.
+        if self.cached:
+            self.dataset.check_dit(self.pipe.dit, a)
+            self.t5_sequence_length = self.dataset.t5_sequence_length
+        else:
+            self.t5_sequence_length = self.pipe.t5_sequence_length(a.t5_sequence_length)
         if self.control:
             check_controlnet_columns(a, self.pipe, configs)
         if self.reference:
             check_ipadapter_fit(self.pipe)
         if self.encoded:   # every row's LoRA read once, before the first step
             check_lora_rows(self.pipe, self.dataset)
-        fp8 = fp8_slots(a, configs, self.pipe)
+        # (models a task leaves out, the encoders of sft:train, are not stored: they are not there)
+        fp8 = [slot for slot in fp8_slots(a, configs, self.pipe) if not (self.cached and slot in ENCODER_SLOTS)]
         trained_slots = {"controlnet": ("controlnet.models.0", "the ControlNet"),
                          "ipadapter": ("ipadapter", "the IP-Adapter"),
                          "image_proj_model": ("image_proj_model", "InfiniteYou's image projector"),
@@ -620,16 +658,12 @@ class Trainer:
     def _loss(self, sample: dict, generator: torch.Generator) -> torch.Tensor:
         pipe = self.pipe
         with torch.no_grad():
-            x0 = pipe.encode_image(pil_to_tensor(sample["image"], "image"))
+            # The row's image latent, caption conditioning and reference tokens: encoded now, or (sft:train) what
+            # data_process encoded with the same function.
+            inputs = (cached_inputs(sample[CACHED], pipe.device) if CACHED in sample else
+                      encode_inputs(pipe, sample, self.t5_sequence_length))
+            x0, prompt, extras = inputs.x0, inputs.prompt, inputs.extras
             height, width = x0.shape[-2] * 8, x0.shape[-1] * 8
-            # The caption through the request's conditioning encoder: CLIP-L + T5, or Step1X-Edit's / Nexus-Gen's with
-            # the row's image to edit.
-            encoder = pipe.conditioning_encoder(self.t5_sequence_length, sample.get("step1x_reference_image"),
-                                                sample.get("nexus_gen_reference_image"), height, width)
-            prompt = pipe.encode_with(encoder, [sample["prompt"]], "positive")
-            extras = pipe.kontext_extras(sample["kontext_images"], 1) if "kontext_images" in sample else None
-            if "step1x_reference_image" in sample:
-                extras = pipe.step1x_extras(sample["step1x_reference_image"], 1, extras)
             adapters = self.control_adapters(sample, x0) if self.control else []
             # FLEX.2 / Fill: the DiT's extra input channels (none for a 64-channel DiT)
             adapters += pipe.channel_adapters(height, width, 1, self.schedule.sigmas, {},
@@ -786,4 +820,9 @@ def validation_size(args: argparse.Namespace) -> tuple[int, int]:
 
 
 def train(args: argparse.Namespace) -> dict:
+    """Run the --task: sft and sft:train train (Trainer), data_process / sft:data_process encode (cache.py)."""
+    if args.task != "sft" and args.task != CACHED_TASK:
+        from .cache import data_process
+        require_training_packages()
+        return data_process(args)
     return Trainer(args).run()
