@@ -13,6 +13,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ..compile import block_runner
 from ..math import embed_positions, timestep_embedding
 from ..teacache import TeaCache
 from .layers import DoubleStreamBlock, LastLayer, MLPEmbedder, SingleStreamBlock
@@ -208,6 +209,8 @@ class FluxDiT(nn.Module):
         return first.modulation(vec)[0].modulate(first.pre_norm(img))
 
     def run_block(self, block: nn.Module, *args, **kwargs):
+        # A compiled block (flux_core.compile) runs eagerly for calls with attention hooks and under autograd.
+        block = block_runner(block, kwargs.get("hook"))
         if not (self.gradient_checkpointing and torch.is_grad_enabled()):
             return block(*args, **kwargs)
         offload = torch.autograd.graph.save_on_cpu(pin_memory=torch.cuda.is_available()) \
