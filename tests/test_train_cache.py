@@ -205,3 +205,34 @@ def test_caches_that_do_not_fit_are_refused(world, tmp_path):
         message = error_of(cached_argv(setup, other, tmp_path / field))
         assert f"--dataset_base_path {other}" in message and expected in message, message
         assert "--task data_process" in message
+
+
+# ------------------------------------------------------------------------------------------------ processes
+@pytest.mark.slow
+def test_two_processes(world, tmp_path):
+    """data_process over 2 processes (gloo on the CPU) writes the 1-process cache: each row once, by the process whose
+    share it is; sft:train over 2 processes equals one process with 2 accumulation steps, as sft does."""
+    import subprocess
+
+    from tests.tiny_train import python, subprocess_env, two_processes_and_one
+    setup, cache, _ = world
+    launch = [python(), "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
+              "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "flux_core.train",
+              *data_process_argv(setup, tmp_path / "cache")]
+    run = subprocess.run(launch, env=subprocess_env(), capture_output=True, text=True, encoding="utf-8")
+    assert run.returncode == 0, run.stderr[-3000:]
+    log = [json.loads(line) for line in (tmp_path / "cache" / LOG).read_text(encoding="utf-8").splitlines()]
+    assert log[0]["processes"] == 2 and log[-1]["event"] == "data_process_done" and log[-1]["encoded"] == 8
+    assert [e["row"] for e in log if e["event"] == "encoded"] == [0, 2, 4, 6]   # the main process's share
+    manifest = json.loads((tmp_path / "cache" / MANIFEST).read_text(encoding="utf-8"))
+    assert manifest["complete"] and manifest["rows"] == 8
+    for i in range(8):
+        one = load_file(cache / ROWS / f"{i:06d}.safetensors")
+        two = load_file(tmp_path / "cache" / ROWS / f"{i:06d}.safetensors")
+        assert one.keys() == two.keys() and all(torch.equal(one[k], two[k]) for k in one), i
+
+    a, b = two_processes_and_one(lambda out, *extra: cached_argv(setup, cache, out, *extra), tmp_path)
+    assert a.keys() == b.keys()
+    print(f"2 processes vs 1 with accumulation: {max((a[k] - b[k]).abs().max().item() for k in a):.2e}")
+    for k in a:   # measured 0 (as for sft: the same sums on one thread each)
+        assert torch.allclose(a[k], b[k], atol=1e-5, rtol=0), k
