@@ -21,11 +21,25 @@ stored ones, so `state_dict()`, LoRA shape checks and `weight.dtype` see the sto
 (flux_core.quantized.QuantizedLinear, from GGUF files) are uint8 tensors to the manager: moved as they are, never
 cast, so the budget counts quantized bytes; the layer dequantizes them on the compute device in its call.
 
+FP8-compute layers (flux_core.fp8.Fp8Linear) are moved in float8 with their float32 row scales and never cast
+either: their call multiplies in FP8 (`torch._scaled_mm`), which a bf16 copy of the weight would lose.
+
+Prefetch: a streamed unit's copy would otherwise start in its own call, on the compute stream, so transfers and
+compute take turns. With `prefetch` (on by default for CUDA devices) the manager learns the order in which streamed
+units are called (each unit remembers the streamed unit called after it, relearned on every call: the first call of
+a stage only learns) and, when a streamed unit is entered, starts copying the units predicted next, in their stored
+dtype (fp8 bytes over the bus), on a side CUDA stream from page-locked memory (`store_model(pin_memory=True)`),
+up to `prefetch_bytes` ahead (default: twice the largest streamed unit). The unit's call then waits on the copy's
+event instead of copying; copies predicted wrongly (TeaCache skipping the blocks, a stage change) are dropped
+unused. On other devices the same logic runs synchronously (tested on `SimulatedDevice`).
+
 The budget counts weight bytes only. `resident_bytes` is exact: the bytes of the tensors the manager keeps
-on the compute device (stored there, made resident, or in flight for a call); it never exceeds the budget
-plus the largest unit in the compute dtype (units do not nest in the FLUX DiT; in CLIP the embeddings
-module keeps its 616-byte position ids on the device while its child runs, and InfiniteYou's projector its learned
-latents, 8 x 1280 values, while its layers run). Activations come on top.
+on the compute device (stored there, made resident, in flight for a call, or prefetched); it never exceeds the
+budget plus the largest unit in the compute dtype (`largest_unit_bytes`) plus the prefetch window
+(`prefetch_window_bytes`: `prefetch_bytes`, or the largest streamed unit if that is larger; 0 without prefetch).
+Units do not nest in the FLUX DiT; in CLIP the embeddings module keeps its 616-byte position ids on the device
+while its child runs, and InfiniteYou's projector its learned latents, 8 x 1280 values, while its layers run.
+Activations come on top.
 `budget=0` is the minimum-memory mode (everything streamed); `budget=None` keeps every unit of the stage
 resident, which is plain model-level offload.
 
@@ -44,6 +58,7 @@ import torch
 from torch import nn
 
 from .dtypes import FLOAT8_DTYPES
+from .fp8 import Fp8Linear
 from .model_state import peek_state, state_of
 from .quantized import QuantizedLinear
 
@@ -153,6 +168,33 @@ class ComputeDevice:
     def holds(self, t: torch.Tensor) -> bool:
         return t.device == self.torch_device
 
+    def prefetch(self, tensors: Sequence[torch.Tensor]) -> tuple[list[torch.Tensor], object]:
+        """(copies of `tensors` on the device in their own dtypes, a ready token for `wait`). On CUDA the copies
+        run on a side stream, overlapping the compute stream's work (asynchronously from page-locked memory), and
+        the token is an event recorded after them; elsewhere they are made now and the token is None."""
+        if self.torch_device.type != "cuda":
+            return [self.put(t, t.dtype) for t in tensors], None
+        if getattr(self, "_copy_stream", None) is None:
+            self._copy_stream = torch.cuda.Stream(self.torch_device)
+        # Allocated on the side stream: the caching allocator hands out a block the side stream may write now
+        # (a block last used by the compute stream comes back only after the work recorded on it has finished).
+        with torch.cuda.stream(self._copy_stream):
+            copies = [t.to(self.torch_device, non_blocking=t.is_pinned()) for t in tensors]
+            ready = torch.cuda.Event()
+            ready.record(self._copy_stream)
+        return copies, ready
+
+    def wait(self, copies: Iterable[torch.Tensor], ready: object) -> None:
+        """Before the compute stream reads prefetched `copies`: it waits for their copy to finish, and each copy is
+        marked used by it (`record_stream`), so that when the copy is freed after the call, its memory is not handed
+        to the side stream for the next prefetch before the compute stream's reads of it have run."""
+        if ready is None:
+            return
+        stream = torch.cuda.current_stream(self.torch_device)
+        stream.wait_event(ready)
+        for c in copies:
+            c.record_stream(stream)
+
     def total_memory(self) -> int:
         if self.torch_device.type == "cuda":
             return torch.cuda.get_device_properties(self.torch_device).total_memory
@@ -242,6 +284,24 @@ class _Unit:
 
 
 @dataclass(eq=False)
+class _Prefetch:
+    """A streamed unit's tensors copied to the compute device ahead of its call (in their stored dtypes)."""
+    copies: dict[int, torch.Tensor]            # id(Parameter / buffer) -> its copy on the compute device
+    ready: object                              # ComputeDevice.prefetch's token (a CUDA event, or None)
+    nbytes: int
+
+
+@dataclass
+class PrefetchStats:
+    """What the prefetcher did: copies started, used by the call they were made for, dropped unused (a wrong
+    prediction, or the stage ended), and streamed calls that found no prefetched copy (then copied in the call)."""
+    issued: int = 0
+    used: int = 0
+    dropped: int = 0
+    missed: int = 0
+
+
+@dataclass(eq=False)
 class PlacedModel:
     name: str
     model: nn.Module
@@ -251,12 +311,15 @@ class PlacedModel:
     stored: dict[int, torch.Tensor] = field(default_factory=dict)     # id(tensor) -> its stored data
     resident: dict[int, torch.Tensor] = field(default_factory=dict)   # id(tensor) -> copy on the compute device
     marked: list[nn.Module] = field(default_factory=list)             # modules this manager marked offloaded
-    # ids of the model's buffers: they keep their stored dtype in a call (the float32 rotary frequencies of
-    # transformers' Qwen2.5-VL: in bf16 they move its rotary angles by up to a radian at ~900 tokens).
+    # ids of the tensors that keep their stored dtype in a call: the model's buffers (the float32 rotary frequencies
+    # of transformers' Qwen2.5-VL: in bf16 they move its rotary angles by up to a radian at ~900 tokens; FP8
+    # layers' float32 row scales) and the float8 weights of FP8-compute layers (flux_core.fp8: cast to the compute
+    # dtype they would lose their FP8 matmul).
     buffers: set[int] = field(default_factory=set)
 
     def call_dtype(self, t: torch.Tensor, home: torch.Tensor) -> torch.dtype:
-        """The dtype of `t` in a call: parameters in the compute dtype, buffers and integers as stored."""
+        """The dtype of `t` in a call: parameters in the compute dtype; buffers, FP8-compute weights and integers
+        as stored."""
         return self.compute_dtype if home.is_floating_point() and id(t) not in self.buffers else home.dtype
 
     @property
@@ -273,12 +336,24 @@ class VRAMManager:
     made resident unit by unit while the budget allows; the rest stream. `resident_bytes` is the exact count
     of weight bytes on the compute device, `peak_bytes` its high-water mark."""
 
-    def __init__(self, device: ComputeDevice | str | torch.device, budget: int | None = None):
+    def __init__(self, device: ComputeDevice | str | torch.device, budget: int | None = None,
+                 prefetch: bool | None = None, prefetch_bytes: int | None = None):
+        """`prefetch`: copy the next streamed units ahead of their calls (None: on CUDA devices only, where the
+        copies overlap compute; on the CPU they would only add memory). `prefetch_bytes`: how many bytes may be in
+        flight ahead (None: twice the largest streamed unit's stored bytes; one unit always may)."""
         self.device = device if isinstance(device, ComputeDevice) else ComputeDevice(device)
         self.budget = None if budget is None else max(0, int(budget))
         self.models: dict[str, PlacedModel] = {}
         self.resident_bytes = 0
         self.peak_bytes = 0
+        self.prefetch = self.device.torch_device.type == "cuda" if prefetch is None else bool(prefetch)
+        self.prefetch_bytes = prefetch_bytes
+        self.prefetch_stats = PrefetchStats()
+        self._window = 0                                  # bytes the prefetcher may hold ahead; 0: off
+        self._next: dict[_Unit, _Unit] = {}               # streamed unit -> the streamed unit called after it last
+        self._last: _Unit | None = None                   # the streamed unit called last
+        self._prefetched: dict[_Unit, _Prefetch] = {}
+        self._stage: list[str] | None = None              # the models of the current stage (None: before any)
 
     # -- models ----------------------------------------------------------------------------------------
     def add(self, name: str, model: nn.Module, compute_dtype: torch.dtype,
@@ -289,6 +364,7 @@ class VRAMManager:
             self.remove(name)
         managed = PlacedModel(name, model, compute_dtype, persistent_params)
         managed.buffers = {id(b) for b in model.buffers()}
+        managed.buffers.update(id(m.weight) for m in model.modules() if isinstance(m, Fp8Linear))
         for unit_name, module, tensors in _units(model):
             owns = [t for t in tensors if id(t) not in managed.stored]
             managed.stored.update((id(t), t.data) for t in owns)
@@ -305,6 +381,7 @@ class VRAMManager:
         self._count(self._bytes(managed.stored.values(), held=True))
         state_of(model).compute = (self.device.torch_device, compute_dtype)
         self.models[name] = managed
+        self._set_window()
         return managed
 
     def remove(self, name: str) -> nn.Module:
@@ -314,6 +391,8 @@ class VRAMManager:
         for unit in managed.units:
             for h in unit.hooks:
                 h.remove()
+        self._next = {a: b for a, b in self._next.items() if a.model is not managed and b.model is not managed}
+        self._last = None if self._last is not None and self._last.model is managed else self._last
         for m in managed.marked:
             state_of(m).offloaded = False
         self._count(-self._bytes(managed.stored.values(), held=True))
@@ -329,6 +408,8 @@ class VRAMManager:
         """Start a stage: every managed model not in `names` moves out, then the named ones move in (in the
         order given) as far as the budget allows. Names of unmanaged models are ignored."""
         names = [n for n in names if n in self.models]
+        self._stage = names
+        self._drop_prefetches()  # predictions of the last stage; the new stage's calls start new ones
         freed = False
         for name, managed in self.models.items():
             if name not in names and managed.resident:
@@ -338,6 +419,7 @@ class VRAMManager:
             torch.cuda.empty_cache()
         for name in names:
             self._onload(self.models[name])
+        self._set_window()
 
     def _onload(self, managed: PlacedModel) -> None:
         params_left = managed.persistent_params
@@ -356,22 +438,33 @@ class VRAMManager:
                 self._count(cost)
 
     def _offload(self, managed: PlacedModel) -> None:
+        self._drop_prefetches(managed)
         self._count(-self._bytes(managed.resident.values(), held=True))
         managed.resident.clear()
 
     # -- calls -----------------------------------------------------------------------------------------
     def _enter(self, unit: _Unit) -> None:
-        """Before a unit's forward: point its tensors at compute copies (compute device, compute dtype)."""
-        managed, new = unit.model, 0
+        """Before a unit's forward: point its tensors at compute copies (compute device, compute dtype), taken
+        from its prefetched copies where there are some; then prefetch the units predicted to run next."""
+        managed, new, streamed = unit.model, 0, False
+        fetched = self._prefetched.pop(unit, None)
+        if fetched is not None:  # its bytes move from the prefetch count to this call's
+            self.device.wait(fetched.copies.values(), fetched.ready)
+            self._count(-fetched.nbytes)
+            self.prefetch_stats.used += 1
         for t in unit.uses:
             home = managed.resident.get(id(t))
             home = managed.stored[id(t)] if home is None else home
-            view = self.device.put(home, managed.call_dtype(t, home))
-            if view is not home:  # a copy made for this call
+            source = fetched.copies.get(id(t), home) if fetched is not None else home
+            view = self.device.put(source, managed.call_dtype(t, home))
+            if view is not home:  # a copy made for this call (or prefetched for it)
                 new += view.untyped_storage().nbytes()
+            streamed = streamed or not self.device.holds(home)
             t.data = view
         unit.in_flight = new
         self._count(new)
+        if streamed:
+            self._advance(unit, fetched is not None)
 
     def _exit(self, unit: _Unit) -> None:
         """After a unit's forward (also on error): its tensors rest at the storage place again."""
@@ -379,6 +472,93 @@ class VRAMManager:
             t.data = unit.model.stored[id(t)]
         self._count(-unit.in_flight)
         unit.in_flight = 0
+
+    # -- prefetch --------------------------------------------------------------------------------------
+    # The order is learned from the calls themselves, not taken from module order: FLUX's forward runs its modules in
+    # another order than they are declared (time_in before vector_in before guidance_in's declared place, txt_mod
+    # before img_attn in a double block, ...), TeaCache runs only the first block's modulation on a skipped step, and
+    # a ControlNet's units run between the DiT's. Each streamed unit remembers the streamed unit that followed it in
+    # its latest call (so a changed order is relearned by the next call); on entering a unit the prefetcher follows
+    # that chain up to the byte window, starts the copies not yet in flight and drops those not on the chain (a
+    # wrong prediction), so no more than the window is ever held ahead.
+    def _advance(self, unit: _Unit, hit: bool) -> None:
+        self.prefetch_stats.missed += not hit
+        if self._last is not None and self._last is not unit:
+            self._next[self._last] = unit
+        self._last = unit
+        if not self._window:
+            return
+        chain = self._chain(unit)
+        for stale in [u for u in self._prefetched if u not in chain]:
+            self._drop(stale)
+        for u in chain:
+            if u not in self._prefetched:
+                self._start(u)
+
+    def _chain(self, unit: _Unit) -> list[_Unit]:
+        """The streamed units predicted to follow `unit`, in order, as far as the window allows (at least one)."""
+        chain, total, seen = [], 0, {unit}
+        u = self._next.get(unit)
+        while u is not None and u not in seen:
+            seen.add(u)
+            cost = self._copy_bytes(u)
+            if cost:
+                if chain and total + cost > self._window:
+                    break
+                chain.append(u)
+                total += cost
+            u = self._next.get(u)
+        return chain
+
+    def _homes_to_copy(self, unit: _Unit) -> dict[int, torch.Tensor]:
+        managed = unit.model
+        homes = {}
+        for t in unit.uses:
+            home = managed.resident.get(id(t))
+            home = managed.stored[id(t)] if home is None else home
+            if not self.device.holds(home):
+                homes[id(t)] = home
+        return homes
+
+    def _copy_bytes(self, unit: _Unit) -> int:
+        return sum(h.untyped_storage().nbytes() for h in self._homes_to_copy(unit).values())
+
+    def _start(self, unit: _Unit) -> None:
+        homes = self._homes_to_copy(unit)
+        copies, ready = self.device.prefetch(list(homes.values()))
+        fetched = _Prefetch(dict(zip(homes, copies)), ready, sum(c.untyped_storage().nbytes() for c in copies))
+        self._prefetched[unit] = fetched
+        self._count(fetched.nbytes)
+        self.prefetch_stats.issued += 1
+
+    def _drop(self, unit: _Unit) -> None:
+        # On CUDA the copy may still be running on the side stream: its memory goes back to the side stream's pool,
+        # where the next side-stream work is ordered after it, and the compute stream never read it.
+        self._count(-self._prefetched.pop(unit).nbytes)
+        self.prefetch_stats.dropped += 1
+
+    def _drop_prefetches(self, managed: PlacedModel | None = None) -> None:
+        for unit in [u for u in self._prefetched if managed is None or u.model is managed]:
+            self._drop(unit)
+
+    def _largest_copy(self, stage_only: bool = True) -> int:
+        """Stored bytes of the largest unit streamed in the current stage (of all models before the first stage,
+        or with stage_only=False)."""
+        names = self._stage if self._stage is not None and stage_only else list(self.models)
+        return max((self._copy_bytes(u) for n in names if n in self.models for u in self.models[n].units), default=0)
+
+    def _set_window(self) -> None:
+        if not self.prefetch:
+            self._window = 0
+        elif self.prefetch_bytes is not None:
+            self._window = max(0, int(self.prefetch_bytes))
+        else:
+            self._window = 2 * self._largest_copy()
+
+    def prefetch_window_bytes(self) -> int:
+        """The most bytes prefetched copies may hold on the device (0: prefetch off): the window, or one unit
+        if it is larger. `resident_bytes` stays within budget + largest_unit_bytes() + this."""
+        return max(self._window, self._largest_copy(stage_only=False)) if self._window else 0
 
     # -- counting --------------------------------------------------------------------------------------
     def _bytes(self, tensors: Iterable[torch.Tensor], held: bool) -> int:
@@ -399,7 +579,7 @@ class VRAMManager:
             if names is None or name in names:
                 for u in managed.units:
                     size = sum(t.numel() * managed.call_dtype(t, t).itemsize for t in u.uses)
-                    if isinstance(u.module, QuantizedLinear):  # its call also dequantizes the weight
+                    if isinstance(u.module, (QuantizedLinear, Fp8Linear)):  # a call may dequantize the weight
                         size += u.module.in_features * u.module.out_features * managed.compute_dtype.itemsize
                     out = max(out, size)
         return out
@@ -412,4 +592,8 @@ class VRAMManager:
             resident = sum(1 for u in m.units if u.resident)
             lines.append(f"  {name}: {len(m.units)} units, {resident} resident, {len(m.streamed)} streamed, "
                          f"compute {m.compute_dtype}")
+        if self._window:
+            st = self.prefetch_stats
+            lines.append(f"  prefetch: window {self._window / GiB:.3f} GiB; {st.issued} issued, {st.used} used, "
+                         f"{st.dropped} dropped, {st.missed} streamed calls without one")
         return "\n".join(lines)
