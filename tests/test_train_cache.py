@@ -205,6 +205,15 @@ def test_caches_that_do_not_fit_are_refused(world, tmp_path):
         message = error_of(cached_argv(setup, other, tmp_path / field))
         assert f"--dataset_base_path {other}" in message and expected in message, message
         assert "--task data_process" in message
+    # A FLEX.2 DiT: its extra input channels are VAE encodings of the step's inputs, which no cache holds.
+    from tests.tiny_dit import make_diffusers_dit
+    flex = setup.model / "transformer flex"   # beside the folder's tokenizers
+    make_diffusers_dit(seed=5, in_channels=196, out_channels=64).save_pretrained(flex)
+    argv = cached_argv(setup, cache, tmp_path / "flex")
+    argv[argv.index("--model_paths") + 1] = json.dumps([str(flex)])
+    message = error_of(argv)
+    assert "the DiT has 196 input channels for 64 output channels (FLEX.2 / FLUX.1-Fill)" in message
+    assert "train it with --task sft" in message
 
 
 # ------------------------------------------------------------------------------------------------ processes
