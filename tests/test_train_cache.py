@@ -194,6 +194,8 @@ def test_caches_that_do_not_fit_are_refused(world, tmp_path):
     command = message.split("Build a matching cache: ")[1]
     assert command.startswith("python -m flux_core.train --task data_process --dataset_base_path ")
     assert "--torch_dtype bfloat16 --t5_sequence_length 8" in command and "--model_paths" in command
+    message = error_of(cached_argv(setup, cache, tmp_path / "k", "--extra_inputs", "kontext_images"))
+    assert "its rows hold no Kontext reference tokens, this run has --extra_inputs kontext_images" in message
     # A cache of other text and latent widths than the DiT's (edited manifest), and an unfinished one.
     for field, value, expected in (("text_width", 48, "its text tokens are 48 wide, the DiT's context_in_dim is 32"),
                                    ("latent_channels", 4, "its latents have 4 channels, the DiT reads 16"),

@@ -158,7 +158,8 @@ def rebuild_command(manifest: dict | None, args: argparse.Namespace, folder: Pat
     t5_length = args.t5_sequence_length or (manifest or {}).get("t5_sequence_length")
     output = folder.parent / (f"{folder.name}-{args.torch_dtype}" + (f"-t5_{t5_length}" if t5_length else "")
                               if manifest else f"{folder.name}-cache")
-    flags.update(torch_dtype=args.torch_dtype, t5_sequence_length=t5_length, output_path=str(output))
+    flags.update(extra_inputs=args.extra_inputs, torch_dtype=args.torch_dtype, t5_sequence_length=t5_length,
+                 output_path=str(output))
     words = ["python", "-m", "flux_core.train", "--task", "data_process"]
     for name, value in flags.items():
         if value is not None:
@@ -198,6 +199,11 @@ class CachedDataset(Dataset):
         if a.t5_sequence_length is not None and manifest.get("t5_sequence_length") != a.t5_sequence_length:
             problems.append(f"its captions have {manifest.get('t5_sequence_length')} T5 tokens, this run has "
                             f"--t5_sequence_length {a.t5_sequence_length}")
+        kontext = "kontext_images" in comma_list(a.extra_inputs)
+        if manifest.get("kontext_images") != kontext:
+            problems.append("its rows hold Kontext reference tokens, this run has no --extra_inputs kontext_images"
+                            if not kontext else "its rows hold no Kontext reference tokens, this run has "
+                            "--extra_inputs kontext_images")
         missing = [str(row_path(folder, i).relative_to(folder)) for i in self.rows if not row_path(folder, i).is_file()]
         if missing:
             problems.append(f"row files are missing ({', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}; "
