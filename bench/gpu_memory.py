@@ -16,8 +16,15 @@ Rows:
 - FluxCore bf16 resident: the plain model on the GPU.
 - FluxCore fp8 storage: weight matrices in float8_e4m3fn on the GPU, each layer cast to bf16 when it runs.
 - FluxCore fp8 + offload, vram_limit 8: weights in pinned CPU memory (fp8); `enable_vram_management(
-  vram_limit=8)` semantics: 7.5 GiB of weights (8 - vram_buffer 0.5) resident, the rest streamed per call.
-- FluxCore fp8 + offload, vram_limit 0: every layer streamed (the minimum-memory mode).
+  vram_limit=8)` semantics: 7.5 GiB of weights (8 - vram_buffer 0.5) resident, the rest streamed per call, with
+  the streamed layers prefetched on a side CUDA stream (the default on CUDA), and once more without prefetch
+  (each layer copied in its own call, as before prefetch existed); the notes give the ratio to the fp8 storage
+  row (the same computation, resident) and the prefetcher's counts.
+- FluxCore fp8 + offload, vram_limit 0: every layer streamed (the minimum-memory mode), with prefetch.
+- FluxCore fp8 compute (flux_core.fp8.enable_fp8_compute: the blocks' layers multiply in FP8 through
+  torch._scaled_mm where the GPU has it, else storage-only; the path is in the label), resident, and + offload
+  vram_limit 8 with prefetch. The weights here are the fp8 storage rows' codes (scale 1): these rows time the
+  computation; its accuracy is bench/gpu_speed.py's.
 - diffusers bf16 resident.
 - diffusers model CPU offload: the whole model moved to the GPU for the denoising stage (what
   `enable_model_cpu_offload` does per pipeline call), timed including that transfer.
@@ -43,8 +50,9 @@ from flux_core.loading.dit_layouts import dit_to_bfl  # noqa: E402
 from flux_core.loading.lazy import lazy_from_tensor  # noqa: E402
 from flux_core.loading.loader import assign_weights  # noqa: E402
 from flux_core.math import image_ids, text_ids  # noqa: E402
+from flux_core.fp8 import enable_fp8_compute  # noqa: E402
 from flux_core.models.dit import FluxDiT, FluxParams  # noqa: E402
-from flux_core.vram import GiB, ComputeDevice, VRAMManager, store_model  # noqa: E402
+from flux_core.vram import GiB, ComputeDevice, SimulatedDevice, VRAMManager, store_model  # noqa: E402
 
 GB = 1e9
 FULL = FluxParams()
@@ -127,8 +135,11 @@ class Runner:
             torch.cuda.reset_peak_memory_stats(self.device)
 
     @torch.no_grad()
-    def row(self, label: str, setup, step, x, teardown=None, transfer_once: bool = False):
-        """setup() -> model placed; step(model, x) one forward; teardown(model) after. OOM is caught."""
+    def row(self, label: str, setup, step, x, teardown=None, transfer_once: bool = False, describe=None,
+            ratio_to: str | None = None):
+        """setup() -> model placed; step(model, x) one forward; teardown(model) after. OOM is caught.
+        describe() -> text added to the row's notes (before teardown); ratio_to: the label of an earlier row whose
+        s/step this row's is divided by, in the notes."""
         if time.monotonic() > self.deadline:
             self.rows.append((label, "-", "-", "-", "-", "skipped: time budget spent"))
             print(f"  {label}: skipped (time budget)", flush=True)
@@ -153,6 +164,11 @@ class Runner:
             _, peak = self.memory()
             total30 = (first - per_step) + 30 * per_step if transfer_once else 30 * per_step
             note = f"setup {t_setup:.1f} s" + (f"; first step {first:.2f} s" if transfer_once else "")
+            base = next((r[3] for r in self.rows if r[0] == ratio_to), None)
+            if base is not None and base != "-":
+                note += f"; {per_step / float(base):.2f}x '{ratio_to}'"
+            if describe is not None:
+                note += f"; {describe()}"
             self.rows.append((label, f"{weights:.2f}", f"{peak:.2f}", f"{per_step:.3f}", f"{total30:.1f}", note))
         except torch.cuda.OutOfMemoryError:
             self.rows.append((label, "-", "OOM", "-", "-", "out of memory"))
@@ -209,12 +225,14 @@ def main() -> int:
         ref.to("cpu")  # only the model under test on the device
     x = inputs(params, device, image_tokens, text_tokens)
     run = Runner(device, args.steps, start + args.budget_minutes * 60)
-    compute = ComputeDevice(device)
+    # The dry run streams to a device simulated in host memory, so the offload rows run the manager's streaming and
+    # prefetch logic (a CPU ComputeDevice holds the CPU weights already: nothing would stream).
+    compute = ComputeDevice(device) if device.type == "cuda" else SimulatedDevice()
     state: dict = {}
 
-    def manage(budget):
+    def manage(budget, prefetch=None):
         def setup():
-            vram = VRAMManager(compute, budget)
+            vram = VRAMManager(compute, budget, prefetch=prefetch)
             vram.add("dit", ours, torch.bfloat16)
             vram.load_models_to_device(["dit"])
             state["vram"] = vram
@@ -224,13 +242,29 @@ def main() -> int:
     def unmanage(model):
         state.pop("vram").remove_all()
 
+    def prefetched():
+        st = state["vram"].prefetch_stats
+        return f"prefetch: {st.used} used, {st.missed} calls without, {st.dropped} dropped"
+
+    pinned = device.type == "cuda"
     run.row("FluxCore bf16, resident", lambda: ours, ours_step, x)
     store_model(ours, device, torch.float8_e4m3fn)  # lossy from here on: the bf16 rows come first
-    run.row("FluxCore fp8 storage (e4m3fn), bf16 compute", manage(None), ours_step, x, unmanage)
-    store_model(ours, "cpu", pin_memory=device.type == "cuda")
-    run.row("FluxCore fp8 + offload, vram_limit 8 (7.5 GiB resident)", manage(int(7.5 * GiB)), ours_step, x,
-            unmanage)
-    run.row("FluxCore fp8 + offload, vram_limit 0 (all streamed)", manage(0), ours_step, x, unmanage)
+    storage_row = "FluxCore fp8 storage (e4m3fn), bf16 compute"
+    run.row(storage_row, manage(None), ours_step, x, unmanage)
+    store_model(ours, "cpu", pin_memory=pinned)
+    run.row("FluxCore fp8 + offload, vram_limit 8 (7.5 GiB resident), prefetch", manage(int(7.5 * GiB), True),
+            ours_step, x, unmanage, describe=prefetched, ratio_to=storage_row)
+    run.row("FluxCore fp8 + offload, vram_limit 8 (7.5 GiB resident), no prefetch", manage(int(7.5 * GiB), False),
+            ours_step, x, unmanage, ratio_to=storage_row)
+    run.row("FluxCore fp8 + offload, vram_limit 0 (all streamed), prefetch", manage(0, True), ours_step, x, unmanage,
+            describe=prefetched, ratio_to=storage_row)
+    path = enable_fp8_compute(ours, device)  # the fp8 codes stay (scale 1), pinned on the CPU
+    store_model(ours, device)
+    compute_row = f"FluxCore fp8 compute ({path}), resident"
+    run.row(compute_row, manage(None), ours_step, x, unmanage)
+    store_model(ours, "cpu", pin_memory=pinned)
+    run.row("FluxCore fp8 compute + offload, vram_limit 8, prefetch", manage(int(7.5 * GiB), True), ours_step, x,
+            unmanage, describe=prefetched, ratio_to=compute_row)
     del ours
     state.clear()
     run.cleanup()

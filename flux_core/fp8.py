@@ -251,12 +251,15 @@ def _problems(model: nn.Module, layers: dict[str, nn.Linear]) -> list[str]:
 @torch.no_grad()
 def _convert(linear: nn.Linear) -> None:
     weight = linear.weight
+    pinned = weight.device.type == "cpu" and torch.cuda.is_available() and weight.is_pinned()
     if weight.dtype == FP8_COMPUTE_DTYPE:  # stored in FP8 without a scale: the codes are the values
         scale = torch.ones(weight.shape[0], dtype=torch.float32, device=weight.device)
     else:
         codes, scale = quantize_rows(weight)
-        weight.data = codes
-    linear.register_buffer(SCALE_NAME, scale)
+        weight.data = codes.pin_memory() if pinned else codes
+    # Page-locked like the weight (store_model(pin_memory=True)): a streamed layer's copies then all run
+    # asynchronously; one pageable scale would make the host wait for its copy at every call.
+    linear.register_buffer(SCALE_NAME, scale.pin_memory() if pinned else scale)
     linear._fallback = {}
     linear.__class__ = Fp8Linear
 
