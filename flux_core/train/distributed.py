@@ -1,12 +1,23 @@
-"""Several processes through accelerate: which backend a launch gets, and (for the trainer) what DDP, FSDP and
-DeepSpeed each need from the code.
+"""Several processes through accelerate: which backend a launch gets, and what DDP, FSDP and DeepSpeed each need from
+the trainer (how the trained model is prepared, how its full weights and optimizer state are read and restored,
+which processes run the model for validation).
 
 `accelerate launch --multi_gpu --num_processes N` on a machine without GPUs starts N processes that set WORLD_SIZE,
 but accelerate only joins them into one gloo group when told it runs on the CPU (`cpu=True`); without it every
-process runs alone (checked with accelerate 1.15: DistributedType.NO, num_processes 1).
+process runs alone (checked with accelerate 1.15: DistributedType.NO, num_processes 1). accelerate 1.15 also keeps
+FSDP off on the CPU (MULTI_CPU is not among the types it turns into FSDP) although PyTorch's FSDP2 (`fully_shard`)
+runs over gloo; `make_accelerator` switches it on there, so the FSDP path a GPU run takes is the one CPU tests run.
+
+The strategies, as the trainer sees them:
+- "single", "ddp": the model's parameters are whole on every process (DDP averages the gradients).
+- "fsdp": each process holds a shard of every parameter (DTensors), frozen ones too; reading the full weights and
+  running the model are collectives, so every process must take part.
+- "deepspeed": ZeRO-2 shards the optimizer state and gradients, ZeRO-3 the weights as well; DeepSpeed's engine
+  does the accumulation and the optimizer step.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -24,3 +35,183 @@ def process_state():
     with GPUs); one process when not launched by `accelerate launch`."""
     from accelerate import PartialState
     return PartialState(cpu=cpu_processes())
+
+
+def fsdp_requested(env: dict | None = None) -> bool:
+    """`accelerate launch --use_fsdp` (or a config file with distributed_type: FSDP) launched this process."""
+    env = os.environ if env is None else env
+    return env.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+
+
+def make_accelerator(**kwargs):
+    """The trainer's Accelerator: gloo between CPU processes (cpu_processes), and FSDP also on the CPU when it was
+    asked for (FSDP2 only: FSDP1 needs CUDA). `kwargs` go to Accelerator."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    from .args import TrainError
+
+    acc = Accelerator(cpu=cpu_processes(), **kwargs)
+    if fsdp_requested() and acc.distributed_type == DistributedType.MULTI_CPU:
+        plugin = FullyShardedDataParallelPlugin()   # from the FSDP_* variables the launcher set
+        if plugin.fsdp_version != 2:
+            raise TrainError("FSDP on a machine without GPUs needs FSDP2 (fully_shard, gloo): launch with "
+                             "--fsdp_version 2 (or fsdp_version: 2 in the config file; the shipped "
+                             "flux_core/train/accelerate_configs/fsdp_*.yaml have it).")
+        state = AcceleratorState()
+        state.fsdp_plugin, state.distributed_type = plugin, DistributedType.FSDP
+        # every AcceleratorState() copies PartialState's type over its own (accelerate mirrors them the same way)
+        PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+    return acc
+
+
+def strategy(acc) -> str:
+    """"single", "ddp", "fsdp" or "deepspeed": what holds the trained weights (see the module docstring)."""
+    from accelerate.utils import DistributedType
+
+    if acc.distributed_type == DistributedType.FSDP:
+        return "fsdp"
+    if acc.distributed_type == DistributedType.DEEPSPEED:
+        return "deepspeed"
+    return "ddp" if acc.num_processes > 1 else "single"
+
+
+def describe(acc, model: torch.nn.Module) -> str:
+    """The strategy for the run log, with what it did to the model: "fsdp2 (27 modules sharded)", "ddp", ..."""
+    kind = strategy(acc)
+    if kind == "fsdp":
+        from torch.distributed.fsdp import FSDPModule
+        inner = getattr(model, "module", model)
+        sharded = sum(isinstance(m, FSDPModule) for m in inner.modules())
+        return f"fsdp{acc.state.fsdp_plugin.fsdp_version} ({sharded} modules sharded)"
+    if kind == "deepspeed":
+        return f"deepspeed zero-{zero_stage(acc)}"
+    return kind
+
+
+def zero_stage(acc) -> int:
+    """DeepSpeed's ZeRO stage (0 when not DeepSpeed)."""
+    if strategy(acc) != "deepspeed":
+        return 0
+    return int(acc.state.deepspeed_plugin.deepspeed_config.get("zero_optimization", {}).get("stage", 0))
+
+
+def run_problems(acc, fp8_slots: list[str], accumulation: int) -> list[str]:
+    """What a launch with FSDP or DeepSpeed cannot train, each with its fix (the trainer raises them at once)."""
+    kind, problems = strategy(acc), []
+    if kind in ("fsdp", "deepspeed") and fp8_slots:
+        problems.append(f"--fp8_models with {kind.upper()}: FP8 storage wraps the frozen weights that {kind.upper()} "
+                        f"shards (and gathers through collectives that have no float8 on gloo); leave "
+                        f"--fp8_models out (sharding already divides their memory across the GPUs) or launch with "
+                        f"DDP.")
+    if kind == "deepspeed" and accumulation > 1:
+        problems.append(f"--gradient_accumulation_steps {accumulation} with DeepSpeed: its engine accumulates on its "
+                        f"own schedule; use 1 (and more GPUs for a larger batch), or FSDP, which accumulates as DDP "
+                        f"does.")
+    return problems
+
+
+def prepare(acc, trained: torch.nn.Module, optimizer: torch.optim.Optimizer, micro_batch: int):
+    """(model, optimizer) through accelerate.prepare, after what each strategy needs first:
+    DDP: the frozen weights are not broadcast from process 0 (every process loaded the same files; gloo cannot
+    broadcast float8 at all). FSDP: nothing (accelerate applies fully_shard to every DoubleStreamBlock /
+    SingleStreamBlock the config names, then the whole model). DeepSpeed: its micro batch per GPU, which
+    accelerate otherwise reads from a DataLoader the trainer does not pass."""
+    kind = strategy(acc)
+    if kind == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+            trained, [n for n, p in trained.named_parameters() if not p.requires_grad])
+    elif kind == "deepspeed":
+        acc.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = micro_batch
+    return acc.prepare(trained, optimizer)
+
+
+def trained_parameters(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
+    """(name, parameter) of what trains, named as in the unwrapped model: after prepare() under FSDP these are the
+    sharded parameters that replaced the module's own (so the list made before prepare() is stale)."""
+    inner = getattr(model, "module", model)   # DDP / DeepSpeed engine
+    return [(n, p) for n, p in inner.named_parameters() if p.requires_grad]
+
+
+def no_sync(acc, model, boundary: bool):
+    """The context of one micro-step of an accumulation window: DDP skips the gradient all-reduce before the
+    window's last one (accelerate's no_sync); FSDP reduce-scatters every micro-step into its sharded gradients
+    (FSDP2 modules have no no_sync; the sum is the same); DeepSpeed's engine decides itself."""
+    if boundary or strategy(acc) != "ddp":
+        return contextlib.nullcontext()
+    return acc.no_sync(model)
+
+
+def model_runs_on_every_process(acc) -> bool:
+    """True when running the model needs every process (its weights sharded: FSDP, ZeRO-3): validation images are
+    then made by all processes together (the main one saves them)."""
+    return strategy(acc) == "fsdp" or zero_stage(acc) == 3
+
+
+@contextlib.contextmanager
+def full_parameters(acc, model: torch.nn.Module):
+    """Entered by every process (the weights are gathered through collectives): inside, the main process's
+    `model` holds its trained parameters whole, as plain tensors on the CPU, so code that reads them from the
+    module (export_lora, state_dict(), the checkpoint) works unchanged; afterwards the sharded ones are back.
+    Single process, DDP and ZeRO-2 hold them whole already: nothing happens."""
+    kind = strategy(acc)
+    if kind not in ("fsdp", "deepspeed") or (kind == "deepspeed" and zero_stage(acc) < 3):
+        yield
+        return
+    inner = getattr(model, "module", model)
+    if kind == "fsdp":
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        full = get_model_state_dict(inner, options=StateDictOptions(full_state_dict=True, cpu_offload=True,
+                                                                    ignore_frozen_params=True))
+    else:   # ZeRO-3: accelerate gathers the 16-bit weights (zero3_save_16bit_model), all of them
+        trained = {n for n, _ in trained_parameters(inner)}
+        full = {n: t for n, t in acc.get_state_dict(model).items() if n in trained}
+    swapped = []
+    try:
+        if acc.is_main_process:
+            for name, tensor in full.items():
+                owner, _, leaf = name.rpartition(".")
+                module = inner.get_submodule(owner)
+                old = module._parameters[leaf]
+                # Put straight into _parameters: FSDP2's state-dict hooks stay out of it (its groups are sharded)
+                module._parameters[leaf] = torch.nn.Parameter(tensor, requires_grad=old.requires_grad)
+                swapped.append((module, leaf, old))
+        yield
+    finally:
+        for module, leaf, old in reversed(swapped):
+            module._parameters[leaf] = old
+
+
+def optimizer_state(acc, model: torch.nn.Module, optimizer) -> dict:
+    """The optimizer state to save (on the main process), gathered whole under FSDP (keyed by parameter names,
+    torch.distributed.checkpoint's layout) and torch's own optimizer.state_dict() otherwise. A collective under FSDP."""
+    if strategy(acc) != "fsdp":
+        return optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+    return get_optimizer_state_dict(getattr(model, "module", model), _plain(optimizer),
+                                    options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def restore(acc, model: torch.nn.Module, optimizer, trainable: dict[str, torch.Tensor], state: dict) -> None:
+    """Load a checkpoint's trained weights and optimizer state into the prepared model and optimizer; every process
+    reads the same files. Under FSDP each process keeps its shard (torch.distributed.checkpoint's setters)."""
+    inner = getattr(model, "module", model)
+    if strategy(acc) == "fsdp":
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                              set_optimizer_state_dict)
+        options = StateDictOptions(full_state_dict=True, strict=False)
+        set_model_state_dict(inner, trainable, options=options)
+        set_optimizer_state_dict(inner, _plain(optimizer), state, options=options)
+        return
+    params = dict(trained_parameters(inner))
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(trainable[name].to(p.device, p.dtype))
+    optimizer.load_state_dict(state)
+
+
+def _plain(optimizer):
+    """torch's optimizer inside accelerate's AcceleratedOptimizer."""
+    return getattr(optimizer, "optimizer", optimizer)
