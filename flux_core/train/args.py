@@ -79,7 +79,8 @@ def build_parser(prog: str = "python -m flux_core.train") -> argparse.ArgumentPa
     d = p.add_argument_group("dataset")
     d.add_argument("--dataset_base_path", required=True,
                    help="folder the metadata's file paths are relative to (and where image + .txt pairs are "
-                        "looked for when there is no metadata file)")
+                        "looked for when there is no metadata file); --task sft:train: the cache folder that --task "
+                        "data_process wrote")
     d.add_argument("--dataset_metadata_path", default=None,
                    help="metadata .csv/.json/.jsonl with an `image` and a `prompt` column. Default: "
                         "metadata.csv/json/jsonl in the base folder if there is one, else every image of the "
