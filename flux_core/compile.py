@@ -19,13 +19,16 @@ What stays eager, and why:
 - block calls under autograd (training, gradient checkpointing): the graphs are compiled for inference only.
 
 What is compiled with the blocks: LoRAs in hook mode (their forward hooks on the blocks' nn.Linear layers are traced
-into the graph; loading or clearing LoRAs recompiles the two graphs once, then each set of hooks is reused), an
-attention mask (EliGen: a graph input; the first masked call compiles one more graph per block kind).
+into the graph; loading LoRAs compiles new graphs: two per block kind, as the first trace fills flux_core.lora's
+per-dtype cache of LoRA matrices, which the next call's guards then see; clearing them goes back to the graphs
+without hooks, and reloading the same LoRAs reuses theirs), an attention mask (EliGen: a graph input; the first
+masked call compiles one more graph per block kind), GGUF and FP8-compute (flux_core.fp8) layers.
 
 What is refused (`CompileRefused`): a DiT under the VRAM manager or with offloaded weights (flux_core.vram swaps
 each layer's `param.data` in forward pre-hooks, which dynamo cannot trace). The check runs again before every
 compiled block call, so managing a DiT after compiling it gets the same message. GGUF blocks resident on the device
-compile (their dequantisation is plain tensor code, traced into the graph).
+compile (their dequantisation is plain tensor code, traced into the graph); so do FP8-compute layers (their
+`torch._scaled_mm` path; tests/test_compile.py).
 
 Recompiles: once per new input shape (another image size, batch or text length), per LoRA set (hooks added or
 removed; another rank), and per mask kind (none / bool / float). `tests/test_compile.py` proves none happen across
@@ -49,9 +52,11 @@ from .model_state import peek_state
 if TYPE_CHECKING:  # flux_core.models.dit imports this module (FluxDiT.run_block)
     from .models.dit import FluxDiT
 
-# torch.compile's modes; None is its default ("default"). "reduce-overhead" adds CUDA graphs, "max-autotune"
-# benchmarks matmul kernels while compiling (minutes on a full-size DiT).
-COMPILE_MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+# torch.compile's modes offered: None is its default ("default"); "max-autotune-no-cudagraphs" benchmarks matmul
+# kernels while compiling (minutes on a full-size DiT). The CUDA-graph modes ("reduce-overhead", "max-autotune") are
+# left out: all blocks of a kind replay ONE graph, whose static output buffers each replay overwrites while the
+# previous block's outputs are still in use (and no GPU test has shown otherwise).
+COMPILE_MODES = (None, "default", "max-autotune-no-cudagraphs")
 _SETTINGS_ATTR = "fluxcore_compile"   # set on each block's compiled call: the settings it was compiled with
 COMPILED_VARIANTS = 64                  # graphs kept per block kind (dynamo's recompile_limit, 8 by default)
 
@@ -75,7 +80,8 @@ def compile_dit(dit: "FluxDiT", mode: str | None = None, *, backend: str = "indu
     compile on their first call. Calling it again with the same settings does nothing; with other settings the
     blocks are compiled anew. Raises CompileRefused for a DiT under the VRAM manager or offloaded."""
     if mode not in COMPILE_MODES:
-        raise ValueError(f"compile_dit: mode {mode!r} is not one of torch.compile's modes {COMPILE_MODES}.")
+        raise ValueError(f"compile_dit: mode {mode!r} is not one of {COMPILE_MODES}; the CUDA-graph modes "
+                         f"(reduce-overhead, max-autotune) are not offered for blocks that share one graph.")
     refusal = compile_refusal(dit)
     if refusal:
         raise CompileRefused(refusal)

@@ -189,8 +189,9 @@ def test_compile_is_idempotent_and_undone(eager):
     assert compile_settings(dit).mode == "max-autotune-no-cudagraphs"
     uncompile_dit(dit)
     assert not is_compiled(dit) and all(b._compiled_call_impl is None for b in dit.double_blocks)
-    with pytest.raises(ValueError, match="mode 'fast' is not one of"):
-        compile_dit(dit, mode="fast")
+    for mode in ("fast", "reduce-overhead"):
+        with pytest.raises(ValueError, match=f"mode '{mode}' is not one of"):
+            compile_dit(dit, mode=mode)
 
 
 def test_a_vram_managed_dit_is_refused_with_what_to_do(eager):
