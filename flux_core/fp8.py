@@ -229,6 +229,9 @@ def _problems(model: nn.Module, layers: dict[str, nn.Linear]) -> list[str]:
                         f"{', '.join(training[:3])}): torch._scaled_mm has no backward and FP8 activations would "
                         f"round the gradients' inputs; FP8 compute is for inference. Call model.requires_grad_(False) "
                         f"first (after training), or train without it")
+    layers = {n: m for n, m in layers.items() if not isinstance(m, Fp8Linear)}
+    if not layers:  # converted already: nothing below applies to a call that changes nothing
+        return problems
     state = peek_state(model)
     if state is not None and state.compute is not None:
         problems.append("the model is managed by a VRAMManager (enable_vram_management / the VRAM options node), "
@@ -267,8 +270,9 @@ def _convert(linear: nn.Linear) -> None:
 def enable_fp8_compute(model: nn.Module, device: torch.device | str | None = None) -> str:
     """Make the Linear layers of `model`'s double and single blocks compute in FP8 (in place; idempotent) and return
     the path they take on `device` (default: the model's device; each call decides by its input's device):
-    "scaled_mm" or "storage-only (reason)". Refused, with every reason at once, for a model being trained, one
-    managed by a VRAMManager, one holding fused LoRAs, GGUF layers or weights not loaded."""
+    "scaled_mm" or "storage-only (reason)". Refused, with every reason at once, for a model being trained, and,
+    while layers remain to convert, for one managed by a VRAMManager, holding fused LoRAs, GGUF layers or weights
+    not loaded. Calling it again on a converted model only returns the path."""
     layers = fp8_compute_layers(model)
     problems = _problems(model, layers)
     if problems:

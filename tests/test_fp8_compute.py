@@ -248,6 +248,22 @@ def test_refusals_are_listed_at_once(dit_file):
         enable_fp8_compute(dit)
     assert not any(isinstance(m, Fp8Linear) for m in dit.modules())  # nothing converted
     assert str(e.value).count(";") >= 1
+    dit.requires_grad_(False)
+    vram = VRAMManager(SimulatedDevice(), 0)
+    converted = load(dit_file)
+    enable_fp8_compute(converted)
+    vram.add("dit", converted, torch.float32)
+    assert enable_fp8_compute(converted) == "scaled_mm"  # converted already: a no-op, even under the manager
+    fused = load(dit_file)
+    load_lora(fused, lora_for(fused), hotload=False)
+    with pytest.raises(ValueError, match="4 layers hold fused LoRAs.*clear_lora first"):
+        enable_fp8_compute(fused)
+    clear_lora(fused)
+    enable_fp8_compute(fused)
+    with torch.device("meta"):
+        meta = one_layer()
+    with pytest.raises(ValueError, match=r"1 layers have no weights loaded \(meta device"):
+        enable_fp8_compute(meta)
     with pytest.raises(ValueError, match="no Linear layers in double_blocks / single_blocks"):
         enable_fp8_compute(nn.Sequential(nn.Linear(16, 16)).requires_grad_(False))
 
