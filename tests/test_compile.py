@@ -239,3 +239,21 @@ def test_fp8_compute_layers_trace_into_the_block_graphs(eager):
         with torch._dynamo.config.patch(error_on_recompile=True):
             again = dit(**dit_inputs())
     assert torch.equal(out, expected) and torch.equal(again, expected)
+
+
+@pytest.mark.parametrize("qtype", ["Q8_0", pytest.param("Q4_K", marks=pytest.mark.slow)])
+def test_gguf_blocks_trace_into_the_block_graphs(qtype, tmp_path):
+    """A GGUF DiT resident on its device (not offloaded): the blocks' dequantisation traces (fullgraph, aot_eager),
+    bit-equal to the eager GGUF forward. A file whose blocks mix quantisation types gets a graph per combination."""
+    from flux_core.loading.loader import load_model
+    from tests.test_gguf import forward, tiny_weights, write_gguf
+
+    path = tmp_path / f"dit-{qtype}.gguf"
+    write_gguf(tiny_weights(), path, qtype)
+    dit = load_model(path, torch_dtype=torch.float32)
+    expected = forward(dit)
+    compile_dit(dit, backend="aot_eager")
+    out = forward(dit)   # a graph per block kind and quantisation type (guards read each layer's qtype)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        again = forward(dit)
+    assert torch.equal(out, expected) and torch.equal(again, expected)
