@@ -97,7 +97,7 @@ def zero_stage(acc) -> int:
     return int(acc.state.deepspeed_plugin.deepspeed_config.get("zero_optimization", {}).get("stage", 0))
 
 
-def run_problems(acc, fp8_slots: list[str], accumulation: int) -> list[str]:
+def run_problems(acc, fp8_slots: list[str], accumulation: int, resume: str | None = None) -> list[str]:
     """What a launch with FSDP or DeepSpeed cannot train, each with its fix (the trainer raises them at once)."""
     kind, problems = strategy(acc), []
     if kind in ("fsdp", "deepspeed") and fp8_slots:
@@ -109,6 +109,10 @@ def run_problems(acc, fp8_slots: list[str], accumulation: int) -> list[str]:
         problems.append(f"--gradient_accumulation_steps {accumulation} with DeepSpeed: its engine accumulates on its "
                         f"own schedule; use 1 (and more GPUs for a larger batch), or FSDP, which accumulates as DDP "
                         f"does.")
+    if kind == "deepspeed" and resume is not None:
+        problems.append("--resume with DeepSpeed: its optimizer state is partitioned across the processes and the "
+                        "checkpoints hold the main process's part only; resume under DDP or FSDP, or start from the "
+                        "saved weights (--lora_checkpoint for a LoRA).")
     return problems
 
 
