@@ -49,6 +49,7 @@ from torch import nn
 from lora_tools import LoraError, LoraFile, LoraKeyWarning, LoraShapeError, describe_foreign, parse_lora
 
 from .dtypes import FLOAT8_DTYPES
+from .fp8 import fuse_refusal
 from .model_state import peek_state, state_of
 from .vram import compute_place
 from .loading.files import checkpoint_files, open_state_dict, safetensors_metadata
@@ -309,6 +310,9 @@ def _hook_reason(dit: nn.Module, modules: list[nn.Module]) -> str:
 
 
 def _check_fusable(modules: list[nn.Module]) -> None:
+    refusal = next((r for r in map(fuse_refusal, modules) if r), None)
+    if refusal:
+        raise LoraError(refusal)
     for m in modules:
         if m.weight.is_meta:
             raise LoraError("load_lora(hotload=False): the DiT's weights are on the meta device (not loaded "

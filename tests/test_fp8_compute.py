@@ -228,8 +228,6 @@ def test_fuse_refusal_message():
     assert "hotload=True or None" in fuse_refusal(holder.double_blocks[0])
 
 
-@pytest.mark.xfail(strict=True, reason="needs flux_core/lora.py to call flux_core.fp8.fuse_refusal in _check_fusable "
-                                       "(not this change's file; patch in the report). Remove this mark with it.")
 def test_fusing_a_lora_is_refused(dit_file):
     dit = load(dit_file)
     enable_fp8_compute(dit)
