@@ -57,6 +57,7 @@ from .step1x import step1x_encoder
 from .math import unpack_latents
 from .teacache import TeaCacheStats
 from .tiled_dit import DiTTiling
+from .fp8 import enable_fp8_compute
 from .vram import GiB, ComputeDevice, VRAMManager, compute_place, store_model
 
 logger = logging.getLogger(__name__)
@@ -118,7 +119,8 @@ class FluxImagePipeline:
                         model_configs: Sequence[ModelConfig] = (), tokenizer_1_config: ModelConfig | None = None,
                         tokenizer_2_config: ModelConfig | None = None,
                         nexus_gen_processor_config: ModelConfig | None = None,
-                        step1x_processor_config: ModelConfig | None = None) -> "FluxImagePipeline":
+                        step1x_processor_config: ModelConfig | None = None, fp8_compute: bool = False
+                        ) -> "FluxImagePipeline":
         """Load every model the configs name; each file's kind (DiT, VAE, CLIP-L, T5) is detected from its keys
         (a config's `kind` states it, and a file of another kind is refused). A config may also name a whole
         diffusers FLUX folder. Tokenizers come from the configs given, else from `tokenizer/` and `tokenizer_2/`
@@ -133,7 +135,9 @@ class FluxImagePipeline:
 
         A config's `offload_device` / `offload_dtype` is where that model's weights are stored: it is loaded
         there (offload_dtype applies to the weight matrices, e.g. torch.float8_e4m3fn; biases and norms keep
-        torch_dtype) and computes on `device` in `torch_dtype`, moved in only for the stages that need it."""
+        torch_dtype) and computes on `device` in `torch_dtype`, moved in only for the stages that need it.
+
+        fp8_compute: the DiT's blocks compute in FP8 (`enable_fp8_compute`)."""
         check_device("device", device)  # before anything is resolved, downloaded or read
         pipe = cls(device=device, torch_dtype=torch_dtype)
         local_model_path = (model_configs[0] if model_configs else ModelConfig()).local_model_path  # env-aware
@@ -168,6 +172,8 @@ class FluxImagePipeline:
         if empty:
             logger.warning("FluxImagePipeline: no model for %s; generation needs every slot filled. Loaded: %s",
                            ", ".join(f"pipe.{slot}" for slot in empty), plan.describe())
+        if fp8_compute:
+            pipe.enable_fp8_compute()
         return pipe
 
     @classmethod
@@ -186,7 +192,24 @@ class FluxImagePipeline:
         pipe.default_size = (demo.HEIGHT, demo.WIDTH)
         return pipe
 
-    # ---------------------------------------------------------------- memory
+    # ---------------------------------------------------------------- memory and speed
+    def enable_fp8_compute(self) -> str:
+        """The DiT's double and single blocks compute in FP8 (flux_core.fp8): weights float8_e4m3fn with a scale per
+        output row, activations quantized per token, multiplied by torch._scaled_mm where the device has it
+        (CUDA compute capability 8.9+: Ada, Hopper, Blackwell; the CPU), else stored in FP8 and computed in
+        torch_dtype. Lossy and in place (reload to go back); works with VRAM management before or after it, LoRAs in
+        hook mode and TeaCache. Returns the path taken on the pipeline's device ("scaled_mm" or "storage-only
+        (reason)"), which is also logged."""
+        self._require("dit", "compute in FP8")
+        managed = self.vram.models.get("dit") if self.vram is not None else None
+        if managed is not None:  # the manager records each tensor's storage: convert between remove and add
+            self.vram.remove("dit")
+        path = enable_fp8_compute(self.dit, self.device)
+        if managed is not None:
+            self.vram.add("dit", self.dit, managed.compute_dtype, managed.persistent_params)
+        logger.info("FluxImagePipeline: the DiT computes in FP8: %s on %s", path, self.device)
+        return path
+
     def enable_vram_management(self, num_persistent_param_in_dit: int | None = None, vram_limit: float | None = None,
                                vram_buffer: float = 0.5, *, device: ComputeDevice | None = None) -> VRAMManager:
         """Low-VRAM running (DiffSynth-Studio v1 names and meaning). Every model's weights rest off the compute
@@ -217,8 +240,9 @@ class FluxImagePipeline:
             model = attrgetter(slot)(self)
             if model is None:
                 continue
-            if any(device.holds(t) for t in model.parameters()):
-                store_model(model, "cpu")
+            # Page-locked on the host when streaming to a GPU: the copies then run asynchronously and the
+            # manager's prefetch overlaps them with the compute.
+            store_model(model, "cpu", pin_memory=device.torch_device.type == "cuda")
             self.vram.add(slot, model, self.torch_dtype,
                           persistent_params=num_persistent_param_in_dit if slot == "dit" else None)
         return self.vram

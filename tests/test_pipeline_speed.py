@@ -1,0 +1,52 @@
+"""The pipeline's speed options: FP8 compute (`from_pretrained(fp8_compute=True)` / `enable_fp8_compute`) in any
+order with VRAM management."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from flux_core.fp8 import Fp8Linear, is_fp8_compute
+from flux_core.model_config import ModelConfig
+from flux_core.pipeline import FluxImagePipeline
+from flux_core.vram import GiB, SimulatedDevice
+from tests.tiny_pipeline import FOLDER_NAME, make_diffusers_pipeline
+
+CALL = dict(prompt="a cat", negative_prompt="blurry", cfg_scale=2.0, height=48, width=64, seed=0, num_inference_steps=2,
+            t5_sequence_length=16, progress_bar_cmd=None, output_type="np")
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("speed")
+    make_diffusers_pipeline(tmp)
+    return tmp / FOLDER_NAME
+
+
+def load(folder, **kwargs) -> FluxImagePipeline:
+    return FluxImagePipeline.from_pretrained(torch_dtype=torch.bfloat16, device="cpu",
+                                             model_configs=[ModelConfig(path=str(folder))], **kwargs)
+
+
+def test_fp8_compute_from_pretrained_equals_the_method_and_any_order_with_vram_management(folder):
+    by_flag = load(folder, fp8_compute=True)
+    assert is_fp8_compute(by_flag.dit) and not is_fp8_compute(by_flag.vae)
+    reference = by_flag(**CALL)
+
+    after = load(folder)
+    after.enable_vram_management(vram_limit=0, device=SimulatedDevice(16 * GiB))  # everything streams
+    assert after.enable_fp8_compute() == "scaled_mm"
+    managed = after.vram.models["dit"]
+    assert any(isinstance(u.module, Fp8Linear) for u in managed.units)   # the manager holds the converted layers
+    assert after.vram.budget == 0 and managed.compute_dtype == torch.bfloat16
+    assert (after(**CALL) == reference).all()
+
+    before = load(folder)
+    before.enable_fp8_compute()
+    before.enable_vram_management(vram_limit=0, device=SimulatedDevice(16 * GiB))
+    assert (before(**CALL) == reference).all()
+    assert not (load(folder)(**CALL) == reference).all()   # bf16 compute gives another image
+
+
+def test_fp8_compute_without_a_dit_names_the_slot():
+    with pytest.raises(RuntimeError, match="cannot compute in FP8: the pipeline has no dit"):
+        FluxImagePipeline(device="cpu").enable_fp8_compute()
