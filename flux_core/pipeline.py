@@ -166,6 +166,8 @@ class FluxImagePipeline:
             pipe.loaded_from[entry.slot] = entry
             logger.info("FluxImagePipeline: %s", entry.describe())
             if offloaded:
+                if pipe.device.type == "cuda":  # page-locked: streamed copies (and their prefetch) run asynchronously
+                    store_model(module, pin_memory=True)
                 pipe.vram = pipe.vram or VRAMManager(ComputeDevice(pipe.device))
                 pipe.vram.add(entry.slot, module, torch_dtype)
         empty = empty_slots(pipe.loaded_from)
