@@ -165,6 +165,24 @@ def test_lora_hook_mode_is_compiled_and_equals_the_delta_added_by_hand(eager, co
     torch.testing.assert_close(cleared, base, rtol=0, atol=ATOL)
 
 
+def test_fused_lora_changes_the_weights_the_graphs_read_without_recompiling(eager, compiled, tmp_path):
+    pairs = random_pairs(block_linears(eager), seed=9, rank=4, alpha=2.0)
+    path = write_kohya(tmp_path / "fused.safetensors", pairs)
+    with torch.no_grad():
+        base = compiled(**dit_inputs())   # compiled before the LoRA is fused
+        load_lora(eager, path, hotload=False)
+        load_lora(compiled, path, hotload=False)
+        try:
+            expected = eager(**dit_inputs())
+            with torch._dynamo.config.patch(error_on_recompile=True):
+                out = compiled(**dit_inputs())
+        finally:
+            clear_lora(eager)
+            clear_lora(compiled)
+    torch.testing.assert_close(out, expected, rtol=0, atol=ATOL)
+    assert (out - base).abs().max() > 0.1
+
+
 @pytest.mark.slow
 def test_attention_mask_is_compiled_and_equals_eager(eager, compiled):
     length = TEXT + TOKENS
