@@ -188,10 +188,12 @@ def test_attention_mask_is_compiled_and_equals_eager(eager, compiled):
     length = TEXT + TOKENS
     mask = torch.rand(1, 1, length, length, generator=torch.Generator().manual_seed(6)) > 0.3
     mask |= torch.eye(length, dtype=torch.bool)   # every query attends somewhere
+    before = graphs(DoubleStreamBlock), graphs(SingleStreamBlock)
     with torch.no_grad():
         expected = eager(**dit_inputs(), extras=DiTExtras(attention_mask=mask))
         out = compiled(**dit_inputs(), extras=DiTExtras(attention_mask=mask))
         unmasked = eager(**dit_inputs())
+    assert (graphs(DoubleStreamBlock), graphs(SingleStreamBlock)) == (before[0] + 1, before[1] + 1)  # compiled
     torch.testing.assert_close(out, expected, rtol=0, atol=ATOL)
     assert (expected - unmasked).abs().max() > 1e-2
 
