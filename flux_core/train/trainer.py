@@ -56,7 +56,6 @@ SIGINT interrupts at once.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import functools
 import json
 import math
@@ -77,6 +76,7 @@ from ..model_config import ModelConfig, ModelFileError
 from ..text_conditioning import Conditioning
 from ..vram import ComputeDevice, VRAMManager, store_model
 from . import checkpoint as ckpt
+from . import distributed
 from .args import (CACHED_TASK, CHANNEL_EXTRAS, ENCODER_EXTRAS, FLEX_CONTROL_DEFAULTS, FP8_COMPONENTS, TrainError,
                    comma_list, data_file_keys, identity_input, is_controlnet_run, is_lora, model_path_entries,
                    torch_dtype, training_mode, uses_eligen, uses_ipadapter, uses_lora_encoder)
@@ -377,18 +377,15 @@ class Trainer:
         return dataset
 
     def setup(self) -> None:
-        from accelerate import Accelerator
         from accelerate.utils import DistributedDataParallelKwargs
 
         a = self.args
         # Every process checks the run folder before anything changes; only the main process then changes it.
         check_output(self.output, a.resume, a.overwrite)
         self.dataset = self.prepare_data()  # every row read before any model is loaded
-        # Several processes on a machine without GPUs (`accelerate launch --multi_gpu --num_processes 2` on a
-        # CPU): accelerate only sets up gloo data parallelism when told it runs on the CPU.
-        cpu_only = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
-        self.accelerator = acc = Accelerator(
-            cpu=cpu_only, kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=a.find_unused_parameters)])
+        # gloo between CPU processes, FSDP on them too when launched with it (flux_core.train.distributed)
+        self.accelerator = acc = distributed.make_accelerator(
+            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=a.find_unused_parameters)])
         self.plan = make_plan(len(self.dataset), acc.num_processes, a.gradient_accumulation_steps, a.num_epochs,
                               a.max_steps)
         if acc.is_main_process:
@@ -428,6 +425,9 @@ class Trainer:
             if slot in fp8:
                 raise TrainError(f"--fp8_models names {what}, which --trainable_models {a.trainable_models} "
                                  f"trains; FP8 storage is for frozen models: leave it out of --fp8_models.")
+        problems = distributed.run_problems(acc, fp8, a.gradient_accumulation_steps, a.resume)
+        if problems:
+            raise TrainError("\n".join(problems))
         store_in_fp8(self.pipe, fp8, self.dtype)
         dit = self.pipe.dit
         torch.manual_seed(a.seed)
@@ -471,16 +471,12 @@ class Trainer:
         self.step, self.epoch, self.position = 0, 0, 0
         self.resumed_from, self.last_saved, self.last_path = None, None, None
         self.skipped_checkpoints: list[str] = []
+        # DDP-wrapped when several processes, sharded under FSDP (then the trained parameters are new objects)
+        self.model, self.optimizer = distributed.prepare(acc, trained, optimizer, BATCH_PER_PROCESS)
+        self.params = distributed.trained_parameters(self.model)
         if resumable is not None:
-            self.restore(optimizer, resumable)
+            self.restore(resumable)
             del resumable  # the restored tensors are in the parameters now
-        if acc.num_processes > 1:
-            # Frozen weights are loaded from the same files by every process, so DDP need not broadcast them
-            # from process 0 at the start (the whole DiT for a LoRA run); gloo cannot broadcast float8 at all.
-            from torch.nn.parallel import DistributedDataParallel
-            DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
-                trained, [n for n, p in trained.named_parameters() if not p.requires_grad])
-        self.model, self.optimizer = acc.prepare(trained, optimizer)   # DDP-wrapped when several processes
         self.dit_model = self.model if trained is dit else dit
         self.schedule = training_schedule()
         self.guidance = a.embedded_guidance if dit.params.guidance_embed else None
@@ -539,7 +535,7 @@ class Trainer:
                       f"resuming from {loaded.folder.name}, the newest complete one.", file=sys.stderr, flush=True)
         return loaded
 
-    def restore(self, optimizer: torch.optim.Optimizer, loaded: ckpt.TrainingState) -> None:
+    def restore(self, loaded: ckpt.TrainingState) -> None:
         folder, state = loaded.folder, loaded.state
         saved, now = state.get("settings", {}), self.settings()
         for key, value in now.items():
@@ -554,10 +550,7 @@ class Trainer:
             raise TrainError(f"--resume {folder}: its trained parameters differ from this run's "
                              f"({len(loaded.trainable)} vs {len(names)}); resume with the same {model} "
                              f"(--model_paths / --model_id_with_origin_paths) and --lora_target_modules.")
-        with torch.no_grad():
-            for name, p in self.params:
-                p.copy_(loaded.trainable[name].to(p.device, p.dtype))
-        optimizer.load_state_dict(loaded.optimizer)
+        distributed.restore(self.accelerator, self.model, self.optimizer, loaded.trainable, loaded.optimizer)
         self.scheduler.load_state_dict(loaded.scheduler)
         self.step, self.epoch, self.position = state["step"], state["epoch"], state["position"]
         self.resumed_from = str(folder)
@@ -584,7 +577,8 @@ class Trainer:
                   f"{'es' if plan.processes > 1 else ''} x {plan.accumulation} gradient accumulation step"
                   f"{'s' if plan.accumulation > 1 else ''}).", file=sys.stderr, flush=True)
         self.log("start", total_steps=plan.total_steps, start_step=self.step, steps_per_epoch=plan.steps_per_epoch,
-                 epochs=plan.epochs, num_processes=plan.processes, batch_per_process=BATCH_PER_PROCESS,
+                 epochs=plan.epochs, num_processes=plan.processes, distributed=distributed.describe(acc, self.model),
+                 batch_per_process=BATCH_PER_PROCESS,
                  gradient_accumulation_steps=plan.accumulation, effective_batch=plan.effective_batch,
                  samples=plan.samples, dataset_rows=self.data_summary["rows"], mode=self.mode,
                  trainable_parameters=sum(p.numel() for _, p in self.params), lora_layers=len(self.targets),
@@ -619,7 +613,7 @@ class Trainer:
                 window_start, window_len = plan.window(k)
                 boundary = k - window_start + 1 == window_len
                 place = k * plan.processes + acc.process_index
-                with (acc.no_sync(self.model) if not boundary else contextlib.nullcontext()), training_attention():
+                with distributed.no_sync(acc, self.model, boundary), training_attention():
                     loss = self._loss(sample, sample_generator(a.seed, self.epoch, place))
                     acc.backward(loss / window_len)
                 losses.append(loss.detach().float())
@@ -735,36 +729,42 @@ class Trainer:
         acc = self.accelerator
         acc.wait_for_everyone()
         path = self.output / f"{label}.safetensors"
-        if acc.is_main_process:
-            dit = self.pipe.dit
-            if self.lora:
-                from lora_tools import save_lora
-                from .trainable import export_lora
-                save_lora(export_lora(dit), path, fmt=self.args.lora_format, dtype=self.dtype)
-            elif self.mode == "controlnet" or self.mode in ADAPTER_MODES:
-                from .trainable import CONTROLNET_CONFIG_KEY, adapters_state_dict
-                modules = {"controlnet": self.trained} if self.mode == "controlnet" else self.trained
-                metadata = {"format": "pt"}
-                if "controlnet" in modules:  # its RoPE axes: the one setting shapes cannot tell
-                    config = {"axes_dim": list(modules["controlnet"].params.axes_dim)}
-                    metadata[CONTROLNET_CONFIG_KEY] = json.dumps(config)
-                save_safetensors(adapters_state_dict(modules, self.args.remove_prefix_in_ckpt), path,
-                                 metadata=metadata)
-            else:
-                from .trainable import DIT_CONFIG_KEY, full_state_dict
-                config = {"axes_dim": list(dit.params.axes_dim)}  # the one setting shapes cannot tell
-                save_safetensors(full_state_dict(dit, self.args.remove_prefix_in_ckpt), path,
-                                 metadata={"format": "pt", DIT_CONFIG_KEY: json.dumps(config)})
-            state = {"step": self.step, "epoch": self.epoch, "position": self.position, "weights": path.name,
-                     "settings": self.settings()}
-            folder = ckpt.save_state(self.output, {n: p for n, p in self.params}, self.optimizer.state_dict(),
-                                     self.scheduler.state_dict(), state, self.args.keep_checkpoints)
-            self.log("checkpoint", step=self.step, path=str(path), state=str(folder))
+        optimizer_state = distributed.optimizer_state(acc, self.model, self.optimizer)   # whole under FSDP
+        with distributed.full_parameters(acc, self.model):   # the trained weights whole on the main process
+            if acc.is_main_process:
+                self._write(path, optimizer_state)
         acc.wait_for_everyone()
         self.last_saved, self.last_path = self.step, path
         if validate and self.args.validation_prompts and not self.args.validation_steps:
             self.validate()
         return path
+
+    def _write(self, path: Path, optimizer_state: dict) -> None:
+        """The weights file and the resumable state, from the main process's whole trained parameters."""
+        dit = self.pipe.dit
+        if self.lora:
+            from lora_tools import save_lora
+            from .trainable import export_lora
+            save_lora(export_lora(dit), path, fmt=self.args.lora_format, dtype=self.dtype)
+        elif self.mode == "controlnet" or self.mode in ADAPTER_MODES:
+            from .trainable import CONTROLNET_CONFIG_KEY, adapters_state_dict
+            modules = {"controlnet": self.trained} if self.mode == "controlnet" else self.trained
+            metadata = {"format": "pt"}
+            if "controlnet" in modules:  # its RoPE axes: the one setting shapes cannot tell
+                config = {"axes_dim": list(modules["controlnet"].params.axes_dim)}
+                metadata[CONTROLNET_CONFIG_KEY] = json.dumps(config)
+            save_safetensors(adapters_state_dict(modules, self.args.remove_prefix_in_ckpt), path,
+                             metadata=metadata)
+        else:
+            from .trainable import DIT_CONFIG_KEY, full_state_dict
+            config = {"axes_dim": list(dit.params.axes_dim)}  # the one setting shapes cannot tell
+            save_safetensors(full_state_dict(dit, self.args.remove_prefix_in_ckpt), path,
+                             metadata={"format": "pt", DIT_CONFIG_KEY: json.dumps(config)})
+        state = {"step": self.step, "epoch": self.epoch, "position": self.position, "weights": path.name,
+                 "settings": self.settings()}
+        folder = ckpt.save_state(self.output, dict(distributed.trained_parameters(self.model)), optimizer_state,
+                                 self.scheduler.state_dict(), state, self.args.keep_checkpoints)
+        self.log("checkpoint", step=self.step, path=str(path), state=str(folder))
 
     def validate(self) -> list[str]:
         """Render the validation prompts with the current weights into <output_path>/validation."""
@@ -773,7 +773,8 @@ class Trainer:
         a, acc = self.args, self.accelerator
         acc.wait_for_everyone()
         paths = []
-        if acc.is_main_process:
+        # sharded weights (FSDP, ZeRO-3): every process runs the model, the main one saves the images
+        if acc.is_main_process or distributed.model_runs_on_every_process(acc):
             height, width = validation_size(a)
             self.trained.eval()
             control = {"controlnet_inputs": [self.validation_control]} if self.validation_control else {}
@@ -783,10 +784,11 @@ class Trainer:
                                   num_inference_steps=a.validation_num_inference_steps,
                                   embedded_guidance=a.validation_embedded_guidance,
                                   t5_sequence_length=self.t5_sequence_length, progress_bar_cmd=None, **control)
-                path = save_image(image, self.output / "validation" / f"step-{self.step}-{i}.png")
-                paths.append(str(path))
+                if acc.is_main_process:
+                    paths.append(str(save_image(image, self.output / "validation" / f"step-{self.step}-{i}.png")))
             self.trained.train()
-            self.log("validation", step=self.step, images=paths, prompts=a.validation_prompts)
+            if acc.is_main_process:
+                self.log("validation", step=self.step, images=paths, prompts=a.validation_prompts)
         acc.wait_for_everyone()
         return paths
 
