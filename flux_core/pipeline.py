@@ -57,6 +57,8 @@ from .step1x import step1x_encoder
 from .math import unpack_latents
 from .teacache import TeaCacheStats
 from .tiled_dit import DiTTiling
+from .attention_backend import attention_backend, describe_attention
+from .compile import compile_dit
 from .fp8 import enable_fp8_compute
 from .vram import GiB, ComputeDevice, VRAMManager, compute_place, store_model
 
@@ -112,6 +114,7 @@ class FluxImagePipeline:
         self.vram: VRAMManager | None = None   # set when a model has an offload place or VRAM management is on
         # TeaCache of the last call: {"positive": TeaCacheStats, "negative": ... (under true CFG)}; None if off.
         self.last_tea_cache_stats: dict[str, TeaCacheStats] | None = None
+        self.reported_attention: set[str] = set()   # the attention lines logged (once each)
 
     # ---------------------------------------------------------------- construction
     @classmethod
@@ -157,6 +160,9 @@ class FluxImagePipeline:
         for config, source, entry in plan.entries:
             offloaded = config.offload_device is not None or config.offload_dtype is not None
             place = pipe.device if config.offload_device is None else torch.device(config.offload_device)
+            # FP8 compute: the DiT reaches the device converted (its bf16 weights need not fit there first)
+            through_cpu = fp8_compute and entry.slot == "dit" and not offloaded and place.type != "cpu"
+            place = torch.device("cpu") if through_cpu else place
             module = load_model(source, torch_dtype=torch_dtype, device=place, kind=entry.kind,
                                 weight_dtype=config.offload_dtype)
             if entry.kind == "controlnet":
@@ -176,6 +182,8 @@ class FluxImagePipeline:
                            ", ".join(f"pipe.{slot}" for slot in empty), plan.describe())
         if fp8_compute:
             pipe.enable_fp8_compute()
+            if pipe.dit.img_in.weight.device != pipe.device and "dit" not in (pipe.vram.models if pipe.vram else {}):
+                store_model(pipe.dit, pipe.device)
         return pipe
 
     @classmethod
@@ -211,6 +219,23 @@ class FluxImagePipeline:
             self.vram.add("dit", self.dit, managed.compute_dtype, managed.persistent_params)
         logger.info("FluxImagePipeline: the DiT computes in FP8: %s on %s", path, self.device)
         return path
+
+    def compile_pipeline(self, mode: str | None = None) -> None:
+        """Compile the DiT's blocks with torch.compile (flux_core.compile: each double and single block fullgraph with
+        static shapes, one graph per block kind, compiled at the first call; the rest of the forward stays eager).
+        DiffSynth-Studio's method name; unlike its default, regional and fullgraph always. Works with LoRAs (hook
+        or fused), TeaCache, FP8 compute, ControlNets and EliGen; IP-Adapter's attention hooks run those blocks
+        eager. Refused while VRAM management streams or offloads the DiT (its per-call weight swaps cannot be
+        compiled). mode: None / "default" or "max-autotune-no-cudagraphs"."""
+        self._require("dit", "compile the DiT")
+        compile_dit(self.dit, mode)
+
+    def _report_attention(self, masked: bool) -> None:
+        """Log the attention kernels a run uses, once per distinct choice (flux_core.attention_backend)."""
+        line = describe_attention(self.device, self.torch_dtype, masked)
+        if line not in self.reported_attention:
+            self.reported_attention.add(line)
+            logger.info("FluxImagePipeline: %s", line)
 
     def enable_vram_management(self, num_persistent_param_in_dit: int | None = None, vram_limit: float | None = None,
                                vram_buffer: float = 0.5, *, device: ComputeDevice | None = None) -> VRAMManager:
@@ -594,7 +619,10 @@ class FluxImagePipeline:
             return v if region is None else inpaint_velocity(v, x, x0, region, call.sigma)
 
         self.load_models_to_device(["dit", "lora_patcher", *self.controlnet_slots(), *encoder.step_slots])
-        final = denoise(start, schedule, velocity, progress_bar_cmd, callback)
+        masked = bool(entity_prompts)   # EliGen's attention mask: flash attention takes none
+        self._report_attention(masked)
+        with attention_backend(self.device, self.torch_dtype, masked):
+            final = denoise(start, schedule, velocity, progress_bar_cmd, callback)
         if output_type == "latent":
             self.load_models_to_device([])
             return final
