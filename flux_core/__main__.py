@@ -110,6 +110,13 @@ def build_parser() -> argparse.ArgumentParser:
     memory.add_argument("--vram-limit", type=float, default=None, metavar="GB",
                         help="offload: keep at most GB (GiB, minus 0.5 of headroom) of weights on the device and "
                              "stream the rest layer by layer; 0 streams everything")
+    speed = g.add_argument_group("speed")
+    speed.add_argument("--fp8-compute", action="store_true",
+                       help="the DiT's blocks compute in FP8 (torch._scaled_mm on GPUs of compute capability 8.9+: "
+                            "Ada, Hopper, Blackwell; elsewhere stored in FP8, computed in --dtype); lossy")
+    speed.add_argument("--compile", action="store_true",
+                       help="torch.compile the DiT's blocks (the first image waits for the compilation); not with "
+                            "--vram-limit or --weight-dtype fp8_* (use --fp8-compute to fit in less memory)")
     src = g.add_argument_group("models")
     src.add_argument("--demo", action="store_true",
                      help="the bundled demo model (tiny, trained on coloured shapes; no download, runs in seconds on "
@@ -286,6 +293,7 @@ def check_generate_args(args) -> dict:
     problems += _pipeline_input_problems(args)
     if args.vram_limit is not None and not args.vram_limit >= 0:
         problems.append(f"--vram-limit {args.vram_limit}: use 0 (stream everything) or more GB.")
+    problems += _compile_problems(args)
     if problems:
         raise UsageError("\n  ".join(["the command line has problems:", *problems]))
     return {"input_image": images["input_image"][0] if images["input_image"] else None,
@@ -435,6 +443,16 @@ def _pipeline_input_problems(args) -> list[str]:
     return problems
 
 
+def _compile_problems(args) -> list[str]:
+    """--compile with flags that put the DiT under the VRAM manager, whose per-call weight swaps cannot be compiled."""
+    if not args.compile:
+        return []
+    clashing = ([f"--vram-limit {args.vram_limit:g}"] if args.vram_limit is not None else []) + \
+        ([f"--weight-dtype {args.weight_dtype}"] if args.weight_dtype != "default" else [])
+    return [f"--compile with {' and '.join(clashing)}: those stream or cast the DiT's weights at every call, which a "
+            f"compiled forward cannot do; drop one (--fp8-compute stores the DiT in FP8 and compiles)."] if clashing else []
+
+
 def build_pipeline(args, device: str | None = None):
     """The pipeline the command line describes: models loaded, LoRAs applied, VRAM management on if asked.
     `device`: where it runs when not --device (generate_prompts_file: this process's device)."""
@@ -447,12 +465,17 @@ def build_pipeline(args, device: str | None = None):
     else:
         configs, tok1, tok2 = model_configs_for(args)
         pipe = FluxImagePipeline.from_pretrained(torch_dtype=dtype, device=device, model_configs=configs,
-                                                 tokenizer_1_config=tok1, tokenizer_2_config=tok2)
+                                                 tokenizer_1_config=tok1, tokenizer_2_config=tok2,
+                                                 fp8_compute=args.fp8_compute)
+    if args.fp8_compute and args.demo:  # (from_pretrained converted its DiT already)
+        pipe.enable_fp8_compute()
     for path, scale in args.lora:
         report = pipe.load_lora(pipe.dit, path, alpha=scale)
         print(f"LoRA {path} at scale {scale}: {len(report.layers)} DiT layers ({report.mode})")
     if args.vram_limit is not None:
         print(pipe.enable_vram_management(vram_limit=args.vram_limit).summary())
+    if args.compile:
+        pipe.compile_pipeline()
     return pipe
 
 
