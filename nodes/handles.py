@@ -30,6 +30,8 @@ class DiTHandle:
     vram: object = None                        # nodes.vram_nodes.VRAMOptions (FP8 storage, offload), or None
     tea_cache_l1_thresh: float | None = None   # TeaCache threshold from FluxCoreTeaCache, None: off
     lora_fusion: object = field(default=None, compare=False)  # Fuse LoRAs' patcher handle: LoRAs merged, not summed
+    fp8_compute: bool = False                  # FluxCoreSpeedOptions: the blocks compute in FP8 (flux_core.fp8)
+    compile: bool = False                      # FluxCoreSpeedOptions: the blocks run torch.compile'd (flux_core.compile)
 
     def with_lora(self, path: str, strength: float, lora=None) -> "DiTHandle":
         return replace(self, loras=self.loras + (LoraPatch(path, strength, lora),))

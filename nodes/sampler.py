@@ -10,9 +10,10 @@ InfuseNet's with its identity tokens, nodes/infiniteyou_nodes.py). IP-Adapters c
 (Apply IP-Adapter (FluxCore)): one flux_core IPAdapterAdapter per payload, its keys and values made before the DiT is
 placed (nodes/ipadapter_nodes.py). EliGen entities come under `fluxcore_eligen_entities` (EliGen Entity
 (FluxCore), already encoded): one flux_core EliGenAdapter per CFG branch with entities, last in the adapter list, as
-the pipeline orders them; `eligen_inpaint` is DiffSynth's eligen_enable_inpaint (nodes/eligen_nodes.py). `tiled_dit`
-runs the DiT (and its ControlNets) tile by tile, as FluxImagePipeline's `tiled=True` does (flux_core.tiled_dit);
-control images are then VAE-encoded with the same tiles, as there.
+the pipeline orders them; `eligen_inpaint` is DiffSynth's eligen_enable_inpaint (nodes/eligen_nodes.py). The
+denoising loop runs inside flux_core.attention_backend's kernel choice for the device (masked with entities), logged
+once per distinct choice. `tiled_dit` runs the DiT (and its ControlNets) tile by tile, as FluxImagePipeline's
+`tiled=True` does (flux_core.tiled_dit); control images are then VAE-encoded with the same tiles, as there.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from dataclasses import replace
 import torch
 import torch.nn.functional as F
 
+from flux_core.attention_backend import attention_backend, describe_attention
 from flux_core.eligen import inpaint_velocity
 from flux_core.run_cost import check_run_cost, controlnet_passes, dit_calls_per_step, image_tokens, ipadapter_kv_bytes
 from flux_core.inputs import SEED_MAX
@@ -51,6 +53,16 @@ from . import vram_nodes
 from .vram_nodes import place_dit, release_dit
 
 FLUX_LATENT = AutoEncoderParams()  # FLUX's latent scale/shift (ComfyUI's latent_formats.Flux)
+log = logging.getLogger("FluxCore")
+_REPORTED_ATTENTION: set[str] = set()   # describe_attention lines logged in this process
+
+
+def report_attention(device, dtype, masked: bool) -> None:
+    """Log the attention kernels a run uses (flux_core.attention_backend), once per distinct choice."""
+    line = describe_attention(device, dtype, masked)
+    if line not in _REPORTED_ATTENTION:
+        _REPORTED_ATTENTION.add(line)
+        log.info("FluxCoreSampler: %s", line)
 
 
 def prepare_dit(handle: DiTHandle):
@@ -308,14 +320,18 @@ class FluxCoreSampler:
             step_models = [h for e in encoded_sides for h in e.step_models]  # e.g. Step1X-Edit's connector
             release_controlnets = place_beside_dit(model, controlnets + ([fusion] if fusion is not None else [])
                                                    + step_models)
-            with torch.no_grad():
+            masked = bool(entities)  # EliGen's attention masks: flash attention takes none
+            compute_dtype = stored_compute_dtype(dit)
+            report_attention(device, compute_dtype, masked)
+            # The kernels are fixed when a compiled block is traced: its first call happens inside (the first step).
+            with torch.no_grad(), attention_backend(device, compute_dtype, masked):
                 final = run_denoise(start, sigmas, velocity, None, after_step)
         finally:  # also after Cancel (raised from after_step), a LoRA that fails to apply, or an error: an
             if release_controlnets is not None:  # offloaded DiT and its ControlNets give their VRAM back
                 release_controlnets()
             release_dit(model)
         for stats in tea_stats.values():
-            logging.getLogger("FluxCore").info("%s: %s", node, stats)
+            log.info("%s: %s", node, stats)
         out = dict(latent_image)
         out["samples"] = FLUX_LATENT.scaled_to_raw(final).cpu()
         return (out,)

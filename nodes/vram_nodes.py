@@ -1,22 +1,30 @@
-"""Memory and speed options for the FLUX DiT: FP8 storage / layer offload, and TeaCache.
+"""Memory and speed options for the FLUX DiT: FP8 storage / layer offload, TeaCache, and FP8 compute / compile.
 
-Both nodes only record options on a new model handle (the upstream handle is left as it is); the sampler
-applies them: `place_dit` before sampling (instead of moving the whole model to the device), the handle's
-`tea_cache_l1_thresh` through `flux_core.sampling.tea_cache_extras`, and `release_dit` after sampling.
+The nodes only record options on a new model handle (the upstream handle is left as it is); the sampler
+applies them: `place_dit` before sampling (instead of moving the whole model to the device; FP8 compute and
+compile there too), the handle's `tea_cache_l1_thresh` through `flux_core.sampling.tea_cache_extras`, and
+`release_dit` after sampling.
 
 FP8 storage converts the loaded model's weights in place (there is no copy to go back to): a model once
 stored in FP8 stays so until its loader runs again, even for handles without this node. Placed layers are
 managed by flux_core.vram, not by ComfyUI's model manager, which does not count their bytes: before moving
 them in, ComfyUI is asked to free that much VRAM (its own models are unloaded as needed), and after sampling
 the resident copies of an offloaded DiT are dropped again.
+
+FP8 compute (flux_core.fp8) converts the loaded model in place too, and supersedes FP8 storage (see
+`effective_vram_options`). Compile (flux_core.compile) is a per-handle switch on the shared module: applied when the
+handle asks for it, undone (eager blocks) for a handle that does not; refused with the VRAM manager (offload, FP8
+storage), whose per-call weight swaps torch.compile cannot trace.
 """
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, replace
 
+from flux_core.compile import CompileRefused, compile_dit, is_compiled, uncompile_dit
 from flux_core.lora import clear_lora
 from flux_core.dtypes import FLOAT8_DTYPES, WEIGHT_DTYPES
+from flux_core.fp8 import Fp8Linear, enable_fp8_compute, fp8_compute_layers, is_fp8_compute
 from flux_core.model_state import state_of
 from flux_core.vram import GiB, ComputeDevice, VRAMManager, store_model, stored_compute_dtype
 
@@ -26,6 +34,7 @@ from .loaders import NodeInputError, validate_weight_dtype, weight_dtype_choice
 
 log = logging.getLogger("FluxCore")
 WEIGHT_DTYPE_NAMES = {dtype: name for name, dtype in WEIGHT_DTYPES.items() if dtype is not None}
+VRAM_NODE, SPEED_NODE = "FLUX VRAM Options (FluxCore)", "FLUX Speed Options (FluxCore)"
 
 
 @dataclass(frozen=True)
@@ -42,25 +51,133 @@ def make_compute_device() -> ComputeDevice:
 
 def place_dit(handle):
     """Put the handle's DiT where its options say, ready to compute: the sampler's replacement for moving the
-    whole model to the device. Without options (and never stored in FP8) it does exactly that."""
+    whole model to the device. Without options (and never stored in FP8) it does exactly that.
+
+    The speed options (FluxCoreSpeedOptions) come around it: FP8 compute converts the blocks before any VRAMManager
+    is built for the DiT (one that manages it is dropped first: it records each tensor's storage), and compile is
+    applied once the DiT is placed resident; a handle without compile runs a DiT compiled by another handle eagerly,
+    so the option never leaks between handles."""
     dit = handle.model.module
+    options = effective_vram_options(handle, dit)
+    conflict = compile_conflict(handle, options, dit)
+    if conflict:  # before anything is converted or placed
+        raise NodeInputError(conflict)
+    if handle.fp8_compute and not is_fp8_compute(dit):
+        _convert_to_fp8_compute(dit)
+    elif not handle.fp8_compute and is_fp8_compute(dit):
+        log.warning("FluxCore: this DiT was converted to FP8 compute by a %s node; it stays so until it is loaded "
+                    "again (its loader re-runs when its inputs change).", SPEED_NODE)
+    if not handle.compile and is_compiled(dit):
+        uncompile_dit(dit)  # before any VRAMManager takes it: compiled calls refuse a managed DiT
+        log.info("FluxCore: the DiT runs eagerly (compiled by another %s node; this model has no compile)",
+                 SPEED_NODE)
+    _place(handle, dit, options)
+    if handle.compile:
+        _compile(dit)
+    return dit
+
+
+def effective_vram_options(handle, dit=None) -> VRAMOptions:
+    """The VRAM options a handle's DiT is placed with. FP8 compute supersedes FP8 storage (weight_dtype fp8_*):
+    the blocks hold float8_e4m3fn codes with row scales and multiply in FP8, and the other layers (0.5 % of the
+    weights, kept in their dtype by FP8 compute on purpose) are not stored in FP8, so without offload the DiT needs
+    no VRAMManager (and can be compiled). A DiT whose other layers are already stored in FP8 in place (by its loader
+    or an earlier VRAM options node) keeps that storage, which only the VRAMManager computes from."""
     options = handle.vram or VRAMOptions()
-    state = state_of(dit).vram_placement
-    stored_fp8 = next((p.dtype for p in dit.parameters() if p.dtype in FLOAT8_DTYPES), None)
+    if handle.fp8_compute and options.weight_dtype != "default":
+        options = replace(options, weight_dtype="default")
+    stored_fp8 = _stored_fp8(dit, skip_fp8_compute_layers=handle.fp8_compute) if dit is not None else None
     if options.weight_dtype == "default" and stored_fp8 is not None:
+        options = replace(options, weight_dtype=WEIGHT_DTYPE_NAMES[stored_fp8])
+    return options
+
+
+def _stored_fp8(dit, skip_fp8_compute_layers: bool):
+    """The FP8 dtype the DiT's weights are stored in, outside FP8-compute layers (which compute from their own
+    codes and scales), and outside the layers FP8 compute is about to convert; None when there is none."""
+    skipped = set(fp8_compute_layers(dit).values()) if skip_fp8_compute_layers else set()
+    for module in dit.modules():
+        if isinstance(module, Fp8Linear) or module in skipped:
+            continue
+        stored = next((p.dtype for p in module.parameters(recurse=False) if p.dtype in FLOAT8_DTYPES), None)
+        if stored is not None:
+            return stored
+    return None
+
+
+def compile_conflict(handle, options: VRAMOptions | None = None, dit=None) -> str | None:
+    """Why the handle's compile option cannot run with its VRAM options (both nodes named, and what to change),
+    or None. `options`/`dit` as place_dit sees them; without, from the handle's options alone (at the nodes)."""
+    if not handle.compile:
+        return None
+    asked = handle.vram or VRAMOptions()
+    options = options or effective_vram_options(handle)
+    reasons = []
+    if options.offload:
+        reasons.append(f"offload is on in {VRAM_NODE}")
+    if asked.weight_dtype != "default" and not handle.fp8_compute:
+        reasons.append(f"weight_dtype {asked.weight_dtype} in {VRAM_NODE} stores the weights in FP8 for the VRAM "
+                       f"manager to compute from (fp8_compute in {SPEED_NODE} supersedes it and compiles)")
+    elif options.weight_dtype != "default":
+        source = "its loader's weight_dtype" if dit is not None and state_of(dit).fp8_on_load else \
+            f"an earlier {VRAM_NODE} node (in place)"
+        reasons.append(f"the loaded DiT's weights are stored in {options.weight_dtype} by {source}, which only the "
+                       f"VRAM manager computes from; load the DiT again with weight_dtype default (fp8_compute gives "
+                       f"the same memory)")
+    if not reasons:
+        return None
+    return (f"{SPEED_NODE}, input 'compile': torch.compile cannot run this DiT as the VRAM manager places it: "
+            + "; ".join(reasons) + ". The VRAM manager swaps each layer's weights in at every call, which "
+            f"torch.compile cannot trace. Either set compile to false in {SPEED_NODE}, or in {VRAM_NODE} turn "
+            f"offload off and set weight_dtype to default (with fp8_compute true in {SPEED_NODE} if the bf16 "
+            f"weights do not fit: half their memory, and compiled).")
+
+
+def _convert_to_fp8_compute(dit) -> None:
+    """enable_fp8_compute on the loaded DiT, in place, outside any VRAMManager and without fused LoRAs (the sampler
+    applies the handle's LoRAs again afterwards, in hook mode on FP8 weights)."""
+    state = state_of(dit)
+    if state.vram_placement is not None:  # the manager records each tensor's storage: convert outside it
+        state.vram_placement[1].remove_all()
+        state.vram_placement = None
+    if state.applied_loras:
+        clear_lora(dit)
+        state.applied_loras = ()
+    device = bridge.compute_device()
+    try:
+        path = enable_fp8_compute(dit, device)
+    except ValueError as e:
+        raise NodeInputError(f"{SPEED_NODE}, input 'fp8_compute': {e}") from None
+    log.info("FluxCore: the DiT's blocks compute in FP8 (converted in place until it is loaded again): %s on %s",
+             path, device)
+
+
+def _compile(dit) -> None:
+    newly = not is_compiled(dit)
+    try:
+        compile_dit(dit)
+    except CompileRefused as e:  # compile_conflict covers the node options; this is the library's own check
+        raise NodeInputError(f"{SPEED_NODE}, input 'compile': {e}") from None
+    if newly:
+        log.info("FluxCore: the DiT's blocks are compiled (torch.compile, one graph per block kind; the first run "
+                 "and each new image size compile, which takes a while)")
+
+
+def _place(handle, dit, options: VRAMOptions) -> None:
+    state = state_of(dit).vram_placement
+    if options.weight_dtype != "default" and effective_vram_options(handle).weight_dtype == "default":
         if not state_of(dit).fp8_on_load:
             log.warning("FluxCore: this DiT was converted to %s by a VRAM options node; it stays so until it is loaded "
-                        "again (its loader re-runs when its inputs change).", stored_fp8)
-        options = replace(options, weight_dtype=WEIGHT_DTYPE_NAMES[stored_fp8])
+                        "again (its loader re-runs when its inputs change).", options.weight_dtype)
     if state is not None and state[0] == options:
         _onload(state[1])
-        return dit
+        return
     if state is not None:
         state[1].remove_all()
         state_of(dit).vram_placement = None
     if options == VRAMOptions():
         bridge.ready(handle.model)
-        return dit
+        return
 
     if state_of(dit).applied_loras:
         clear_lora(dit)  # the sampler applies them again once the weights are placed: in hook mode if fp8/offloaded
@@ -75,7 +192,6 @@ def place_dit(handle):
     manager.add("dit", dit, compute_dtype)
     state_of(dit).vram_placement = (options, manager)
     _onload(manager)
-    return dit
 
 
 def _onload(manager: VRAMManager) -> None:
@@ -124,7 +240,11 @@ class FluxCoreVRAMOptions:
     def apply(self, model, weight_dtype="default", offload=False, vram_limit=8.0):
         weight_dtype = weight_dtype_choice("FluxCoreVRAMOptions", weight_dtype)  # "float8_e4m3fn" (old) migrated
         options = VRAMOptions(weight_dtype, bool(offload), float(vram_limit) if offload else 0.0)
-        return (replace(model, vram=options),)
+        handle = replace(model, vram=options)
+        conflict = compile_conflict(handle)  # a Speed Options node upstream asked for compile
+        if conflict:
+            raise NodeInputError(conflict)
+        return (handle,)
 
 
 class FluxCoreTeaCache:
@@ -151,6 +271,39 @@ class FluxCoreTeaCache:
         return (replace(model, tea_cache_l1_thresh=float(rel_l1_thresh) or None),)
 
 
-NODE_CLASS_MAPPINGS = {"FluxCoreVRAMOptions": FluxCoreVRAMOptions, "FluxCoreTeaCache": FluxCoreTeaCache}
-NODE_DISPLAY_NAME_MAPPINGS = {"FluxCoreVRAMOptions": "FLUX VRAM Options (FluxCore)",
-                              "FluxCoreTeaCache": "FLUX TeaCache (FluxCore)"}
+class FluxCoreSpeedOptions:
+    CATEGORY = "FluxCore/memory"
+    RETURN_TYPES = (DIT_TYPE,)
+    RETURN_NAMES = ("model",)
+    FUNCTION = "apply"
+    DESCRIPTION = ("Inference speed options for the FLUX DiT: FP8 compute (the blocks' matrix products in FP8) and "
+                   "torch.compile of its blocks. Both work with LoRAs, TeaCache and ControlNets; FP8 compute also with "
+                   "the VRAM options (it supersedes their fp8 weight_dtype); compile not with offload.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": (DIT_TYPE, {"tooltip": "The FLUX DiT (from the loader, or after LoRA / VRAM / TeaCache nodes)."}),
+            "fp8_compute": ("BOOLEAN", {"default": False, "tooltip":
+                            "FP8 matmuls via torch._scaled_mm on Ada/Hopper/Blackwell GPUs (weights and activations "
+                            "in FP8, per-row scales), storage-only elsewhere (FP8 weights, bf16 compute). Lossy: "
+                            "converts the loaded model in place until it is loaded again, like the VRAM node's fp8 "
+                            "weight_dtype, which it supersedes."}),
+            "compile": ("BOOLEAN", {"default": False, "tooltip":
+                        "torch.compile of each transformer block: the first run (and each new image size) is slower "
+                        "while it compiles, later runs faster. Not with offload or fp8 weight_dtype in the VRAM "
+                        "options (use fp8_compute instead)."}),
+        }}
+
+    def apply(self, model, fp8_compute=False, compile=False):
+        handle = replace(model, fp8_compute=bool(fp8_compute), compile=bool(compile))
+        conflict = compile_conflict(handle)  # VRAM options upstream that the compiled blocks cannot run under
+        if conflict:
+            raise NodeInputError(conflict)
+        return (handle,)
+
+
+NODE_CLASS_MAPPINGS = {"FluxCoreVRAMOptions": FluxCoreVRAMOptions, "FluxCoreTeaCache": FluxCoreTeaCache,
+                       "FluxCoreSpeedOptions": FluxCoreSpeedOptions}
+NODE_DISPLAY_NAME_MAPPINGS = {"FluxCoreVRAMOptions": VRAM_NODE, "FluxCoreTeaCache": "FLUX TeaCache (FluxCore)",
+                              "FluxCoreSpeedOptions": SPEED_NODE}
