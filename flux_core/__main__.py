@@ -20,6 +20,7 @@ import contextlib
 import io
 import logging
 import math
+import os
 import re
 import sys
 import tempfile
@@ -113,10 +114,12 @@ def build_parser() -> argparse.ArgumentParser:
     speed = g.add_argument_group("speed")
     speed.add_argument("--fp8-compute", action="store_true",
                        help="the DiT's blocks compute in FP8 (torch._scaled_mm on GPUs of compute capability 8.9+: "
-                            "Ada, Hopper, Blackwell; elsewhere stored in FP8, computed in --dtype); lossy")
+                            "Ada, Hopper, Blackwell; elsewhere stored in FP8, computed in --dtype); lossy; "
+                            "supersedes an fp8 --weight-dtype for the DiT")
     speed.add_argument("--compile", action="store_true",
                        help="torch.compile the DiT's blocks (the first image waits for the compilation); not with "
-                            "--vram-limit or --weight-dtype fp8_* (use --fp8-compute to fit in less memory)")
+                            "--vram-limit, nor with --weight-dtype fp8_* unless --fp8-compute (which fits in less "
+                            "memory and compiles)")
     src = g.add_argument_group("models")
     src.add_argument("--demo", action="store_true",
                      help="the bundled demo model (tiny, trained on coloured shapes; no download, runs in seconds on "
@@ -185,7 +188,9 @@ def model_configs_for(args) -> tuple[list[ModelConfig], ModelConfig, ModelConfig
     if "dit" not in local and model_id not in DIT_FILES:
         raise UsageError(f"--model-id {model_id}: unknown; use one of {', '.join(DIT_FILES)} or give --dit FILE.")
     needed = {f.slot: f for f in needed_files(FLUX_DEV if "dit" in local else model_id)}
-    storage = WEIGHT_DTYPES[args.weight_dtype]
+    # --fp8-compute supersedes an fp8 --weight-dtype (as the Speed Options node does): the blocks become FP8 codes
+    # with row scales, quantized from the loaded weights; scale-1 codes first would add FP8 storage's error on top.
+    storage = None if args.fp8_compute else WEIGHT_DTYPES[args.weight_dtype]
     configs = []
     for kind in MODEL_KINDS:
         extra = {"offload_dtype": storage} if kind == "dit" and storage is not None else {}
@@ -379,39 +384,36 @@ def _output_problems(output: Path) -> list[str]:
     if output.is_dir():
         return [f"--output {output}: is a folder; give a file name such as {output / 'image.png'}."]
     folder = output.absolute().parent
+    why = _unwritable(folder, keep_made=False)
+    return [f"--output {output}: cannot write into {folder} ({why}); pick a folder you can write to."] if why else []
+
+
+def _unwritable(folder: Path, keep_made: bool) -> str | None:
+    """Why `folder` cannot be written into, as the OS says it (None: it can), trying for real: made if missing, a
+    temporary file created in it. Folders made for the try are removed again unless `keep_made` (several processes
+    checking one folder: one removing it while another tries would fail the other)."""
     created = [p for p in (folder, *folder.parents) if not p.exists()]
     try:
         folder.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=folder):
             pass
     except OSError as e:
-        return [f"--output {output}: cannot write into {folder} ({e.strerror or e}); pick a folder you can write to."]
+        return str(e.strerror or e)
     finally:
-        for made in created:   # deepest first
+        for made in ([] if keep_made else created):   # deepest first
             with contextlib.suppress(OSError):
                 made.rmdir()
-    return []
+    return None
 
 
 def _output_folder_problems(folder: Path) -> list[str]:
-    """--output with --prompts-file: a folder that exists or can be created, and can be written to (folders made
-    for the test are removed again; generating makes them)."""
+    """--output with --prompts-file: a folder that exists or can be created, and can be written to. Under several
+    processes (`accelerate launch`: WORLD_SIZE) each checks it, so a folder made for the check is kept."""
     if folder.exists() and not folder.is_dir():
         return [f"--output {folder}: is a file, and with --prompts-file --output names the folder the images go "
                 f"into; give a folder (default {DEFAULT_OUTPUT_FOLDER}/)."]
-    folder = folder.absolute()
-    created = [p for p in (folder, *folder.parents) if not p.exists()]
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder):
-            pass
-    except OSError as e:
-        return [f"--output {folder}: cannot write into it ({e.strerror or e}); pick a folder you can write to."]
-    finally:
-        for made in created:   # deepest first
-            with contextlib.suppress(OSError):
-                made.rmdir()
-    return []
+    why = _unwritable(folder.absolute(), keep_made=int(os.environ.get("WORLD_SIZE", "1")) > 1)
+    return [f"--output {folder}: cannot write into it ({why}); pick a folder you can write to."] if why else []
 
 
 def _pipeline_input_problems(args) -> list[str]:
@@ -448,7 +450,7 @@ def _compile_problems(args) -> list[str]:
     if not args.compile:
         return []
     clashing = ([f"--vram-limit {args.vram_limit:g}"] if args.vram_limit is not None else []) + \
-        ([f"--weight-dtype {args.weight_dtype}"] if args.weight_dtype != "default" else [])
+        ([f"--weight-dtype {args.weight_dtype}"] if args.weight_dtype != "default" and not args.fp8_compute else [])
     return [f"--compile with {' and '.join(clashing)}: those stream or cast the DiT's weights at every call, which a "
             f"compiled forward cannot do; drop one (--fp8-compute stores the DiT in FP8 and compiles)."] if clashing else []
 

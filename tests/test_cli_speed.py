@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from flux_core.__main__ import main
@@ -47,7 +48,7 @@ def test_compile_with_streaming_or_cast_weights_is_refused_before_loading(tmp_pa
             "every call") in err and "--fp8-compute stores the DiT in FP8 and compiles" in err
 
 
-def test_fp8_compute_reaches_from_pretrained(tmp_path, monkeypatch):
+def test_fp8_compute_reaches_from_pretrained_and_supersedes_fp8_storage(tmp_path, monkeypatch):
     seen = {}
 
     def spy(cls, **kwargs):
@@ -58,3 +59,13 @@ def test_fp8_compute_reaches_from_pretrained(tmp_path, monkeypatch):
     dit.write_bytes(b"")
     main(["generate", "--prompt", "x", "--dit", str(dit), "--fp8-compute", "--output", str(tmp_path / "x.png")])
     assert seen["fp8_compute"] is True
+    # with --fp8 too: the DiT is not first stored as scale-1 FP8 codes (that error would add to FP8 compute's), and
+    # nothing puts it under the VRAM manager, so --compile is accepted
+    seen.clear()
+    main(["generate", "--prompt", "x", "--dit", str(dit), "--fp8", "--fp8-compute", "--compile", "--output",
+          str(tmp_path / "x.png")])
+    dit_config = next(c for c in seen["model_configs"] if c.kind == "dit")
+    assert seen["fp8_compute"] is True and dit_config.offload_dtype is None
+    seen.clear()
+    main(["generate", "--prompt", "x", "--dit", str(dit), "--fp8", "--output", str(tmp_path / "x.png")])
+    assert next(c for c in seen["model_configs"] if c.kind == "dit").offload_dtype == torch.float8_e4m3fn
