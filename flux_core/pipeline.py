@@ -172,7 +172,7 @@ class FluxImagePipeline:
             pipe.loaded_from[entry.slot] = entry
             logger.info("FluxImagePipeline: %s", entry.describe())
             if offloaded:
-                if pipe.device.type == "cuda":  # page-locked: streamed copies (and their prefetch) run asynchronously
+                if pipe.device.type == "cuda" and entry.kind in ("dit", "controlnet"):  # as enable_vram_management
                     store_model(module, pin_memory=True)
                 pipe.vram = pipe.vram or VRAMManager(ComputeDevice(pipe.device))
                 pipe.vram.add(entry.slot, module, torch_dtype)
@@ -262,14 +262,16 @@ class FluxImagePipeline:
         if self.vram is not None:
             self.vram.remove_all()
         self.vram = VRAMManager(device, budget)
+        per_step = {"dit", *self.controlnet_slots()}
         for slot in ("text_encoder_1", "text_encoder_2", *VL_SLOTS, "ipadapter_image_encoder", "ipadapter",
                      "image_proj_model", "lora_encoder", "dit", "lora_patcher", *self.controlnet_slots(), "vae"):
             model = attrgetter(slot)(self)
             if model is None:
                 continue
-            # Page-locked on the host when streaming to a GPU: the copies then run asynchronously and the
-            # manager's prefetch overlaps them with the compute.
-            store_model(model, "cpu", pin_memory=device.torch_device.type == "cuda")
+            # The models streamed at every step (DiT, ControlNets) are page-locked on the host when computing on a
+            # GPU: their copies then run asynchronously and the manager's prefetch overlaps them with the compute.
+            # Not the others (T5 alone is 9.5 GB): they move once per stage, and pinned memory is taken from RAM.
+            store_model(model, "cpu", pin_memory=device.torch_device.type == "cuda" and slot in per_step)
             self.vram.add(slot, model, self.torch_dtype,
                           persistent_params=num_persistent_param_in_dit if slot == "dit" else None)
         return self.vram
