@@ -64,7 +64,7 @@ def backends_for(device: torch.device | str, dtype: torch.dtype, masked: bool = 
                  ) -> tuple[SDPBackend, ...] | None:
     """`sdpa_backends` for an actual device (reads its compute capability)."""
     device = torch.device(device)
-    return sdpa_backends(device.type, _capability(device), dtype, masked)
+    return sdpa_backends(device.type, cuda_capability(device), dtype, masked)
 
 
 @contextlib.contextmanager
@@ -79,6 +79,16 @@ def attention_backend(device: torch.device | str, dtype: torch.dtype, masked: bo
         yield
 
 
+def log_attention_once(logger, who: str, device: torch.device | str, dtype: torch.dtype, masked: bool,
+                       logged: set[str]) -> None:
+    """Log `describe_attention`'s line (INFO, prefixed by `who`) unless it is in `logged` already, then add it: the
+    pipeline and the ComfyUI sampler say which kernels a run uses once per distinct choice."""
+    line = describe_attention(device, dtype, masked)
+    if line not in logged:
+        logged.add(line)
+        logger.info("%s: %s", who, line)
+
+
 def describe_attention(device: torch.device | str, dtype: torch.dtype, masked: bool = False) -> str:
     """One line for the start of a run: "attention: cuDNN > flash > efficient > math on cuda:0 (NVIDIA H200, sm_90),
     bfloat16"."""
@@ -86,7 +96,7 @@ def describe_attention(device: torch.device | str, dtype: torch.dtype, masked: b
     backends = backends_for(device, dtype, masked)
     order = "torch's default" if backends is None else " > ".join(NAMES[b] for b in backends)
     where = str(device)
-    capability = _capability(device)
+    capability = cuda_capability(device)
     if capability is not None:
         if device.index is None:
             where = f"cuda:{torch.cuda.current_device()}"
@@ -95,7 +105,8 @@ def describe_attention(device: torch.device | str, dtype: torch.dtype, masked: b
     return f"attention: {order} on {where}, {dtype_name}" + (", with an attention mask" if masked else "")
 
 
-def _capability(device: torch.device) -> tuple[int, int] | None:
+def cuda_capability(device: torch.device) -> tuple[int, int] | None:
+    """The compute capability of a CUDA device, e.g. (9, 0) for an H200; None for other devices."""
     if device.type != "cuda" or not torch.cuda.is_available():
         return None
     return torch.cuda.get_device_capability(device)

@@ -42,6 +42,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from .attention_backend import cuda_capability
 from .dtypes import FP8_COMPUTE_DTYPE
 from .model_state import peek_state
 from .quantized import QuantizedLinear
@@ -92,7 +93,7 @@ def fp8_compute_path(device: torch.device | str | None = None) -> str:
     device = _device(device)
     key = str(device)
     if key not in _PROBED:
-        path = decide_fp8_path(device.type, _capability(device), hasattr(torch, "_scaled_mm"),
+        path = decide_fp8_path(device.type, cuda_capability(device), hasattr(torch, "_scaled_mm"),
                                rocm=device.type == "cuda" and torch.version.hip is not None)
         _PROBED[key] = _probe(device) if path == SCALED_MM else path
     return _PROBED[key]
@@ -105,12 +106,6 @@ def _device(device: torch.device | str | None) -> torch.device:
     if device.type == "cuda" and device.index is None and torch.cuda.is_available():
         device = torch.device("cuda", torch.cuda.current_device())
     return device
-
-
-def _capability(device: torch.device) -> tuple[int, int] | None:
-    if device.type != "cuda" or not torch.cuda.is_available():
-        return None
-    return torch.cuda.get_device_capability(device)
 
 
 def _probe(device: torch.device) -> str:

@@ -57,7 +57,7 @@ from .step1x import step1x_encoder
 from .math import unpack_latents
 from .teacache import TeaCacheStats
 from .tiled_dit import DiTTiling
-from .attention_backend import attention_backend, describe_attention
+from .attention_backend import attention_backend, log_attention_once
 from .compile import compile_dit
 from .fp8 import enable_fp8_compute
 from .vram import GiB, ComputeDevice, VRAMManager, compute_place, store_model
@@ -230,12 +230,6 @@ class FluxImagePipeline:
         self._require("dit", "compile the DiT")
         compile_dit(self.dit, mode)
 
-    def _report_attention(self, masked: bool) -> None:
-        """Log the attention kernels a run uses, once per distinct choice (flux_core.attention_backend)."""
-        line = describe_attention(self.device, self.torch_dtype, masked)
-        if line not in self.reported_attention:
-            self.reported_attention.add(line)
-            logger.info("FluxImagePipeline: %s", line)
 
     def enable_vram_management(self, num_persistent_param_in_dit: int | None = None, vram_limit: float | None = None,
                                vram_buffer: float = 0.5, *, device: ComputeDevice | None = None) -> VRAMManager:
@@ -622,7 +616,7 @@ class FluxImagePipeline:
 
         self.load_models_to_device(["dit", "lora_patcher", *self.controlnet_slots(), *encoder.step_slots])
         masked = bool(entity_prompts)   # EliGen's attention mask: flash attention takes none
-        self._report_attention(masked)
+        log_attention_once(logger, "FluxImagePipeline", self.device, self.torch_dtype, masked, self.reported_attention)
         with attention_backend(self.device, self.torch_dtype, masked):
             final = denoise(start, schedule, velocity, progress_bar_cmd, callback)
         if output_type == "latent":

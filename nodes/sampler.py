@@ -23,7 +23,7 @@ from dataclasses import replace
 import torch
 import torch.nn.functional as F
 
-from flux_core.attention_backend import attention_backend, describe_attention
+from flux_core.attention_backend import attention_backend, log_attention_once
 from flux_core.eligen import inpaint_velocity
 from flux_core.run_cost import check_run_cost, controlnet_passes, dit_calls_per_step, image_tokens, ipadapter_kv_bytes
 from flux_core.inputs import SEED_MAX
@@ -55,14 +55,6 @@ from .vram_nodes import place_dit, release_dit
 FLUX_LATENT = AutoEncoderParams()  # FLUX's latent scale/shift (ComfyUI's latent_formats.Flux)
 log = logging.getLogger("FluxCore")
 _REPORTED_ATTENTION: set[str] = set()   # describe_attention lines logged in this process
-
-
-def report_attention(device, dtype, masked: bool) -> None:
-    """Log the attention kernels a run uses (flux_core.attention_backend), once per distinct choice."""
-    line = describe_attention(device, dtype, masked)
-    if line not in _REPORTED_ATTENTION:
-        _REPORTED_ATTENTION.add(line)
-        log.info("FluxCoreSampler: %s", line)
 
 
 def prepare_dit(handle: DiTHandle):
@@ -322,7 +314,7 @@ class FluxCoreSampler:
                                                    + step_models)
             masked = bool(entities)  # EliGen's attention masks: flash attention takes none
             compute_dtype = stored_compute_dtype(dit)
-            report_attention(device, compute_dtype, masked)
+            log_attention_once(log, "FluxCoreSampler", device, compute_dtype, masked, _REPORTED_ATTENTION)
             # The kernels are fixed when a compiled block is traced: its first call happens inside (the first step).
             with torch.no_grad(), attention_backend(device, compute_dtype, masked):
                 final = run_denoise(start, sigmas, velocity, None, after_step)
