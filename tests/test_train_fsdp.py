@@ -59,6 +59,25 @@ def test_strategies_and_their_needs():
     assert distributed.cpu_processes({}) is False
 
 
+def test_process_groups_wait_a_day_at_barriers(monkeypatch):
+    """A resumed data_process or generate --prompts-file may leave one process with nothing to do, waiting at the
+    last barrier for hours: every group we create (PartialState for both, the trainer's Accelerator) gets a 24 h
+    timeout, not torch's 10 min (NCCL) / 30 min (gloo)."""
+    import accelerate
+    from datetime import timedelta
+    made = {}
+    monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
+    monkeypatch.setattr(accelerate, "PartialState", lambda **kwargs: made.setdefault("state", kwargs))
+    monkeypatch.setattr(accelerate, "Accelerator", lambda **kwargs: made.setdefault("accelerator", kwargs)
+                        and SimpleNamespace(distributed_type=DistributedType.NO))
+    distributed.process_state()
+    assert made["state"]["timeout"] == timedelta(hours=24)
+    distributed.make_accelerator(kwargs_handlers=["ddp kwargs"])
+    handlers = made["accelerator"]["kwargs_handlers"]
+    assert handlers[0] == "ddp kwargs" and handlers[1].timeout == timedelta(hours=24)
+    assert handlers[1].to_kwargs() == {"timeout": timedelta(hours=24)}   # the backend stays accelerate's choice
+
+
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     return make_train_setup(tmp_path_factory.mktemp("fsdp"))

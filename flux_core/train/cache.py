@@ -253,10 +253,11 @@ class CachedDataset(Dataset):
 def data_process(args: argparse.Namespace) -> dict:
     """Encode every row of the dataset into --output_path (see the module doc). Returns {"rows", "encoded",
     "skipped" (rows kept from an earlier run), "path", "models" (the pipeline slots loaded)}."""
-    from accelerate import Accelerator
+    from accelerate.utils import reduce
 
     from .args import data_file_keys
     from .dataset import ImageDataset
+    from .distributed import process_state
     from .progress import Log
     from .run_folder import check_writable
     from .trainer import fp8_slots, load_pipeline, store_in_fp8
@@ -268,8 +269,8 @@ def data_process(args: argparse.Namespace) -> dict:
     dataset = ImageDataset(a.dataset_base_path, a.dataset_metadata_path, data_file_keys(a), a.height, a.width,
                            a.max_pixels, 1, required_keys=comma_list(a.extra_inputs))
     summary = dataset.check()   # every row read before any model is loaded
-    cpu_only = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
-    acc = Accelerator(cpu=cpu_only)
+    # gloo between CPU processes; a long barrier timeout, as a resumed run's shares are uneven (flux_core.train.distributed)
+    acc = process_state()
     earlier = read_manifest(folder)
     pipe, configs = load_pipeline(a, acc.device, skip_kinds=("dit",))
     store_in_fp8(pipe, [slot for slot in fp8_slots(a, configs, pipe) if slot != "dit"], dtype)  # no DiT here
@@ -316,7 +317,7 @@ def data_process(args: argparse.Namespace) -> dict:
         log("encoded", row=index, done=n, of=len(mine))
     counts = torch.tensor([encoded, skipped])
     if acc.num_processes > 1:
-        counts = acc.reduce(counts.to(acc.device), "sum").cpu()
+        counts = reduce(counts.to(acc.device), "sum").cpu()
     acc.wait_for_everyone()
     if acc.is_main_process:
         manifest.update(complete=True, **cache_shapes(folder, len(dataset.rows)))

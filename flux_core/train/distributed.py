@@ -19,8 +19,16 @@ from __future__ import annotations
 
 import contextlib
 import os
+from datetime import timedelta
 
 import torch
+
+# How long a collective (a barrier, a reduce) waits for the slowest process before the group aborts. Processes get
+# uneven shares: on a resumed data_process or `generate --prompts-file` one process may find its rows or prompts done
+# and wait at the final barrier while the others encode or generate for hours (a FLUX.1-dev image is ~30 s on a GPU,
+# a cache of 100k rows far longer), and torch's defaults (NCCL 10 min, gloo 30 min) would abort that wait. 24 h is
+# longer than any share we expect, yet still ends a run whose peer really died.
+PROCESS_GROUP_TIMEOUT = timedelta(hours=24)
 
 
 def cpu_processes(env: dict | None = None) -> bool:
@@ -30,11 +38,18 @@ def cpu_processes(env: dict | None = None) -> bool:
     return int(env.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
 
 
+def process_group_kwargs():
+    """accelerate's InitProcessGroupKwargs for every process group we create: PROCESS_GROUP_TIMEOUT (NCCL, gloo and
+    DeepSpeed's init_distributed all take it)."""
+    from accelerate.utils import InitProcessGroupKwargs
+    return InitProcessGroupKwargs(timeout=PROCESS_GROUP_TIMEOUT)
+
+
 def process_state():
     """accelerate's PartialState for this process: its index, the process count and its device (cuda:LOCAL_RANK
-    with GPUs); one process when not launched by `accelerate launch`."""
+    with GPUs); one process when not launched by `accelerate launch`. Its group waits PROCESS_GROUP_TIMEOUT."""
     from accelerate import PartialState
-    return PartialState(cpu=cpu_processes())
+    return PartialState(cpu=cpu_processes(), **process_group_kwargs().to_kwargs())
 
 
 def fsdp_requested(env: dict | None = None) -> bool:
@@ -45,14 +60,16 @@ def fsdp_requested(env: dict | None = None) -> bool:
 
 def make_accelerator(**kwargs):
     """The trainer's Accelerator: gloo between CPU processes (cpu_processes), and FSDP also on the CPU when it was
-    asked for (FSDP2 only: FSDP1 needs CUDA). `kwargs` go to Accelerator."""
+    asked for (FSDP2 only: FSDP1 needs CUDA); its group waits PROCESS_GROUP_TIMEOUT. `kwargs` go to Accelerator
+    (kwargs_handlers are added to)."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, PartialState
     from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 
     from .args import TrainError
 
-    acc = Accelerator(cpu=cpu_processes(), **kwargs)
+    handlers = [*kwargs.pop("kwargs_handlers", []), process_group_kwargs()]
+    acc = Accelerator(cpu=cpu_processes(), kwargs_handlers=handlers, **kwargs)
     if fsdp_requested() and acc.distributed_type == DistributedType.MULTI_CPU:
         plugin = FullyShardedDataParallelPlugin()   # from the FSDP_* variables the launcher set
         if plugin.fsdp_version != 2:
