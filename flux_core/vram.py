@@ -317,6 +317,11 @@ class PlacedModel:
     # dtype they would lose their FP8 matmul).
     buffers: set[int] = field(default_factory=set)
 
+    def home(self, t: torch.Tensor) -> torch.Tensor:
+        """Where a call takes `t` from: its resident copy on the compute device, else its stored data."""
+        resident = self.resident.get(id(t))
+        return self.stored[id(t)] if resident is None else resident
+
     def call_dtype(self, t: torch.Tensor, home: torch.Tensor) -> torch.dtype:
         """The dtype of `t` in a call: parameters in the compute dtype; buffers, FP8-compute weights and integers
         as stored."""
@@ -453,8 +458,7 @@ class VRAMManager:
             self._count(-fetched.nbytes)
             self.prefetch_stats.used += 1
         for t in unit.uses:
-            home = managed.resident.get(id(t))
-            home = managed.stored[id(t)] if home is None else home
+            home = managed.home(t)
             source = fetched.copies.get(id(t), home) if fetched is not None else home
             view = self.device.put(source, managed.call_dtype(t, home))
             if view is not home:  # a copy made for this call (or prefetched for it)
@@ -512,13 +516,8 @@ class VRAMManager:
 
     def _homes_to_copy(self, unit: _Unit) -> dict[int, torch.Tensor]:
         managed = unit.model
-        homes = {}
-        for t in unit.uses:
-            home = managed.resident.get(id(t))
-            home = managed.stored[id(t)] if home is None else home
-            if not self.device.holds(home):
-                homes[id(t)] = home
-        return homes
+        homes = {id(t): managed.home(t) for t in unit.uses}
+        return {key: home for key, home in homes.items() if not self.device.holds(home)}
 
     def _copy_bytes(self, unit: _Unit) -> int:
         return sum(h.untyped_storage().nbytes() for h in self._homes_to_copy(unit).values())

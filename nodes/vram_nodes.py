@@ -197,7 +197,8 @@ def _place(handle, dit, options: VRAMOptions) -> None:
 def _onload(manager: VRAMManager) -> None:
     weights = sum(t.untyped_storage().nbytes() for t in manager.models["dit"].stored.values())
     needed = weights if manager.budget is None else min(weights, manager.budget)
-    bridge.free_memory(needed + manager.largest_unit_bytes() + GiB)  # + one layer in flight + activations
+    # + one layer in flight, the layers prefetched ahead of it, and activations
+    bridge.free_memory(needed + manager.largest_unit_bytes() + manager.prefetch_window_bytes() + GiB)
     manager.load_models_to_device(["dit"])
 
 
