@@ -14,9 +14,8 @@ Each row runs the same Euler loop over FLUX's schedule (--steps sigmas, shift 3)
 random text embedding, pooled vector and embedded guidance 3.5: a batch of 1, no CFG. One untimed warm-up loop
 first (it holds compilation), then --loops timed loops (1 on a GPU, 3 on the CPU); "s/step" = the fastest timed
 loop / steps. "peak GB" is torch.cuda.max_memory_allocated() over the row (weights + activations; CUDA only).
-"diff" compares the row's final
-latent with the eager bf16 row's: mean |a - b| / mean |b| (random weights make no picture, so the final latent is
-what is compared). Rows:
+"diff" compares the row's final latent with the eager bf16 row's: mean |a - b| / mean |b| (random weights make no
+picture, so the final latent is what is compared). Rows:
 - eager bf16: FluxDiT as loaded (the reference row), and again with torch's own attention kernel choice instead of
   flux_core.attention_backend's (every other FluxCore row uses the latter, as the pipeline does);
 - eager bf16 + TeaCache: DiTExtras(tea_cache=TeaCache(steps, --tea-cache)); the note says how many steps ran;
