@@ -78,6 +78,25 @@ def test_process_groups_wait_a_day_at_barriers(monkeypatch):
     assert handlers[1].to_kwargs() == {"timeout": timedelta(hours=24)}   # the backend stays accelerate's choice
 
 
+def test_full_parameters_leaves_buffers_alone():
+    """The gathered state dict holds buffers as well as the trained parameters: only parameters are swapped in."""
+    class WithBuffer(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = torch.nn.Linear(2, 2)
+            self.linear.weight.requires_grad_(False)
+            self.register_buffer("scale", torch.full((2,), 3.0))
+            self.linear.register_buffer("shift", torch.zeros(2))
+
+    model, acc = WithBuffer(), fake_accelerator(DistributedType.FSDP)
+    acc.is_main_process = True
+    bias, buffers = model.linear.bias, (model.scale, model.linear.shift)
+    with distributed.full_parameters(acc, model):   # a plain module: FSDP2's gather gives the same full tensors
+        assert model.linear.bias is not bias and torch.equal(model.linear.bias, bias)
+        assert model.linear.bias.requires_grad and model.scale is buffers[0] and model.linear.shift is buffers[1]
+    assert model.linear.bias is bias
+
+
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     return make_train_setup(tmp_path_factory.mktemp("fsdp"))

@@ -195,7 +195,9 @@ def full_parameters(acc, model: torch.nn.Module):
             for name, tensor in full.items():
                 owner, _, leaf = name.rpartition(".")
                 module = inner.get_submodule(owner)
-                old = module._parameters[leaf]
+                old = module._parameters.get(leaf)
+                if old is None:   # a buffer (the state dict holds those too): FSDP2 keeps them whole on every process
+                    continue
                 # Put straight into _parameters: FSDP2's state-dict hooks stay out of it (its groups are sharded)
                 module._parameters[leaf] = torch.nn.Parameter(tensor, requires_grad=old.requires_grad)
                 swapped.append((module, leaf, old))
