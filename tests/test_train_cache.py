@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -145,6 +146,12 @@ def test_data_process_resumes_and_refuses_other_settings(world, tmp_path):
     assert not torch.equal(load_file(folder / ROWS / "000003.safetensors")["prompt_emb"],
                            load_file(cache / ROWS / "000003.safetensors")["prompt_emb"])
 
+    # settings that change every row's encoding: the rows made with the others are refused, not mixed in
+    for flags, changed in ((["--height", "16", "--width", "16"],
+                            "image_size: '--max_pixels 1048576' there, '--height 16 --width 16' now"),
+                           (["--fp8_models", "t5"], "fp8_encoders: [] there, ['text_encoder_2'] now")):
+        with pytest.raises(TrainError, match=re.escape(f"holds a cache made with other settings ({changed})")):
+            quietly(train, parse_args(data_process_argv(setup, folder, *flags)))
     with pytest.raises(TrainError, match=r"holds a cache made with other settings \(t5_sequence_length: 16 there, "
                                          r"8 now\).*--overwrite"):
         quietly(train, parse_args(data_process_argv(setup, folder, "--t5_sequence_length", "8")))

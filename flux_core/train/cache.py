@@ -15,10 +15,12 @@ The cache folder (the data_process --output_path):
   images `ref_tokens` / `ref_ids`, the packed reference tokens and their position ids. Its metadata holds the row's
   fingerprint (its metadata values, the sizes and modification times of its files).
 - `cache_manifest.json`: what a training run must match: format and version, torch dtype, T5 sequence length, text
-  tokens and widths, latent channels, row count, latent and image sizes, the encoder files used, the data flags, and
+  tokens and widths, latent channels, row count, latent and image sizes, the encoder files used (and those stored in
+  FP8), how images are sized, the image columns, the data flags, and
   `complete` (false until every process has finished).
 
-Resume: a rerun of the same data_process command (same dtype, T5 length, encoders, Kontext) keeps every row file whose
+Resume: a rerun of the same data_process command (same dtype, T5 length, encoder files, Kontext setting, image size
+flags --height/--width or --max_pixels, --data_file_keys, and encoders in --fp8_models) keeps every row file whose
 fingerprint still matches its row and encodes only the others, so an interrupted data_process continues where it
 stopped. A folder holding a cache made with other settings is refused unless --overwrite is given (which deletes it).
 
@@ -62,8 +64,11 @@ CACHED = "cached"   # the sample key of a cached row's tensors
 DATA_FLAGS = ("dataset_base_path", "dataset_metadata_path", "max_pixels", "height", "width", "data_file_keys",
               "extra_inputs", "model_paths", "model_id_with_origin_paths", "tokenizer_1_path", "tokenizer_2_path",
               "fp8_models")
-# Settings a resumed data_process must share with the cache in its folder.
-SETTINGS = ("format", "version", "torch_dtype", "t5_sequence_length", "kontext_images", "encoders")
+# Settings a resumed data_process must share with the cache in its folder: each changes every row's encoding (the
+# image size its latent is made at, the columns loaded as images, FP8 storage of the encoders), so rows made with
+# other values are refused as a whole, not mixed in.
+SETTINGS = ("format", "version", "torch_dtype", "t5_sequence_length", "kontext_images", "encoders", "image_size",
+            "data_file_keys", "fp8_encoders")
 
 
 # ------------------------------------------------------------------------------------------------ the inputs
@@ -273,12 +278,15 @@ def data_process(args: argparse.Namespace) -> dict:
     acc = process_state()
     earlier = read_manifest(folder)
     pipe, configs = load_pipeline(a, acc.device, skip_kinds=("dit",))
-    store_in_fp8(pipe, [slot for slot in fp8_slots(a, configs, pipe) if slot != "dit"], dtype)  # no DiT here
+    fp8_encoders = [slot for slot in fp8_slots(a, configs, pipe) if slot != "dit"]   # no DiT here
+    store_in_fp8(pipe, fp8_encoders, dtype)
     t5_length = pipe.t5_sequence_length(a.t5_sequence_length)
     manifest = {"format": FORMAT, "version": VERSION, "complete": False, "torch_dtype": a.torch_dtype,
                 "t5_sequence_length": t5_length, "kontext_images": "kontext_images" in comma_list(a.extra_inputs),
                 "encoders": {slot: pipe.loaded_from[slot].source for slot in ENCODER_SLOTS if slot in pipe.loaded_from},
-                "fp8_models": comma_list(a.fp8_models), "rows": len(dataset.rows), "source": summary["source"],
+                "fp8_models": comma_list(a.fp8_models), "fp8_encoders": sorted(fp8_encoders),
+                "image_size": image_size(dataset), "data_file_keys": sorted(dataset.file_keys),
+                "rows": len(dataset.rows), "source": summary["source"],
                 "data_flags": {name: getattr(a, name) for name in DATA_FLAGS if getattr(a, name) is not None}}
     if earlier is not None:
         changed = [k for k in SETTINGS if earlier.get(k) != manifest[k]]
@@ -331,6 +339,13 @@ def data_process(args: argparse.Namespace) -> dict:
         print(f"flux_core.train: data_process: kept {result['skipped']} row(s) already encoded in {folder / ROWS} "
               f"(--overwrite encodes every row again).", file=sys.stderr, flush=True)
     return result
+
+
+def image_size(dataset) -> str:
+    """How the rows' images are sized, as the flags that set it: "--height H --width W" or "--max_pixels N"."""
+    if dataset.fixed is not None:
+        return f"--height {dataset.fixed[1]} --width {dataset.fixed[0]}"
+    return f"--max_pixels {dataset.max_pixels}"
 
 
 def _row_fingerprint(path: Path) -> str | None:
