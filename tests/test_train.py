@@ -447,8 +447,50 @@ def test_resume_mismatch_names_each_setting_by_its_flag(tmp_path):
 
     trainer = Trainer(parse_args(run_argv(tmp_path, tmp_path / "out")))
     trainer.plan, trainer.targets = make_plan(8, 1, 1, 1, None), []
+    trainer.accelerator = accelerator("NO", 1)
     assert set(trainer.settings()) <= set(SETTING_NAMES)
+    assert trainer.settings()["strategy"] == "ddp"   # a single process saves as DDP does
     assert all("--" in name for name in SETTING_NAMES.values())
+
+
+def accelerator(kind: str, processes: int):
+    """What Trainer.settings / find_resumable read of an Accelerator, of a launch of `kind` (DistributedType)."""
+    from types import SimpleNamespace
+    from accelerate.utils import DistributedType
+    return SimpleNamespace(distributed_type=DistributedType[kind], num_processes=processes, is_main_process=True)
+
+
+def test_resume_under_another_strategy_is_refused_before_models_load(tmp_path):
+    from flux_core.train.trainer import Trainer
+
+    torch_layout = {"state": {}, "param_groups": [{"lr": 0.1, "params": [0]}]}
+    fsdp_layout = {"state": {}, "param_groups": [{"lr": 0.1, "params": ["w"]}]}
+    for name, settings, optimizer, launch, message in (
+            ("single", {"strategy": "ddp"}, torch_layout, accelerator("FSDP", 2),
+             "saved under a single process or DDP, this run is FSDP"),
+            ("fsdp", {"strategy": "fsdp"}, fsdp_layout, accelerator("NO", 1),
+             "saved under FSDP, this run is a single process or DDP"),
+            ("fsdp, not recorded", {}, fsdp_layout, accelerator("MULTI_CPU", 2),   # read from the optimizer state
+             "saved under FSDP, this run is a single process or DDP")):
+        output = tmp_path / name
+        ckpt.save_state(output, {"w": torch.zeros(2)}, optimizer, {"last_epoch": 3},
+                        {"step": 3, "epoch": 0, "position": 3, "weights": "step-3.safetensors", "settings": settings})
+        trainer = Trainer(parse_args(run_argv(tmp_path, output, "--resume")))
+        trainer.accelerator = launch
+        with pytest.raises(TrainError) as refused:
+            trainer.find_resumable()
+        text = str(refused.value)
+        assert text.startswith(f"--resume {ckpt.checkpoints_dir(output) / 'step-3'}: ") and message in text, name
+        assert f"start a new run from its weights {output / 'step-3.safetensors'}" in text
+        assert "--lora_checkpoint" in text and "a new --output_path" in text
+    # a single process resumes DDP's checkpoint (and the other way round): the same optimizer state
+    output = tmp_path / "ddp"
+    ckpt.save_state(output, {"w": torch.zeros(2)}, torch_layout, {"last_epoch": 3},
+                    {"step": 3, "epoch": 0, "position": 3, "weights": "step-3.safetensors",
+                     "settings": {"strategy": "ddp"}})
+    trainer = Trainer(parse_args(run_argv(tmp_path, output, "--resume")))
+    trainer.accelerator = accelerator("NO", 1)
+    assert trainer.find_resumable().state["step"] == 3
 
 
 # ------------------------------------------------------------------------------------------------ plan

@@ -37,7 +37,8 @@ def test_what_fsdp_and_deepspeed_refuse_is_named_by_flag_all_at_once():
     fp8, accumulation, resume = distributed.run_problems(ds, ["t5"], 2, "latest")
     assert fp8.startswith("--fp8_models with DEEPSPEED")
     assert accumulation.startswith("--gradient_accumulation_steps 2 with DeepSpeed") and "use 1" in accumulation
-    assert resume.startswith("--resume with DeepSpeed")
+    assert resume.startswith("--resume with DeepSpeed") and "resumes only under the strategy that saved it" in resume
+    assert "under DDP or FSDP" not in resume   # no invitation to resume across strategies
     assert distributed.run_problems(fsdp, [], 4, "latest") == []   # FSDP resumes (test below)
 
 
@@ -95,6 +96,19 @@ def test_full_parameters_leaves_buffers_alone():
         assert model.linear.bias is not bias and torch.equal(model.linear.bias, bias)
         assert model.linear.bias.requires_grad and model.scale is buffers[0] and model.linear.shift is buffers[1]
     assert model.linear.bias is bias
+
+
+def test_deepspeed_checkpoints_resume_nowhere():
+    from flux_core.train.args import TrainError
+    torch_layout = {"state": {}, "param_groups": [{"params": [0, 1]}]}
+    with pytest.raises(TrainError) as refused:   # its optimizer.pt is one partition: not a DDP optimizer state
+        distributed.check_resume(fake_accelerator(DistributedType.MULTI_CPU), Path("run/checkpoints/step-2"),
+                                 {"strategy": "deepspeed"}, torch_layout, Path("run/step-2.safetensors"))
+    assert "saved under DeepSpeed, this run is a single process or DDP" in str(refused.value)
+    assert "Start a new run from its weights run/step-2.safetensors" in str(refused.value)
+    # a DeepSpeed run: run_problems refuses --resume whatever saved the checkpoint, with the other problems
+    distributed.check_resume(fake_accelerator(DistributedType.DEEPSPEED), Path("c"), {"strategy": "ddp"},
+                             torch_layout, Path("w"))
 
 
 @pytest.fixture(scope="module")

@@ -128,9 +128,45 @@ def run_problems(acc, fp8_slots: list[str], accumulation: int, resume: str | Non
                         f"does.")
     if kind == "deepspeed" and resume is not None:
         problems.append("--resume with DeepSpeed: its optimizer state is partitioned across the processes and the "
-                        "checkpoints hold the main process's part only; resume under DDP or FSDP, or start from the "
-                        "saved weights (--lora_checkpoint for a LoRA).")
+                        "checkpoints hold the main process's part only, so a DeepSpeed run cannot continue from one "
+                        "(and a checkpoint resumes only under the strategy that saved it); start a new run from the "
+                        "saved weights (--lora_checkpoint for a LoRA) with a new --output_path.")
     return problems
+
+
+# How each strategy's checkpoints hold the optimizer state: a single process and DDP save torch's own
+# optimizer.state_dict() alike (so they resume each other), FSDP saves it gathered whole and keyed by parameter name,
+# DeepSpeed only the main process's partition. torch loads none of them as another.
+CHECKPOINT_LAYOUTS = {"ddp": ("a single process or DDP", "keyed by parameter position"),
+                      "fsdp": ("FSDP", "keyed by parameter name"),
+                      "deepspeed": ("DeepSpeed", "the main process's partition only")}
+
+
+def checkpoint_strategy(acc) -> str:
+    """The strategy a checkpoint records (the trainer's settings): strategy(acc), with "single" as "ddp"."""
+    kind = strategy(acc)
+    return "ddp" if kind == "single" else kind
+
+
+def check_resume(acc, folder, saved: dict, optimizer: dict, weights) -> None:
+    """Refuse to resume, under this run's strategy, a checkpoint whose optimizer state another strategy saved
+    (`saved`: its settings; `optimizer`: its optimizer state, whose keys tell the strategy of a checkpoint that
+    does not record it; `weights`: its weights file, to start a new run from). A DeepSpeed run is left to
+    run_problems, which refuses --resume with it whatever saved the checkpoint."""
+    from .args import TrainError
+
+    now = checkpoint_strategy(acc)
+    params = [p for group in optimizer.get("param_groups", []) for p in group.get("params", [])]
+    was = saved.get("strategy") or ("fsdp" if params and isinstance(params[0], str) else "ddp")
+    if now == "deepspeed" or was == now:
+        return
+    (was_name, was_layout), (now_name, now_layout) = CHECKPOINT_LAYOUTS[was], CHECKPOINT_LAYOUTS[now]
+    relaunch = {"ddp": "python -m flux_core.train, or accelerate launch with ddp.yaml",
+                "fsdp": "accelerate launch with the fsdp_*.yaml config it used"}.get(was)
+    way = f"Resume it the way it was launched ({relaunch}), or start" if relaunch else "Start"
+    raise TrainError(f"--resume {folder}: the checkpoint was saved under {was_name}, this run is {now_name}; its "
+                     f"optimizer state ({was_layout}) cannot be loaded under {now_name} ({now_layout}). {way} a new "
+                     f"run from its weights {weights} (--lora_checkpoint for a LoRA) with a new --output_path.")
 
 
 def prepare(acc, trained: torch.nn.Module, optimizer: torch.optim.Optimizer, micro_batch: int):

@@ -110,7 +110,8 @@ SETTING_NAMES = {"mode": "LoRA, full DiT, ControlNet, IP-Adapter, InfiniteYou or
                  "samples": "dataset samples (rows x --dataset_repeat)",
                  "num_processes": "processes (accelerate launch --num_processes)",
                  "gradient_accumulation_steps": "--gradient_accumulation_steps", "learning_rate": "--learning_rate",
-                 "weight_decay": "--weight_decay", "torch_dtype": "--torch_dtype"}
+                 "weight_decay": "--weight_decay", "torch_dtype": "--torch_dtype",
+                 "strategy": "a single process or DDP, FSDP or DeepSpeed (accelerate launch --config_file)"}
 # DiffSynth-Studio steps torch's ConstantLR with its defaults: the first 5 optimizer steps at lr / 3.
 LR_START_FACTOR, LR_START_STEPS = 1.0 / 3.0, 5
 
@@ -511,7 +512,9 @@ class Trainer:
         return {"mode": self.mode, "lora_rank": a.lora_rank if self.lora else None,
                 "targets": self.targets, "seed": a.seed, "samples": self.plan.samples,
                 "num_processes": self.plan.processes, "gradient_accumulation_steps": self.plan.accumulation,
-                "learning_rate": a.learning_rate, "weight_decay": a.weight_decay, "torch_dtype": a.torch_dtype}
+                "learning_rate": a.learning_rate, "weight_decay": a.weight_decay, "torch_dtype": a.torch_dtype,
+                # the optimizer state's layout differs between strategies (distributed.check_resume)
+                "strategy": distributed.checkpoint_strategy(self.accelerator)}
 
     def find_resumable(self) -> ckpt.TrainingState | None:
         """The verified state --resume continues from (warning about corrupt newer ones), or None for a folder
@@ -529,6 +532,8 @@ class Trainer:
                 print(f"flux_core.train: --resume: {self.output} holds no earlier run; starting a new run.",
                       file=sys.stderr, flush=True)
             return None
+        distributed.check_resume(self.accelerator, loaded.folder, loaded.state.get("settings", {}), loaded.optimizer,
+                                 self.output / loaded.state["weights"])
         if main:
             for corrupt, why in loaded.skipped:
                 print(f"flux_core.train: warning: --resume: skipping the corrupt checkpoint {corrupt} ({why}); "
