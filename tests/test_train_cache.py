@@ -13,15 +13,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image
 from safetensors.torch import load_file
 
 from flux_core.train.__main__ import main
 from flux_core.train.args import TrainError, parse_args
 from flux_core.train.cache import LOG, MANIFEST, ROWS
 from flux_core.train.trainer import Trainer, train
-from tests.tiny_train import (cached_argv, data_process_argv, make_train_setup, resumed_and_whole, step_losses,
-                              train_argv)
+from tests.tiny_train import (cached_argv, data_process_argv, make_kontext_data, make_train_setup, resumed_and_whole,
+                              step_losses, train_argv)
 from tests.tiny_train import one_thread  # noqa: F401 (module-wide autouse: tiny models run faster on one thread)
 
 ENCODERS = ("vae", "text_encoder_1", "text_encoder_2")
@@ -97,14 +96,7 @@ def test_sft_train_with_the_dit_file_alone_and_resume(world, tmp_path):
 
 def test_kontext_references_are_cached(world, tmp_path):
     setup = world[0]
-    data = tmp_path / "kontext data"
-    data.mkdir()
-    Image.new("RGB", (32, 48), (200, 10, 10)).save(data / "target.png")
-    Image.new("RGB", (48, 32), (10, 10, 200)).save(data / "ref 1.png")
-    Image.new("RGB", (32, 32), (10, 200, 10)).save(data / "ref 2.png")
-    (data / "metadata.jsonl").write_text(
-        '{"image": "target.png", "prompt": "a cat red", "kontext_images": ["ref 1.png", "ref 2.png"]}\n'
-        '{"image": "ref 1.png", "prompt": "a dog blue", "kontext_images": "ref 2.png"}\n', encoding="utf-8")
+    data = make_kontext_data(tmp_path / "kontext data")
     kontext = ["--extra_inputs", "kontext_images", "--num_epochs", "2"]
 
     def argv(*extra):

@@ -26,7 +26,7 @@ from flux_core.train.__main__ import main
 from flux_core.train.args import parse_args
 from flux_core.train.loss import flow_matching_loss, sample_generator, training_schedule
 from flux_core.train.trainer import Trainer, train
-from tests.tiny_train import SIZE, make_train_setup, python, read_log, subprocess_env, train_argv
+from tests.tiny_train import SIZE, make_kontext_data, make_train_setup, python, read_log, subprocess_env, train_argv
 
 from tests.tiny_train import one_thread  # noqa: F401 (a module-wide autouse fixture)
 pytestmark = pytest.mark.slow
@@ -228,14 +228,7 @@ def frozen_matrices(model):
 
 
 def test_kontext_fp8_and_gradient_checkpointing(setup, tmp_path):
-    data = tmp_path / "kontext data"
-    data.mkdir()
-    Image.new("RGB", (32, 48), (200, 10, 10)).save(data / "target.png")
-    Image.new("RGB", (48, 32), (10, 10, 200)).save(data / "ref 1.png")
-    Image.new("RGB", (32, 32), (10, 200, 10)).save(data / "ref 2.png")
-    (data / "metadata.jsonl").write_text(
-        '{"image": "target.png", "prompt": "a cat red", "kontext_images": ["ref 1.png", "ref 2.png"]}\n'
-        '{"image": "ref 1.png", "prompt": "a dog blue", "kontext_images": "ref 2.png"}\n', encoding="utf-8")
+    data = make_kontext_data(tmp_path / "kontext data")
     slots = ("dit", "text_encoder_1", "text_encoder_2")
 
     fp8 = Trainer(parse_args(kontext_argv(setup, data, tmp_path / "fp8", "--fp8_models", "t5,clip,dit")))

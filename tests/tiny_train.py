@@ -234,6 +234,19 @@ def make_eligen_data(data: Path) -> Path:
 
 
 # ------------------------------------------------------------------------------------------------ LoRA-Encoder
+def make_kontext_data(data: Path) -> Path:
+    """A Kontext dataset in the new folder `data` (metadata.jsonl; names with spaces): a target with two reference
+    images (a JSON list) and a row with one (a plain string), each image of another size than the others."""
+    data.mkdir()
+    Image.new("RGB", (32, 48), (200, 10, 10)).save(data / "target.png")
+    Image.new("RGB", (48, 32), (10, 10, 200)).save(data / "ref 1.png")
+    Image.new("RGB", (32, 32), (10, 200, 10)).save(data / "ref 2.png")
+    (data / "metadata.jsonl").write_text(
+        '{"image": "target.png", "prompt": "a cat red", "kontext_images": ["ref 1.png", "ref 2.png"]}\n'
+        '{"image": "ref 1.png", "prompt": "a dog blue", "kontext_images": "ref 2.png"}\n', encoding="utf-8")
+    return data
+
+
 def make_lora_encoder_data(setup: TrainSetup, tmp: Path) -> Path:
     """The LoRA-Encoder world beside a make_train_setup one: tmp/lora-encoder.safetensors (DiffSynth's own
     FluxLoRAEncoder at the tiny size, random weights: tests/tiny_lora_models.py), loras/ in the dataset with LoRAs on
