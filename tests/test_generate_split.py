@@ -77,6 +77,18 @@ def test_seed_left_out_is_zero_and_the_folder_defaults_to_images(demo_here, tmp_
     assert (tmp_path / "images" / "00000.png").read_bytes() == (tmp_path / "zero.png").read_bytes()
 
 
+def test_a_plain_install_without_accelerate_generates_a_prompts_file(demo_here, tmp_path, monkeypatch, capsys):
+    """accelerate comes with the `train` extra only; one process needs none of it (a pip-installed package crashed
+    here with ModuleNotFoundError)."""
+    import sys
+    monkeypatch.setitem(sys.modules, "accelerate", None)   # `import accelerate` now raises ImportError
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    file = prompts_file(tmp_path / "p.txt", "\n".join(PROMPTS[:2]))
+    assert run_file(file, tmp_path / "out", "--seed", "3") == 0, capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["00000.png", "00001.png"]
+    assert "process 0 of 1: wrote 2" in capsys.readouterr().out
+
+
 def test_names_are_padded_to_sort_in_prompt_order():
     assert [image_name(k, 3) for k in range(3)] == ["00000.png", "00001.png", "00002.png"]
     assert image_name(7, 123456) == "000007.png" and image_name(123455, 123456) == "123455.png"

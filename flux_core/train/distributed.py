@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
@@ -45,10 +46,29 @@ def process_group_kwargs():
     return InitProcessGroupKwargs(timeout=PROCESS_GROUP_TIMEOUT)
 
 
+@dataclass(frozen=True)
+class SingleProcess:
+    """What process_state gives when this process runs alone and accelerate is not installed (it comes with the
+    `train` extra; a plain install generates too): the fields and the barrier `generate --prompts-file` uses."""
+    process_index: int = 0
+    num_processes: int = 1
+    is_main_process: bool = True
+    device: torch.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    def wait_for_everyone(self) -> None:
+        pass
+
+
 def process_state():
     """accelerate's PartialState for this process: its index, the process count and its device (cuda:LOCAL_RANK
-    with GPUs); one process when not launched by `accelerate launch`. Its group waits PROCESS_GROUP_TIMEOUT."""
-    from accelerate import PartialState
+    with GPUs); one process when not launched by `accelerate launch`. Its group waits PROCESS_GROUP_TIMEOUT.
+    Without accelerate (a plain install) a lone process gets a SingleProcess."""
+    try:
+        from accelerate import PartialState
+    except ImportError:
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise
+        return SingleProcess()
     return PartialState(cpu=cpu_processes(), **process_group_kwargs().to_kwargs())
 
 
