@@ -230,7 +230,6 @@ class FluxImagePipeline:
         self._require("dit", "compile the DiT")
         compile_dit(self.dit, mode)
 
-
     def enable_vram_management(self, num_persistent_param_in_dit: int | None = None, vram_limit: float | None = None,
                                vram_buffer: float = 0.5, *, device: ComputeDevice | None = None) -> VRAMManager:
         """Low-VRAM running (DiffSynth-Studio v1 names and meaning). Every model's weights rest off the compute
