@@ -463,14 +463,12 @@ def build_pipeline(args, device: str | None = None):
     dtype = DTYPES[compute_dtype(args)]
     device = device or args.device
     if args.demo:
-        pipe = FluxImagePipeline.from_demo(torch_dtype=dtype, device=device)
+        pipe = FluxImagePipeline.from_demo(torch_dtype=dtype, device=device, fp8_compute=args.fp8_compute)
     else:
         configs, tok1, tok2 = model_configs_for(args)
         pipe = FluxImagePipeline.from_pretrained(torch_dtype=dtype, device=device, model_configs=configs,
                                                  tokenizer_1_config=tok1, tokenizer_2_config=tok2,
                                                  fp8_compute=args.fp8_compute)
-    if args.fp8_compute and args.demo:  # (from_pretrained converted its DiT already)
-        pipe.enable_fp8_compute()
     for path, scale in args.lora:
         report = pipe.load_lora(pipe.dit, path, alpha=scale)
         print(f"LoRA {path} at scale {scale}: {len(report.layers)} DiT layers ({report.mode})")

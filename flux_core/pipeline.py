@@ -157,12 +157,13 @@ class FluxImagePipeline:
             source = next((source for _, source, entry in plan.entries if entry.slot == slot), None)
             if source is not None:  # also before any weights are read
                 setattr(pipe, f"{slot}_processor", load_processor(spec, config, source, local_model_path))
+        dit_through_cpu = False
         for config, source, entry in plan.entries:
             offloaded = config.offload_device is not None or config.offload_dtype is not None
             place = pipe.device if config.offload_device is None else torch.device(config.offload_device)
             # FP8 compute: the DiT reaches the device converted (its bf16 weights need not fit there first)
-            through_cpu = fp8_compute and entry.slot == "dit" and not offloaded and place.type != "cpu"
-            place = torch.device("cpu") if through_cpu else place
+            if fp8_compute and entry.slot == "dit" and not offloaded and place.type != "cpu":
+                dit_through_cpu, place = True, torch.device("cpu")
             module = load_model(source, torch_dtype=torch_dtype, device=place, kind=entry.kind,
                                 weight_dtype=config.offload_dtype)
             if entry.kind == "controlnet":
@@ -182,23 +183,24 @@ class FluxImagePipeline:
                            ", ".join(f"pipe.{slot}" for slot in empty), plan.describe())
         if fp8_compute:
             pipe.enable_fp8_compute()
-            if pipe.dit.img_in.weight.device != pipe.device and "dit" not in (pipe.vram.models if pipe.vram else {}):
+            if dit_through_cpu:
                 store_model(pipe.dit, pipe.device)
         return pipe
 
     @classmethod
-    def from_demo(cls, torch_dtype: torch.dtype = torch.float32, device: str | torch.device | None = None
-                  ) -> "FluxImagePipeline":
+    def from_demo(cls, torch_dtype: torch.dtype = torch.float32, device: str | torch.device | None = None,
+                  fp8_compute: bool = False) -> "FluxImagePipeline":
         """The bundled demo model (flux_core.demo): FLUX.1's architecture at tiny widths, trained on coloured shapes
         ("a red circle on the left on a blue background"), shipped inside the package, so it runs offline in seconds on a
         CPU. It loads through from_pretrained like any model (its tokenizers sit beside its text encoders); calls
         without height/width make its trained size (`pipe.default_size`: flux_core.demo.HEIGHT x WIDTH), and its
-        T5 tokenizer says how many T5 tokens it was trained with (32)."""
+        T5 tokenizer says how many T5 tokens it was trained with (32). fp8_compute: as in from_pretrained."""
         from . import demo
         missing = demo.missing_files()
         if missing:
             raise ModelFileError(demo.missing_files_message(missing))
-        pipe = cls.from_pretrained(torch_dtype=torch_dtype, device=device, model_configs=demo.model_configs())
+        pipe = cls.from_pretrained(torch_dtype=torch_dtype, device=device, model_configs=demo.model_configs(),
+                                   fp8_compute=fp8_compute)
         pipe.default_size = (demo.HEIGHT, demo.WIDTH)
         return pipe
 
