@@ -69,13 +69,21 @@ def unpack_latents(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
     return rearrange(x, "b (h w) (c ph pw) -> b c (h ph) (w pw)", h=height // 2, w=width // 2, ph=2, pw=2)
 
 
-def image_ids(batch: int, height: int, width: int, index: int = 0, device=None, dtype=torch.float32) -> torch.Tensor:
-    """Position ids [index, row, col] for a latent of (height, width), one row per 2x2 patch: (B, H/2*W/2, 3)."""
+def pad_to_patches(x: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) with odd sides padded to whole 2x2 patches, wrapping around (ComfyUI's FLUX code does the same:
+    a latent side a multiple of 8 pixels but not 16 comes out of VAEEncode odd)."""
+    return F.pad(x, (0, x.shape[-1] % 2, 0, x.shape[-2] % 2), mode="circular")
+
+
+def image_ids(batch: int, height: int, width: int, index: int = 0, device=None, dtype=torch.float32,
+              row_offset: int = 0, col_offset: int = 0) -> torch.Tensor:
+    """Position ids [index, row, col] for a latent of (height, width), one row per 2x2 patch: (B, H/2*W/2, 3). Rows
+    and columns start at the offsets (in patches; ComfyUI places several Kontext references side by side so)."""
     h, w = height // 2, width // 2
     ids = torch.zeros(h, w, 3, device=device, dtype=dtype)
     ids[..., 0] = index
-    ids[..., 1] = torch.arange(h, device=device, dtype=dtype)[:, None]
-    ids[..., 2] = torch.arange(w, device=device, dtype=dtype)[None, :]
+    ids[..., 1] = torch.arange(h, device=device, dtype=dtype)[:, None] + row_offset
+    ids[..., 2] = torch.arange(w, device=device, dtype=dtype)[None, :] + col_offset
     return ids.reshape(1, h * w, 3).repeat(batch, 1, 1)
 
 

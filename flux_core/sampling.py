@@ -10,12 +10,11 @@ from dataclasses import replace
 from typing import Callable, Iterable, Sequence
 
 import torch
-import torch.nn.functional as F
 
 from .inputs import check_seed, random_seed
 from .adapters import Adapter, DiTCall, apply_adapters
 from .dit_inputs import PromptEmbeds, prepare_dit_inputs, run_dit  # noqa: F401  (PromptEmbeds: re-exported)
-from .math import image_ids, pack_latents
+from .math import image_ids, pack_latents, pad_to_patches
 from .models.dit import DiTExtras, FluxDiT
 from .scheduler import euler_step, next_sigmas
 from .teacache import TeaCache, TeaCacheStats
@@ -120,9 +119,7 @@ def reference_extras(latents: list[torch.Tensor], batch: int, index: int = 1) ->
             raise ValueError(f"reference {i} has a batch of {lat.shape[0]} images, which does not divide the batch "
                              f"of {batch}; give one reference image, or one per image.")
         lat = lat.repeat_interleave(batch // lat.shape[0], dim=0)
-        # Odd sides (an image side a multiple of 8 but not 16, e.g. from ComfyUI's VAEEncode) are padded to whole
-        # 2x2 patches, wrapping around as ComfyUI's own FLUX code does.
-        lat = F.pad(lat, (0, lat.shape[-1] % 2, 0, lat.shape[-2] % 2), mode="circular")
+        lat = pad_to_patches(lat)
         _, _, h, w = lat.shape
         tokens.append(pack_latents(lat))
         ids.append(image_ids(batch, h, w, index=index, device=lat.device))
