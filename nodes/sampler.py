@@ -18,7 +18,7 @@ once per distinct choice. `tiled_dit` runs the DiT (and its ControlNets) tile by
 from __future__ import annotations
 
 import logging
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -176,6 +176,46 @@ def check_conditioning(node: str, dit, batch: int, **sides) -> None:
                                  f"batch of {batch}; use one prompt, or as many as the batch.")
 
 
+@dataclass
+class AdapterInputs:
+    """What a run's conditioning asks of FluxCore's adapters, read and checked against the DiT (nothing encoded yet):
+    ControlNet / InfiniteYou and IP-Adapter payloads with their branches, LoRA-Encoder adapters, EliGen entities by
+    branch."""
+    controlnets: list
+    ipadapters: list
+    lora_tokens: list
+    entities: dict
+
+
+def read_adapter_inputs(node: str, sides: dict, dit, h: int, w: int) -> AdapterInputs:
+    """The adapter inputs of `sides` ({"positive": conditioning, "negative": ...}) for a latent of (h, w), every
+    check that needs no encoding done (before the cost check and before anything is placed)."""
+    controlnets = controlnet_payloads(node, sides)
+    ip_payloads = ipadapter_payloads(node, sides)
+    check_ipadapter_payloads(node, ip_payloads, dit)  # before any image is encoded
+    lora_tokens = lora_encoder_adapters(node, sides, dit)
+    entities = entities_by_branch(node, sides)
+    check_entities(node, entities, dit, h * 8, w * 8)
+    return AdapterInputs(controlnets, ip_payloads, lora_tokens, entities)
+
+
+def build_adapters(node: str, model: DiTHandle, wanted: AdapterInputs, sides: dict, b: int, h: int, w: int,
+                   sigmas: torch.Tensor, vae_tiling: dict, device) -> tuple[list, list]:
+    """(the run's adapters in the pipeline's order, the ControlNet handles they compute with): images encoded,
+    identities and IP-Adapter keys made. The FluxCore sampler and the native MODEL path (nodes/native_model.py) both
+    build them here."""
+    dit = model.model.module
+    adapters, controlnets = controlnet_adapters(node, wanted.controlnets, dit, b, h, w, vae_tiling, device)
+    # LoRA-Encoder tokens join the prompt first: ControlNets and EliGen's global segment see them (the pipeline's
+    # order).
+    adapters = wanted.lora_tokens + with_identities(wanted.controlnets, adapters, model)
+    adapters += ipadapter_adapters(node, wanted.ipadapters, model)
+    # FLEX.2 / Fill: the DiT's extra input channels (their images VAE-encoded here, before the DiT is placed)
+    adapters += channel_adapters(node, sides, dit, b, h, w, sigmas, vae_tiling, device)
+    adapters += eligen_adapters(wanted.entities, h * 8, w * 8, device)  # last: ControlNets see the plain prompt
+    return adapters, controlnets
+
+
 class FluxCoreSampler:
     CATEGORY = "FluxCore/sampling"
     RETURN_TYPES = ("LATENT",)
@@ -248,30 +288,18 @@ class FluxCoreSampler:
             raise NodeInputError(f"{node}, input 'positive' (reference_latents): {e}") from None
         sigmas = flux_sigmas(steps, denoise, sigma_shift)
         device = bridge.compute_device()
-        payloads = controlnet_payloads(node, sides)
-        ip_payloads = ipadapter_payloads(node, sides)
-        check_ipadapter_payloads(node, ip_payloads, model.model.module)  # before any image is encoded
-        lora_tokens = lora_encoder_adapters(node, sides, model.model.module)
-        entities = entities_by_branch(node, sides)
-        check_entities(node, entities, model.model.module, h * 8, w * 8)
-        region = eligen_inpaint_region(node, entities, samples) if eligen_inpaint else None
+        wanted = read_adapter_inputs(node, sides, model.model.module, h, w)
+        region = eligen_inpaint_region(node, wanted.entities, samples) if eligen_inpaint else None
         reference_tokens = extras.ref_tokens.shape[1] if extras is not None else 0  # odd sides padded: exact
         check_sampler_cost(node, model.model.module, b, h, w, positive_embeds.tokens, reference_tokens,
                            len(sigmas), passes=2 if negative_embeds is not None else 1, tiling=tiling,
-                           controlnets=payloads, ipadapters=ip_payloads, entities=entities,
+                           controlnets=wanted.controlnets, ipadapters=wanted.ipadapters, entities=wanted.entities,
                            negative_text_tokens=(None if negative_embeds is None
                                                  else negative_embeds.tokens),
-                           appended_tokens=sum(a.tokens.shape[1] for a in lora_tokens))
+                           appended_tokens=sum(a.tokens.shape[1] for a in wanted.lora_tokens))
         vae_tiling = ({} if tiling is None else
                       dict(tiled=True, tile_size=tiling.tile_size, tile_stride=tiling.tile_stride))
-        adapters, controlnets = controlnet_adapters(node, payloads, model.model.module, b, h, w, vae_tiling, device)
-        # LoRA-Encoder tokens join the prompt first: ControlNets and EliGen's global segment see them (the
-        # pipeline's order).
-        adapters = lora_tokens + with_identities(payloads, adapters, model)
-        adapters += ipadapter_adapters(node, ip_payloads, model)
-        # FLEX.2 / Fill: the DiT's extra input channels (their images VAE-encoded here, before the DiT is placed)
-        adapters += channel_adapters(node, sides, model.model.module, b, h, w, sigmas, vae_tiling, device)
-        adapters += eligen_adapters(entities, h * 8, w * 8, device)  # last: ControlNets see the plain prompt
+        adapters, controlnets = build_adapters(node, model, wanted, sides, b, h, w, sigmas, vae_tiling, device)
         mask = latent_mask(latent_image["noise_mask"], b, h, w) if "noise_mask" in latent_image else None
         x0 = FLUX_LATENT.raw_to_scaled(samples.float()).to(device)
         noise = make_noise(b, h * 8, w * 8, seed, "cpu", device)
@@ -312,7 +340,7 @@ class FluxCoreSampler:
             step_models = [h for e in encoded_sides for h in e.step_models]  # e.g. Step1X-Edit's connector
             release_controlnets = place_beside_dit(model, controlnets + ([fusion] if fusion is not None else [])
                                                    + step_models)
-            masked = bool(entities)  # EliGen's attention masks: flash attention takes none
+            masked = bool(wanted.entities)  # EliGen's attention masks: flash attention takes none
             compute_dtype = stored_compute_dtype(dit)
             log_attention_once(log, "FluxCoreSampler", device, compute_dtype, masked, _REPORTED_ATTENTION)
             # The kernels are fixed when a compiled block is traced: its first call happens inside (the first step).
