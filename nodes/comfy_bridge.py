@@ -237,12 +237,25 @@ class _PatcherModel(nn.Module):
 
 
 class ManagedModel:
-    """A flux_core module that ComfyUI's memory manager can load and unload like its own models."""
+    """A flux_core module that ComfyUI's memory manager can load and unload like its own models. `patcher`: the
+    ModelPatcher that owns it, when it has one already (a DiT's native container, nodes/native_model.py)."""
 
-    def __init__(self, module: nn.Module):
+    def __init__(self, module: nn.Module, patcher=None):
         self.module = module
-        self.patcher = (_patcher.ModelPatcher(_PatcherModel(module), load_device=compute_device(),
-                                              offload_device=offload_device()) if IN_COMFYUI else None)
+        self.patcher = patcher if patcher is not None else (
+            _patcher.ModelPatcher(_PatcherModel(module), load_device=compute_device(),
+                                  offload_device=offload_device()) if IN_COMFYUI else None)
+
+
+def take_back_weights(model: ManagedModel) -> None:
+    """Before FluxCore changes a module's weights itself (its own LoRAs, FP8 storage): weight patches that ComfyUI put
+    there for another clone of its container (a native LoRA on a MODEL) are taken off and the originals restored.
+    (Loading the container with `ready` does the same; this is for placements that do not go through ComfyUI.)"""
+    if not IN_COMFYUI or model.patcher is None:
+        return
+    applied = getattr(model.patcher.model, "current_weight_patches_uuid", None)
+    if applied is not None and applied != model.patcher.patches_uuid:
+        model.patcher.detach(unpatch_all=True)
 
 
 def ready(*models: ManagedModel) -> None:

@@ -122,10 +122,23 @@ def find_tokenizers(node: str, clip_file: str | Path, t5_file: str | Path) -> tu
                              f"remove it to use ComfyUI's bundled tokenizers.") from None
 
 
+def _model_output(handle: DiTHandle):
+    """The loader's MODEL output: the DiT as a native MODEL (None outside ComfyUI, or for a DiT without a native
+    container: a GGUF file; FluxCore DiT to MODEL says why)."""
+    from .native_model import native_model
+    try:
+        return native_model(handle)
+    except NodeInputError:
+        return None
+
+
 class FluxCoreDiTLoader:
     CATEGORY = "FluxCore/loaders"
-    RETURN_TYPES = (DIT_TYPE,)
-    RETURN_NAMES = ("model",)
+    RETURN_TYPES = (DIT_TYPE, "MODEL")
+    RETURN_NAMES = ("model", "MODEL")
+    OUTPUT_TOOLTIPS = ("The DiT for FLUX Sampler (FluxCore) and FluxCore's model nodes.",
+                       "The same DiT as a native MODEL, for KSampler and ComfyUI's model nodes (FluxCore adapters "
+                       "still apply through the conditioning).")
     FUNCTION = "load"
     DESCRIPTION = "Loads a FLUX.1 DiT (dev, Krea-dev, Kontext-dev, ...) in any published layout."
 
@@ -161,7 +174,9 @@ class FluxCoreDiTLoader:
         module = load_kind(node, "modelscope_id" if modelscope_id.strip() else "dit_name", source, "dit",
                            WEIGHT_DTYPES[weight_dtype])
         state_of(module).fp8_on_load = WEIGHT_DTYPES[weight_dtype] is not None
-        return (DiTHandle(bridge.ManagedModel(module), label),)
+        from .native_model import managed_dit  # it imports this module's NodeInputError
+        handle = DiTHandle(managed_dit(module), label)
+        return (handle, _model_output(handle))
 
 
 class FluxCoreTextEncoderLoader:
@@ -232,7 +247,12 @@ class FluxCoreDiffusersLoader:
             if not (root / sub).is_dir():
                 raise NodeInputError(f"{node}, input 'folder': {root} has no {sub}/ folder; it is not a full FLUX "
                                      f"diffusers folder.")
-            parts[kind] = bridge.ManagedModel(load_kind(node, "folder", root / sub, kind))
+            module = load_kind(node, "folder", root / sub, kind)
+            if kind == "dit":
+                from .native_model import managed_dit
+                parts[kind] = managed_dit(module)
+            else:
+                parts[kind] = bridge.ManagedModel(module)
         try:
             clip_tok, t5_tok = load_clip_tokenizer(root / "tokenizer"), load_t5_tokenizer(root / "tokenizer_2")
         except FileNotFoundError as e:

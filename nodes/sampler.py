@@ -75,6 +75,14 @@ def prepare_dit(handle: DiTHandle):
     return dit
 
 
+def unload_loras(dit) -> None:
+    """The DiT without FluxCore's LoRAs (fused ones given back their weights, hooks and merger removed)."""
+    if state_of(dit).applied_loras:
+        clear_lora(dit)
+        disable_lora_merger(dit)
+        state_of(dit).applied_loras = ()
+
+
 def check_sampler_cost(node: str, dit, batch: int, h: int, w: int, text_tokens: int, reference_tokens: int,
                        steps: int, passes: int, tiling: DiTTiling | None = None, controlnets=(),
                        ipadapters=(), entities: dict | None = None, negative_text_tokens: int | None = None,
@@ -350,6 +358,8 @@ class FluxCoreSampler:
             if release_controlnets is not None:  # offloaded DiT and its ControlNets give their VRAM back
                 release_controlnets()
             release_dit(model)
+            if bridge.IN_COMFYUI:  # the DiT's container also serves native MODELs: FluxCore's LoRAs go with the run
+                unload_loras(model.model.module)
         for stats in tea_stats.values():
             log.info("%s: %s", node, stats)
         out = dict(latent_image)

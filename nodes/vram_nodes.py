@@ -176,8 +176,9 @@ def _place(handle, dit, options: VRAMOptions) -> None:
         state[1].remove_all()
         state_of(dit).vram_placement = None
     if options == VRAMOptions():
-        bridge.ready(handle.model)
+        bridge.ready(handle.model)  # in ComfyUI this also takes a native MODEL's LoRA patches off (one container)
         return
+    bridge.take_back_weights(handle.model)  # the VRAM manager stores the weights itself: the originals first
 
     if state_of(dit).applied_loras:
         clear_lora(dit)  # the sampler applies them again once the weights are placed: in hook mode if fp8/offloaded

@@ -36,8 +36,8 @@ def models(tmp_path_factory):
     mp = pytest.MonkeyPatch()
     mp.setenv("FLUXCORE_MODELS_DIR", str(models_dir))
     loaded = load_node_models(models_dir)
-    loaded["flex"], = FluxCoreDiTLoader().load("tiny-flex")
-    loaded["fill"], = FluxCoreDiTLoader().load("tiny-fill")
+    loaded["flex"] = FluxCoreDiTLoader().load("tiny-flex")[0]
+    loaded["fill"] = FluxCoreDiTLoader().load("tiny-fill")[0]
     yield types.SimpleNamespace(dir=models_dir, ref=ref, **loaded)
     mp.undo()
 

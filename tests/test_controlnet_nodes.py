@@ -267,7 +267,7 @@ def test_controlnets_join_the_offloaded_dits_vram_manager_for_the_run(models, mo
     from nodes import vram_nodes
     from nodes.loaders import FluxCoreDiTLoader
     from nodes.vram_nodes import FluxCoreVRAMOptions
-    dit, = FluxCoreDiTLoader().load(NAMES["dit"])  # modules of their own: the shared ones stay unplaced
+    dit = FluxCoreDiTLoader().load(NAMES["dit"])[0]  # modules of their own: the shared ones stay unplaced
     controlnet, = FluxCoreControlNetLoader().load("tiny-union")
     device = SimulatedDevice()
     monkeypatch.setattr(vram_nodes, "make_compute_device", lambda: device)

@@ -322,7 +322,7 @@ def test_dit_loader_node_lists_and_loads_gguf_files(weights, tmp_path, monkeypat
     write_gguf(weights, folder / "flux-Q8_0.gguf", "Q8_0")
     monkeypatch.setenv("FLUXCORE_MODELS_DIR", str(tmp_path / "models"))
     assert comfy_bridge.list_models("diffusion_models") == ["flux-Q8_0.gguf"]
-    (handle,) = FluxCoreDiTLoader().load("flux-Q8_0.gguf")
+    handle = FluxCoreDiTLoader().load("flux-Q8_0.gguf")[0]
     assert any(isinstance(m, QuantizedLinear) for m in handle.model.module.modules())
 
     class ComfyFolderPaths:  # ComfyUI's listing filters by its own extensions, which have no .gguf

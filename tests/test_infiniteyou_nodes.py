@@ -294,7 +294,7 @@ def test_the_projector_joins_the_offloaded_dits_vram_manager_and_infusenet_runs_
     from nodes import vram_nodes
     from nodes.loaders import FluxCoreDiTLoader
     from nodes.vram_nodes import FluxCoreVRAMOptions
-    dit, = FluxCoreDiTLoader().load(NAMES["dit"])
+    dit = FluxCoreDiTLoader().load(NAMES["dit"])[0]
     infu, = FluxCoreInfiniteYouLoader().load(PROJECTOR, INFUSENET)
     device = SimulatedDevice()
     monkeypatch.setattr(vram_nodes, "make_compute_device", lambda: device)

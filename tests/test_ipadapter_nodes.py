@@ -242,7 +242,7 @@ def test_ipadapter_and_encoder_join_the_offloaded_dits_vram_manager_while_bindin
     from nodes import vram_nodes
     from nodes.loaders import FluxCoreDiTLoader
     from nodes.vram_nodes import FluxCoreVRAMOptions
-    dit, = FluxCoreDiTLoader().load(NAMES["dit"])  # modules of their own: the shared ones stay unplaced
+    dit = FluxCoreDiTLoader().load(NAMES["dit"])[0]  # modules of their own: the shared ones stay unplaced
     handle, = FluxCoreIPAdapterLoader().load(*FILES["instantx"])
     device = SimulatedDevice()
     monkeypatch.setattr(vram_nodes, "make_compute_device", lambda: device)

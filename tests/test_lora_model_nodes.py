@@ -229,7 +229,7 @@ def test_fuse_loras_on_an_offloaded_dit_puts_the_patcher_in_its_vram_manager(mod
         seen.append(sorted(self.models))
         return original(self, names)
     monkeypatch.setattr(VRAMManager, "load_models_to_device", load)
-    dit, = FluxCoreDiTLoader().load(NAMES["dit"])  # a module of its own: the shared one stays unmanaged
+    dit = FluxCoreDiTLoader().load(NAMES["dit"])[0]  # a module of its own: the shared one stays unmanaged
     offloaded, = FluxCoreVRAMOptions().apply(dit, weight_dtype="default", offload=True, vram_limit=0.0)
     model = offloaded
     for name, strength in zip(LORAS.values(), (0.7, -0.4)):

@@ -96,7 +96,7 @@ def test_encode_and_sample_equal_the_pipeline(models, task):
     decoder = GENERATION if task == "generation" else EDITING
     nexus, = FluxCoreNexusGenLoader().load(AR_NAME)
     adapter, = FluxCoreNexusGenAdapterLoader().load(decoder)
-    dit, = FluxCoreDiTLoader().load(decoder)
+    dit = FluxCoreDiTLoader().load(decoder)[0]
     reference = sample_image(200, 120)
     image = image_tensor(reference) if task == "editing" else None
     positive, = FluxCoreNexusGenEncode().encode(nexus, adapter, models["te"], PROMPT, 3.5, W, H, image=image)

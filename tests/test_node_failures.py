@@ -29,7 +29,7 @@ def models(tmp_path_factory):
 
 
 def offloaded_dit(monkeypatch):
-    dit, = FluxCoreDiTLoader().load(NAMES["dit"])  # a module of its own: the shared one stays unplaced
+    dit = FluxCoreDiTLoader().load(NAMES["dit"])[0]  # a module of its own: the shared one stays unplaced
     device = SimulatedDevice()
     monkeypatch.setattr(vram_nodes, "make_compute_device", lambda: device)
     placed, = FluxCoreVRAMOptions().apply(dit, weight_dtype="default", offload=True, vram_limit=8.0)

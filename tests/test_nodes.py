@@ -224,7 +224,7 @@ def test_lora_node_refuses_a_file_that_is_no_flux_lora(models):
 
 
 def test_fp8_weight_dtype_in_the_dit_loader_samples_close_to_full_precision(models):
-    fp8, = FluxCoreDiTLoader().load(NAMES["dit"], weight_dtype="fp8_e4m3fn")
+    fp8 = FluxCoreDiTLoader().load(NAMES["dit"], weight_dtype="fp8_e4m3fn")[0]
     assert fp8.model.module.double_blocks[0].img_attn.qkv.weight.dtype == torch.float8_e4m3fn
     latent, = FluxCoreEmptyLatent().generate(W, H, 1)
     run = lambda handle: FluxCoreSampler().sample(handle, encode(models, "a cat"), encode(models, ""), latent,  # noqa: E731
@@ -348,7 +348,7 @@ def escape_targets(models, tmp_path):
 
 def test_a_link_placed_in_a_model_folder_is_followed(models, tmp_path):
     name = escape_targets(models, tmp_path)["symlink"]
-    (dit,) = FluxCoreDiTLoader().load(name)
+    dit = FluxCoreDiTLoader().load(name)[0]
     assert dit is not None
 
 
@@ -414,7 +414,7 @@ def test_cancel_releases_the_offloaded_layers_as_a_normal_run_does(models, monke
     from flux_core.vram import SimulatedDevice
     from nodes import vram_nodes
     from nodes.vram_nodes import FluxCoreVRAMOptions
-    dit, = FluxCoreDiTLoader().load(NAMES["dit"])  # a module of its own: the shared one stays unplaced
+    dit = FluxCoreDiTLoader().load(NAMES["dit"])[0]  # a module of its own: the shared one stays unplaced
     device = SimulatedDevice()
     monkeypatch.setattr(vram_nodes, "make_compute_device", lambda: device)
     offloaded, = FluxCoreVRAMOptions().apply(dit, weight_dtype="default", offload=True, vram_limit=8.0)
@@ -453,7 +453,7 @@ def test_fp8_choices_are_one_spelling_and_old_workflows_still_load(models):
     old, = FluxCoreVRAMOptions().apply(models["dit"], weight_dtype="float8_e4m3fn")
     new, = FluxCoreVRAMOptions().apply(models["dit"], weight_dtype="fp8_e4m3fn")
     assert old.vram == new.vram and new.vram.weight_dtype == "fp8_e4m3fn"
-    fp8, = FluxCoreDiTLoader().load(NAMES["dit"], weight_dtype="float8_e5m2")
+    fp8 = FluxCoreDiTLoader().load(NAMES["dit"], weight_dtype="float8_e5m2")[0]
     assert fp8.model.module.double_blocks[0].img_attn.qkv.weight.dtype == torch.float8_e5m2
     with pytest.raises(NodeInputError, match=r"FluxCoreVRAMOptions, input 'weight_dtype': 'int4'"):
         FluxCoreVRAMOptions().apply(models["dit"], weight_dtype="int4")
@@ -464,7 +464,7 @@ def test_an_fp8_loaded_dit_with_vram_options_keeps_its_storage(models, monkeypat
     from nodes import vram_nodes
     from nodes.vram_nodes import FluxCoreVRAMOptions
     monkeypatch.setattr(vram_nodes, "make_compute_device", lambda: SimulatedDevice())
-    fp8, = FluxCoreDiTLoader().load(NAMES["dit"], weight_dtype="fp8_e4m3fn")
+    fp8 = FluxCoreDiTLoader().load(NAMES["dit"], weight_dtype="fp8_e4m3fn")[0]
     offloaded, = FluxCoreVRAMOptions().apply(fp8, weight_dtype="default", offload=True, vram_limit=0.0)
     latent, = FluxCoreEmptyLatent().generate(W, H, 1)
     out, = FluxCoreSampler().sample(offloaded, encode(models, "a cat"), encode(models, ""), latent, seed=0, steps=1)

@@ -148,7 +148,7 @@ def test_teacache_node_patches_the_handle_for_the_sampler(tmp_path, monkeypatch,
     from tests.tiny_comfy import NAMES, make_models_dir
     models_dir, _ = make_models_dir(tmp_path)
     monkeypatch.setenv("FLUXCORE_MODELS_DIR", str(models_dir))
-    dit, = FluxCoreDiTLoader().load(NAMES["dit"])
+    dit = FluxCoreDiTLoader().load(NAMES["dit"])[0]
     te, = FluxCoreTextEncoderLoader().load(NAMES["clip"], NAMES["t5"])
     plain = sample_with(dit, te, steps=8, cfg=2.0)
     off, = FluxCoreTeaCache().apply(dit, rel_l1_thresh=0.0)

@@ -325,7 +325,7 @@ def test_vram_options_node_streams_the_dit_and_can_be_removed(comfy_models, monk
     from nodes.loaders import FluxCoreDiTLoader, FluxCoreTextEncoderLoader
     from nodes.vram_nodes import FluxCoreVRAMOptions
     from tests.tiny_comfy import NAMES
-    dit, = FluxCoreDiTLoader().load(NAMES["dit"])
+    dit = FluxCoreDiTLoader().load(NAMES["dit"])[0]
     te, = FluxCoreTextEncoderLoader().load(NAMES["clip"], NAMES["t5"])
     plain = sample_with(dit, te)
     device = SimulatedDevice()
@@ -347,7 +347,7 @@ def test_vram_options_node_fp8_with_cfg(comfy_models):
     from nodes.loaders import FluxCoreDiTLoader, FluxCoreTextEncoderLoader, NodeInputError
     from nodes.vram_nodes import FluxCoreVRAMOptions
     from tests.tiny_comfy import NAMES
-    dit, = FluxCoreDiTLoader().load(NAMES["dit"])
+    dit = FluxCoreDiTLoader().load(NAMES["dit"])[0]
     te, = FluxCoreTextEncoderLoader().load(NAMES["clip"], NAMES["t5"])
     plain = sample_with(dit, te, cfg=2.0)
     fp8, = FluxCoreVRAMOptions().apply(dit, weight_dtype="float8_e4m3fn", offload=True, vram_limit=8.0)

@@ -34,7 +34,7 @@ def load_node_models(models_dir: Path) -> dict:
     """The tiny DiT, text encoders and VAE through the loader nodes, from `models_dir` (which must be
     FLUXCORE_MODELS_DIR while they load)."""
     from nodes.loaders import FluxCoreDiTLoader, FluxCoreTextEncoderLoader, FluxCoreVAELoader
-    dit, = FluxCoreDiTLoader().load(NAMES["dit"])
+    dit = FluxCoreDiTLoader().load(NAMES["dit"])[0]
     te, = FluxCoreTextEncoderLoader().load(NAMES["clip"], NAMES["t5"])
     vae, = FluxCoreVAELoader().load(NAMES["vae"])
     return dict(dit=dit, te=te, vae=vae)

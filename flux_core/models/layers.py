@@ -33,7 +33,8 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # fused kernel: normalises in float32 internally without float32 copies of x
-        return nn.functional.rms_norm(x, (x.shape[-1],), eps=1e-6) * self.scale.to(x.dtype)
+        # the scale follows x: a ComfyUI partial load may leave this small module on the offload device
+        return nn.functional.rms_norm(x, (x.shape[-1],), eps=1e-6) * self.scale.to(x.device, x.dtype)
 
 
 class QKNorm(nn.Module):

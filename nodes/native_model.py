@@ -1,0 +1,284 @@
+"""FluxCore's DiT as a native ComfyUI MODEL: KSampler, every sampler and scheduler, ModelSamplingFlux, native LoRA
+loaders, Apply ControlNet and EasyCache drive our DiT, with FluxCore's adapters riding in the conditioning.
+
+How it is put together (ComfyUI's own wiring: ../shared/reference/comfyui_native_model.md):
+- One container per loaded DiT (`native_container`): ComfyUI's `model_base.Flux` (or FluxSchnell / FluxInpaint, by
+  the DiT's config: `native_class_name`) built with `disable_unet_model_creation`, whose `diffusion_model` is a
+  `DiTView`: our DiT's own modules under the BFL names (no copy), so ComfyUI's LoRA key maps, weight patches and
+  memory manager see FLUX's key set. The DiT loader's handle holds that container's ModelPatcher; every MODEL over
+  the DiT is a clone of it. ComfyUI patches LoRA weights per clone and gives the originals back when another clone
+  (or FluxCore's own sampler, which loads the container itself) loads, and FluxCore's sampler takes its own LoRAs off
+  after every run in ComfyUI (nodes/sampler.py), so no LoRA leaks from one path into the other.
+- Memory: ComfyUI's loader places the MODEL. The DiT's Linear layers are made ComfyUI's `disable_weight_init.Linear`
+  (same parameters, same forward until ComfyUI asks for more), so a partial "lowvram" load casts the weights it left
+  on the CPU per call, with LoRA patches applied at that moment, as for ComfyUI's own FLUX. FluxCore's VRAM / Speed
+  options and TeaCache are FluxCore-sampler options: the MODEL node refuses handles that carry them (use ComfyUI's
+  --lowvram / --reserve-vram, its fp8 weight options and EasyCache on this path).
+- The forward is flux_core.native_forward (ComfyUI's call signature in plain torch), run inside ComfyUI's
+  DIFFUSION_MODEL wrappers (EasyCache and other native caches hook there). Guidance reaches it as a float (ComfyUI
+  would cast it to the model dtype first).
+- FluxCore adapters (Apply ControlNet / IP-Adapter / InfiniteYou (FluxCore), EliGen Entity, Encode LoRA into
+  Conditioning, FLEX.2 Inputs) put their payloads under `fluxcore_*` CONDITIONING keys, the same ones FluxCore's
+  sampler reads. The model's `extra_conds` gathers an entry's keys into one `NativeAdapters` (compared by identity,
+  so ComfyUI never batches two entries with different adapters), which builds the adapters at the run's first call
+  (it needs the run's sigmas and the latent's size) with the FluxCore sampler's own functions and gives them to each
+  call with its step, sigma and branch (cond_or_uncond).
+"""
+from __future__ import annotations
+
+import functools
+import logging
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from flux_core.compile import is_compiled, uncompile_dit
+from flux_core.dtypes import FLOAT8_DTYPES
+from flux_core.flex import FILL_CHANNELS, FLEX_CHANNELS
+from flux_core.fp8 import is_fp8_compute
+from flux_core.models.dit import FluxDiT, FluxParams
+from flux_core.model_state import state_of
+from flux_core.native_forward import native_forward
+from flux_core.quantized import QuantizedLinear
+
+from . import comfy_bridge as bridge
+from .conditioning import HONOURED_KEYS, TEXT_KEY
+from .handles import DIT_TYPE, DiTHandle
+from .loaders import NodeInputError
+
+log = logging.getLogger("FluxCore")
+MODEL_NODE = "FluxCore DiT to MODEL"
+NATIVE_NODE = "FluxCore MODEL (native sampler)"   # how errors during native sampling name the path
+FLUXCORE_KEYS = frozenset(k for k in HONOURED_KEYS if k.startswith("fluxcore_")) - {TEXT_KEY}
+
+
+def native_class_name(params: FluxParams) -> str:
+    """The ComfyUI supported-model class for a DiT config: FluxInpaint for FLUX.1-Fill's 384 input channels (ComfyUI
+    joins the image and mask itself), FluxSchnell without a guidance embedder (its shift-1 sampling), else Flux
+    (dev, Krea, Kontext, and FLEX.2, whose extra channels FluxCore fills)."""
+    if params.in_channels == FILL_CHANNELS:
+        return "FluxInpaint"
+    if not params.guidance_embed:
+        return "FluxSchnell"
+    return "Flux"
+
+
+def unet_config(params: FluxParams) -> dict:
+    """ComfyUI's FLUX unet_config for our config (channels counted per latent pixel, as ComfyUI counts them); the
+    LoRA key maps read depth, depth_single_blocks and hidden_size from it."""
+    return dict(image_model="flux", in_channels=params.in_channels // 4, out_channels=params.out_channels // 4,
+                vec_in_dim=params.vec_in_dim, context_in_dim=params.context_in_dim, hidden_size=params.hidden_size,
+                mlp_ratio=params.mlp_ratio, num_heads=params.num_heads, depth=params.depth,
+                depth_single_blocks=params.depth_single_blocks, axes_dim=list(params.axes_dim), theta=params.theta,
+                patch_size=2, qkv_bias=params.qkv_bias, guidance_embed=params.guidance_embed,
+                disable_unet_model_creation=True)
+
+
+class DiTView(nn.Module):
+    """Our DiT's modules under their own (BFL) names, as ComfyUI's `diffusion_model`: the same module objects, so
+    ComfyUI's patches and placement act on the DiT FluxCore samples with."""
+    patch_size = 2   # model_base.Flux sizes attention masks and extra channels with it
+
+    def __init__(self, dit: FluxDiT):
+        super().__init__()
+        for name, child in dit.named_children():
+            self.add_module(name, child)
+        self._dit = (dit,)   # a tuple: not registered a second time
+        self.params = dit.params
+
+    @property
+    def dit(self) -> FluxDiT:
+        return self._dit[0]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.img_in.weight.dtype
+
+    def forward(self, x, timestep, context, y=None, guidance=None, ref_latents=None, control=None,
+                transformer_options={}, **kwargs):
+        import comfy.patcher_extension as ext
+        wrappers = ext.get_all_wrappers(ext.WrappersMP.DIFFUSION_MODEL, transformer_options)
+        return ext.WrapperExecutor.new_class_executor(self._forward, self, wrappers).execute(
+            x, timestep, context, y, guidance, ref_latents, control, transformer_options, **kwargs)
+
+    def _forward(self, x, timestep, context, y=None, guidance=None, ref_latents=None, control=None,
+                 transformer_options={}, fluxcore=None, **kwargs):
+        prepare_for_native(self.dit)
+        adapters = fluxcore.adapters_for(x, transformer_options) if fluxcore is not None else ()
+        return native_forward(self.dit, x, timestep, context, y, guidance, ref_latents, control, transformer_options,
+                              adapters=adapters, dtype=x.dtype, **kwargs)
+
+
+def prepare_for_native(dit: FluxDiT) -> None:
+    """What FluxCore's own sampler may have left on the shared DiT, undone for a native run: compiled blocks run
+    eager, a VRAM manager's placement is removed (ComfyUI places the MODEL). FP8-compute layers cannot take ComfyUI's
+    patches: refused by name."""
+    if is_fp8_compute(dit):
+        raise NodeInputError(f"{NATIVE_NODE}: this DiT was converted to FP8 compute by a FLUX Speed Options "
+                             f"(FluxCore) node, which ComfyUI's samplers and LoRA patches cannot run; load it again "
+                             f"(change an input of its loader) and use ComfyUI's fp8 options on the MODEL path.")
+    if is_compiled(dit):
+        uncompile_dit(dit)
+    state = state_of(dit)
+    if state.vram_placement is not None:
+        state.vram_placement[1].remove_all()
+        state.vram_placement = None
+
+
+@functools.cache
+def _native_model_class():
+    import comfy.conds
+    import comfy.model_base
+
+    class FluxCoreFlux(comfy.model_base.Flux):
+        """ComfyUI's Flux model over a DiTView: guidance kept as a float, FluxCore's conditioning keys gathered into
+        one NativeAdapters per entry, FLEX.2's extra channels left to FluxCore's FLEX.2 Inputs."""
+        fluxcore_handle: DiTHandle | None = None
+
+        def concat_cond(self, **kwargs):
+            if self.diffusion_model.params.in_channels == FLEX_CHANNELS:
+                return None  # ComfyUI would build Fill's image + mask; FLEX.2's channels come from NativeAdapters
+            return super().concat_cond(**kwargs)
+
+        def extra_conds(self, **kwargs):
+            out = super().extra_conds(**kwargs)
+            if "guidance" in out:  # a float is not cast to the model dtype by _apply_model
+                out["guidance"] = comfy.conds.CONDConstant(float(kwargs.get("guidance", 3.5)))
+            adapters = NativeAdapters.from_entry(self.fluxcore_handle, kwargs)
+            if adapters is not None:
+                out["fluxcore"] = comfy.conds.CONDConstant(adapters)
+            return out
+
+    return FluxCoreFlux
+
+
+def native_container(dit: FluxDiT):
+    """The ModelPatcher of the one ComfyUI model over `dit` (ComfyUI only). Its Linear layers become ComfyUI's
+    castable Linear in place (see the module docstring)."""
+    import comfy.model_patcher
+    import comfy.ops
+    import comfy.supported_models
+    castable = comfy.ops.disable_weight_init.Linear
+    for module in dit.modules():
+        if type(module) is nn.Linear:
+            module.__class__ = castable
+    config = getattr(comfy.supported_models, native_class_name(dit.params))(unet_config(dit.params))
+    dtype = dit.img_in.weight.dtype
+    config.set_inference_dtype(dtype, torch.bfloat16 if dtype in FLOAT8_DTYPES else None)
+    model = _native_model_class()(config, device=None)
+    model.diffusion_model = DiTView(dit)
+    return comfy.model_patcher.ModelPatcher(model, load_device=bridge.compute_device(),
+                                            offload_device=bridge.offload_device())
+
+
+def managed_dit(dit: FluxDiT) -> bridge.ManagedModel:
+    """The DiT as the loaders hand it out: inside ComfyUI held by its native container (so FluxCore's sampler and
+    every MODEL over it share one owner), standalone a plain ManagedModel. A GGUF DiT stays with FluxCore's sampler
+    (its quantized layers are not ComfyUI's)."""
+    if not bridge.IN_COMFYUI or any(isinstance(m, QuantizedLinear) for m in dit.modules()):
+        return bridge.ManagedModel(dit)
+    managed = bridge.ManagedModel(dit, native_container(dit))
+    managed.patcher.model.fluxcore_handle = DiTHandle(managed, "")
+    return managed
+
+
+def model_refusals(handle: DiTHandle) -> list[str]:
+    """What on a DiT handle only FluxCore's sampler honours (each with what to use on the MODEL path)."""
+    problems = []
+    if handle.loras or handle.lora_fusion is not None:
+        problems.append("FluxCore LoRA nodes (Load FLUX LoRA / Fuse LoRAs): load LoRAs on the MODEL with native "
+                        "LoraLoaderModelOnly instead")
+    if handle.vram is not None:
+        problems.append("FLUX VRAM Options (FluxCore): ComfyUI places the MODEL (use --lowvram / --reserve-vram)")
+    if handle.tea_cache_l1_thresh is not None:
+        problems.append("FLUX TeaCache (FluxCore): use ComfyUI's EasyCache on the MODEL")
+    if handle.fp8_compute or handle.compile:
+        problems.append("FLUX Speed Options (FluxCore): use ComfyUI's own fp8 / compile nodes on the MODEL")
+    dit = handle.model.module
+    if handle.model.patcher is None or not hasattr(handle.model.patcher.model, "fluxcore_handle"):
+        problems.append("this DiT has no native container (a GGUF file, or loaded outside ComfyUI): load it with "
+                        "ComfyUI's own Unet Loader (GGUF) for native samplers")
+    elif is_fp8_compute(dit):
+        problems.append("the DiT was converted to FP8 compute by a FLUX Speed Options (FluxCore) node: load it again")
+    return problems
+
+
+def native_model(handle: DiTHandle):
+    """A MODEL (a clone of the DiT's container) for a DiT handle, or NodeInputError listing what it cannot carry."""
+    problems = model_refusals(handle)
+    if problems:
+        raise NodeInputError(f"{MODEL_NODE}, input 'model': the model carries what only FLUX Sampler (FluxCore) runs: "
+                             + "; ".join(problems) + ".")
+    return handle.model.patcher.clone()
+
+
+@dataclass(eq=False)
+class NativeAdapters:
+    """One conditioning entry's FluxCore adapter inputs on the native path (compared by identity: ComfyUI batches
+    entries only when it is the same object). The adapters are built at the run's first call, for its latent size
+    and sigmas, with the FluxCore sampler's functions, and again when either changes."""
+    handle: DiTHandle
+    entry: dict                      # the entry's fluxcore_* keys
+    context: torch.Tensor | None
+    _built: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_entry(cls, handle: DiTHandle | None, kwargs: dict) -> "NativeAdapters | None":
+        if handle is None:
+            return None
+        if kwargs.get(TEXT_KEY) is not None:
+            raise NodeInputError(
+                f"{NATIVE_NODE}: the conditioning comes from a Step1X-Edit or Nexus-Gen encode node ({TEXT_KEY}), "
+                f"whose text runs through its own connector at every step; sample it with FLUX Sampler (FluxCore).")
+        entry = {k: kwargs[k] for k in FLUXCORE_KEYS if kwargs.get(k) is not None}
+        flex = handle.model.module.in_channels == FLEX_CHANNELS   # FLEX.2's channels always come from FluxCore
+        if not entry and not flex:
+            return None
+        return cls(handle, entry, kwargs.get("cross_attn"))
+
+    def adapters_for(self, x: torch.Tensor, options: dict) -> list:
+        sigmas = options.get("sample_sigmas")
+        levels = tuple(float(s) for s in sigmas) if sigmas is not None else (float(options.get("sigmas", [1.0])[0]),)
+        key = (x.shape[0], *x.shape[-2:], levels)
+        if key not in self._built:
+            self._built.clear()
+            self._built[key] = self._build(x, torch.tensor(levels[:-1] if sigmas is not None else levels))
+        return self._built[key]
+
+    def _build(self, x: torch.Tensor, sigmas: torch.Tensor) -> list:
+        from .sampler import build_adapters, read_adapter_inputs
+        b, _, h, w = x.shape
+        conditioning = [[self.context, self.entry]]
+        sides = {"positive": conditioning, "negative": conditioning}  # the call's branch comes from cond_or_uncond
+        dit = self.handle.model.module
+        wanted = read_adapter_inputs(NATIVE_NODE, sides, dit, h, w)
+        adapters, controlnets = build_adapters(NATIVE_NODE, self.handle, wanted, sides, b, h, w, sigmas, {},
+                                               x.device)
+        if controlnets:
+            bridge.ready(*(c.model for c in controlnets))
+        return adapters
+
+
+class FluxCoreDiTToModel:
+    CATEGORY = "FluxCore/loaders"
+    RETURN_TYPES = ("MODEL",)
+    RETURN_NAMES = ("MODEL",)
+    FUNCTION = "convert"
+    DESCRIPTION = ("FluxCore's DiT as a native MODEL, for KSampler / SamplerCustomAdvanced, ModelSamplingFlux, native "
+                   "LoRA loaders, Apply ControlNet and EasyCache. FluxCore adapters still work: apply them to the "
+                   "conditioning as for FLUX Sampler (FluxCore). The same DiT serves both samplers without reloading; "
+                   "LoRAs loaded on one path never reach the other.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": (DIT_TYPE, {"tooltip": "From Load FLUX DiT (FluxCore) (its MODEL output is the same)."}),
+        }}
+
+    def convert(self, model):
+        return (native_model(model),)
+
+
+NODE_CLASS_MAPPINGS = {"FluxCoreDiTToModel": FluxCoreDiTToModel}
+NODE_DISPLAY_NAME_MAPPINGS = {"FluxCoreDiTToModel": MODEL_NODE}
