@@ -51,6 +51,12 @@ log = logging.getLogger("FluxCore")
 MODEL_NODE = "FluxCore DiT to MODEL"
 NATIVE_NODE = "FluxCore MODEL (native sampler)"   # how errors during native sampling name the path
 FLUXCORE_KEYS = frozenset(k for k in HONOURED_KEYS if k.startswith("fluxcore_")) - {TEXT_KEY}
+# keys whose adapters cover the image token by token (control latents, region masks, channels): odd sides refused
+SPATIAL_KEYS = frozenset({"fluxcore_controlnets", "fluxcore_eligen_entities", "fluxcore_flex"})
+
+
+def dit_has_flex_channels(handle: DiTHandle) -> bool:
+    return handle.model.module.in_channels == FLEX_CHANNELS
 
 
 def native_class_name(params: FluxParams) -> str:
@@ -232,8 +238,7 @@ class NativeAdapters:
                 f"{NATIVE_NODE}: the conditioning comes from a Step1X-Edit or Nexus-Gen encode node ({TEXT_KEY}), "
                 f"whose text runs through its own connector at every step; sample it with FLUX Sampler (FluxCore).")
         entry = {k: kwargs[k] for k in FLUXCORE_KEYS if kwargs.get(k) is not None}
-        flex = handle.model.module.in_channels == FLEX_CHANNELS   # FLEX.2's channels always come from FluxCore
-        if not entry and not flex:
+        if not entry and not dit_has_flex_channels(handle):  # FLEX.2's channels always come from FluxCore
             return None
         return cls(handle, entry, kwargs.get("cross_attn"))
 
@@ -249,6 +254,12 @@ class NativeAdapters:
     def _build(self, x: torch.Tensor, sigmas: torch.Tensor) -> list:
         from .sampler import build_adapters, read_adapter_inputs
         b, _, h, w = x.shape
+        spatial = sorted(k for k in self.entry if k in SPATIAL_KEYS)
+        if (h % 2 or w % 2) and (spatial or dit_has_flex_channels(self.handle)):
+            what = ", ".join(spatial) or "FLEX.2's extra channels"
+            raise NodeInputError(f"{NATIVE_NODE}: the latent is {w * 8}x{h * 8}, not a multiple of 16, and {what} "
+                                 f"need whole 2x2 patches; use {w // 2 * 16}x{h // 2 * 16} (or "
+                                 f"{(w + 1) // 2 * 16}x{(h + 1) // 2 * 16}).")
         conditioning = [[self.context, self.entry]]
         sides = {"positive": conditioning, "negative": conditioning}  # the call's branch comes from cond_or_uncond
         dit = self.handle.model.module
