@@ -16,7 +16,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 
-from example_workflows.core_nodes import core_nodes  # noqa: E402
+from example_workflows.core_nodes import core_nodes, native_sampling_nodes  # noqa: E402
 from example_workflows.make_adapter_images import FACE as FACE_IMAGE, REFERENCE as REFERENCE_IMAGE  # noqa: E402
 from example_workflows.make_eligen_masks import REGIONS as ELIGEN_REGIONS  # noqa: E402
 from example_workflows.make_example_image import INPAINT_NAME as INPAINT_IMAGE, NAME as EXAMPLE_IMAGE  # noqa: E402
@@ -40,7 +40,11 @@ MODEL_URLS = {  # shown by ComfyUI's "missing models" dialog (node property "mod
         "https://huggingface.co/ostris/Flex.2-preview/resolve/main/Flex.2-preview.safetensors",
     "step1x-edit-i1258.safetensors":
         "https://huggingface.co/stepfun-ai/Step1X-Edit/resolve/main/step1x-edit-i1258.safetensors",
+    "Hyper-FLUX.1-dev-8steps-lora.safetensors":
+        "https://huggingface.co/ByteDance/Hyper-SD/resolve/main/Hyper-FLUX.1-dev-8steps-lora.safetensors",
 }
+# The native-sampler example's LoRA (ByteDance's 8-step LoRA for FLUX.1-dev; its published strength 0.125).
+NATIVE_LORA = "Hyper-FLUX.1-dev-8steps-lora.safetensors"
 # The published ControlNets, as models/controlnet/<repository folder>/<file> (a folder each: they share a file name).
 # Not in MODEL_URLS: the frontend's missing-models dialog saves a download under its bare name, not in a folder.
 CONTROLNET_FILES = {
@@ -588,6 +592,35 @@ def demo_lora(g: Graph) -> None:
                 x=CONDITIONING + 380)
 
 
+def native_ksampler(g: Graph) -> None:
+    """FluxCore's DiT as a native MODEL: LoraLoaderModelOnly, ModelSamplingFlux and KSampler on the loader's MODEL
+    output, with a FluxCore adapter (InstantX's Union ControlNet in canny mode) on the conditioning."""
+    model, te, vae = loaders(g, "flux1-dev.safetensors")
+    g.node("MarkdownNote", NOTES, [
+        "## Native sampling\n\nLoad FLUX DiT (FluxCore)'s MODEL output is the same DiT as a native MODEL: ComfyUI's "
+        "LoRA loaders, ModelSamplingFlux, KSampler (any sampler and scheduler) and EasyCache work on it. FluxCore's "
+        "adapters (Apply ControlNet / IP-Adapter / InfiniteYou, EliGen, FLEX.2) still apply through the "
+        "conditioning.\n\nThe LoRA: `" + NATIVE_LORA + "` from https://huggingface.co/ByteDance/Hyper-SD into "
+        "`models/loras/` (8 steps at strength 0.125), or any FLUX.1-dev LoRA."], size=[400, 240],
+        title="How it works")
+    lora = g.node("LoraLoaderModelOnly", LOADERS, [NATIVE_LORA, 0.125], model=(model, 1),
+                  models=[(NATIVE_LORA, "loras")])
+    shifted = g.node("ModelSamplingFlux", LOADERS, [1.15, 0.5, 1024, 1024], model=(lora, 0))
+    controlnet = controlnet_loader(g, "union")
+    positive, negative = prompts(g, te, "A lighthouse on a rocky coast at sunset, waves, dramatic clouds", 3.5)
+    image = load_image(g)
+    scaled = g.node("ImageScale", LOADERS, ["lanczos", 1024, 1024, "center"], title="Scale to 1024x1024",
+                    image=(image, 0))
+    edges = g.node("FluxCoreCannyMap", PROMPTS, [100, 200, 0.0], image=(scaled, 0))
+    applied = g.node("FluxCoreApplyControlNet", CONDITIONING, ["canny", 0.6, 0.0, 0.8], positive=(positive, 0),
+                     negative=(negative, 0), control_net=(controlnet, 0), image=(edges, 0), vae=(vae, 0))
+    latent = g.node("FluxCoreEmptyLatent", PROMPTS, [1024, 1024, 1])
+    sampler = g.node("KSampler", CONDITIONING + 380, [808, "fixed", 8, 1.0, "euler", "simple", 1.0],
+                     model=(shifted, 0), positive=(applied, 0), negative=(applied, 1), latent_image=(latent, 0))
+    image = g.node("FluxCoreVAEDecode", CONDITIONING + 380, [False, 128, 64], samples=(sampler, 0), vae=(vae, 0))
+    g.node("SaveImage", CONDITIONING + 760, ["FluxCore/native_ksampler"], size=[520, 560], images=(image, 0))
+
+
 WORKFLOWS = {
     "fluxcore_demo_text_to_image": demo_text_to_image,
     "fluxcore_demo_lora": demo_lora,
@@ -605,11 +638,12 @@ WORKFLOWS = {
     "fluxcore_flex2": flex2,
     "fluxcore_step1x_edit": step1x_edit,
     "fluxcore_nexus_gen": nexus_gen,
+    "fluxcore_native_ksampler": native_ksampler,
 }
 
 
 def build(name: str) -> dict:
-    g = Graph({**NODE_CLASS_MAPPINGS, **core_nodes(INPUT_IMAGES)})
+    g = Graph({**NODE_CLASS_MAPPINGS, **core_nodes(INPUT_IMAGES), **native_sampling_nodes([NATIVE_LORA])})
     WORKFLOWS[name](g)
     return g.workflow()
 

@@ -44,3 +44,36 @@ def core_nodes(input_files: list[str], vae_files: list[str] = ("ae.safetensors",
             "mask": ("MASK",), "noise_mask": ("BOOLEAN", {"default": True})}},
             ("CONDITIONING", "CONDITIONING", "LATENT"), ("positive", "negative", "latent")),
     }
+
+
+# ComfyUI's samplers and schedulers in 0.3.64 (comfy.samplers.KSampler.SAMPLERS / SCHEDULERS), first the ones the
+# examples use.
+SAMPLERS = ["euler", "euler_ancestral", "heun", "dpm_2", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_3m_sde", "deis",
+            "uni_pc", "res_multistep"]
+SCHEDULERS = ["simple", "normal", "karras", "exponential", "sgm_uniform", "ddim_uniform", "beta",
+              "linear_quadratic", "kl_optimal"]
+
+
+def native_sampling_nodes(lora_files: list[str]) -> dict[str, type]:
+    """The interfaces of the core nodes that sample a native MODEL (KSampler and the model patches before it):
+    workflows with them run in ComfyUI only (tests/test_comfyui_server.py), there being no stand-in for ComfyUI's
+    samplers. `lora_files`: LoraLoaderModelOnly's choices (the files in models/loras/)."""
+    model = ("MODEL",)
+    return {
+        "KSampler": _node({"required": {
+            "model": model, "seed": ("INT", {"default": 0, "min": 0, "max": 0xffffffffffffffff,
+                                             "control_after_generate": True}),
+            "steps": ("INT", {"default": 20, "min": 1, "max": 10000}),
+            "cfg": ("FLOAT", {"default": 8.0, "min": 0.0, "max": 100.0, "step": 0.1, "round": 0.01}),
+            "sampler_name": (SAMPLERS,), "scheduler": (SCHEDULERS,), "positive": ("CONDITIONING",),
+            "negative": ("CONDITIONING",), "latent_image": ("LATENT",),
+            "denoise": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01})}}, ("LATENT",)),
+        "LoraLoaderModelOnly": _node({"required": {
+            "model": model, "lora_name": (sorted(lora_files),),
+            "strength_model": ("FLOAT", {"default": 1.0, "min": -100.0, "max": 100.0, "step": 0.01})}}, model),
+        "ModelSamplingFlux": _node({"required": {
+            "model": model, "max_shift": ("FLOAT", {"default": 1.15, "min": 0.0, "max": 100.0, "step": 0.01}),
+            "base_shift": ("FLOAT", {"default": 0.5, "min": 0.0, "max": 100.0, "step": 0.01}),
+            "width": ("INT", {"default": 1024, "min": 16, "max": MAX_RESOLUTION, "step": 8}),
+            "height": ("INT", {"default": 1024, "min": 16, "max": MAX_RESOLUTION, "step": 8})}}, model),
+    }

@@ -21,7 +21,7 @@ OURS, CORE = (38, 84, 140), (74, 74, 80)
 LINK_COLOURS = {"IMAGE": (100, 181, 246), "MASK": (129, 199, 132), "LATENT": (255, 156, 249),  # ComfyUI's
                 "CONDITIONING": (255, 169, 49), "FLUXCORE_DIT": (179, 157, 219),               # link colours
                 "FLUXCORE_TEXT_ENCODERS": (255, 213, 0), "FLUXCORE_VAE": (255, 110, 110),
-                "FLUXCORE_CONTROLNET": (0, 214, 122), "VAE": (255, 110, 110)}
+                "FLUXCORE_CONTROLNET": (0, 214, 122), "VAE": (255, 110, 110), "MODEL": (179, 157, 219)}
 LABELS = {"FluxCoreDiTLoader": "Load DiT", "FluxCoreTextEncoderLoader": "Load Text Encoders",
           "FluxCoreVAELoader": "Load VAE", "FluxCoreDiffusersLoader": "Load Diffusers Folder",
           "FluxCoreTextEncode": "Text Encode", "FluxCoreKontextReference": "Kontext Reference",

@@ -15,8 +15,8 @@ How it is put together (ComfyUI's own wiring: ../shared/reference/comfyui_native
   options and TeaCache are FluxCore-sampler options: the MODEL node refuses handles that carry them (use ComfyUI's
   --lowvram / --reserve-vram, its fp8 weight options and EasyCache on this path).
 - The forward is flux_core.native_forward (ComfyUI's call signature in plain torch), run inside ComfyUI's
-  DIFFUSION_MODEL wrappers (EasyCache and other native caches hook there). Guidance reaches it as a float (ComfyUI
-  would cast it to the model dtype first).
+  DIFFUSION_MODEL wrappers (EasyCache and other native caches hook there). Guidance also reaches it as the
+  conditioning's float (`fluxcore_guidance`): ComfyUI casts the guidance tensor to the model dtype first.
 - FluxCore adapters (Apply ControlNet / IP-Adapter / InfiniteYou (FluxCore), EliGen Entity, Encode LoRA into
   Conditioning, FLEX.2 Inputs) put their payloads under `fluxcore_*` CONDITIONING keys, the same ones FluxCore's
   sampler reads. The model's `extra_conds` gathers an entry's keys into one `NativeAdapters` (compared by identity,
@@ -41,6 +41,7 @@ from flux_core.models.dit import FluxDiT, FluxParams
 from flux_core.model_state import state_of
 from flux_core.native_forward import native_forward
 from flux_core.quantized import QuantizedLinear
+from flux_core.vram import stored_compute_dtype
 
 from . import comfy_bridge as bridge
 from .conditioning import HONOURED_KEYS, TEXT_KEY
@@ -99,7 +100,8 @@ class DiTView(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.img_in.weight.dtype
+        """The compute dtype (ComfyUI casts the inputs to it): FP8-stored weights compute in their biases' dtype."""
+        return stored_compute_dtype(self)
 
     def forward(self, x, timestep, context, y=None, guidance=None, ref_latents=None, control=None,
                 transformer_options={}, **kwargs):
@@ -109,27 +111,28 @@ class DiTView(nn.Module):
             x, timestep, context, y, guidance, ref_latents, control, transformer_options, **kwargs)
 
     def _forward(self, x, timestep, context, y=None, guidance=None, ref_latents=None, control=None,
-                 transformer_options={}, fluxcore=None, **kwargs):
+                 transformer_options={}, fluxcore=None, fluxcore_guidance=None, **kwargs):
         prepare_for_native(self.dit)
+        if guidance is not None and fluxcore_guidance is not None:
+            guidance = fluxcore_guidance  # the conditioning's value, not its cast to the model dtype
         adapters = fluxcore.adapters_for(x, transformer_options) if fluxcore is not None else ()
         return native_forward(self.dit, x, timestep, context, y, guidance, ref_latents, control, transformer_options,
                               adapters=adapters, dtype=x.dtype, **kwargs)
 
 
 def prepare_for_native(dit: FluxDiT) -> None:
-    """What FluxCore's own sampler may have left on the shared DiT, undone for a native run: compiled blocks run
-    eager, a VRAM manager's placement is removed (ComfyUI places the MODEL). FP8-compute layers cannot take ComfyUI's
-    patches: refused by name."""
+    """What FluxCore's own sampler may have left on the shared DiT, for a native run: compiled blocks run eager; FP8-
+    compute layers cannot take ComfyUI's patches and a VRAM manager's placement (dropped after every FluxCore run in
+    ComfyUI) would fight ComfyUI's: both refused by name."""
     if is_fp8_compute(dit):
         raise NodeInputError(f"{NATIVE_NODE}: this DiT was converted to FP8 compute by a FLUX Speed Options "
                              f"(FluxCore) node, which ComfyUI's samplers and LoRA patches cannot run; load it again "
                              f"(change an input of its loader) and use ComfyUI's fp8 options on the MODEL path.")
     if is_compiled(dit):
         uncompile_dit(dit)
-    state = state_of(dit)
-    if state.vram_placement is not None:
-        state.vram_placement[1].remove_all()
-        state.vram_placement = None
+    if state_of(dit).vram_placement is not None:
+        raise NodeInputError(f"{NATIVE_NODE}: FluxCore's VRAM manager still holds this DiT (a FLUX Sampler (FluxCore) "
+                             f"run with VRAM options did not finish); run the workflow again.")
 
 
 @functools.cache
@@ -138,8 +141,8 @@ def _native_model_class():
     import comfy.model_base
 
     class FluxCoreFlux(comfy.model_base.Flux):
-        """ComfyUI's Flux model over a DiTView: guidance kept as a float, FluxCore's conditioning keys gathered into
-        one NativeAdapters per entry, FLEX.2's extra channels left to FluxCore's FLEX.2 Inputs."""
+        """ComfyUI's Flux model over a DiTView: guidance also passed as a float, FluxCore's conditioning keys gathered
+        into one NativeAdapters per entry, FLEX.2's extra channels left to FluxCore's FLEX.2 Inputs."""
         fluxcore_handle: DiTHandle | None = None
 
         def concat_cond(self, **kwargs):
@@ -149,8 +152,8 @@ def _native_model_class():
 
         def extra_conds(self, **kwargs):
             out = super().extra_conds(**kwargs)
-            if "guidance" in out:  # a float is not cast to the model dtype by _apply_model
-                out["guidance"] = comfy.conds.CONDConstant(float(kwargs.get("guidance", 3.5)))
+            if "guidance" in out:  # the tensor stays for ComfyUI's ControlNets; a float is not cast to the model
+                out["fluxcore_guidance"] = comfy.conds.CONDConstant(float(kwargs.get("guidance", 3.5)))  # dtype
             adapters = NativeAdapters.from_entry(self.fluxcore_handle, kwargs)
             if adapters is not None:
                 out["fluxcore"] = comfy.conds.CONDConstant(adapters)
@@ -170,8 +173,7 @@ def native_container(dit: FluxDiT):
         if type(module) is nn.Linear:
             module.__class__ = castable
     config = getattr(comfy.supported_models, native_class_name(dit.params))(unet_config(dit.params))
-    dtype = dit.img_in.weight.dtype
-    config.set_inference_dtype(dtype, torch.bfloat16 if dtype in FLOAT8_DTYPES else None)
+    config.set_inference_dtype(stored_compute_dtype(dit), None)  # FP8 weights: native_model sets the manual cast
     model = _native_model_class()(config, device=None)
     model.diffusion_model = DiTView(dit)
     return comfy.model_patcher.ModelPatcher(model, load_device=bridge.compute_device(),
@@ -216,7 +218,13 @@ def native_model(handle: DiTHandle):
     if problems:
         raise NodeInputError(f"{MODEL_NODE}, input 'model': the model carries what only FLUX Sampler (FluxCore) runs: "
                              + "; ".join(problems) + ".")
-    return handle.model.patcher.clone()
+    model = handle.model.patcher.clone()
+    dit = handle.model.module
+    if any(p.dtype in FLOAT8_DTYPES for p in dit.parameters()):
+        # FP8-stored weights (the loader's or VRAM Options' weight_dtype): ComfyUI's manual cast computes each layer
+        # in the DiT's compute dtype, as FluxCore's VRAM manager does, and only on this MODEL
+        model.set_model_compute_dtype(stored_compute_dtype(dit))
+    return model
 
 
 @dataclass(eq=False)

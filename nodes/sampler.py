@@ -358,8 +358,10 @@ class FluxCoreSampler:
             if release_controlnets is not None:  # offloaded DiT and its ControlNets give their VRAM back
                 release_controlnets()
             release_dit(model)
-            if bridge.IN_COMFYUI:  # the DiT's container also serves native MODELs: FluxCore's LoRAs go with the run
-                unload_loras(model.model.module)
+            if bridge.IN_COMFYUI:  # the DiT's container also serves native MODELs: FluxCore's LoRAs and its VRAM
+                unload_loras(model.model.module)  # manager's placement go with the run, so ComfyUI finds the DiT
+                vram_nodes.drop_placement(model.model.module)  # as loaded
+
         for stats in tea_stats.values():
             log.info("%s: %s", node, stats)
         out = dict(latent_image)
@@ -389,6 +391,30 @@ class FluxCoreEmptyLatent:
         return ({"samples": torch.zeros(batch_size, 16, height // 8, width // 8)},)
 
 
-NODE_CLASS_MAPPINGS = {"FluxCoreSampler": FluxCoreSampler, "FluxCoreEmptyLatent": FluxCoreEmptyLatent}
+class FluxCoreSigmas:
+    CATEGORY = "FluxCore/sampling"
+    RETURN_TYPES = ("SIGMAS",)
+    FUNCTION = "schedule"
+    DESCRIPTION = ("FluxCore's (DiffSynth-Studio's) FLUX schedule as native SIGMAS, for SamplerCustom / "
+                   "SamplerCustomAdvanced on a FluxCore MODEL: with the euler sampler they give FLUX Sampler "
+                   "(FluxCore)'s result for the same seed, steps, denoise and sigma_shift.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "steps": ("INT", {"default": 30, "min": 1, "max": 200, "tooltip": "Denoising steps."}),
+            "sigma_shift": ("FLOAT", {"default": 3.0, "min": 0.1, "max": 20.0, "step": 0.1,
+                                      "tooltip": "Schedule shift, as in FLUX Sampler (FluxCore) (DiffSynth's 3)."}),
+            "denoise": ("FLOAT", {"default": 1.0, "min": 0.01, "max": 1.0, "step": 0.01,
+                                  "tooltip": "1 starts from pure noise; less keeps more of the input latent."}),
+        }}
+
+    def schedule(self, steps, sigma_shift=3.0, denoise=1.0):
+        return (torch.cat((flux_sigmas(int(steps), float(denoise), float(sigma_shift)), torch.zeros(1))),)
+
+
+NODE_CLASS_MAPPINGS = {"FluxCoreSampler": FluxCoreSampler, "FluxCoreEmptyLatent": FluxCoreEmptyLatent,
+                       "FluxCoreSigmas": FluxCoreSigmas}
 NODE_DISPLAY_NAME_MAPPINGS = {"FluxCoreSampler": "FLUX Sampler (FluxCore)",
-                              "FluxCoreEmptyLatent": "Empty FLUX Latent (FluxCore)"}
+                              "FluxCoreEmptyLatent": "Empty FLUX Latent (FluxCore)",
+                              "FluxCoreSigmas": "FLUX Sigmas (FluxCore)"}

@@ -203,6 +203,15 @@ def _onload(manager: VRAMManager) -> None:
     manager.load_models_to_device(["dit"])
 
 
+def drop_placement(dit) -> None:
+    """The DiT out of its VRAM manager (hooks removed, weights at their storage place, in their storage dtype): ComfyUI
+    may load it next as a native MODEL. The next FluxCore run places it again."""
+    state = state_of(dit)
+    if state.vram_placement is not None:
+        state.vram_placement[1].remove_all()
+        state.vram_placement = None
+
+
 def release_dit(handle) -> None:
     """After sampling: drop the placed DiT's copies on the device, so the VAE and ComfyUI's own models get the
     VRAM. Nothing to do for a DiT without VRAM options (ComfyUI's model manager handles that one)."""

@@ -48,10 +48,11 @@ TINY = dict(image_model="flux", in_channels=16, out_channels=16, vec_in_dim=32, 
             patch_size=2, qkv_bias=True, guidance_embed=True)
 
 
-def comfy_flux():
-    """ComfyUI's own Flux (comfy.ldm.flux.model.Flux) with the tiny sizes, weights from dit.safetensors."""
+def comfy_flux(weight_dtype=torch.float32, manual_cast=None):
+    """ComfyUI's own Flux (comfy.ldm.flux.model.Flux) with the tiny sizes, weights from dit.safetensors (cast to
+    `weight_dtype`; with `manual_cast` its layers compute in that dtype, as for ComfyUI's fp8 weight options)."""
     config = comfy.supported_models.Flux(dict(TINY))
-    config.set_inference_dtype(torch.float32, None)
+    config.set_inference_dtype(weight_dtype, manual_cast)
     model = config.get_model({})
     missing, unexpected = model.diffusion_model.load_state_dict(load_file(str(FILES / "dit.safetensors")),
                                                                 strict=False)
@@ -60,8 +61,9 @@ def comfy_flux():
                                             offload_device=mm.unet_offload_device())
 
 
-def fluxcore_handle() -> DiTHandle:
-    dit = load_model(FILES / "dit.safetensors", config={"axes_dim": (4, 6, 6)}, torch_dtype=torch.float32, kind="dit")
+def fluxcore_handle(torch_dtype=torch.float32, weight_dtype=None) -> DiTHandle:
+    dit = load_model(FILES / "dit.safetensors", config={"axes_dim": (4, 6, 6)}, torch_dtype=torch_dtype, kind="dit",
+                     weight_dtype=weight_dtype)
     return DiTHandle(managed_dit(dit), "dit.safetensors")
 
 
@@ -69,6 +71,13 @@ def conditioning(seed: int, guidance: float = 3.5):
     g = torch.Generator().manual_seed(seed)
     return [[torch.randn(1, 5, 32, generator=g), {"pooled_output": torch.randn(1, 32, generator=g),
                                                   "guidance": guidance}]]
+
+
+def call_inputs(seed: int, batch: int = 1, h: int = 8, w: int = 10):
+    """x, context, pooled vector of one apply_model call."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, 16, h, w, generator=g), torch.randn(batch, 5, 32, generator=g), torch.randn(batch, 32,
+                                                                                                         generator=g)
 
 
 def sample(model, sampler: str, scheduler: str, cfg: float, steps: int = 4):
@@ -95,12 +104,12 @@ def check_config():
 
 def check_apply_model():
     ours, theirs = native_model(fluxcore_handle()), comfy_flux()
+    x, ctx, y = call_inputs(3, batch=2, h=9, w=11)
     g = torch.Generator().manual_seed(3)
-    x, ctx, y = torch.randn(2, 16, 9, 11, generator=g), torch.randn(2, 5, 32, generator=g), torch.randn(2, 32, generator=g)
-    refs = [torch.randn(2, 16, 6, 4, generator=g), torch.randn(2, 16, 4, 8, generator=g)]  # ComfyUI repeats refs to the batch
+    refs = [torch.randn(2, 16, 6, 4, generator=g), torch.randn(2, 16, 4, 8, generator=g)]  # the batch's, as ComfyUI's
     worst = 0.0
-    for kwargs in ({}, {"ref_latents": refs[:1]}, {"ref_latents": refs, "ref_latents_method": "offset"},
-                   {"ref_latents": refs, "ref_latents_method": "index"}, {"ref_latents": refs, "ref_latents_method": "uxo"}):
+    for kwargs in ({}, {"ref_latents": refs[:1]}, *({"ref_latents": refs, "ref_latents_method": method}
+                                                      for method in ("offset", "index", "uxo"))):
         out = [m.model.apply_model(x, torch.tensor([0.7, 0.7]), c_crossattn=ctx, y=y, guidance=torch.tensor([3.5, 3.5]),
                                    **kwargs) for m in (ours, theirs)]
         worst = max(worst, rel(*out))
@@ -132,8 +141,7 @@ def check_lora_and_leaks():
     # FluxCore's own LoRA on a separate copy of the DiT, same forward: the reference for the native LoRA
     copy = load_model(FILES / "dit.safetensors", config={"axes_dim": (4, 6, 6)}, torch_dtype=torch.float32, kind="dit")
     load_lora(copy, str(FILES / "lora.safetensors"), alpha=0.8)
-    g = torch.Generator().manual_seed(5)
-    x, ctx, y = torch.randn(1, 16, 8, 10, generator=g), torch.randn(1, 5, 32, generator=g), torch.randn(1, 32, generator=g)
+    x, ctx, y = call_inputs(5)
     mm.load_models_gpu([with_lora])
     theirs = with_lora.model.apply_model(x, torch.tensor([0.6]), c_crossattn=ctx, y=y, guidance=torch.tensor([3.5]))
     with torch.no_grad():
@@ -168,6 +176,66 @@ def check_model_nodes():
     assert rel(plain, plain_c) <= 1e-5 and rel(fast, fast_c) <= 1e-5, (rel(plain, plain_c), rel(fast, fast_c))
     assert rel(fast, plain) > 1e-2, rel(fast, plain)
     print(f"ModelSamplingFlux: {rel(plain, plain_c):.2e}, + EasyCache: {rel(fast, fast_c):.2e} from ComfyUI's Flux")
+
+
+def comfy_controlnet():
+    """ComfyUI's own FLUX ControlNet (InstantX's layout, as comfy.controlnet.load_controlnet_flux_instantx builds it)
+    at the tiny sizes, from controlnet.safetensors (diffusers names); it takes its control as a latent."""
+    import comfy.controlnet
+    import comfy.ldm.flux.controlnet
+    import comfy.model_detection
+    import comfy.ops
+    sd = load_file(str(FILES / "controlnet.safetensors"))
+    converted = comfy.model_detection.convert_diffusers_mmdit(sd, "")
+    converted.update(sd)
+    model = comfy.ldm.flux.controlnet.ControlNetFlux(latent_input=True, control_latent_channels=16,
+                                                     operations=comfy.ops.disable_weight_init, device="cpu",
+                                                     dtype=torch.float32, **TINY)
+    missing, _ = model.load_state_dict(converted, strict=False)
+    assert not missing, missing
+    return comfy.controlnet.ControlNet(model, compression_ratio=1, load_device=mm.get_torch_device(),
+                                       extra_conds=["y", "guidance"])
+
+
+def check_native_controlnet():
+    """ComfyUI's Apply ControlNet (Advanced) with ComfyUI's own ControlNet on the MODEL equals it on ComfyUI's Flux."""
+    from nodes import ControlNetApplyAdvanced  # ComfyUI's nodes.py
+    hint = torch.randn(1, 8, 10, 16, generator=torch.Generator().manual_seed(6))  # (B, H, W, C) as IMAGE is
+    runs = []
+    for model in (native_model(fluxcore_handle()), comfy_flux()):
+        positive, negative = ControlNetApplyAdvanced().apply_controlnet(conditioning(1), conditioning(2, 2.0),
+                                                                        comfy_controlnet(), hint, 0.8, 0.0, 1.0)
+        latent = torch.zeros(1, 16, 8, 10)
+        runs.append(comfy.sample.sample(model, comfy.sample.prepare_noise(latent, 7), 4, 2.0, "euler", "simple",
+                                        positive, negative, latent, seed=7))
+        runs.append(sample(model, "euler", "simple", 2.0))
+    (ours, ours_plain), (theirs, _) = runs[:2], runs[2:]
+    assert rel(ours, theirs) <= 1e-5, rel(ours, theirs)
+    assert rel(ours, ours_plain) > 1e-2, rel(ours, ours_plain)
+    print(f"ComfyUI's ControlNet on the MODEL: {rel(ours, theirs):.2e} from ComfyUI's Flux "
+          f"(the ControlNet moves the result by {rel(ours, ours_plain):.2e})")
+
+
+def check_fp8():
+    """A DiT stored in FP8 (Load FLUX DiT (FluxCore)'s weight_dtype) computes through ComfyUI's manual cast in bf16 on
+    the MODEL path: equal to ComfyUI's own Flux with fp8_e4m3fn weights and a bf16 manual cast."""
+    fp8 = torch.float8_e4m3fn
+    ours = native_model(fluxcore_handle(torch.bfloat16, fp8))
+    theirs = comfy_flux(fp8, torch.bfloat16)
+    x, ctx, y = call_inputs(4)
+    outs = []
+    for model in (ours, theirs):  # no guidance: ComfyUI's own Flux embeds a bf16 guidance (3.5 x 1000 -> 3504)
+        mm.load_models_gpu([model])
+        outs.append(model.model.apply_model(x, torch.tensor([0.7]), c_crossattn=ctx, y=y).float())
+    exact = comfy_flux(fp8, torch.float32)  # the same FP8 weights computed in float32: bf16's own rounding
+    mm.load_models_gpu([exact])
+    reference = exact.model.apply_model(x, torch.tensor([0.7]), c_crossattn=ctx, y=y).float()
+    ours_error, theirs_error = rel(outs[0], reference), rel(outs[1], reference)
+    # two bf16 implementations round differently: each is as close to the float32 result as the other
+    assert ours_error <= 1.5 * theirs_error and rel(*outs) <= 1e-2, (ours_error, theirs_error, rel(*outs))
+    assert all(p.dtype == fp8 for n, p in ours.model.named_parameters() if n.endswith("qkv.weight"))
+    print(f"fp8 weights, bf16 manual cast: {rel(*outs):.2e} from ComfyUI's Flux; from float32 compute: ours "
+          f"{ours_error:.2e}, ComfyUI's {theirs_error:.2e}")
 
 
 def check_partial_load():

@@ -12,7 +12,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from safetensors.torch import save_file
 
+from tests.tiny_controlnet import make_diffusers_controlnet
 from tests.tiny_dit import make_diffusers_dit, write_bfl_dit
 from tests.tiny_lora import bfl_shapes, random_pairs, write_kohya
 
@@ -34,10 +36,13 @@ def files(tmp_path_factory):
     write_bfl_dit(ref, folder / "dit.safetensors")
     pairs = random_pairs({k: v for k, v in bfl_shapes(ref).items() if "blocks" in k}, seed=2)
     write_kohya(folder / "lora.safetensors", pairs)
+    controlnet = make_diffusers_controlnet(seed=4)  # diffusers names (InstantX's published layout)
+    save_file({k: v.contiguous() for k, v in controlnet.state_dict().items()}, str(folder / "controlnet.safetensors"))
     return folder
 
 
-@pytest.mark.parametrize("check", ["config", "apply_model", "sample", "lora_and_leaks", "model_nodes", "partial_load"])
+@pytest.mark.parametrize("check", ["config", "apply_model", "sample", "lora_and_leaks", "model_nodes",
+                                   "native_controlnet", "fp8", "partial_load"])
 def test_native_model_in_comfyui(check, files):
     run = subprocess.run([PYTHON, str(SCRIPT), COMFYUI_DIR, str(files), check], capture_output=True, text=True,
                          timeout=600)

@@ -36,7 +36,7 @@ from example_workflows.ui_format import combo_choices
 from nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
 from tests.face_standin import SERVER_SHIM, StandInFaceEmbedder
 from tests.native_standins import standins
-from tests.test_workflows import WORKFLOWS
+from tests.test_workflows import COMFYUI_ONLY_WORKFLOWS, WORKFLOWS
 from tests.tiny_flux_files import FILES, set_up_like_a_user
 from tests.workflow_harness import load_workflow, run_prompt, specs_from_classes, specs_from_object_info, ui_to_api
 
@@ -273,7 +273,7 @@ def run_in_comfyui(server, prompt: dict, name: str) -> dict:
     return entry
 
 
-@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
+@pytest.mark.parametrize("path", [p for p in WORKFLOWS if p not in COMFYUI_ONLY_WORKFLOWS], ids=lambda p: p.stem)
 def test_example_workflow_runs_as_shipped_in_comfyui(server, standalone, path):
     info = server["object_info"]
     workflow = load_workflow(path)
@@ -305,3 +305,69 @@ def test_example_workflow_runs_as_shipped_in_comfyui(server, standalone, path):
         assert difference.max() <= 4 and difference.mean() <= 0.1, (path.name, difference.max(), difference.mean())
     else:
         assert difference.max() <= 2, f"{path.name}: ComfyUI and standalone images differ"
+
+
+# ---------------------------------------------------------------- FluxCore adapters under ComfyUI's own sampler
+# The examples whose FLUX Sampler (FluxCore) can be swapped for native sampling on the DiT's MODEL. Not the others:
+# the upscale example tiles the DiT (tiled_dit, a FluxCore-sampler option), the demo LoRA example loads its LoRA with
+# FluxCore's LoRA node (on a MODEL: LoraLoaderModelOnly), Step1X-Edit and Nexus-Gen encode their text per step
+# (refused on the MODEL path by name).
+NATIVE_SAMPLED = ("fluxcore_text_to_image", "fluxcore_demo_text_to_image", "fluxcore_image_to_image",
+                  "fluxcore_kontext_edit", "fluxcore_mixed_native", "fluxcore_controlnet_inpainting",
+                  "fluxcore_controlnet_union_canny", "fluxcore_ipadapter_instantx", "fluxcore_infiniteyou",
+                  "fluxcore_eligen", "fluxcore_flex2", "fluxcore_flux_fill")
+
+
+def with_native_sampler(prompt: dict) -> dict:
+    """The prompt with each FLUX Sampler (FluxCore) replaced by FluxCore DiT to MODEL -> SamplerCustom (euler, FLUX
+    Sigmas (FluxCore) with the sampler's steps, shift and denoise), the same seed, cfg and conditioning."""
+    out = json.loads(json.dumps(prompt))
+    for nid in [n for n, node in prompt.items() if node["class_type"] == "FluxCoreSampler"]:
+        inputs = out[nid]["inputs"]
+        assert inputs["embedded_guidance"] < 0 and not inputs["tiled_dit"] and not inputs["eligen_inpaint"]
+        out[f"{nid}.model"] = {"class_type": "FluxCoreDiTToModel", "inputs": {"model": inputs["model"]}}
+        out[f"{nid}.sigmas"] = {"class_type": "FluxCoreSigmas", "inputs": {
+            "steps": inputs["steps"], "sigma_shift": inputs["sigma_shift"], "denoise": inputs["denoise"]}}
+        out[f"{nid}.euler"] = {"class_type": "KSamplerSelect", "inputs": {"sampler_name": "euler"}}
+        out[nid] = {"class_type": "SamplerCustom", "inputs": {
+            "model": [f"{nid}.model", 0], "add_noise": True, "noise_seed": inputs["seed"], "cfg": inputs["cfg"],
+            "positive": inputs["positive"], "negative": inputs["negative"], "sampler": [f"{nid}.euler", 0],
+            "sigmas": [f"{nid}.sigmas", 0], "latent_image": inputs["latent_image"]}}
+    return out
+
+
+def saved_image(server, prompt: dict, entry: dict) -> np.ndarray:
+    save, = [nid for nid, n in prompt.items() if n["class_type"] == "SaveImage"]
+    item, = entry["outputs"][save]["images"]
+    with Image.open(server["base"] / "output" / item["subfolder"] / item["filename"]) as im:
+        return np.asarray(im.convert("RGB"), dtype=np.int16)
+
+
+@pytest.mark.parametrize("name", NATIVE_SAMPLED)
+def test_fluxcore_adapters_under_native_sampler(server, name):
+    """The example with ComfyUI's SamplerCustom on the DiT's MODEL gives the picture FLUX Sampler (FluxCore) gives:
+    every FluxCore adapter in it reaches the DiT through the conditioning, on the native path too."""
+    path, = [p for p in WORKFLOWS if p.stem == name]
+    prompt = ui_to_api(load_workflow(path), specs_from_object_info(server["object_info"]))
+    shipped = saved_image(server, prompt, run_in_comfyui(server, prompt, path.name))
+    native_prompt = with_native_sampler(prompt)
+    native = saved_image(server, native_prompt, run_in_comfyui(server, native_prompt, f"{path.name} (native)"))
+    difference = np.abs(native - shipped)
+    assert difference.max() <= 2, (name, difference.max(), difference.mean())
+
+
+def test_native_ksampler_example_runs_as_shipped(server):
+    """KSampler + LoraLoaderModelOnly + ModelSamplingFlux on the DiT loader's MODEL, with FluxCore's Apply ControlNet
+    on the conditioning, as shipped; the LoRA and the ControlNet each change the picture (the same prompt with the
+    LoRA's strength 0, or the ControlNet's, differs)."""
+    path, = [p for p in WORKFLOWS if p.stem == "fluxcore_native_ksampler"]
+    prompt = ui_to_api(load_workflow(path), specs_from_object_info(server["object_info"]))
+    shipped = saved_image(server, prompt, run_in_comfyui(server, prompt, path.name))
+    assert shipped.shape == (1024, 1024, 3)
+    assert shipped.std() > 0.05 * 255 and np.ptp(shipped) > 0.3 * 255, "a blank or constant image"
+    for node_type, strength in (("LoraLoaderModelOnly", "strength_model"), ("FluxCoreApplyControlNet", "strength")):
+        variant = json.loads(json.dumps(prompt))
+        nid, = [n for n, node in variant.items() if node["class_type"] == node_type]
+        variant[nid]["inputs"][strength] = 0.0
+        image = saved_image(server, variant, run_in_comfyui(server, variant, f"{path.name} ({node_type} off)"))
+        assert np.abs(image - shipped).mean() > 1.0, f"{node_type} did not change the picture"

@@ -14,9 +14,10 @@ import torch
 from PIL import Image
 
 from example_workflows.build_workflows import (CONTROLNET_FILES, DEMO_FILES, DEMO_LORA, INFINITEYOU_FILES,
-                                               INPUT_IMAGES, IPADAPTER_FILES, NEXUS_GEN_FILES, QWEN_VL_FOLDER)
+                                               INPUT_IMAGES, IPADAPTER_FILES, NATIVE_LORA, NEXUS_GEN_FILES,
+                                               QWEN_VL_FOLDER)
 from example_workflows.make_adapter_images import IMAGES as ADAPTER_IMAGES
-from example_workflows.core_nodes import core_nodes
+from example_workflows.core_nodes import core_nodes, native_sampling_nodes
 from example_workflows.make_example_image import (HOLE, INPAINT_HOLE, INPAINT_NAME as INPAINT_IMAGE, INPAINT_SIZE,
                                                   NAME as EXAMPLE_IMAGE, SIZE, draw, draw_inpaint)
 from nodes import NODE_CLASS_MAPPINGS
@@ -32,7 +33,10 @@ WORKFLOWS = sorted(EXAMPLES.glob("*.json"))
 # The bundled demo model's examples run on its shipped files (test_demo_workflow_...), the others on tiny files
 # under the real models' names.
 DEMO_WORKFLOWS = [p for p in WORKFLOWS if p.stem.startswith("fluxcore_demo_")]
-TINY_WORKFLOWS = [p for p in WORKFLOWS if p not in DEMO_WORKFLOWS]
+# Examples that sample a native MODEL with ComfyUI's KSampler run in a real ComfyUI only (tests/test_comfyui_server.py)
+NATIVE_SAMPLING = set(native_sampling_nodes([]))
+COMFYUI_ONLY_WORKFLOWS = [p for p in WORKFLOWS if node_types(load_workflow(p)) & NATIVE_SAMPLING]
+TINY_WORKFLOWS = [p for p in WORKFLOWS if p not in DEMO_WORKFLOWS and p not in COMFYUI_ONLY_WORKFLOWS]
 REAL_FILES = {"dit_name": {"flux1-dev.safetensors", "flux1-kontext-dev.safetensors", "flux1-fill-dev.safetensors",
                            "Flex.2-preview.safetensors", "step1x-edit-i1258.safetensors",
                            NEXUS_GEN_FILES["decoder"], DEMO_FILES["dit"]},
@@ -40,7 +44,7 @@ REAL_FILES = {"dit_name": {"flux1-dev.safetensors", "flux1-kontext-dev.safetenso
               "connector_name": {"step1x-edit-i1258.safetensors"}, "qwen_vl_name": {QWEN_VL_FOLDER},
               "clip_name": {"clip_l.safetensors", DEMO_FILES["clip"]},
               "t5_name": {"t5xxl_fp16.safetensors", DEMO_FILES["t5"]},
-              "vae_name": {"ae.safetensors", DEMO_FILES["vae"]}, "lora_name": {DEMO_LORA},
+              "vae_name": {"ae.safetensors", DEMO_FILES["vae"]}, "lora_name": {DEMO_LORA, NATIVE_LORA},
               "controlnet_name": set(CONTROLNET_FILES.values()), "ipadapter_name": {IPADAPTER_FILES["ipadapter"]},
               "image_encoder_name": {IPADAPTER_FILES["image_encoder"]},
               "projector_name": {INFINITEYOU_FILES["projector"]}, "infusenet_name": {INFINITEYOU_FILES["infusenet"]}}
@@ -53,7 +57,8 @@ def test_the_examples_exist_each_with_a_thumbnail():
             "fluxcore_mixed_native", "fluxcore_controlnet_inpainting", "fluxcore_controlnet_union_canny",
             "fluxcore_controlnet_upscale", "fluxcore_ipadapter_instantx", "fluxcore_infiniteyou",
             "fluxcore_eligen", "fluxcore_flux_fill", "fluxcore_flex2", "fluxcore_step1x_edit",
-            "fluxcore_nexus_gen", "fluxcore_demo_text_to_image", "fluxcore_demo_lora"} <= names
+            "fluxcore_nexus_gen", "fluxcore_demo_text_to_image", "fluxcore_demo_lora",
+            "fluxcore_native_ksampler"} <= names
     for path in WORKFLOWS:
         thumb = path.with_suffix(".jpg")
         assert thumb.is_file(), f"{path.name} has no {thumb.name} beside it"
@@ -65,7 +70,7 @@ def test_the_examples_exist_each_with_a_thumbnail():
 def test_example_is_ui_format_with_known_nodes_and_real_model_names(path):
     workflow = load_workflow(path)
     assert workflow["version"] == 0.4 and {"last_node_id", "last_link_id", "groups", "config", "extra"} <= set(workflow)
-    unknown = node_types(workflow) - set(NODE_CLASS_MAPPINGS) - set(STANDIN_NAMES)
+    unknown = node_types(workflow) - set(NODE_CLASS_MAPPINGS) - set(STANDIN_NAMES) - NATIVE_SAMPLING
     assert not unknown, f"{path.name} uses node types that neither FluxCore nor the stand-ins provide: {unknown}"
     assert any(t.startswith("FluxCore") for t in node_types(workflow))
     demo_names = set(DEMO_FILES.values()) | {DEMO_LORA}
@@ -73,7 +78,8 @@ def test_example_is_ui_format_with_known_nodes_and_real_model_names(path):
         nodes = {n["id"]: n for n in workflow["nodes"]}
         assert link_id in nodes[src]["outputs"][src_slot]["links"] and nodes[dst]["inputs"][dst_slot]["link"] == link_id
     # Defaults are the real FLUX files a user has, not test models; images are the one the pack ships.
-    prompt = ui_to_api(workflow, specs_from_classes({**NODE_CLASS_MAPPINGS, **core_nodes(INPUT_IMAGES)}))
+    prompt = ui_to_api(workflow, specs_from_classes({**NODE_CLASS_MAPPINGS, **core_nodes(INPUT_IMAGES),
+                                                     **native_sampling_nodes([NATIVE_LORA])}))
     for node in prompt.values():
         for name, allowed in REAL_FILES.items():
             if name in node["inputs"]:

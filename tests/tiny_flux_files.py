@@ -250,6 +250,19 @@ def example_image_source() -> Path:
     return HERE / NAME
 
 
+def write_native_lora(models: Path, dit: Path) -> Path:
+    """The native-sampler example's LoRA (loras/, its published name) for the tiny FLUX.1-dev: kohya keys over every
+    block matrix of the DiT file, random."""
+    from safetensors import safe_open
+    from example_workflows.build_workflows import NATIVE_LORA
+    from tests.tiny_lora import random_pairs, write_kohya
+    with safe_open(str(dit), "pt") as f:
+        shapes = {k[:-len(".weight")]: tuple(f.get_slice(k).get_shape()) for k in f.keys()
+                  if k.endswith(".weight") and "blocks." in k and len(f.get_slice(k).get_shape()) == 2}
+    (models / "loras").mkdir(parents=True, exist_ok=True)
+    return write_kohya(models / "loras" / NATIVE_LORA, random_pairs(shapes, seed=808))
+
+
 def set_up_like_a_user(base: Path) -> dict[str, Path]:
     """A ComfyUI base directory as a user prepares it for the example workflows (README, "Example workflows"):
     the model files in models/<folder>/ under the names the workflows use (the ControlNets in models/controlnet/
@@ -265,6 +278,7 @@ def set_up_like_a_user(base: Path) -> dict[str, Path]:
     paths.update(write_edit_model_files(base / "models"))
     paths.update({f"controlnet_{kind}": path for kind, path in write_controlnet_files(base / "models").items()})
     paths.update(write_adapter_files(base / "models"))
+    paths["native_lora"] = write_native_lora(base / "models", paths["dit"])
     (base / "input").mkdir(parents=True, exist_ok=True)
     (base / "output").mkdir(parents=True, exist_ok=True)
     for name in INPUT_IMAGES:  # the pack's example images (fluxcore_example.png and the adapters' two)
