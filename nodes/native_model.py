@@ -105,7 +105,11 @@ class DiTView(nn.Module):
 
     def forward(self, x, timestep, context, y=None, guidance=None, ref_latents=None, control=None,
                 transformer_options={}, **kwargs):
-        import comfy.patcher_extension as ext
+        try:  # DIFFUSION_MODEL wrappers (EasyCache's) came with ComfyUI's patcher extensions (late 2024)
+            import comfy.patcher_extension as ext
+        except ImportError:
+            return self._forward(x, timestep, context, y, guidance, ref_latents, control, transformer_options,
+                                 **kwargs)
         wrappers = ext.get_all_wrappers(ext.WrappersMP.DIFFUSION_MODEL, transformer_options)
         return ext.WrapperExecutor.new_class_executor(self._forward, self, wrappers).execute(
             x, timestep, context, y, guidance, ref_latents, control, transformer_options, **kwargs)
@@ -223,6 +227,10 @@ def native_model(handle: DiTHandle):
     if any(p.dtype in FLOAT8_DTYPES for p in dit.parameters()):
         # FP8-stored weights (the loader's or VRAM Options' weight_dtype): ComfyUI's manual cast computes each layer
         # in the DiT's compute dtype, as FluxCore's VRAM manager does, and only on this MODEL
+        if not hasattr(model, "set_model_compute_dtype"):
+            raise NodeInputError(f"{MODEL_NODE}: the DiT is stored in FP8, and this ComfyUI has no manual-cast "
+                                 f"option for a MODEL (set_model_compute_dtype); update ComfyUI, or load the DiT "
+                                 f"with weight_dtype default.")
         model.set_model_compute_dtype(stored_compute_dtype(dit))
     return model
 

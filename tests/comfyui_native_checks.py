@@ -10,6 +10,7 @@ assumes FLUX.1's widths) and loaded from the same file.
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import sys
 from pathlib import Path
@@ -153,6 +154,13 @@ def check_lora_and_leaks():
     FluxCoreSampler().sample(handle, conditioning(1), conditioning(2), latent, seed=3, steps=2)
     for k, v in dit.state_dict().items():
         assert torch.equal(v, original[k]), f"native LoRA left in {k}"
+    # ... also when FluxCore's VRAM manager places the DiT (offload: it stores the weights itself)
+    from FluxCore.nodes.vram_nodes import VRAMOptions
+    sample(with_lora, "euler", "simple", 1.0)
+    offloaded = dataclasses.replace(handle, vram=VRAMOptions(offload=True, vram_limit=0.0))
+    FluxCoreSampler().sample(offloaded, conditioning(1), conditioning(2), latent, seed=3, steps=2)
+    for k, v in dit.state_dict().items():
+        assert torch.equal(v, original[k]), f"native LoRA left in {k} (VRAM manager)"
     # ... and FluxCore's own LoRA (fused by its sampler) is gone again for a native run
     FluxCoreSampler().sample(handle.with_lora(str(FILES / "lora.safetensors"), 1.0), conditioning(1), conditioning(2),
                              latent, seed=3, steps=2)

@@ -378,3 +378,13 @@ def test_odd_latent_sides_are_refused_for_spatial_adapters(models):
     ip, _ = ipadapter(models)  # keys and values for every token: any size works
     tokens, entry = ip[0]
     assert NativeAdapters.from_entry(models["dit"], {**entry, "cross_attn": tokens}).adapters_for(odd, options(0))
+
+
+def test_flux_sigmas_node_is_the_sampler_schedule_ending_at_zero():
+    """FLUX Sigmas (FluxCore): FLUX Sampler (FluxCore)'s schedule for SamplerCustom, the final 0 a native sampler
+    steps to included (FluxCore's loop steps to 0 after the last sigma)."""
+    from flux_core.scheduler import flux_sigmas
+    from nodes.sampler import FluxCoreSigmas
+    sigmas, = FluxCoreSigmas().schedule(6, 2.5, 0.75)
+    torch.testing.assert_close(sigmas, torch.cat((flux_sigmas(6, 0.75, 2.5), torch.zeros(1))), rtol=0, atol=0)
+    assert sigmas.dtype == torch.float32 and len(sigmas) == 7 and sigmas[0] < 0.8
