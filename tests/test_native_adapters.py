@@ -387,4 +387,4 @@ def test_flux_sigmas_node_is_the_sampler_schedule_ending_at_zero():
     from nodes.sampler import FluxCoreSigmas
     sigmas, = FluxCoreSigmas().schedule(6, 2.5, 0.75)
     torch.testing.assert_close(sigmas, torch.cat((flux_sigmas(6, 0.75, 2.5), torch.zeros(1))), rtol=0, atol=0)
-    assert sigmas.dtype == torch.float32 and len(sigmas) == 7 and sigmas[0] < 0.8
+    assert sigmas.dtype == torch.float32 and len(sigmas) == 7 and sigmas[0] < 0.9  # denoise 0.75: below 1
