@@ -258,10 +258,12 @@ def take_back_weights(model: ManagedModel) -> None:
         model.patcher.detach(unpatch_all=True)
 
 
-def ready(*models: ManagedModel) -> None:
-    """Put the modules on the compute device (ComfyUI may first unload other models to make room)."""
+def ready(*models: ManagedModel, beside=None) -> None:
+    """Put the modules on the compute device (ComfyUI may first unload other models to make room). `beside`: a
+    ModelPatcher that is sampling now (a native MODEL), kept loaded while room is made (ComfyUI only)."""
     if IN_COMFYUI:
-        _mm.load_models_gpu([m.patcher for m in models], force_full_load=True)
+        _mm.load_models_gpu([m.patcher for m in models] + ([beside] if beside is not None else []),
+                            force_full_load=True)
     else:
         for m in models:
             m.module.to(compute_device())

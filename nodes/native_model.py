@@ -282,8 +282,10 @@ class NativeAdapters:
         wanted = read_adapter_inputs(NATIVE_NODE, sides, dit, h, w)
         adapters, controlnets = build_adapters(NATIVE_NODE, self.handle, wanted, sides, b, h, w, sigmas, {},
                                                x.device)
-        if controlnets:
-            bridge.ready(*(c.model for c in controlnets))
+        if controlnets:  # loaded beside the MODEL that is sampling, so that making room never unloads it
+            container = self.handle.model.patcher
+            bridge.ready(*(c.model for c in controlnets),
+                         beside=getattr(container.model, "current_patcher", None) if container is not None else None)
         return adapters
 
 
