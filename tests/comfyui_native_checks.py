@@ -118,6 +118,25 @@ def check_apply_model():
     print(f"apply_model equals ComfyUI's Flux: worst relative difference {worst:.2e}")
 
 
+def check_guidance():
+    """Through the MODEL's extra_conds a bf16 DiT embeds the conditioning's guidance as given (3.2), not its bf16
+    cast (3.203125, what _apply_model makes of the guidance tensor)."""
+    from flux_core.native_forward import native_forward
+    handle = fluxcore_handle(torch.bfloat16)
+    model = native_model(handle)
+    x, ctx, y = call_inputs(8)
+    conds = model.model.extra_conds(pooled_output=y, guidance=3.2, cross_attn=ctx, noise=x, device=torch.device("cpu"),
+                                    latent_image=x)
+    kwargs = {k: c.process_cond(batch_size=1, area=None).cond for k, c in conds.items()}
+    sigma = torch.tensor([0.6])
+    got = model.model.apply_model(x, sigma, **kwargs)
+    with torch.no_grad():
+        v = {g: native_forward(handle.model.module, x.to(torch.bfloat16), sigma, ctx, y, g) for g in (3.2, 3.203125)}
+    assert torch.equal(got, x - 0.6 * v[3.2]), rel(got, x - 0.6 * v[3.2])
+    assert not torch.equal(got, x - 0.6 * v[3.203125])
+    print("guidance reaches a bf16 DiT as the conditioning's float")
+
+
 def check_sample():
     ours, theirs = native_model(fluxcore_handle()), comfy_flux()
     for sampler, scheduler, cfg in (("euler", "simple", 2.0), ("dpmpp_2m", "beta", 2.5)):
