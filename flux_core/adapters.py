@@ -12,6 +12,7 @@ each adapter sees the prepared inputs (`DiTInputs`) and the call (`DiTCall`: ste
 | double_residuals/single_residuals | summed per block                | ControlNets, InfiniteYou              |
 | attention_hooks                   | all run, outputs summed         | IP-Adapter                            |
 | attention_mask                    | at most one (two is an error)   | EliGen                                |
+| ref_tokens / ref_ids              | appended after the references   | Step1X-Edit's image on a native MODEL |
 
 The prompt's own conditioning comes before any adapter, from a conditioning encoder (flux_core.text_conditioning:
 CLIP-L + T5, Step1X-Edit, Nexus-Gen).
@@ -61,6 +62,8 @@ class Contribution:
     single_residuals: Sequence[torch.Tensor | None] | None = None
     attention_mask: torch.Tensor | None = None
     attention_hooks: tuple[AttentionHook, ...] = ()
+    ref_tokens: torch.Tensor | None = None
+    ref_ids: torch.Tensor | None = None
 
 
 class Adapter(Protocol):
@@ -87,8 +90,14 @@ def with_contribution(inputs: DiTInputs, c: Contribution) -> DiTInputs:
     channels = extras.extra_channels
     if c.extra_channels is not None:
         channels = c.extra_channels if channels is None else torch.cat((channels, c.extra_channels), dim=-1)
+    refs, ref_ids = extras.ref_tokens, extras.ref_ids
+    if c.ref_tokens is not None:
+        refs = c.ref_tokens if refs is None else torch.cat((refs, c.ref_tokens.to(refs)), dim=1)
+        ref_ids = c.ref_ids if ref_ids is None else torch.cat((ref_ids, c.ref_ids.to(ref_ids)), dim=1)
     extras = replace(
         extras,
+        ref_tokens=refs,
+        ref_ids=ref_ids,
         extra_channels=channels,
         double_residuals=sum_residuals(extras.double_residuals, c.double_residuals),
         single_residuals=sum_residuals(extras.single_residuals, c.single_residuals),

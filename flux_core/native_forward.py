@@ -26,10 +26,11 @@ from typing import Mapping, Sequence
 
 import torch
 
-from .adapters import Adapter, apply_adapters
+from .adapters import Adapter, Contribution, apply_adapters
 from .dit_inputs import DiTCall, DiTInputs
 from .math import image_ids, pack_latents, pad_to_patches, unpack_latents
 from .models.dit import DiTExtras, FluxDiT
+from .sampling import reference_extras
 
 REFERENCE_METHODS = ("offset", "index", "uxo")
 BRANCH_OF = {0: "positive", 1: "negative"}   # ComfyUI's cond_or_uncond: 0 cond, 1 uncond
@@ -82,6 +83,27 @@ def reference_tokens(references: Sequence[torch.Tensor], height: int, width: int
         ids.append(image_ids(batch, ref.shape[-2], ref.shape[-1], index=at.index, device=ref.device,
                              row_offset=(at.row + 1) // 2, col_offset=(at.col + 1) // 2))
     return torch.cat(tokens, dim=1), torch.cat(ids, dim=1)
+
+
+@dataclass
+class PromptFromEncoder:
+    """An adapter that puts a conditioning encoder's text (flux_core.text_conditioning: Step1X-Edit's connector output
+    per call, Nexus-Gen's tokens) in place of the call's `context` and `y`, and its reference latents (scaled, index 0:
+    Step1X-Edit's image to edit, at the image's own positions) after the call's references. It comes first among a
+    call's adapters: the others see its text, as in FluxCore's own sampler."""
+    conditioning: object                        # a PromptEmbeds or a StepConditioning (`.at(call)`)
+    references: Sequence[torch.Tensor] = ()
+    name: str = "fluxcore_text"
+
+    def contribute(self, inputs: DiTInputs, call: DiTCall) -> Contribution:
+        embeds = self.conditioning.at(call).repeat_to(inputs.batch)
+        device = inputs.img.device
+        ids = (torch.zeros(inputs.batch, embeds.tokens, 3, device=device) if embeds.text_ids is None
+               else embeds.text_ids.to(device, torch.float32))
+        refs = reference_extras(list(self.references), inputs.batch, index=0) if self.references else None
+        return Contribution(self.name, txt=embeds.prompt_emb.to(inputs.txt), txt_ids=ids, y=embeds.pooled.to(inputs.y),
+                            ref_tokens=None if refs is None else refs.ref_tokens.to(device),
+                            ref_ids=None if refs is None else refs.ref_ids.to(device))
 
 
 def native_inputs(x: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor, y: torch.Tensor | None,

@@ -9,6 +9,7 @@ folder $FLUXCORE_INPUT_DIR (default ./input), CUDA if available, no progress UI,
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 from pathlib import Path
@@ -248,22 +249,64 @@ class ManagedModel:
 
 
 def take_back_weights(model: ManagedModel) -> None:
-    """Before FluxCore changes a module's weights itself (its own LoRAs, FP8 storage): weight patches that ComfyUI put
-    there for another clone of its container (a native LoRA on a MODEL) are taken off and the originals restored.
-    (Loading the container with `ready` does the same; this is for placements that do not go through ComfyUI.)"""
+    """Before FluxCore places a module's weights itself (its VRAM manager: FP8 storage, offload): ComfyUI unloads every
+    clone of its container it holds (a native MODEL), which takes their weight patches (a native LoRA) off and leaves
+    no record of the module as loaded. (Loading the container with `ready` hands over within ComfyUI instead.)"""
     if not IN_COMFYUI or model.patcher is None:
         return
+    for loaded in [m for m in _mm.current_loaded_models if m.model.is_clone(model.patcher)]:
+        loaded.model_unload()
+        _mm.current_loaded_models.remove(loaded)
     applied = getattr(model.patcher.model, "current_weight_patches_uuid", None)
-    if applied is not None and applied != model.patcher.patches_uuid:
+    if applied is not None:  # patched but not in ComfyUI's list (its manager dropped the record)
         model.patcher.detach(unpatch_all=True)
 
 
-def ready(*models: ManagedModel, beside=None) -> None:
-    """Put the modules on the compute device (ComfyUI may first unload other models to make room). `beside`: a
-    ModelPatcher that is sampling now (a native MODEL), kept loaded while room is made (ComfyUI only)."""
+@contextlib.contextmanager
+def models_kept_loaded():
+    """Run a block that loads models of its own (an encoder, a VAE) while a native MODEL is sampling, as ComfyUI's own
+    ControlNet encodes its hint: the models in use are loaded again afterwards as ComfyUI loads them for sampling (a
+    partial load stays partial), with the ManagedModels the block adds to the yielded list."""
+    also: list[ManagedModel] = []
+    if not IN_COMFYUI:
+        yield also
+        return
+    in_use = _mm.loaded_models(only_currently_used=True)
+    try:
+        yield also
+    finally:
+        _mm.load_models_gpu(in_use + [m.patcher for m in also if m.patcher is not None])
+
+
+def blocked_output(message: str):
+    """An output that stops every node it reaches with `message` (ComfyUI's ExecutionBlocker: for an output a node
+    cannot give this time, such as a GGUF DiT's MODEL); None standalone or in a ComfyUI without it."""
+    if not IN_COMFYUI:
+        return None
+    try:
+        from comfy_execution.graph_utils import ExecutionBlocker
+    except ImportError:
+        return None
+    return ExecutionBlocker(message)
+
+
+def make_castable(module: nn.Module) -> nn.Module:
+    """Inside ComfyUI: the module's torch layers become ComfyUI's castable ones of the same name (comfy.ops'
+    disable_weight_init: the same parameters and forward, until ComfyUI's loader makes a layer cast its weights per
+    call: a partial "lowvram" load leaves none behind on the CPU). Standalone: unchanged."""
     if IN_COMFYUI:
-        _mm.load_models_gpu([m.patcher for m in models] + ([beside] if beside is not None else []),
-                            force_full_load=True)
+        import comfy.ops
+        for m in module.modules():
+            castable = getattr(comfy.ops.disable_weight_init, type(m).__name__, None)
+            if castable is not None and type(m) is getattr(nn, type(m).__name__, None):
+                m.__class__ = castable
+    return module
+
+
+def ready(*models: ManagedModel) -> None:
+    """Put the modules on the compute device (ComfyUI may first unload other models to make room)."""
+    if IN_COMFYUI:
+        _mm.load_models_gpu([m.patcher for m in models], force_full_load=True)
     else:
         for m in models:
             m.module.to(compute_device())

@@ -32,9 +32,12 @@ TEXT_KEY = "fluxcore_text"
 # nodes/channel_nodes.py; `fluxcore_text`: the Step1X-Edit / Nexus-Gen encode nodes' EncodedText);
 # anything else (native ControlNet's "control", "mask", "area", "strength",
 # "gligen", "reference_latents_method", ...) it cannot use, and says so (warn_unused_entries).
+# ComfyUI's key for models its samplers load with the MODEL: FluxCore's Apply nodes list the models their payloads
+# run at every step (for a native MODEL); FluxCore's sampler places those itself, so the key is no loss there.
+ADDITIONAL_MODELS = "additional_models"
 HONOURED_KEYS = frozenset({"pooled_output", "guidance", "reference_latents", "fluxcore_controlnets",
                            "fluxcore_ipadapters", "fluxcore_eligen_entities", "fluxcore_lora_encoder", TEXT_KEY,
-                           "fluxcore_flex", "concat_latent_image", "concat_mask"})
+                           "fluxcore_flex", "concat_latent_image", "concat_mask", ADDITIONAL_MODELS})
 # Entries that only qualify another one (native Apply ControlNet sets both): warned about under that one.
 QUALIFIERS = {"control_apply_to_uncond": "control"}
 NATIVE_CONTROLNET_HINT = ("it is a ControlNet from ComfyUI's own Apply ControlNet, which FluxCore's sampler cannot run: "
@@ -99,14 +102,26 @@ PERCENT_INPUTS = {
 }
 
 
-def with_payload(conditioning, key: str, payload) -> list:
-    """A copy of the conditioning with `payload` appended to every entry's `key` list (an Apply node's output)."""
+def with_payload(conditioning, key: str, payload, models=()) -> list:
+    """A copy of the conditioning with `payload` appended to every entry's `key` list (an Apply node's output);
+    `models` (ManagedModels the payload computes with at every step) are listed for ComfyUI to load with a native
+    MODEL (with_models_to_load)."""
     out = []
     for tokens, extra in conditioning:
         extra = dict(extra)
         extra[key] = list(extra.get(key) or []) + [payload]
-        out.append([tokens, extra])
+        out.append([tokens, with_models_to_load(extra, models)])
     return out
+
+
+def with_models_to_load(extra: dict, models) -> dict:
+    """The entry with the models' ModelPatchers under `additional_models`, which ComfyUI's samplers load with the
+    MODEL before sampling (a native MODEL over FluxCore's DiT; FluxCore's own sampler places them itself).
+    Standalone (no patchers) the entry is unchanged."""
+    patchers = [m.patcher for m in models if m.patcher is not None]
+    if patchers:
+        extra = {**extra, ADDITIONAL_MODELS: list(extra.get(ADDITIONAL_MODELS) or []) + patchers}
+    return extra
 
 
 def payloads_with_branches(node: str, sides: dict, key: str, payload_type: type, maker: str) -> list[tuple]:

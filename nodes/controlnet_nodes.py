@@ -93,7 +93,8 @@ class FluxCoreControlNetLoader:
         weight_dtype = weight_dtype_choice(node, weight_dtype)
         path = model_file(node, "controlnet_name", "controlnet", controlnet_name)
         module = load_kind(node, "controlnet_name", path, "controlnet", WEIGHT_DTYPES[weight_dtype])
-        return (ControlNetHandle(bridge.ManagedModel(module), controlnet_name),)
+        # castable: on a native MODEL ComfyUI loads it with the DiT (additional_models), possibly partially
+        return (ControlNetHandle(bridge.ManagedModel(bridge.make_castable(module)), controlnet_name),)
 
 
 class FluxCoreApplyControlNet:
@@ -168,7 +169,9 @@ class FluxCoreApplyControlNet:
             controlnet=control_net, image=image, vae=vae, strength=float(strength),
             steps=percent_range(start_percent, end_percent),
             mode=None if union_mode == NO_MODE else union_mode_id(union_mode), mask=mask)
-        return (with_payload(positive, CONTROLNETS_KEY, payload), with_payload(negative, CONTROLNETS_KEY, payload))
+        models = (payload.controlnet.model,)
+        return (with_payload(positive, CONTROLNETS_KEY, payload, models),
+                with_payload(negative, CONTROLNETS_KEY, payload, models))
 
 
 # ---------------------------------------------------------------- sampling

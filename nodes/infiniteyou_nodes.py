@@ -99,6 +99,7 @@ class FluxCoreInfiniteYouLoader:
                                  f"{projector.params.output_dim}-wide identity tokens, but {infusenet_name} takes "
                                  f"{p.context_in_dim}-wide text; use the projector and InfuseNet of one InfiniteYou "
                                  f"release.")
+        infusenet = bridge.make_castable(infusenet)  # it runs at every step: see Load ControlNet (FluxCore)
         return (InfiniteYouHandle(bridge.ManagedModel(projector),
                                   ControlNetHandle(bridge.ManagedModel(infusenet), infusenet_name),
                                   f"{projector_name} + {infusenet_name}"),)
@@ -191,7 +192,9 @@ class FluxCoreApplyInfiniteYou:
             controlnet=infiniteyou.infusenet, image=BLACK if control_image is None else control_image, vae=vae,
             strength=float(strength), steps=percent_range(start_percent, end_percent), mode=None,
             projector=infiniteyou.projector, embedding=embedding, guidance=float(guidance))
-        return (with_payload(positive, CONTROLNETS_KEY, payload), with_payload(negative, CONTROLNETS_KEY, payload))
+        models = (payload.controlnet.model,)
+        return (with_payload(positive, CONTROLNETS_KEY, payload, models),
+                with_payload(negative, CONTROLNETS_KEY, payload, models))
 
 
 def _is_image(image, count: int | None = None) -> bool:

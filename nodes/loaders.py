@@ -123,13 +123,13 @@ def find_tokenizers(node: str, clip_file: str | Path, t5_file: str | Path) -> tu
 
 
 def _model_output(handle: DiTHandle):
-    """The loader's MODEL output: the DiT as a native MODEL (None outside ComfyUI, or for a DiT without a native
-    container: a GGUF file; FluxCore DiT to MODEL says why)."""
-    from .native_model import native_model
-    try:
-        return native_model(handle)
-    except NodeInputError:
-        return None
+    """The loader's MODEL output: the DiT as a native MODEL; for a DiT without a native container (a GGUF file) an
+    output that stops the nodes it feeds with the reason (None outside ComfyUI)."""
+    from .native_model import model_refusals, native_model
+    problems = model_refusals(handle)
+    if problems:
+        return bridge.blocked_output("FluxCoreDiTLoader, output 'MODEL': " + "; ".join(problems) + ".")
+    return native_model(handle)
 
 
 class FluxCoreDiTLoader:

@@ -39,19 +39,19 @@ from flux_core.flex import FILL_CHANNELS, FLEX_CHANNELS
 from flux_core.fp8 import is_fp8_compute
 from flux_core.models.dit import FluxDiT, FluxParams
 from flux_core.model_state import state_of
-from flux_core.native_forward import native_forward
+from flux_core.native_forward import PromptFromEncoder, native_forward
 from flux_core.quantized import QuantizedLinear
 from flux_core.vram import stored_compute_dtype
 
 from . import comfy_bridge as bridge
-from .conditioning import HONOURED_KEYS, TEXT_KEY
+from .conditioning import HONOURED_KEYS, TEXT_KEY, EncodedText
 from .handles import DIT_TYPE, DiTHandle
 from .loaders import NodeInputError
 
 log = logging.getLogger("FluxCore")
 MODEL_NODE = "FluxCore DiT to MODEL"
 NATIVE_NODE = "FluxCore MODEL (native sampler)"   # how errors during native sampling name the path
-FLUXCORE_KEYS = frozenset(k for k in HONOURED_KEYS if k.startswith("fluxcore_")) - {TEXT_KEY}
+FLUXCORE_KEYS = frozenset(k for k in HONOURED_KEYS if k.startswith("fluxcore_"))
 # keys whose adapters cover the image token by token (control latents, region masks, channels): odd sides refused
 SPATIAL_KEYS = frozenset({"fluxcore_controlnets", "fluxcore_eligen_entities", "fluxcore_flex"})
 
@@ -119,9 +119,29 @@ class DiTView(nn.Module):
         prepare_for_native(self.dit)
         if guidance is not None and fluxcore_guidance is not None:
             guidance = fluxcore_guidance  # the conditioning's value, not its cast to the model dtype
-        adapters = fluxcore.adapters_for(x, transformer_options) if fluxcore is not None else ()
+        refuse_block_patches(transformer_options)
+        chunks = len(transformer_options.get("cond_or_uncond") or [0])  # native_forward runs each chunk alone
+        adapters = fluxcore.adapters_for(x[: x.shape[0] // chunks], transformer_options) if fluxcore else ()
         return native_forward(self.dit, x, timestep, context, y, guidance, ref_latents, control, transformer_options,
                               adapters=adapters, dtype=x.dtype, **kwargs)
+
+
+BLOCK_PATCHES = ("double_block", "single_block", "post_input")
+
+
+def refuse_block_patches(transformer_options: dict) -> None:
+    """ComfyUI's per-block patches (patches_replace["dit"], patches["double_block" / "single_block" / "post_input"]:
+    Skip Layer Guidance, USO's style reference, PuLID-style packs) reach into ComfyUI's own FLUX blocks, which
+    FluxCore's DiT does not have: refused by name rather than silently doing nothing."""
+    patches = dict(transformer_options.get("patches") or {})
+    found = [f"patches[{k!r}]" for k in BLOCK_PATCHES if patches.get(k)]
+    replaced = (transformer_options.get("patches_replace") or {}).get("dit") or {}
+    found += [f"patches_replace['dit'][{k!r}]" for k in sorted(replaced, key=str)[:3]]
+    if found:
+        raise NodeInputError(f"{NATIVE_NODE}: a model patch on the MODEL changes ComfyUI's own FLUX blocks "
+                             f"({', '.join(found)}; e.g. Skip Layer Guidance DiT, a style-reference patch), which "
+                             f"FluxCore's DiT cannot run; remove that node, or load the DiT with ComfyUI's own loader "
+                             f"for it.")
 
 
 def prepare_for_native(dit: FluxDiT) -> None:
@@ -132,6 +152,11 @@ def prepare_for_native(dit: FluxDiT) -> None:
         raise NodeInputError(f"{NATIVE_NODE}: this DiT was converted to FP8 compute by a FLUX Speed Options "
                              f"(FluxCore) node, which ComfyUI's samplers and LoRA patches cannot run; load it again "
                              f"(change an input of its loader) and use ComfyUI's fp8 options on the MODEL path.")
+    if dit.img_in.weight.dtype in FLOAT8_DTYPES and not getattr(dit.img_in, "comfy_cast_weights", False):
+        raise NodeInputError(f"{NATIVE_NODE}: the DiT's weights were stored in FP8 after this MODEL was made (FLUX "
+                             f"VRAM Options (FluxCore) converts the loaded DiT in place), so ComfyUI does not cast "
+                             f"them; load the DiT again (change an input of its loader), with weight_dtype fp8 there "
+                             f"if you want FP8 on both paths.")
     if is_compiled(dit):
         uncompile_dit(dit)
     if state_of(dit).vram_placement is not None:
@@ -170,12 +195,8 @@ def native_container(dit: FluxDiT):
     """The ModelPatcher of the one ComfyUI model over `dit` (ComfyUI only). Its Linear layers become ComfyUI's
     castable Linear in place (see the module docstring)."""
     import comfy.model_patcher
-    import comfy.ops
     import comfy.supported_models
-    castable = comfy.ops.disable_weight_init.Linear
-    for module in dit.modules():
-        if type(module) is nn.Linear:
-            module.__class__ = castable
+    bridge.make_castable(dit)
     config = getattr(comfy.supported_models, native_class_name(dit.params))(unet_config(dit.params))
     config.set_inference_dtype(stored_compute_dtype(dit), None)  # FP8 weights: native_model sets the manual cast
     model = _native_model_class()(config, device=None)
@@ -249,22 +270,22 @@ class NativeAdapters:
     def from_entry(cls, handle: DiTHandle | None, kwargs: dict) -> "NativeAdapters | None":
         if handle is None:
             return None
-        if kwargs.get(TEXT_KEY) is not None:
-            raise NodeInputError(
-                f"{NATIVE_NODE}: the conditioning comes from a Step1X-Edit or Nexus-Gen encode node ({TEXT_KEY}), "
-                f"whose text runs through its own connector at every step; sample it with FLUX Sampler (FluxCore).")
         entry = {k: kwargs[k] for k in FLUXCORE_KEYS if kwargs.get(k) is not None}
         if not entry and not dit_has_flex_channels(handle):  # FLEX.2's channels always come from FluxCore
             return None
         return cls(handle, entry, kwargs.get("cross_attn"))
 
     def adapters_for(self, x: torch.Tensor, options: dict) -> list:
+        """The adapters for a call on `x` (one cond/uncond chunk): built at the run's first call (the run: its
+        `sample_sigmas`, which a sampler evaluates at all but the last of; a lone call without them is a run of
+        one step) and again when the run or the latent's shape changes."""
         sigmas = options.get("sample_sigmas")
-        levels = tuple(float(s) for s in sigmas) if sigmas is not None else (float(options.get("sigmas", [1.0])[0]),)
+        levels = tuple(float(s) for s in sigmas[:-1]) if sigmas is not None and len(sigmas) > 1 else None
         key = (x.shape[0], *x.shape[-2:], levels)
         if key not in self._built:
             self._built.clear()
-            self._built[key] = self._build(x, torch.tensor(levels[:-1] if sigmas is not None else levels))
+            steps = torch.tensor(levels) if levels else torch.as_tensor(options.get("sigmas", [1.0]))[:1].float()
+            self._built[key] = self._build(x, steps)
         return self._built[key]
 
     def _build(self, x: torch.Tensor, sigmas: torch.Tensor) -> list:
@@ -279,13 +300,21 @@ class NativeAdapters:
         conditioning = [[self.context, self.entry]]
         sides = {"positive": conditioning, "negative": conditioning}  # the call's branch comes from cond_or_uncond
         dit = self.handle.model.module
+        encoded = self.entry.get(TEXT_KEY)
+        if encoded is not None and not isinstance(encoded, EncodedText):
+            raise NodeInputError(f"{NATIVE_NODE}: {TEXT_KEY} is a {type(encoded).__name__}; only FluxCore's "
+                                 f"Step1X-Edit and Nexus-Gen encode nodes make this entry.")
         wanted = read_adapter_inputs(NATIVE_NODE, sides, dit, h, w)
-        adapters, controlnets = build_adapters(NATIVE_NODE, self.handle, wanted, sides, b, h, w, sigmas, {},
-                                               x.device)
-        if controlnets:  # loaded beside the MODEL that is sampling, so that making room never unloads it
-            container = self.handle.model.patcher
-            bridge.ready(*(c.model for c in controlnets),
-                         beside=getattr(container.model, "current_patcher", None) if container is not None else None)
+        # The images are encoded now (VAE, image encoders), during sampling: the models in use are loaded again
+        # afterwards, with the ones the adapters compute with at every call (ControlNets, Step1X-Edit's connector;
+        # ComfyUI loaded them with the MODEL already: the Apply / encode nodes list them under additional_models).
+        with bridge.models_kept_loaded() as step_models:
+            adapters, controlnets = build_adapters(NATIVE_NODE, self.handle, wanted, sides, b, h, w, sigmas, {},
+                                                   x.device, channels=dit_has_flex_channels(self.handle))
+            step_models += [c.model for c in controlnets]
+            if encoded is not None:  # Step1X-Edit / Nexus-Gen: their text (per call) before every other adapter
+                adapters = [PromptFromEncoder(encoded.conditioning, encoded.reference_latents)] + adapters
+                step_models += [h.model for h in encoded.step_models]
         return adapters
 
 

@@ -208,10 +208,11 @@ def read_adapter_inputs(node: str, sides: dict, dit, h: int, w: int) -> AdapterI
 
 
 def build_adapters(node: str, model: DiTHandle, wanted: AdapterInputs, sides: dict, b: int, h: int, w: int,
-                   sigmas: torch.Tensor, vae_tiling: dict, device) -> tuple[list, list]:
+                   sigmas: torch.Tensor, vae_tiling: dict, device, channels: bool = True) -> tuple[list, list]:
     """(the run's adapters in the pipeline's order, the ControlNet handles they compute with): images encoded,
     identities and IP-Adapter keys made. The FluxCore sampler and the native MODEL path (nodes/native_model.py) both
-    build them here."""
+    build them here. `channels` False leaves out the DiT's extra input channels (a native FLUX.1-Fill MODEL gets them
+    from ComfyUI's own concat_cond)."""
     dit = model.model.module
     adapters, controlnets = controlnet_adapters(node, wanted.controlnets, dit, b, h, w, vae_tiling, device)
     # LoRA-Encoder tokens join the prompt first: ControlNets and EliGen's global segment see them (the pipeline's
@@ -219,7 +220,8 @@ def build_adapters(node: str, model: DiTHandle, wanted: AdapterInputs, sides: di
     adapters = wanted.lora_tokens + with_identities(wanted.controlnets, adapters, model)
     adapters += ipadapter_adapters(node, wanted.ipadapters, model)
     # FLEX.2 / Fill: the DiT's extra input channels (their images VAE-encoded here, before the DiT is placed)
-    adapters += channel_adapters(node, sides, dit, b, h, w, sigmas, vae_tiling, device)
+    if channels:
+        adapters += channel_adapters(node, sides, dit, b, h, w, sigmas, vae_tiling, device)
     adapters += eligen_adapters(wanted.entities, h * 8, w * 8, device)  # last: ControlNets see the plain prompt
     return adapters, controlnets
 

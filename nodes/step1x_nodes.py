@@ -24,7 +24,7 @@ from flux_core.pipeline_models import STEP1X_PROCESSOR, load_processor
 from flux_core.step1x import step1x_encoder
 
 from . import comfy_bridge as bridge
-from .conditioning import DEFAULT_GUIDANCE, TEXT_KEY, EncodedText, image_to_model
+from .conditioning import DEFAULT_GUIDANCE, TEXT_KEY, EncodedText, image_to_model, with_models_to_load
 from .handles import VAE_TYPE
 from .loaders import NodeInputError, list_models_and_folders, load_kind, model_file, model_or_folder_path, node_error
 
@@ -95,7 +95,8 @@ class FluxCoreStep1XConnectorLoader:
         node = "FluxCoreStep1XConnectorLoader"
         path = model_file(node, "connector_name", CONNECTOR_FOLDER, connector_name)
         module = load_kind(node, "connector_name", path, "step1x_connector")
-        return (Step1XConnectorHandle(bridge.ManagedModel(module), connector_name),)
+        # castable: it runs at every step; on a native MODEL ComfyUI loads it with the DiT (additional_models)
+        return (Step1XConnectorHandle(bridge.ManagedModel(bridge.make_castable(module)), connector_name),)
 
 
 class FluxCoreStep1XEncode:
@@ -138,8 +139,8 @@ class FluxCoreStep1XEncode:
         with torch.no_grad():
             latent = module.encode(pil_to_tensor(resize_to_multiple(picture)).to(module.device, module.dtype))
         encoded = EncodedText(conditioning, step_models=(connector,), reference_latents=(latent.float().cpu(),))
-        return ([[first.prompt_emb.cpu(), {"pooled_output": first.pooled.cpu(), "guidance": DEFAULT_GUIDANCE,
-                                           TEXT_KEY: encoded}]],)
+        extra = {"pooled_output": first.pooled.cpu(), "guidance": DEFAULT_GUIDANCE, TEXT_KEY: encoded}
+        return ([[first.prompt_emb.cpu(), with_models_to_load(extra, [connector.model])]],)
 
 
 NODE_CLASS_MAPPINGS = {"FluxCoreQwenVLLoader": FluxCoreQwenVLLoader,

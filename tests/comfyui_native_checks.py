@@ -81,11 +81,11 @@ def call_inputs(seed: int, batch: int = 1, h: int = 8, w: int = 10):
                                                                                                          generator=g)
 
 
-def sample(model, sampler: str, scheduler: str, cfg: float, steps: int = 4):
+def sample(model, sampler: str, scheduler: str, cfg: float, steps: int = 4, negative_guidance: float = 2.0):
     latent = torch.zeros(1, 16, 8, 10)
     noise = comfy.sample.prepare_noise(latent, 7)
-    return comfy.sample.sample(model, noise, steps, cfg, sampler, scheduler, conditioning(1), conditioning(2, 2.0),
-                               latent, denoise=1.0, seed=7)
+    return comfy.sample.sample(model, noise, steps, cfg, sampler, scheduler, conditioning(1),
+                               conditioning(2, negative_guidance), latent, denoise=1.0, seed=7)
 
 
 def rel(a, b) -> float:
@@ -138,11 +138,23 @@ def check_guidance():
 
 
 def check_sample():
+    import comfy.patcher_extension as ext
     ours, theirs = native_model(fluxcore_handle()), comfy_flux()
-    for sampler, scheduler, cfg in (("euler", "simple", 2.0), ("dpmpp_2m", "beta", 2.5)):
-        a, b = sample(ours, sampler, scheduler, cfg), sample(theirs, sampler, scheduler, cfg)
+    chunks = []
+
+    def probe(executor, *args, **kwargs):  # what the MODEL's calls batch: one entry per call
+        chunks.append(len(args[7]["cond_or_uncond"]))
+        return executor(*args, **kwargs)
+    ours.add_wrapper_with_key(ext.WrappersMP.DIFFUSION_MODEL, "probe", probe)
+    # the negative's guidance 2.0 keeps cond and uncond in two model calls; 3.5 lets ComfyUI batch them in one
+    for sampler, scheduler, cfg, negative in (("euler", "simple", 2.0, 2.0), ("dpmpp_2m", "beta", 2.5, 2.0),
+                                              ("euler", "simple", 2.0, 3.5)):
+        chunks.clear()
+        a, b = (sample(m, sampler, scheduler, cfg, negative_guidance=negative) for m in (ours, theirs))
+        assert set(chunks) == {2 if negative == 3.5 else 1}, chunks
         assert rel(a, b) <= 1e-5, (sampler, rel(a, b))
-        print(f"comfy.sample {sampler}/{scheduler} cfg {cfg}: relative difference {rel(a, b):.2e}")
+        print(f"comfy.sample {sampler}/{scheduler} cfg {cfg} (negative guidance {negative}): relative difference "
+              f"{rel(a, b):.2e}")
 
 
 def check_lora_and_leaks():
@@ -187,6 +199,32 @@ def check_lora_and_leaks():
     assert torch.equal(again, plain), rel(again, plain)
     clear_lora(copy)
     print(f"native LoRA vs FluxCore LoRA: {rel(theirs, ours):.2e}; no leak either way")
+
+
+def check_handover():
+    """KSampler, then FLUX Sampler (FluxCore) with VRAM options, then KSampler on the same MODEL: FluxCore's VRAM
+    manager takes the DiT out of ComfyUI's record first (ComfyUI loads it again for the next native run, with the same
+    result); a DiT converted to FP8 in place by VRAM Options under a MODEL made before is refused by name."""
+    from FluxCore.nodes.sampler import FluxCoreSampler
+    from FluxCore.nodes.vram_nodes import VRAMOptions
+    handle = fluxcore_handle()
+    model = native_model(handle)
+    first = sample(model, "euler", "simple", 1.0)
+    latent = {"samples": torch.zeros(1, 16, 8, 10)}
+    FluxCoreSampler().sample(dataclasses.replace(handle, vram=VRAMOptions(offload=True)), conditioning(1),
+                             conditioning(2), latent, seed=3, steps=2)
+    assert not any(m.model.is_clone(handle.model.patcher) for m in mm.current_loaded_models)
+    again = sample(model, "euler", "simple", 1.0)
+    assert torch.equal(again, first), rel(again, first)
+    FluxCoreSampler().sample(dataclasses.replace(handle, vram=VRAMOptions(weight_dtype="fp8_e4m3fn")),
+                             conditioning(1), conditioning(2), latent, seed=3, steps=2)
+    try:
+        sample(model, "euler", "simple", 1.0)
+    except Exception as e:  # ComfyUI's sampler passes the node's error on
+        assert "stored in FP8 after this MODEL was made" in str(e), e
+    else:
+        raise AssertionError("an FP8-converted DiT ran under a MODEL without manual cast")
+    print("KSampler -> FluxCore with VRAM options -> KSampler: equal; FP8 converted in place: refused by name")
 
 
 def check_model_nodes():

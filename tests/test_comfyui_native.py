@@ -41,7 +41,7 @@ def files(tmp_path_factory):
     return folder
 
 
-@pytest.mark.parametrize("check", ["config", "apply_model", "guidance", "sample", "lora_and_leaks", "model_nodes",
+@pytest.mark.parametrize("check", ["config", "apply_model", "guidance", "sample", "lora_and_leaks", "handover", "model_nodes",
                                    "native_controlnet", "fp8", "partial_load"])
 def test_native_model_in_comfyui(check, files):
     run = subprocess.run([PYTHON, str(SCRIPT), COMFYUI_DIR, str(files), check], capture_output=True, text=True,

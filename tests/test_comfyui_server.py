@@ -308,14 +308,14 @@ def test_example_workflow_runs_as_shipped_in_comfyui(server, standalone, path):
 
 
 # ---------------------------------------------------------------- FluxCore adapters under ComfyUI's own sampler
-# The examples whose FLUX Sampler (FluxCore) can be swapped for native sampling on the DiT's MODEL. Not the others:
-# the upscale example tiles the DiT (tiled_dit, a FluxCore-sampler option), the demo LoRA example loads its LoRA with
-# FluxCore's LoRA node (on a MODEL: LoraLoaderModelOnly), Step1X-Edit and Nexus-Gen encode their text per step
-# (refused on the MODEL path by name).
+# The examples whose FLUX Sampler (FluxCore) can be swapped for native sampling on the DiT's MODEL. Not the other
+# two: the upscale example tiles the DiT (tiled_dit, a FluxCore-sampler option), the demo LoRA example loads its LoRA
+# with FluxCore's LoRA node (on a MODEL: LoraLoaderModelOnly).
 NATIVE_SAMPLED = ("fluxcore_text_to_image", "fluxcore_demo_text_to_image", "fluxcore_image_to_image",
                   "fluxcore_kontext_edit", "fluxcore_mixed_native", "fluxcore_controlnet_inpainting",
                   "fluxcore_controlnet_union_canny", "fluxcore_ipadapter_instantx", "fluxcore_infiniteyou",
-                  "fluxcore_eligen", "fluxcore_flex2", "fluxcore_flux_fill")
+                  "fluxcore_eligen", "fluxcore_flex2", "fluxcore_flux_fill", "fluxcore_step1x_edit",
+                  "fluxcore_nexus_gen")
 
 
 def with_native_sampler(prompt: dict) -> dict:

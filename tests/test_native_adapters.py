@@ -71,6 +71,8 @@ def models(tmp_path_factory):
     write_site_lora(models_dir / "loras" / LORA, "kohya", seed=10, alpha=2.0)
     make_diffusers_dit(seed=5, in_channels=FLEX_CHANNELS, out_channels=64, num_layers=8).save_pretrained(
         models_dir / "diffusion_models" / "tiny-flex")
+    make_diffusers_dit(seed=6, in_channels=FILL_CHANNELS, out_channels=64).save_pretrained(
+        models_dir / "diffusion_models" / "tiny-fill")
     mp = pytest.MonkeyPatch()
     mp.setenv("FLUXCORE_MODELS_DIR", str(models_dir))
     loaded = load_node_models(models_dir)
@@ -79,6 +81,7 @@ def models(tmp_path_factory):
     loaded["infu"], = FluxCoreInfiniteYouLoader().load(PROJECTOR, INFUSENET)
     loaded["encoder"], = FluxCoreLoraEncoderLoader().load("tiny-encoder.safetensors")
     loaded["flex"] = FluxCoreDiTLoader().load("tiny-flex")[0]
+    loaded["fill"] = FluxCoreDiTLoader().load("tiny-fill")[0]
     yield loaded
     mp.undo()
 
@@ -313,9 +316,43 @@ def test_an_entry_without_fluxcore_keys_has_no_adapters(models):
     assert NativeAdapters.from_entry(models["dit"], {CONTROLNETS_KEY: None, "cross_attn": positive[0][0]}) is None
 
 
-def test_step1x_or_nexus_gen_text_is_refused_by_name(models):
+class SigmaScaledPrompt:
+    """A conditioning made per DiT call (as Step1X-Edit's connector makes it): tokens scaled by the call's sigma."""
+
+    def __init__(self, embeds):
+        self.embeds = embeds
+
+    def at(self, call):
+        return PromptEmbeds(self.embeds.prompt_emb * (1 + call.sigma), self.embeds.pooled, self.embeds.text_ids)
+
+
+def test_encoder_text_and_reference_give_fluxcore_sampler_call(models):
+    """`fluxcore_text` (Step1X-Edit / Nexus-Gen Encode's EncodedText): the encoder's text per call and its reference
+    latent at index 0, after the call's own references: FluxCore's sampler's call (its conditioning at the call and
+    encoded_reference_extras), with a LoRA-Encoder on top that sees the encoder's text."""
+    from nodes.conditioning import EncodedText
+    from nodes.sampler import encoded_reference_extras
+    base = encode(models, "make it blue")
+    tokens, entry = base[0]
+    reference = torch.randn(1, 16, 6, 8, generator=torch.Generator().manual_seed(3))
+    encoded = EncodedText(SigmaScaledPrompt(PromptEmbeds(tokens, entry["pooled_output"])),
+                          reference_latents=(reference,))
+    conditioning = with_lora(models, [[tokens, {**entry, TEXT_KEY: encoded}]])
+    x, handle, step = latent(), models["dit"], 2
+    got = native_call(handle, conditioning, x, step)
+    dit = handle.model.module
+    sides = {"positive": conditioning}
+    wanted = read_adapter_inputs(NODE, sides, dit, x.shape[-2], x.shape[-1])
+    adapters, _ = build_adapters(NODE, handle, wanted, sides, 1, x.shape[-2], x.shape[-1], SIGMAS, {}, "cpu")
+    call = DiTCall(step=step, num_steps=STEPS, sigma=float(SIGMAS[step]))
+    with torch.no_grad():
+        want = predict_velocity(dit, x, call, encoded.conditioning, 3.5, encoded_reference_extras(None, encoded, 1),
+                                adapters)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    plain = native_call(handle, base, x, step)
+    assert (got - plain).abs().max() > 1e-2
     with pytest.raises(NodeInputError) as e:
-        NativeAdapters.from_entry(models["dit"], {TEXT_KEY: object(), "cross_attn": torch.zeros(1, 4, 32)})
+        NativeAdapters.from_entry(handle, {TEXT_KEY: object(), "cross_attn": tokens}).adapters_for(x, options(0))
     assert TEXT_KEY in str(e.value) and NATIVE_NODE in str(e.value)
 
 
@@ -388,3 +425,22 @@ def test_flux_sigmas_node_is_the_sampler_schedule_ending_at_zero():
     sigmas, = FluxCoreSigmas().schedule(6, 2.5, 0.75)
     torch.testing.assert_close(sigmas, torch.cat((flux_sigmas(6, 0.75, 2.5), torch.zeros(1))), rtol=0, atol=0)
     assert sigmas.dtype == torch.float32 and len(sigmas) == 7 and sigmas[0] < 0.9  # denoise 0.75: below 1
+
+
+def test_fill_channels_come_from_comfyui_on_a_native_model(models):
+    """A FLUX.1-Fill MODEL (ComfyUI's FluxInpaint) gets its 80 extra channels joined to x by ComfyUI's own
+    concat_cond: FluxCore's adapters on the conditioning add none (an IP-Adapter here), where FLUX Sampler (FluxCore)
+    would add its default Fill channels."""
+    from flux_core.flex import ChannelAdapter
+    positive, _ = ipadapter(models)
+    tokens, entry = positive[0]
+    handle = models["fill"]
+    adapters = NativeAdapters.from_entry(handle, {**entry, "cross_attn": tokens}).adapters_for(latent(), options(0))
+    assert adapters and not any(isinstance(a, ChannelAdapter) for a in adapters)
+    x = torch.cat((latent(), torch.randn(1, FILL_CHANNELS // 4 - 16, H // 8, W // 8,
+                                         generator=torch.Generator().manual_seed(4))), dim=1)
+    with torch.no_grad():
+        got = native_forward(handle.model.module, x, SIGMAS[1].reshape(1), tokens, entry["pooled_output"], 3.5,
+                             transformer_options=options(0), adapters=adapters)
+        plain = native_forward(handle.model.module, x, SIGMAS[1].reshape(1), tokens, entry["pooled_output"], 3.5)
+    assert got.shape == (1, 16, H // 8, W // 8) and (got - plain).abs().max() > 1e-2
