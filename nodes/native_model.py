@@ -9,17 +9,19 @@ How it is put together (ComfyUI's own wiring: ../shared/reference/comfyui_native
   the DiT is a clone of it. ComfyUI patches LoRA weights per clone and gives the originals back when another clone
   (or FluxCore's own sampler, which loads the container itself) loads, and FluxCore's sampler takes its own LoRAs off
   after every run in ComfyUI (nodes/sampler.py), so no LoRA leaks from one path into the other.
-- Memory: ComfyUI's loader places the MODEL. The DiT's Linear layers are made ComfyUI's `disable_weight_init.Linear`
-  (same parameters, same forward until ComfyUI asks for more), so a partial "lowvram" load casts the weights it left
-  on the CPU per call, with LoRA patches applied at that moment, as for ComfyUI's own FLUX. FluxCore's VRAM / Speed
-  options and TeaCache are FluxCore-sampler options: the MODEL node refuses handles that carry them (use ComfyUI's
-  --lowvram / --reserve-vram, its fp8 weight options and EasyCache on this path).
+- Memory: ComfyUI's loader places the MODEL. The DiT's torch layers are made ComfyUI's castable ones
+  (`bridge.make_castable`: same parameters, same forward until ComfyUI asks for more), so a partial "lowvram" load
+  casts the weights it left on the CPU per call, with LoRA patches applied at that moment, as for ComfyUI's own FLUX;
+  a DiT stored in FP8 gets ComfyUI's manual cast on its MODEL. FluxCore's VRAM / Speed options and TeaCache are
+  FluxCore-sampler options: the MODEL node refuses handles that carry them (use ComfyUI's --lowvram /
+  --reserve-vram and EasyCache on this path).
 - The forward is flux_core.native_forward (ComfyUI's call signature in plain torch), run inside ComfyUI's
   DIFFUSION_MODEL wrappers (EasyCache and other native caches hook there). Guidance also reaches it as the
   conditioning's float (`fluxcore_guidance`): ComfyUI casts the guidance tensor to the model dtype first.
 - FluxCore adapters (Apply ControlNet / IP-Adapter / InfiniteYou (FluxCore), EliGen Entity, Encode LoRA into
-  Conditioning, FLEX.2 Inputs) put their payloads under `fluxcore_*` CONDITIONING keys, the same ones FluxCore's
-  sampler reads. The model's `extra_conds` gathers an entry's keys into one `NativeAdapters` (compared by identity,
+  Conditioning, FLEX.2 Inputs, the Step1X-Edit / Nexus-Gen encode nodes) put their payloads under `fluxcore_*`
+  CONDITIONING keys, the same ones FluxCore's sampler reads, and the models that run at every step under ComfyUI's
+  `additional_models` (loaded with the MODEL). The model's `extra_conds` gathers an entry's keys into one `NativeAdapters` (compared by identity,
   so ComfyUI never batches two entries with different adapters), which builds the adapters at the run's first call
   (it needs the run's sigmas and the latent's size) with the FluxCore sampler's own functions and gives them to each
   call with its step, sigma and branch (cond_or_uncond).
@@ -27,7 +29,6 @@ How it is put together (ComfyUI's own wiring: ../shared/reference/comfyui_native
 from __future__ import annotations
 
 import functools
-import logging
 from dataclasses import dataclass, field
 
 import torch
@@ -48,7 +49,6 @@ from .conditioning import HONOURED_KEYS, TEXT_KEY, EncodedText
 from .handles import DIT_TYPE, DiTHandle
 from .loaders import NodeInputError
 
-log = logging.getLogger("FluxCore")
 MODEL_NODE = "FluxCore DiT to MODEL"
 NATIVE_NODE = "FluxCore MODEL (native sampler)"   # how errors during native sampling name the path
 FLUXCORE_KEYS = frozenset(k for k in HONOURED_KEYS if k.startswith("fluxcore_"))
@@ -192,8 +192,8 @@ def _native_model_class():
 
 
 def native_container(dit: FluxDiT):
-    """The ModelPatcher of the one ComfyUI model over `dit` (ComfyUI only). Its Linear layers become ComfyUI's
-    castable Linear in place (see the module docstring)."""
+    """The ModelPatcher of the one ComfyUI model over `dit` (ComfyUI only). Its layers become ComfyUI's castable ones
+    in place (see the module docstring)."""
     import comfy.model_patcher
     import comfy.supported_models
     bridge.make_castable(dit)
