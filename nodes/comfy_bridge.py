@@ -18,6 +18,8 @@ import torch
 from torch import nn
 
 from flux_core import demo
+from flux_core.dtypes import FLOAT8_DTYPES
+from flux_core.vram import stored_compute_dtype
 
 try:  # ComfyUI present?
     import comfy.model_management as _mm
@@ -235,6 +237,7 @@ class _PatcherModel(nn.Module):
         super().__init__()
         self.inner = module
         self.device = offload_device()
+        self.manual_cast_dtype = None  # set_model_compute_dtype patches it (ManagedModel.step_patcher)
 
 
 class ManagedModel:
@@ -246,6 +249,18 @@ class ManagedModel:
         self.patcher = patcher if patcher is not None else (
             _patcher.ModelPatcher(_PatcherModel(module), load_device=compute_device(),
                                   offload_device=offload_device()) if IN_COMFYUI else None)
+        self._cast_patcher = None
+
+    def step_patcher(self):
+        """The patcher ComfyUI loads for this model when it computes at every step of a native MODEL (a ControlNet,
+        Step1X-Edit's connector): weights stored in FP8 are cast per call to the model's compute dtype (ComfyUI's
+        manual cast; FluxCore's own sampler gives such a model a VRAM manager instead). None standalone."""
+        if self.patcher is None or not any(p.dtype in FLOAT8_DTYPES for p in self.module.parameters()):
+            return self.patcher
+        if self._cast_patcher is None:
+            self._cast_patcher = self.patcher.clone()
+            self._cast_patcher.set_model_compute_dtype(stored_compute_dtype(self.module))
+        return self._cast_patcher
 
 
 def take_back_weights(model: ManagedModel) -> None:
@@ -275,7 +290,7 @@ def models_kept_loaded():
     try:
         yield also
     finally:
-        _mm.load_models_gpu(in_use + [m.patcher for m in also if m.patcher is not None])
+        _mm.load_models_gpu(in_use + [m.step_patcher() for m in also if m.patcher is not None])
 
 
 def blocked_output(message: str):
@@ -297,10 +312,14 @@ def make_castable(module: nn.Module) -> nn.Module:
     if IN_COMFYUI:
         import comfy.ops
         for m in module.modules():
-            castable = getattr(comfy.ops.disable_weight_init, type(m).__name__, None)
-            if castable is not None and type(m) is getattr(nn, type(m).__name__, None):
-                m.__class__ = castable
+            if type(m) in CASTABLE_LAYERS:
+                m.__class__ = getattr(comfy.ops.disable_weight_init, type(m).__name__)
     return module
+
+
+# The torch layers made castable (ComfyUI's cast reads a layer's weight and bias: not Embedding, which has no bias;
+# a union ControlNet's small mode embedding stays a plain module, which ComfyUI loads whole).
+CASTABLE_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.LayerNorm, nn.GroupNorm)
 
 
 def ready(*models: ManagedModel) -> None:

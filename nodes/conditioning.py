@@ -118,7 +118,7 @@ def with_models_to_load(extra: dict, models) -> dict:
     """The entry with the models' ModelPatchers under `additional_models`, which ComfyUI's samplers load with the
     MODEL before sampling (a native MODEL over FluxCore's DiT; FluxCore's own sampler places them itself).
     Standalone (no patchers) the entry is unchanged."""
-    patchers = [m.patcher for m in models if m.patcher is not None]
+    patchers = [m.step_patcher() for m in models if m.patcher is not None]
     if patchers:
         extra = {**extra, ADDITIONAL_MODELS: list(extra.get(ADDITIONAL_MODELS) or []) + patchers}
     return extra

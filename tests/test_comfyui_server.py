@@ -315,7 +315,9 @@ NATIVE_SAMPLED = ("fluxcore_text_to_image", "fluxcore_demo_text_to_image", "flux
                   "fluxcore_kontext_edit", "fluxcore_mixed_native", "fluxcore_controlnet_inpainting",
                   "fluxcore_controlnet_union_canny", "fluxcore_ipadapter_instantx", "fluxcore_infiniteyou",
                   "fluxcore_eligen", "fluxcore_flex2", "fluxcore_flux_fill", "fluxcore_step1x_edit",
-                  "fluxcore_nexus_gen")
+                  "fluxcore_nexus_gen", "fluxcore_controlnet_union_canny:fp8")
+# ":fp8": the example with its ControlNet stored in FP8 (Load ControlNet (FluxCore)'s weight_dtype): FluxCore's VRAM
+# manager computes it there, ComfyUI's manual cast on the MODEL, both in the compute dtype.
 
 
 def with_native_sampler(prompt: dict) -> dict:
@@ -347,8 +349,13 @@ def saved_image(server, prompt: dict, entry: dict) -> np.ndarray:
 def test_fluxcore_adapters_under_native_sampler(server, name):
     """The example with ComfyUI's SamplerCustom on the DiT's MODEL gives the picture FLUX Sampler (FluxCore) gives:
     every FluxCore adapter in it reaches the DiT through the conditioning, on the native path too."""
-    path, = [p for p in WORKFLOWS if p.stem == name]
+    stem, _, variant = name.partition(":")
+    path, = [p for p in WORKFLOWS if p.stem == stem]
     prompt = ui_to_api(load_workflow(path), specs_from_object_info(server["object_info"]))
+    if variant == "fp8":
+        for node in prompt.values():
+            if node["class_type"] == "FluxCoreControlNetLoader":
+                node["inputs"]["weight_dtype"] = "fp8_e4m3fn"
     shipped = saved_image(server, prompt, run_in_comfyui(server, prompt, path.name))
     native_prompt = with_native_sampler(prompt)
     native = saved_image(server, native_prompt, run_in_comfyui(server, native_prompt, f"{path.name} (native)"))
