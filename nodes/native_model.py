@@ -107,7 +107,8 @@ class DiTView(nn.Module):
                 transformer_options={}, **kwargs):
         try:  # DIFFUSION_MODEL wrappers (EasyCache's) came with ComfyUI's patcher extensions (late 2024)
             import comfy.patcher_extension as ext
-        except ImportError:
+        except ImportError:  # nor is there the pre-run callback native_container registers: check at each call
+            prepare_for_native(self.dit)
             return self._forward(x, timestep, context, y, guidance, ref_latents, control, transformer_options,
                                  **kwargs)
         wrappers = ext.get_all_wrappers(ext.WrappersMP.DIFFUSION_MODEL, transformer_options)
@@ -116,7 +117,6 @@ class DiTView(nn.Module):
 
     def _forward(self, x, timestep, context, y=None, guidance=None, ref_latents=None, control=None,
                  transformer_options={}, fluxcore=None, fluxcore_guidance=None, **kwargs):
-        prepare_for_native(self.dit)
         if guidance is not None and fluxcore_guidance is not None:
             guidance = fluxcore_guidance  # the conditioning's value, not its cast to the model dtype
         refuse_block_patches(transformer_options)
@@ -147,7 +147,8 @@ def refuse_block_patches(transformer_options: dict) -> None:
 def prepare_for_native(dit: FluxDiT) -> None:
     """What FluxCore's own sampler may have left on the shared DiT, for a native run: compiled blocks run eager; FP8-
     compute layers cannot take ComfyUI's patches and a VRAM manager's placement (dropped after every FluxCore run in
-    ComfyUI) would fight ComfyUI's: both refused by name."""
+    ComfyUI) would fight ComfyUI's: both refused by name. Once per sampling run, before the first step (ComfyUI's
+    pre-run callback, registered by native_container), not at each DiT call: it walks every module."""
     if is_fp8_compute(dit):
         raise NodeInputError(f"{NATIVE_NODE}: this DiT was converted to FP8 compute by a FLUX Speed Options "
                              f"(FluxCore) node, which ComfyUI's samplers and LoRA patches cannot run; load it again "
@@ -201,8 +202,14 @@ def native_container(dit: FluxDiT):
     config.set_inference_dtype(stored_compute_dtype(dit), None)  # FP8 weights: native_model sets the manual cast
     model = _native_model_class()(config, device=None)
     model.diffusion_model = DiTView(dit)
-    return comfy.model_patcher.ModelPatcher(model, load_device=bridge.compute_device(),
-                                            offload_device=bridge.offload_device())
+    patcher = comfy.model_patcher.ModelPatcher(model, load_device=bridge.compute_device(),
+                                               offload_device=bridge.offload_device())
+    try:  # clones copy it: every MODEL over the DiT checks before sampling
+        from comfy.patcher_extension import CallbacksMP
+    except ImportError:  # older ComfyUI: DiTView.forward checks at each call instead
+        return patcher
+    patcher.add_callback(CallbacksMP.ON_PRE_RUN, lambda _: prepare_for_native(dit))
+    return patcher
 
 
 def managed_dit(dit: FluxDiT) -> bridge.ManagedModel:
