@@ -30,19 +30,10 @@ from .adapters import Adapter, Contribution, apply_adapters
 from .dit_inputs import DiTCall, DiTInputs
 from .math import image_ids, pack_latents, pad_to_patches, unpack_latents
 from .models.dit import DiTExtras, FluxDiT
-from .sampling import reference_extras
+from .sampling import Placement, reference_extras
 
 REFERENCE_METHODS = ("offset", "index", "uxo")
 BRANCH_OF = {0: "positive", 1: "negative"}   # ComfyUI's cond_or_uncond: 0 cond, 1 uncond
-
-
-@dataclass(frozen=True)
-class Placement:
-    """Where one reference's tokens sit: position index, and row/column offsets in latent pixels (ComfyUI's units;
-    ids count patches, so an offset of o pixels is (o + 1) // 2 patches)."""
-    index: int
-    row: int = 0
-    col: int = 0
 
 
 def reference_placements(height: int, width: int, references: Sequence[tuple[int, int]], method: str = "offset"
@@ -69,20 +60,6 @@ def reference_placements(height: int, width: int, references: Sequence[tuple[int
             placements.append(Placement(1, row, col))
             h, w = max(h, rh + row), max(w, rw + col)
     return placements
-
-
-def reference_tokens(references: Sequence[torch.Tensor], height: int, width: int, method: str, batch: int
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The packed tokens and ids (B, L_ref, 64 / 3) of Kontext references for a latent of (height, width)."""
-    placements = reference_placements(height, width, [tuple(r.shape[-2:]) for r in references], method)
-    tokens, ids = [], []
-    for ref, at in zip(references, placements):
-        ref = pad_to_patches(ref)
-        ref = ref.repeat_interleave(batch // ref.shape[0], dim=0) if ref.shape[0] != batch else ref
-        tokens.append(pack_latents(ref))
-        ids.append(image_ids(batch, ref.shape[-2], ref.shape[-1], index=at.index, device=ref.device,
-                             row_offset=(at.row + 1) // 2, col_offset=(at.col + 1) // 2))
-    return torch.cat(tokens, dim=1), torch.cat(ids, dim=1)
 
 
 @dataclass
@@ -118,9 +95,9 @@ def native_inputs(x: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor
     hp, wp = padded.shape[-2:]
     extras = DiTExtras()
     if ref_latents:
-        tokens, ids = reference_tokens([r.to(device, dtype) for r in ref_latents], h, w,
-                                       ref_latents_method or "offset", b)
-        extras = replace(extras, ref_tokens=tokens, ref_ids=ids)
+        refs = [r.to(device, dtype) for r in ref_latents]
+        placements = reference_placements(h, w, [tuple(r.shape[-2:]) for r in refs], ref_latents_method or "offset")
+        extras = reference_extras(refs, b, placements=placements)
     if control:
         extras = replace(extras, double_residuals=control.get("input") or None,
                          single_residuals=control.get("output") or None)

@@ -6,7 +6,7 @@ loop; the DiT computes in its own dtype.
 """
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Callable, Iterable, Sequence
 
 import torch
@@ -109,12 +109,24 @@ def denoise(latents: torch.Tensor, sigmas: torch.Tensor, velocity: Callable[[tor
     return latents
 
 
-def reference_extras(latents: list[torch.Tensor], batch: int, index: int = 1) -> DiTExtras:
+@dataclass(frozen=True)
+class Placement:
+    """Where one reference's tokens sit: position index, and row/column offsets in latent pixels (ComfyUI's units;
+    ids count patches, so an offset of o pixels is (o + 1) // 2 patches)."""
+    index: int
+    row: int = 0
+    col: int = 0
+
+
+def reference_extras(latents: list[torch.Tensor], batch: int, index: int = 1,
+                     placements: Sequence[Placement] | None = None) -> DiTExtras:
     """Reference images as extra image tokens: each (1 or B, 16, h, w) latent packed at its own resolution with ids
-    [index, row, col] (Kontext: 1; Step1X-Edit: 0, the image's own positions); all references are appended after the
+    [index, row, col] (Kontext: 1; Step1X-Edit: 0, the image's own positions), or where `placements` put each (one
+    per latent: ComfyUI's ref_latents_method, flux_core.native_forward); all references are appended after the
     image tokens and dropped from the output by the DiT."""
+    placements = placements or [Placement(index)] * len(latents)
     tokens, ids = [], []
-    for i, lat in enumerate(latents):
+    for i, (lat, at) in enumerate(zip(latents, placements, strict=True)):
         if batch % lat.shape[0]:
             raise ValueError(f"reference {i} has a batch of {lat.shape[0]} images, which does not divide the batch "
                              f"of {batch}; give one reference image, or one per image.")
@@ -122,7 +134,8 @@ def reference_extras(latents: list[torch.Tensor], batch: int, index: int = 1) ->
         lat = pad_to_patches(lat)
         _, _, h, w = lat.shape
         tokens.append(pack_latents(lat))
-        ids.append(image_ids(batch, h, w, index=index, device=lat.device))
+        ids.append(image_ids(batch, h, w, index=at.index, device=lat.device, row_offset=(at.row + 1) // 2,
+                             col_offset=(at.col + 1) // 2))
     return DiTExtras(ref_tokens=torch.cat(tokens, dim=1), ref_ids=torch.cat(ids, dim=1))
 
 

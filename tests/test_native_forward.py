@@ -8,8 +8,8 @@ from diffusers import FluxPipeline
 from flux_core.adapters import Contribution
 from flux_core.dit_inputs import PromptEmbeds
 from flux_core.loading.loader import load_model
-from flux_core.native_forward import (Placement, call_of, native_forward, reference_placements, reference_tokens)
-from flux_core.sampling import denoise, predict_velocity
+from flux_core.native_forward import Placement, call_of, native_forward, reference_placements
+from flux_core.sampling import denoise, predict_velocity, reference_extras
 from flux_core.scheduler import flux_sigmas
 from tests.tiny_dit import make_diffusers_dit, write_bfl_dit
 
@@ -147,7 +147,8 @@ def test_reference_ids_round_offsets_to_patches():
     """Offsets count latent pixels; ids count 2x2 patches, rounding up: a 5-row first reference puts the second at
     row 5 -> patch row 3 (ComfyUI: (5 + 1) // 2)."""
     refs = [torch.zeros(1, 16, 5, 4), torch.zeros(1, 16, 4, 8)]
-    tokens, ids = reference_tokens(refs, 8, 8, "offset", batch=2)
+    extras = reference_extras(refs, 2, placements=reference_placements(8, 8, [(5, 4), (4, 8)], "offset"))
+    tokens, ids = extras.ref_tokens, extras.ref_ids
     assert tokens.shape == (2, 3 * 2 + 2 * 4, 64)
     first, second = ids[0, :6], ids[0, 6:]
     assert first[0].tolist() == [1, 0, 0] and first[-1].tolist() == [1, 2, 1]
