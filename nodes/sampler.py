@@ -50,7 +50,7 @@ from .lora_model_nodes import lora_encoder_adapters
 from .handles import DIT_TYPE, DiTHandle
 from .loaders import NodeInputError
 from . import vram_nodes
-from .vram_nodes import place_dit, release_dit
+from .vram_nodes import place_dit, release_dit, unload_loras
 
 FLUX_LATENT = AutoEncoderParams()  # FLUX's latent scale/shift (ComfyUI's latent_formats.Flux)
 log = logging.getLogger("FluxCore")
@@ -73,14 +73,6 @@ def prepare_dit(handle: DiTHandle):
             load_lora(dit, patch.lora if patch.lora is not None else patch.path, alpha=patch.strength)
         state_of(dit).applied_loras = wanted
     return dit
-
-
-def unload_loras(dit) -> None:
-    """The DiT without FluxCore's LoRAs (fused ones given back their weights, hooks and merger removed)."""
-    if state_of(dit).applied_loras:
-        clear_lora(dit)
-        disable_lora_merger(dit)
-        state_of(dit).applied_loras = ()
 
 
 def check_sampler_cost(node: str, dit, batch: int, h: int, w: int, text_tokens: int, reference_tokens: int,

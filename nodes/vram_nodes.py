@@ -22,7 +22,7 @@ import logging
 from dataclasses import dataclass, replace
 
 from flux_core.compile import CompileRefused, compile_dit, is_compiled, uncompile_dit
-from flux_core.lora import clear_lora
+from flux_core.lora import clear_lora, disable_lora_merger
 from flux_core.dtypes import FLOAT8_DTYPES, WEIGHT_DTYPES
 from flux_core.fp8 import Fp8Linear, enable_fp8_compute, fp8_compute_layers, is_fp8_compute
 from flux_core.model_state import state_of
@@ -136,13 +136,8 @@ def compile_conflict(handle, options: VRAMOptions | None = None, dit=None) -> st
 def _convert_to_fp8_compute(dit) -> None:
     """enable_fp8_compute on the loaded DiT, in place, outside any VRAMManager and without fused LoRAs (the sampler
     applies the handle's LoRAs again afterwards, in hook mode on FP8 weights)."""
-    state = state_of(dit)
-    if state.vram_placement is not None:  # the manager records each tensor's storage: convert outside it
-        state.vram_placement[1].remove_all()
-        state.vram_placement = None
-    if state.applied_loras:
-        clear_lora(dit)
-        state.applied_loras = ()
+    drop_placement(dit)  # the manager records each tensor's storage: convert outside it
+    unload_loras(dit)
     device = bridge.compute_device()
     try:
         path = enable_fp8_compute(dit, device)
@@ -172,17 +167,12 @@ def _place(handle, dit, options: VRAMOptions) -> None:
     if state is not None and state[0] == options:
         _onload(state[1])
         return
-    if state is not None:
-        state[1].remove_all()
-        state_of(dit).vram_placement = None
+    drop_placement(dit)
     if options == VRAMOptions():
         bridge.ready(handle.model)  # in ComfyUI this also takes a native MODEL's LoRA patches off (one container)
         return
     bridge.take_back_weights(handle.model)  # the VRAM manager stores the weights itself: the originals first
-
-    if state_of(dit).applied_loras:
-        clear_lora(dit)  # the sampler applies them again once the weights are placed: in hook mode if fp8/offloaded
-        state_of(dit).applied_loras = ()
+    unload_loras(dit)  # the sampler applies them again once the weights are placed: in hook mode if fp8/offloaded
     weight_dtype = WEIGHT_DTYPES[options.weight_dtype]
     device = make_compute_device()
     compute_dtype = stored_compute_dtype(dit)
@@ -203,9 +193,19 @@ def _onload(manager: VRAMManager) -> None:
     manager.load_models_to_device(["dit"])
 
 
+def unload_loras(dit) -> None:
+    """The DiT without the LoRAs a sampler run applied (fused ones given back their weights, hooks and merger removed);
+    the sampler applies its handle's again (prepare_dit)."""
+    if state_of(dit).applied_loras:
+        clear_lora(dit)
+        disable_lora_merger(dit)
+        state_of(dit).applied_loras = ()
+
+
 def drop_placement(dit) -> None:
-    """The DiT out of its VRAM manager (hooks removed, weights at their storage place, in their storage dtype): ComfyUI
-    may load it next as a native MODEL. The next FluxCore run places it again."""
+    """The DiT out of its VRAM manager, if one holds it (hooks removed, weights at their storage place, in their storage
+    dtype): before it is placed anew or converted, and after each FluxCore run in ComfyUI, where ComfyUI may load it
+    next as a native MODEL (the next FluxCore run places it again)."""
     state = state_of(dit)
     if state.vram_placement is not None:
         state.vram_placement[1].remove_all()
