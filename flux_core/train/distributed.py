@@ -114,12 +114,17 @@ def strategy(acc) -> str:
     return "ddp" if acc.num_processes > 1 else "single"
 
 
+def unwrapped(model: torch.nn.Module) -> torch.nn.Module:
+    """The trained model inside a DDP wrapper or a DeepSpeed engine (their `.module`); FSDP2 shards in place."""
+    return getattr(model, "module", model)
+
+
 def describe(acc, model: torch.nn.Module) -> str:
     """The strategy for the run log, with what it did to the model: "fsdp2 (27 modules sharded)", "ddp", ..."""
     kind = strategy(acc)
     if kind == "fsdp":
         from torch.distributed.fsdp import FSDPModule
-        inner = getattr(model, "module", model)
+        inner = unwrapped(model)
         sharded = sum(isinstance(m, FSDPModule) for m in inner.modules())
         return f"fsdp{acc.state.fsdp_plugin.fsdp_version} ({sharded} modules sharded)"
     if kind == "deepspeed":
@@ -208,7 +213,7 @@ def prepare(acc, trained: torch.nn.Module, optimizer: torch.optim.Optimizer, mic
 def trained_parameters(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
     """(name, parameter) of what trains, named as in the unwrapped model: after prepare() under FSDP these are the
     sharded parameters that replaced the module's own (so the list made before prepare() is stale)."""
-    inner = getattr(model, "module", model)   # DDP / DeepSpeed engine
+    inner = unwrapped(model)
     return [(n, p) for n, p in inner.named_parameters() if p.requires_grad]
 
 
@@ -237,7 +242,7 @@ def full_parameters(acc, model: torch.nn.Module):
     if kind not in ("fsdp", "deepspeed") or (kind == "deepspeed" and zero_stage(acc) < 3):
         yield
         return
-    inner = getattr(model, "module", model)
+    inner = unwrapped(model)
     if kind == "fsdp":
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
         full = get_model_state_dict(inner, options=StateDictOptions(full_state_dict=True, cpu_offload=True,
@@ -269,14 +274,14 @@ def optimizer_state(acc, model: torch.nn.Module, optimizer) -> dict:
     if strategy(acc) != "fsdp":
         return optimizer.state_dict()
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-    return get_optimizer_state_dict(getattr(model, "module", model), _plain(optimizer),
+    return get_optimizer_state_dict(unwrapped(model), _plain(optimizer),
                                     options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
 def restore(acc, model: torch.nn.Module, optimizer, trainable: dict[str, torch.Tensor], state: dict) -> None:
     """Load a checkpoint's trained weights and optimizer state into the prepared model and optimizer; every process
     reads the same files. Under FSDP each process keeps its shard (torch.distributed.checkpoint's setters)."""
-    inner = getattr(model, "module", model)
+    inner = unwrapped(model)
     if strategy(acc) == "fsdp":
         from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
                                                               set_optimizer_state_dict)
