@@ -495,21 +495,23 @@ class VRAMManager:
         chain = self._chain(unit)
         for stale in [u for u in self._prefetched if u not in chain]:
             self._drop(stale)
-        for u in chain:
+        for u, homes in chain.items():
             if u not in self._prefetched:
-                self._start(u)
+                self._start(u, homes)
 
-    def _chain(self, unit: _Unit) -> list[_Unit]:
-        """The streamed units predicted to follow `unit`, in order, as far as the window allows (at least one)."""
-        chain, total, seen = [], 0, {unit}
+    def _chain(self, unit: _Unit) -> dict[_Unit, dict[int, torch.Tensor]]:
+        """The streamed units predicted to follow `unit`, in order, as far as the window allows (at least one), each
+        with the stored tensors a prefetch copies (`_homes_to_copy`)."""
+        chain, total, seen = {}, 0, {unit}
         u = self._next.get(unit)
         while u is not None and u not in seen:
             seen.add(u)
-            cost = self._copy_bytes(u)
+            homes = self._homes_to_copy(u)
+            cost = sum(h.untyped_storage().nbytes() for h in homes.values())
             if cost:
                 if chain and total + cost > self._window:
                     break
-                chain.append(u)
+                chain[u] = homes
                 total += cost
             u = self._next.get(u)
         return chain
@@ -522,8 +524,7 @@ class VRAMManager:
     def _copy_bytes(self, unit: _Unit) -> int:
         return sum(h.untyped_storage().nbytes() for h in self._homes_to_copy(unit).values())
 
-    def _start(self, unit: _Unit) -> None:
-        homes = self._homes_to_copy(unit)
+    def _start(self, unit: _Unit, homes: dict[int, torch.Tensor]) -> None:
         copies, ready = self.device.prefetch(list(homes.values()))
         fetched = _Prefetch(dict(zip(homes, copies)), ready, sum(c.untyped_storage().nbytes() for c in copies))
         self._prefetched[unit] = fetched
